@@ -1,0 +1,553 @@
+//! Port traits: what a runner needs from a backend, in domain types only.
+//!
+//! A backend offers a unit of work ([`UnitOfWork`]: `begin` / `commit`,
+//! rollback on drop) and three stores whose writes take `&mut` that unit of
+//! work, so "apply results + persist instance + mark processed + enqueue next
+//! jobs" and "insert step result + enqueue advance" are each ONE atomic
+//! commit. Postgres backends use a database transaction as the unit of work;
+//! [`memory`] uses a journal applied under one lock at commit.
+//!
+//! Every backend must pass the conformance suites in `conformance` (feature
+//! `conformance`), written once and generic over these traits.
+
+pub mod memory;
+
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
+
+use std::fmt;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::business_id::BusinessId;
+use crate::engine::Input;
+use crate::ids::{Event, StepId, WorkflowId};
+use crate::instance::{AttemptRecord, Instance, InstanceStatus};
+use crate::step::{AsyncWait, Completion, EventName, StepError, TimerSpec};
+
+/// A backend failure, mapped from the driver's own errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PortError {
+    /// The business id is held by another active instance.
+    #[error("business id {business_id} is already running as instance {instance_id}")]
+    AlreadyRunning {
+        /// The business id.
+        business_id: BusinessId,
+        /// The active instance holding it.
+        instance_id: Uuid,
+    },
+    /// A row with this id already exists.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The row does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// A concurrent writer got there first (for example a stale revision).
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The value cannot be stored (for example JSON with U+0000).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// Stored data cannot be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    /// The backend cannot be reached or failed; retrying may help.
+    #[error("backend unavailable: {0}")]
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// Begin and commit a unit of work. Dropping a unit of work without
+/// committing rolls it back (and releases its instance locks).
+#[async_trait::async_trait]
+pub trait UnitOfWork: Send + Sync {
+    /// The unit of work (a database transaction, a journal, ...).
+    type Tx: Send;
+
+    /// Starts a unit of work.
+    async fn begin(&self) -> Result<Self::Tx, PortError>;
+
+    /// Commits it atomically: all of its writes become visible, or none.
+    async fn commit(&self, tx: Self::Tx) -> Result<(), PortError>;
+}
+
+/// Instances: insert with atomic uniqueness, single-writer lock, reads.
+#[async_trait::async_trait]
+pub trait InstanceStore: UnitOfWork {
+    /// Inserts a new instance. Fails with [`PortError::AlreadyRunning`] when
+    /// its `unique_claim` is held by another ACTIVE instance (atomically: of
+    /// concurrent inserts with one claim exactly one commits), and
+    /// [`PortError::AlreadyExists`] when its id exists.
+    async fn insert(&self, tx: &mut Self::Tx, instance: &Instance) -> Result<(), PortError>;
+
+    /// Loads an instance and holds its single-writer lock until the unit of
+    /// work ends: two units of work locking one instance run one after the
+    /// other. `None` when it does not exist.
+    async fn lock(&self, tx: &mut Self::Tx, id: Uuid) -> Result<Option<Instance>, PortError>;
+
+    /// Writes an instance locked in this unit of work.
+    async fn update(&self, tx: &mut Self::Tx, instance: &Instance) -> Result<(), PortError>;
+
+    /// Reads the committed state of an instance.
+    async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError>;
+
+    /// Instances matching `filter`, newest first (by id: v7 ids are time-ordered).
+    async fn list(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, PortError>;
+}
+
+/// Filters for [`InstanceStore::list`], all ANDed. The type makes unknown
+/// filters impossible.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceFilter {
+    /// Exact business id.
+    pub business_id: Option<BusinessId>,
+    /// Exact workflow id.
+    pub workflow_id: Option<WorkflowId>,
+    /// Exact version.
+    pub workflow_version: Option<u32>,
+    /// Status among these (empty = any).
+    pub statuses: Vec<InstanceStatus>,
+    /// Only ids strictly below this one (keyset pagination, newest first).
+    pub before_id: Option<Uuid>,
+    /// At most this many (`None` = no limit).
+    pub limit: Option<u32>,
+}
+
+/// The kind of a step-result row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ResultKind {
+    /// A completion.
+    Completed,
+    /// An async marker.
+    Async,
+    /// An external resume.
+    Resume,
+    /// A timer that fired.
+    Timer,
+    /// A final failure.
+    Failed,
+    /// A cancel request.
+    Cancel,
+}
+
+impl ResultKind {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Async => "async",
+            Self::Resume => "resume",
+            Self::Timer => "timer",
+            Self::Failed => "failed",
+            Self::Cancel => "cancel",
+        }
+    }
+}
+
+/// What a step-result row carries, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ResultPayload {
+    /// The step completed.
+    Completed {
+        /// The raw event (validated when applied).
+        event: EventName,
+        /// Its output.
+        output: Value,
+        /// Its metadata updates.
+        metadata: Map<String, Value>,
+    },
+    /// The step went async.
+    Async {
+        /// Its timer: delay in ms and event.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timer_after_ms: Option<u64>,
+        /// The timer's event.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timer_event: Option<EventName>,
+    },
+    /// A caller resumed the step.
+    Resume {
+        /// The event.
+        event: Event,
+        /// Stored as the step's output.
+        payload: Value,
+    },
+    /// The step's timer fired.
+    Timer {
+        /// The timer's event.
+        event: Event,
+    },
+    /// The step (or, without a step, the instance) failed for good.
+    Failed {
+        /// The final error.
+        error: StepError,
+        /// Every attempt's error.
+        attempts: Vec<AttemptRecord>,
+    },
+    /// A caller cancelled the instance.
+    Cancel {
+        /// Why.
+        reason: Option<String>,
+    },
+}
+
+impl ResultPayload {
+    /// The row kind.
+    pub fn kind(&self) -> ResultKind {
+        match self {
+            Self::Completed { .. } => ResultKind::Completed,
+            Self::Async { .. } => ResultKind::Async,
+            Self::Resume { .. } => ResultKind::Resume,
+            Self::Timer { .. } => ResultKind::Timer,
+            Self::Failed { .. } => ResultKind::Failed,
+            Self::Cancel { .. } => ResultKind::Cancel,
+        }
+    }
+}
+
+/// A step result to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewStepResult {
+    /// The instance.
+    pub instance_id: Uuid,
+    /// The step (`None` for instance-level rows: cancel, instance failure).
+    pub step: Option<StepId>,
+    /// The step activation (0 for instance-level rows).
+    pub activation: u32,
+    /// What it carries.
+    pub payload: ResultPayload,
+}
+
+impl NewStepResult {
+    /// The engine input this result stands for.
+    pub fn to_input(&self) -> Result<Input, PortError> {
+        let need_step = || {
+            self.step
+                .clone()
+                .ok_or_else(|| PortError::Corrupt(format!("{} result without a step", self.payload.kind().as_str())))
+        };
+        Ok(match &self.payload {
+            ResultPayload::Completed {
+                event,
+                output,
+                metadata,
+            } => Input::Completed {
+                step: need_step()?,
+                activation: self.activation,
+                completion: Completion {
+                    event: event.clone(),
+                    output: output.clone(),
+                    metadata: metadata.clone(),
+                },
+            },
+            ResultPayload::Async {
+                timer_after_ms,
+                timer_event,
+            } => Input::Async {
+                step: need_step()?,
+                activation: self.activation,
+                wait: AsyncWait {
+                    timer: match (timer_after_ms, timer_event) {
+                        (Some(ms), Some(event)) => Some(TimerSpec {
+                            after: std::time::Duration::from_millis(*ms),
+                            event: event.clone(),
+                        }),
+                        _ => None,
+                    },
+                },
+            },
+            ResultPayload::Resume { event, payload } => Input::Resume {
+                step: need_step()?,
+                activation: Some(self.activation),
+                event: event.clone(),
+                payload: payload.clone(),
+            },
+            ResultPayload::Timer { event } => Input::TimerFired {
+                step: need_step()?,
+                activation: self.activation,
+                event: event.clone(),
+            },
+            ResultPayload::Failed { error, attempts } => Input::Failed {
+                step: self.step.clone(),
+                activation: self.activation,
+                error: error.clone(),
+                attempts: attempts.clone(),
+            },
+            ResultPayload::Cancel { reason } => Input::Cancel {
+                reason: reason.clone(),
+            },
+        })
+    }
+}
+
+/// A recorded step result, with its arrival sequence number.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepResult {
+    /// Arrival order (strictly increasing per backend).
+    pub seq: i64,
+    /// The result.
+    pub result: NewStepResult,
+    /// When it was recorded.
+    pub inserted_at: DateTime<Utc>,
+}
+
+/// Whether an insert recorded a new row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    /// A new row, with its sequence number.
+    Inserted(i64),
+    /// A row for the same (instance, step, activation, kind) exists already.
+    Duplicate,
+}
+
+/// Step results: the zero-contention inbox of each instance.
+#[async_trait::async_trait]
+pub trait StepResultStore: UnitOfWork {
+    /// Records a result, idempotently per (instance, step, activation, kind).
+    async fn record(&self, tx: &mut Self::Tx, result: &NewStepResult) -> Result<Recorded, PortError>;
+
+    /// The unprocessed results of an instance, in arrival order.
+    async fn pending(&self, tx: &mut Self::Tx, instance_id: Uuid) -> Result<Vec<StepResult>, PortError>;
+
+    /// Marks results processed (they are never returned by `pending` again).
+    async fn mark_processed(&self, tx: &mut Self::Tx, instance_id: Uuid, seqs: &[i64]) -> Result<(), PortError>;
+
+    /// Whether a completion, async marker or failure is recorded (processed or
+    /// not) for this step activation: its user code must not run again.
+    async fn is_recorded(&self, instance_id: Uuid, step: &StepId, activation: u32) -> Result<bool, PortError>;
+
+    /// Deletes processed results older than `before`; returns how many.
+    async fn prune_processed(&self, before: DateTime<Utc>) -> Result<u64, PortError>;
+}
+
+/// A job id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct JobId(pub i64);
+
+impl fmt::Display for JobId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// A job's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Due now.
+    Available,
+    /// Due later.
+    Scheduled,
+    /// Running in a worker.
+    Executing,
+    /// Failed; due again later.
+    Retryable,
+    /// Done.
+    Completed,
+    /// Attempts exhausted (or fatal).
+    Discarded,
+    /// Cancelled.
+    Cancelled,
+}
+
+impl JobState {
+    /// Every state.
+    pub const ALL: [Self; 7] = [
+        Self::Available,
+        Self::Scheduled,
+        Self::Executing,
+        Self::Retryable,
+        Self::Completed,
+        Self::Discarded,
+        Self::Cancelled,
+    ];
+
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Scheduled => "scheduled",
+            Self::Executing => "executing",
+            Self::Retryable => "retryable",
+            Self::Completed => "completed",
+            Self::Discarded => "discarded",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    /// Completed, discarded or cancelled.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Discarded | Self::Cancelled)
+    }
+}
+
+/// Uniqueness of a job: at most one job with `key` in any of `states`; a
+/// conflicting insert returns the existing job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueJob {
+    /// The key.
+    pub key: String,
+    /// The states among which it is unique.
+    pub states: Vec<JobState>,
+}
+
+/// A job to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewJob {
+    /// The worker kind.
+    pub kind: String,
+    /// The queue.
+    pub queue: String,
+    /// Arguments.
+    pub args: Value,
+    /// Metadata (observability).
+    pub meta: Map<String, Value>,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Lower runs first.
+    pub priority: i16,
+    /// Attempts in all.
+    pub max_attempts: u32,
+    /// Not before this time (`None` = now).
+    pub scheduled_at: Option<DateTime<Utc>>,
+    /// Uniqueness.
+    pub unique: Option<UniqueJob>,
+}
+
+impl NewJob {
+    /// A job of `kind` on `queue` with `args`, defaults elsewhere.
+    pub fn new(kind: impl Into<String>, queue: impl Into<String>, args: Value) -> Self {
+        Self {
+            kind: kind.into(),
+            queue: queue.into(),
+            args,
+            meta: Map::new(),
+            tags: Vec::new(),
+            priority: 0,
+            max_attempts: 20,
+            scheduled_at: None,
+            unique: None,
+        }
+    }
+}
+
+/// The outcome of enqueueing one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enqueued {
+    /// Inserted.
+    Inserted(JobId),
+    /// A unique job exists already.
+    Existing(JobId),
+}
+
+impl Enqueued {
+    /// The job id either way.
+    pub fn id(self) -> JobId {
+        match self {
+            Self::Inserted(id) | Self::Existing(id) => id,
+        }
+    }
+}
+
+/// A job fetched by a worker: the attempt number fences every later update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobLease {
+    /// The job.
+    pub id: JobId,
+    /// Its kind.
+    pub kind: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its arguments.
+    pub args: Value,
+    /// Its metadata.
+    pub meta: Map<String, Value>,
+    /// This attempt (1-based).
+    pub attempt: u32,
+    /// Attempts in all.
+    pub max_attempts: u32,
+    /// When it was due.
+    pub scheduled_at: DateTime<Utc>,
+    /// Earlier attempts' errors.
+    pub errors: Vec<AttemptRecord>,
+}
+
+/// A job's state as seen by inspection.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    /// The job.
+    pub id: JobId,
+    /// Its kind.
+    pub kind: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its arguments.
+    pub args: Value,
+    /// Its state.
+    pub state: JobState,
+    /// Attempts made.
+    pub attempt: u32,
+    /// When it is (was) due.
+    pub scheduled_at: DateTime<Utc>,
+    /// Errors recorded.
+    pub errors: Vec<AttemptRecord>,
+}
+
+/// The job queue the runner drives.
+#[async_trait::async_trait]
+pub trait JobQueue: UnitOfWork {
+    /// Enqueues jobs in the unit of work, in order (one round trip on
+    /// database backends).
+    async fn enqueue(&self, tx: &mut Self::Tx, jobs: &[NewJob]) -> Result<Vec<Enqueued>, PortError>;
+
+    /// Cancels one job unless finished. Returns whether it was cancelled.
+    async fn cancel(&self, tx: &mut Self::Tx, id: JobId) -> Result<bool, PortError>;
+
+    /// Cancels every unfinished job whose args contain `args` (JSON
+    /// containment), except `except`. Returns how many.
+    async fn cancel_matching(
+        &self,
+        tx: &mut Self::Tx,
+        args: &Value,
+        except: Option<JobId>,
+    ) -> Result<u64, PortError>;
+
+    /// Takes up to `limit` due jobs of `queue` (due at or before `now`),
+    /// marking them executing and bumping their attempt.
+    async fn fetch(&self, queue: &str, limit: u32, now: DateTime<Utc>) -> Result<Vec<JobLease>, PortError>;
+
+    /// Completes a job, fenced by its attempt: `false` when the job is no
+    /// longer executing at that attempt (rescued, cancelled).
+    async fn complete(&self, tx: &mut Self::Tx, lease: &JobLease) -> Result<bool, PortError>;
+
+    /// Records a failed attempt and schedules the next at `retry_at`; fenced.
+    async fn retry(
+        &self,
+        tx: &mut Self::Tx,
+        lease: &JobLease,
+        error: &StepError,
+        retry_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError>;
+
+    /// Records the final error and discards the job; fenced.
+    async fn discard(
+        &self,
+        tx: &mut Self::Tx,
+        lease: &JobLease,
+        error: &StepError,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError>;
+
+    /// A job's current state.
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, PortError>;
+
+    /// Unfinished jobs whose args contain `args`.
+    async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError>;
+}

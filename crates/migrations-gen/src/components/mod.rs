@@ -1,0 +1,3 @@
+//! The components this crate ships, one module per component.
+
+pub mod storage;

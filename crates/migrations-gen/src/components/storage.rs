@@ -1,0 +1,141 @@
+//! The `storage` component: workflow instances and the step results applied to them.
+//!
+//! `hephaestus_instances` holds one row per workflow instance. The id is a UUID v7 chosen
+//! by the application; `business_id` is the caller's `key::value` (or
+//! `key::value::<8 hex>` for uniqueness scope none) and is NOT unique: a finished
+//! instance is history, and starting the same business id again creates a new row.
+//! Uniqueness among ACTIVE instances is enforced atomically by the partial unique index
+//! on `unique_claim`, a key the application derives from the uniqueness scope (null for
+//! scope none). `revision` is bumped by the single writer on every update.
+//!
+//! `hephaestus_step_results` is the inbox of the single writer: step workers, resumes,
+//! timers, failures and cancels insert rows (idempotently per instance, step, activation
+//! and kind) and never touch the instance row; the writer applies unprocessed rows in
+//! `seq` (arrival) order and sets `processed_at`.
+
+use crate::component::{Component, Down, SchemaVersion};
+
+const V1_UP: &[&str] = &[
+    r"create table if not exists {prefix}.hephaestus_instances (
+    id uuid primary key,
+    business_id text not null,
+    workflow_id text not null,
+    workflow_version integer not null
+        constraint hephaestus_instances_workflow_version_check check (workflow_version > 0),
+    status text not null default 'pending'
+        constraint hephaestus_instances_status_check
+        check (status in ('pending', 'running', 'waiting', 'completed', 'failed', 'cancelled')),
+    unique_claim text,
+    state jsonb not null default '{}'::jsonb,
+    failure jsonb,
+    telemetry_metadata jsonb not null default '{}'::jsonb,
+    revision bigint not null default 0,
+    inserted_at timestamptz not null default now(),
+    updated_at timestamptz not null default now()
+)",
+    // At most one ACTIVE instance per uniqueness claim; finished instances do not count.
+    r"create unique index if not exists hephaestus_instances_active_claim_uidx
+    on {prefix}.hephaestus_instances (unique_claim)
+    where unique_claim is not null and status in ('pending', 'running', 'waiting')",
+    r"create index if not exists hephaestus_instances_business_id_idx
+    on {prefix}.hephaestus_instances (business_id, inserted_at desc)",
+    r"create index if not exists hephaestus_instances_workflow_idx
+    on {prefix}.hephaestus_instances (workflow_id, workflow_version)",
+    r"create index if not exists hephaestus_instances_active_status_idx
+    on {prefix}.hephaestus_instances (status, updated_at)
+    where status in ('pending', 'running', 'waiting')",
+    r"create index if not exists hephaestus_instances_inserted_at_idx
+    on {prefix}.hephaestus_instances (inserted_at)",
+    r"create table if not exists {prefix}.hephaestus_step_results (
+    seq bigint generated always as identity primary key,
+    instance_id uuid not null
+        constraint hephaestus_step_results_instance_id_fkey
+        references {prefix}.hephaestus_instances (id) on delete cascade,
+    step_id text not null,
+    activation integer not null
+        constraint hephaestus_step_results_activation_check check (activation >= 0),
+    kind text not null
+        constraint hephaestus_step_results_kind_check
+        check (kind in ('completed', 'async', 'resume', 'timer', 'failed', 'cancel')),
+    event text,
+    output jsonb not null default '{}'::jsonb,
+    metadata jsonb not null default '{}'::jsonb,
+    error jsonb,
+    inserted_at timestamptz not null default clock_timestamp(),
+    processed_at timestamptz
+)",
+    // Idempotent insert: one row per (instance, step, activation, kind); `on conflict do
+    // nothing` targets this index. It also serves the foreign key's cascade delete.
+    r"create unique index if not exists hephaestus_step_results_activation_uidx
+    on {prefix}.hephaestus_step_results (instance_id, step_id, activation, kind)",
+    // The single writer's inbox: unprocessed rows of one instance in arrival order.
+    r"create index if not exists hephaestus_step_results_pending_idx
+    on {prefix}.hephaestus_step_results (instance_id, seq)
+    where processed_at is null",
+    // Pruning of processed rows by age.
+    r"create index if not exists hephaestus_step_results_processed_at_idx
+    on {prefix}.hephaestus_step_results (processed_at)
+    where processed_at is not null",
+];
+
+const V1_DOWN: &[&str] = &[
+    // Step results first: they reference instances.
+    "drop table if exists {prefix}.hephaestus_step_results",
+    "drop table if exists {prefix}.hephaestus_instances",
+];
+
+static VERSIONS: [SchemaVersion; 1] = [SchemaVersion {
+    number: 1,
+    sqlx_version: 20_261_126_000_001,
+    description: "workflow instances and step results",
+    up: V1_UP,
+    down: Down::Statements(V1_DOWN),
+}];
+
+/// The `storage` component.
+pub fn component() -> Component {
+    // Cannot fail: the definition above is checked by the unit test below.
+    Component::new("storage", &VERSIONS).expect("the storage component is valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{SchemaPrefix, render_up};
+
+    #[test]
+    fn storage_definition_is_valid() {
+        let storage = component();
+        assert_eq!(storage.name(), "storage");
+        assert_eq!(storage.latest(), 1);
+    }
+
+    #[test]
+    fn instances_are_created_before_step_results_and_dropped_after() {
+        let sql = render_up(&component(), &SchemaPrefix::default(), 0, 1)
+            .unwrap()
+            .to_sql();
+        let instances = sql
+            .find("create table if not exists \"public\".hephaestus_instances")
+            .unwrap();
+        let results = sql
+            .find("create table if not exists \"public\".hephaestus_step_results")
+            .unwrap();
+        assert!(instances < results);
+        assert!(V1_DOWN[0].contains("hephaestus_step_results"));
+        assert!(V1_DOWN[1].contains("hephaestus_instances"));
+    }
+
+    #[test]
+    fn sql_is_lower_case_outside_comments() {
+        for statement in V1_UP.iter().chain(V1_DOWN) {
+            for line in statement.lines() {
+                let code = line.split("--").next().unwrap_or_default();
+                assert!(
+                    !code.chars().any(|c| c.is_ascii_uppercase()),
+                    "upper case in: {line}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The workspace's integration tests: one binary, one module per concern.
+//!
+//! PostgreSQL tests need a server: `DATABASE_URL`, or the `testcontainers` feature with
+//! Docker; `cargo xtask test` finds one by itself. They never skip silently.
+
+mod migrations;
+mod support;
+mod tidy;

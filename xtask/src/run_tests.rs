@@ -1,0 +1,230 @@
+//! `cargo xtask test [--] [cargo test args...]`: the one command that runs every test.
+//!
+//! It finds a PostgreSQL by itself, in this order:
+//! 1. `DATABASE_URL`, when set, is used as is;
+//! 2. a local server on 127.0.0.1:5432, as user `postgres`, then as the current user
+//!    (password from `PGPASSWORD` if set); a server that is installed but down is started
+//!    with `pg_ctlcluster`; the database `hephaestus_test` is created if missing;
+//! 3. Docker, when `docker info` succeeds: the tests then start a PostgreSQL container
+//!    themselves (cargo feature `hephaestus-tests/testcontainers`);
+//! 4. otherwise it says what to install and fails.
+//!
+//! Then it runs `cargo test --workspace` with the extra arguments.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::process::{Command, ExitCode, Stdio};
+
+use anyhow::{Context, Result, bail};
+
+const HOST: &str = "127.0.0.1";
+const PORT: &str = "5432";
+const TEST_DATABASE: &str = "hephaestus_test";
+
+enum Database {
+    /// A URL to export as `DATABASE_URL` (`None`: already set by the caller).
+    Url(Option<String>),
+    /// Run the tests with their Docker-backed feature.
+    Docker,
+}
+
+pub fn run(mut extra: Vec<String>) -> Result<ExitCode> {
+    if extra.first().is_some_and(|a| a == "--") {
+        extra.remove(0);
+    }
+    let database = choose_database()?;
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let mut command = Command::new(cargo);
+    command
+        .arg("test")
+        .arg("--workspace")
+        .current_dir(crate::repo_root());
+    match database {
+        Database::Url(Some(url)) => {
+            command.env("DATABASE_URL", url);
+        }
+        Database::Url(None) => {}
+        Database::Docker => {
+            command
+                .args(["--features", "hephaestus-tests/testcontainers"])
+                .env_remove("DATABASE_URL");
+        }
+    }
+    command.args(&extra);
+    eprintln!("xtask test: running {command:?}");
+    let status = command.status().context("running cargo test")?;
+    Ok(status
+        .code()
+        .and_then(|code| u8::try_from(code).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from))
+}
+
+fn choose_database() -> Result<Database> {
+    if env::var_os("DATABASE_URL").is_some_and(|url| !url.is_empty()) {
+        eprintln!("xtask test: using DATABASE_URL from the environment");
+        return Ok(Database::Url(None));
+    }
+    if let Some(user) = local_postgres()? {
+        ensure_test_database(&user)?;
+        let url = local_url(&user);
+        eprintln!(
+            "xtask test: using local PostgreSQL at {HOST}:{PORT} as user {user}, database {TEST_DATABASE}"
+        );
+        return Ok(Database::Url(Some(url)));
+    }
+    if succeeds(Command::new("docker").arg("info")) {
+        eprintln!(
+            "xtask test: no local PostgreSQL; Docker is running, the tests will start a PostgreSQL container (feature hephaestus-tests/testcontainers)"
+        );
+        return Ok(Database::Docker);
+    }
+    bail!(
+        "no PostgreSQL found for the tests. Do one of:\n\
+         \x20 - set DATABASE_URL=postgres://USER:PASSWORD@HOST:PORT/DATABASE\n\
+         \x20 - install PostgreSQL so that it listens on {HOST}:{PORT} and accepts user postgres or your user \
+         (Debian/Ubuntu: `sudo apt-get install -y postgresql`; see .ci/run)\n\
+         \x20 - install and start Docker (the tests then start a PostgreSQL container themselves)"
+    )
+}
+
+/// The first user that can log in to the local server, starting the server if it is
+/// installed but down. `None` when there is no usable local server.
+fn local_postgres() -> Result<Option<String>> {
+    if !succeeds(Command::new("psql").arg("--version")) {
+        eprintln!("xtask test: psql not found, skipping the local PostgreSQL");
+        return Ok(None);
+    }
+    let users = candidate_users();
+    if let Some(user) = users.iter().find(|u| can_connect(u)) {
+        return Ok(Some(user.clone()));
+    }
+    if server_is_up() {
+        bail!(
+            "PostgreSQL at {HOST}:{PORT} is up but rejects users {}; set DATABASE_URL (or PGPASSWORD) to credentials that work",
+            users.join(" and ")
+        );
+    }
+    let Some(version) = installed_cluster_version() else {
+        return Ok(None);
+    };
+    eprintln!("xtask test: PostgreSQL {version} is installed but down; starting it");
+    let started = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "start"])
+        .stdin(Stdio::null())
+        .status()
+        .context("running pg_ctlcluster")?;
+    if !started.success() {
+        bail!(
+            "`pg_ctlcluster --skip-systemctl-redirect {version} main start` failed; start PostgreSQL yourself or set DATABASE_URL"
+        );
+    }
+    Ok(users.into_iter().find(|u| can_connect(u)))
+}
+
+fn candidate_users() -> Vec<String> {
+    let mut users = vec!["postgres".to_owned()];
+    for var in ["USER", "LOGNAME"] {
+        if let Ok(user) = env::var(var)
+            && !user.is_empty()
+            && !users.contains(&user)
+        {
+            users.push(user);
+        }
+    }
+    users
+}
+
+fn psql(user: &str, sql: &str) -> Command {
+    let mut command = Command::new("psql");
+    command
+        .args(["-h", HOST, "-p", PORT, "-U", user, "-d", "postgres"])
+        .args(["-w", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(Stdio::null());
+    command
+}
+
+fn can_connect(user: &str) -> bool {
+    succeeds(&mut psql(user, "select 1"))
+}
+
+fn server_is_up() -> bool {
+    succeeds(Command::new("pg_isready").args(["-h", HOST, "-p", PORT]))
+}
+
+/// The newest version under /etc/postgresql, if PostgreSQL (Debian packaging) is installed.
+fn installed_cluster_version() -> Option<String> {
+    if !succeeds(Command::new("pg_ctlcluster").arg("--help")) {
+        return None;
+    }
+    let mut versions: Vec<(u32, String)> = fs::read_dir("/etc/postgresql")
+        .ok()?
+        .filter_map(|entry| {
+            let name = entry.ok()?.file_name().into_string().ok()?;
+            let major = name.split('.').next()?.parse().ok()?;
+            Some((major, name))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, name)| name)
+}
+
+fn ensure_test_database(user: &str) -> Result<()> {
+    let output = psql(
+        user,
+        &format!("select 1 from pg_database where datname = '{TEST_DATABASE}'"),
+    )
+    .stderr(Stdio::inherit())
+    .output()
+    .context("running psql")?;
+    if !output.status.success() {
+        bail!("could not list the databases of the local PostgreSQL as user {user}");
+    }
+    if String::from_utf8_lossy(&output.stdout).trim() == "1" {
+        return Ok(());
+    }
+    eprintln!("xtask test: creating database {TEST_DATABASE}");
+    let created = psql(user, &format!("create database {TEST_DATABASE}"))
+        .status()
+        .context("running psql")?;
+    if !created.success() {
+        bail!("could not create database {TEST_DATABASE} as user {user}");
+    }
+    Ok(())
+}
+
+fn local_url(user: &str) -> String {
+    let password = env::var("PGPASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(|p| format!(":{}", percent_encode(&p)))
+        .unwrap_or_default();
+    format!(
+        "postgres://{}{password}@{HOST}:{PORT}/{TEST_DATABASE}",
+        percent_encode(user)
+    )
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            // Writing to a String cannot fail.
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+    out
+}
+
+/// Runs `command` quietly and tells whether it exited with success (false when it could
+/// not be started at all).
+fn succeeds(command: &mut Command) -> bool {
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
