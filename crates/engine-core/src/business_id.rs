@@ -33,7 +33,10 @@ pub enum BusinessIdError {
 }
 
 fn is_lower_alnum(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    !s.is_empty()
+        && s.len() <= 128
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 fn is_lower_uuid(s: &str) -> bool {
@@ -218,7 +221,8 @@ impl BusinessId {
                 is_lower_alnum(k)
                     && BusinessValue::new(*v).is_ok()
                     && s.len() == 8
-                    && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+                    && s.bytes()
+                        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
             }
             _ => false,
         };
@@ -315,8 +319,9 @@ mod tests {
         for bad in ["", "Order", "a-b", "a_b", "a b"] {
             let err = UniqueKey::new(bad).unwrap_err();
             assert!(
-                err.to_string()
-                    .contains("unique key must contain only lowercase letters and numbers [a-z0-9]"),
+                err.to_string().contains(
+                    "unique key must contain only lowercase letters and numbers [a-z0-9]"
+                ),
                 "{err}"
             );
         }
@@ -350,7 +355,11 @@ mod tests {
             "0193a1b2xc3d4-7e5f-8a9b-0c1d2e3f4a5b",
         ] {
             let err = BusinessValue::new(bad).unwrap_err();
-            assert!(err.to_string().contains("Must be [a-z0-9]+ or a valid UUID"), "{bad}");
+            assert!(
+                err.to_string()
+                    .contains("Must be [a-z0-9]+ or a valid UUID"),
+                "{bad}"
+            );
         }
     }
 
@@ -368,9 +377,19 @@ mod tests {
         assert_eq!(with.value(), "123");
         assert_eq!(with.suffix(), Some("dead0b01"));
         assert_eq!(BusinessId::parse("order::123::dead0b01"), Ok(with));
-        for bad in ["order", "order::", "order::1::2::3", "Order::1", "order::1::xyz", "order::1::DEADBEEF"] {
+        for bad in [
+            "order",
+            "order::",
+            "order::1::2::3",
+            "Order::1",
+            "order::1::xyz",
+            "order::1::DEADBEEF",
+        ] {
             let err = BusinessId::parse(bad).unwrap_err();
-            assert!(err.to_string().contains("invalid unique id format"), "{bad}");
+            assert!(
+                err.to_string().contains("invalid unique id format"),
+                "{bad}"
+            );
         }
     }
 

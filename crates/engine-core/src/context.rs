@@ -55,9 +55,7 @@ pub fn contains_nul(value: &Value) -> bool {
     match value {
         Value::String(s) => s.contains('\0'),
         Value::Array(items) => items.iter().any(contains_nul),
-        Value::Object(map) => map
-            .iter()
-            .any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
         Value::Null | Value::Bool(_) | Value::Number(_) => false,
     }
 }
@@ -77,9 +75,16 @@ mod tests {
         assert_eq!(ctx.initial_as::<Order>().unwrap(), Order { id: 7 });
         assert!(ctx.step_as::<Order>("charge").is_none());
         ctx.put_step_output("charge", json!({"id": 9}));
-        assert_eq!(ctx.step_as::<Order>("charge").unwrap().unwrap(), Order { id: 9 });
+        assert_eq!(
+            ctx.step_as::<Order>("charge").unwrap().unwrap(),
+            Order { id: 9 }
+        );
         ctx.put_step_output("charge", json!({"other": true}));
-        assert_eq!(ctx.step("charge"), Some(&json!({"other": true})), "replaced, not merged");
+        assert_eq!(
+            ctx.step("charge"),
+            Some(&json!({"other": true})),
+            "replaced, not merged"
+        );
         assert!(ctx.step_as::<Order>("charge").unwrap().is_err());
     }
 

@@ -12,21 +12,24 @@ use uuid::Uuid;
 #[non_exhaustive]
 pub enum IdError {
     /// A step id must be non-empty and made of `[A-Za-z0-9_:.-]`.
-    #[error("invalid step id {0:?}: expected a non-empty string of letters, digits, '_', ':', '.' or '-'")]
+    #[error(
+        "invalid step id {0:?}: expected a non-empty string of letters, digits, '_', ':', '.' or '-'"
+    )]
     InvalidStepId(String),
     /// An event must be an identifier `[A-Za-z_][A-Za-z0-9_]*`.
     #[error("invalid event {0:?}: an event must be an identifier [A-Za-z_][A-Za-z0-9_]*")]
     InvalidEvent(String),
     /// A workflow id must be non-empty and made of `[A-Za-z0-9_:.-]`.
-    #[error("invalid workflow id {0:?}: expected a non-empty string of letters, digits, '_', ':', '.' or '-'")]
+    #[error(
+        "invalid workflow id {0:?}: expected a non-empty string of letters, digits, '_', ':', '.' or '-'"
+    )]
     InvalidWorkflowId(String),
 }
 
 fn is_path_like(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 255
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b':' | b'.' | b'-'))
 }
 

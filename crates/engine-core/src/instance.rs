@@ -374,12 +374,18 @@ mod tests {
     fn status_names_round_trip() {
         for st in InstanceStatus::ALL {
             assert_eq!(st.as_str().parse::<InstanceStatus>(), Ok(st));
-            assert_eq!(serde_json::to_value(st).unwrap(), Value::String(st.as_str().into()));
+            assert_eq!(
+                serde_json::to_value(st).unwrap(),
+                Value::String(st.as_str().into())
+            );
         }
         assert!("done".parse::<InstanceStatus>().is_err());
         assert_eq!(
             InstanceStatus::ACTIVE.to_vec(),
-            InstanceStatus::ALL.into_iter().filter(|s| s.is_active()).collect::<Vec<_>>()
+            InstanceStatus::ALL
+                .into_iter()
+                .filter(|s| s.is_active())
+                .collect::<Vec<_>>()
         );
     }
 

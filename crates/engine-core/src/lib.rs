@@ -72,14 +72,23 @@ pub(crate) mod test_support;
 
 pub use step_key::underscore;
 
-pub use business_id::{BusinessId, BusinessIdError, BusinessValue, Scope, Unique, UniqueClaim, UniqueKey};
+pub use business_id::{
+    BusinessId, BusinessIdError, BusinessValue, Scope, Unique, UniqueClaim, UniqueKey,
+};
 pub use context::Context;
-pub use engine::{Applied, Disposition, Effect, Engine, EngineError, EngineEvent, Ignored, Input, NewInstance};
+pub use engine::{
+    Applied, Disposition, Effect, Engine, EngineError, EngineEvent, Ignored, Input, NewInstance,
+};
 pub use ids::{Event, IdError, IdempotencyKey, StepId, WorkflowId};
 pub use instance::{Instance, InstanceStatus, StepState, StepStatus};
 pub use retry::{Backoff, RetryPolicy};
-pub use step::{AsyncWait, CancellationSignal, Completion, ErrorKind, Step, StepError, StepInput, StepOutcome};
-pub use workflow::{Pick, Target, Workflow, WorkflowBuilder, WorkflowError, WorkflowErrors, WorkflowFamily, WorkflowRegistry, target};
+pub use step::{
+    AsyncWait, CancellationSignal, Completion, ErrorKind, Step, StepError, StepInput, StepOutcome,
+};
+pub use workflow::{
+    Pick, Target, Workflow, WorkflowBuilder, WorkflowError, WorkflowErrors, WorkflowFamily,
+    WorkflowRegistry, target,
+};
 
 /// The names most programs need.
 pub mod prelude {

@@ -150,7 +150,8 @@ impl RetryPolicy {
         // A factor in per-mille, uniform over [−j, j].
         let factor = i128::from(sample) % (2 * jitter + 1) - jitter;
         let base_ms = i128::from(duration_ms(base));
-        let jittered = (base_ms + base_ms * factor / 1000).clamp(0, i128::from(self.max_backoff_ms));
+        let jittered =
+            (base_ms + base_ms * factor / 1000).clamp(0, i128::from(self.max_backoff_ms));
         Duration::from_millis(u64::try_from(jittered).unwrap_or(self.max_backoff_ms))
     }
 
@@ -171,7 +172,13 @@ mod tests {
     use proptest::prelude::*;
 
     fn policy(backoff: Backoff, base: u64, max: u64) -> RetryPolicy {
-        RetryPolicy::new(5, backoff, Duration::from_millis(base), Duration::from_millis(max)).unwrap()
+        RetryPolicy::new(
+            5,
+            backoff,
+            Duration::from_millis(base),
+            Duration::from_millis(max),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -214,7 +221,12 @@ mod tests {
             Err(RetryPolicyError::ZeroAttempts(0))
         );
         assert!(matches!(
-            RetryPolicy::new(3, Backoff::Constant, Duration::from_secs(2), Duration::from_secs(1)),
+            RetryPolicy::new(
+                3,
+                Backoff::Constant,
+                Duration::from_secs(2),
+                Duration::from_secs(1)
+            ),
             Err(RetryPolicyError::BaseAboveMax { .. })
         ));
         assert_eq!(
@@ -225,14 +237,18 @@ mod tests {
 
     #[test]
     fn jitter_extremes() {
-        let p = policy(Backoff::Constant, 1000, 10_000).with_jitter_per_mille(200).unwrap();
+        let p = policy(Backoff::Constant, 1000, 10_000)
+            .with_jitter_per_mille(200)
+            .unwrap();
         // sample % 401 − 200 is the factor in per-mille.
         assert_eq!(p.delay(1, 0), Duration::from_millis(800));
         assert_eq!(p.delay(1, 400), Duration::from_millis(1200));
         assert_eq!(p.delay(1, 200), Duration::from_millis(1000));
         assert_eq!(p.delay(1, 401), Duration::from_millis(800));
         // Clamped to max_backoff even with positive jitter.
-        let capped = policy(Backoff::Constant, 1000, 1000).with_jitter_per_mille(500).unwrap();
+        let capped = policy(Backoff::Constant, 1000, 1000)
+            .with_jitter_per_mille(500)
+            .unwrap();
         assert_eq!(capped.delay(1, 1000), Duration::from_millis(1000));
     }
 

@@ -354,7 +354,8 @@ mod tests {
             StepOutcome::complete("done"),
             StepOutcome::Complete(Completion::new("done"))
         );
-        let StepOutcome::Async(wait) = StepOutcome::wait_with_timer(Duration::from_secs(3), "timeout")
+        let StepOutcome::Async(wait) =
+            StepOutcome::wait_with_timer(Duration::from_secs(3), "timeout")
         else {
             panic!("expected async");
         };
@@ -393,7 +394,11 @@ mod tests {
         let mut cx = TaskContext::from_waker(&waker);
         let mut fut = std::pin::pin!(signal.cancelled());
         assert_eq!(fut.as_mut().poll(&mut cx), Poll::Pending);
-        assert_eq!(fut.as_mut().poll(&mut cx), Poll::Pending, "polling twice registers once");
+        assert_eq!(
+            fut.as_mut().poll(&mut cx),
+            Poll::Pending,
+            "polling twice registers once"
+        );
         assert_eq!(counter.0.load(Ordering::SeqCst), 0);
         signal.clone().cancel();
         assert_eq!(counter.0.load(Ordering::SeqCst), 1);

@@ -205,14 +205,19 @@ impl<'a> Run<'a> {
                 let msg = format!(
                     "step {step} returned undeclared event {:?} (declared: {})",
                     c.event.as_str(),
-                    declared.iter().map(Event::as_str).collect::<Vec<_>>().join(", ")
+                    declared
+                        .iter()
+                        .map(Event::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
                 return Disposition::Applied;
             }
         };
         if contains_nul(&c.output) || contains_nul(&Value::Object(c.metadata.clone())) {
-            let msg = format!("step {step} returned output containing U+0000, which cannot be stored");
+            let msg =
+                format!("step {step} returned output containing U+0000, which cannot be stored");
             self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
             return Disposition::Applied;
         }
@@ -327,13 +332,20 @@ impl<'a> Run<'a> {
                         return Err(format!(
                             "the dynamic route from {step} on :{event} returned {:?}, which is not among its declared targets ({})",
                             pick.step,
-                            declared.iter().map(|t| t.step.as_str()).collect::<Vec<_>>().join(", ")
+                            declared
+                                .iter()
+                                .map(|t| t.step.as_str())
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ));
                     };
                     let config = pick.config.or_else(|| decl.config.clone());
                     if let Some(cfg) = &config {
                         if contains_nul(cfg) {
-                            return Err(format!("the config picked for {} contains U+0000", decl.step));
+                            return Err(format!(
+                                "the config picked for {} contains U+0000",
+                                decl.step
+                            ));
                         }
                         if let Some(def) = self.wf.step(decl.step.as_str())
                             && let Err(reason) = def.step.validate_config(Some(cfg))
@@ -366,7 +378,11 @@ impl<'a> Run<'a> {
                 },
             }
         }
-        if taken { Readiness::Ready } else { Readiness::Dead }
+        if taken {
+            Readiness::Ready
+        } else {
+            Readiness::Dead
+        }
     }
 
     /// Activates every successor that became ready and marks dead the ones
@@ -564,7 +580,8 @@ impl<'a> Run<'a> {
         attempts: Vec<AttemptRecord>,
     ) -> Disposition {
         if let Some(step) = &step
-            && let Some(d) = self.stale(step, activation, &[StepStatus::Active, StepStatus::Waiting])
+            && let Some(d) =
+                self.stale(step, activation, &[StepStatus::Active, StepStatus::Waiting])
         {
             return d;
         }
@@ -629,9 +646,13 @@ impl<'a> Run<'a> {
             }
         }
         self.inst.status = InstanceStatus::Cancelled;
-        self.history(None, 0, HistoryKind::Cancelled {
-            reason: reason.clone(),
-        });
+        self.history(
+            None,
+            0,
+            HistoryKind::Cancelled {
+                reason: reason.clone(),
+            },
+        );
         self.emit(EngineEvent::WorkflowCancelled { reason });
         self.effects.push(Effect::CancelJobs);
         Ok(Disposition::Applied)

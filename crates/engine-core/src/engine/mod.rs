@@ -428,7 +428,11 @@ impl<'a> Engine<'a> {
                 version: wf.version(),
             });
         }
-        if let Some(unknown) = instance.steps.keys().find(|s| wf.step(s.as_str()).is_none()) {
+        if let Some(unknown) = instance
+            .steps
+            .keys()
+            .find(|s| wf.step(s.as_str()).is_none())
+        {
             return Err(EngineError::CorruptState(format!(
                 "instance has state for step {unknown}, which the workflow does not define"
             )));
@@ -436,3 +440,8 @@ impl<'a> Engine<'a> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod proptests;

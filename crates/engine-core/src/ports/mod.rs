@@ -227,9 +227,12 @@ impl NewStepResult {
     /// The engine input this result stands for.
     pub fn to_input(&self) -> Result<Input, PortError> {
         let need_step = || {
-            self.step
-                .clone()
-                .ok_or_else(|| PortError::Corrupt(format!("{} result without a step", self.payload.kind().as_str())))
+            self.step.clone().ok_or_else(|| {
+                PortError::Corrupt(format!(
+                    "{} result without a step",
+                    self.payload.kind().as_str()
+                ))
+            })
         };
         Ok(match &self.payload {
             ResultPayload::Completed {
@@ -309,17 +312,35 @@ pub enum Recorded {
 #[async_trait::async_trait]
 pub trait StepResultStore: UnitOfWork {
     /// Records a result, idempotently per (instance, step, activation, kind).
-    async fn record(&self, tx: &mut Self::Tx, result: &NewStepResult) -> Result<Recorded, PortError>;
+    async fn record(
+        &self,
+        tx: &mut Self::Tx,
+        result: &NewStepResult,
+    ) -> Result<Recorded, PortError>;
 
     /// The unprocessed results of an instance, in arrival order.
-    async fn pending(&self, tx: &mut Self::Tx, instance_id: Uuid) -> Result<Vec<StepResult>, PortError>;
+    async fn pending(
+        &self,
+        tx: &mut Self::Tx,
+        instance_id: Uuid,
+    ) -> Result<Vec<StepResult>, PortError>;
 
     /// Marks results processed (they are never returned by `pending` again).
-    async fn mark_processed(&self, tx: &mut Self::Tx, instance_id: Uuid, seqs: &[i64]) -> Result<(), PortError>;
+    async fn mark_processed(
+        &self,
+        tx: &mut Self::Tx,
+        instance_id: Uuid,
+        seqs: &[i64],
+    ) -> Result<(), PortError>;
 
     /// Whether a completion, async marker or failure is recorded (processed or
     /// not) for this step activation: its user code must not run again.
-    async fn is_recorded(&self, instance_id: Uuid, step: &StepId, activation: u32) -> Result<bool, PortError>;
+    async fn is_recorded(
+        &self,
+        instance_id: Uuid,
+        step: &StepId,
+        activation: u32,
+    ) -> Result<bool, PortError>;
 
     /// Deletes processed results older than `before`; returns how many.
     async fn prune_processed(&self, before: DateTime<Utc>) -> Result<u64, PortError>;
@@ -504,7 +525,8 @@ pub struct JobInfo {
 pub trait JobQueue: UnitOfWork {
     /// Enqueues jobs in the unit of work, in order (one round trip on
     /// database backends).
-    async fn enqueue(&self, tx: &mut Self::Tx, jobs: &[NewJob]) -> Result<Vec<Enqueued>, PortError>;
+    async fn enqueue(&self, tx: &mut Self::Tx, jobs: &[NewJob])
+    -> Result<Vec<Enqueued>, PortError>;
 
     /// Cancels one job unless finished. Returns whether it was cancelled.
     async fn cancel(&self, tx: &mut Self::Tx, id: JobId) -> Result<bool, PortError>;
@@ -520,7 +542,12 @@ pub trait JobQueue: UnitOfWork {
 
     /// Takes up to `limit` due jobs of `queue` (due at or before `now`),
     /// marking them executing and bumping their attempt.
-    async fn fetch(&self, queue: &str, limit: u32, now: DateTime<Utc>) -> Result<Vec<JobLease>, PortError>;
+    async fn fetch(
+        &self,
+        queue: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobLease>, PortError>;
 
     /// Completes a job, fenced by its attempt: `false` when the job is no
     /// longer executing at that attempt (rescued, cancelled).

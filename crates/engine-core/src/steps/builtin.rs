@@ -112,7 +112,9 @@ impl WaitForEvent {
             Some(v) => v
                 .as_u64()
                 .map(|ms| Some(Duration::from_millis(ms)))
-                .ok_or_else(|| format!("WaitForEvent \"timeout_ms\" must be a non-negative integer, got: {v}")),
+                .ok_or_else(|| {
+                    format!("WaitForEvent \"timeout_ms\" must be a non-negative integer, got: {v}")
+                }),
         }
     }
 }
@@ -177,7 +179,10 @@ impl Step for Debug {
             .map(|m| m.keys().collect())
             .unwrap_or_default();
         let steps: Vec<&String> = input.context.steps.keys().collect();
-        StepOutcome::complete_with("completed", json!({"initial_keys": initial_keys, "steps": steps}))
+        StepOutcome::complete_with(
+            "completed",
+            json!({"initial_keys": initial_keys, "steps": steps}),
+        )
     }
 }
 
@@ -197,21 +202,38 @@ mod tests {
 
     #[test]
     fn wait_converts_units_and_schedules_its_timer() {
-        for (unit, ms) in [("millisecond", 1), ("second", 1_000), ("minute", 60_000), ("hour", 3_600_000), ("day", 86_400_000)] {
+        for (unit, ms) in [
+            ("millisecond", 1),
+            ("second", 1_000),
+            ("minute", 60_000),
+            ("hour", 3_600_000),
+            ("day", 86_400_000),
+        ] {
             let cfg = json!({"duration": 2, "unit": unit});
             assert_eq!(Wait::delay(Some(&cfg)), Ok(Duration::from_millis(2 * ms)));
         }
         let cfg = json!({"duration": 5, "unit": "second"});
         let out = block_on(run_step(&Wait, Some(&cfg)));
-        assert_eq!(out, StepOutcome::wait_with_timer(Duration::from_secs(5), "timeout"));
+        assert_eq!(
+            out,
+            StepOutcome::wait_with_timer(Duration::from_secs(5), "timeout")
+        );
     }
 
     #[test]
     fn wait_with_a_bad_config_fails_fatally_at_run_time() {
-        for bad in [json!({}), json!({"duration": -1}), json!({"duration": 1, "unit": "week"}), json!("x")] {
+        for bad in [
+            json!({}),
+            json!({"duration": -1}),
+            json!({"duration": 1, "unit": "week"}),
+            json!("x"),
+        ] {
             assert!(Wait.validate_config(Some(&bad)).is_err(), "{bad}");
             let out = block_on(run_step(&Wait, Some(&bad)));
-            assert!(matches!(out, StepOutcome::Error(ref e) if !e.is_retryable()), "{bad}: {out:?}");
+            assert!(
+                matches!(out, StepOutcome::Error(ref e) if !e.is_retryable()),
+                "{bad}: {out:?}"
+            );
         }
         assert!(Wait.validate_config(None).is_err());
     }
@@ -220,19 +242,29 @@ mod tests {
     fn wait_for_event_declares_timeout_only_with_a_timeout() {
         assert_eq!(WaitForEvent.events(None), vec![event("received")]);
         let cfg = json!({"timeout_ms": 250});
-        assert_eq!(WaitForEvent.events(Some(&cfg)), vec![event("received"), event("timeout")]);
+        assert_eq!(
+            WaitForEvent.events(Some(&cfg)),
+            vec![event("received"), event("timeout")]
+        );
         assert_eq!(
             block_on(run_step(&WaitForEvent, Some(&cfg))),
             StepOutcome::wait_with_timer(Duration::from_millis(250), "timeout")
         );
         assert_eq!(block_on(run_step(&WaitForEvent, None)), StepOutcome::wait());
-        assert!(WaitForEvent.validate_config(Some(&json!({"timeout_ms": "soon"}))).is_err());
+        assert!(
+            WaitForEvent
+                .validate_config(Some(&json!({"timeout_ms": "soon"})))
+                .is_err()
+        );
         assert!(WaitForEvent.validate_config(Some(&json!(3))).is_err());
     }
 
     #[test]
     fn done_and_debug_complete() {
-        assert_eq!(block_on(run_step(&Done, None)), StepOutcome::complete("done"));
+        assert_eq!(
+            block_on(run_step(&Done, None)),
+            StepOutcome::complete("done")
+        );
         let StepOutcome::Complete(c) = block_on(run_step(&Debug, None)) else {
             panic!("Debug completes");
         };

@@ -81,7 +81,9 @@ impl Step for FnStep {
     }
 
     fn step_key(&self) -> String {
-        self.key.clone().unwrap_or_else(|| self.id.default_step_key())
+        self.key
+            .clone()
+            .unwrap_or_else(|| self.id.default_step_key())
     }
 
     fn retry_policy(&self) -> Option<crate::retry::RetryPolicy> {

@@ -4,5 +4,5 @@
 mod builtin;
 mod fn_step;
 
-pub use builtin::{Debug, Done, Wait, WaitForEvent, DEBUG_ID, DONE_ID, WAIT_FOR_EVENT_ID, WAIT_ID};
+pub use builtin::{DEBUG_ID, DONE_ID, Debug, Done, WAIT_FOR_EVENT_ID, WAIT_ID, Wait, WaitForEvent};
 pub use fn_step::FnStep;

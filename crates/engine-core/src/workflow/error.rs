@@ -11,16 +11,22 @@ use crate::ids::{Event, StepId};
 pub enum WorkflowError {
     // ---- options (O1–O6) ----
     /// O1: a tag is empty or has surrounding whitespace.
-    #[error("expected :tags to be a list of strings, got: {0:?} (tags must be non-empty and trimmed)")]
+    #[error(
+        "expected :tags to be a list of strings, got: {0:?} (tags must be non-empty and trimmed)"
+    )]
     InvalidTag(String),
     /// O2: metadata is not a JSON object.
     #[error("expected :metadata to be a map, got: {0}")]
     MetadataNotAMap(String),
     /// O3: metadata keys must be strings (a map with non-string keys failed to serialize).
-    #[error("expected :metadata keys to be strings (atom keys would lose identity after JSON round-tripping in adapters like Oban), got: {0}")]
+    #[error(
+        "expected :metadata keys to be strings (atom keys would lose identity after JSON round-tripping in adapters like Oban), got: {0}"
+    )]
     MetadataKeysNotStrings(String),
     /// O4: metadata values must be JSON-safe (serializable, without U+0000).
-    #[error("expected :metadata values to be JSON-safe (strings, numbers, booleans, or nested maps/lists of the same), got: {0}")]
+    #[error(
+        "expected :metadata values to be JSON-safe (strings, numbers, booleans, or nested maps/lists of the same), got: {0}"
+    )]
     MetadataNotJsonSafe(String),
     /// O5: no unique rule declared.
     #[error("the :unique option is required for Hephaestus.Workflow (call .unique(key, scope))")]
@@ -52,7 +58,9 @@ pub enum WorkflowError {
     #[error("transit/3 source must be a step module, got: {0:?}")]
     InvalidStepId(String),
     /// S2: a dynamic transition declares no targets.
-    #[error("transit/3 @targets must be a list of step modules, got an empty list for {from} on :{event}")]
+    #[error(
+        "transit/3 @targets must be a list of step modules, got an empty list for {from} on :{event}"
+    )]
     EmptyDynamicTargets {
         /// The source.
         from: StepId,
@@ -60,7 +68,9 @@ pub enum WorkflowError {
         event: Event,
     },
     /// S2: a static transition has no target.
-    #[error("transit/3 body must return step modules, {{step_module, config}}, or lists of them, got an empty list for {from} on :{event}")]
+    #[error(
+        "transit/3 body must return step modules, {{step_module, config}}, or lists of them, got an empty list for {from} on :{event}"
+    )]
     EmptyTargets {
         /// The source.
         from: StepId,
@@ -122,7 +132,9 @@ pub enum WorkflowError {
     #[error("{0} must implement events/0 (it declares no events)")]
     NoEvents(StepId),
     /// G-6c: a step declares an event twice.
-    #[error("{step} events/0 must return a list of atoms without duplicates, but :{event} is declared twice")]
+    #[error(
+        "{step} events/0 must return a list of atoms without duplicates, but :{event} is declared twice"
+    )]
     DuplicateEvent {
         /// The step.
         step: StepId,
@@ -190,7 +202,9 @@ pub enum WorkflowError {
         key: u32,
     },
     /// A member whose id is not the family's.
-    #[error("version module {workflow} for key {key} must be nested under {family} (its id must be the family id)")]
+    #[error(
+        "version module {workflow} for key {key} must be nested under {family} (its id must be the family id)"
+    )]
     NotNestedUnderFamily {
         /// The member's id.
         workflow: String,
@@ -200,7 +214,9 @@ pub enum WorkflowError {
         family: String,
     },
     /// A member whose unique rule differs from the family's.
-    #[error("version {key} of {family} must share the family's unique key {expected}, got: {actual}")]
+    #[error(
+        "version {key} of {family} must share the family's unique key {expected}, got: {actual}"
+    )]
     UniqueMismatch {
         /// The family.
         family: String,
@@ -214,11 +230,18 @@ pub enum WorkflowError {
 }
 
 fn join(ids: &[StepId]) -> String {
-    ids.iter().map(StepId::as_str).collect::<Vec<_>>().join(", ")
+    ids.iter()
+        .map(StepId::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn join_cycle(ids: &[StepId]) -> String {
-    let mut s = ids.iter().map(StepId::as_str).collect::<Vec<_>>().join(" -> ");
+    let mut s = ids
+        .iter()
+        .map(StepId::as_str)
+        .collect::<Vec<_>>()
+        .join(" -> ");
     if let Some(first) = ids.first() {
         s.push_str(" -> ");
         s.push_str(first.as_str());
@@ -227,7 +250,10 @@ fn join_cycle(ids: &[StepId]) -> String {
 }
 
 fn join_nums(nums: &[u32]) -> String {
-    nums.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+    nums.iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Every problem found when building one workflow or family, options first,

@@ -66,7 +66,9 @@ pub enum RegistryError {
         available: Vec<u32>,
     },
     /// A standalone workflow was asked for another version.
-    #[error("{workflow} is not a versioned workflow; it only supports version {version}, got: {requested}")]
+    #[error(
+        "{workflow} is not a versioned workflow; it only supports version {version}, got: {requested}"
+    )]
     NotVersioned {
         /// The workflow.
         workflow: String,

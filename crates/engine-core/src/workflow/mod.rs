@@ -253,7 +253,11 @@ impl Workflow {
 
     /// The resolved retry policy for `step`: step, then workflow, then default.
     pub fn retry_policy_for(&self, step: &str) -> RetryPolicy {
-        let own = self.inner.steps.get(step).and_then(|d| d.step.retry_policy());
+        let own = self
+            .inner
+            .steps
+            .get(step)
+            .and_then(|d| d.step.retry_policy());
         RetryPolicy::resolve(own, self.inner.retry_policy)
     }
 
@@ -574,3 +578,6 @@ impl WorkflowBuilder {
         })
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -369,7 +369,10 @@ fn order(mut errors: Vec<WorkflowError>) -> Vec<WorkflowError> {
     errors
 }
 
-fn reachable_from(start: &StepId, successors: &BTreeMap<StepId, BTreeSet<StepId>>) -> BTreeSet<StepId> {
+fn reachable_from(
+    start: &StepId,
+    successors: &BTreeMap<StepId, BTreeSet<StepId>>,
+) -> BTreeSet<StepId> {
     let mut seen = BTreeSet::from([start.clone()]);
     let mut queue = VecDeque::from([start.clone()]);
     while let Some(node) = queue.pop_front() {
@@ -400,8 +403,12 @@ fn find_cycle(
         }
         // Iterative DFS keeping the current path.
         let mut path: Vec<&StepId> = vec![root];
-        let mut iters: Vec<Vec<&StepId>> =
-            vec![successors.get(root).map(|s| s.iter().collect()).unwrap_or_default()];
+        let mut iters: Vec<Vec<&StepId>> = vec![
+            successors
+                .get(root)
+                .map(|s| s.iter().collect())
+                .unwrap_or_default(),
+        ];
         color.insert(root, Color::Grey);
         while let Some(children) = iters.last_mut() {
             if let Some(next) = children.pop() {
