@@ -83,10 +83,21 @@ async fn full_catalog() -> Catalog {
     catalog
 }
 
+#[track_caller]
+fn assert_same_schema(actual: &Catalog, expected: &Catalog, context: &str) {
+    assert!(
+        actual == expected,
+        "{context}: schemas differ (- actual, + expected):\n{}",
+        actual.diff(expected)
+    );
+}
+
 fn sql_state(error: &sqlx::Error) -> (String, String) {
     match error {
         sqlx::Error::Database(e) => (
-            e.code().map(|c| c.into_owned()).unwrap_or_default(),
+            e.code()
+                .map(std::borrow::Cow::into_owned)
+                .unwrap_or_default(),
             e.constraint().unwrap_or_default().to_owned(),
         ),
         other => panic!("expected a database error, got {other:?}"),
@@ -109,11 +120,19 @@ fn committed_migration_files_are_up_to_date() {
 
 #[test]
 fn invalid_prefixes_are_rejected() {
-    for bad in ["", "Public", "1st", "a-b", "x\"; drop schema public; --", "pg_toast"] {
+    for bad in [
+        "",
+        "Public",
+        "1st",
+        "a-b",
+        "x\"; drop schema public; --",
+        "pg_toast",
+    ] {
         let err = SchemaPrefix::new(bad).expect_err(bad);
         assert!(
-            err.to_string()
-                .starts_with(&format!("invalid prefix \"{bad}\" — must match ^[a-z_][a-z0-9_]*$")),
+            err.to_string().starts_with(&format!(
+                "invalid prefix \"{bad}\" — must match ^[a-z_][a-z0-9_]*$"
+            )),
             "{err}"
         );
     }
@@ -126,15 +145,27 @@ async fn full_up_creates_the_storage_schema_and_records_the_version() {
     up(&db.pool, &storage, &db.prefix, 0, storage.latest()).await;
     let catalog = describe(&db.pool, db.prefix.as_str()).await;
 
-    for table in ["hephaestus_instances", "hephaestus_step_results", VERSIONS_TABLE] {
-        assert!(catalog.has_table(table), "{table} missing: {:?}", catalog.tables);
+    for table in [
+        "hephaestus_instances",
+        "hephaestus_step_results",
+        VERSIONS_TABLE,
+    ] {
+        assert!(
+            catalog.has_table(table),
+            "{table} missing: {:?}",
+            catalog.tables
+        );
     }
 
     let id = catalog.column("hephaestus_instances", "id");
     assert_eq!((id.data_type.as_str(), id.nullable), ("uuid", false));
     let status = catalog.column("hephaestus_instances", "status");
     assert_eq!(status.default.as_deref(), Some("'pending'::text"));
-    assert!(catalog.column("hephaestus_instances", "unique_claim").nullable);
+    assert!(
+        catalog
+            .column("hephaestus_instances", "unique_claim")
+            .nullable
+    );
     assert!(catalog.column("hephaestus_instances", "failure").nullable);
     let state = catalog.column("hephaestus_instances", "state");
     assert_eq!((state.data_type.as_str(), state.nullable), ("jsonb", false));
@@ -143,11 +174,16 @@ async fn full_up_creates_the_storage_schema_and_records_the_version() {
         "bigint"
     );
     assert_eq!(
-        catalog.column("hephaestus_instances", "updated_at").data_type,
+        catalog
+            .column("hephaestus_instances", "updated_at")
+            .data_type,
         "timestamp with time zone"
     );
     let seq = catalog.column("hephaestus_step_results", "seq");
-    assert_eq!((seq.data_type.as_str(), seq.identity.as_str()), ("bigint", "ALWAYS"));
+    assert_eq!(
+        (seq.data_type.as_str(), seq.identity.as_str()),
+        ("bigint", "ALWAYS")
+    );
     assert_eq!(
         catalog
             .column("hephaestus_step_results", "inserted_at")
@@ -155,13 +191,25 @@ async fn full_up_creates_the_storage_schema_and_records_the_version() {
             .as_deref(),
         Some("clock_timestamp()")
     );
-    assert!(catalog.column("hephaestus_step_results", "processed_at").nullable);
+    assert!(
+        catalog
+            .column("hephaestus_step_results", "processed_at")
+            .nullable
+    );
 
-    let claim = &catalog.index("hephaestus_instances_active_claim_uidx").definition;
+    let claim = &catalog
+        .index("hephaestus_instances_active_claim_uidx")
+        .definition;
     assert!(claim.starts_with("CREATE UNIQUE INDEX"), "{claim}");
     assert!(claim.contains("unique_claim IS NOT NULL"), "{claim}");
-    assert!(claim.contains("'pending'") && claim.contains("'waiting'") && !claim.contains("'completed'"));
-    let dedupe = &catalog.index("hephaestus_step_results_activation_uidx").definition;
+    assert!(
+        claim.contains("'pending'")
+            && claim.contains("'waiting'")
+            && !claim.contains("'completed'")
+    );
+    let dedupe = &catalog
+        .index("hephaestus_step_results_activation_uidx")
+        .definition;
     assert!(
         dedupe.ends_with("(instance_id, step_id, activation, kind)"),
         "{dedupe}"
@@ -184,7 +232,9 @@ async fn full_up_creates_the_storage_schema_and_records_the_version() {
         catalog.index(index);
     }
 
-    let fk = &catalog.constraint("hephaestus_step_results_instance_id_fkey").definition;
+    let fk = &catalog
+        .constraint("hephaestus_step_results_instance_id_fkey")
+        .definition;
     assert_eq!(
         fk,
         "FOREIGN KEY (instance_id) REFERENCES hephaestus_instances(id) ON DELETE CASCADE"
@@ -213,7 +263,10 @@ async fn down_to_zero_drops_everything_and_up_again_restores_it() {
 
     for component in registry().components().iter().rev() {
         down(&db.pool, component, &db.prefix, component.latest(), 0).await;
-        assert_eq!(recorded_version(&db.pool, &db.prefix, component.name()).await, 0);
+        assert_eq!(
+            recorded_version(&db.pool, &db.prefix, component.name()).await,
+            0
+        );
     }
     let empty = describe(&db.pool, db.prefix.as_str()).await;
     assert_eq!(
@@ -221,10 +274,13 @@ async fn down_to_zero_drops_everything_and_up_again_restores_it() {
         vec![VERSIONS_TABLE.to_owned()],
         "down to 0 must drop every table except the shared versions table"
     );
-    let rows: i64 = sqlx::query_scalar(&format!("select count(*) from {}", db.table(VERSIONS_TABLE)))
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
+    let rows: i64 = sqlx::query_scalar(&format!(
+        "select count(*) from {}",
+        db.table(VERSIONS_TABLE)
+    ))
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
     assert_eq!(rows, 0, "down to 0 deletes the component's version row");
 
     // Down again from 0 is an empty plan, and it is harmless to run.
@@ -235,7 +291,8 @@ async fn down_to_zero_drops_everything_and_up_again_restores_it() {
     }
 
     up_all(&db.pool, &db.prefix).await;
-    assert_eq!(describe(&db.pool, db.prefix.as_str()).await, full);
+    let again = describe(&db.pool, db.prefix.as_str()).await;
+    assert_same_schema(&again, &full, "up after down to 0");
     db.teardown().await;
 }
 
@@ -253,14 +310,21 @@ async fn running_an_up_twice_is_idempotent() {
         .unwrap();
     up_all(&db.pool, &db.prefix).await;
 
-    assert_eq!(describe(&db.pool, db.prefix.as_str()).await, first);
+    let again = describe(&db.pool, db.prefix.as_str()).await;
+    assert_same_schema(&again, &first, "up run again");
     for component in registry().components() {
         assert_eq!(
             recorded_version(&db.pool, &db.prefix, component.name()).await,
             version_i32(component.latest())
         );
         // Already at the latest version: an empty plan, harmless to run.
-        let script = render_up(component, &db.prefix, component.latest(), component.latest()).unwrap();
+        let script = render_up(
+            component,
+            &db.prefix,
+            component.latest(),
+            component.latest(),
+        )
+        .unwrap();
         assert!(script.is_empty());
         apply(&db.pool, &script.to_sql()).await.unwrap();
     }
@@ -288,11 +352,10 @@ async fn partial_ranges_reach_the_same_schema_as_a_full_up() {
             for later in &components[index + 1..] {
                 up(&db.pool, later, &db.prefix, 0, later.latest()).await;
             }
-            assert_eq!(
-                describe(&db.pool, db.prefix.as_str()).await,
-                full,
-                "{} up 0->{n}->{latest}",
-                component.name()
+            assert_same_schema(
+                &describe(&db.pool, db.prefix.as_str()).await,
+                &full,
+                &format!("{} up 0->{n}->{latest}", component.name()),
             );
 
             // latest -> down to n -> up to latest again (later components first: they
@@ -309,11 +372,10 @@ async fn partial_ranges_reach_the_same_schema_as_a_full_up() {
             for later in &components[index + 1..] {
                 up(&db.pool, later, &db.prefix, 0, later.latest()).await;
             }
-            assert_eq!(
-                describe(&db.pool, db.prefix.as_str()).await,
-                full,
-                "{} down {latest}->{n}, up {n}->{latest}",
-                component.name()
+            assert_same_schema(
+                &describe(&db.pool, db.prefix.as_str()).await,
+                &full,
+                &format!("{} down {latest}->{n}, up {n}->{latest}", component.name()),
             );
             db.teardown().await;
         }
@@ -341,11 +403,18 @@ async fn a_reserved_word_prefix_is_quoted_and_nothing_lands_in_public() {
     for component in registry().components().iter().rev() {
         down(&db.pool, component, &prefix, component.latest(), 0).await;
     }
-    assert_eq!(describe(&db.pool, "user").await.tables, vec![VERSIONS_TABLE.to_owned()]);
+    assert_eq!(
+        describe(&db.pool, "user").await.tables,
+        vec![VERSIONS_TABLE.to_owned()]
+    );
     db.teardown().await;
 }
 
-async fn insert_instance(db: &TestSchema, status: &str, claim: Option<&str>) -> Result<Uuid, sqlx::Error> {
+async fn insert_instance(
+    db: &TestSchema,
+    status: &str,
+    claim: Option<&str>,
+) -> Result<Uuid, sqlx::Error> {
     let id = Uuid::now_v7();
     sqlx::query(&format!(
         "insert into {} (id, business_id, workflow_id, workflow_version, status, unique_claim)
@@ -387,14 +456,25 @@ async fn only_one_active_instance_per_unique_claim() {
     let db = TestSchema::new().await;
     up_all(&db.pool, &db.prefix).await;
 
-    let first = insert_instance(&db, "pending", Some("order::42")).await.unwrap();
-    let err = insert_instance(&db, "pending", Some("order::42")).await.unwrap_err();
+    let first = insert_instance(&db, "pending", Some("order::42"))
+        .await
+        .unwrap();
+    let err = insert_instance(&db, "pending", Some("order::42"))
+        .await
+        .unwrap_err();
     assert_eq!(
         sql_state(&err),
-        ("23505".to_owned(), "hephaestus_instances_active_claim_uidx".to_owned())
+        (
+            "23505".to_owned(),
+            "hephaestus_instances_active_claim_uidx".to_owned()
+        )
     );
     for active in ["running", "waiting"] {
-        assert!(insert_instance(&db, active, Some("order::42")).await.is_err());
+        assert!(
+            insert_instance(&db, active, Some("order::42"))
+                .await
+                .is_err()
+        );
     }
 
     // Finished instances are history: they do not hold the claim.
@@ -407,16 +487,26 @@ async fn only_one_active_instance_per_unique_claim() {
     .await
     .unwrap();
     for finished in ["completed", "failed", "cancelled"] {
-        insert_instance(&db, finished, Some("order::42")).await.unwrap();
+        insert_instance(&db, finished, Some("order::42"))
+            .await
+            .unwrap();
     }
-    insert_instance(&db, "pending", Some("order::42")).await.unwrap();
-    assert!(insert_instance(&db, "running", Some("order::42")).await.is_err());
+    insert_instance(&db, "pending", Some("order::42"))
+        .await
+        .unwrap();
+    assert!(
+        insert_instance(&db, "running", Some("order::42"))
+            .await
+            .is_err()
+    );
 
     // No claim (uniqueness scope none): any number of active instances.
     insert_instance(&db, "pending", None).await.unwrap();
     insert_instance(&db, "pending", None).await.unwrap();
     // Another claim is independent.
-    insert_instance(&db, "running", Some("order::43")).await.unwrap();
+    insert_instance(&db, "running", Some("order::43"))
+        .await
+        .unwrap();
     db.teardown().await;
 }
 
@@ -428,7 +518,10 @@ async fn check_constraints_reject_invalid_values() {
     let err = insert_instance(&db, "paused", None).await.unwrap_err();
     assert_eq!(
         sql_state(&err),
-        ("23514".to_owned(), "hephaestus_instances_status_check".to_owned())
+        (
+            "23514".to_owned(),
+            "hephaestus_instances_status_check".to_owned()
+        )
     );
     let err = sqlx::query(&format!(
         "insert into {} (id, business_id, workflow_id, workflow_version) values ($1, 'a::b', 'wf', 0)",
@@ -438,17 +531,32 @@ async fn check_constraints_reject_invalid_values() {
     .execute(&db.pool)
     .await
     .unwrap_err();
-    assert_eq!(sql_state(&err).1, "hephaestus_instances_workflow_version_check");
+    assert_eq!(
+        sql_state(&err).1,
+        "hephaestus_instances_workflow_version_check"
+    );
 
     let instance = insert_instance(&db, "running", None).await.unwrap();
-    let err = insert_result(&db, instance, "a", 0, "done").await.unwrap_err();
+    let err = insert_result(&db, instance, "a", 0, "done")
+        .await
+        .unwrap_err();
     assert_eq!(sql_state(&err).1, "hephaestus_step_results_kind_check");
-    let err = insert_result(&db, instance, "a", -1, "completed").await.unwrap_err();
-    assert_eq!(sql_state(&err).1, "hephaestus_step_results_activation_check");
-    let err = insert_result(&db, Uuid::now_v7(), "a", 0, "completed").await.unwrap_err();
+    let err = insert_result(&db, instance, "a", -1, "completed")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        sql_state(&err).1,
+        "hephaestus_step_results_activation_check"
+    );
+    let err = insert_result(&db, Uuid::now_v7(), "a", 0, "completed")
+        .await
+        .unwrap_err();
     assert_eq!(
         sql_state(&err),
-        ("23503".to_owned(), "hephaestus_step_results_instance_id_fkey".to_owned())
+        (
+            "23503".to_owned(),
+            "hephaestus_step_results_instance_id_fkey".to_owned()
+        )
     );
     db.teardown().await;
 }
@@ -459,17 +567,42 @@ async fn step_results_are_deduplicated_per_activation_and_kind() {
     up_all(&db.pool, &db.prefix).await;
     let instance = insert_instance(&db, "running", None).await.unwrap();
 
-    assert_eq!(insert_result(&db, instance, "charge", 0, "completed").await.unwrap(), 1);
     assert_eq!(
-        insert_result(&db, instance, "charge", 0, "completed").await.unwrap(),
+        insert_result(&db, instance, "charge", 0, "completed")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        insert_result(&db, instance, "charge", 0, "completed")
+            .await
+            .unwrap(),
         0,
         "a duplicate result for the same activation is ignored"
     );
     // Another kind, activation or step is a different row.
-    assert_eq!(insert_result(&db, instance, "charge", 0, "async").await.unwrap(), 1);
-    assert_eq!(insert_result(&db, instance, "charge", 1, "completed").await.unwrap(), 1);
-    assert_eq!(insert_result(&db, instance, "ship", 0, "completed").await.unwrap(), 1);
-    assert_eq!(insert_result(&db, instance, "", 0, "cancel").await.unwrap(), 1);
+    assert_eq!(
+        insert_result(&db, instance, "charge", 0, "async")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        insert_result(&db, instance, "charge", 1, "completed")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        insert_result(&db, instance, "ship", 0, "completed")
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        insert_result(&db, instance, "", 0, "cancel").await.unwrap(),
+        1
+    );
 
     // Without `on conflict` the unique index reports the duplicate.
     let err = sqlx::query(&format!(
@@ -482,7 +615,10 @@ async fn step_results_are_deduplicated_per_activation_and_kind() {
     .unwrap_err();
     assert_eq!(
         sql_state(&err),
-        ("23505".to_owned(), "hephaestus_step_results_activation_uidx".to_owned())
+        (
+            "23505".to_owned(),
+            "hephaestus_step_results_activation_uidx".to_owned()
+        )
     );
 
     // Arrival order is the identity sequence.
@@ -519,15 +655,22 @@ async fn deleting_an_instance_cascades_to_its_step_results() {
     let doomed = insert_instance(&db, "running", None).await.unwrap();
     let kept = insert_instance(&db, "running", None).await.unwrap();
     for instance in [doomed, kept] {
-        insert_result(&db, instance, "a", 0, "completed").await.unwrap();
-        insert_result(&db, instance, "b", 0, "completed").await.unwrap();
+        insert_result(&db, instance, "a", 0, "completed")
+            .await
+            .unwrap();
+        insert_result(&db, instance, "b", 0, "completed")
+            .await
+            .unwrap();
     }
 
-    sqlx::query(&format!("delete from {} where id = $1", db.table("hephaestus_instances")))
-        .bind(doomed)
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(&format!(
+        "delete from {} where id = $1",
+        db.table("hephaestus_instances")
+    ))
+    .bind(doomed)
+    .execute(&db.pool)
+    .await
+    .unwrap();
 
     let remaining: Vec<Uuid> = sqlx::query_scalar(&format!(
         "select instance_id from {} order by seq",
@@ -550,12 +693,22 @@ async fn committed_files_apply_with_the_sqlx_migrator_and_match_the_library() {
         .iter()
         .map(|c| c.versions().len())
         .sum::<usize>();
-    assert_eq!(migrator.iter().filter(|m| m.migration_type.is_up_migration()).count(), expected_count);
+    assert_eq!(
+        migrator
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .count(),
+        expected_count
+    );
 
     let db = TestDatabase::new().await;
     migrator.run(&db.pool).await.expect("sqlx migrator run");
     let applied = describe(&db.pool, "public").await;
-    assert_eq!(applied, full_catalog().await, "migrations/ and the library disagree");
+    assert_same_schema(
+        &applied,
+        &full_catalog().await,
+        "migrations/ applied by sqlx vs the library",
+    );
     let public = SchemaPrefix::default();
     for component in registry().components() {
         assert_eq!(
@@ -566,13 +719,66 @@ async fn committed_files_apply_with_the_sqlx_migrator_and_match_the_library() {
 
     // Running again is a no-op; reverting everything drops everything.
     migrator.run(&db.pool).await.expect("second run");
-    migrator.undo(&db.pool, 0).await.expect("sqlx migrator undo to 0");
+    migrator
+        .undo(&db.pool, 0)
+        .await
+        .expect("sqlx migrator undo to 0");
     let reverted = describe(&db.pool, "public").await;
     assert_eq!(reverted.tables, vec![VERSIONS_TABLE.to_owned()]);
     for component in registry().components() {
-        assert_eq!(recorded_version(&db.pool, &public, component.name()).await, 0);
+        assert_eq!(
+            recorded_version(&db.pool, &public, component.name()).await,
+            0
+        );
     }
     migrator.run(&db.pool).await.expect("run after undo");
-    assert_eq!(describe(&db.pool, "public").await, applied);
+    assert_same_schema(
+        &describe(&db.pool, "public").await,
+        &applied,
+        "sqlx run after undo",
+    );
+    db.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrators_of_one_schema_serialize() {
+    // Without the scripts' advisory lock, concurrent `create table if not exists` of the
+    // same table can fail with a unique violation in the catalog.
+    let db = TestSchema::new().await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(db.pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let prefix = SchemaPrefix::new(&format!("{}_race", db.prefix)).unwrap();
+    let scripts: Vec<String> = registry()
+        .components()
+        .iter()
+        .map(|c| render_up(c, &prefix, 0, c.latest()).unwrap().to_sql())
+        .collect();
+    let script = scripts.concat();
+    let migrators: Vec<_> = (0..4)
+        .map(|_| {
+            let (pool, script) = (pool.clone(), script.clone());
+            // One simple-protocol query: PostgreSQL runs it as one implicit transaction.
+            tokio::spawn(async move { sqlx::raw_sql(&script).execute(&pool).await })
+        })
+        .collect();
+    for migrator in migrators {
+        migrator
+            .await
+            .expect("migrator task")
+            .expect("a concurrent migrator failed");
+    }
+    assert_same_schema(
+        &describe(&pool, prefix.as_str()).await,
+        &full_catalog().await,
+        "after concurrent migrators",
+    );
+    sqlx::raw_sql(&format!("drop schema {} cascade", prefix.quoted()))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
     db.teardown().await;
 }

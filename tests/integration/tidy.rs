@@ -5,6 +5,7 @@
 //! a user can embed it anywhere and the backends stay swappable.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::process::Command;
 
 use crate::support::repo_root;
@@ -100,13 +101,25 @@ fn engine_core_has_no_database_or_async_runtime_dependency() {
     );
     for (name, reason) in &found {
         let path = cargo()
-            .args(["tree", "-p", ENGINE_CORE, "-e", "normal", "--target", "all", "-i", name])
+            .args([
+                "tree",
+                "-p",
+                ENGINE_CORE,
+                "-e",
+                "normal",
+                "--target",
+                "all",
+                "-i",
+                name,
+            ])
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
             .unwrap_or_default();
-        message.push_str(&format!(
+        // Writing to a String cannot fail.
+        let _ = write!(
+            message,
             "\n- {name}: forbidden because it is {reason}. Dependency path (cargo tree -i {name}):\n{path}"
-        ));
+        );
     }
     message.push_str(
         "\nMove the I/O into a backend crate (storage-pg, queue-pg, runner) or make it a dev-dependency.",
@@ -131,7 +144,14 @@ serde v1.0.200 (*)
     let names: Vec<&str> = found.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["mio", "postgres-types", "smol", "sqlx-core", "tokio", "tokio-macros"]
+        [
+            "mio",
+            "postgres-types",
+            "smol",
+            "sqlx-core",
+            "tokio",
+            "tokio-macros"
+        ]
     );
     assert_eq!(found["tokio"], "an async runtime (tokio-postgres included)");
     assert_eq!(found["sqlx-core"], "a database toolkit");

@@ -39,16 +39,21 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
             );
             return Ok(ExitCode::SUCCESS);
         }
+        let regenerate = if prefix.as_str() == SchemaPrefix::DEFAULT {
+            "cargo xtask gen-migration".to_owned()
+        } else {
+            format!("cargo xtask gen-migration --prefix {prefix}")
+        };
         eprintln!(
-            "gen-migration --check: {} is out of date:\n{}\nrun `cargo xtask gen-migration{}` and commit the result (never edit a released migration: add a new version)",
+            "gen-migration --check: {} is out of date:\n{}\nrun `{regenerate}` and commit the result.",
             out.display(),
             status.describe(),
-            if prefix.as_str() == SchemaPrefix::DEFAULT {
-                String::new()
-            } else {
-                format!(" --prefix {prefix}")
-            }
         );
+        if !status.stale.is_empty() {
+            eprintln!(
+                "A stale file means the definition of a generated migration changed. Released migrations are append-only: restore the definition and add a new version instead (a file that was never released may be deleted and regenerated)."
+            );
+        }
         return Ok(ExitCode::FAILURE);
     }
 

@@ -139,7 +139,17 @@ fn psql(user: &str, sql: &str) -> Command {
     let mut command = Command::new("psql");
     command
         .args(["-h", HOST, "-p", PORT, "-U", user, "-d", "postgres"])
-        .args(["-w", "-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .args([
+            "-w",
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-c",
+            sql,
+        ])
         .stdin(Stdio::null());
     command
 }

@@ -150,7 +150,9 @@ fn check_template(template: &str) -> Result<(), String> {
         return Err("empty statement".to_owned());
     }
     if trimmed.ends_with(';') {
-        return Err(format!("statement ends with ';' (the renderer adds it): {trimmed}"));
+        return Err(format!(
+            "statement ends with ';' (the renderer adds it): {trimmed}"
+        ));
     }
     if template.replace(PREFIX_PLACEHOLDER, "").contains("{prefix") {
         return Err(format!("malformed {{prefix}} placeholder in: {trimmed}"));
@@ -194,9 +196,40 @@ mod tests {
         }
     }
 
+    static VERSIONS: [SchemaVersion; 2] = [version(1, 10), version(2, 20)];
+    static ONE: [SchemaVersion; 1] = [version(1, 10)];
+    static GAP: [SchemaVersion; 2] = [version(1, 10), version(3, 20)];
+    static SAME: [SchemaVersion; 2] = [version(1, 10), version(2, 10)];
+    static ZERO: [SchemaVersion; 1] = [version(1, 0)];
+    static SEMI: [SchemaVersion; 1] = [SchemaVersion {
+        up: &["create table if not exists {prefix}.t (id int);"],
+        ..version(1, 1)
+    }];
+    static PLACEHOLDER: [SchemaVersion; 1] = [SchemaVersion {
+        up: &["create table if not exists {prefix_x}.t (id int)"],
+        ..version(1, 1)
+    }];
+    static CONCURRENT: [SchemaVersion; 1] = [SchemaVersion {
+        up: &["create index concurrently if not exists i on {prefix}.t (id)"],
+        ..version(1, 1)
+    }];
+    static TX: [SchemaVersion; 1] = [SchemaVersion {
+        down: Down::Statements(&["commit"]),
+        ..version(1, 1)
+    }];
+    static NEWLINE: [SchemaVersion; 1] = [SchemaVersion {
+        description: "two\nlines",
+        ..version(1, 1)
+    }];
+    static QUOTE: [SchemaVersion; 1] = [SchemaVersion {
+        down: Down::Irreversible {
+            reason: "it's lossy",
+        },
+        ..version(1, 1)
+    }];
+
     #[test]
     fn accepts_a_well_formed_component() {
-        static VERSIONS: [SchemaVersion; 2] = [version(1, 10), version(2, 20)];
         let c = Component::new("queue", &VERSIONS).unwrap();
         assert_eq!(c.name(), "queue");
         assert_eq!(c.latest(), 2);
@@ -207,48 +240,20 @@ mod tests {
 
     #[test]
     fn rejects_bad_names_numbering_and_sqlx_versions() {
-        static ONE: [SchemaVersion; 1] = [version(1, 10)];
         assert!(problem(Component::new("Bad", &ONE)).contains("name"));
         assert!(problem(Component::new("empty", &[])).contains("no versions"));
-        static GAP: [SchemaVersion; 2] = [version(1, 10), version(3, 20)];
         assert!(problem(Component::new("c", &GAP)).contains("numbered 3"));
-        static SAME: [SchemaVersion; 2] = [version(1, 10), version(2, 10)];
         assert!(problem(Component::new("c", &SAME)).contains("not greater"));
-        static ZERO: [SchemaVersion; 1] = [version(1, 0)];
         assert!(problem(Component::new("c", &ZERO)).contains("not greater"));
     }
 
     #[test]
     fn rejects_unsafe_templates_and_texts() {
-        static SEMI: [SchemaVersion; 1] = [SchemaVersion {
-            up: &["create table if not exists {prefix}.t (id int);"],
-            ..version(1, 1)
-        }];
         assert!(problem(Component::new("c", &SEMI)).contains("ends with ';'"));
-        static PLACEHOLDER: [SchemaVersion; 1] = [SchemaVersion {
-            up: &["create table if not exists {prefix_x}.t (id int)"],
-            ..version(1, 1)
-        }];
         assert!(problem(Component::new("c", &PLACEHOLDER)).contains("placeholder"));
-        static CONCURRENT: [SchemaVersion; 1] = [SchemaVersion {
-            up: &["create index concurrently if not exists i on {prefix}.t (id)"],
-            ..version(1, 1)
-        }];
         assert!(problem(Component::new("c", &CONCURRENT)).contains("concurrently"));
-        static TX: [SchemaVersion; 1] = [SchemaVersion {
-            down: Down::Statements(&["commit"]),
-            ..version(1, 1)
-        }];
         assert!(problem(Component::new("c", &TX)).contains("transaction control"));
-        static NEWLINE: [SchemaVersion; 1] = [SchemaVersion {
-            description: "two\nlines",
-            ..version(1, 1)
-        }];
         assert!(problem(Component::new("c", &NEWLINE)).contains("forbidden character"));
-        static QUOTE: [SchemaVersion; 1] = [SchemaVersion {
-            down: Down::Irreversible { reason: "it's lossy" },
-            ..version(1, 1)
-        }];
         assert!(problem(Component::new("c", &QUOTE)).contains("forbidden character"));
     }
 }

@@ -19,7 +19,9 @@ impl PrefixRule {
         match self {
             Self::Pattern => "",
             Self::TooLong => " and be at most 63 bytes long",
-            Self::Reserved => " and must not start with pg_ (reserved for PostgreSQL system schemas)",
+            Self::Reserved => {
+                " and must not start with pg_ (reserved for PostgreSQL system schemas)"
+            }
         }
     }
 }
@@ -38,7 +40,9 @@ pub enum Error {
     },
 
     /// A requested version does not exist for the component.
-    #[error("unknown version {version} of component \"{component}\" (known versions: 0..={latest})")]
+    #[error(
+        "unknown version {version} of component \"{component}\" (known versions: 0..={latest})"
+    )]
     UnknownVersion {
         /// Component name.
         component: String,

@@ -29,7 +29,10 @@ pub struct MigrationFile {
 /// Version `N`'s up file is `render_up(N - 1, N)`; its down file is `render_down(N, N - 1)`,
 /// or, for an irreversible version, a statement that raises an exception. Output depends
 /// only on the definitions and the prefix.
-pub fn render_files(registry: &Registry, prefix: &SchemaPrefix) -> Result<Vec<MigrationFile>, Error> {
+pub fn render_files(
+    registry: &Registry,
+    prefix: &SchemaPrefix,
+) -> Result<Vec<MigrationFile>, Error> {
     let mut files = Vec::new();
     for component in registry.components() {
         for version in component.versions() {
@@ -91,8 +94,16 @@ impl DirStatus {
     pub fn describe(&self) -> String {
         let mut lines = Vec::new();
         lines.extend(self.missing.iter().map(|f| format!("missing: {f}")));
-        lines.extend(self.stale.iter().map(|f| format!("stale (content differs): {f}")));
-        lines.extend(self.extra.iter().map(|f| format!("extra (not generated): {f}")));
+        lines.extend(
+            self.stale
+                .iter()
+                .map(|f| format!("stale (content differs): {f}")),
+        );
+        lines.extend(
+            self.extra
+                .iter()
+                .map(|f| format!("extra (not generated): {f}")),
+        );
         lines.join("\n")
     }
 }
@@ -185,7 +196,9 @@ fn is_hephaestus_migration(name: &str) -> bool {
     !version.is_empty()
         && version.bytes().all(|b| b.is_ascii_digit())
         && rest.starts_with("hephaestus_")
-        && rest.ends_with(".sql")
+        && Path::new(rest)
+            .extension()
+            .is_some_and(|ext| ext.eq_ignore_ascii_case("sql"))
 }
 
 #[cfg(test)]
@@ -225,9 +238,14 @@ mod tests {
         let a = render_files(&Registry::builtin(), &SchemaPrefix::default()).unwrap();
         let b = render_files(&Registry::builtin(), &SchemaPrefix::default()).unwrap();
         assert_eq!(a, b);
-        let other = render_files(&Registry::builtin(), &SchemaPrefix::new("tenant").unwrap()).unwrap();
+        let other =
+            render_files(&Registry::builtin(), &SchemaPrefix::new("tenant").unwrap()).unwrap();
         assert_ne!(a[0].contents, other[0].contents);
-        assert!(other[0].contents.contains("\"tenant\".hephaestus_instances"));
+        assert!(
+            other[0]
+                .contents
+                .contains("\"tenant\".hephaestus_instances")
+        );
         assert!(!other[0].contents.contains("\"public\""));
     }
 
@@ -284,7 +302,10 @@ mod tests {
         let status = check_dir(&dir, &files).unwrap();
         assert_eq!(status.stale, vec![files[0].name.clone()]);
         assert_eq!(status.missing, vec![files[1].name.clone()]);
-        assert_eq!(status.extra, vec!["20990101000000_hephaestus_gone_v1.up.sql".to_owned()]);
+        assert_eq!(
+            status.extra,
+            vec!["20990101000000_hephaestus_gone_v1.up.sql".to_owned()]
+        );
         let text = status.describe();
         assert!(text.contains("stale") && text.contains("missing") && text.contains("extra"));
 

@@ -163,10 +163,9 @@ mod tests {
                 ..
             }
         ));
-        assert!(
-            err.to_string()
-                .starts_with(&format!("invalid prefix \"{long}\" — must match ^[a-z_][a-z0-9_]*$"))
-        );
+        assert!(err.to_string().starts_with(&format!(
+            "invalid prefix \"{long}\" — must match ^[a-z_][a-z0-9_]*$"
+        )));
 
         for p in ["pg_catalog", "pg_temp", "pg_"] {
             let err = SchemaPrefix::new(p).unwrap_err();
@@ -184,6 +183,9 @@ mod tests {
     #[test]
     fn default_is_public() {
         assert_eq!(SchemaPrefix::default().as_str(), "public");
-        assert_eq!("public".parse::<SchemaPrefix>().unwrap(), SchemaPrefix::default());
+        assert_eq!(
+            "public".parse::<SchemaPrefix>().unwrap(),
+            SchemaPrefix::default()
+        );
     }
 }

@@ -56,8 +56,7 @@ impl Registry {
     /// The components shipped by this crate: `storage` (instances and step results).
     pub fn builtin() -> Self {
         // Cannot fail: the built-in definitions are checked by this crate's unit tests.
-        Self::new(vec![components::storage::component()])
-            .expect("the built-in registry is valid")
+        Self::new(vec![components::storage::component()]).expect("the built-in registry is valid")
     }
 
     /// All components, in dependency order.

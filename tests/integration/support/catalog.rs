@@ -1,5 +1,5 @@
-//! A comparable snapshot of what a schema contains: tables, columns, indexes, constraints
-//! and sequences, with the schema name removed so two schemas can be compared.
+//! A comparable snapshot of what a schema contains: tables, columns, indexes and
+//! constraints, with the schema name removed so two schemas can be compared.
 
 use sqlx::PgPool;
 
@@ -34,7 +34,6 @@ pub struct Catalog {
     pub columns: Vec<Column>,
     pub indexes: Vec<Index>,
     pub constraints: Vec<Constraint>,
-    pub sequences: Vec<String>,
 }
 
 impl Catalog {
@@ -54,6 +53,33 @@ impl Catalog {
             .iter()
             .find(|i| i.name == name)
             .unwrap_or_else(|| panic!("no index {name} in {:#?}", self.indexes))
+    }
+
+    /// The entries that differ between two catalogs, one per line (`-` only in `self`,
+    /// `+` only in `other`); empty when they are equal.
+    pub fn diff(&self, other: &Self) -> String {
+        fn side<T: PartialEq + std::fmt::Debug>(lines: &mut Vec<String>, ours: &[T], theirs: &[T]) {
+            lines.extend(
+                ours.iter()
+                    .filter(|x| !theirs.contains(x))
+                    .map(|x| format!("- {x:?}")),
+            );
+            lines.extend(
+                theirs
+                    .iter()
+                    .filter(|x| !ours.contains(x))
+                    .map(|x| format!("+ {x:?}")),
+            );
+        }
+        let mut lines = Vec::new();
+        side(&mut lines, &self.tables, &other.tables);
+        side(&mut lines, &self.columns, &other.columns);
+        side(&mut lines, &self.indexes, &other.indexes);
+        side(&mut lines, &self.constraints, &other.constraints);
+        if lines.is_empty() && self != other {
+            lines.push("same entries in a different order".to_owned());
+        }
+        lines.join("\n")
     }
 
     pub fn constraint(&self, name: &str) -> &Constraint {
@@ -98,14 +124,16 @@ pub async fn describe(pool: &PgPool, schema: &str) -> Catalog {
     .expect("list columns")
     .into_iter()
     .filter(|row| !ignored(&row.0))
-    .map(|(table, name, data_type, nullable, default, identity)| Column {
-        table,
-        name,
-        data_type,
-        nullable: nullable == "YES",
-        default: default.map(strip),
-        identity,
-    })
+    .map(
+        |(table, name, data_type, nullable, default, identity)| Column {
+            table,
+            name,
+            data_type,
+            nullable: nullable == "YES",
+            default: default.map(strip),
+            identity,
+        },
+    )
     .collect();
 
     let indexes = sqlx::query_as::<_, (String, String, String)>(
@@ -146,23 +174,10 @@ pub async fn describe(pool: &PgPool, schema: &str) -> Catalog {
     })
     .collect();
 
-    let sequences: Vec<String> = sqlx::query_scalar(
-        "select sequence_name::text from information_schema.sequences
-         where sequence_schema = $1 order by 1",
-    )
-    .bind(schema)
-    .fetch_all(pool)
-    .await
-    .expect("list sequences");
-
     Catalog {
         tables: tables.into_iter().filter(|t| !ignored(t)).collect(),
         columns,
         indexes,
         constraints,
-        sequences: sequences
-            .into_iter()
-            .filter(|s| !s.starts_with("_sqlx"))
-            .collect(),
     }
 }

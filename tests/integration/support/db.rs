@@ -75,7 +75,8 @@ impl TestSchema {
     pub async fn new() -> Self {
         let prefix = SchemaPrefix::new(&format!("t_{}", unique_suffix()))
             .expect("t_<hex> is a valid prefix");
-        let pool = pool(connect_options().options([("search_path", "hephaestus_no_such_schema")])).await;
+        let pool =
+            pool(connect_options().options([("search_path", "hephaestus_no_such_schema")])).await;
         sqlx::raw_sql(&format!("create schema {}", prefix.quoted()))
             .execute(&pool)
             .await
@@ -112,7 +113,9 @@ impl TestDatabase {
         sqlx::raw_sql(&format!("create database {name}"))
             .execute(&admin)
             .await
-            .unwrap_or_else(|e| panic!("create database {name} (the test user needs CREATEDB): {e}"));
+            .unwrap_or_else(|e| {
+                panic!("create database {name} (the test user needs CREATEDB): {e}")
+            });
         admin.close().await;
         let pool = pool(connect_options().database(&name)).await;
         Self { pool, name }
@@ -157,7 +160,13 @@ mod container {
         let child = Command::new("docker")
             .args(["run", "--rm", "-i", "--name", &name])
             .args(["--label", "hephaestus-tests=1", "-p", "127.0.0.1::5432"])
-            .args(["-e", "POSTGRES_HOST_AUTH_METHOD=trust", "--entrypoint", "sh", IMAGE])
+            .args([
+                "-e",
+                "POSTGRES_HOST_AUTH_METHOD=trust",
+                "--entrypoint",
+                "sh",
+                IMAGE,
+            ])
             .args([
                 "-c",
                 "docker-entrypoint.sh postgres & pid=$!; cat >/dev/null; kill -INT $pid; wait $pid",
@@ -167,7 +176,9 @@ mod container {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run `docker`: {e}"));
-        *CHILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
+        *CHILD
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(child);
 
         let deadline = Instant::now() + STARTUP_LIMIT;
         let port = loop {
@@ -184,7 +195,15 @@ mod container {
         // initializes; TCP answers once the real server is up.
         loop {
             let ready = Command::new("docker")
-                .args(["exec", &name, "pg_isready", "-h", "127.0.0.1", "-U", "postgres"])
+                .args([
+                    "exec",
+                    &name,
+                    "pg_isready",
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "postgres",
+                ])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .status()
