@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use hephaestus_engine_core::prelude::*;
-use hephaestus_engine_core::steps::{Done, FnStep, Wait, WaitForEvent, WAIT_FOR_EVENT_ID};
+use hephaestus_engine_core::steps::{Done, FnStep, WAIT_FOR_EVENT_ID, Wait, WaitForEvent};
 use hephaestus_engine_core::{CancellationSignal, IdempotencyKey, Pick};
 use serde_json::json;
 use uuid::Uuid;
@@ -30,7 +30,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     });
     let charge = FnStep::new("orders::ChargeCard", ["charged"], |input| {
-        StepOutcome::complete_with("charged", json!({"payment_id": format!("pay-{}", input.idempotency_key)}))
+        StepOutcome::complete_with(
+            "charged",
+            json!({"payment_id": format!("pay-{}", input.idempotency_key)}),
+        )
     });
     let reserve = FnStep::new("orders::ReserveStock", ["reserved"], |_| {
         StepOutcome::complete_with("reserved", json!({"warehouse": "lisbon"}))
@@ -39,31 +42,71 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let heavy = input.context.initial["weight_kg"].as_u64().unwrap_or(0) > 20;
         StepOutcome::complete_with("packed", json!({"heavy": heavy}))
     });
-    let freight = FnStep::new("orders::Freight", ["booked"], |_| StepOutcome::complete("booked"));
-    let courier = FnStep::new("orders::Courier", ["booked"], |_| StepOutcome::complete("booked"));
-    let reject = FnStep::new("orders::Reject", ["done"], |_| StepOutcome::complete("done"));
+    let freight = FnStep::new("orders::Freight", ["booked"], |_| {
+        StepOutcome::complete("booked")
+    });
+    let courier = FnStep::new("orders::Courier", ["booked"], |_| {
+        StepOutcome::complete("booked")
+    });
+    let reject = FnStep::new("orders::Reject", ["done"], |_| {
+        StepOutcome::complete("done")
+    });
 
     let workflow = Workflow::builder("orders::Checkout")
         .unique("order", Scope::Workflow)
         .start(validate.clone())
-        .fan_out(validate.clone(), "valid", [target(charge.clone()), target(reserve.clone())])
+        .fan_out(
+            validate.clone(),
+            "valid",
+            [target(charge.clone()), target(reserve.clone())],
+        )
         .on(validate, "invalid", reject.clone())
         .on(reject, "done", Done)
         .on(charge, "charged", pack.clone())
         .on(reserve, "reserved", pack.clone())
-        .route(pack, "packed", [target(freight.clone()), target(courier.clone())], |ctx| {
-            let heavy = ctx.step("pack").and_then(|o| o["heavy"].as_bool()).unwrap_or(false);
-            vec![Pick::step(if heavy { "orders::Freight" } else { "orders::Courier" })]
-        })
-        .on_with(freight, "booked", WaitForEvent, json!({"timeout_ms": 86_400_000}))
-        .on_with(courier, "booked", WaitForEvent, json!({"timeout_ms": 86_400_000}))
+        .route(
+            pack,
+            "packed",
+            [target(freight.clone()), target(courier.clone())],
+            |ctx| {
+                let heavy = ctx
+                    .step("pack")
+                    .and_then(|o| o["heavy"].as_bool())
+                    .unwrap_or(false);
+                vec![Pick::step(if heavy {
+                    "orders::Freight"
+                } else {
+                    "orders::Courier"
+                })]
+            },
+        )
+        .on_with(
+            freight,
+            "booked",
+            WaitForEvent,
+            json!({"timeout_ms": 86_400_000}),
+        )
+        .on_with(
+            courier,
+            "booked",
+            WaitForEvent,
+            json!({"timeout_ms": 86_400_000}),
+        )
         .on(WaitForEvent, "received", Done)
-        .on_with(WaitForEvent, "timeout", Wait, json!({"duration": 1, "unit": "hour"}))
+        .on_with(
+            WaitForEvent,
+            "timeout",
+            Wait,
+            json!({"duration": 1, "unit": "hour"}),
+        )
         .on(Wait, "timeout", Done)
         .build()?;
 
     let engine = Engine::new(&workflow);
-    let mut now = Utc.with_ymd_and_hms(2026, 11, 26, 9, 0, 0).single().ok_or("bad date")?;
+    let mut now = Utc
+        .with_ymd_and_hms(2026, 11, 26, 9, 0, 0)
+        .single()
+        .ok_or("bad date")?;
     let mut instance = engine.new_instance(NewInstance {
         id: Uuid::now_v7(),
         business_id: BusinessId::parse("order::1001")?,
@@ -75,21 +118,37 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let mut queue: Vec<(StepId, u32)> = Vec::new();
     let mut timers: Vec<(StepId, u32, chrono::DateTime<Utc>, Event)> = Vec::new();
-    let mut apply = |instance: &mut Instance, input: Input, now, queue: &mut Vec<(StepId, u32)>, timers: &mut Vec<_>| {
-        let applied = engine.apply(instance, input, now).expect("inputs of this demo are valid");
+    let apply = |instance: &mut Instance,
+                 input: Input,
+                 now,
+                 queue: &mut Vec<(StepId, u32)>,
+                 timers: &mut Vec<_>| {
+        let applied = engine
+            .apply(instance, input, now)
+            .expect("inputs of this demo are valid");
         for effect in applied.effects {
             match effect {
                 Effect::Execute { step, activation } => queue.push((step, activation)),
-                Effect::ScheduleTimer { step, activation, fire_at, event } => {
+                Effect::ScheduleTimer {
+                    step,
+                    activation,
+                    fire_at,
+                    event,
+                } => {
                     println!("  timer for {step} at {fire_at}");
                     timers.push((step, activation, fire_at, event));
                 }
-                Effect::CancelTimer { step, activation } => timers.retain(|t| !(t.0 == step && t.1 == activation)),
+                Effect::CancelTimer { step, activation } => {
+                    timers.retain(|t| !(t.0 == step && t.1 == activation));
+                }
                 Effect::CancelJobs => {
                     queue.clear();
                     timers.clear();
                 }
-                Effect::Emit(event) => println!("  event: {}", serde_json::to_string(&event).unwrap_or_default()),
+                Effect::Emit(event) => println!(
+                    "  event: {}",
+                    serde_json::to_string(&event).unwrap_or_default()
+                ),
             }
         }
     };
@@ -106,7 +165,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 business_id: instance.business_id.as_str(),
                 activation,
                 attempt: 1,
-                idempotency_key: IdempotencyKey { instance_id: instance.id, step: step.clone(), activation },
+                idempotency_key: IdempotencyKey {
+                    instance_id: instance.id,
+                    step: step.clone(),
+                    activation,
+                },
                 cancellation: CancellationSignal::new(),
             };
             let outcome = block_on(def.step.execute(input));
@@ -124,7 +187,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let (step, activation, fire_at, event) = timers.remove(0);
             now = fire_at;
             println!("clock -> {now}: timer fires for {step}");
-            apply(&mut instance, Input::TimerFired { step, activation, event }, now, &mut queue, &mut timers);
+            apply(
+                &mut instance,
+                Input::TimerFired {
+                    step,
+                    activation,
+                    event,
+                },
+                now,
+                &mut queue,
+                &mut timers,
+            );
         } else {
             resumed = true;
             now += chrono::Duration::from_std(Duration::from_secs(7200))?;
@@ -143,7 +216,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    println!("final context: {}", serde_json::to_string_pretty(&instance.context)?);
+    println!(
+        "final context: {}",
+        serde_json::to_string_pretty(&instance.context)?
+    );
     println!("history: {} entries", instance.history.len());
     Ok(())
 }

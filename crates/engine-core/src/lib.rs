@@ -70,6 +70,11 @@ pub mod workflow;
 #[cfg(test)]
 pub(crate) mod test_support;
 
+/// The README's example, compiled as a doc test so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeExample;
+
 pub use step_key::underscore;
 
 pub use business_id::{

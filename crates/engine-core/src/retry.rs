@@ -243,13 +243,13 @@ mod tests {
         // sample % 401 − 200 is the factor in per-mille.
         assert_eq!(p.delay(1, 0), Duration::from_millis(800));
         assert_eq!(p.delay(1, 400), Duration::from_millis(1200));
-        assert_eq!(p.delay(1, 200), Duration::from_millis(1000));
+        assert_eq!(p.delay(1, 200), Duration::from_secs(1));
         assert_eq!(p.delay(1, 401), Duration::from_millis(800));
         // Clamped to max_backoff even with positive jitter.
         let capped = policy(Backoff::Constant, 1000, 1000)
             .with_jitter_per_mille(500)
             .unwrap();
-        assert_eq!(capped.delay(1, 1000), Duration::from_millis(1000));
+        assert_eq!(capped.delay(1, 1000), Duration::from_secs(1));
     }
 
     proptest! {

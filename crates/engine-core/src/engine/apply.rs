@@ -109,7 +109,7 @@ impl<'a> Run<'a> {
                 activation,
                 error,
                 attempts,
-            } => self.failed(step, activation, error, attempts),
+            } => self.failed(step.as_ref(), activation, error, attempts),
             Input::Cancel { reason } => self.cancel(reason)?,
         };
         if matches!(disposition, Disposition::Applied | Disposition::Deferred) {
@@ -142,7 +142,9 @@ impl<'a> Run<'a> {
         self.inst
             .status
             .is_terminal()
-            .then(|| Disposition::Ignored(Ignored::InstanceFinished(self.inst.status)))
+            .then_some(Disposition::Ignored(Ignored::InstanceFinished(
+                self.inst.status,
+            )))
     }
 
     fn start(&mut self) -> Disposition {
@@ -574,12 +576,12 @@ impl<'a> Run<'a> {
 
     fn failed(
         &mut self,
-        step: Option<StepId>,
+        step: Option<&StepId>,
         activation: u32,
         error: StepError,
         attempts: Vec<AttemptRecord>,
     ) -> Disposition {
-        if let Some(step) = &step
+        if let Some(step) = step
             && let Some(d) =
                 self.stale(step, activation, &[StepStatus::Active, StepStatus::Waiting])
         {
@@ -588,7 +590,7 @@ impl<'a> Run<'a> {
         if let Some(d) = self.finished() {
             return d;
         }
-        self.fail(step.as_ref(), activation, error, attempts);
+        self.fail(step, activation, error, attempts);
         Disposition::Applied
     }
 

@@ -418,7 +418,7 @@ impl<'a> Engine<'a> {
         apply::check_resume(self.workflow, instance, step, event)
     }
 
-    fn check_instance(&self, instance: &Instance) -> Result<(), EngineError> {
+    fn check_instance(self, instance: &Instance) -> Result<(), EngineError> {
         let wf = self.workflow;
         if instance.workflow_id != *wf.id() || instance.workflow_version != wf.version() {
             return Err(EngineError::WorkflowMismatch {
@@ -442,6 +442,6 @@ impl<'a> Engine<'a> {
 }
 
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod tests;

@@ -27,7 +27,10 @@ struct Clause {
 #[derive(Debug, Clone, Copy)]
 enum Mode {
     Complete,
-    Async { via_timer: bool, never_resumed: bool },
+    Async {
+        via_timer: bool,
+        never_resumed: bool,
+    },
     Fail,
 }
 
@@ -54,7 +57,11 @@ fn shape() -> impl Strategy<Value = Vec<Vec<Clause>>> {
                     prop::bool::weighted(0.3),
                     0usize..100,
                 )
-                    .prop_map(|(targets, dynamic, seed)| Clause { targets, dynamic, seed });
+                    .prop_map(|(targets, dynamic, seed)| Clause {
+                        targets,
+                        dynamic,
+                        seed,
+                    });
                 prop::collection::vec(clause, 1..=3).prop_map(move |mut clauses| {
                     clauses[0].targets.insert(i + 1);
                     clauses
@@ -72,8 +79,11 @@ fn behavior() -> impl Strategy<Value = Behavior> {
             .prop_map(|(via_timer, never_resumed)| Mode::Async { via_timer, never_resumed }),
         1 => Just(Mode::Fail),
     ];
-    (0usize..3, mode, prop::bool::weighted(0.2))
-        .prop_map(|(event, mode, duplicate)| Behavior { event, mode, duplicate })
+    (0usize..3, mode, prop::bool::weighted(0.2)).prop_map(|(event, mode, duplicate)| Behavior {
+        event,
+        mode,
+        duplicate,
+    })
 }
 
 fn build(shape: &[Vec<Clause>]) -> Workflow {
@@ -87,12 +97,22 @@ fn build(shape: &[Vec<Clause>]) -> Workflow {
     };
     // Execution is scripted by the driver, not by these closures.
     let steps: Vec<FnStep> = (0..n)
-        .map(|i| FnStep::new(&name(i), events(i), |_| StepOutcome::fatal("scripted by the driver")))
+        .map(|i| {
+            FnStep::new(&name(i), events(i), |_| {
+                StepOutcome::fatal("scripted by the driver")
+            })
+        })
         .collect();
-    let mut b = Workflow::builder("random").unique("r", Scope::None).start(steps[0].clone());
+    let mut b = Workflow::builder("random")
+        .unique("r", Scope::None)
+        .start(steps[0].clone());
     for (i, clauses) in shape.iter().enumerate() {
         for (k, c) in clauses.iter().enumerate() {
-            let targets: Vec<_> = c.targets.iter().map(|t| target(steps[*t].clone())).collect();
+            let targets: Vec<_> = c
+                .targets
+                .iter()
+                .map(|t| target(steps[*t].clone()))
+                .collect();
             let event = format!("e{k}");
             if c.dynamic {
                 let declared: Vec<usize> = c.targets.iter().copied().collect();
@@ -110,7 +130,9 @@ fn build(shape: &[Vec<Clause>]) -> Workflow {
             }
         }
     }
-    b.on(steps[n - 1].clone(), "done", Done).build().expect("generated shapes are valid")
+    b.on(steps[n - 1].clone(), "done", Done)
+        .build()
+        .expect("generated shapes are valid")
 }
 
 #[derive(Debug)]
@@ -153,7 +175,9 @@ fn drive(shape: &[Vec<Clause>], behaviors: &[Behavior], choices: &[usize]) -> Ru
     let record = |applied: &Applied, work: &mut Vec<Work>, run: &mut Run| {
         for e in &applied.effects {
             if let Effect::Execute { step, activation } = e {
-                *run.execute_effects.entry((step.clone(), *activation)).or_default() += 1;
+                *run.execute_effects
+                    .entry((step.clone(), *activation))
+                    .or_default() += 1;
                 work.push(Work::Execute(step.clone(), *activation));
             }
             if e == &Effect::CancelJobs {
@@ -165,16 +189,28 @@ fn drive(shape: &[Vec<Clause>], behaviors: &[Behavior], choices: &[usize]) -> Ru
     record(&applied, &mut work, &mut run);
     let mut tick = 0usize;
     while !work.is_empty() {
-        let pick = choices.get(tick % choices.len().max(1)).copied().unwrap_or(0) % work.len();
+        let pick = choices
+            .get(tick % choices.len().max(1))
+            .copied()
+            .unwrap_or(0)
+            % work.len();
         tick += 1;
         assert!(tick < 10_000, "the run does not terminate");
         match work.swap_remove(pick) {
             Work::Execute(step, activation) => {
                 *run.executed.entry((step.clone(), activation)).or_default() += 1;
-                let idx: usize = step.as_str().strip_prefix('s').and_then(|s| s.parse().ok()).unwrap_or(usize::MAX);
+                let idx: usize = step
+                    .as_str()
+                    .strip_prefix('s')
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(usize::MAX);
                 let declared = &wf.step(step.as_str()).unwrap().events;
                 let behavior = if step.as_str() == DONE_ID {
-                    Behavior { event: 0, mode: Mode::Complete, duplicate: false }
+                    Behavior {
+                        event: 0,
+                        mode: Mode::Complete,
+                        duplicate: false,
+                    }
                 } else {
                     behaviors[idx % behaviors.len()]
                 };
@@ -186,11 +222,19 @@ fn drive(shape: &[Vec<Clause>], behaviors: &[Behavior], choices: &[usize]) -> Ru
                         completion: crate::step::Completion::new(event.as_str())
                             .with_output(json!({"by": step.as_str()})),
                     },
-                    Mode::Async { via_timer, never_resumed } => {
+                    Mode::Async {
+                        via_timer,
+                        never_resumed,
+                    } => {
                         if never_resumed {
                             run.never_resumed = true;
                         } else {
-                            work.push(Work::Resume(step.clone(), activation, event.clone(), via_timer));
+                            work.push(Work::Resume(
+                                step.clone(),
+                                activation,
+                                event.clone(),
+                                via_timer,
+                            ));
                         }
                         Input::Async {
                             step: step.clone(),
@@ -221,9 +265,18 @@ fn drive(shape: &[Vec<Clause>], behaviors: &[Behavior], choices: &[usize]) -> Ru
             }
             Work::Resume(step, activation, event, via_timer) => {
                 let input = if via_timer {
-                    Input::TimerFired { step, activation, event }
+                    Input::TimerFired {
+                        step,
+                        activation,
+                        event,
+                    }
                 } else {
-                    Input::Resume { step, activation: Some(activation), event, payload: json!({}) }
+                    Input::Resume {
+                        step,
+                        activation: Some(activation),
+                        event,
+                        payload: json!({}),
+                    }
                 };
                 match engine.apply(&mut inst, input, t0()) {
                     Ok(applied) => record(&applied, &mut work, &mut run),
@@ -234,7 +287,10 @@ fn drive(shape: &[Vec<Clause>], behaviors: &[Behavior], choices: &[usize]) -> Ru
             Work::Duplicate(input) => {
                 let before = inst.clone();
                 let applied = engine.apply(&mut inst, input, t0()).unwrap();
-                assert!(matches!(applied.disposition, Disposition::Ignored(_)), "{applied:?}");
+                assert!(
+                    matches!(applied.disposition, Disposition::Ignored(_)),
+                    "{applied:?}"
+                );
                 assert!(applied.effects.is_empty());
                 assert_eq!(inst, before, "a duplicate changed the instance");
             }

@@ -71,15 +71,20 @@ impl Driver {
         let applied = Engine::new(&self.wf).apply(&mut self.inst, input, self.now)?;
         for e in &applied.effects {
             match e {
-                Effect::Execute { step, activation } => self.queue.push((step.clone(), *activation)),
+                Effect::Execute { step, activation } => {
+                    self.queue.push((step.clone(), *activation));
+                }
                 Effect::ScheduleTimer {
                     step,
                     activation,
                     fire_at,
                     event,
-                } => self.timers.push((step.clone(), *activation, *fire_at, event.clone())),
+                } => self
+                    .timers
+                    .push((step.clone(), *activation, *fire_at, event.clone())),
                 Effect::CancelTimer { step, activation } => {
-                    self.timers.retain(|(s, a, _, _)| !(s == step && a == activation));
+                    self.timers
+                        .retain(|(s, a, _, _)| !(s == step && a == activation));
                 }
                 Effect::CancelJobs => {
                     self.queue.clear();
@@ -116,7 +121,8 @@ impl Driver {
     pub fn run(&mut self) {
         while !self.queue.is_empty() {
             let batch = std::mem::take(&mut self.queue);
-            self.batches.push(batch.iter().map(|(s, _)| s.clone()).collect());
+            self.batches
+                .push(batch.iter().map(|(s, _)| s.clone()).collect());
             let outcomes: Vec<_> = batch
                 .iter()
                 .map(|(s, a)| (s.clone(), *a, self.execute(s, *a)))
@@ -135,12 +141,17 @@ impl Driver {
     }
 
     pub fn runs_of(&self, step: &str) -> usize {
-        self.executed.iter().filter(|(s, _)| s.as_str() == step).count()
+        self.executed
+            .iter()
+            .filter(|(s, _)| s.as_str() == step)
+            .count()
     }
 }
 
 fn step(id: &str, event: &'static str, output: Value) -> FnStep {
-    FnStep::new(id, [event], move |_| StepOutcome::complete_with(event, output.clone()))
+    FnStep::new(id, [event], move |_| {
+        StepOutcome::complete_with(event, output.clone())
+    })
 }
 
 fn wf() -> crate::workflow::WorkflowBuilder {
@@ -176,7 +187,10 @@ fn reference_trace_linear() {
     assert_eq!(kinds.first(), Some(&&HistoryKind::Started));
     assert_eq!(kinds.last(), Some(&&HistoryKind::Finished));
     assert_eq!(
-        kinds.iter().filter(|k| matches!(k, HistoryKind::Completed { .. })).count(),
+        kinds
+            .iter()
+            .filter(|k| matches!(k, HistoryKind::Completed { .. }))
+            .count(),
         3
     );
 }
@@ -241,7 +255,11 @@ fn reference_trace_async_then_resumed() {
     assert_eq!(d.inst.status, InstanceStatus::Completed);
     assert_eq!(d.status("AsyncStep"), Some(StepStatus::Completed));
     assert_eq!(d.inst.context.steps["async_step"], json!({"ok": 1}));
-    assert_eq!(d.runs_of(DONE_ID), 1, "Done runs once although both events lead to it");
+    assert_eq!(
+        d.runs_of(DONE_ID),
+        1,
+        "Done runs once although both events lead to it"
+    );
 }
 
 fn branching(choice: &'static str) -> Workflow {
@@ -265,7 +283,11 @@ fn exclusive_branch_join_runs_exactly_once_g1() {
         let mut d = Driver::new(branching(choice), json!({}));
         d.run();
         assert_eq!(d.inst.status, InstanceStatus::Completed, "{choice}");
-        assert_eq!(d.runs_of("D"), 1, "{choice}: the join after exclusive branches runs once");
+        assert_eq!(
+            d.runs_of("D"),
+            1,
+            "{choice}: the join after exclusive branches runs once"
+        );
         assert_eq!(d.runs_of(DONE_ID), 1);
         assert_eq!(d.runs_of(taken), 1);
         assert_eq!(d.runs_of(dead), 0);
@@ -307,7 +329,11 @@ fn fan_out_fan_in_waits_for_every_branch() {
     let join = step("Join", "done", json!({}));
     let workflow = wf()
         .start(start.clone())
-        .fan_out(start, "done", [target(a.clone()), target(b.clone()), target(c.clone())])
+        .fan_out(
+            start,
+            "done",
+            [target(a.clone()), target(b.clone()), target(c.clone())],
+        )
         .on(a, "done", join.clone())
         .on(b, "done", join.clone())
         .on(c, "done", join.clone())
@@ -319,14 +345,21 @@ fn fan_out_fan_in_waits_for_every_branch() {
     let first = std::mem::take(&mut d.queue);
     assert_eq!(first, vec![(sid("Start"), 1)]);
     let out = d.execute(&sid("Start"), 1);
-    d.feed(Input::from_outcome(sid("Start"), 1, out).unwrap()).unwrap();
+    d.feed(Input::from_outcome(sid("Start"), 1, out).unwrap())
+        .unwrap();
     let branches = std::mem::take(&mut d.queue);
     assert_eq!(branches.len(), 3);
     for (i, (s, a)) in branches.iter().enumerate() {
         let out = d.execute(s, *a);
-        let applied = d.feed(Input::from_outcome(s.clone(), *a, out).unwrap()).unwrap();
+        let applied = d
+            .feed(Input::from_outcome(s.clone(), *a, out).unwrap())
+            .unwrap();
         let joined = applied.executions().any(|(s, _)| s.as_str() == "Join");
-        assert_eq!(joined, i == 2, "the join activates only after the last branch");
+        assert_eq!(
+            joined,
+            i == 2,
+            "the join activates only after the last branch"
+        );
         let transition = applied.effects.iter().find_map(|e| match e {
             Effect::Emit(EngineEvent::Transition { targets, .. }) => Some(targets.len()),
             _ => None,
@@ -348,7 +381,12 @@ fn dynamic(picks: Vec<Pick>) -> Workflow {
     let c = step("C", "done", json!({}));
     let j = step("J", "done", json!({}));
     wf().start(a.clone())
-        .route(a, "done", [target(b.clone()), target(c.clone())], move |_| picks.clone())
+        .route(
+            a,
+            "done",
+            [target(b.clone()), target(c.clone())],
+            move |_| picks.clone(),
+        )
         .on(b, "done", j.clone())
         .on(c, "done", j.clone())
         .on(j, "done", Done)
@@ -365,10 +403,16 @@ fn dynamic_routing_picks_declared_targets_and_joins_once() {
     assert_eq!(d.status("B"), Some(StepStatus::Dead));
     assert_eq!(d.runs_of("J"), 1);
 
-    let mut both = Driver::new(dynamic(vec![Pick::step("B"), Pick::step("C"), Pick::step("B")]), json!({}));
+    let mut both = Driver::new(
+        dynamic(vec![Pick::step("B"), Pick::step("C"), Pick::step("B")]),
+        json!({}),
+    );
     both.run();
     assert_eq!(both.inst.status, InstanceStatus::Completed);
-    assert_eq!((both.runs_of("B"), both.runs_of("C"), both.runs_of("J")), (1, 1, 1));
+    assert_eq!(
+        (both.runs_of("B"), both.runs_of("C"), both.runs_of("J")),
+        (1, 1, 1)
+    );
 }
 
 #[test]
@@ -378,10 +422,18 @@ fn dynamic_routes_see_the_completing_steps_output() {
     let small = step("Small", "done", json!({}));
     let workflow = wf()
         .start(a.clone())
-        .route(a, "done", [target(big.clone()), target(small.clone())], |ctx| {
-            let amount = ctx.step("a").and_then(|o| o["amount"].as_u64()).unwrap_or(0);
-            vec![Pick::step(if amount > 100 { "Big" } else { "Small" })]
-        })
+        .route(
+            a,
+            "done",
+            [target(big.clone()), target(small.clone())],
+            |ctx| {
+                let amount = ctx
+                    .step("a")
+                    .and_then(|o| o["amount"].as_u64())
+                    .unwrap_or(0);
+                vec![Pick::step(if amount > 100 { "Big" } else { "Small" })]
+            },
+        )
         .on(big, "done", Done)
         .on(small, "done", Done)
         .build()
@@ -403,7 +455,16 @@ fn dynamic_route_errors_fail_the_instance_g26() {
     let mut rogue = Driver::new(dynamic(vec![Pick::step("J")]), json!({}));
     rogue.run();
     assert_eq!(rogue.inst.status, InstanceStatus::Failed);
-    assert!(rogue.inst.failure.as_ref().unwrap().error.message.contains("not among its declared targets"));
+    assert!(
+        rogue
+            .inst
+            .failure
+            .as_ref()
+            .unwrap()
+            .error
+            .message
+            .contains("not among its declared targets")
+    );
     assert_eq!(rogue.runs_of("J"), 0);
 }
 
@@ -416,7 +477,10 @@ fn undeclared_event_fails_the_step_fatally_g26() {
     assert_eq!(d.inst.status, InstanceStatus::Failed);
     assert_eq!(d.status("A"), Some(StepStatus::Failed));
     let f = d.inst.failure.as_ref().unwrap();
-    assert!(f.error.message.contains("undeclared event \"surprise\""), "{f:?}");
+    assert!(
+        f.error.message.contains("undeclared event \"surprise\""),
+        "{f:?}"
+    );
     assert!(!f.error.is_retryable());
 }
 
@@ -427,7 +491,15 @@ fn output_with_nul_fails_the_step() {
     let mut d = Driver::new(workflow, json!({}));
     d.run();
     assert_eq!(d.inst.status, InstanceStatus::Failed);
-    assert!(d.inst.failure.as_ref().unwrap().error.message.contains("U+0000"));
+    assert!(
+        d.inst
+            .failure
+            .as_ref()
+            .unwrap()
+            .error
+            .message
+            .contains("U+0000")
+    );
 }
 
 #[test]
@@ -448,7 +520,8 @@ fn waiting_is_per_step_other_branches_keep_running_g6_g10() {
     // Start, then apply the async marker before Work's result.
     let out = d.execute(&sid("Start"), 1);
     d.queue.clear();
-    d.feed(Input::from_outcome(sid("Start"), 1, out).unwrap()).unwrap();
+    d.feed(Input::from_outcome(sid("Start"), 1, out).unwrap())
+        .unwrap();
     d.queue.clear();
     d.feed(Input::Async {
         step: sid("Approval"),
@@ -456,10 +529,19 @@ fn waiting_is_per_step_other_branches_keep_running_g6_g10() {
         wait: crate::step::AsyncWait::default(),
     })
     .unwrap();
-    assert_eq!(d.inst.status, InstanceStatus::Running, "Work is still runnable");
+    assert_eq!(
+        d.inst.status,
+        InstanceStatus::Running,
+        "Work is still runnable"
+    );
     let out = d.execute(&sid("Work"), 1);
-    d.feed(Input::from_outcome(sid("Work"), 1, out).unwrap()).unwrap();
-    assert_eq!(d.inst.status, InstanceStatus::Waiting, "only the waiting step is left");
+    d.feed(Input::from_outcome(sid("Work"), 1, out).unwrap())
+        .unwrap();
+    assert_eq!(
+        d.inst.status,
+        InstanceStatus::Waiting,
+        "only the waiting step is left"
+    );
     assert!(d.queue.is_empty(), "the join waits for the approval");
     d.feed(Input::Resume {
         step: sid("Approval"),
@@ -470,7 +552,11 @@ fn waiting_is_per_step_other_branches_keep_running_g6_g10() {
     .unwrap();
     d.run();
     assert_eq!(d.inst.status, InstanceStatus::Completed);
-    assert_eq!(d.runs_of("Approval"), 0, "the async step is never re-executed");
+    assert_eq!(
+        d.runs_of("Approval"),
+        0,
+        "the async step is never re-executed"
+    );
     assert_eq!(d.inst.context.steps["approval"], json!({"by": "ann"}));
 }
 
@@ -501,7 +587,10 @@ fn resume_validates_the_event_and_the_state_g7() {
         .unwrap_err();
     assert!(matches!(err, EngineError::UndeclaredEvent { .. }), "{err}");
     assert!(err.to_string().contains("declared: go, stop"), "{err}");
-    assert_eq!(d.inst, before, "a rejected input leaves the instance untouched");
+    assert_eq!(
+        d.inst, before,
+        "a rejected input leaves the instance untouched"
+    );
 
     let err = d
         .feed(Input::Resume {
@@ -521,7 +610,10 @@ fn resume_validates_the_event_and_the_state_g7() {
             payload: json!({}),
         })
         .unwrap_err();
-    assert!(matches!(err, EngineError::StaleResume { current: 1, .. }), "{err}");
+    assert!(
+        matches!(err, EngineError::StaleResume { current: 1, .. }),
+        "{err}"
+    );
 
     d.feed(Input::Resume {
         step: sid("Hold"),
@@ -538,7 +630,16 @@ fn resume_validates_the_event_and_the_state_g7() {
             payload: json!({}),
         })
         .unwrap_err();
-    assert!(matches!(err, EngineError::NotWaiting { state: Some(StepStatus::Completed), .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            EngineError::NotWaiting {
+                state: Some(StepStatus::Completed),
+                ..
+            }
+        ),
+        "{err}"
+    );
     d.run();
     let err = d
         .feed(Input::Resume {
@@ -548,7 +649,10 @@ fn resume_validates_the_event_and_the_state_g7() {
             payload: json!({}),
         })
         .unwrap_err();
-    assert_eq!(err, EngineError::InstanceFinished(InstanceStatus::Completed));
+    assert_eq!(
+        err,
+        EngineError::InstanceFinished(InstanceStatus::Completed)
+    );
     assert!(
         Engine::new(&d.wf)
             .check_resume(&d.inst, &sid("Hold"), &ev("go"))
@@ -595,7 +699,12 @@ fn resume_before_the_async_marker_is_kept_then_applied() {
             },
         })
         .unwrap();
-    assert!(!applied.effects.iter().any(|e| matches!(e, Effect::ScheduleTimer { .. })));
+    assert!(
+        !applied
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::ScheduleTimer { .. }))
+    );
     assert_eq!(d.status("Hold"), Some(StepStatus::Completed));
     assert_eq!(d.inst.context.steps["hold"], json!({"early": true}));
     d.run();
@@ -621,8 +730,18 @@ fn a_kept_resume_is_dropped_and_reported_when_the_step_completes() {
             completion: Completion::new("go"),
         })
         .unwrap();
-    assert!(applied.effects.iter().any(|e| matches!(e, Effect::Emit(EngineEvent::ResumeDropped { .. }))));
-    assert!(d.inst.history.iter().any(|h| matches!(h.kind, HistoryKind::ResumeDropped { .. })));
+    assert!(
+        applied
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::Emit(EngineEvent::ResumeDropped { .. })))
+    );
+    assert!(
+        d.inst
+            .history
+            .iter()
+            .any(|h| matches!(h.kind, HistoryKind::ResumeDropped { .. }))
+    );
 }
 
 #[test]
@@ -648,9 +767,21 @@ fn timers_schedule_fire_and_are_cancelled_by_resume() {
     .unwrap();
     d.run();
     assert_eq!(d.inst.status, InstanceStatus::Completed);
-    assert!(d.inst.history.iter().any(|h| matches!(h.kind, HistoryKind::Resumed { source: crate::instance::ResumeSource::Timer, .. })));
+    assert!(d.inst.history.iter().any(|h| matches!(
+        h.kind,
+        HistoryKind::Resumed {
+            source: crate::instance::ResumeSource::Timer,
+            ..
+        }
+    )));
     // A duplicate firing is ignored.
-    let again = d.feed(Input::TimerFired { step, activation, event }).unwrap();
+    let again = d
+        .feed(Input::TimerFired {
+            step,
+            activation,
+            event,
+        })
+        .unwrap();
     assert!(matches!(again.disposition, Disposition::Ignored(_)));
 
     // Resumed first: the timer is cancelled and a late firing is stale.
@@ -664,7 +795,12 @@ fn timers_schedule_fire_and_are_cancelled_by_resume() {
             payload: json!({}),
         })
         .unwrap();
-    assert!(applied.effects.iter().any(|e| matches!(e, Effect::CancelTimer { .. })));
+    assert!(
+        applied
+            .effects
+            .iter()
+            .any(|e| matches!(e, Effect::CancelTimer { .. }))
+    );
     assert!(d.timers.is_empty());
     let late = d
         .feed(Input::TimerFired {
@@ -673,7 +809,10 @@ fn timers_schedule_fire_and_are_cancelled_by_resume() {
             event: ev("timeout"),
         })
         .unwrap();
-    assert!(matches!(late.disposition, Disposition::Ignored(Ignored::InstanceFinished(_) | Ignored::StaleTimer { .. })));
+    assert!(matches!(
+        late.disposition,
+        Disposition::Ignored(Ignored::InstanceFinished(_) | Ignored::StaleTimer { .. })
+    ));
 }
 
 #[test]
@@ -688,13 +827,21 @@ fn wait_schedules_its_own_durable_timer_g8() {
     assert_eq!(d.inst.status, InstanceStatus::Waiting);
     assert_eq!(d.timers.len(), 1);
     assert_eq!(d.timers[0].2, t0() + chrono::Duration::hours(2));
-    let timer = d.inst.step(crate::steps::WAIT_ID).unwrap().timer.clone().unwrap();
+    let timer = d
+        .inst
+        .step(crate::steps::WAIT_ID)
+        .unwrap()
+        .timer
+        .clone()
+        .unwrap();
     assert_eq!(timer.fire_at, t0() + chrono::Duration::hours(2));
 }
 
 #[test]
 fn a_timer_with_an_undeclared_event_fails_the_step() {
-    let s = FnStep::new("Hold", ["go"], |_| StepOutcome::wait_with_timer(Duration::from_secs(1), "later"));
+    let s = FnStep::new("Hold", ["go"], |_| {
+        StepOutcome::wait_with_timer(Duration::from_secs(1), "later")
+    });
     let workflow = wf().start(s.clone()).on(s, "go", Done).build().unwrap();
     let mut d = Driver::new(workflow, json!({}));
     d.run();
@@ -723,7 +870,10 @@ fn applying_the_same_result_twice_is_a_no_op() {
     let second = d.feed(input).unwrap();
     assert_eq!(
         second.disposition,
-        Disposition::Ignored(Ignored::StaleActivation { step: sid("A"), activation: 1 })
+        Disposition::Ignored(Ignored::StaleActivation {
+            step: sid("A"),
+            activation: 1
+        })
     );
     assert!(second.effects.is_empty());
     assert_eq!(d.inst, snapshot);
@@ -738,7 +888,10 @@ fn applying_the_same_result_twice_is_a_no_op() {
     assert!(matches!(forged.disposition, Disposition::Ignored(_)));
     assert_eq!(d.inst, snapshot);
     let again = d.feed(Input::Start).unwrap();
-    assert_eq!(again.disposition, Disposition::Ignored(Ignored::AlreadyStarted));
+    assert_eq!(
+        again.disposition,
+        Disposition::Ignored(Ignored::AlreadyStarted)
+    );
 }
 
 #[test]
@@ -792,7 +945,10 @@ fn failure_marks_the_instance_failed_and_cancels_the_rest_g4_g5() {
             completion: Completion::new("done"),
         })
         .unwrap();
-    assert_eq!(late.disposition, Disposition::Ignored(Ignored::InstanceFinished(InstanceStatus::Failed)));
+    assert_eq!(
+        late.disposition,
+        Disposition::Ignored(Ignored::InstanceFinished(InstanceStatus::Failed))
+    );
     // An instance-level failure (no step) is possible too.
     let mut d2 = waiting_instance();
     d2.feed(Input::Failed {
@@ -817,18 +973,27 @@ fn stale_failures_are_ignored() {
             attempts: vec![],
         })
         .unwrap();
-    assert!(matches!(out.disposition, Disposition::Ignored(Ignored::StaleActivation { .. })));
+    assert!(matches!(
+        out.disposition,
+        Disposition::Ignored(Ignored::StaleActivation { .. })
+    ));
     assert_eq!(d.inst.status, InstanceStatus::Waiting);
 }
 
 #[test]
 fn cancel_is_first_class_g14() {
     let mut d = waiting_instance();
-    let applied = d.feed(Input::Cancel { reason: Some("customer asked".into()) }).unwrap();
+    let applied = d
+        .feed(Input::Cancel {
+            reason: Some("customer asked".into()),
+        })
+        .unwrap();
     assert!(applied.effects.contains(&Effect::CancelJobs));
     assert_eq!(d.inst.status, InstanceStatus::Cancelled);
     assert_eq!(d.status("Hold"), Some(StepStatus::Cancelled));
-    assert!(d.inst.history.iter().any(|h| matches!(&h.kind, HistoryKind::Cancelled { reason: Some(r) } if r == "customer asked")));
+    assert!(d.inst.history.iter().any(
+        |h| matches!(&h.kind, HistoryKind::Cancelled { reason: Some(r) } if r == "customer asked")
+    ));
     // Nothing applies after cancel, and cancelling again is an error.
     let resumed = d.feed(Input::Resume {
         step: sid("Hold"),
@@ -836,23 +1001,33 @@ fn cancel_is_first_class_g14() {
         event: ev("go"),
         payload: json!({}),
     });
-    assert_eq!(resumed.unwrap_err(), EngineError::InstanceFinished(InstanceStatus::Cancelled));
+    assert_eq!(
+        resumed.unwrap_err(),
+        EngineError::InstanceFinished(InstanceStatus::Cancelled)
+    );
     assert_eq!(
         d.feed(Input::Cancel { reason: None }).unwrap_err(),
         EngineError::InstanceFinished(InstanceStatus::Cancelled)
     );
-    assert_eq!(d.inst.status, InstanceStatus::Cancelled, "never turns completed (G14)");
+    assert_eq!(
+        d.inst.status,
+        InstanceStatus::Cancelled,
+        "never turns completed (G14)"
+    );
 }
 
 #[test]
 fn metadata_merges_shallowly_and_outputs_replace() {
     let a = FnStep::new("A", ["done"], |_| {
         StepOutcome::Complete(
-            Completion::new("done").with_metadata(json!({"k": 1, "a": true}).as_object().cloned().unwrap()),
+            Completion::new("done")
+                .with_metadata(json!({"k": 1, "a": true}).as_object().cloned().unwrap()),
         )
     });
     let b = FnStep::new("B", ["done"], |_| {
-        StepOutcome::Complete(Completion::new("done").with_metadata(json!({"k": 2}).as_object().cloned().unwrap()))
+        StepOutcome::Complete(
+            Completion::new("done").with_metadata(json!({"k": 2}).as_object().cloned().unwrap()),
+        )
     });
     let workflow = wf()
         .start(a.clone())
@@ -862,7 +1037,10 @@ fn metadata_merges_shallowly_and_outputs_replace() {
         .unwrap();
     let mut d = Driver::new(workflow, json!({}));
     d.run();
-    assert_eq!(serde_json::Value::Object(d.inst.runtime_metadata.clone()), json!({"k": 2, "a": true}));
+    assert_eq!(
+        serde_json::Value::Object(d.inst.runtime_metadata.clone()),
+        json!({"k": 2, "a": true})
+    );
 }
 
 #[test]
@@ -892,7 +1070,10 @@ fn instances_carry_ids_claims_and_reject_nul_input() {
     let workflow = wf().start(a.clone()).on(a, "done", Done).build().unwrap();
     let d = Driver::new(workflow.clone(), json!({"k": "v"}));
     assert_eq!(d.inst.workflow_id.as_str(), "test");
-    assert_eq!(d.inst.unique_claim.as_ref().unwrap().as_str(), "workflow|test|order::1");
+    assert_eq!(
+        d.inst.unique_claim.as_ref().unwrap().as_str(),
+        "workflow|test|order::1"
+    );
     assert_eq!(d.inst.status, InstanceStatus::Running);
     let err = Engine::new(&workflow)
         .new_instance(NewInstance {
@@ -911,14 +1092,18 @@ fn a_mismatched_or_corrupt_instance_is_rejected_untouched() {
     let d = waiting_instance();
     let other = wf().version(2).start(Done).build().unwrap();
     let mut inst = d.inst.clone();
-    let err = Engine::new(&other).apply(&mut inst, Input::Cancel { reason: None }, t0()).unwrap_err();
+    let err = Engine::new(&other)
+        .apply(&mut inst, Input::Cancel { reason: None }, t0())
+        .unwrap_err();
     assert!(matches!(err, EngineError::WorkflowMismatch { .. }), "{err}");
     assert_eq!(inst, d.inst);
     let mut corrupt = d.inst.clone();
     let state = corrupt.steps.values().next().cloned().unwrap();
     corrupt.steps.insert(sid("Ghost"), state);
     let snapshot = corrupt.clone();
-    let err = Engine::new(&d.wf).apply(&mut corrupt, Input::Cancel { reason: None }, t0()).unwrap_err();
+    let err = Engine::new(&d.wf)
+        .apply(&mut corrupt, Input::Cancel { reason: None }, t0())
+        .unwrap_err();
     assert!(matches!(err, EngineError::CorruptState(_)), "{err}");
     assert_eq!(corrupt, snapshot);
 }
@@ -928,16 +1113,30 @@ fn revision_and_timestamps_advance_only_when_applied() {
     let mut d = waiting_instance();
     let rev = d.inst.revision;
     d.now = t0() + chrono::Duration::seconds(5);
-    d.feed(Input::TimerFired { step: sid("Hold"), activation: 1, event: ev("go") }).unwrap();
+    d.feed(Input::TimerFired {
+        step: sid("Hold"),
+        activation: 1,
+        event: ev("go"),
+    })
+    .unwrap();
     assert_eq!(d.inst.revision, rev, "stale timer: no change");
-    d.feed(Input::Resume { step: sid("Hold"), activation: None, event: ev("go"), payload: json!({}) }).unwrap();
+    d.feed(Input::Resume {
+        step: sid("Hold"),
+        activation: None,
+        event: ev("go"),
+        payload: json!({}),
+    })
+    .unwrap();
     assert_eq!(d.inst.revision, rev + 1);
     assert_eq!(d.inst.updated_at, t0() + chrono::Duration::seconds(5));
 }
 
 #[test]
 fn instance_state_round_trips_through_json() {
-    let mut d = Driver::new(branching("ko"), json!({"n": 1.5, "u": "ünï", "big": 9_007_199_254_740_993_u64}));
+    let mut d = Driver::new(
+        branching("ko"),
+        json!({"n": 1.5, "u": "ünï", "big": 9_007_199_254_740_993_u64}),
+    );
     d.run();
     let json = serde_json::to_value(&d.inst).unwrap();
     let back: Instance = serde_json::from_value(json).unwrap();

@@ -5,12 +5,14 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use super::*;
-use crate::steps::{Done, FnStep, Wait, WaitForEvent};
 use crate::step::StepOutcome;
+use crate::steps::{Done, FnStep, Wait, WaitForEvent};
 
 fn step(id: &str, events: &[&str]) -> FnStep {
     let first = events.first().copied().unwrap_or("done").to_owned();
-    FnStep::new(id, events.iter().copied(), move |_| StepOutcome::complete(&first))
+    FnStep::new(id, events.iter().copied(), move |_| {
+        StepOutcome::complete(&first)
+    })
 }
 
 fn base(id: &str) -> WorkflowBuilder {
@@ -51,7 +53,11 @@ fn a_linear_workflow_builds_with_its_graph() {
     assert_eq!(wf.metadata()["team"], "payments");
     assert_eq!(wf.start().step.as_str(), "StepA");
     assert_eq!(wf.step("StepA").unwrap().key, "step_a");
-    let preds: Vec<String> = wf.predecessors("StepB").iter().map(ToString::to_string).collect();
+    let preds: Vec<String> = wf
+        .predecessors("StepB")
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(preds, ["StepA"]);
     assert!(wf.predecessors("StepA").is_empty());
     assert_eq!(wf.edges().len(), 2);
@@ -74,8 +80,16 @@ fn steps_can_be_referenced_by_id() {
 #[test]
 fn o1_tags_must_be_nonempty_strings() {
     let a = step("a", &["done"]);
-    let msg = messages(base("w").tags(["ok", ""]).start(a.clone()).on(a, "done", Done));
-    assert!(msg.contains("expected :tags to be a list of strings"), "{msg}");
+    let msg = messages(
+        base("w")
+            .tags(["ok", ""])
+            .start(a.clone())
+            .on(a, "done", Done),
+    );
+    assert!(
+        msg.contains("expected :tags to be a list of strings"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -87,15 +101,25 @@ fn o2_o3_o4_metadata_must_be_a_json_object_with_string_keys_and_safe_values() {
     let mut bad_keys: BTreeMap<Vec<u8>, u8> = BTreeMap::new();
     bad_keys.insert(vec![1], 1);
     let msg = messages(wf(base("w").metadata(bad_keys)));
-    assert!(msg.contains("expected :metadata keys to be strings"), "{msg}");
+    assert!(
+        msg.contains("expected :metadata keys to be strings"),
+        "{msg}"
+    );
     let msg = messages(wf(base("w").metadata(json!({"k": "nul\u{0}"}))));
-    assert!(msg.contains("expected :metadata values to be JSON-safe"), "{msg}");
+    assert!(
+        msg.contains("expected :metadata values to be JSON-safe"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn o5_unique_is_required_and_validated() {
     let a = step("a", &["done"]);
-    let msg = messages(Workflow::builder("w").start(a.clone()).on(a.clone(), "done", Done));
+    let msg = messages(
+        Workflow::builder("w")
+            .start(a.clone())
+            .on(a.clone(), "done", Done),
+    );
     assert!(msg.contains("the :unique option is required"), "{msg}");
     let msg = messages(
         Workflow::builder("w")
@@ -103,21 +127,29 @@ fn o5_unique_is_required_and_validated() {
             .start(a.clone())
             .on(a, "done", Done),
     );
-    assert!(msg.contains("unique key must contain only lowercase letters and numbers"), "{msg}");
+    assert!(
+        msg.contains("unique key must contain only lowercase letters and numbers"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn o6_version_must_be_positive() {
     let a = step("a", &["done"]);
     let msg = messages(base("w").version(0).start(a.clone()).on(a, "done", Done));
-    assert!(msg.contains("version: must be a positive integer, got: 0"), "{msg}");
+    assert!(
+        msg.contains("version: must be a positive integer, got: 0"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn invalid_workflow_id_and_retry_policy() {
     let a = step("a", &["done"]);
-    let mut policy = RetryPolicy::default();
-    policy.max_attempts = 0;
+    let policy = RetryPolicy {
+        max_attempts: 0,
+        ..RetryPolicy::default()
+    };
     let errs = errors(
         Workflow::builder("bad id")
             .unique("k", Scope::None)
@@ -125,8 +157,14 @@ fn invalid_workflow_id_and_retry_policy() {
             .start(a.clone())
             .on(a, "done", Done),
     );
-    assert!(matches!(errs[0], WorkflowError::InvalidWorkflowId(_)), "{errs:?}");
-    assert!(errs.iter().any(|e| matches!(e, WorkflowError::InvalidRetryPolicy(_))));
+    assert!(
+        matches!(errs[0], WorkflowError::InvalidWorkflowId(_)),
+        "{errs:?}"
+    );
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, WorkflowError::InvalidRetryPolicy(_)))
+    );
 }
 
 #[test]
@@ -135,7 +173,12 @@ fn s1_exactly_one_start() {
     let msg = messages(base("w").on(a, "done", Done));
     assert!(msg.contains("workflow must define start/0"), "{msg}");
     let a = step("a", &["done"]);
-    let errs = errors(base("w").start(a.clone()).start(a.clone()).on(a, "done", Done));
+    let errs = errors(
+        base("w")
+            .start(a.clone())
+            .start(a.clone())
+            .on(a, "done", Done),
+    );
     assert_eq!(errs, vec![WorkflowError::DuplicateStart(2)]);
 }
 
@@ -150,9 +193,18 @@ fn s2_transition_shapes() {
             .on(a.clone(), "done", Done)
             .fan_out(a.clone(), "other", []),
     );
-    assert!(msg.contains("transit/3 event must be an atom event"), "{msg}");
-    assert!(msg.contains("duplicate transition from a on :done"), "{msg}");
-    assert!(msg.contains("transit/3 body must return step modules"), "{msg}");
+    assert!(
+        msg.contains("transit/3 event must be an atom event"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("duplicate transition from a on :done"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("transit/3 body must return step modules"),
+        "{msg}"
+    );
 
     let msg = messages(
         base("w")
@@ -160,7 +212,10 @@ fn s2_transition_shapes() {
             .route(a.clone(), "done", [], |_| vec![])
             .on(a.clone(), "other", Done),
     );
-    assert!(msg.contains("@targets must be a list of step modules"), "{msg}");
+    assert!(
+        msg.contains("@targets must be a list of step modules"),
+        "{msg}"
+    );
 
     let b = step("b", &["done"]);
     let msg = messages(
@@ -191,7 +246,10 @@ fn two_step_types_cannot_share_an_id() {
     }
     let a = step("a", &["done"]);
     let errs = errors(base("w").start(a.clone()).on(a, "done", Done).step(Other));
-    assert!(errs.contains(&WorkflowError::DuplicateStepId(StepId::new("a").unwrap())), "{errs:?}");
+    assert!(
+        errs.contains(&WorkflowError::DuplicateStepId(StepId::new("a").unwrap())),
+        "{errs:?}"
+    );
 }
 
 #[test]
@@ -216,7 +274,10 @@ fn g1_cycles_are_rejected_and_named() {
             .on(selfloop.clone(), "again", selfloop.clone())
             .on(selfloop, "done", Done),
     );
-    assert!(msg.contains("cycle detected in workflow graph: s -> s"), "{msg}");
+    assert!(
+        msg.contains("cycle detected in workflow graph: s -> s"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -231,7 +292,10 @@ fn g2_every_step_is_reachable_from_the_start() {
             .on(orphan, "done", Done)
             .step(lonely),
     );
-    assert!(msg.contains("unreachable steps from start/0 a: lonely, orphan"), "{msg}");
+    assert!(
+        msg.contains("unreachable steps from start/0 a: lonely, orphan"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -239,7 +303,10 @@ fn g3_every_path_ends_at_done() {
     let a = step("a", &["done"]);
     let b = step("b", &["done"]);
     let msg = messages(base("w").start(a.clone()).on(a, "done", b));
-    assert!(msg.contains("path terminates at b, which is not Hephaestus.Steps.Done"), "{msg}");
+    assert!(
+        msg.contains("path terminates at b, which is not Hephaestus.Steps.Done"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -254,7 +321,10 @@ fn g4_static_fan_outs_must_converge_before_done() {
             .on(b.clone(), "done", Done)
             .on(c.clone(), "done", Done),
     );
-    assert!(msg.contains("fan-out branches from a must converge before Hephaestus.Steps.Done"), "{msg}");
+    assert!(
+        msg.contains("fan-out branches from a must converge before Hephaestus.Steps.Done"),
+        "{msg}"
+    );
 
     let join = step("join", &["done"]);
     base("w")
@@ -269,7 +339,9 @@ fn g4_static_fan_outs_must_converge_before_done() {
     // Dynamic routes are not checked for convergence.
     base("w")
         .start(a.clone())
-        .route(a, "done", [target(b.clone()), target(c.clone())], |_| vec![Pick::step("b")])
+        .route(a, "done", [target(b.clone()), target(c.clone())], |_| {
+            vec![Pick::step("b")]
+        })
         .on(b, "done", Done)
         .on(c, "done", Done)
         .build()
@@ -290,7 +362,10 @@ fn g5_context_keys_are_unique() {
             .on(c, "done", join.clone())
             .on(join, "done", Done),
     );
-    assert!(msg.contains("context key collision for :shared: b, c"), "{msg}");
+    assert!(
+        msg.contains("context key collision for :shared: b, c"),
+        "{msg}"
+    );
 
     let fake = step("fake", &["done"]).with_key("done");
     let msg = messages(base("w").start(fake.clone()).on(fake, "done", Done));
@@ -303,7 +378,10 @@ fn g6a_unknown_step_ids_are_reported() {
     let msg = messages(base("w").start(a.clone()).on(a, "done", "ghost"));
     assert!(msg.contains("unable to load step module ghost"), "{msg}");
     let msg = messages(base("w").start("bad id").on("bad id", "done", Done));
-    assert!(msg.contains("transit/3 source must be a step module"), "{msg}");
+    assert!(
+        msg.contains("transit/3 source must be a step module"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -313,7 +391,10 @@ fn g6b_g6c_steps_declare_events_once() {
     assert!(msg.contains("silent must implement events/0"), "{msg}");
     let twice = step("twice", &["done", "done"]);
     let msg = messages(base("w").start(twice.clone()).on(twice, "done", Done));
-    assert!(msg.contains("events/0 must return a list of atoms without duplicates"), "{msg}");
+    assert!(
+        msg.contains("events/0 must return a list of atoms without duplicates"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -325,18 +406,27 @@ fn g6d_transitions_use_declared_events() {
             .on(a.clone(), "done", Done)
             .on(a, "nope", Done),
     );
-    assert!(msg.contains("a does not declare :nope in events/0"), "{msg}");
+    assert!(
+        msg.contains("a does not declare :nope in events/0"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn g6e_every_declared_event_has_a_transition() {
     let a = step("a", &["ok", "ko"]);
     let msg = messages(base("wf").start(a.clone()).on(a, "ok", Done));
-    assert!(msg.contains("a declares event :ko but no transit is defined in wf"), "{msg}");
+    assert!(
+        msg.contains("a declares event :ko but no transit is defined in wf"),
+        "{msg}"
+    );
 
     // Built-in steps too: Wait needs a `timeout` transition.
     let msg = messages(base("wf").start_with(Wait, json!({"duration": 1, "unit": "second"})));
-    assert!(msg.contains("hephaestus::Wait declares event :timeout but no transit"), "{msg}");
+    assert!(
+        msg.contains("hephaestus::Wait declares event :timeout but no transit"),
+        "{msg}"
+    );
 
     // WaitForEvent declares `timeout` only when configured with a timeout.
     base("wf")
@@ -349,7 +439,10 @@ fn g6e_every_declared_event_has_a_transition() {
             .start_with(WaitForEvent, json!({"timeout_ms": 1000}))
             .on(WaitForEvent, "received", Done),
     );
-    assert!(msg.contains("declares event :timeout but no transit"), "{msg}");
+    assert!(
+        msg.contains("declares event :timeout but no transit"),
+        "{msg}"
+    );
     base("wf")
         .start_with(WaitForEvent, json!({"timeout_ms": 1000}))
         .on(WaitForEvent, "received", Done)
@@ -382,13 +475,28 @@ fn all_problems_are_reported_options_first() {
     );
     let ranks: Vec<String> = errs.iter().map(ToString::to_string).collect();
     assert!(errs.len() >= 5, "{ranks:#?}");
-    assert!(matches!(errs[0], WorkflowError::MissingUnique | WorkflowError::InvalidVersion(_)));
-    assert!(matches!(errs[1], WorkflowError::MissingUnique | WorkflowError::InvalidVersion(_)));
+    assert!(matches!(
+        errs[0],
+        WorkflowError::MissingUnique | WorkflowError::InvalidVersion(_)
+    ));
+    assert!(matches!(
+        errs[1],
+        WorkflowError::MissingUnique | WorkflowError::InvalidVersion(_)
+    ));
     assert!(errs.iter().any(|e| matches!(e, WorkflowError::Cycle(_))));
-    assert!(errs.iter().any(|e| matches!(e, WorkflowError::Unreachable { .. })));
-    assert!(errs.iter().any(|e| matches!(e, WorkflowError::MissingTransition { .. })));
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, WorkflowError::Unreachable { .. }))
+    );
+    assert!(
+        errs.iter()
+            .any(|e| matches!(e, WorkflowError::MissingTransition { .. }))
+    );
     let pos = |f: fn(&WorkflowError) -> bool| errs.iter().position(f).unwrap();
-    assert!(pos(|e| matches!(e, WorkflowError::Cycle(_))) < pos(|e| matches!(e, WorkflowError::Unreachable { .. })));
+    assert!(
+        pos(|e| matches!(e, WorkflowError::Cycle(_)))
+            < pos(|e| matches!(e, WorkflowError::Unreachable { .. }))
+    );
     let display = Workflow::builder("w").build().unwrap_err().to_string();
     assert!(display.starts_with("invalid workflow w: "), "{display}");
 }
@@ -424,7 +532,10 @@ fn families_resolve_requested_selected_or_current() {
     assert_eq!(family.resolve(None, &sel("beta")).unwrap().version(), 2);
     assert_eq!(family.resolve(Some(2), &sel("x")).unwrap().version(), 2);
     let err = family.resolve(Some(7), &sel("x")).unwrap_err();
-    assert_eq!(err.to_string(), "version 7 not found for signup. Available: [1, 2]");
+    assert_eq!(
+        err.to_string(),
+        "version 7 not found for signup. Available: [1, 2]"
+    );
     assert_eq!(family.current_version(), 1);
     assert_eq!(family.unique().key.as_str(), "user");
 
@@ -442,28 +553,43 @@ fn family_rules() {
     let msg = |r: Result<WorkflowFamily, WorkflowErrors>| r.unwrap_err().to_string();
     assert!(msg(WorkflowFamily::builder("signup").build()).contains("has no versions"));
     assert!(
-        msg(WorkflowFamily::builder("signup").version(versioned(1, "user")).current(3).build())
-            .contains(":current 3 is not a key in :versions (available: [1])")
+        msg(WorkflowFamily::builder("signup")
+            .version(versioned(1, "user"))
+            .current(3)
+            .build())
+        .contains(":current 3 is not a key in :versions (available: [1])")
     );
     assert!(
-        msg(WorkflowFamily::builder("signup").version_as(2, versioned(1, "user")).build())
-            .contains("version mismatch for signup: __version__/0 returns 1 but key is 2")
+        msg(WorkflowFamily::builder("signup")
+            .version_as(2, versioned(1, "user"))
+            .build())
+        .contains("version mismatch for signup: __version__/0 returns 1 but key is 2")
     );
     assert!(
-        msg(WorkflowFamily::builder("signup").version_as(0, versioned(1, "user")).build())
-            .contains("all keys in :versions must be positive integer")
+        msg(WorkflowFamily::builder("signup")
+            .version_as(0, versioned(1, "user"))
+            .build())
+        .contains("all keys in :versions must be positive integer")
     );
     assert!(
-        msg(WorkflowFamily::builder("other").version(versioned(1, "user")).build())
-            .contains("must be nested under other")
+        msg(WorkflowFamily::builder("other")
+            .version(versioned(1, "user"))
+            .build())
+        .contains("must be nested under other")
     );
     assert!(
-        msg(WorkflowFamily::builder("signup").version(versioned(1, "user")).version(versioned(1, "user")).build())
-            .contains("version 1 is declared twice")
+        msg(WorkflowFamily::builder("signup")
+            .version(versioned(1, "user"))
+            .version(versioned(1, "user"))
+            .build())
+        .contains("version 1 is declared twice")
     );
     assert!(
-        msg(WorkflowFamily::builder("signup").version(versioned(1, "user")).version(versioned(2, "account")).build())
-            .contains("must share the family's unique key")
+        msg(WorkflowFamily::builder("signup")
+            .version(versioned(1, "user"))
+            .version(versioned(2, "account"))
+            .build())
+        .contains("must share the family's unique key")
     );
 }
 
@@ -478,9 +604,18 @@ fn standalone_version_resolution_and_registry() {
     );
     let mut registry = WorkflowRegistry::new();
     registry.register(wf.clone()).unwrap();
-    assert_eq!(registry.register(wf), Err(RegistryError::DuplicateWorkflow("signup".into())));
+    assert_eq!(
+        registry.register(wf),
+        Err(RegistryError::DuplicateWorkflow("signup".into()))
+    );
     assert_eq!(registry.get("signup", 1).unwrap().version(), 1);
-    assert!(matches!(registry.get("signup", 2), Err(RegistryError::UnknownVersion { .. })));
-    assert_eq!(registry.get("nope", 1).unwrap_err(), RegistryError::UnknownWorkflow("nope".into()));
+    assert!(matches!(
+        registry.get("signup", 2),
+        Err(RegistryError::UnknownVersion { .. })
+    ));
+    assert_eq!(
+        registry.get("nope", 1).unwrap_err(),
+        RegistryError::UnknownWorkflow("nope".into())
+    );
     assert_eq!(registry.families().count(), 1);
 }
