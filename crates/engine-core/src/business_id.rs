@@ -152,6 +152,24 @@ impl Unique {
             scope,
         })
     }
+
+    /// The business id for starting an instance with `value`: `key::value`,
+    /// or `key::value::<8 hex>` from `random` for scope `none` (every start
+    /// is then distinct).
+    pub fn business_id(&self, value: &str, random: [u8; 4]) -> Result<BusinessId, BusinessIdError> {
+        let value = BusinessValue::new(value)?;
+        Ok(match self.scope {
+            Scope::None => BusinessId::build_with_suffix(&self.key, &value, random),
+            _ => BusinessId::build(&self.key, &value),
+        })
+    }
+
+    /// The business id a caller addresses with `value` (resume, cancel, get):
+    /// `key::value`. Scope `none` has no addressable id.
+    pub fn address(&self, value: &str) -> Result<Option<BusinessId>, BusinessIdError> {
+        let value = BusinessValue::new(value)?;
+        Ok((self.scope != Scope::None).then(|| BusinessId::build(&self.key, &value)))
+    }
 }
 
 /// A business value: `[a-z0-9]+` or a lower-case UUID.
@@ -391,6 +409,27 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn unique_rules_build_business_ids_per_scope() {
+        let order = Unique::new("order", Scope::Workflow).unwrap();
+        assert_eq!(
+            order.business_id("42", [1, 2, 3, 4]).unwrap().as_str(),
+            "order::42"
+        );
+        assert_eq!(order.address("42").unwrap().unwrap().as_str(), "order::42");
+        let none = Unique::new("job", Scope::None).unwrap();
+        let a = none.business_id("7", [0, 0, 0, 1]).unwrap();
+        let b = none.business_id("7", [0, 0, 0, 2]).unwrap();
+        assert_eq!(a.as_str(), "job::7::00000001");
+        assert_ne!(a, b, "scope none makes every start distinct");
+        assert_eq!(none.address("7").unwrap(), None);
+        assert_eq!(
+            order.business_id("Bad", [0; 4]),
+            Err(BusinessIdError::InvalidValue("Bad".into()))
+        );
+        assert!(Unique::new("", Scope::Global).is_err());
     }
 
     #[test]

@@ -1143,3 +1143,65 @@ fn instance_state_round_trips_through_json() {
     assert_eq!(back, d.inst);
     let _unused: BTreeMap<String, Value> = BTreeMap::new();
 }
+
+#[test]
+fn only_final_outcomes_become_inputs() {
+    assert!(Input::from_outcome(sid("a"), 1, StepOutcome::retry("later")).is_none());
+    assert!(matches!(
+        Input::from_outcome(sid("a"), 1, StepOutcome::fatal("no")),
+        Some(Input::Failed { step: Some(_), .. })
+    ));
+    assert!(matches!(
+        Input::from_outcome(sid("a"), 3, StepOutcome::wait()),
+        Some(Input::Async { activation: 3, .. })
+    ));
+}
+
+#[test]
+fn engine_events_serialize_with_their_names() {
+    let e = EngineEvent::Transition {
+        from: sid("a"),
+        event: ev("done"),
+        targets: vec![sid("b")],
+    };
+    assert_eq!(
+        serde_json::to_value(&e).unwrap(),
+        json!({"name": "transition", "from": "a", "event": "done", "targets": ["b"]})
+    );
+    assert_eq!(
+        serde_json::to_value(EngineEvent::WorkflowCompleted).unwrap(),
+        json!({"name": "workflow_completed"})
+    );
+}
+
+#[test]
+fn the_idempotency_key_is_stable_across_attempts() {
+    let keys = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = keys.clone();
+    let a = FnStep::new("A", ["done"], move |input| {
+        log.lock()
+            .unwrap()
+            .push((input.idempotency_key.to_string(), input.attempt));
+        StepOutcome::complete("done")
+    });
+    let workflow = wf().start(a.clone()).on(a, "done", Done).build().unwrap();
+    let mut d = Driver::new(workflow, json!({}));
+    d.run();
+    let keys = keys.lock().unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].0, format!("{}:A:1", d.inst.id));
+}
+
+#[test]
+fn steps_with_and_open_steps_report_state() {
+    let d = waiting_instance();
+    let waiting: Vec<&str> = d
+        .inst
+        .steps_with(StepStatus::Waiting)
+        .map(StepId::as_str)
+        .collect();
+    assert_eq!(waiting, ["Hold"]);
+    assert!(!d.inst.is_step_active("Hold", 1));
+    assert_eq!(d.inst.open_steps().count(), 1);
+    assert!(d.inst.status.is_active());
+}

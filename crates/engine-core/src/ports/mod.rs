@@ -578,3 +578,141 @@ pub trait JobQueue: UnitOfWork {
     /// Unfinished jobs whose args contain `args`.
     async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError>;
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::step::ErrorKind;
+
+    fn sid(s: &str) -> StepId {
+        StepId::new(s).unwrap()
+    }
+
+    fn result(step: Option<&str>, payload: ResultPayload) -> NewStepResult {
+        NewStepResult {
+            instance_id: Uuid::nil(),
+            step: step.map(sid),
+            activation: 2,
+            payload,
+        }
+    }
+
+    #[test]
+    fn each_payload_maps_to_its_engine_input() {
+        let completed = result(
+            Some("a"),
+            ResultPayload::Completed {
+                event: EventName("done".into()),
+                output: json!({"x": 1}),
+                metadata: Map::new(),
+            },
+        );
+        assert!(matches!(
+            completed.to_input().unwrap(),
+            Input::Completed { activation: 2, .. }
+        ));
+        let with_timer = result(
+            Some("a"),
+            ResultPayload::Async {
+                timer_after_ms: Some(1500),
+                timer_event: Some(EventName("timeout".into())),
+            },
+        );
+        let Input::Async { wait, .. } = with_timer.to_input().unwrap() else {
+            panic!("async")
+        };
+        assert_eq!(wait.timer.unwrap().after, Duration::from_millis(1500));
+        let resume = result(
+            Some("a"),
+            ResultPayload::Resume {
+                event: Event::new("go").unwrap(),
+                payload: json!({}),
+            },
+        );
+        assert!(matches!(
+            resume.to_input().unwrap(),
+            Input::Resume {
+                activation: Some(2),
+                ..
+            }
+        ));
+        let timer = result(
+            Some("a"),
+            ResultPayload::Timer {
+                event: Event::new("timeout").unwrap(),
+            },
+        );
+        assert!(matches!(
+            timer.to_input().unwrap(),
+            Input::TimerFired { .. }
+        ));
+        let failed = result(
+            None,
+            ResultPayload::Failed {
+                error: StepError::fatal("x"),
+                attempts: vec![],
+            },
+        );
+        assert!(matches!(
+            failed.to_input().unwrap(),
+            Input::Failed { step: None, .. }
+        ));
+        let cancel = result(None, ResultPayload::Cancel { reason: None });
+        assert_eq!(cancel.to_input().unwrap(), Input::Cancel { reason: None });
+    }
+
+    #[test]
+    fn step_results_without_a_step_are_corrupt() {
+        let bad = result(
+            None,
+            ResultPayload::Timer {
+                event: Event::new("t").unwrap(),
+            },
+        );
+        assert!(matches!(bad.to_input(), Err(PortError::Corrupt(_))));
+    }
+
+    #[test]
+    fn payloads_have_a_tagged_persisted_form() {
+        let p = ResultPayload::Failed {
+            error: StepError::fatal("boom"),
+            attempts: vec![],
+        };
+        assert_eq!(p.kind(), ResultKind::Failed);
+        let json = serde_json::to_value(&p).unwrap();
+        assert_eq!(json["kind"], "failed");
+        assert_eq!(json["error"]["kind"], "fatal");
+        let back: ResultPayload = serde_json::from_value(json).unwrap();
+        assert_eq!(back, p);
+        assert!(matches!(
+            StepError::retry_after("x", Duration::from_secs(2)).kind,
+            ErrorKind::Retryable {
+                after_ms: Some(2000)
+            }
+        ));
+    }
+
+    #[test]
+    fn job_states_and_enqueue_outcomes() {
+        let finished: Vec<&str> = JobState::ALL
+            .into_iter()
+            .filter(|s| s.is_finished())
+            .map(JobState::as_str)
+            .collect();
+        assert_eq!(finished, ["completed", "discarded", "cancelled"]);
+        assert_eq!(Enqueued::Existing(JobId(4)).id(), JobId(4));
+        let job = NewJob::new("advance", "hephaestus", json!({"instance_id": "x"}));
+        assert_eq!(
+            (job.priority, job.max_attempts, job.scheduled_at),
+            (0, 20, None)
+        );
+        assert_eq!(
+            serde_json::to_value(JobState::Retryable).unwrap(),
+            "retryable"
+        );
+    }
+}

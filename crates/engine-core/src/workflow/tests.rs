@@ -619,3 +619,56 @@ fn standalone_version_resolution_and_registry() {
     );
     assert_eq!(registry.families().count(), 1);
 }
+
+#[test]
+fn retry_policy_resolves_step_then_workflow_then_default() {
+    let own = RetryPolicy::no_retries();
+    let wf_policy = RetryPolicy::new(
+        3,
+        crate::retry::Backoff::Linear,
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_secs(1),
+    )
+    .unwrap();
+    let a = step("a", &["done"]).with_retry_policy(own);
+    let b = step("b", &["done"]);
+    let with_default = base("w")
+        .retry_policy(wf_policy)
+        .start(a.clone())
+        .on(a.clone(), "done", b.clone())
+        .on(b.clone(), "done", Done)
+        .build()
+        .unwrap();
+    assert_eq!(with_default.retry_policy_for("a"), own);
+    assert_eq!(with_default.retry_policy_for("b"), wf_policy);
+    let plain = base("w")
+        .start(a.clone())
+        .on(a, "done", b.clone())
+        .on(b, "done", Done)
+        .build()
+        .unwrap();
+    assert_eq!(plain.retry_policy_for("b"), RetryPolicy::default());
+}
+
+#[test]
+fn edges_record_dynamic_routes_and_successors() {
+    let a = step("a", &["done"]);
+    let b = step("b", &["done"]);
+    let c = step("c", &["done"]);
+    let wf = base("w")
+        .start(a.clone())
+        .route(a, "done", [target(b.clone()), target(c.clone())], |_| {
+            vec![Pick::step("b")]
+        })
+        .on(b, "done", Done)
+        .on(c, "done", Done)
+        .build()
+        .unwrap();
+    let edges = wf.edges();
+    assert_eq!(edges.iter().filter(|e| e.dynamic).count(), 2);
+    let succ: Vec<&str> = wf.successors("a").map(StepId::as_str).collect();
+    assert_eq!(succ, ["b", "c"]);
+    assert_eq!(wf.predecessors(crate::steps::DONE_ID).len(), 2);
+    assert!(wf.transition("a", "done").unwrap().is_dynamic());
+    assert_eq!(wf.transitions().count(), 3);
+}
