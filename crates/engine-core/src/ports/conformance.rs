@@ -2101,6 +2101,8 @@ where
             concurrent_fetchers_never_share_a_job,
             dropped_unit_of_work_enqueues_nothing,
             nul_characters_in_jobs_are_rejected,
+            job_info_reports_what_was_enqueued,
+            prune_removes_only_finished_jobs,
         ]
     );
     report
@@ -2944,6 +2946,75 @@ async fn nul_characters_in_jobs_are_rejected<B: JobQueue>(b: &B) -> Result<(), S
         b.fetch("q", 10, far_future()).await.check("fetch")?,
         Vec::new(),
         "nothing enqueued"
+    );
+    Ok(())
+}
+
+async fn job_info_reports_what_was_enqueued<B: JobQueue>(b: &B) -> Result<(), String> {
+    let mut job = new_job("q", json!({"n": 1}));
+    job.meta.insert("instance_id".into(), json!("abc"));
+    job.tags = vec!["billing".into(), "eu".into()];
+    job.priority = 3;
+    job.max_attempts = 7;
+    let id = enqueue_one(b, job).await?;
+    let info = job_info(b, id).await?;
+    ensure_eq!(
+        (
+            &info.kind,
+            &info.queue,
+            &info.args,
+            info.priority,
+            info.max_attempts,
+            info.attempt
+        ),
+        (
+            &"test_job".to_owned(),
+            &"q".to_owned(),
+            &json!({"n": 1}),
+            3,
+            7,
+            0
+        ),
+        "job info fields"
+    );
+    ensure_eq!(
+        info.meta.get("instance_id"),
+        Some(&json!("abc")),
+        "job meta"
+    );
+    ensure_eq!(
+        info.tags,
+        vec!["billing".to_owned(), "eu".to_owned()],
+        "job tags"
+    );
+    ensure_eq!(info.state, JobState::Available, "a job due now");
+    Ok(())
+}
+
+async fn prune_removes_only_finished_jobs<B: JobQueue>(b: &B) -> Result<(), String> {
+    let done = enqueue_one(b, new_job("q", json!({"n": 1}))).await?;
+    let live = enqueue_one(b, new_job("other", json!({"n": 2}))).await?;
+    let lease = fetch_one(b, "q", soon()).await?;
+    ensure!(complete_committed(b, &lease).await?, "completing the lease");
+    ensure_eq!(
+        b.prune_finished(now_micros() - chrono::Duration::hours(1))
+            .await
+            .check("prune")?,
+        0,
+        "nothing finished an hour ago"
+    );
+    ensure_eq!(
+        b.prune_finished(far_future()).await.check("prune")?,
+        1,
+        "the completed job is pruned"
+    );
+    ensure!(
+        b.job(done).await.check("job")?.is_none(),
+        "the pruned job is gone"
+    );
+    ensure!(
+        b.job(live).await.check("job")?.is_some(),
+        "a live job is kept"
     );
     Ok(())
 }

@@ -189,6 +189,7 @@ struct JobRow {
     queue: String,
     args: Value,
     meta: serde_json::Map<String, Value>,
+    tags: Vec<String>,
     priority: i16,
     max_attempts: u32,
     state: JobState,
@@ -219,8 +220,12 @@ impl JobRow {
             kind: self.kind.clone(),
             queue: self.queue.clone(),
             args: self.args.clone(),
+            meta: self.meta.clone(),
+            tags: self.tags.clone(),
+            priority: self.priority,
             state: self.state,
             attempt: self.attempt,
+            max_attempts: self.max_attempts,
             scheduled_at: self.scheduled_at,
             errors: self.errors.clone(),
         }
@@ -998,6 +1003,7 @@ impl MemoryBackend {
                 queue: job.queue.clone(),
                 args: job.args.clone(),
                 meta: job.meta.clone(),
+                tags: job.tags.clone(),
                 priority: job.priority,
                 max_attempts: job.max_attempts,
                 state: if scheduled_at > now {
@@ -1285,6 +1291,10 @@ impl JobQueue for MemoryBackend {
     ) -> Result<bool, PortError> {
         let record = Self::failure_record(lease, error, now)?;
         self.fenced_sync(tx, lease, JobChange::Discard { record })
+    }
+
+    async fn prune_finished(&self, before: DateTime<Utc>) -> Result<u64, PortError> {
+        Ok(self.prune_finished_jobs(before))
     }
 
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, PortError> {

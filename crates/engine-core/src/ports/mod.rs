@@ -88,7 +88,9 @@ pub trait InstanceStore: UnitOfWork {
     /// other. `None` when it does not exist.
     async fn lock(&self, tx: &mut Self::Tx, id: Uuid) -> Result<Option<Instance>, PortError>;
 
-    /// Writes an instance locked in this unit of work.
+    /// Writes an instance locked (or inserted) in this unit of work: it is
+    /// [`PortError::Conflict`] otherwise, [`PortError::NotFound`] if it does
+    /// not exist.
     async fn update(&self, tx: &mut Self::Tx, instance: &Instance) -> Result<(), PortError>;
 
     /// Reads the committed state of an instance.
@@ -291,7 +293,8 @@ impl NewStepResult {
 /// A recorded step result, with its arrival sequence number.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepResult {
-    /// Arrival order (strictly increasing per backend).
+    /// Increasing in recording order (a database sequence): unique, with
+    /// gaps after rollbacks; commit order may differ from it.
     pub seq: i64,
     /// The result.
     pub result: NewStepResult,
@@ -510,10 +513,18 @@ pub struct JobInfo {
     pub queue: String,
     /// Its arguments.
     pub args: Value,
+    /// Its metadata.
+    pub meta: Map<String, Value>,
+    /// Its tags.
+    pub tags: Vec<String>,
+    /// Its priority (lower runs first).
+    pub priority: i16,
     /// Its state.
     pub state: JobState,
     /// Attempts made.
     pub attempt: u32,
+    /// Attempts in all.
+    pub max_attempts: u32,
     /// When it is (was) due.
     pub scheduled_at: DateTime<Utc>,
     /// Errors recorded.
@@ -524,7 +535,11 @@ pub struct JobInfo {
 #[async_trait::async_trait]
 pub trait JobQueue: UnitOfWork {
     /// Enqueues jobs in the unit of work, in order (one round trip on
-    /// database backends).
+    /// database backends). A job without `scheduled_at` is due at the
+    /// backend's own clock (injectable in memory). An `Inserted` outcome of a
+    /// unique job can still be dropped at commit if a concurrent unit of work
+    /// committed the same key first (the memory backend); database backends
+    /// block on the conflicting insert instead.
     async fn enqueue(&self, tx: &mut Self::Tx, jobs: &[NewJob])
     -> Result<Vec<Enqueued>, PortError>;
 
@@ -571,6 +586,10 @@ pub trait JobQueue: UnitOfWork {
         error: &StepError,
         now: DateTime<Utc>,
     ) -> Result<bool, PortError>;
+
+    /// Deletes jobs that finished (completed, discarded, cancelled) before
+    /// `before`; returns how many.
+    async fn prune_finished(&self, before: DateTime<Utc>) -> Result<u64, PortError>;
 
     /// A job's current state.
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, PortError>;
