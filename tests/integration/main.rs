@@ -4,5 +4,7 @@
 //! Docker; `cargo xtask test` finds one by itself. They never skip silently.
 
 mod migrations;
+mod queue_pg;
+mod storage_pg;
 mod support;
 mod tidy;

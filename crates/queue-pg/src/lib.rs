@@ -1,0 +1,1 @@
+//! A job queue on PostgreSQL (being built: issue "queue-pg").

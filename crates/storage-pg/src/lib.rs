@@ -1,0 +1,1 @@
+//! PostgreSQL storage for Hephaestus (being built: issue "storage-pg").

@@ -1,0 +1,1 @@
+//! queue-pg against PostgreSQL (being built).

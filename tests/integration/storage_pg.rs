@@ -1,0 +1,1 @@
+//! storage-pg against PostgreSQL (being built).
