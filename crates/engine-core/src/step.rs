@@ -306,6 +306,11 @@ impl CancellationSignal {
         self.inner.cancelled.load(Ordering::SeqCst)
     }
 
+    /// Whether `other` is a clone of this signal.
+    pub fn same_as(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// A future that resolves once the signal is raised.
     pub fn cancelled(&self) -> Cancelled<'_> {
         Cancelled { signal: self }

@@ -1,0 +1,80 @@
+//! Runner configuration.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+
+/// Where the runner reads the time (inject a virtual clock in tests).
+pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
+
+/// The wall clock.
+pub fn system_clock() -> Clock {
+    Arc::new(Utc::now)
+}
+
+/// Queue names per job kind. One shared queue by default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueNames {
+    /// Advance jobs.
+    pub advance: String,
+    /// Step executions.
+    pub execute: String,
+    /// Timers and scheduled resumes.
+    pub timer: String,
+}
+
+impl QueueNames {
+    /// Every job kind on one queue.
+    pub fn shared(name: &str) -> Self {
+        Self {
+            advance: name.to_owned(),
+            execute: name.to_owned(),
+            timer: name.to_owned(),
+        }
+    }
+
+    /// The distinct queue names.
+    pub fn distinct(&self) -> Vec<String> {
+        let mut out = vec![self.advance.clone()];
+        for q in [&self.execute, &self.timer] {
+            if !out.contains(q) {
+                out.push(q.clone());
+            }
+        }
+        out
+    }
+}
+
+impl Default for QueueNames {
+    fn default() -> Self {
+        Self::shared("hephaestus")
+    }
+}
+
+/// How the runner behaves.
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    /// Queue names per job kind.
+    pub queues: QueueNames,
+    /// Attempts of advance, timer and resume jobs before they are discarded.
+    pub advance_max_attempts: u32,
+    /// How many jobs a worker runs at once.
+    pub concurrency: usize,
+    /// How often an idle worker polls for due jobs.
+    pub poll_interval: Duration,
+    /// How many times an advance loops when results keep arriving.
+    pub advance_loop_limit: u32,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            queues: QueueNames::default(),
+            advance_max_attempts: 20,
+            concurrency: 10,
+            poll_interval: Duration::from_millis(200),
+            advance_loop_limit: 16,
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The runner's error type.
+
+use hephaestus_engine_core::business_id::BusinessIdError;
+use hephaestus_engine_core::ids::IdError;
+use hephaestus_engine_core::instance::{InstanceStatus, StepStatus};
+use hephaestus_engine_core::ports::PortError;
+use hephaestus_engine_core::workflow::RegistryError;
+use hephaestus_engine_core::{EngineError, Event, StepId};
+use uuid::Uuid;
+
+/// What can go wrong when driving workflows.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunnerError {
+    /// No such instance (or no active instance for a business id).
+    #[error("instance not found: {0}")]
+    NotFound(String),
+    /// The business id is held by another active instance.
+    #[error("business id {business_id} is already running as instance {instance_id}")]
+    AlreadyRunning {
+        /// The business id.
+        business_id: String,
+        /// The active instance holding it.
+        instance_id: Uuid,
+    },
+    /// The workflow or version is not registered in this runtime.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A business key or value is invalid.
+    #[error(transparent)]
+    BusinessId(#[from] BusinessIdError),
+    /// A step id or event is malformed.
+    #[error(transparent)]
+    Id(#[from] IdError),
+    /// The step is not part of the instance's workflow.
+    #[error("step {0} is not part of this workflow")]
+    UnknownStep(StepId),
+    /// The event is not declared by the step (fixes G7).
+    #[error("step {step} does not declare event :{event}")]
+    UndeclaredEvent {
+        /// The step.
+        step: StepId,
+        /// The event.
+        event: Event,
+    },
+    /// The step is not waiting (nor executing) and cannot be resumed.
+    #[error("step {step} is not waiting (state: {})", state.map_or("not reached", StepStatus::as_str))]
+    NotWaiting {
+        /// The step.
+        step: StepId,
+        /// Its state.
+        state: Option<StepStatus>,
+    },
+    /// A resume for this step activation was already recorded.
+    #[error("step {0} was already resumed")]
+    AlreadyResumed(StepId),
+    /// The instance already ended.
+    #[error("instance is {0}")]
+    Finished(InstanceStatus),
+    /// The timer already fired (or was cancelled) and cannot be cancelled.
+    #[error("timer job {0} already fired or was cancelled")]
+    TimerAlreadyFinished(i64),
+    /// Invalid input (for example JSON containing U+0000).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// The stored instance does not match its definition.
+    #[error("corrupt state: {0}")]
+    Corrupt(String),
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(PortError),
+}
+
+impl From<PortError> for RunnerError {
+    fn from(e: PortError) -> Self {
+        match e {
+            PortError::AlreadyRunning {
+                business_id,
+                instance_id,
+            } => Self::AlreadyRunning {
+                business_id: business_id.to_string(),
+                instance_id,
+            },
+            PortError::InvalidInput(msg) => Self::InvalidInput(msg),
+            other => Self::Backend(other),
+        }
+    }
+}
+
+impl From<EngineError> for RunnerError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::UnknownStep(step) => Self::UnknownStep(step),
+            EngineError::UndeclaredEvent { step, event, .. } => {
+                Self::UndeclaredEvent { step, event }
+            }
+            EngineError::NotWaiting { step, state } => Self::NotWaiting { step, state },
+            EngineError::AlreadyResumed(step) => Self::AlreadyResumed(step),
+            EngineError::InstanceFinished(status) => Self::Finished(status),
+            EngineError::InvalidInput(msg) => Self::InvalidInput(msg),
+            other => Self::Corrupt(other.to_string()),
+        }
+    }
+}

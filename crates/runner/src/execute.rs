@@ -1,0 +1,308 @@
+//! Step execution, timers and scheduled resumes: the jobs that never write the
+//! instance. Each records its result and enqueues an advance in one commit.
+
+use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::ports::{JobLease, NewStepResult, ResultPayload};
+use hephaestus_engine_core::step::{
+    CancellationSignal, ErrorKind, StepError, StepInput, StepOutcome,
+};
+use hephaestus_engine_core::{IdempotencyKey, Workflow};
+
+use crate::error::RunnerError;
+use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
+use crate::runtime::{Backend, Runtime};
+use crate::worker::JobOutcome;
+
+fn payload_of(outcome: StepOutcome) -> Result<ResultPayload, StepError> {
+    match outcome {
+        StepOutcome::Complete(c) => Ok(ResultPayload::Completed {
+            event: c.event,
+            output: c.output,
+            metadata: c.metadata,
+        }),
+        StepOutcome::Async(wait) => Ok(ResultPayload::Async {
+            timer_after_ms: wait
+                .timer
+                .as_ref()
+                .map(|t| u64::try_from(t.after.as_millis()).unwrap_or(u64::MAX)),
+            timer_event: wait.timer.map(|t| t.event),
+        }),
+        StepOutcome::Error(e) => Err(e),
+    }
+}
+
+impl<B: Backend> Runtime<B> {
+    /// Runs one step activation (what an execute job does). User code runs
+    /// outside any unit of work, only if the instance is still active, the
+    /// step activation is still active, and no result is recorded for it.
+    pub(crate) async fn perform_execute(
+        &self,
+        lease: &JobLease,
+        args: ExecuteArgs,
+    ) -> Result<JobOutcome, RunnerError> {
+        let b = &self.inner.backend;
+        let Some(instance) = self.get(args.instance_id).await? else {
+            return self.finish(lease, JobOutcome::Skipped).await;
+        };
+        if !instance.is_step_active(args.step.as_str(), args.activation) {
+            // Cancelled, failed, or a stale duplicate (G25).
+            return self.finish(lease, JobOutcome::Skipped).await;
+        }
+        if b.is_recorded(args.instance_id, &args.step, args.activation)
+            .await?
+        {
+            // A result exists for this activation: never run user code again (G2).
+            return self.finish(lease, JobOutcome::Skipped).await;
+        }
+        let wf = self.workflow_of(&instance)?.clone();
+        let Some(def) = wf.step(args.step.as_str()) else {
+            return Err(RunnerError::Corrupt(format!(
+                "step {} is not part of {}",
+                args.step,
+                wf.id()
+            )));
+        };
+        let step_impl = def.step.clone();
+        let signal = CancellationSignal::new();
+        self.register_running(args.instance_id, &signal);
+        let attempt = lease.attempt;
+        let task_signal = signal.clone();
+        let step_id = args.step.clone();
+        let activation = args.activation;
+        let handle = tokio::spawn(async move {
+            let input = StepInput {
+                context: &instance.context,
+                config: instance.step_configs.get(&step_id),
+                instance_id: instance.id,
+                business_id: instance.business_id.as_str(),
+                activation,
+                attempt,
+                idempotency_key: IdempotencyKey {
+                    instance_id: instance.id,
+                    step: step_id.clone(),
+                    activation,
+                },
+                cancellation: task_signal,
+            };
+            step_impl.execute(input).await
+        });
+        let joined = handle.await;
+        self.unregister_running(args.instance_id, &signal);
+        let outcome = match joined {
+            Ok(outcome) => outcome,
+            Err(e) if e.is_panic() => {
+                let msg = e.into_panic();
+                let text = msg
+                    .downcast_ref::<&str>()
+                    .map(ToString::to_string)
+                    .or_else(|| msg.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "non-string panic payload".to_owned());
+                StepOutcome::Error(StepError::retryable(format!("step panicked: {text}")))
+            }
+            Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
+        };
+        match payload_of(outcome) {
+            Ok(payload) => self.record_and_finish(lease, &wf, &args, payload).await,
+            Err(error) => self.step_failed(lease, &wf, &args, error).await,
+        }
+    }
+
+    async fn record_and_finish(
+        &self,
+        lease: &JobLease,
+        wf: &Workflow,
+        args: &ExecuteArgs,
+        payload: ResultPayload,
+    ) -> Result<JobOutcome, RunnerError> {
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        if !b.complete(&mut tx, lease).await? {
+            // The job was cancelled or rescued meanwhile: this attempt's result
+            // must not land (a result after cancel is ignored).
+            return Ok(JobOutcome::Fenced);
+        }
+        b.record(
+            &mut tx,
+            &NewStepResult {
+                instance_id: args.instance_id,
+                step: Some(args.step.clone()),
+                activation: args.activation,
+                payload,
+            },
+        )
+        .await?;
+        b.enqueue(
+            &mut tx,
+            &[jobs::advance(
+                &self.inner.config,
+                wf,
+                args.instance_id,
+                Some(&args.step),
+            )],
+        )
+        .await?;
+        b.commit(tx).await?;
+        self.inner.wake.notify_waiters();
+        Ok(JobOutcome::Succeeded)
+    }
+
+    /// A step error: retry per the resolved policy, or, when fatal or out of
+    /// attempts, record the failure and enqueue the advance that fails the
+    /// instance — in the same commit as the discard (G4).
+    async fn step_failed(
+        &self,
+        lease: &JobLease,
+        wf: &Workflow,
+        args: &ExecuteArgs,
+        error: StepError,
+    ) -> Result<JobOutcome, RunnerError> {
+        let b = &self.inner.backend;
+        let now = self.now();
+        let policy = wf.retry_policy_for(args.step.as_str());
+        tracing::warn!(
+            target: "hephaestus.step.exception",
+            instance_id = %args.instance_id,
+            step = %args.step,
+            attempt = lease.attempt,
+            reason = %error.message,
+            "Step failed"
+        );
+        let mut tx = b.begin().await?;
+        let retry_after = match error.kind {
+            ErrorKind::Retryable { .. }
+                if lease.attempt >= lease.max_attempts.min(policy.max_attempts) =>
+            {
+                None
+            }
+            ErrorKind::Retryable { after_ms: Some(ms) } => {
+                Some(std::time::Duration::from_millis(ms))
+            }
+            ErrorKind::Retryable { after_ms: None } => {
+                Some(policy.delay(lease.attempt, Self::jitter_sample()))
+            }
+            ErrorKind::Fatal => None,
+        };
+        if let Some(after) = retry_after {
+            let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+            if !b.retry(&mut tx, lease, &error, at, now).await? {
+                return Ok(JobOutcome::Fenced);
+            }
+            b.commit(tx).await?;
+            return Ok(JobOutcome::Retried);
+        }
+        if !b.discard(&mut tx, lease, &error, now).await? {
+            return Ok(JobOutcome::Fenced);
+        }
+        let mut attempts = lease.errors.clone();
+        attempts.push(AttemptRecord {
+            attempt: lease.attempt,
+            at: now,
+            error: error.clone(),
+        });
+        b.record(
+            &mut tx,
+            &NewStepResult {
+                instance_id: args.instance_id,
+                step: Some(args.step.clone()),
+                activation: args.activation,
+                payload: ResultPayload::Failed { error, attempts },
+            },
+        )
+        .await?;
+        b.enqueue(
+            &mut tx,
+            &[jobs::advance(
+                &self.inner.config,
+                wf,
+                args.instance_id,
+                Some(&args.step),
+            )],
+        )
+        .await?;
+        b.commit(tx).await?;
+        self.inner.wake.notify_waiters();
+        Ok(JobOutcome::Discarded)
+    }
+
+    /// A durable timer fired: record it and enqueue the advance.
+    pub(crate) async fn perform_timer(
+        &self,
+        lease: &JobLease,
+        args: TimerArgs,
+    ) -> Result<JobOutcome, RunnerError> {
+        let payload = ResultPayload::Timer { event: args.event };
+        self.record_event(lease, args.instance_id, args.step, args.activation, payload)
+            .await
+    }
+
+    /// A scheduled resume is due: record it as a resume.
+    pub(crate) async fn perform_resume(
+        &self,
+        lease: &JobLease,
+        args: ResumeArgs,
+    ) -> Result<JobOutcome, RunnerError> {
+        let payload = ResultPayload::Resume {
+            event: args.event,
+            payload: args.payload,
+        };
+        self.record_event(lease, args.instance_id, args.step, args.activation, payload)
+            .await
+    }
+
+    async fn record_event(
+        &self,
+        lease: &JobLease,
+        instance_id: uuid::Uuid,
+        step: hephaestus_engine_core::StepId,
+        activation: u32,
+        payload: ResultPayload,
+    ) -> Result<JobOutcome, RunnerError> {
+        let Some(instance) = self.get(instance_id).await? else {
+            return self.finish(lease, JobOutcome::Skipped).await;
+        };
+        let wf = self.workflow_of(&instance)?.clone();
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        if !b.complete(&mut tx, lease).await? {
+            return Ok(JobOutcome::Fenced);
+        }
+        b.record(
+            &mut tx,
+            &NewStepResult {
+                instance_id,
+                step: Some(step.clone()),
+                activation,
+                payload,
+            },
+        )
+        .await?;
+        b.enqueue(
+            &mut tx,
+            &[jobs::advance(
+                &self.inner.config,
+                &wf,
+                instance_id,
+                Some(&step),
+            )],
+        )
+        .await?;
+        b.commit(tx).await?;
+        self.inner.wake.notify_waiters();
+        Ok(JobOutcome::Succeeded)
+    }
+
+    /// Completes a job that had nothing (more) to do.
+    pub(crate) async fn finish(
+        &self,
+        lease: &JobLease,
+        outcome: JobOutcome,
+    ) -> Result<JobOutcome, RunnerError> {
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        if !b.complete(&mut tx, lease).await? {
+            return Ok(JobOutcome::Fenced);
+        }
+        b.commit(tx).await?;
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,67 @@
+//! # hephaestus-runner
+//!
+//! The durable runner. Every step activation is a job; a single advance job
+//! per instance, serialized by the instance lock, applies step results with
+//! the pure engine and enqueues what comes next; step executions run in
+//! parallel and never write the instance — they record a result and enqueue
+//! an advance in one commit.
+//!
+//! The algorithm is written once, generic over the engine-core ports
+//! ([`Backend`]): it runs on the in-memory backend (no database) and on
+//! PostgreSQL (storage-pg + queue-pg).
+//!
+//! Invariants:
+//! - user code runs outside any unit of work, only for an active instance and
+//!   an active step activation with no recorded result (G2, G25);
+//! - "apply results + persist + mark processed + enqueue" and "record result +
+//!   enqueue advance + complete job" are each one commit;
+//! - a result arriving while an advance runs is applied by the next round or
+//!   the next advance job (G3);
+//! - retries follow the step's, else the workflow's, else the default policy (G19);
+//!   a step out of attempts fails the instance in the same commit as its
+//!   discard (G4).
+//!
+//! ```
+//! # tokio_test_block_on();
+//! # fn tokio_test_block_on() {
+//! use hephaestus_engine_core::ports::memory::MemoryBackend;
+//! use hephaestus_engine_core::prelude::*;
+//! use hephaestus_engine_core::steps::{Done, FnStep};
+//! use hephaestus_runner::{Runtime, StartOptions};
+//! use serde_json::json;
+//!
+//! let greet = FnStep::new("greet", ["done"], |_| StepOutcome::complete_with("done", json!({"hi": 1})));
+//! let hello = Workflow::builder("hello")
+//!     .unique("user", Scope::Workflow)
+//!     .start(greet.clone())
+//!     .on(greet, "done", Done)
+//!     .build()
+//!     .unwrap();
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! rt.block_on(async {
+//!     let runtime = Runtime::builder(MemoryBackend::new()).workflow(hello).build().unwrap();
+//!     let started = runtime.start("hello", "42", json!({}), StartOptions::default()).await.unwrap();
+//!     runtime.drain().await.unwrap();
+//!     let instance = runtime.get(started.id).await.unwrap().unwrap();
+//!     assert_eq!(instance.status, InstanceStatus::Completed);
+//! });
+//! # }
+//! ```
+
+mod advance;
+pub mod config;
+mod error;
+mod execute;
+pub mod jobs;
+mod runtime;
+mod telemetry;
+mod worker;
+
+pub use advance::AdvanceReport;
+pub use config::{Clock, QueueNames, RunnerConfig, system_clock};
+pub use error::RunnerError;
+pub use runtime::{Backend, Runtime, RuntimeBuilder, StartOptions, Started};
+pub use worker::{DrainReport, JobOutcome};
+
+#[cfg(test)]
+mod tests;

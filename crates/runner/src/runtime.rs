@@ -1,0 +1,500 @@
+//! The runtime handle and its public API.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hephaestus_engine_core::business_id::{BusinessId, Scope};
+use hephaestus_engine_core::engine::{Effect, Engine, Input, NewInstance};
+use hephaestus_engine_core::instance::Instance;
+use hephaestus_engine_core::ports::{
+    InstanceFilter, InstanceStore, JobId, JobQueue, NewStepResult, Recorded, ResultPayload,
+    StepResultStore,
+};
+use hephaestus_engine_core::step::CancellationSignal;
+use hephaestus_engine_core::workflow::{StartSelection, WorkflowFamily, WorkflowRegistry};
+use hephaestus_engine_core::{Event, StepId, Workflow};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::config::{Clock, RunnerConfig, system_clock};
+use crate::error::RunnerError;
+use crate::jobs;
+
+/// What a runtime needs from a backend: the three ports over one unit of work.
+pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static {}
+
+impl<T> Backend for T where T: InstanceStore + StepResultStore + JobQueue + Clone + 'static {}
+
+/// Options of a start.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// A version of the family (default: the selector's pick, else current).
+    pub version: Option<u32>,
+    /// Caller metadata added to every telemetry event (persisted).
+    pub telemetry_metadata: Map<String, Value>,
+    /// The instance id (default: a new UUID v7).
+    pub id: Option<Uuid>,
+}
+
+/// A started instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    /// Its UUID.
+    pub id: Uuid,
+    /// Its business id.
+    pub business_id: BusinessId,
+    /// The version it runs.
+    pub version: u32,
+}
+
+pub(crate) struct Inner<B> {
+    pub(crate) backend: B,
+    pub(crate) registry: WorkflowRegistry,
+    pub(crate) config: RunnerConfig,
+    pub(crate) clock: Clock,
+    /// Cancellation signals of step executions running in this process.
+    running: Mutex<HashMap<Uuid, Vec<CancellationSignal>>>,
+    pub(crate) wake: tokio::sync::Notify,
+}
+
+/// A runtime: registered workflows over a backend. Cheap to clone; build one
+/// explicitly per backend (no global state).
+pub struct Runtime<B> {
+    pub(crate) inner: Arc<Inner<B>>,
+}
+
+impl<B> Clone for Runtime<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<B> fmt::Debug for Runtime<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Runtime")
+            .field("registry", &self.inner.registry)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Runtime`].
+pub struct RuntimeBuilder<B> {
+    backend: B,
+    registry: WorkflowRegistry,
+    config: RunnerConfig,
+    clock: Clock,
+    errors: Vec<RunnerError>,
+}
+
+impl<B> fmt::Debug for RuntimeBuilder<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RuntimeBuilder").finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> RuntimeBuilder<B> {
+    /// Registers a standalone workflow.
+    #[must_use]
+    pub fn workflow(mut self, workflow: Workflow) -> Self {
+        if let Err(e) = self.registry.register(workflow) {
+            self.errors.push(e.into());
+        }
+        self
+    }
+
+    /// Registers a versioned family.
+    #[must_use]
+    pub fn family(mut self, family: WorkflowFamily) -> Self {
+        if let Err(e) = self.registry.register_family(family) {
+            self.errors.push(e.into());
+        }
+        self
+    }
+
+    /// Sets the configuration.
+    #[must_use]
+    pub fn config(mut self, config: RunnerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets the clock (a virtual clock in tests).
+    #[must_use]
+    pub fn clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Builds the runtime; fails on a duplicate registration.
+    pub fn build(mut self) -> Result<Runtime<B>, RunnerError> {
+        if !self.errors.is_empty() {
+            return Err(self.errors.remove(0));
+        }
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                backend: self.backend,
+                registry: self.registry,
+                config: self.config,
+                clock: self.clock,
+                running: Mutex::new(HashMap::new()),
+                wake: tokio::sync::Notify::new(),
+            }),
+        })
+    }
+}
+
+fn random_u32() -> u32 {
+    let bytes = Uuid::new_v4().into_bytes();
+    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+}
+
+impl<B: Backend> Runtime<B> {
+    /// Starts building a runtime over `backend`.
+    pub fn builder(backend: B) -> RuntimeBuilder<B> {
+        RuntimeBuilder {
+            backend,
+            registry: WorkflowRegistry::new(),
+            config: RunnerConfig::default(),
+            clock: system_clock(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &B {
+        &self.inner.backend
+    }
+
+    /// The registered workflows.
+    pub fn registry(&self) -> &WorkflowRegistry {
+        &self.inner.registry
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &RunnerConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        (self.inner.clock)()
+    }
+
+    pub(crate) fn jitter_sample() -> u32 {
+        random_u32()
+    }
+
+    pub(crate) fn workflow_of(&self, instance: &Instance) -> Result<&Workflow, RunnerError> {
+        Ok(self
+            .inner
+            .registry
+            .get(instance.workflow_id.as_str(), instance.workflow_version)?)
+    }
+
+    /// Starts an instance of `workflow` for `business_value` with `input`.
+    /// The uniqueness check and the insert are one atomic step of the backend
+    /// (G12); the first advance is enqueued in the same commit.
+    pub async fn start(
+        &self,
+        workflow: &str,
+        business_value: &str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<Started, RunnerError> {
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        let started = self
+            .start_in(&mut tx, workflow, business_value, input, options)
+            .await?;
+        b.commit(tx).await?;
+        self.inner.wake.notify_waiters();
+        tracing::info!(
+            target: "hephaestus.workflow.start",
+            instance_id = %started.id,
+            business_id = %started.business_id,
+            workflow,
+            workflow_version = started.version,
+            "Workflow started"
+        );
+        Ok(started)
+    }
+
+    /// [`Runtime::start`] inside the caller's unit of work: the instance exists
+    /// only if the caller commits.
+    pub async fn start_in(
+        &self,
+        tx: &mut B::Tx,
+        workflow: &str,
+        business_value: &str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<Started, RunnerError> {
+        let family = self.inner.registry.family(workflow)?;
+        let selection = StartSelection {
+            business_value,
+            input: &input,
+            metadata: &options.telemetry_metadata,
+        };
+        let wf = family.resolve(options.version, &selection)?;
+        let business_id = wf
+            .unique()
+            .business_id(business_value, random_u32().to_le_bytes())?;
+        let id = options.id.unwrap_or_else(Uuid::now_v7);
+        let instance = Engine::new(wf).new_instance(NewInstance {
+            id,
+            business_id: business_id.clone(),
+            input,
+            telemetry_metadata: options.telemetry_metadata,
+            now: self.now(),
+        })?;
+        let b = &self.inner.backend;
+        b.insert(tx, &instance).await?;
+        b.enqueue(tx, &[jobs::advance(&self.inner.config, wf, id, None)])
+            .await?;
+        Ok(Started {
+            id,
+            business_id,
+            version: wf.version(),
+        })
+    }
+
+    /// The current state of an instance.
+    pub async fn get(&self, id: Uuid) -> Result<Option<Instance>, RunnerError> {
+        Ok(self.inner.backend.get(id).await?)
+    }
+
+    /// Instances matching `filter`, newest first.
+    pub async fn list(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, RunnerError> {
+        Ok(self.inner.backend.list(filter).await?)
+    }
+
+    /// The instance of `workflow` for `business_value`: the active one if any,
+    /// else the latest finished one.
+    pub async fn get_by_business_value(
+        &self,
+        workflow: &str,
+        business_value: &str,
+    ) -> Result<Option<Instance>, RunnerError> {
+        let family = self.inner.registry.family(workflow)?;
+        let Some(business_id) = family.unique().address(business_value)? else {
+            return Ok(None);
+        };
+        let all = self
+            .list(&InstanceFilter {
+                business_id: Some(business_id),
+                workflow_id: Some(family.id().clone()),
+                ..InstanceFilter::default()
+            })
+            .await?;
+        let active = all.iter().find(|i| i.status.is_active()).cloned();
+        Ok(active.or_else(|| all.into_iter().next()))
+    }
+
+    async fn active_by_business_value(
+        &self,
+        workflow: &str,
+        business_value: &str,
+    ) -> Result<Instance, RunnerError> {
+        let family = self.inner.registry.family(workflow)?;
+        if family.unique().scope == Scope::None {
+            return Err(RunnerError::NotFound(format!(
+                "{workflow} uses scope none: address its instances by id"
+            )));
+        }
+        match self.get_by_business_value(workflow, business_value).await? {
+            Some(i) if i.status.is_active() => Ok(i),
+            _ => Err(RunnerError::NotFound(format!(
+                "no active instance of {workflow} for {business_value:?}"
+            ))),
+        }
+    }
+
+    /// Resumes `step` of an instance with `event`; `payload` becomes the
+    /// step's output. Validated now (G7): unknown step, undeclared event, not
+    /// waiting are typed errors. A resume that arrives while the step still
+    /// runs is kept and applied when it goes async.
+    pub async fn resume(
+        &self,
+        id: Uuid,
+        step: &str,
+        event: &str,
+        payload: Value,
+    ) -> Result<(), RunnerError> {
+        let instance = self
+            .get(id)
+            .await?
+            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
+        let wf = self.workflow_of(&instance)?;
+        let step = StepId::new(step)?;
+        let event = Event::new(event)?;
+        let activation = Engine::new(wf).check_resume(&instance, &step, &event)?;
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        let recorded = b
+            .record(
+                &mut tx,
+                &NewStepResult {
+                    instance_id: id,
+                    step: Some(step.clone()),
+                    activation,
+                    payload: ResultPayload::Resume { event, payload },
+                },
+            )
+            .await?;
+        if recorded == Recorded::Duplicate {
+            return Err(RunnerError::AlreadyResumed(step));
+        }
+        b.enqueue(
+            &mut tx,
+            &[jobs::advance(&self.inner.config, wf, id, Some(&step))],
+        )
+        .await?;
+        b.commit(tx).await?;
+        self.inner.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// [`Runtime::resume`] addressing the active instance of `workflow` for
+    /// `business_value`.
+    pub async fn resume_by_business_value(
+        &self,
+        workflow: &str,
+        business_value: &str,
+        step: &str,
+        event: &str,
+        payload: Value,
+    ) -> Result<(), RunnerError> {
+        let instance = self
+            .active_by_business_value(workflow, business_value)
+            .await?;
+        self.resume(instance.id, step, event, payload).await
+    }
+
+    /// Resumes `step` with `event` after `delay` unless it was resumed before
+    /// (a durable, cancellable job). Returns the job id to cancel it.
+    pub async fn schedule_resume(
+        &self,
+        id: Uuid,
+        step: &str,
+        event: &str,
+        delay: Duration,
+    ) -> Result<JobId, RunnerError> {
+        let instance = self
+            .get(id)
+            .await?
+            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
+        let wf = self.workflow_of(&instance)?;
+        let step = StepId::new(step)?;
+        let event = Event::new(event)?;
+        let activation = Engine::new(wf).check_resume(&instance, &step, &event)?;
+        let at = self.now()
+            + chrono::Duration::from_std(delay)
+                .map_err(|_| RunnerError::InvalidInput("delay too large".into()))?;
+        let args = jobs::ResumeArgs {
+            instance_id: id,
+            step,
+            activation,
+            event,
+            payload: Value::Object(Map::new()),
+        };
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        let job = b
+            .enqueue(&mut tx, &[jobs::resume(&self.inner.config, wf, &args, at)])
+            .await?;
+        b.commit(tx).await?;
+        Ok(job[0].id())
+    }
+
+    /// Cancels a scheduled resume; a typed error if it already fired.
+    pub async fn cancel_scheduled_resume(&self, job: JobId) -> Result<(), RunnerError> {
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        let cancelled = b.cancel(&mut tx, job).await?;
+        if !cancelled {
+            return Err(RunnerError::TimerAlreadyFinished(job.0));
+        }
+        b.commit(tx).await?;
+        Ok(())
+    }
+
+    /// Cancels an instance now: status cancelled, its jobs cancelled, running
+    /// steps signalled; nothing runs after (G14). Serialized with advances by
+    /// the instance lock.
+    pub async fn cancel(&self, id: Uuid, reason: Option<String>) -> Result<(), RunnerError> {
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        let mut instance = b
+            .lock(&mut tx, id)
+            .await?
+            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
+        let wf = self.workflow_of(&instance)?;
+        let applied = Engine::new(wf).apply(&mut instance, Input::Cancel { reason }, self.now())?;
+        b.update(&mut tx, &instance).await?;
+        // Results still in the inbox can no longer apply.
+        let pending: Vec<i64> = b
+            .pending(&mut tx, id)
+            .await?
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        if !pending.is_empty() {
+            b.mark_processed(&mut tx, id, &pending).await?;
+        }
+        if applied.effects.contains(&Effect::CancelJobs) {
+            b.cancel_matching(&mut tx, &jobs::of_instance(id), None)
+                .await?;
+        }
+        b.commit(tx).await?;
+        self.signal_cancelled(id);
+        tracing::info!(target: "hephaestus.workflow.cancel", instance_id = %id, "Workflow cancelled");
+        Ok(())
+    }
+
+    /// [`Runtime::cancel`] addressing the active instance of `workflow` for
+    /// `business_value`.
+    pub async fn cancel_by_business_value(
+        &self,
+        workflow: &str,
+        business_value: &str,
+        reason: Option<String>,
+    ) -> Result<(), RunnerError> {
+        let instance = self
+            .active_by_business_value(workflow, business_value)
+            .await?;
+        self.cancel(instance.id, reason).await
+    }
+
+    fn running(&self) -> MutexGuard<'_, HashMap<Uuid, Vec<CancellationSignal>>> {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn register_running(&self, id: Uuid, signal: &CancellationSignal) {
+        self.running().entry(id).or_default().push(signal.clone());
+    }
+
+    pub(crate) fn unregister_running(&self, id: Uuid, signal: &CancellationSignal) {
+        let mut running = self.running();
+        if let Some(list) = running.get_mut(&id) {
+            list.retain(|s| !s.same_as(signal));
+            if list.is_empty() {
+                running.remove(&id);
+            }
+        }
+    }
+
+    pub(crate) fn signal_cancelled(&self, id: Uuid) {
+        if let Some(list) = self.running().remove(&id) {
+            for s in list {
+                s.cancel();
+            }
+        }
+    }
+}

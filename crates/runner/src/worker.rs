@@ -1,0 +1,227 @@
+//! Running jobs: dispatch by kind, a synchronous drain for tests and demos,
+//! and a worker loop with bounded concurrency.
+
+use std::future::Future;
+
+use hephaestus_engine_core::ports::JobLease;
+use hephaestus_engine_core::retry::{Backoff, RetryPolicy};
+use hephaestus_engine_core::step::StepError;
+use tokio::task::JoinSet;
+
+use crate::error::RunnerError;
+use crate::jobs::{self, AdvanceArgs, ExecuteArgs, ResumeArgs, TimerArgs};
+use crate::runtime::{Backend, Runtime};
+
+/// What became of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// It did its work and completed.
+    Succeeded,
+    /// It had nothing to do (stale, duplicate, instance gone) and completed.
+    Skipped,
+    /// It failed and will be retried.
+    Retried,
+    /// It failed for good and was discarded.
+    Discarded,
+    /// Its lease was no longer valid (cancelled or rescued): nothing landed.
+    Fenced,
+}
+
+/// Counts of a drain, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainReport {
+    /// Jobs that did their work.
+    pub succeeded: usize,
+    /// Jobs with nothing to do.
+    pub skipped: usize,
+    /// Jobs that failed and were rescheduled.
+    pub retried: usize,
+    /// Jobs discarded.
+    pub discarded: usize,
+    /// Jobs whose lease was fenced off.
+    pub fenced: usize,
+}
+
+impl DrainReport {
+    fn add(&mut self, outcome: JobOutcome) {
+        match outcome {
+            JobOutcome::Succeeded => self.succeeded += 1,
+            JobOutcome::Skipped => self.skipped += 1,
+            JobOutcome::Retried => self.retried += 1,
+            JobOutcome::Discarded => self.discarded += 1,
+            JobOutcome::Fenced => self.fenced += 1,
+        }
+    }
+
+    /// Every job run.
+    pub fn total(&self) -> usize {
+        self.succeeded + self.skipped + self.retried + self.discarded + self.fenced
+    }
+}
+
+fn decode<T: serde::de::DeserializeOwned>(lease: &JobLease) -> Result<T, RunnerError> {
+    serde_json::from_value(lease.args.clone()).map_err(|e| {
+        RunnerError::InvalidInput(format!(
+            "job {} ({}) has undecodable args: {e}",
+            lease.id, lease.kind
+        ))
+    })
+}
+
+impl<B: Backend> Runtime<B> {
+    /// Runs one fetched job to its end (completed, retried or discarded).
+    pub async fn perform(&self, lease: JobLease) -> JobOutcome {
+        let result = match lease.kind.as_str() {
+            jobs::ADVANCE => match decode::<AdvanceArgs>(&lease) {
+                Ok(args) => match self.advance(args.instance_id, Some(lease.id)).await {
+                    Ok(_) => self.finish(&lease, JobOutcome::Succeeded).await,
+                    Err(RunnerError::NotFound(_)) => self.finish(&lease, JobOutcome::Skipped).await,
+                    Err(e) => Err(e),
+                },
+                Err(e) => Err(e),
+            },
+            jobs::EXECUTE => match decode::<ExecuteArgs>(&lease) {
+                Ok(args) => self.perform_execute(&lease, args).await,
+                Err(e) => Err(e),
+            },
+            jobs::TIMER => match decode::<TimerArgs>(&lease) {
+                Ok(args) => self.perform_timer(&lease, args).await,
+                Err(e) => Err(e),
+            },
+            jobs::RESUME => match decode::<ResumeArgs>(&lease) {
+                Ok(args) => self.perform_resume(&lease, args).await,
+                Err(e) => Err(e),
+            },
+            other => Err(RunnerError::InvalidInput(format!(
+                "unknown job kind {other:?}"
+            ))),
+        };
+        match result {
+            Ok(outcome) => outcome,
+            Err(e) => self.job_error(&lease, &e).await,
+        }
+    }
+
+    /// A job failed outside user code (backend down, unregistered workflow,
+    /// bad args): retry with backoff, discard when out of attempts.
+    async fn job_error(&self, lease: &JobLease, error: &RunnerError) -> JobOutcome {
+        tracing::warn!(job_id = %lease.id, kind = %lease.kind, attempt = lease.attempt, error = %error, "job failed");
+        let policy = RetryPolicy {
+            max_attempts: lease.max_attempts.max(1),
+            backoff: Backoff::Exponential,
+            base_ms: 1_000,
+            max_backoff_ms: 60_000,
+            jitter_per_mille: 100,
+        };
+        let step_error = match error {
+            RunnerError::InvalidInput(_) | RunnerError::Corrupt(_) => {
+                StepError::fatal(error.to_string())
+            }
+            _ => StepError::retryable(error.to_string()),
+        };
+        let now = self.now();
+        let b = &self.inner.backend;
+        let attempt = async {
+            let mut tx = b.begin().await?;
+            let outcome = if step_error.is_retryable() && policy.should_retry(lease.attempt) {
+                let after = policy.delay(lease.attempt, Self::jitter_sample());
+                let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+                if b.retry(&mut tx, lease, &step_error, at, now).await? {
+                    JobOutcome::Retried
+                } else {
+                    JobOutcome::Fenced
+                }
+            } else if b.discard(&mut tx, lease, &step_error, now).await? {
+                tracing::error!(job_id = %lease.id, kind = %lease.kind, error = %error, "job discarded");
+                JobOutcome::Discarded
+            } else {
+                JobOutcome::Fenced
+            };
+            b.commit(tx).await?;
+            Ok::<_, hephaestus_engine_core::ports::PortError>(outcome)
+        };
+        match attempt.await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                // The backend itself is failing: the job stays executing and
+                // comes back through the queue's rescue.
+                tracing::error!(job_id = %lease.id, error = %e, "could not record a job failure");
+                JobOutcome::Fenced
+            }
+        }
+    }
+
+    /// Runs due jobs one at a time, in every queue of this runtime, until none
+    /// is due at the runtime's clock. Deterministic: for tests and demos.
+    pub async fn drain(&self) -> Result<DrainReport, RunnerError> {
+        let mut report = DrainReport::default();
+        let queues = self.inner.config.queues.distinct();
+        loop {
+            let mut ran = 0;
+            for queue in &queues {
+                let leases = self.inner.backend.fetch(queue, 1, self.now()).await?;
+                for lease in leases {
+                    ran += 1;
+                    report.add(self.perform(lease).await);
+                }
+            }
+            if ran == 0 {
+                return Ok(report);
+            }
+        }
+    }
+
+    /// Runs jobs with up to `concurrency` at once until `shutdown` resolves,
+    /// then waits for the running ones.
+    pub async fn run(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<DrainReport, RunnerError> {
+        let mut report = DrainReport::default();
+        let mut running: JoinSet<JobOutcome> = JoinSet::new();
+        let queues = self.inner.config.queues.distinct();
+        let concurrency = self.inner.config.concurrency.max(1);
+        let poll = self.inner.config.poll_interval;
+        tokio::pin!(shutdown);
+        loop {
+            let mut fetched = 0;
+            for queue in &queues {
+                let free = concurrency.saturating_sub(running.len());
+                if free == 0 {
+                    break;
+                }
+                let limit = u32::try_from(free).unwrap_or(u32::MAX);
+                let leases = match self.inner.backend.fetch(queue, limit, self.now()).await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, queue, "fetch failed");
+                        Vec::new()
+                    }
+                };
+                for lease in leases {
+                    fetched += 1;
+                    let rt = self.clone();
+                    running.spawn(async move { rt.perform(lease).await });
+                }
+            }
+            if fetched > 0 {
+                continue;
+            }
+            let notified = self.inner.wake.notified();
+            tokio::select! {
+                () = &mut shutdown => break,
+                Some(done) = running.join_next(), if !running.is_empty() => {
+                    if let Ok(outcome) = done { report.add(outcome); }
+                }
+                () = notified => {}
+                () = tokio::time::sleep(poll) => {}
+            }
+        }
+        while let Some(done) = running.join_next().await {
+            if let Ok(outcome) = done {
+                report.add(outcome);
+            }
+        }
+        Ok(report)
+    }
+}
