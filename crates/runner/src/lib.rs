@@ -52,6 +52,7 @@ mod advance;
 pub mod config;
 mod error;
 mod execute;
+mod facade;
 pub mod jobs;
 mod runtime;
 mod telemetry;
@@ -60,6 +61,7 @@ mod worker;
 pub use advance::AdvanceReport;
 pub use config::{Clock, QueueNames, RunnerConfig, system_clock};
 pub use error::RunnerError;
+pub use facade::WorkflowHandle;
 pub use runtime::{Backend, Runtime, RuntimeBuilder, StartOptions, Started};
 pub use worker::{DrainReport, JobOutcome};
 

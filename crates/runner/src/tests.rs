@@ -807,3 +807,38 @@ async fn scheduled_resumes_fire_and_can_be_cancelled() {
     ));
     let _ = DONE_ID;
 }
+
+#[tokio::test]
+async fn the_typed_facade_addresses_instances_by_business_value() {
+    #[derive(serde::Serialize)]
+    struct Request {
+        amount: u32,
+    }
+    let clock = TestClock::new();
+    let rt = runtime_with(vec![approval()], &clock);
+    assert!(matches!(rt.workflow("nope"), Err(RunnerError::Registry(_))));
+    let approvals = rt.workflow("approval").unwrap();
+    let started = approvals.start("42", Request { amount: 10 }).await.unwrap();
+    rt.drain().await.unwrap();
+    let inst = approvals.get("42").await.unwrap().unwrap();
+    assert_eq!(inst.id, started.id);
+    assert_eq!(inst.context.initial, json!({"amount": 10}));
+    approvals
+        .resume("42", "Hold", "approved", json!({}))
+        .await
+        .unwrap();
+    rt.drain().await.unwrap();
+    assert_eq!(
+        approvals.get("42").await.unwrap().unwrap().status,
+        InstanceStatus::Completed
+    );
+    assert!(matches!(
+        approvals.cancel("42", None).await,
+        Err(RunnerError::NotFound(_))
+    ));
+    let all = approvals
+        .list(hephaestus_engine_core::ports::InstanceFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1);
+}
