@@ -58,6 +58,7 @@ impl<B: Backend> Runtime<B> {
         report: &mut AdvanceReport,
     ) -> Result<bool, RunnerError> {
         let b = &self.inner.backend;
+        let round_started = std::time::Instant::now();
         let mut tx = b.begin().await?;
         let Some(mut instance) = b.lock(&mut tx, instance_id).await? else {
             return Err(RunnerError::NotFound(instance_id.to_string()));
@@ -66,6 +67,7 @@ impl<B: Backend> Runtime<B> {
         // and the job retries until the workflow is registered again.
         let wf = self.workflow_of(&instance)?.clone();
         let engine = Engine::new(&wf);
+        let status_before = instance.status;
         let pending = b.pending(&mut tx, instance_id).await?;
         let now = self.now();
         let mut effects: Vec<Effect> = Vec::new();
@@ -166,7 +168,26 @@ impl<B: Backend> Runtime<B> {
         if !new_jobs.is_empty() {
             self.inner.wake.notify_waiters();
         }
-        crate::telemetry::emit(&instance, &events);
+        let telemetry = &self.inner.telemetry;
+        telemetry.engine_events(&instance, &events, now);
+        telemetry.emit(
+            crate::telemetry::names::ENGINE_ADVANCE,
+            serde_json::json!({
+                "duration": u64::try_from(round_started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "active_steps_count": instance.open_steps().count(),
+            }),
+            crate::telemetry::instance_metadata(
+                &instance,
+                serde_json::Map::from_iter([
+                    ("status_before".to_owned(), serde_json::json!(status_before)),
+                    (
+                        "status_after".to_owned(),
+                        serde_json::json!(instance.status),
+                    ),
+                    ("iteration".to_owned(), serde_json::json!(report.rounds)),
+                ]),
+            ),
+        );
         report.status = Some(instance.status);
         Ok(true)
     }

@@ -63,6 +63,26 @@ impl<B: Backend> Runtime<B> {
             )));
         };
         let step_impl = def.step.clone();
+        let step_meta = crate::telemetry::instance_metadata(
+            &instance,
+            serde_json::Map::from_iter([
+                ("step".to_owned(), serde_json::json!(args.step)),
+                ("step_key".to_owned(), serde_json::json!(def.key)),
+                ("activation".to_owned(), serde_json::json!(args.activation)),
+                ("attempt".to_owned(), serde_json::json!(lease.attempt)),
+                (
+                    "active_steps_count".to_owned(),
+                    serde_json::json!(instance.open_steps().count()),
+                ),
+            ]),
+        );
+        let telemetry = &self.inner.telemetry;
+        telemetry.emit(
+            crate::telemetry::names::STEP_START,
+            serde_json::json!({"system_time": self.now()}),
+            step_meta.clone(),
+        );
+        let step_started = std::time::Instant::now();
         let signal = CancellationSignal::new();
         self.register_running(args.instance_id, &signal);
         let attempt = lease.attempt;
@@ -101,6 +121,44 @@ impl<B: Backend> Runtime<B> {
             }
             Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
         };
+        let duration = u64::try_from(step_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        match &outcome {
+            StepOutcome::Complete(c) => {
+                let mut meta = step_meta;
+                meta.insert("event".into(), serde_json::json!(c.event.as_str()));
+                meta.insert(
+                    "has_context_updates".into(),
+                    serde_json::json!(c.output.as_object().is_none_or(|m| !m.is_empty())),
+                );
+                meta.insert(
+                    "has_metadata_updates".into(),
+                    serde_json::json!(!c.metadata.is_empty()),
+                );
+                telemetry.emit(
+                    crate::telemetry::names::STEP_STOP,
+                    serde_json::json!({"duration": duration}),
+                    meta,
+                );
+            }
+            StepOutcome::Error(e) => {
+                let mut meta = step_meta;
+                meta.insert(
+                    "kind".into(),
+                    serde_json::json!(if e.is_retryable() {
+                        "retryable"
+                    } else {
+                        "fatal"
+                    }),
+                );
+                meta.insert("reason".into(), serde_json::json!(e.message));
+                telemetry.emit(
+                    crate::telemetry::names::STEP_EXCEPTION,
+                    serde_json::json!({"duration": duration}),
+                    meta,
+                );
+            }
+            StepOutcome::Async(_) => {}
+        }
         match payload_of(outcome) {
             Ok(payload) => self.record_and_finish(lease, &wf, &args, payload).await,
             Err(error) => self.step_failed(lease, &wf, &args, error).await,
@@ -159,14 +217,6 @@ impl<B: Backend> Runtime<B> {
         let b = &self.inner.backend;
         let now = self.now();
         let policy = wf.retry_policy_for(args.step.as_str());
-        tracing::warn!(
-            target: "hephaestus.step.exception",
-            instance_id = %args.instance_id,
-            step = %args.step,
-            attempt = lease.attempt,
-            reason = %error.message,
-            "Step failed"
-        );
         let mut tx = b.begin().await?;
         let retry_after = match error.kind {
             ErrorKind::Retryable { .. }

@@ -55,7 +55,7 @@ mod execute;
 mod facade;
 pub mod jobs;
 mod runtime;
-mod telemetry;
+pub mod telemetry;
 mod worker;
 
 pub use advance::AdvanceReport;
@@ -63,6 +63,7 @@ pub use config::{Clock, QueueNames, RunnerConfig, system_clock};
 pub use error::RunnerError;
 pub use facade::WorkflowHandle;
 pub use runtime::{Backend, Runtime, RuntimeBuilder, StartOptions, Started};
+pub use telemetry::TelemetryEvent;
 pub use worker::{DrainReport, JobOutcome};
 
 #[cfg(test)]

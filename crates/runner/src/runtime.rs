@@ -57,6 +57,7 @@ pub(crate) struct Inner<B> {
     /// Cancellation signals of step executions running in this process.
     running: Mutex<HashMap<Uuid, Vec<CancellationSignal>>>,
     pub(crate) wake: tokio::sync::Notify,
+    pub(crate) telemetry: crate::telemetry::Telemetry,
 }
 
 /// A runtime: registered workflows over a backend. Cheap to clone; build one
@@ -89,6 +90,7 @@ pub struct RuntimeBuilder<B> {
     config: RunnerConfig,
     clock: Clock,
     errors: Vec<RunnerError>,
+    telemetry: crate::telemetry::Telemetry,
 }
 
 impl<B> fmt::Debug for RuntimeBuilder<B> {
@@ -130,12 +132,17 @@ impl<B: Backend> RuntimeBuilder<B> {
         self
     }
 
+    /// Subscribes to telemetry before the runtime exists (to see `runner.init`).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::telemetry::TelemetryEvent> {
+        self.telemetry.subscribe()
+    }
+
     /// Builds the runtime; fails on a duplicate registration.
     pub fn build(mut self) -> Result<Runtime<B>, RunnerError> {
         if !self.errors.is_empty() {
             return Err(self.errors.remove(0));
         }
-        Ok(Runtime {
+        let runtime = Runtime {
             inner: Arc::new(Inner {
                 backend: self.backend,
                 registry: self.registry,
@@ -143,8 +150,28 @@ impl<B: Backend> RuntimeBuilder<B> {
                 clock: self.clock,
                 running: Mutex::new(HashMap::new()),
                 wake: tokio::sync::Notify::new(),
+                telemetry: self.telemetry,
             }),
-        })
+        };
+        let workflows: Vec<String> = runtime
+            .inner
+            .registry
+            .families()
+            .map(|f| f.id().to_string())
+            .collect();
+        runtime.inner.telemetry.emit(
+            crate::telemetry::names::RUNNER_INIT,
+            serde_json::json!({"system_time": (runtime.inner.clock)()}),
+            match serde_json::json!({
+                "runner": "hephaestus-runner",
+                "backend": std::any::type_name::<B>(),
+                "workflows": workflows,
+            }) {
+                Value::Object(m) => m,
+                _ => Map::new(),
+            },
+        );
+        Ok(runtime)
     }
 }
 
@@ -162,6 +189,7 @@ impl<B: Backend> Runtime<B> {
             config: RunnerConfig::default(),
             clock: system_clock(),
             errors: Vec::new(),
+            telemetry: crate::telemetry::Telemetry::default(),
         }
     }
 
@@ -207,19 +235,12 @@ impl<B: Backend> Runtime<B> {
     ) -> Result<Started, RunnerError> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
-        let started = self
-            .start_in(&mut tx, workflow, business_value, input, options)
+        let (started, instance) = self
+            .start_inner(&mut tx, workflow, business_value, input, options)
             .await?;
         b.commit(tx).await?;
         self.inner.wake.notify_waiters();
-        tracing::info!(
-            target: "hephaestus.workflow.start",
-            instance_id = %started.id,
-            business_id = %started.business_id,
-            workflow,
-            workflow_version = started.version,
-            "Workflow started"
-        );
+        self.emit_start(&instance);
         Ok(started)
     }
 
@@ -233,6 +254,51 @@ impl<B: Backend> Runtime<B> {
         input: Value,
         options: StartOptions,
     ) -> Result<Started, RunnerError> {
+        let (started, instance) = self
+            .start_inner(tx, workflow, business_value, input, options)
+            .await?;
+        // Emitted now: the caller's commit is not observable from here.
+        self.emit_start(&instance);
+        Ok(started)
+    }
+
+    fn emit_start(&self, instance: &Instance) {
+        let start = self
+            .workflow_of(instance)
+            .map(|wf| wf.start().step.to_string())
+            .unwrap_or_default();
+        let context_keys: Vec<&String> = instance
+            .context
+            .initial
+            .as_object()
+            .map(|m| m.keys().collect())
+            .unwrap_or_default();
+        self.inner.telemetry.emit(
+            crate::telemetry::names::WORKFLOW_START,
+            serde_json::json!({"system_time": instance.created_at}),
+            crate::telemetry::instance_metadata(
+                instance,
+                match serde_json::json!({"initial_step": start, "context_keys": context_keys, "runner": "hephaestus-runner"}) {
+                    Value::Object(m) => m,
+                    _ => Map::new(),
+                },
+            ),
+        );
+    }
+
+    /// Subscribes to every telemetry event emitted after this call.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::telemetry::TelemetryEvent> {
+        self.inner.telemetry.subscribe()
+    }
+
+    async fn start_inner(
+        &self,
+        tx: &mut B::Tx,
+        workflow: &str,
+        business_value: &str,
+        input: Value,
+        options: StartOptions,
+    ) -> Result<(Started, Instance), RunnerError> {
         let family = self.inner.registry.family(workflow)?;
         let selection = StartSelection {
             business_value,
@@ -255,11 +321,14 @@ impl<B: Backend> Runtime<B> {
         b.insert(tx, &instance).await?;
         b.enqueue(tx, &[jobs::advance(&self.inner.config, wf, id, None)])
             .await?;
-        Ok(Started {
-            id,
-            business_id,
-            version: wf.version(),
-        })
+        Ok((
+            Started {
+                id,
+                business_id,
+                version: wf.version(),
+            },
+            instance,
+        ))
     }
 
     /// The current state of an instance.

@@ -1,105 +1,295 @@
-//! Telemetry: engine events turned into `tracing` events named after the
-//! original's telemetry (`hephaestus.workflow.stop`, ...). Caller metadata is
-//! attached but cannot override the system fields.
+//! Telemetry: the eleven events of the original (`hephaestus.workflow.start`,
+//! ...), emitted by this runner as `tracing` events, broadcast to subscribers
+//! as typed [`TelemetryEvent`]s, and recorded as metrics through the `metrics`
+//! facade with the original's names (spec 8.3).
+//!
+//! Metadata merge: caller metadata first, then event-specific fields, then
+//! the system fields (`instance_id`, `business_id`, `workflow`, `step`, ...)
+//! which caller metadata can never override, and `workflow_version` last.
 
+use chrono::{DateTime, Utc};
 use hephaestus_engine_core::engine::EngineEvent;
-use hephaestus_engine_core::instance::Instance;
+use hephaestus_engine_core::instance::{Instance, InstanceStatus, StepStatus};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
 
-/// Emits the events an advance produced for `instance`.
-pub(crate) fn emit(instance: &Instance, events: &[EngineEvent]) {
-    let caller = serde_json::Value::Object(instance.telemetry_metadata.clone());
-    for event in events {
-        match event {
-            EngineEvent::WorkflowStarted { start } => tracing::debug!(
-                target: "hephaestus.engine.advance",
-                instance_id = %instance.id,
-                business_id = %instance.business_id,
-                workflow = %instance.workflow_id,
-                workflow_version = instance.workflow_version,
-                initial_step = %start,
-                metadata = %caller,
-                "Workflow started"
-            ),
-            EngineEvent::Transition {
-                from,
-                event,
-                targets,
-            } => tracing::debug!(
-                target: "hephaestus.workflow.transition",
-                instance_id = %instance.id,
-                workflow = %instance.workflow_id,
-                workflow_version = instance.workflow_version,
-                from_step = %from,
-                event = %event,
-                targets = ?targets,
-                fan_out = targets.len() > 1,
-                metadata = %caller,
-                "Transition"
-            ),
-            EngineEvent::StepAsync { step } => tracing::info!(
-                target: "hephaestus.step.async",
-                instance_id = %instance.id,
-                workflow = %instance.workflow_id,
-                step = %step,
-                instance_status = %instance.status,
-                metadata = %caller,
-                "Step waiting for async event"
-            ),
-            EngineEvent::StepResumed {
-                step,
-                event,
-                source,
-            } => tracing::info!(
-                target: "hephaestus.step.resume",
-                instance_id = %instance.id,
-                workflow = %instance.workflow_id,
-                step = %step,
-                resume_event = %event,
-                source = ?source,
-                metadata = %caller,
-                "Step resumed"
-            ),
-            EngineEvent::StepsDead { steps } => tracing::debug!(
-                target: "hephaestus.workflow.transition",
-                instance_id = %instance.id,
-                dead_steps = ?steps,
-                "Paths not taken"
-            ),
-            EngineEvent::ResumeDropped { step, event } => tracing::warn!(
-                target: "hephaestus.step.resume",
-                instance_id = %instance.id,
-                step = %step,
-                resume_event = %event,
-                "A resume that arrived while the step ran was dropped: the step completed"
-            ),
-            EngineEvent::WorkflowCompleted => tracing::info!(
-                target: "hephaestus.workflow.stop",
-                instance_id = %instance.id,
-                business_id = %instance.business_id,
-                workflow = %instance.workflow_id,
-                workflow_version = instance.workflow_version,
-                status = "completed",
-                metadata = %caller,
-                "Workflow completed"
-            ),
-            EngineEvent::WorkflowFailed { step, message } => tracing::error!(
-                target: "hephaestus.workflow.exception",
-                instance_id = %instance.id,
-                business_id = %instance.business_id,
-                workflow = %instance.workflow_id,
-                workflow_version = instance.workflow_version,
-                failed_step = ?step,
-                reason = %message,
-                metadata = %caller,
-                "Workflow failed"
-            ),
-            EngineEvent::WorkflowCancelled { reason } => tracing::info!(
-                target: "hephaestus.workflow.cancel",
-                instance_id = %instance.id,
-                business_id = %instance.business_id,
-                reason = ?reason,
-                "Workflow cancelled"
-            ),
+/// The event names, as the original's telemetry names them.
+pub mod names {
+    /// A workflow instance started.
+    pub const WORKFLOW_START: &str = "hephaestus.workflow.start";
+    /// A workflow instance completed.
+    pub const WORKFLOW_STOP: &str = "hephaestus.workflow.stop";
+    /// A workflow instance failed.
+    pub const WORKFLOW_EXCEPTION: &str = "hephaestus.workflow.exception";
+    /// A step completed and activated its targets.
+    pub const WORKFLOW_TRANSITION: &str = "hephaestus.workflow.transition";
+    /// A step execution started.
+    pub const STEP_START: &str = "hephaestus.step.start";
+    /// A step execution completed.
+    pub const STEP_STOP: &str = "hephaestus.step.stop";
+    /// A step execution failed.
+    pub const STEP_EXCEPTION: &str = "hephaestus.step.exception";
+    /// A step went async.
+    pub const STEP_ASYNC: &str = "hephaestus.step.async";
+    /// A waiting step was resumed.
+    pub const STEP_RESUME: &str = "hephaestus.step.resume";
+    /// An advance round ran.
+    pub const ENGINE_ADVANCE: &str = "hephaestus.engine.advance";
+    /// A runtime was built.
+    pub const RUNNER_INIT: &str = "hephaestus.runner.init";
+
+    /// All eleven.
+    pub const ALL: [&str; 11] = [
+        WORKFLOW_START,
+        WORKFLOW_STOP,
+        WORKFLOW_EXCEPTION,
+        WORKFLOW_TRANSITION,
+        STEP_START,
+        STEP_STOP,
+        STEP_EXCEPTION,
+        STEP_ASYNC,
+        STEP_RESUME,
+        ENGINE_ADVANCE,
+        RUNNER_INIT,
+    ];
+}
+
+/// One telemetry event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TelemetryEvent {
+    /// One of [`names::ALL`].
+    pub name: &'static str,
+    /// Numbers (durations in milliseconds, counts).
+    pub measurements: Map<String, Value>,
+    /// Context: caller metadata merged under the system fields.
+    pub metadata: Map<String, Value>,
+}
+
+/// Where events go: tracing, subscribers, metrics.
+#[derive(Debug)]
+pub(crate) struct Telemetry {
+    sender: tokio::sync::broadcast::Sender<TelemetryEvent>,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        let (sender, _) = tokio::sync::broadcast::channel(1024);
+        Self { sender }
+    }
+}
+
+fn ms_between(from: DateTime<Utc>, to: DateTime<Utc>) -> Option<i64> {
+    let ms = (to - from).num_milliseconds();
+    (ms >= 0).then_some(ms)
+}
+
+/// Builds the metadata of an instance-scoped event.
+pub(crate) fn instance_metadata(
+    instance: &Instance,
+    extra: Map<String, Value>,
+) -> Map<String, Value> {
+    let mut meta = instance.telemetry_metadata.clone();
+    meta.extend(extra);
+    meta.insert("instance_id".into(), json!(instance.id));
+    meta.insert("business_id".into(), json!(instance.business_id));
+    meta.insert("workflow".into(), json!(instance.workflow_id));
+    meta.insert("workflow_version".into(), json!(instance.workflow_version));
+    meta
+}
+
+fn obj(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => Map::new(),
+    }
+}
+
+impl Telemetry {
+    /// A receiver of every later event.
+    pub(crate) fn subscribe(&self) -> tokio::sync::broadcast::Receiver<TelemetryEvent> {
+        self.sender.subscribe()
+    }
+
+    /// Emits one event everywhere.
+    pub(crate) fn emit(
+        &self,
+        name: &'static str,
+        measurements: Value,
+        metadata: Map<String, Value>,
+    ) {
+        let event = TelemetryEvent {
+            name,
+            measurements: obj(measurements),
+            metadata,
+        };
+        record_metrics(&event);
+        let fields = serde_json::to_string(&event.metadata).unwrap_or_default();
+        let numbers = serde_json::to_string(&event.measurements).unwrap_or_default();
+        match name {
+            names::WORKFLOW_EXCEPTION | names::STEP_EXCEPTION => {
+                tracing::error!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
+            }
+            names::STEP_ASYNC => {
+                tracing::warn!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
+            }
+            names::WORKFLOW_TRANSITION | names::ENGINE_ADVANCE => {
+                tracing::debug!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
+            }
+            _ => {
+                tracing::info!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
+            }
         }
+        // No subscriber is not an error.
+        let _ = self.sender.send(event);
+    }
+
+    /// The events an advance round produced for `instance`.
+    pub(crate) fn engine_events(
+        &self,
+        instance: &Instance,
+        events: &[EngineEvent],
+        now: DateTime<Utc>,
+    ) {
+        for event in events {
+            match event {
+                EngineEvent::Transition { from, event, targets } => self.emit(
+                    names::WORKFLOW_TRANSITION,
+                    json!({"targets_count": targets.len()}),
+                    instance_metadata(
+                        instance,
+                        obj(json!({"from_step": from, "event": event, "targets": targets, "fan_out": targets.len() > 1})),
+                    ),
+                ),
+                EngineEvent::StepAsync { step } => self.emit(
+                    names::STEP_ASYNC,
+                    json!({}),
+                    instance_metadata(
+                        instance,
+                        obj(json!({"step": step, "step_key": step.default_step_key(), "instance_status": instance.status})),
+                    ),
+                ),
+                EngineEvent::StepResumed { step, event, source } => {
+                    let waited = instance
+                        .step(step.as_str())
+                        .and_then(|s| {
+                            instance
+                                .history
+                                .iter()
+                                .rev()
+                                .find(|h| h.step.as_ref() == Some(step) && matches!(h.kind, hephaestus_engine_core::instance::HistoryKind::Async { .. }))
+                                .map(|h| (s, h.at))
+                        })
+                        .and_then(|(_, at)| ms_between(at, now));
+                    self.emit(
+                        names::STEP_RESUME,
+                        json!({"system_time": now, "wait_duration": waited}),
+                        instance_metadata(
+                            instance,
+                            obj(json!({"step": step, "step_key": step.default_step_key(), "resume_event": event, "source": source})),
+                        ),
+                    );
+                }
+                EngineEvent::WorkflowCompleted => {
+                    let completed: Vec<&str> = instance
+                        .steps
+                        .iter()
+                        .filter(|(_, s)| s.status == StepStatus::Completed)
+                        .map(|(id, _)| id.as_str())
+                        .collect();
+                    self.emit(
+                        names::WORKFLOW_STOP,
+                        json!({
+                            "duration": ms_between(instance.created_at, now),
+                            "step_count": completed.len(),
+                            "advance_count": instance.revision,
+                        }),
+                        instance_metadata(instance, obj(json!({"status": InstanceStatus::Completed, "completed_steps": completed}))),
+                    );
+                }
+                EngineEvent::WorkflowFailed { step, message } => self.emit(
+                    names::WORKFLOW_EXCEPTION,
+                    json!({"duration": ms_between(instance.created_at, now)}),
+                    instance_metadata(
+                        instance,
+                        obj(json!({"kind": "error", "reason": message, "failed_step": step, "status": InstanceStatus::Failed})),
+                    ),
+                ),
+                EngineEvent::WorkflowStarted { .. }
+                | EngineEvent::StepsDead { .. }
+                | EngineEvent::ResumeDropped { .. }
+                | EngineEvent::WorkflowCancelled { .. } => {
+                    tracing::debug!(instance_id = %instance.id, event = ?event, "engine event");
+                }
+            }
+        }
+    }
+}
+
+fn label(event: &TelemetryEvent, key: &str) -> String {
+    match event.metadata.get(key) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+fn number(event: &TelemetryEvent, key: &str) -> Option<f64> {
+    event.measurements.get(key).and_then(Value::as_f64)
+}
+
+/// The nine metric definitions of spec 8.3.
+fn record_metrics(event: &TelemetryEvent) {
+    let workflow = label(event, "workflow");
+    match event.name {
+        names::WORKFLOW_START => {
+            metrics::counter!("hephaestus.workflow.start.count", "workflow" => workflow)
+                .increment(1);
+        }
+        names::WORKFLOW_STOP => {
+            metrics::counter!("hephaestus.workflow.stop.count", "workflow" => workflow.clone())
+                .increment(1);
+            if let Some(ms) = number(event, "duration") {
+                metrics::histogram!("hephaestus.workflow.stop.duration", "workflow" => workflow)
+                    .record(ms);
+            }
+        }
+        names::WORKFLOW_EXCEPTION => metrics::counter!(
+            "hephaestus.workflow.exception.count",
+            "workflow" => workflow,
+            "failed_step" => label(event, "failed_step")
+        )
+        .increment(1),
+        names::STEP_STOP => {
+            if let Some(ms) = number(event, "duration") {
+                metrics::histogram!("hephaestus.step.stop.duration", "workflow" => workflow, "step" => label(event, "step")).record(ms);
+            }
+        }
+        names::STEP_EXCEPTION => metrics::counter!(
+            "hephaestus.step.exception.count",
+            "workflow" => workflow,
+            "step" => label(event, "step"),
+            "kind" => label(event, "kind")
+        )
+        .increment(1),
+        names::STEP_ASYNC => {
+            metrics::counter!("hephaestus.step.async.count", "workflow" => workflow, "step" => label(event, "step")).increment(1);
+        }
+        names::STEP_RESUME => {
+            if let Some(ms) = number(event, "wait_duration") {
+                metrics::histogram!(
+                    "hephaestus.step.resume.wait_duration",
+                    "workflow" => workflow,
+                    "step" => label(event, "step"),
+                    "source" => label(event, "source")
+                )
+                .record(ms);
+            }
+        }
+        names::ENGINE_ADVANCE => {
+            if let Some(n) = number(event, "active_steps_count") {
+                metrics::gauge!("hephaestus.engine.advance.active_steps_count", "workflow" => workflow).set(n);
+            }
+        }
+        _ => {}
     }
 }

@@ -842,3 +842,169 @@ async fn the_typed_facade_addresses_instances_by_business_value() {
         .unwrap();
     assert_eq!(all.len(), 1);
 }
+
+#[test]
+fn telemetry_emits_the_original_events_with_protected_fields_and_metrics() {
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    use crate::telemetry::names;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let clock = TestClock::new();
+            let counter = Counter::default();
+            let builder = Runtime::builder(MemoryBackend::with_clock(clock.as_clock()))
+                .clock(clock.as_clock())
+                .workflow(linear(&counter))
+                .workflow(approval());
+            let mut events = builder.subscribe();
+            let runtime = builder.build().unwrap();
+            let mut meta = serde_json::Map::new();
+            meta.insert("request_id".into(), json!("r-1"));
+            meta.insert("instance_id".into(), json!("forged"));
+            let s = runtime
+                .start(
+                    "linear",
+                    "1",
+                    json!({"a": 1}),
+                    StartOptions {
+                        telemetry_metadata: meta,
+                        ..StartOptions::default()
+                    },
+                )
+                .await
+                .unwrap();
+            runtime.drain().await.unwrap();
+            let a = runtime
+                .start("approval", "1", json!({}), StartOptions::default())
+                .await
+                .unwrap();
+            runtime.drain().await.unwrap();
+            clock.advance(Duration::from_secs(5));
+            runtime
+                .resume(a.id, "Hold", "approved", json!({}))
+                .await
+                .unwrap();
+            runtime.drain().await.unwrap();
+            let mut seen = Vec::new();
+            while let Ok(e) = events.try_recv() {
+                seen.push(e);
+            }
+            let names_seen: std::collections::BTreeSet<&str> =
+                seen.iter().map(|e| e.name).collect();
+            for name in [
+                names::RUNNER_INIT,
+                names::WORKFLOW_START,
+                names::WORKFLOW_STOP,
+                names::WORKFLOW_TRANSITION,
+                names::STEP_START,
+                names::STEP_STOP,
+                names::STEP_ASYNC,
+                names::STEP_RESUME,
+                names::ENGINE_ADVANCE,
+            ] {
+                assert!(
+                    names_seen.contains(name),
+                    "{name} not emitted: {names_seen:?}"
+                );
+            }
+            let start = seen
+                .iter()
+                .find(|e| e.name == names::WORKFLOW_START)
+                .unwrap();
+            assert_eq!(
+                start.metadata["request_id"], "r-1",
+                "caller metadata is carried"
+            );
+            assert_eq!(
+                start.metadata["instance_id"],
+                json!(s.id),
+                "caller metadata cannot override system fields"
+            );
+            assert_eq!(start.metadata["business_id"], "order::1");
+            assert_eq!(start.metadata["initial_step"], "PassStep");
+            let stop = seen
+                .iter()
+                .find(|e| e.name == names::WORKFLOW_STOP)
+                .unwrap();
+            assert_eq!(stop.measurements["step_count"], 2);
+            let step_async = seen.iter().find(|e| e.name == names::STEP_ASYNC).unwrap();
+            assert_eq!(step_async.metadata["instance_status"], "waiting");
+            let resume = seen.iter().find(|e| e.name == names::STEP_RESUME).unwrap();
+            assert_eq!(resume.measurements["wait_duration"], 5000);
+            assert_eq!(resume.metadata["source"], "external");
+        });
+    });
+    let metrics: Vec<(String, DebugValue)> = snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .map(|(key, _, _, value)| (key.key().name().to_owned(), value))
+        .collect();
+    let find = |name: &str| metrics.iter().find(|(n, _)| n == name).map(|(_, v)| v);
+    let total = |name: &str| -> u64 {
+        metrics
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| match v {
+                DebugValue::Counter(c) => *c,
+                _ => 0,
+            })
+            .sum()
+    };
+    assert_eq!(
+        total("hephaestus.workflow.start.count"),
+        2,
+        "one per workflow label"
+    );
+    assert_eq!(total("hephaestus.workflow.stop.count"), 2);
+    assert_eq!(
+        find("hephaestus.step.async.count"),
+        Some(&DebugValue::Counter(1))
+    );
+    assert!(
+        matches!(find("hephaestus.step.resume.wait_duration"), Some(DebugValue::Histogram(v)) if v.len() == 1)
+    );
+    assert!(matches!(
+        find("hephaestus.engine.advance.active_steps_count"),
+        Some(DebugValue::Gauge(_))
+    ));
+}
+
+#[tokio::test]
+async fn failures_emit_exceptions() {
+    let clock = TestClock::new();
+    let step = FnStep::new("Bad", ["done"], |_| StepOutcome::fatal("nope"));
+    let wf = Workflow::builder("bad")
+        .unique("b", Scope::Workflow)
+        .start(step.clone())
+        .on(step, "done", Done)
+        .build()
+        .unwrap();
+    let rt = runtime_with(vec![wf], &clock);
+    let mut events = rt.subscribe();
+    rt.start("bad", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    rt.drain().await.unwrap();
+    let mut names = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        if e.name == crate::telemetry::names::WORKFLOW_EXCEPTION {
+            assert_eq!(e.metadata["failed_step"], "Bad");
+            assert_eq!(e.metadata["reason"], "nope");
+        }
+        if e.name == crate::telemetry::names::STEP_EXCEPTION {
+            assert_eq!(e.metadata["kind"], "fatal");
+            assert_eq!(e.metadata["attempt"], 1);
+        }
+        names.push(e.name);
+    }
+    assert!(names.contains(&crate::telemetry::names::STEP_EXCEPTION));
+    assert!(names.contains(&crate::telemetry::names::WORKFLOW_EXCEPTION));
+}
