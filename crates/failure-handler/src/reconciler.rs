@@ -1,0 +1,362 @@
+//! The reconciler: repairs active instances that have no work scheduled.
+
+use std::future::Future;
+use std::time::Duration;
+
+use hephaestus_engine_core::instance::{Instance, InstanceStatus, StepStatus};
+use hephaestus_engine_core::ports::{InstanceFilter, NewJob, PortError};
+use hephaestus_runner::{Backend, RunnerError, Runtime, jobs};
+use uuid::Uuid;
+
+/// What the reconciler did to one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Repair {
+    /// Re-enqueued the advance of an instance with no live job.
+    Advance {
+        /// The instance.
+        instance_id: Uuid,
+        /// Its status.
+        status: InstanceStatus,
+        /// Unprocessed results it had.
+        pending_results: usize,
+    },
+    /// Re-enqueued the lost timer of a waiting step.
+    Timer {
+        /// The instance.
+        instance_id: Uuid,
+        /// The step.
+        step: String,
+        /// Its activation.
+        activation: u32,
+    },
+}
+
+/// The outcome of one pass.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepairReport {
+    /// Active instances looked at.
+    pub scanned: usize,
+    /// What was repaired.
+    pub repaired: Vec<Repair>,
+    /// Instances whose workflow is not registered here (left untouched).
+    pub unregistered: Vec<Uuid>,
+}
+
+/// Finds and repairs stuck instances. Run one per deployment (leader only).
+#[derive(Debug, Clone)]
+pub struct Reconciler<B> {
+    runtime: Runtime<B>,
+    page: u32,
+}
+
+impl<B: Backend> Reconciler<B> {
+    /// A reconciler over `runtime`'s backend and workflows.
+    pub fn new(runtime: Runtime<B>) -> Self {
+        Self { runtime, page: 500 }
+    }
+
+    /// One pass over every active instance.
+    pub async fn run_once(&self) -> Result<RepairReport, RunnerError> {
+        let mut report = RepairReport::default();
+        let mut before = None;
+        loop {
+            let page = self
+                .runtime
+                .list(&InstanceFilter {
+                    statuses: InstanceStatus::ACTIVE.to_vec(),
+                    before_id: before,
+                    limit: Some(self.page),
+                    ..InstanceFilter::default()
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            before = Some(last.id);
+            let full = u32::try_from(page.len()).unwrap_or(u32::MAX) >= self.page;
+            for instance in page {
+                report.scanned += 1;
+                self.check(&instance, &mut report).await?;
+            }
+            if !full {
+                break;
+            }
+        }
+        if !report.repaired.is_empty() {
+            tracing::warn!(
+                repaired = report.repaired.len(),
+                scanned = report.scanned,
+                "reconciler repaired instances"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Runs a pass every `interval` until `shutdown` resolves.
+    pub async fn run_every(&self, interval: Duration, shutdown: impl Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            if let Err(e) = self.run_once().await {
+                tracing::error!(error = %e, "reconciler pass failed");
+            }
+            tokio::select! {
+                () = &mut shutdown => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+
+    async fn check(
+        &self,
+        instance: &Instance,
+        report: &mut RepairReport,
+    ) -> Result<(), RunnerError> {
+        let b = self.runtime.backend();
+        let Ok(wf) = self
+            .runtime
+            .registry()
+            .get(instance.workflow_id.as_str(), instance.workflow_version)
+        else {
+            report.unregistered.push(instance.id);
+            return Ok(());
+        };
+        let live = b.live_jobs(&jobs::of_instance(instance.id)).await?;
+        let mut tx = b.begin().await?;
+        let pending = b.pending(&mut tx, instance.id).await?.len();
+        drop(tx);
+        let mut repairs: Vec<(NewJob, Repair)> = Vec::new();
+        let has_advance = live.iter().any(|j| j.kind == jobs::ADVANCE);
+        let needs_advance = match instance.status {
+            InstanceStatus::Pending | InstanceStatus::Running => live.is_empty(),
+            InstanceStatus::Waiting => pending > 0 && !has_advance,
+            _ => false,
+        };
+        if needs_advance {
+            repairs.push((
+                jobs::advance(self.runtime.config(), wf, instance.id, None),
+                Repair::Advance {
+                    instance_id: instance.id,
+                    status: instance.status,
+                    pending_results: pending,
+                },
+            ));
+        }
+        for (step, state) in &instance.steps {
+            let Some(timer) = &state.timer else { continue };
+            if state.status != StepStatus::Waiting {
+                continue;
+            }
+            let has_timer = live.iter().any(|j| {
+                j.kind == jobs::TIMER
+                    && j.args.get("step").and_then(|s| s.as_str()) == Some(step.as_str())
+                    && j.args.get("activation").and_then(serde_json::Value::as_u64)
+                        == Some(u64::from(state.activation))
+            });
+            if !has_timer {
+                repairs.push((
+                    jobs::timer(
+                        self.runtime.config(),
+                        wf,
+                        instance.id,
+                        step,
+                        state.activation,
+                        &timer.event,
+                        timer.fire_at,
+                    ),
+                    Repair::Timer {
+                        instance_id: instance.id,
+                        step: step.to_string(),
+                        activation: state.activation,
+                    },
+                ));
+            }
+        }
+        if repairs.is_empty() {
+            return Ok(());
+        }
+        let mut tx = b.begin().await?;
+        let jobs: Vec<NewJob> = repairs.iter().map(|(j, _)| j.clone()).collect();
+        b.enqueue(&mut tx, &jobs).await?;
+        b.commit(tx)
+            .await
+            .map_err(|e: PortError| RunnerError::from(e))?;
+        report.repaired.extend(repairs.into_iter().map(|(_, r)| r));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use chrono::{DateTime, TimeZone, Utc};
+    use hephaestus_engine_core::ports::memory::MemoryBackend;
+    use hephaestus_engine_core::ports::{JobQueue, UnitOfWork};
+    use hephaestus_engine_core::prelude::*;
+    use hephaestus_engine_core::steps::{Done, FnStep, Wait};
+    use hephaestus_runner::{Clock, StartOptions};
+    use serde_json::json;
+
+    use super::*;
+
+    fn clock() -> (Arc<Mutex<DateTime<Utc>>>, Clock) {
+        let now = Arc::new(Mutex::new(
+            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
+        ));
+        let c = now.clone();
+        (now, Arc::new(move || *c.lock().unwrap()))
+    }
+
+    fn linear() -> Workflow {
+        let a = FnStep::new("A", ["done"], |_| StepOutcome::complete("done"));
+        Workflow::builder("linear")
+            .unique("k", Scope::Workflow)
+            .start(a.clone())
+            .on(a, "done", Done)
+            .build()
+            .unwrap()
+    }
+
+    fn pause() -> Workflow {
+        Workflow::builder("pause")
+            .unique("p", Scope::Workflow)
+            .start_with(Wait, json!({"duration": 10, "unit": "second"}))
+            .on(Wait, "timeout", Done)
+            .build()
+            .unwrap()
+    }
+
+    async fn cancel_all_jobs(b: &MemoryBackend, id: Uuid) {
+        let mut tx = b.begin().await.unwrap();
+        b.cancel_matching(&mut tx, &jobs::of_instance(id), None)
+            .await
+            .unwrap();
+        b.commit(tx).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_running_instance_that_lost_its_advance_is_repaired_once() {
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(linear())
+            .build()
+            .unwrap();
+        let s = rt
+            .start("linear", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        // Simulate a lost job: the advance vanishes.
+        cancel_all_jobs(&backend, s.id).await;
+        let reconciler = Reconciler::new(rt.clone());
+        let report = reconciler.run_once().await.unwrap();
+        assert_eq!(report.scanned, 1);
+        assert_eq!(
+            report.repaired,
+            vec![Repair::Advance {
+                instance_id: s.id,
+                status: InstanceStatus::Pending,
+                pending_results: 0
+            }]
+        );
+        assert!(
+            reconciler.run_once().await.unwrap().repaired.is_empty(),
+            "repairing twice is a no-op"
+        );
+        rt.drain().await.unwrap();
+        assert_eq!(
+            rt.get(s.id).await.unwrap().unwrap().status,
+            InstanceStatus::Completed
+        );
+        assert_eq!(
+            reconciler.run_once().await.unwrap().scanned,
+            0,
+            "finished instances are not scanned"
+        );
+    }
+
+    #[tokio::test]
+    async fn healthy_instances_are_left_alone() {
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend)
+            .clock(clock)
+            .workflow(linear())
+            .workflow(pause())
+            .build()
+            .unwrap();
+        rt.start("linear", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.start("pause", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        rt.start("linear", "2", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        let report = Reconciler::new(rt).run_once().await.unwrap();
+        assert_eq!(report.scanned, 2, "the waiting one and the new one");
+        assert!(report.repaired.is_empty(), "{report:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lost_timer_is_rescheduled_and_fires() {
+        let (now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(pause())
+            .build()
+            .unwrap();
+        let s = rt
+            .start("pause", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        cancel_all_jobs(&backend, s.id).await;
+        let report = Reconciler::new(rt.clone()).run_once().await.unwrap();
+        assert!(
+            matches!(
+                report.repaired.as_slice(),
+                [Repair::Timer { activation: 1, .. }]
+            ),
+            "{report:?}"
+        );
+        *now.lock().unwrap() += chrono::Duration::seconds(11);
+        rt.drain().await.unwrap();
+        assert_eq!(
+            rt.get(s.id).await.unwrap().unwrap().status,
+            InstanceStatus::Completed
+        );
+    }
+
+    #[tokio::test]
+    async fn instances_of_unregistered_workflows_are_reported_not_touched() {
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock.clone())
+            .workflow(linear())
+            .build()
+            .unwrap();
+        let s = rt
+            .start("linear", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        cancel_all_jobs(&backend, s.id).await;
+        let bare = Runtime::builder(backend.clone())
+            .clock(clock)
+            .build()
+            .unwrap();
+        let report = Reconciler::new(bare).run_once().await.unwrap();
+        assert_eq!(report.unregistered, vec![s.id]);
+        assert!(report.repaired.is_empty());
+        assert!(
+            backend
+                .live_jobs(&jobs::of_instance(s.id))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
