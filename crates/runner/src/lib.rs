@@ -54,8 +54,12 @@ mod error;
 mod execute;
 mod facade;
 pub mod jobs;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 mod runtime;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 mod worker;
 
 pub use advance::AdvanceReport;

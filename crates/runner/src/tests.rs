@@ -1008,3 +1008,167 @@ async fn failures_emit_exceptions() {
     assert!(names.contains(&crate::telemetry::names::STEP_EXCEPTION));
     assert!(names.contains(&crate::telemetry::names::WORKFLOW_EXCEPTION));
 }
+
+mod testing_tools {
+    use super::*;
+    use crate::QueueNames;
+    use crate::testing::{DrainOptions, Gate, ScriptedStep, VirtualClock};
+
+    fn rt_with(wf: Workflow, clock: &VirtualClock, queues: QueueNames) -> Runtime<MemoryBackend> {
+        Runtime::builder(MemoryBackend::with_clock(clock.clock()))
+            .clock(clock.clock())
+            .config(RunnerConfig {
+                queues,
+                ..RunnerConfig::default()
+            })
+            .workflow(wf)
+            .build()
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn scripted_steps_see_attempts_and_a_stable_idempotency_key() {
+        let clock = VirtualClock::default();
+        let step = ScriptedStep::new("charge", ["charged"])
+            .on_attempt(1, StepOutcome::retry("down"))
+            .on_attempt(2, StepOutcome::retry("still down"))
+            .with_retry_policy(
+                RetryPolicy::new(
+                    5,
+                    Backoff::Exponential,
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                )
+                .unwrap(),
+            );
+        let wf = Workflow::builder("pay")
+            .unique("p", Scope::Workflow)
+            .start(step.clone())
+            .on(step.clone(), "charged", Done)
+            .build()
+            .unwrap();
+        let rt = rt_with(wf, &clock, QueueNames::default());
+        let s = rt
+            .start("pay", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        clock.advance(Duration::from_millis(1100)); // 1 s ± 10 %
+        rt.drain().await.unwrap();
+        assert_eq!(step.attempts(), vec![1, 2]);
+        clock.advance(Duration::from_millis(2200)); // 2 s ± 10 %
+        rt.drain().await.unwrap();
+        assert_eq!(step.attempts(), vec![1, 2, 3]);
+        let keys: std::collections::BTreeSet<String> = step
+            .executions()
+            .into_iter()
+            .map(|e| e.idempotency_key)
+            .collect();
+        assert_eq!(keys.len(), 1, "one idempotency key across attempts");
+        assert_eq!(
+            rt.get(s.id).await.unwrap().unwrap().status,
+            InstanceStatus::Completed
+        );
+    }
+
+    #[tokio::test]
+    async fn drains_report_gated_jobs_in_flight_and_filter_by_kind() {
+        let clock = VirtualClock::default();
+        let gate = Gate::new();
+        let step = ScriptedStep::new("slow", ["done"]).gated(&gate);
+        let wf = Workflow::builder("slow")
+            .unique("s", Scope::Workflow)
+            .start(step.clone())
+            .on(step.clone(), "done", Done)
+            .build()
+            .unwrap();
+        let queues = QueueNames {
+            advance: "advance".into(),
+            execute: "execute".into(),
+            timer: "timer".into(),
+        };
+        let rt = rt_with(wf, &clock, queues);
+        let s = rt
+            .start("slow", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        let only_advance = DrainOptions {
+            kind: Some(crate::jobs::ADVANCE.into()),
+            ..DrainOptions::default()
+        };
+        let first = rt.drain_with(&only_advance).await.unwrap();
+        assert_eq!(first.report.succeeded, 1);
+        let jobs = rt.jobs_of(s.id).await.unwrap();
+        assert_eq!(jobs.len(), 1);
+        assert_eq!(jobs[0].kind, crate::jobs::EXECUTE, "the execute job waits");
+        let blocked = rt
+            .drain_with(&DrainOptions {
+                settle: Duration::from_millis(50),
+                ..DrainOptions::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(blocked.in_flight.len(), 1, "the gated step is in flight");
+        assert_eq!(gate.waiting(), 1);
+        gate.release();
+        for handle in blocked.in_flight {
+            assert_eq!(handle.await.unwrap(), crate::JobOutcome::Succeeded);
+        }
+        rt.drain().await.unwrap();
+        assert_eq!(
+            rt.get(s.id).await.unwrap().unwrap().status,
+            InstanceStatus::Completed
+        );
+        // A kind filter on a shared queue is refused rather than mis-draining.
+        let shared = rt_with(approval(), &clock, QueueNames::default());
+        assert!(matches!(
+            shared.drain_with(&only_advance).await,
+            Err(RunnerError::InvalidInput(_))
+        ));
+        let limited = shared
+            .drain_with(&DrainOptions {
+                max_jobs: Some(0),
+                ..DrainOptions::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(limited.report.total(), 0);
+    }
+
+    #[tokio::test]
+    async fn corrupt_jobs_are_recorded_errors_and_nothing_else_is_affected() {
+        let clock = VirtualClock::default();
+        let rt = rt_with(approval(), &clock, QueueNames::default());
+        let s = rt
+            .start("approval", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        let bad = rt
+            .enqueue_raw(hephaestus_engine_core::ports::NewJob::new(
+                crate::jobs::EXECUTE,
+                "hephaestus",
+                json!({"instance_id": 42}),
+            ))
+            .await
+            .unwrap();
+        let unknown = rt
+            .enqueue_raw(hephaestus_engine_core::ports::NewJob::new(
+                "mystery",
+                "hephaestus",
+                json!({}),
+            ))
+            .await
+            .unwrap();
+        let report = rt.drain().await.unwrap();
+        assert_eq!(report.discarded, 2, "{report:?}");
+        for id in [bad, unknown] {
+            let job = rt.backend().job(id).await.unwrap().unwrap();
+            assert_eq!(job.state, JobState::Discarded);
+            assert!(!job.errors.is_empty(), "the error is recorded");
+        }
+        assert_eq!(
+            rt.get(s.id).await.unwrap().unwrap().status,
+            InstanceStatus::Waiting
+        );
+    }
+}

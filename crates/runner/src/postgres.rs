@@ -1,0 +1,178 @@
+//! The PostgreSQL backend: `storage-pg` for instances and step results,
+//! `queue-pg` for jobs, sharing one transaction type so every runner commit
+//! spans both.
+
+use chrono::{DateTime, Utc};
+use hephaestus_engine_core::StepId;
+use hephaestus_engine_core::instance::Instance;
+use hephaestus_engine_core::ports::{
+    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobQueue, NewJob,
+    NewStepResult, PortError, Recorded, StepResult, StepResultStore, UnitOfWork,
+};
+use hephaestus_engine_core::step::StepError;
+use hephaestus_queue_pg::PgQueue;
+use hephaestus_storage_pg::PgStore;
+use serde_json::Value;
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+/// Instances, step results and jobs in one PostgreSQL schema.
+#[derive(Debug, Clone)]
+pub struct PgBackend {
+    store: PgStore,
+    queue: PgQueue,
+}
+
+impl PgBackend {
+    /// Combines a store and a queue on the same database.
+    pub fn new(store: PgStore, queue: PgQueue) -> Self {
+        Self { store, queue }
+    }
+
+    /// The instance store.
+    pub fn store(&self) -> &PgStore {
+        &self.store
+    }
+
+    /// The job queue.
+    pub fn queue(&self) -> &PgQueue {
+        &self.queue
+    }
+}
+
+type Tx = Transaction<'static, Postgres>;
+
+#[async_trait::async_trait]
+impl UnitOfWork for PgBackend {
+    type Tx = Tx;
+
+    async fn begin(&self) -> Result<Tx, PortError> {
+        <PgStore as UnitOfWork>::begin(&self.store).await
+    }
+
+    async fn commit(&self, tx: Tx) -> Result<(), PortError> {
+        <PgStore as UnitOfWork>::commit(&self.store, tx).await
+    }
+}
+
+#[async_trait::async_trait]
+impl InstanceStore for PgBackend {
+    async fn insert(&self, tx: &mut Tx, instance: &Instance) -> Result<(), PortError> {
+        <PgStore as InstanceStore>::insert(&self.store, tx, instance).await
+    }
+
+    async fn lock(&self, tx: &mut Tx, id: Uuid) -> Result<Option<Instance>, PortError> {
+        <PgStore as InstanceStore>::lock(&self.store, tx, id).await
+    }
+
+    async fn update(&self, tx: &mut Tx, instance: &Instance) -> Result<(), PortError> {
+        <PgStore as InstanceStore>::update(&self.store, tx, instance).await
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError> {
+        <PgStore as InstanceStore>::get(&self.store, id).await
+    }
+
+    async fn list(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, PortError> {
+        <PgStore as InstanceStore>::list(&self.store, filter).await
+    }
+}
+
+#[async_trait::async_trait]
+impl StepResultStore for PgBackend {
+    async fn record(&self, tx: &mut Tx, result: &NewStepResult) -> Result<Recorded, PortError> {
+        <PgStore as StepResultStore>::record(&self.store, tx, result).await
+    }
+
+    async fn pending(&self, tx: &mut Tx, instance_id: Uuid) -> Result<Vec<StepResult>, PortError> {
+        <PgStore as StepResultStore>::pending(&self.store, tx, instance_id).await
+    }
+
+    async fn mark_processed(
+        &self,
+        tx: &mut Tx,
+        instance_id: Uuid,
+        seqs: &[i64],
+    ) -> Result<(), PortError> {
+        <PgStore as StepResultStore>::mark_processed(&self.store, tx, instance_id, seqs).await
+    }
+
+    async fn is_recorded(
+        &self,
+        instance_id: Uuid,
+        step: &StepId,
+        activation: u32,
+    ) -> Result<bool, PortError> {
+        <PgStore as StepResultStore>::is_recorded(&self.store, instance_id, step, activation).await
+    }
+
+    async fn prune_processed(&self, before: DateTime<Utc>) -> Result<u64, PortError> {
+        <PgStore as StepResultStore>::prune_processed(&self.store, before).await
+    }
+}
+
+#[async_trait::async_trait]
+impl JobQueue for PgBackend {
+    async fn enqueue(&self, tx: &mut Tx, jobs: &[NewJob]) -> Result<Vec<Enqueued>, PortError> {
+        <PgQueue as JobQueue>::enqueue(&self.queue, tx, jobs).await
+    }
+
+    async fn cancel(&self, tx: &mut Tx, id: JobId) -> Result<bool, PortError> {
+        <PgQueue as JobQueue>::cancel(&self.queue, tx, id).await
+    }
+
+    async fn cancel_matching(
+        &self,
+        tx: &mut Tx,
+        args: &Value,
+        except: Option<JobId>,
+    ) -> Result<u64, PortError> {
+        <PgQueue as JobQueue>::cancel_matching(&self.queue, tx, args, except).await
+    }
+
+    async fn fetch(
+        &self,
+        queue: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Vec<JobLease>, PortError> {
+        <PgQueue as JobQueue>::fetch(&self.queue, queue, limit, now).await
+    }
+
+    async fn complete(&self, tx: &mut Tx, lease: &JobLease) -> Result<bool, PortError> {
+        <PgQueue as JobQueue>::complete(&self.queue, tx, lease).await
+    }
+
+    async fn retry(
+        &self,
+        tx: &mut Tx,
+        lease: &JobLease,
+        error: &StepError,
+        retry_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError> {
+        <PgQueue as JobQueue>::retry(&self.queue, tx, lease, error, retry_at, now).await
+    }
+
+    async fn discard(
+        &self,
+        tx: &mut Tx,
+        lease: &JobLease,
+        error: &StepError,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError> {
+        <PgQueue as JobQueue>::discard(&self.queue, tx, lease, error, now).await
+    }
+
+    async fn prune_finished(&self, before: DateTime<Utc>) -> Result<u64, PortError> {
+        <PgQueue as JobQueue>::prune_finished(&self.queue, before).await
+    }
+
+    async fn job(&self, id: JobId) -> Result<Option<JobInfo>, PortError> {
+        <PgQueue as JobQueue>::job(&self.queue, id).await
+    }
+
+    async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError> {
+        <PgQueue as JobQueue>::live_jobs(&self.queue, args).await
+    }
+}

@@ -1,0 +1,458 @@
+//! Tools to test workflows deterministically, on either backend (feature
+//! `testing`).
+//!
+//! - [`VirtualClock`]: inject it into the runtime (and the backend); move it
+//!   with [`VirtualClock::advance`] to make timers and retries due, with no
+//!   sleeping.
+//! - [`ScriptedStep`]: a step whose outcome is scripted per attempt; it
+//!   records every execution (attempt, activation, idempotency key) and can
+//!   wait on a [`Gate`] the test releases.
+//! - [`Runtime::drain_with`]: run due jobs until none is due, optionally only
+//!   one kind or queue, at most N jobs; jobs blocked in user code longer than
+//!   the settle time are reported in flight instead of blocking the drain.
+//! - Inspection: [`Runtime::jobs_of`] lists an instance's live jobs;
+//!   [`Runtime::enqueue_raw`] inserts any job (duplicates, corrupt args).
+//!
+//! ```
+//! use std::time::Duration;
+//! use hephaestus_engine_core::ports::memory::MemoryBackend;
+//! use hephaestus_engine_core::prelude::*;
+//! use hephaestus_engine_core::steps::Done;
+//! use hephaestus_runner::testing::{ScriptedStep, VirtualClock};
+//! use hephaestus_runner::{Runtime, StartOptions};
+//! use serde_json::json;
+//!
+//! let clock = VirtualClock::default();
+//! let charge = ScriptedStep::new("charge", ["charged"])
+//!     .on_attempt(1, StepOutcome::retry("card network down"))
+//!     .otherwise(StepOutcome::complete("charged"))
+//!     .with_retry_policy(RetryPolicy::new(3, Backoff::Constant, Duration::from_secs(30), Duration::from_secs(30)).unwrap());
+//! let wf = Workflow::builder("pay").unique("pay", Scope::Workflow)
+//!     .start(charge.clone()).on(charge.clone(), "charged", Done).build().unwrap();
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! rt.block_on(async {
+//!     let runtime = Runtime::builder(MemoryBackend::with_clock(clock.clock()))
+//!         .clock(clock.clock()).workflow(wf).build().unwrap();
+//!     let s = runtime.start("pay", "1", json!({}), StartOptions::default()).await.unwrap();
+//!     assert_eq!(runtime.drain().await.unwrap().retried, 1);
+//!     clock.advance(Duration::from_secs(30));
+//!     runtime.drain().await.unwrap();
+//!     assert_eq!(charge.attempts(), vec![1, 2]);
+//!     assert_eq!(runtime.get(s.id).await.unwrap().unwrap().status, InstanceStatus::Completed);
+//! });
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use hephaestus_engine_core::ports::{JobInfo, NewJob};
+use hephaestus_engine_core::retry::RetryPolicy;
+use hephaestus_engine_core::step::{Step, StepInput, StepOutcome};
+use hephaestus_engine_core::{Event, StepId};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::config::Clock;
+use crate::error::RunnerError;
+use crate::jobs;
+use crate::runtime::{Backend, Runtime};
+use crate::worker::{DrainReport, JobOutcome};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A clock that moves only when the test says so. Clones share the time.
+#[derive(Clone)]
+pub struct VirtualClock {
+    now: Arc<Mutex<DateTime<Utc>>>,
+}
+
+impl fmt::Debug for VirtualClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("VirtualClock")
+            .field("now", &self.now())
+            .finish()
+    }
+}
+
+impl Default for VirtualClock {
+    /// Starts at 2030-01-01T00:00:00Z.
+    fn default() -> Self {
+        Self::at(
+            Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
+                .single()
+                .unwrap_or_default(),
+        )
+    }
+}
+
+impl VirtualClock {
+    /// A clock stopped at `now`.
+    pub fn at(now: DateTime<Utc>) -> Self {
+        Self {
+            now: Arc::new(Mutex::new(now)),
+        }
+    }
+
+    /// The current virtual time.
+    pub fn now(&self) -> DateTime<Utc> {
+        *lock(&self.now)
+    }
+
+    /// Moves time forward.
+    pub fn advance(&self, by: Duration) {
+        let delta = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
+        let mut now = lock(&self.now);
+        *now = now.checked_add_signed(delta).unwrap_or(*now);
+    }
+
+    /// The clock as the runtime and the memory backend take it.
+    pub fn clock(&self) -> Clock {
+        let me = self.clone();
+        Arc::new(move || me.now())
+    }
+}
+
+/// A latch: steps wait on it until the test releases it.
+#[derive(Debug, Clone, Default)]
+pub struct Gate {
+    inner: Arc<(
+        tokio::sync::Notify,
+        std::sync::atomic::AtomicBool,
+        std::sync::atomic::AtomicUsize,
+    )>,
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Opens the gate for every current and future waiter.
+    pub fn release(&self) {
+        self.inner
+            .1
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.inner.0.notify_waiters();
+    }
+
+    /// How many are waiting now.
+    pub fn waiting(&self) -> usize {
+        self.inner.2.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the gate is open.
+    pub async fn wait(&self) {
+        use std::sync::atomic::Ordering;
+        self.inner.2.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let notified = self.inner.0.notified();
+            if self.inner.1.load(Ordering::SeqCst) {
+                break;
+            }
+            notified.await;
+        }
+        self.inner.2.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// One recorded execution of a [`ScriptedStep`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Execution {
+    /// The instance.
+    pub instance_id: Uuid,
+    /// The activation.
+    pub activation: u32,
+    /// The attempt.
+    pub attempt: u32,
+    /// The idempotency key, as a string.
+    pub idempotency_key: String,
+}
+
+struct Script {
+    id: StepId,
+    events: Vec<Event>,
+    by_attempt: BTreeMap<u32, StepOutcome>,
+    otherwise: StepOutcome,
+    retry: Option<RetryPolicy>,
+    gate: Option<Gate>,
+    log: Mutex<Vec<Execution>>,
+}
+
+/// A step whose outcome is scripted per attempt, which records every
+/// execution and can wait on a gate. Clones share the script and the log.
+#[derive(Clone)]
+pub struct ScriptedStep {
+    script: Arc<Script>,
+}
+
+impl fmt::Debug for ScriptedStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScriptedStep")
+            .field("id", &self.script.id)
+            .field("executions", &self.executions().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScriptedStep {
+    /// A step `id` declaring `events`; by default it completes with the first.
+    ///
+    /// # Panics
+    /// On an invalid id or event (a literal in test code).
+    pub fn new<I, E>(id: &str, events: I) -> Self
+    where
+        I: IntoIterator<Item = E>,
+        E: AsRef<str>,
+    {
+        let events: Vec<Event> = events
+            .into_iter()
+            .map(|e| {
+                Event::new(e.as_ref()).unwrap_or_else(|err| panic!("ScriptedStep::new: {err}"))
+            })
+            .collect();
+        let first = events.first().map_or("done", Event::as_str).to_owned();
+        Self {
+            script: Arc::new(Script {
+                id: StepId::new(id).unwrap_or_else(|err| panic!("ScriptedStep::new: {err}")),
+                events,
+                by_attempt: BTreeMap::new(),
+                otherwise: StepOutcome::complete(first),
+                retry: None,
+                gate: None,
+                log: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    fn edit(self, f: impl FnOnce(&mut Script)) -> Self {
+        let mut script = Arc::try_unwrap(self.script).unwrap_or_else(|shared| Script {
+            id: shared.id.clone(),
+            events: shared.events.clone(),
+            by_attempt: shared.by_attempt.clone(),
+            otherwise: shared.otherwise.clone(),
+            retry: shared.retry,
+            gate: shared.gate.clone(),
+            log: Mutex::new(Vec::new()),
+        });
+        f(&mut script);
+        Self {
+            script: Arc::new(script),
+        }
+    }
+
+    /// The outcome of attempt `attempt`.
+    #[must_use]
+    pub fn on_attempt(self, attempt: u32, outcome: StepOutcome) -> Self {
+        self.edit(|s| {
+            s.by_attempt.insert(attempt, outcome);
+        })
+    }
+
+    /// The outcome of every attempt not scripted otherwise.
+    #[must_use]
+    pub fn otherwise(self, outcome: StepOutcome) -> Self {
+        self.edit(|s| s.otherwise = outcome)
+    }
+
+    /// The step's own retry policy.
+    #[must_use]
+    pub fn with_retry_policy(self, policy: RetryPolicy) -> Self {
+        self.edit(|s| s.retry = Some(policy))
+    }
+
+    /// Waits on `gate` before returning its outcome.
+    #[must_use]
+    pub fn gated(self, gate: &Gate) -> Self {
+        let gate = gate.clone();
+        self.edit(|s| s.gate = Some(gate))
+    }
+
+    /// Every execution so far.
+    pub fn executions(&self) -> Vec<Execution> {
+        lock(&self.script.log).clone()
+    }
+
+    /// The attempt numbers of every execution so far.
+    pub fn attempts(&self) -> Vec<u32> {
+        self.executions().iter().map(|e| e.attempt).collect()
+    }
+
+    /// How many times user code ran.
+    pub fn runs(&self) -> usize {
+        lock(&self.script.log).len()
+    }
+}
+
+#[async_trait::async_trait]
+impl Step for ScriptedStep {
+    fn id(&self) -> StepId {
+        self.script.id.clone()
+    }
+
+    fn events(&self, _config: Option<&Value>) -> Vec<Event> {
+        self.script.events.clone()
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        self.script.retry
+    }
+
+    async fn execute(&self, input: StepInput<'_>) -> StepOutcome {
+        lock(&self.script.log).push(Execution {
+            instance_id: input.instance_id,
+            activation: input.activation,
+            attempt: input.attempt,
+            idempotency_key: input.idempotency_key.to_string(),
+        });
+        if let Some(gate) = &self.script.gate {
+            gate.wait().await;
+        }
+        self.script
+            .by_attempt
+            .get(&input.attempt)
+            .cloned()
+            .unwrap_or_else(|| self.script.otherwise.clone())
+    }
+}
+
+/// What a drain may run.
+#[derive(Debug, Clone)]
+pub struct DrainOptions {
+    /// Only jobs of this kind (`jobs::ADVANCE`, ...).
+    pub kind: Option<String>,
+    /// Only this queue.
+    pub queue: Option<String>,
+    /// At most this many jobs.
+    pub max_jobs: Option<usize>,
+    /// A job still running after this long is reported in flight and left
+    /// running (blocked on a gate, say) — the drain goes on without it.
+    pub settle: Duration,
+}
+
+impl Default for DrainOptions {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            queue: None,
+            max_jobs: None,
+            settle: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The counts of [`Runtime::drain_with`].
+#[derive(Debug, Default)]
+pub struct DrainResult {
+    /// Finished jobs by outcome.
+    pub report: DrainReport,
+    /// Jobs still running in user code when the drain returned.
+    pub in_flight: Vec<tokio::task::JoinHandle<JobOutcome>>,
+}
+
+impl<B: Backend> Runtime<B> {
+    /// Runs due jobs until none is due (or `max_jobs` ran), per `options`.
+    pub async fn drain_with(&self, options: &DrainOptions) -> Result<DrainResult, RunnerError> {
+        let mut result = DrainResult::default();
+        let queues = self.drain_queues(options)?;
+        let mut ran = 0usize;
+        loop {
+            let mut progressed = false;
+            for queue in &queues {
+                if options.max_jobs.is_some_and(|max| ran >= max) {
+                    return Ok(result);
+                }
+                let leases = self.backend().fetch(queue, 1, self.now()).await?;
+                for lease in leases {
+                    progressed = true;
+                    ran += 1;
+                    let rt = self.clone();
+                    let mut handle = tokio::spawn(async move { rt.perform(lease).await });
+                    match tokio::time::timeout(options.settle, &mut handle).await {
+                        Ok(Ok(outcome)) => add(&mut result.report, outcome),
+                        Ok(Err(join)) => {
+                            return Err(RunnerError::Corrupt(format!("job task failed: {join}")));
+                        }
+                        Err(_) => result.in_flight.push(handle),
+                    }
+                }
+            }
+            if !progressed {
+                return Ok(result);
+            }
+        }
+    }
+
+    /// The queues a drain looks at. A kind filter needs that kind to have a
+    /// queue of its own (see [`crate::QueueNames`]): a queue is the unit a
+    /// worker fetches from, so jobs of other kinds are never taken by mistake.
+    fn drain_queues(&self, options: &DrainOptions) -> Result<Vec<String>, RunnerError> {
+        let names = &self.config().queues;
+        let Some(kind) = &options.kind else {
+            return Ok(match &options.queue {
+                Some(q) => vec![q.clone()],
+                None => names.distinct(),
+            });
+        };
+        let queue = match kind.as_str() {
+            jobs::ADVANCE => &names.advance,
+            jobs::EXECUTE => &names.execute,
+            jobs::TIMER | jobs::RESUME => &names.timer,
+            other => {
+                return Err(RunnerError::InvalidInput(format!(
+                    "unknown job kind {other:?}"
+                )));
+            }
+        };
+        let shared = [
+            (jobs::ADVANCE, &names.advance),
+            (jobs::EXECUTE, &names.execute),
+            (jobs::TIMER, &names.timer),
+        ]
+        .iter()
+        .any(|(k, q)| {
+            *q == queue && *k != kind.as_str() && !(kind == jobs::RESUME && *k == jobs::TIMER)
+        });
+        if shared {
+            return Err(RunnerError::InvalidInput(format!(
+                "draining only {kind} jobs needs them on a queue of their own; {queue:?} is shared (configure QueueNames)"
+            )));
+        }
+        Ok(vec![queue.clone()])
+    }
+
+    /// The live jobs of an instance (kind, state, due time, attempt).
+    pub async fn jobs_of(&self, instance_id: Uuid) -> Result<Vec<JobInfo>, RunnerError> {
+        Ok(self
+            .backend()
+            .live_jobs(&jobs::of_instance(instance_id))
+            .await?)
+    }
+
+    /// Inserts any job as is (to test duplicates and corrupt input).
+    pub async fn enqueue_raw(
+        &self,
+        job: NewJob,
+    ) -> Result<hephaestus_engine_core::ports::JobId, RunnerError> {
+        let b = self.backend();
+        let mut tx = b.begin().await?;
+        let out = b.enqueue(&mut tx, &[job]).await?;
+        b.commit(tx).await?;
+        Ok(out[0].id())
+    }
+}
+
+fn add(report: &mut DrainReport, outcome: JobOutcome) {
+    match outcome {
+        JobOutcome::Succeeded => report.succeeded += 1,
+        JobOutcome::Skipped => report.skipped += 1,
+        JobOutcome::Retried => report.retried += 1,
+        JobOutcome::Discarded => report.discarded += 1,
+        JobOutcome::Fenced => report.fenced += 1,
+    }
+}
