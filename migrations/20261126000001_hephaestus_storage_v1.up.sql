@@ -26,7 +26,8 @@ create table if not exists "public".hephaestus_instances (
     state jsonb not null default '{}'::jsonb,
     failure jsonb,
     telemetry_metadata jsonb not null default '{}'::jsonb,
-    revision bigint not null default 0,
+    revision bigint not null default 0
+        constraint hephaestus_instances_revision_check check (revision >= 0),
     inserted_at timestamptz not null default now(),
     updated_at timestamptz not null default now()
 );
@@ -36,17 +37,20 @@ create unique index if not exists hephaestus_instances_active_claim_uidx
     where unique_claim is not null and status in ('pending', 'running', 'waiting');
 
 create index if not exists hephaestus_instances_business_id_idx
-    on "public".hephaestus_instances (business_id, inserted_at desc);
+    on "public".hephaestus_instances (business_id, id);
 
 create index if not exists hephaestus_instances_workflow_idx
-    on "public".hephaestus_instances (workflow_id, workflow_version);
+    on "public".hephaestus_instances (workflow_id text_pattern_ops, workflow_version, id);
 
 create index if not exists hephaestus_instances_active_status_idx
     on "public".hephaestus_instances (status, updated_at)
     where status in ('pending', 'running', 'waiting');
 
 create index if not exists hephaestus_instances_inserted_at_idx
-    on "public".hephaestus_instances (inserted_at);
+    on "public".hephaestus_instances (inserted_at, id);
+
+create index if not exists hephaestus_instances_updated_at_idx
+    on "public".hephaestus_instances (updated_at, id);
 
 create table if not exists "public".hephaestus_step_results (
     seq bigint generated always as identity primary key,
@@ -60,9 +64,9 @@ create table if not exists "public".hephaestus_step_results (
         constraint hephaestus_step_results_kind_check
         check (kind in ('completed', 'async', 'resume', 'timer', 'failed', 'cancel')),
     event text,
-    output jsonb not null default '{}'::jsonb,
-    metadata jsonb not null default '{}'::jsonb,
-    error jsonb,
+    output jsonb,
+    metadata jsonb,
+    detail jsonb,
     inserted_at timestamptz not null default clock_timestamp(),
     processed_at timestamptz
 );

@@ -5,6 +5,7 @@
 
 mod migrations;
 mod queue_pg;
+mod runner;
 mod storage_pg;
 mod support;
 mod tidy;

@@ -19,7 +19,11 @@ use crate::support::repo_root;
 const VERSIONS_TABLE: &str = "hephaestus_schema_versions";
 
 fn registry() -> Registry {
-    Registry::builtin()
+    Registry::new(vec![
+        hephaestus_storage_pg::schema(),
+        hephaestus_queue_pg::schema(),
+    ])
+    .expect("the registry is valid")
 }
 
 fn storage() -> Component {

@@ -27,7 +27,13 @@ pub fn run(mut args: Args) -> Result<ExitCode> {
     args.finish()?;
 
     let prefix = SchemaPrefix::new(&prefix)?;
-    let files = render_files(&Registry::builtin(), &prefix)?;
+    let files = render_files(
+        &Registry::new(vec![
+            hephaestus_storage_pg::schema(),
+            hephaestus_queue_pg::schema(),
+        ])?,
+        &prefix,
+    )?;
 
     if check {
         let status = check_dir(&out, &files)?;

@@ -217,13 +217,13 @@ mod tests {
 
     #[test]
     fn file_names_follow_the_sqlx_convention() {
-        let files = render_files(&Registry::builtin(), &SchemaPrefix::default()).unwrap();
+        let files = render_files(&crate::fixture::registry(), &SchemaPrefix::default()).unwrap();
         let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(
             &names[..2],
             &[
-                "20261126000001_hephaestus_storage_v1.up.sql",
-                "20261126000001_hephaestus_storage_v1.down.sql"
+                "20000101000001_hephaestus_fixture_v1.up.sql",
+                "20000101000001_hephaestus_fixture_v1.down.sql"
             ]
         );
         for file in &files {
@@ -235,17 +235,16 @@ mod tests {
 
     #[test]
     fn output_is_deterministic_and_prefix_specific() {
-        let a = render_files(&Registry::builtin(), &SchemaPrefix::default()).unwrap();
-        let b = render_files(&Registry::builtin(), &SchemaPrefix::default()).unwrap();
+        let a = render_files(&crate::fixture::registry(), &SchemaPrefix::default()).unwrap();
+        let b = render_files(&crate::fixture::registry(), &SchemaPrefix::default()).unwrap();
         assert_eq!(a, b);
-        let other =
-            render_files(&Registry::builtin(), &SchemaPrefix::new("tenant").unwrap()).unwrap();
+        let other = render_files(
+            &crate::fixture::registry(),
+            &SchemaPrefix::new("tenant").unwrap(),
+        )
+        .unwrap();
         assert_ne!(a[0].contents, other[0].contents);
-        assert!(
-            other[0]
-                .contents
-                .contains("\"tenant\".hephaestus_instances")
-        );
+        assert!(other[0].contents.contains("\"tenant\".fixture_parents"));
         assert!(!other[0].contents.contains("\"public\""));
     }
 
@@ -272,7 +271,7 @@ mod tests {
     #[test]
     fn write_then_check_is_clean_and_rewrite_is_a_no_op() {
         let dir = temp_dir("write");
-        let files = render_files(&Registry::builtin(), &SchemaPrefix::default()).unwrap();
+        let files = render_files(&crate::fixture::registry(), &SchemaPrefix::default()).unwrap();
         let before = check_dir(&dir, &files).unwrap();
         assert_eq!(before.missing.len(), files.len());
         assert!(!before.is_clean());
@@ -291,7 +290,7 @@ mod tests {
     #[test]
     fn never_overwrites_a_changed_file_and_reports_drift() {
         let dir = temp_dir("drift");
-        let files = render_files(&Registry::builtin(), &SchemaPrefix::default()).unwrap();
+        let files = render_files(&crate::fixture::registry(), &SchemaPrefix::default()).unwrap();
         write_dir(&dir, &files).unwrap();
         let edited = dir.join(&files[0].name);
         fs::write(&edited, "-- edited by hand\n").unwrap();

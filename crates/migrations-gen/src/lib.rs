@@ -1,10 +1,12 @@
 //! Versioned, idempotent PostgreSQL DDL for the Hephaestus tables.
 //!
-//! A [`Component`] is a set of tables owned by one crate (today: `storage`, the workflow
-//! instances and their step results) with an ordered list of [`SchemaVersion`]s. This
-//! crate renders, for a validated [`SchemaPrefix`] (a PostgreSQL schema, default
-//! `public`), the SQL that migrates a component between ANY two versions, and the
-//! sqlx-compatible files that `cargo xtask gen-migration` writes into `migrations/`.
+//! A [`Component`] is a set of tables owned by one crate (for example `storage`, the
+//! workflow instances and their step results, defined by `hephaestus_storage_pg::schema()`)
+//! with an ordered list of [`SchemaVersion`]s. This crate renders, for a validated
+//! [`SchemaPrefix`] (a PostgreSQL schema, default `public`), the SQL that migrates a
+//! component between ANY two versions, and the sqlx-compatible files that
+//! `cargo xtask gen-migration` writes into `migrations/` for a [`Registry`] of components.
+//! It depends on no other crate of the workspace and knows no table of its own.
 //! It does no I/O against a database and has no async code: runtime crates embed the
 //! rendered text and run it themselves.
 //!
@@ -31,29 +33,39 @@
 //! # Example
 //!
 //! ```
-//! use hephaestus_migrations_gen::{render_down, render_up, Registry, SchemaPrefix};
+//! use hephaestus_migrations_gen::{render_down, render_up, Component, Down, Registry, SchemaPrefix, SchemaVersion};
 //!
-//! let registry = Registry::builtin();
-//! let storage = registry.get("storage")?;
+//! // A component is defined by the crate that owns its tables.
+//! static VERSIONS: [SchemaVersion; 1] = [SchemaVersion {
+//!     number: 1,
+//!     sqlx_version: 20_260_101_000_001,
+//!     description: "notes",
+//!     up: &["create table if not exists {prefix}.notes (id bigint primary key, body text not null)"],
+//!     down: Down::Statements(&["drop table if exists {prefix}.notes"]),
+//! }];
+//! let notes = Component::new("notes", &VERSIONS)?;
+//! let registry = Registry::new(vec![notes])?;
+//! let notes = registry.get("notes")?;
 //! let prefix = SchemaPrefix::new("tenant_a")?;
 //!
-//! let up = render_up(storage, &prefix, 0, storage.latest())?;
+//! let up = render_up(notes, &prefix, 0, notes.latest())?;
 //! assert_eq!(up.versions(), &[1]);
-//! assert!(up.to_sql().contains("\"tenant_a\".hephaestus_step_results"));
+//! assert!(up.to_sql().contains("create table if not exists \"tenant_a\".notes"));
 //!
 //! // Already at the target: nothing to do, no error.
-//! assert!(render_up(storage, &prefix, 1, 1)?.is_empty());
+//! assert!(render_up(notes, &prefix, 1, 1)?.is_empty());
 //!
 //! // Down to 0 drops everything the component created.
-//! let down = render_down(storage, &prefix, storage.latest(), 0)?;
-//! assert!(down.to_sql().contains("drop table if exists \"tenant_a\".hephaestus_instances"));
+//! let down = render_down(notes, &prefix, notes.latest(), 0)?;
+//! assert!(down.to_sql().contains("drop table if exists \"tenant_a\".notes"));
 //! # Ok::<(), hephaestus_migrations_gen::Error>(())
 //! ```
 
 mod component;
-pub mod components;
 mod error;
 pub mod files;
+#[cfg(test)]
+mod fixture;
 mod prefix;
 mod registry;
 mod render;

@@ -3,7 +3,6 @@
 use std::collections::HashSet;
 
 use crate::component::Component;
-use crate::components;
 use crate::error::Error;
 
 /// Components in dependency order: a component may only reference tables of components
@@ -53,12 +52,6 @@ impl Registry {
         Ok(Self { components })
     }
 
-    /// The components shipped by this crate: `storage` (instances and step results).
-    pub fn builtin() -> Self {
-        // Cannot fail: the built-in definitions are checked by this crate's unit tests.
-        Self::new(vec![components::storage::component()]).expect("the built-in registry is valid")
-    }
-
     /// All components, in dependency order.
     pub fn components(&self) -> &[Component] {
         &self.components
@@ -94,10 +87,10 @@ mod tests {
     static B_CLASH: [SchemaVersion; 1] = [version(1, 30)];
 
     #[test]
-    fn builtin_is_valid_and_starts_with_storage() {
-        let registry = Registry::builtin();
-        assert_eq!(registry.components()[0].name(), "storage");
-        assert!(registry.get("storage").is_ok());
+    fn components_are_found_by_name() {
+        let registry = crate::fixture::registry();
+        assert_eq!(registry.components()[0].name(), "fixture");
+        assert!(registry.get("fixture").is_ok());
         assert!(matches!(
             registry.get("nope"),
             Err(Error::UnknownComponent(name)) if name == "nope"

@@ -155,12 +155,18 @@ fn check_known(component: &Component, version: u32) -> Result<(), Error> {
 /// version (never lowering a version that is already recorded higher).
 ///
 /// ```
-/// use hephaestus_migrations_gen::{render_up, Registry, SchemaPrefix};
-/// let registry = Registry::builtin();
-/// let storage = registry.get("storage").unwrap();
-/// let script = render_up(storage, &SchemaPrefix::default(), 0, storage.latest()).unwrap();
-/// assert!(script.to_sql().contains("create table if not exists \"public\".hephaestus_instances"));
-/// assert!(render_up(storage, &SchemaPrefix::default(), 1, 1).unwrap().is_empty());
+/// use hephaestus_migrations_gen::{render_up, Component, Down, SchemaPrefix, SchemaVersion};
+/// static VERSIONS: [SchemaVersion; 1] = [SchemaVersion {
+///     number: 1,
+///     sqlx_version: 20_260_101_000_001,
+///     description: "notes",
+///     up: &["create table if not exists {prefix}.notes (id bigint primary key)"],
+///     down: Down::Statements(&["drop table if exists {prefix}.notes"]),
+/// }];
+/// let notes = Component::new("notes", &VERSIONS).unwrap();
+/// let script = render_up(&notes, &SchemaPrefix::default(), 0, notes.latest()).unwrap();
+/// assert!(script.to_sql().contains("create table if not exists \"public\".notes"));
+/// assert!(render_up(&notes, &SchemaPrefix::default(), 1, 1).unwrap().is_empty());
 /// ```
 pub fn render_up(
     component: &Component,
@@ -335,7 +341,6 @@ $$"
 mod tests {
     use super::*;
     use crate::component::SchemaVersion;
-    use crate::registry::Registry;
 
     const fn version(number: u32, down: Down) -> SchemaVersion {
         SchemaVersion {
@@ -368,7 +373,7 @@ mod tests {
     ];
 
     fn components() -> Vec<Component> {
-        let mut all = Registry::builtin().components().to_vec();
+        let mut all = crate::fixture::registry().components().to_vec();
         all.push(Component::new("three", &THREE).unwrap());
         all
     }

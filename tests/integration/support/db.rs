@@ -54,8 +54,12 @@ fn connect_options() -> PgConnectOptions {
 }
 
 async fn pool(options: PgConnectOptions) -> PgPool {
+    pool_of(options, 3).await
+}
+
+async fn pool_of(options: PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
-        .max_connections(3)
+        .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(options)
         .await
@@ -83,6 +87,16 @@ impl TestSchema {
             .await
             .expect("create the test schema");
         Self { pool, prefix }
+    }
+
+    /// Another pool on the same server, with up to `max_connections` (for
+    /// tests that run many concurrent transactions).
+    pub async fn pool_with(&self, max_connections: u32) -> PgPool {
+        pool_of(
+            connect_options().options([("search_path", "hephaestus_no_such_schema")]),
+            max_connections,
+        )
+        .await
     }
 
     /// A schema-qualified name in this schema, e.g. `"t_0123".hephaestus_instances`.

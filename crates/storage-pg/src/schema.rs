@@ -1,19 +1,37 @@
-//! The `storage` component: workflow instances and the step results applied to them.
+//! The `storage` schema component: the DDL of the two tables this crate owns.
 //!
 //! `hephaestus_instances` holds one row per workflow instance. The id is a UUID v7 chosen
 //! by the application; `business_id` is the caller's `key::value` (or
 //! `key::value::<8 hex>` for uniqueness scope none) and is NOT unique: a finished
 //! instance is history, and starting the same business id again creates a new row.
 //! Uniqueness among ACTIVE instances is enforced atomically by the partial unique index
-//! on `unique_claim`, a key the application derives from the uniqueness scope (null for
-//! scope none). `revision` is bumped by the single writer on every update.
+//! on `unique_claim`, a key the engine derives from the uniqueness scope (null for scope
+//! none). `state` holds the context, step configs, runtime metadata, per-step state and
+//! history as one JSON document; `revision` is bumped by the single writer.
 //!
 //! `hephaestus_step_results` is the inbox of the single writer: step workers, resumes,
 //! timers, failures and cancels insert rows (idempotently per instance, step, activation
 //! and kind) and never touch the instance row; the writer applies unprocessed rows in
-//! `seq` (arrival) order and sets `processed_at`.
+//! `seq` (arrival) order and sets `processed_at`. `step_id` is `''` for instance-level
+//! rows (cancel, instance failure).
+//!
+//! Index choices (every index costs on every write, so each one serves a named query):
+//!
+//! | index | query |
+//! | --- | --- |
+//! | `hephaestus_instances_active_claim_uidx` | uniqueness among active instances; the holder lookup after a conflict |
+//! | `hephaestus_instances_business_id_idx` | an instance by business id, newest first (facade calls by business value) |
+//! | `hephaestus_instances_workflow_idx` | by workflow (and version), and by workflow family prefix (`like 'p%'`, hence `text_pattern_ops`) |
+//! | `hephaestus_instances_active_status_idx` | active instances by status and staleness (runner recovery, reconciler) |
+//! | `hephaestus_instances_inserted_at_idx` / `_updated_at_idx` | operators' time ranges, with keyset pagination on `(time, id)` |
+//! | `hephaestus_step_results_activation_uidx` | idempotent insert, `is_recorded`, the foreign key's cascade |
+//! | `hephaestus_step_results_pending_idx` | the single writer's inbox: unprocessed rows of one instance by `seq` |
+//! | `hephaestus_step_results_processed_at_idx` | pruning processed rows by age |
+//!
+//! There is deliberately no GIN index on `state`: the document is rewritten on every
+//! advance, and a GIN index over it would make every write much more expensive.
 
-use crate::component::{Component, Down, SchemaVersion};
+use hephaestus_migrations_gen::{Component, Down, SchemaVersion};
 
 const V1_UP: &[&str] = &[
     r"create table if not exists {prefix}.hephaestus_instances (
@@ -29,7 +47,8 @@ const V1_UP: &[&str] = &[
     state jsonb not null default '{}'::jsonb,
     failure jsonb,
     telemetry_metadata jsonb not null default '{}'::jsonb,
-    revision bigint not null default 0,
+    revision bigint not null default 0
+        constraint hephaestus_instances_revision_check check (revision >= 0),
     inserted_at timestamptz not null default now(),
     updated_at timestamptz not null default now()
 )",
@@ -38,14 +57,17 @@ const V1_UP: &[&str] = &[
     on {prefix}.hephaestus_instances (unique_claim)
     where unique_claim is not null and status in ('pending', 'running', 'waiting')",
     r"create index if not exists hephaestus_instances_business_id_idx
-    on {prefix}.hephaestus_instances (business_id, inserted_at desc)",
+    on {prefix}.hephaestus_instances (business_id, id)",
+    // `text_pattern_ops` serves equality and `like 'prefix%'` under any collation.
     r"create index if not exists hephaestus_instances_workflow_idx
-    on {prefix}.hephaestus_instances (workflow_id, workflow_version)",
+    on {prefix}.hephaestus_instances (workflow_id text_pattern_ops, workflow_version, id)",
     r"create index if not exists hephaestus_instances_active_status_idx
     on {prefix}.hephaestus_instances (status, updated_at)
     where status in ('pending', 'running', 'waiting')",
     r"create index if not exists hephaestus_instances_inserted_at_idx
-    on {prefix}.hephaestus_instances (inserted_at)",
+    on {prefix}.hephaestus_instances (inserted_at, id)",
+    r"create index if not exists hephaestus_instances_updated_at_idx
+    on {prefix}.hephaestus_instances (updated_at, id)",
     r"create table if not exists {prefix}.hephaestus_step_results (
     seq bigint generated always as identity primary key,
     instance_id uuid not null
@@ -58,9 +80,9 @@ const V1_UP: &[&str] = &[
         constraint hephaestus_step_results_kind_check
         check (kind in ('completed', 'async', 'resume', 'timer', 'failed', 'cancel')),
     event text,
-    output jsonb not null default '{}'::jsonb,
-    metadata jsonb not null default '{}'::jsonb,
-    error jsonb,
+    output jsonb,
+    metadata jsonb,
+    detail jsonb,
     inserted_at timestamptz not null default clock_timestamp(),
     processed_at timestamptz
 )",
@@ -92,38 +114,51 @@ static VERSIONS: [SchemaVersion; 1] = [SchemaVersion {
     down: Down::Statements(V1_DOWN),
 }];
 
-/// The `storage` component.
-pub fn component() -> Component {
-    // Cannot fail: the definition above is checked by the unit test below.
-    Component::new("storage", &VERSIONS).expect("the storage component is valid")
+/// The component's name, the key of its row in `hephaestus_schema_versions`.
+pub const COMPONENT: &str = "storage";
+
+/// The `storage` component (instances and step results), for the migrations registry
+/// and for [`crate::migrate`].
+pub fn schema() -> Component {
+    // Cannot fail: the definition above is checked by the unit tests below.
+    Component::new(COMPONENT, &VERSIONS).expect("the storage component is valid")
 }
 
 #[cfg(test)]
 mod tests {
+    use hephaestus_migrations_gen::{SchemaPrefix, render_down, render_up};
+
     use super::*;
-    use crate::{SchemaPrefix, render_up};
 
     #[test]
-    fn storage_definition_is_valid() {
-        let storage = component();
+    fn the_definition_is_valid() {
+        let storage = schema();
         assert_eq!(storage.name(), "storage");
         assert_eq!(storage.latest(), 1);
     }
 
     #[test]
     fn instances_are_created_before_step_results_and_dropped_after() {
-        let sql = render_up(&component(), &SchemaPrefix::default(), 0, 1)
+        let up = render_up(&schema(), &SchemaPrefix::default(), 0, 1)
             .unwrap()
             .to_sql();
-        let instances = sql
+        let instances = up
             .find("create table if not exists \"public\".hephaestus_instances")
             .unwrap();
-        let results = sql
+        let results = up
             .find("create table if not exists \"public\".hephaestus_step_results")
             .unwrap();
         assert!(instances < results);
-        assert!(V1_DOWN[0].contains("hephaestus_step_results"));
-        assert!(V1_DOWN[1].contains("hephaestus_instances"));
+        let down = render_down(&schema(), &SchemaPrefix::default(), 1, 0)
+            .unwrap()
+            .to_sql();
+        let results = down
+            .find("drop table if exists \"public\".hephaestus_step_results")
+            .unwrap();
+        let instances = down
+            .find("drop table if exists \"public\".hephaestus_instances")
+            .unwrap();
+        assert!(results < instances);
     }
 
     #[test]
@@ -135,6 +170,22 @@ mod tests {
                     !code.chars().any(|c| c.is_ascii_uppercase()),
                     "upper case in: {line}"
                 );
+            }
+        }
+    }
+
+    #[test]
+    fn every_table_reference_uses_the_prefix() {
+        let sql = render_up(&schema(), &SchemaPrefix::new("tenant_a").unwrap(), 0, 1)
+            .unwrap()
+            .to_sql();
+        for keyword in [" on ", " references ", " table if not exists "] {
+            for (at, _) in sql.match_indices(keyword) {
+                let rest = &sql[at + keyword.len()..];
+                if rest.starts_with("conflict") || rest.starts_with("delete") {
+                    continue;
+                }
+                assert!(rest.starts_with("\"tenant_a\"."), "{}", &rest[..40]);
             }
         }
     }

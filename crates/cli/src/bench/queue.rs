@@ -1,0 +1,480 @@
+//! `hephaestus bench queue`: a burn-down benchmark of the job queue.
+//!
+//! 1. Creates and migrates its own schema (`hephaestus_bench_<hex>`,
+//!    dropped at the end unless `--keep`).
+//! 2. Inserts `--jobs` no-op jobs in batches of `--batch` over `--inserters`
+//!    connections (timed), then runs `ANALYZE` on the jobs table (not timed).
+//! 3. Starts `--workers` runtimes, each with its own pool (like separate
+//!    processes) and `--concurrency` slots, and times the drain until every
+//!    job's completion is committed. `pg_stat_database.xact_commit` is read
+//!    before and after (with every other connection of the benchmark closed,
+//!    so their statistics are flushed) to give commits per job.
+//! 4. Reads the scheduled-to-completed latency percentiles from the table.
+//! 5. Times `--pickups` single jobs on the idle queue, from just before the
+//!    insert to the start of the worker (LISTEN/NOTIFY wake-up).
+//!
+//! Prints one JSON object with `--json`, a short table otherwise.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use hephaestus_engine_core::ports::NewJob;
+use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_queue_pg::{
+    DynWorker, JobContext, JobError, JobEventKind, PgQueue, QueueRuntime, RuntimeConfig, Workers,
+};
+use serde_json::{Map, Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::sync::mpsc;
+
+const QUEUE: &str = "bench";
+const NOOP: &str = "noop";
+const PICKUP: &str = "pickup";
+/// Longest the drain may take before the benchmark gives up.
+const DRAIN_LIMIT: Duration = Duration::from_secs(600);
+
+/// Options of `hephaestus bench queue`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QueueBench {
+    /// Jobs to insert and drain.
+    #[arg(long, default_value_t = 100_000)]
+    jobs: usize,
+    /// Worker runtimes, each with its own connection pool.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Jobs in flight per worker runtime.
+    #[arg(long, default_value_t = 1_000)]
+    concurrency: usize,
+    /// Jobs per insert statement.
+    #[arg(long, default_value_t = 5_000)]
+    batch: usize,
+    /// Connections inserting at once.
+    #[arg(long, default_value_t = 2)]
+    inserters: usize,
+    /// Single-job pickups timed on the idle queue (0 to skip).
+    #[arg(long, default_value_t = 200)]
+    pickups: usize,
+    /// The PostgreSQL server.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The schema to create and use (default: a fresh `hephaestus_bench_<hex>`).
+    #[arg(long)]
+    schema: Option<String>,
+    /// Keep the schema and its jobs afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What was measured.
+#[derive(Debug, Clone)]
+struct Report {
+    insert: Duration,
+    drain: Duration,
+    commits: i64,
+    latency_p50: Duration,
+    latency_p99: Duration,
+    pickups: Vec<Duration>,
+    server: String,
+}
+
+impl QueueBench {
+    pub async fn run(self) -> Result<()> {
+        ensure!(self.jobs > 0, "--jobs must be at least 1");
+        ensure!(self.workers > 0, "--workers must be at least 1");
+        ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        ensure!(self.batch > 0, "--batch must be at least 1");
+        ensure!(self.inserters > 0, "--inserters must be at least 1");
+        let name = self.schema.clone().unwrap_or_else(|| {
+            let suffix = uuid::Uuid::new_v4().simple().to_string();
+            format!("hephaestus_bench_{}", &suffix[..12])
+        });
+        let prefix = SchemaPrefix::new(&name).context("--schema")?;
+        let options = PgConnectOptions::from_str(&self.database_url)
+            .context("--database-url is not a PostgreSQL URL")?;
+        let admin = pool(&options, 2).await?;
+        hephaestus_queue_pg::migrate(&admin, &prefix)
+            .await
+            .context("migrating the benchmark schema")?;
+        let existing: i64 = sqlx::query_scalar(&format!(
+            "select count(*) from {}.hephaestus_jobs",
+            prefix.quoted()
+        ))
+        .fetch_one(&admin)
+        .await?;
+        if existing > 0 {
+            bail!(
+                "schema {} already holds {existing} jobs; use a fresh --schema",
+                prefix.as_str()
+            );
+        }
+        admin.close().await;
+        let outcome = self.measure(&options, &prefix).await;
+        if !self.keep {
+            let admin = pool(&options, 1).await?;
+            sqlx::raw_sql(&format!(
+                "drop schema if exists {} cascade",
+                prefix.quoted()
+            ))
+            .execute(&admin)
+            .await
+            .context("dropping the benchmark schema")?;
+            admin.close().await;
+        }
+        let report = outcome?;
+        self.print(&report);
+        Ok(())
+    }
+
+    async fn measure(&self, options: &PgConnectOptions, prefix: &SchemaPrefix) -> Result<Report> {
+        // 1. Insert, timed.
+        let insert = self.insert_all(options, prefix).await?;
+        let admin = pool(options, 1).await?;
+        sqlx::raw_sql(&format!("analyze {}.hephaestus_jobs", prefix.quoted()))
+            .execute(&admin)
+            .await?;
+        let server: String = sqlx::query_scalar("show server_version")
+            .fetch_one(&admin)
+            .await?;
+        admin.close().await;
+
+        // 2. Drain, timed, between two readings of the commit counter.
+        let before = xact_commit(options).await?;
+        let drain = self.drain_all(options, prefix).await?;
+        let after = xact_commit(options).await?;
+
+        // 3. Latency of every job, from the table.
+        let admin = pool(options, 1).await?;
+        let (p50, p99): (f64, f64) = sqlx::query_as(&format!(
+            "select percentile_cont(0.5) within group (order by extract(epoch from completed_at - scheduled_at)),
+                    percentile_cont(0.99) within group (order by extract(epoch from completed_at - scheduled_at))
+             from {}.hephaestus_jobs where kind = $1 and state = 'completed'",
+            prefix.quoted()
+        ))
+        .bind(NOOP)
+        .fetch_one(&admin)
+        .await?;
+        admin.close().await;
+
+        // 4. Pickup latency on the idle queue.
+        let pickups = self.pickups(options, prefix).await?;
+        Ok(Report {
+            insert,
+            drain,
+            commits: after - before,
+            latency_p50: Duration::from_secs_f64(p50.max(0.0)),
+            latency_p99: Duration::from_secs_f64(p99.max(0.0)),
+            pickups,
+            server,
+        })
+    }
+
+    async fn insert_all(
+        &self,
+        options: &PgConnectOptions,
+        prefix: &SchemaPrefix,
+    ) -> Result<Duration> {
+        let inserters = u32::try_from(self.inserters).context("--inserters")?;
+        let pool = pool(options, inserters).await?;
+        let queue = PgQueue::new(pool.clone(), prefix.clone());
+        let job = NewJob::new(NOOP, QUEUE, Value::Object(Map::new()));
+        let batches: Arc<Vec<Vec<NewJob>>> = Arc::new(
+            (0..self.jobs)
+                .step_by(self.batch)
+                .map(|start| vec![job.clone(); self.batch.min(self.jobs - start)])
+                .collect(),
+        );
+        // Open every connection before the clock starts.
+        let mut warm = Vec::new();
+        for _ in 0..self.inserters {
+            warm.push(pool.acquire().await?);
+        }
+        drop(warm);
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..self.inserters {
+            let (queue, batches, next) = (queue.clone(), Arc::clone(&batches), Arc::clone(&next));
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(batch) = batches.get(i) else {
+                        return Ok::<(), hephaestus_queue_pg::Error>(());
+                    };
+                    queue.insert_many(batch).await?;
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.context("an insert task panicked")??;
+        }
+        let elapsed = started.elapsed();
+        pool.close().await;
+        Ok(elapsed)
+    }
+
+    async fn drain_all(
+        &self,
+        options: &PgConnectOptions,
+        prefix: &SchemaPrefix,
+    ) -> Result<Duration> {
+        let workers = Workers::new().register_dyn(Arc::new(Noop));
+        let mut pools = Vec::new();
+        let mut runtimes = Vec::new();
+        let started = Instant::now();
+        for i in 0..self.workers {
+            let pool = pool(options, 8).await?;
+            let queue = PgQueue::new(pool.clone(), prefix.clone());
+            let runtime = QueueRuntime::builder(queue, workers.clone())
+                .queue(QUEUE, self.concurrency)
+                .config(bench_config(i == 0))
+                .start()
+                .await?;
+            pools.push(pool);
+            runtimes.push(runtime);
+        }
+        let target = u64::try_from(self.jobs)?;
+        let drained = loop {
+            let done: u64 = runtimes.iter().map(|r| r.counts().completed).sum();
+            if done >= target {
+                break started.elapsed();
+            }
+            let failed: u64 = runtimes
+                .iter()
+                .map(|r| {
+                    let c = r.counts();
+                    c.retried + c.discarded + c.fenced
+                })
+                .sum();
+            ensure!(failed == 0, "{failed} no-op attempts did not complete");
+            ensure!(
+                started.elapsed() < DRAIN_LIMIT,
+                "the drain did not finish within {DRAIN_LIMIT:?} ({done} of {target} jobs)"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        for runtime in &runtimes {
+            runtime.shutdown(Duration::from_secs(10)).await;
+        }
+        drop(runtimes);
+        for pool in pools {
+            pool.close().await;
+        }
+        Ok(drained)
+    }
+
+    async fn pickups(
+        &self,
+        options: &PgConnectOptions,
+        prefix: &SchemaPrefix,
+    ) -> Result<Vec<Duration>> {
+        if self.pickups == 0 {
+            return Ok(Vec::new());
+        }
+        let (tx, mut started) = mpsc::unbounded_channel();
+        let workers = Workers::new().register_dyn(Arc::new(Pickup(tx)));
+        let pool = pool(options, 8).await?;
+        let queue = PgQueue::new(pool.clone(), prefix.clone());
+        let runtime = QueueRuntime::builder(queue.clone(), workers)
+            .queue(QUEUE, 10)
+            .config(bench_config(true))
+            .start()
+            .await?;
+        let mut events = runtime.subscribe();
+        let job = NewJob::new(PICKUP, QUEUE, Value::Object(Map::new()));
+        // Warm the pool's connections and statement caches.
+        let mut samples = Vec::with_capacity(self.pickups);
+        for i in 0..self.pickups + 10 {
+            let before = Instant::now();
+            let id = queue.insert(&job).await?.id();
+            let at = tokio::time::timeout(Duration::from_secs(10), started.recv())
+                .await
+                .context("a job was not picked up within 10 s")?
+                .context("the pickup worker stopped")?;
+            if i >= 10 {
+                samples.push(at.saturating_duration_since(before));
+            }
+            // Let its completion commit before the next sample.
+            loop {
+                let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
+                    .await
+                    .context("a pickup job did not complete within 10 s")??;
+                if event.job == id && event.kind == JobEventKind::Completed {
+                    break;
+                }
+            }
+        }
+        runtime.shutdown(Duration::from_secs(5)).await;
+        pool.close().await;
+        Ok(samples)
+    }
+
+    fn print(&self, report: &Report) {
+        let secs = |d: Duration| d.as_secs_f64();
+        let ms = |d: Duration| d.as_secs_f64() * 1_000.0;
+        let per_sec = |d: Duration| ratio(self.jobs, secs(d));
+        let mut pickups = report.pickups.clone();
+        pickups.sort_unstable();
+        let pickup_p50 = percentile(&pickups, 500).map(ms);
+        let pickup_p99 = percentile(&pickups, 990).map(ms);
+        let commits_per_job = ratio_i64(report.commits, self.jobs);
+        if self.json {
+            let out = json!({
+                "bench": "queue",
+                "method": "burn-down: insert all jobs, then start the workers and time the drain",
+                "jobs": self.jobs,
+                "workers": self.workers,
+                "concurrency_per_worker": self.concurrency,
+                "insert_batch": self.batch,
+                "inserters": self.inserters,
+                "insert_seconds": secs(report.insert),
+                "insert_jobs_per_sec": per_sec(report.insert),
+                "drain_seconds": secs(report.drain),
+                "jobs_per_sec": per_sec(report.drain),
+                "commits": report.commits,
+                "commits_per_job": commits_per_job,
+                "p50_ms": ms(report.latency_p50),
+                "p99_ms": ms(report.latency_p99),
+                "pickup_samples": pickups.len(),
+                "pickup_p50_ms": pickup_p50,
+                "pickup_p99_ms": pickup_p99,
+                "postgres": report.server,
+                "cpus": std::thread::available_parallelism().map(std::num::NonZero::get).ok(),
+            });
+            println!("{out}");
+        } else {
+            println!(
+                "queue burn-down: {} jobs, {} workers x {} slots (PostgreSQL {})",
+                self.jobs, self.workers, self.concurrency, report.server
+            );
+            println!(
+                "  insert  {:>9.3} s  {:>10.0} jobs/s  (batches of {}, {} connections)",
+                secs(report.insert),
+                per_sec(report.insert),
+                self.batch,
+                self.inserters
+            );
+            println!(
+                "  drain   {:>9.3} s  {:>10.0} jobs/s  {:.4} commits/job",
+                secs(report.drain),
+                per_sec(report.drain),
+                commits_per_job
+            );
+            println!(
+                "  latency scheduled->completed p50 {:.1} ms, p99 {:.1} ms",
+                ms(report.latency_p50),
+                ms(report.latency_p99)
+            );
+            if let (Some(p50), Some(p99)) = (pickup_p50, pickup_p99) {
+                println!(
+                    "  pickup  insert->start on an idle queue p50 {p50:.3} ms, p99 {p99:.3} ms ({} samples)",
+                    pickups.len()
+                );
+            }
+        }
+    }
+}
+
+fn bench_config(maintenance: bool) -> RuntimeConfig {
+    RuntimeConfig {
+        maintenance,
+        retention: None,
+        depth_interval: None,
+        completion_batch: 2_000,
+        events_capacity: 64,
+        ..RuntimeConfig::default()
+    }
+}
+
+async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.clone())
+        .await
+        .context("connecting to PostgreSQL")
+}
+
+/// The database's committed transactions, read on a fresh connection once
+/// the benchmark's other connections are closed: a backend flushes its
+/// statistics when it exits, shortly after its connection closes.
+async fn xact_commit(options: &PgConnectOptions) -> Result<i64> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reader = pool(options, 1).await?;
+    let commits: i64 = sqlx::query_scalar(
+        "select xact_commit from pg_stat_database where datname = current_database()",
+    )
+    .fetch_one(&reader)
+    .await?;
+    reader.close().await;
+    Ok(commits)
+}
+
+fn ratio(n: usize, d: f64) -> f64 {
+    let n = u32::try_from(n).map_or(f64::from(u32::MAX), f64::from);
+    if d > 0.0 { n / d } else { 0.0 }
+}
+
+fn ratio_i64(n: i64, d: usize) -> f64 {
+    let n = i32::try_from(n).map_or(f64::from(i32::MAX), f64::from);
+    let d = u32::try_from(d).map_or(f64::from(u32::MAX), f64::from);
+    if d > 0.0 { n / d } else { 0.0 }
+}
+
+/// The quantile `per_mille`/1000 of sorted samples (nearest rank).
+fn percentile(sorted: &[Duration], per_mille: usize) -> Option<Duration> {
+    let rank = (sorted.len() * per_mille).div_ceil(1000).max(1);
+    sorted.get(rank - 1).copied()
+}
+
+/// The no-op job.
+struct Noop;
+
+#[async_trait::async_trait]
+impl DynWorker for Noop {
+    fn kind(&self) -> &str {
+        NOOP
+    }
+
+    async fn perform(&self, _job: &JobContext) -> Result<(), JobError> {
+        Ok(())
+    }
+}
+
+/// Reports when it starts.
+struct Pickup(mpsc::UnboundedSender<Instant>);
+
+#[async_trait::async_trait]
+impl DynWorker for Pickup {
+    fn kind(&self) -> &str {
+        PICKUP
+    }
+
+    async fn perform(&self, _job: &JobContext) -> Result<(), JobError> {
+        let _ = self.0.send(Instant::now());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&samples, 500), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&samples, 990), Some(Duration::from_millis(99)));
+        assert_eq!(
+            percentile(&samples[..1], 990),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(percentile(&[], 500), None);
+    }
+}

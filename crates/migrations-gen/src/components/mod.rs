@@ -1,3 +1,0 @@
-//! The components this crate ships, one module per component.
-
-pub mod storage;

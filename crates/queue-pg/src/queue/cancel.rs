@@ -1,0 +1,206 @@
+//! Cancel by id and by predicate. Any unfinished job can be cancelled,
+//! executing ones included: the job becomes `cancelled` at once (so the
+//! running attempt's acknowledgement is fenced off) and its worker is told
+//! to stop by a NOTIFY sent at commit (in poll-only mode, by its next
+//! heartbeat).
+
+use hephaestus_engine_core::ports::JobId;
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use super::PgQueue;
+use crate::error::Error;
+use crate::job::has_nul;
+
+/// `$1` id, `$2` now. Returns the id and the state it had.
+pub(super) const CANCEL_ONE: &str = r"with target as (
+    select id, state
+    from {prefix}.hephaestus_jobs
+    where id = $1 and state in ('available', 'scheduled', 'executing', 'retryable')
+    for update
+)
+update {prefix}.hephaestus_jobs as j
+set state = 'cancelled', cancelled_at = $2
+from target
+where j.id = target.id
+returning j.id, target.state";
+
+/// `$1` args (containment), `$2` except id (nullable), `$3` now.
+pub(super) const CANCEL_MATCHING_ARGS: &str = r"with target as (
+    select id, state
+    from {prefix}.hephaestus_jobs
+    where args @> $1::jsonb
+      and state in ('available', 'scheduled', 'executing', 'retryable')
+      and id is distinct from $2::bigint
+    for update
+)
+update {prefix}.hephaestus_jobs as j
+set state = 'cancelled', cancelled_at = $3
+from target
+where j.id = target.id
+returning j.id, target.state";
+
+/// `$1` now; `{conditions}` is built from fixed fragments with binds from `$2`.
+pub(super) const CANCEL_WHERE_BASE: &str = r"with target as (
+    select id, state
+    from {prefix}.hephaestus_jobs
+    where state in ('available', 'scheduled', 'executing', 'retryable'){conditions}
+    for update
+)
+update {prefix}.hephaestus_jobs as j
+set state = 'cancelled', cancelled_at = $1
+from target
+where j.id = target.id
+returning j.id, target.state";
+
+/// `$1` channel, `$2` ids of cancelled executing jobs.
+pub(super) const NOTIFY_CANCELLED: &str =
+    r"select count(pg_notify($1::text, 'c:' || id::text)) from unnest($2::bigint[]) as id";
+
+/// Which unfinished jobs to cancel: every given condition must hold.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CancelFilter {
+    /// Args contain this JSON (containment, `@>`).
+    pub args: Option<Value>,
+    /// Meta contains this JSON.
+    pub meta: Option<Value>,
+    /// In this queue.
+    pub queue: Option<String>,
+    /// Of this kind.
+    pub kind: Option<String>,
+    /// Not this job (for example the job doing the cancelling).
+    pub except: Option<JobId>,
+}
+
+impl CancelFilter {
+    /// Jobs whose args contain `args`.
+    pub fn args(args: Value) -> Self {
+        Self {
+            args: Some(args),
+            ..Self::default()
+        }
+    }
+
+    /// Jobs whose meta contains `meta`.
+    pub fn meta(meta: Value) -> Self {
+        Self {
+            meta: Some(meta),
+            ..Self::default()
+        }
+    }
+}
+
+impl PgQueue {
+    /// Cancels one unfinished job (its own transaction); `false` when it is
+    /// finished or missing.
+    pub async fn cancel(&self, id: JobId) -> Result<bool, Error> {
+        let mut tx = self.pool().begin().await?;
+        let cancelled = self.cancel_using(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(cancelled)
+    }
+
+    /// [`PgQueue::cancel`] on the caller's connection or transaction.
+    pub async fn cancel_using(&self, conn: &mut PgConnection, id: JobId) -> Result<bool, Error> {
+        let rows: Vec<(i64, String)> = sqlx::query_as(&self.sql().cancel_one)
+            .bind(id.0)
+            .bind(self.now())
+            .fetch_all(&mut *conn)
+            .await?;
+        self.notify_cancelled(conn, &rows).await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// Cancels every unfinished job matching `filter` (its own
+    /// transaction); returns their ids.
+    pub async fn cancel_where(&self, filter: &CancelFilter) -> Result<Vec<JobId>, Error> {
+        let mut tx = self.pool().begin().await?;
+        let ids = self.cancel_where_using(&mut tx, filter).await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
+    /// [`PgQueue::cancel_where`] on the caller's connection or transaction.
+    pub async fn cancel_where_using(
+        &self,
+        conn: &mut PgConnection,
+        filter: &CancelFilter,
+    ) -> Result<Vec<JobId>, Error> {
+        for json in [&filter.args, &filter.meta].into_iter().flatten() {
+            if has_nul(json) {
+                return Err(Error::InvalidInput("U+0000 in a cancel filter".to_owned()));
+            }
+        }
+        let rows: Vec<(i64, String)> = if let (Some(args), None, None, None) =
+            (&filter.args, &filter.meta, &filter.queue, &filter.kind)
+        {
+            sqlx::query_as(&self.sql().cancel_matching_args)
+                .bind(args)
+                .bind(filter.except.map(|id| id.0))
+                .bind(self.now())
+                .fetch_all(&mut *conn)
+                .await?
+        } else {
+            let mut conditions = super::Conditions::new(2);
+            if filter.args.is_some() {
+                conditions.add("args @> ", "");
+            }
+            if filter.meta.is_some() {
+                conditions.add("meta @> ", "");
+            }
+            if filter.queue.is_some() {
+                conditions.add("queue = ", "");
+            }
+            if filter.kind.is_some() {
+                conditions.add("kind = ", "");
+            }
+            if filter.except.is_some() {
+                conditions.add("id <> ", "");
+            }
+            let sql = self
+                .sql()
+                .cancel_where_base
+                .replace("{conditions}", &conditions.sql);
+            let mut query = sqlx::query_as(&sql).bind(self.now());
+            if let Some(args) = &filter.args {
+                query = query.bind(args);
+            }
+            if let Some(meta) = &filter.meta {
+                query = query.bind(meta);
+            }
+            if let Some(queue) = &filter.queue {
+                query = query.bind(queue);
+            }
+            if let Some(kind) = &filter.kind {
+                query = query.bind(kind);
+            }
+            if let Some(except) = filter.except {
+                query = query.bind(except.0);
+            }
+            query.fetch_all(&mut *conn).await?
+        };
+        self.notify_cancelled(conn, &rows).await?;
+        Ok(rows.into_iter().map(|(id, _)| JobId(id)).collect())
+    }
+
+    /// Tells the workers of cancelled executing jobs to stop (at commit).
+    async fn notify_cancelled(
+        &self,
+        conn: &mut PgConnection,
+        rows: &[(i64, String)],
+    ) -> Result<(), Error> {
+        let executing: Vec<i64> = rows
+            .iter()
+            .filter(|(_, state)| state == "executing")
+            .map(|(id, _)| *id)
+            .collect();
+        if !executing.is_empty() {
+            sqlx::query(&self.sql().notify_cancelled)
+                .bind(self.channel())
+                .bind(&executing)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+}

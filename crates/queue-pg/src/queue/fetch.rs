@@ -1,0 +1,107 @@
+//! The claim: ONE statement that picks due jobs with `for update skip
+//! locked`, marks them executing, bumps their attempt (the fence of every
+//! later update) and starts their heartbeat.
+
+use chrono::{DateTime, Utc};
+use hephaestus_engine_core::ports::JobLease;
+
+use super::PgQueue;
+use crate::error::Error;
+use crate::job::decode_lease;
+
+/// `$1` queue, `$2` now, `$3` limit, `$4` worker id.
+pub(super) const FETCH: &str = r"with due as (
+    select id
+    from {prefix}.hephaestus_jobs
+    where queue = $1
+      and state in ('available', 'scheduled', 'retryable')
+      and scheduled_at <= $2
+    order by priority, scheduled_at, id
+    limit $3
+    for update skip locked
+),
+claimed as (
+    update {prefix}.hephaestus_jobs as j
+    set state = 'executing',
+        attempt = j.attempt + 1,
+        attempted_at = $2,
+        heartbeat_at = $2,
+        attempted_by = $4
+    from due
+    where j.id = due.id
+    returning j.id, j.kind, j.queue, j.args, j.meta, j.attempt, j.max_attempts,
+              j.scheduled_at, j.errors, j.priority
+)
+select {lease_columns}
+from claimed
+order by priority, scheduled_at, id";
+
+/// [`FETCH`] across every queue: `$1` now, `$2` limit, `$3` worker id.
+pub(super) const FETCH_ANY_QUEUE: &str = r"with due as (
+    select id
+    from {prefix}.hephaestus_jobs
+    where state in ('available', 'scheduled', 'retryable')
+      and scheduled_at <= $1
+    order by priority, scheduled_at, id
+    limit $2
+    for update skip locked
+),
+claimed as (
+    update {prefix}.hephaestus_jobs as j
+    set state = 'executing',
+        attempt = j.attempt + 1,
+        attempted_at = $1,
+        heartbeat_at = $1,
+        attempted_by = $3
+    from due
+    where j.id = due.id
+    returning j.id, j.kind, j.queue, j.args, j.meta, j.attempt, j.max_attempts,
+              j.scheduled_at, j.errors, j.priority
+)
+select {lease_columns}
+from claimed
+order by priority, scheduled_at, id";
+
+impl PgQueue {
+    /// Claims up to `limit` jobs of `queue` due at `now` (priority, then due
+    /// time, then id), in one statement; `worker` is recorded as
+    /// `attempted_by`. Concurrent fetchers never get the same job.
+    pub async fn fetch(
+        &self,
+        queue: &str,
+        limit: u32,
+        now: DateTime<Utc>,
+        worker: &str,
+    ) -> Result<Vec<JobLease>, Error> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&self.sql().fetch)
+            .bind(queue)
+            .bind(now)
+            .bind(i64::from(limit))
+            .bind(worker)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(decode_lease).collect()
+    }
+
+    /// [`PgQueue::fetch`] from every queue at once (the test drain).
+    pub async fn fetch_any_queue(
+        &self,
+        limit: u32,
+        now: DateTime<Utc>,
+        worker: &str,
+    ) -> Result<Vec<JobLease>, Error> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(&self.sql().fetch_any_queue)
+            .bind(now)
+            .bind(i64::from(limit))
+            .bind(worker)
+            .fetch_all(self.pool())
+            .await?;
+        rows.iter().map(decode_lease).collect()
+    }
+}

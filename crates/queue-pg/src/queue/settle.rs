@@ -1,0 +1,206 @@
+//! Fenced updates of a running job: complete (batched), retry, discard,
+//! snooze and cancel-by-the-worker. Each holds only while the job is still
+//! `executing` at the lease's attempt: a late acknowledgement from a
+//! rescued, cancelled or already settled attempt changes nothing and reports
+//! `false`.
+
+use chrono::{DateTime, Utc};
+use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::ports::{JobId, JobLease};
+use hephaestus_engine_core::step::StepError;
+use sqlx::PgConnection;
+use sqlx::types::Json;
+
+use super::PgQueue;
+use crate::error::Error;
+use crate::job::has_nul;
+
+/// `$1` ids, `$2` attempts, `$3` now.
+pub(super) const COMPLETE: &str = r"update {prefix}.hephaestus_jobs as j
+set state = 'completed', completed_at = $3
+from unnest($1::bigint[], $2::integer[]) as done(id, attempt)
+where j.id = done.id and j.attempt = done.attempt and j.state = 'executing'
+returning j.id";
+
+/// `$1` id, `$2` attempt, `$3` errors to append (a JSON array), `$4` retry at.
+pub(super) const RETRY: &str = r"update {prefix}.hephaestus_jobs
+set state = 'retryable', scheduled_at = $4, errors = errors || $3::jsonb
+where id = $1 and attempt = $2 and state = 'executing'";
+
+/// `$1` id, `$2` attempt, `$3` errors to append, `$4` now.
+pub(super) const DISCARD: &str = r"update {prefix}.hephaestus_jobs
+set state = 'discarded', discarded_at = $4, errors = errors || $3::jsonb
+where id = $1 and attempt = $2 and state = 'executing'";
+
+/// `$1` id, `$2` attempt, `$3` due again at. A snooze does not use up an
+/// attempt: the attempt number stays monotonic (it is the fence), so the
+/// job gets one more attempt instead.
+pub(super) const SNOOZE: &str = r"update {prefix}.hephaestus_jobs
+set state = 'scheduled', scheduled_at = $3, max_attempts = max_attempts + 1
+where id = $1 and attempt = $2 and state = 'executing'";
+
+/// `$1` id, `$2` attempt, `$3` errors to append, `$4` now.
+pub(super) const CANCEL_OWN: &str = r"update {prefix}.hephaestus_jobs
+set state = 'cancelled', cancelled_at = $4, errors = errors || $3::jsonb
+where id = $1 and attempt = $2 and state = 'executing'";
+
+/// The result of a fenced batch completion.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Jobs completed.
+    pub completed: Vec<JobId>,
+    /// Jobs whose lease no longer held (rescued, cancelled, settled).
+    pub fenced_out: Vec<JobId>,
+}
+
+fn record_json(
+    lease: &JobLease,
+    error: &StepError,
+    at: DateTime<Utc>,
+) -> Result<Json<[AttemptRecord; 1]>, Error> {
+    if error.message.contains('\0') || error.details.as_ref().is_some_and(has_nul) {
+        return Err(Error::InvalidInput(format!(
+            "U+0000 in the error of job {} (PostgreSQL cannot store it)",
+            lease.id
+        )));
+    }
+    Ok(Json([AttemptRecord {
+        attempt: lease.attempt,
+        at,
+        error: error.clone(),
+    }]))
+}
+
+fn attempt_i32(lease: &JobLease) -> Result<i32, Error> {
+    i32::try_from(lease.attempt)
+        .map_err(|_| Error::InvalidInput(format!("attempt {} out of range", lease.attempt)))
+}
+
+impl PgQueue {
+    /// Completes many leases in one statement, each fenced by its attempt.
+    pub async fn complete_many(&self, leases: &[(JobId, u32)]) -> Result<Settled, Error> {
+        let mut conn = self.pool().acquire().await?;
+        self.complete_many_using(&mut conn, leases).await
+    }
+
+    /// [`PgQueue::complete_many`] on the caller's connection or transaction.
+    pub async fn complete_many_using(
+        &self,
+        conn: &mut PgConnection,
+        leases: &[(JobId, u32)],
+    ) -> Result<Settled, Error> {
+        if leases.is_empty() {
+            return Ok(Settled::default());
+        }
+        let ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
+        let attempts: Vec<i32> = leases
+            .iter()
+            .map(|(id, attempt)| {
+                i32::try_from(*attempt)
+                    .map_err(|_| Error::InvalidInput(format!("attempt of job {id} out of range")))
+            })
+            .collect::<Result<_, _>>()?;
+        let done: Vec<i64> = sqlx::query_scalar(&self.sql().complete)
+            .bind(&ids)
+            .bind(&attempts)
+            .bind(self.now())
+            .fetch_all(&mut *conn)
+            .await?;
+        let done: std::collections::HashSet<i64> = done.into_iter().collect();
+        let (completed, fenced_out) = leases
+            .iter()
+            .map(|(id, _)| *id)
+            .partition(|id| done.contains(&id.0));
+        Ok(Settled {
+            completed,
+            fenced_out,
+        })
+    }
+
+    /// Completes one lease (fenced); `false` when it no longer holds.
+    pub async fn complete_using(
+        &self,
+        conn: &mut PgConnection,
+        lease: &JobLease,
+    ) -> Result<bool, Error> {
+        let settled = self
+            .complete_many_using(conn, &[(lease.id, lease.attempt)])
+            .await?;
+        Ok(!settled.completed.is_empty())
+    }
+
+    /// Records the failed attempt and makes the job due again at `retry_at`
+    /// (state `retryable`); fenced.
+    pub async fn retry_using(
+        &self,
+        conn: &mut PgConnection,
+        lease: &JobLease,
+        error: &StepError,
+        retry_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(&self.sql().retry)
+            .bind(lease.id.0)
+            .bind(attempt_i32(lease)?)
+            .bind(record_json(lease, error, now)?)
+            .bind(retry_at)
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Records the final error and discards the job; fenced. (The runtime
+    /// also runs the discard hook in the same transaction: see
+    /// [`crate::DiscardHook`].)
+    pub async fn discard_using(
+        &self,
+        conn: &mut PgConnection,
+        lease: &JobLease,
+        error: &StepError,
+        now: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(&self.sql().discard)
+            .bind(lease.id.0)
+            .bind(attempt_i32(lease)?)
+            .bind(record_json(lease, error, now)?)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// Puts the job back to `scheduled` until `until` without using up an
+    /// attempt (its `max_attempts` grows by one); fenced.
+    pub async fn snooze_using(
+        &self,
+        conn: &mut PgConnection,
+        lease: &JobLease,
+        until: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(&self.sql().snooze)
+            .bind(lease.id.0)
+            .bind(attempt_i32(lease)?)
+            .bind(until)
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// The worker cancels its own job, recording why; fenced.
+    pub async fn cancel_lease_using(
+        &self,
+        conn: &mut PgConnection,
+        lease: &JobLease,
+        reason: &StepError,
+        now: DateTime<Utc>,
+    ) -> Result<bool, Error> {
+        let done = sqlx::query(&self.sql().cancel_own)
+            .bind(lease.id.0)
+            .bind(attempt_i32(lease)?)
+            .bind(record_json(lease, reason, now)?)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}

@@ -1,0 +1,613 @@
+//! The worker runtime: producers per queue, a notifier, job tasks, batched
+//! completion, heartbeats, and leader-only maintenance (rescuer, pruner,
+//! depth gauge), each its own service with one lifecycle.
+
+mod completer;
+mod depth;
+mod elector;
+mod executor;
+mod heartbeat;
+mod notifier;
+mod producer;
+mod pruner;
+mod rescuer;
+mod running;
+mod service;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hephaestus_engine_core::ports::JobId;
+use tokio::sync::{broadcast, mpsc};
+
+use crate::error::Error;
+use crate::events::{EventCounts, Events, JobEvent, JobEventKind};
+use crate::queue::PgQueue;
+use crate::worker::Workers;
+
+use completer::{Ack, Completer};
+use depth::DepthReporter;
+use elector::Elector;
+use heartbeat::Heartbeat;
+use notifier::Notifier;
+use producer::Producer;
+use pruner::Pruner;
+pub use rescuer::RescueReport;
+use rescuer::Rescuer;
+use running::Running;
+
+pub(crate) fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// How a runtime behaves; every field has a default (see [`Default`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeConfig {
+    /// How often producers look for due jobs without a wake-up: the
+    /// fallback for missed notifications, the pace of poll-only mode and
+    /// the latency bound for scheduled and retried jobs. Default 1 s.
+    pub poll_interval: Duration,
+    /// No LISTEN connection: producers only poll, and running jobs learn of
+    /// a cancel at their next heartbeat (works behind transaction-pooling
+    /// PgBouncer). Default false.
+    pub poll_only: bool,
+    /// How often running jobs heartbeat. Default 5 s.
+    pub heartbeat_interval: Duration,
+    /// An executing job whose heartbeat is older than this is rescued.
+    /// Must exceed twice the heartbeat interval. Default 30 s.
+    pub rescue_after: Duration,
+    /// How often the leader looks for jobs to rescue. Default 5 s.
+    pub rescue_interval: Duration,
+    /// Finished jobs are pruned after this (`None`: never). Default 1 day.
+    pub retention: Option<Duration>,
+    /// How often the leader prunes. Default 60 s.
+    pub prune_interval: Duration,
+    /// How often the queue-depth gauge is refreshed (`None`: never).
+    /// Default 15 s.
+    pub depth_interval: Option<Duration>,
+    /// Whether this runtime campaigns for leadership of the maintenance
+    /// services. Default true.
+    pub maintenance: bool,
+    /// How often a follower tries to become leader. Default 5 s.
+    pub elect_interval: Duration,
+    /// Most completions in one statement. Default 1000.
+    pub completion_batch: usize,
+    /// After the grace period of a shutdown, how long cancelled jobs get to
+    /// return before their tasks are aborted. Default 1 s.
+    pub cancel_wait: Duration,
+    /// Events kept for a lagging subscriber. Default 1024.
+    pub events_capacity: usize,
+    /// This process in `attempted_by` (default: host, pid and a random
+    /// suffix).
+    pub worker_id: Option<String>,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_secs(1),
+            poll_only: false,
+            heartbeat_interval: Duration::from_secs(5),
+            rescue_after: Duration::from_secs(30),
+            rescue_interval: Duration::from_secs(5),
+            retention: Some(Duration::from_secs(24 * 3600)),
+            prune_interval: Duration::from_secs(60),
+            depth_interval: Some(Duration::from_secs(15)),
+            maintenance: true,
+            elect_interval: Duration::from_secs(5),
+            completion_batch: 1000,
+            cancel_wait: Duration::from_secs(1),
+            events_capacity: 1024,
+            worker_id: None,
+        }
+    }
+}
+
+impl RuntimeConfig {
+    fn validate(&self, queues: &[(String, usize)]) -> Result<(), Error> {
+        let bad = |what: String| Err(Error::Config(what));
+        for (queue, concurrency) in queues {
+            if *concurrency == 0 {
+                return bad(format!("queue {queue:?} has concurrency 0"));
+            }
+            if queue.is_empty() || queue.chars().count() > 128 {
+                return bad(format!("queue name {queue:?} must be 1 to 128 characters"));
+            }
+        }
+        let mut names: Vec<&str> = queues.iter().map(|(q, _)| q.as_str()).collect();
+        names.sort_unstable();
+        if names.windows(2).any(|w| w[0] == w[1]) {
+            return bad("a queue is listed twice".to_owned());
+        }
+        for (name, interval) in [
+            ("poll_interval", self.poll_interval),
+            ("heartbeat_interval", self.heartbeat_interval),
+            ("rescue_interval", self.rescue_interval),
+            ("prune_interval", self.prune_interval),
+            ("elect_interval", self.elect_interval),
+        ] {
+            if interval.is_zero() {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if self.rescue_after <= self.heartbeat_interval * 2 {
+            return bad(format!(
+                "rescue_after ({:?}) must exceed twice the heartbeat interval ({:?})",
+                self.rescue_after, self.heartbeat_interval
+            ));
+        }
+        if self.completion_batch == 0 {
+            return bad("completion_batch must be at least 1".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// What the services of a runtime share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) queue: PgQueue,
+    pub(crate) workers: Workers,
+    pub(crate) events: Events,
+    pub(crate) running: Arc<Running>,
+    pub(crate) acks: mpsc::Sender<Ack>,
+    pub(crate) worker_id: String,
+    pub(crate) config: RuntimeConfig,
+}
+
+impl Shared {
+    pub(crate) fn settler(&self) -> crate::execute::Settler<'_> {
+        crate::execute::Settler {
+            queue: &self.queue,
+            workers: &self.workers,
+            events: &self.events,
+        }
+    }
+}
+
+/// Builds a [`QueueRuntime`].
+#[derive(Debug)]
+pub struct RuntimeBuilder {
+    queue: PgQueue,
+    workers: Workers,
+    queues: Vec<(String, usize)>,
+    config: RuntimeConfig,
+}
+
+impl RuntimeBuilder {
+    /// Runs jobs of `queue`, at most `concurrency` at a time.
+    #[must_use]
+    pub fn queue(mut self, queue: impl Into<String>, concurrency: usize) -> Self {
+        self.queues.push((queue.into(), concurrency));
+        self
+    }
+
+    /// Replaces the whole configuration.
+    #[must_use]
+    pub fn config(mut self, config: RuntimeConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// See [`RuntimeConfig::poll_interval`].
+    #[must_use]
+    pub fn poll_interval(mut self, interval: Duration) -> Self {
+        self.config.poll_interval = interval;
+        self
+    }
+
+    /// See [`RuntimeConfig::poll_only`].
+    #[must_use]
+    pub fn poll_only(mut self, poll_only: bool) -> Self {
+        self.config.poll_only = poll_only;
+        self
+    }
+
+    /// See [`RuntimeConfig::heartbeat_interval`] and
+    /// [`RuntimeConfig::rescue_after`].
+    #[must_use]
+    pub fn heartbeat(mut self, interval: Duration, rescue_after: Duration) -> Self {
+        self.config.heartbeat_interval = interval;
+        self.config.rescue_after = rescue_after;
+        self
+    }
+
+    /// See [`RuntimeConfig::rescue_interval`].
+    #[must_use]
+    pub fn rescue_interval(mut self, interval: Duration) -> Self {
+        self.config.rescue_interval = interval;
+        self
+    }
+
+    /// See [`RuntimeConfig::retention`].
+    #[must_use]
+    pub fn retention(mut self, retention: Option<Duration>) -> Self {
+        self.config.retention = retention;
+        self
+    }
+
+    /// See [`RuntimeConfig::maintenance`].
+    #[must_use]
+    pub fn maintenance(mut self, maintenance: bool) -> Self {
+        self.config.maintenance = maintenance;
+        self
+    }
+
+    /// Starts every service; returns once they run (LISTEN in effect, a
+    /// first leadership attempt made).
+    pub async fn start(self) -> Result<QueueRuntime, Error> {
+        let Self {
+            queue,
+            workers,
+            queues,
+            config,
+        } = self;
+        config.validate(&queues)?;
+        let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
+        let events = Events::new(config.events_capacity);
+        let running = Running::new();
+        let (acks, acks_rx) = mpsc::channel(config.completion_batch.saturating_mul(4));
+        let completer = Completer::start(
+            queue.clone(),
+            events.clone(),
+            acks_rx,
+            config.completion_batch,
+        );
+        let shared = Arc::new(Shared {
+            queue: queue.clone(),
+            workers,
+            events,
+            running,
+            acks,
+            worker_id,
+            config: config.clone(),
+        });
+        let producers: Vec<Producer> = queues
+            .iter()
+            .map(|(name, concurrency)| {
+                Producer::start(Arc::clone(&shared), name.clone(), *concurrency)
+            })
+            .collect();
+        let mut services = Services {
+            producers,
+            notifier: None,
+            completer,
+            heartbeat: Heartbeat::start(Arc::clone(&shared)),
+            elector: None,
+            rescuer: None,
+            pruner: None,
+            depth: None,
+        };
+        if !config.poll_only {
+            let wakers: HashMap<String, _> = services
+                .producers
+                .iter()
+                .map(|p| (p.queue().to_owned(), p.jobs_available()))
+                .collect();
+            match Notifier::start(Arc::clone(&shared), wakers).await {
+                Ok(notifier) => services.notifier = Some(notifier),
+                Err(error) => {
+                    services.stop_all().await;
+                    return Err(error);
+                }
+            }
+            // Jobs inserted between the producers' first fetch and LISTEN.
+            for producer in &services.producers {
+                producer.wake();
+            }
+        }
+        if config.maintenance {
+            let elector = Elector::start(queue.clone(), config.elect_interval).await;
+            let leader = elector.flag();
+            services.rescuer = Some(Rescuer::start(Arc::clone(&shared), Arc::clone(&leader)));
+            if let Some(retention) = config.retention {
+                services.pruner = Some(Pruner::start(
+                    queue.clone(),
+                    retention,
+                    config.prune_interval,
+                    Arc::clone(&leader),
+                ));
+            }
+            if let Some(interval) = config.depth_interval {
+                services.depth = Some(DepthReporter::start(queue.clone(), interval, leader));
+            }
+            services.elector = Some(elector);
+        }
+        tracing::info!(
+            target: "hephaestus_queue",
+            worker = %shared.worker_id,
+            queues = ?queues,
+            poll_only = config.poll_only,
+            "queue runtime started"
+        );
+        Ok(QueueRuntime {
+            inner: Arc::new(Inner {
+                shared,
+                services,
+                shutdown: tokio::sync::Mutex::new(None),
+            }),
+        })
+    }
+}
+
+/// Every service of a runtime.
+#[derive(Debug)]
+struct Services {
+    producers: Vec<Producer>,
+    notifier: Option<Notifier>,
+    completer: Completer,
+    heartbeat: Heartbeat,
+    elector: Option<Elector>,
+    rescuer: Option<Rescuer>,
+    pruner: Option<Pruner>,
+    depth: Option<DepthReporter>,
+}
+
+impl Services {
+    async fn stop_producers(&self) {
+        for producer in &self.producers {
+            producer.stop().await;
+        }
+    }
+
+    /// Stops everything but the producers (stopped first) and job tasks.
+    async fn stop_all(&self) {
+        self.stop_producers().await;
+        self.completer.stop().await;
+        self.heartbeat.stop().await;
+        if let Some(notifier) = &self.notifier {
+            notifier.stop().await;
+        }
+        if let Some(rescuer) = &self.rescuer {
+            rescuer.stop().await;
+        }
+        if let Some(pruner) = &self.pruner {
+            pruner.stop().await;
+        }
+        if let Some(depth) = &self.depth {
+            depth.stop().await;
+        }
+        if let Some(elector) = &self.elector {
+            elector.stop().await;
+        }
+    }
+
+    fn signal_stop_all(&self) {
+        for producer in &self.producers {
+            producer.signal_stop();
+        }
+        self.completer.signal_stop();
+        self.heartbeat.signal_stop();
+        if let Some(notifier) = &self.notifier {
+            notifier.signal_stop();
+        }
+        if let Some(rescuer) = &self.rescuer {
+            rescuer.signal_stop();
+        }
+        if let Some(pruner) = &self.pruner {
+            pruner.signal_stop();
+        }
+        if let Some(depth) = &self.depth {
+            depth.signal_stop();
+        }
+        if let Some(elector) = &self.elector {
+            elector.signal_stop();
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<Shared>,
+    services: Services,
+    shutdown: tokio::sync::Mutex<Option<ShutdownReport>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // The last handle went away without a shutdown: stop the services
+        // (without waiting); jobs still running finish on their own.
+        self.services.signal_stop_all();
+    }
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Every job finished within the grace period.
+    pub finished_in_grace: bool,
+    /// Jobs told to stop when the grace period ran out.
+    pub stop_requested: Vec<JobId>,
+    /// Jobs whose tasks were aborted because they did not stop in time
+    /// (they stay `executing` and are rescued later).
+    pub aborted: Vec<JobId>,
+}
+
+/// A running queue runtime: cheap to clone; [`QueueRuntime::shutdown`]
+/// stops it gracefully.
+///
+/// ```no_run
+/// # async fn demo(pool: sqlx::PgPool) -> Result<(), hephaestus_queue_pg::Error> {
+/// use std::time::Duration;
+/// use hephaestus_queue_pg::{PgQueue, QueueRuntime, Workers};
+/// use hephaestus_migrations_gen::SchemaPrefix;
+///
+/// let queue = PgQueue::new(pool, SchemaPrefix::default());
+/// let runtime = QueueRuntime::builder(queue, Workers::new())
+///     .queue("default", 10)
+///     .start()
+///     .await?;
+/// runtime.shutdown(Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct QueueRuntime {
+    inner: Arc<Inner>,
+}
+
+impl QueueRuntime {
+    /// A runtime for `queue` running `workers`; add queues with
+    /// [`RuntimeBuilder::queue`].
+    pub fn builder(queue: PgQueue, workers: Workers) -> RuntimeBuilder {
+        RuntimeBuilder {
+            queue,
+            workers,
+            queues: Vec::new(),
+            config: RuntimeConfig::default(),
+        }
+    }
+
+    /// Every job event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.inner.shared.events.subscribe()
+    }
+
+    /// How many job events of each kind this runtime emitted.
+    pub fn counts(&self) -> EventCounts {
+        self.inner.shared.events.counts()
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &PgQueue {
+        &self.inner.shared.queue
+    }
+
+    /// This process's `attempted_by`.
+    pub fn worker_id(&self) -> &str {
+        &self.inner.shared.worker_id
+    }
+
+    /// Whether this runtime leads the maintenance services.
+    pub fn is_leader(&self) -> bool {
+        self.inner
+            .services
+            .elector
+            .as_ref()
+            .is_some_and(Elector::is_leader)
+    }
+
+    /// The jobs running user code in this process.
+    pub fn running_jobs(&self) -> Vec<JobId> {
+        self.inner.shared.running.ids()
+    }
+
+    /// Runs one rescue pass now, leader or not.
+    pub async fn rescue_now(&self) -> Result<RescueReport, Error> {
+        rescuer::rescue_once(&self.inner.shared).await
+    }
+
+    /// Runs one heartbeat now.
+    pub async fn heartbeat_now(&self) {
+        heartbeat::beat(&self.inner.shared).await;
+    }
+
+    /// Prunes jobs finished longer than the retention ago, now, leader or
+    /// not; returns how many (0 without a retention).
+    pub async fn prune_now(&self) -> Result<u64, Error> {
+        match self.inner.shared.config.retention {
+            Some(retention) => pruner::prune_once(&self.inner.shared.queue, retention).await,
+            None => Ok(0),
+        }
+    }
+
+    /// Stops gracefully: no more fetching; running jobs get `grace` to
+    /// finish; then they are told to stop and get
+    /// [`RuntimeConfig::cancel_wait`] more before their tasks are aborted;
+    /// finally pending completions are written and every service stops.
+    /// Idempotent: later calls return the first report.
+    pub async fn shutdown(&self, grace: Duration) -> ShutdownReport {
+        let mut done = self.inner.shutdown.lock().await;
+        if let Some(report) = &*done {
+            return report.clone();
+        }
+        let shared = &self.inner.shared;
+        let services = &self.inner.services;
+        services.stop_producers().await;
+        let mut report = ShutdownReport {
+            finished_in_grace: shared.running.wait_idle(grace).await,
+            ..ShutdownReport::default()
+        };
+        if !report.finished_in_grace {
+            for job in shared.running.request_stop_all() {
+                report.stop_requested.push(job.id());
+                shared
+                    .events
+                    .emit(job.lease(), JobEventKind::StopRequested, None, None);
+            }
+            report.stop_requested.sort_unstable();
+            if !shared.running.wait_idle(shared.config.cancel_wait).await {
+                report.aborted = shared.running.abort_all();
+                // Aborted tasks end at their next await; settlements finish.
+                shared.running.wait_idle(shared.config.cancel_wait).await;
+            }
+        }
+        services.stop_all().await;
+        tracing::info!(
+            target: "hephaestus_queue",
+            worker = %shared.worker_id,
+            finished_in_grace = report.finished_in_grace,
+            aborted = report.aborted.len(),
+            "queue runtime stopped"
+        );
+        *done = Some(report.clone());
+        report
+    }
+
+    /// Stops like a crashed process: every service stops at once and the
+    /// tasks of running jobs are aborted without settling them (they stay
+    /// `executing` until rescued). For fault-injection tests.
+    pub async fn abort(&self) -> Vec<JobId> {
+        let mut done = self.inner.shutdown.lock().await;
+        let aborted = self.inner.shared.running.abort_all();
+        self.inner.services.signal_stop_all();
+        self.inner.services.stop_all().await;
+        *done = Some(ShutdownReport {
+            finished_in_grace: false,
+            stop_requested: Vec::new(),
+            aborted: aborted.clone(),
+        });
+        aborted
+    }
+}
+
+/// `<host>-<pid>-<8 hex>`.
+fn default_worker_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    format!("{host}-{}-{}", std::process::id(), &suffix[..8])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_is_validated() {
+        let ok = RuntimeConfig::default();
+        assert!(ok.validate(&[("q".into(), 1)]).is_ok());
+        assert!(ok.validate(&[("q".into(), 0)]).is_err());
+        assert!(ok.validate(&[("q".into(), 1), ("q".into(), 2)]).is_err());
+        assert!(ok.validate(&[(String::new(), 1)]).is_err());
+        let tight = RuntimeConfig {
+            rescue_after: Duration::from_secs(10),
+            ..RuntimeConfig::default()
+        };
+        assert!(tight.validate(&[]).is_err());
+        let zero = RuntimeConfig {
+            poll_interval: Duration::ZERO,
+            ..RuntimeConfig::default()
+        };
+        assert!(zero.validate(&[]).is_err());
+    }
+
+    #[test]
+    fn worker_ids_are_unique_per_runtime() {
+        assert_ne!(default_worker_id(), default_worker_id());
+    }
+}

@@ -1,0 +1,83 @@
+//! The notifier: one LISTEN connection per runtime. `i:<queue>` wakes that
+//! queue's producer; `c:<job id>` tells a running job of this process to
+//! stop. After a lost connection (sqlx reconnects by itself) every producer
+//! is woken, since notifications may have been missed; the producers' poll
+//! interval covers the rest.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hephaestus_engine_core::ports::JobId;
+use sqlx::postgres::PgListener;
+use tokio::sync::Notify;
+
+use super::Shared;
+use super::service::{Service, sleep_or_stop};
+use crate::error::Error;
+use crate::events::JobEventKind;
+
+/// The notifier service.
+#[derive(Debug)]
+pub(crate) struct Notifier {
+    service: Service,
+}
+
+impl Notifier {
+    /// Listens on the queue's channel; returns once LISTEN is in effect.
+    pub(crate) async fn start(
+        shared: Arc<Shared>,
+        producers: HashMap<String, Arc<Notify>>,
+    ) -> Result<Self, Error> {
+        let mut listener = PgListener::connect_with(shared.queue.pool()).await?;
+        listener.listen(shared.queue.channel()).await?;
+        let service = Service::spawn("notifier", move |stop| async move {
+            loop {
+                let received = tokio::select! {
+                    () = stop.cancelled() => break,
+                    received = listener.recv() => received,
+                };
+                match received {
+                    Ok(notification) => dispatch(&shared, &producers, notification.payload()),
+                    Err(error) => {
+                        tracing::warn!(target: "hephaestus_queue", %error, "LISTEN connection failed; reconnecting");
+                        for wake in producers.values() {
+                            wake.notify_one();
+                        }
+                        if sleep_or_stop(&stop, Duration::from_millis(500)).await {
+                            break;
+                        }
+                    }
+                }
+            }
+            if let Err(error) = listener.unlisten_all().await {
+                tracing::debug!(target: "hephaestus_queue", %error, "UNLISTEN failed");
+            }
+        });
+        Ok(Self { service })
+    }
+
+    /// Stops listening. Idempotent.
+    pub(crate) async fn stop(&self) {
+        self.service.stop().await;
+    }
+
+    pub(crate) fn signal_stop(&self) {
+        self.service.signal_stop();
+    }
+}
+
+fn dispatch(shared: &Shared, producers: &HashMap<String, Arc<Notify>>, payload: &str) {
+    if let Some(queue) = payload.strip_prefix("i:") {
+        if let Some(wake) = producers.get(queue) {
+            wake.notify_one();
+        }
+    } else if let Some(id) = payload.strip_prefix("c:")
+        && let Ok(id) = id.parse::<i64>()
+        && let Some(job) = shared.running.request_stop(JobId(id), None)
+    {
+        shared
+            .events
+            .emit(job.lease(), JobEventKind::StopRequested, None, None);
+    }
+}

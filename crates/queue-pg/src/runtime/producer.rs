@@ -1,0 +1,162 @@
+//! The producer of one queue: fetches due jobs in batches sized to the free
+//! slots of the queue's concurrency limit and spawns a task per job.
+//!
+//! It fetches when woken (a NOTIFY for its queue, or a slot freed while a
+//! backlog remains) or when the poll interval passes. While the last fetch
+//! came back full (a backlog), it keeps fetching as slots free up, waiting
+//! for at least an eighth of the slots so that fetches stay batched.
+
+use std::sync::Arc;
+
+use hephaestus_engine_core::ports::JobLease;
+use hephaestus_engine_core::step::CancellationSignal;
+use tokio::sync::{Notify, Semaphore};
+
+use super::Shared;
+use super::executor::run_job;
+use super::service::{Service, sleep_or_stop};
+use crate::worker::JobContext;
+
+/// The producer service of one queue.
+#[derive(Debug)]
+pub(crate) struct Producer {
+    service: Service,
+    queue: String,
+    jobs_available: Arc<Notify>,
+}
+
+struct ProducerLoop {
+    shared: Arc<Shared>,
+    queue: String,
+    concurrency: usize,
+    slots: Arc<Semaphore>,
+    jobs_available: Arc<Notify>,
+    slot_freed: Arc<Notify>,
+}
+
+impl Producer {
+    /// Starts fetching for `queue` with at most `concurrency` jobs running.
+    pub(crate) fn start(shared: Arc<Shared>, queue: String, concurrency: usize) -> Self {
+        let jobs_available = Arc::new(Notify::new());
+        let state = ProducerLoop {
+            shared,
+            queue: queue.clone(),
+            concurrency,
+            slots: Arc::new(Semaphore::new(concurrency)),
+            jobs_available: Arc::clone(&jobs_available),
+            slot_freed: Arc::new(Notify::new()),
+        };
+        let service = Service::spawn("producer", move |stop| state.run(stop));
+        Self {
+            service,
+            queue,
+            jobs_available,
+        }
+    }
+
+    /// The queue.
+    pub(crate) fn queue(&self) -> &str {
+        &self.queue
+    }
+
+    /// The wake-up the notifier raises for this queue.
+    pub(crate) fn jobs_available(&self) -> Arc<Notify> {
+        Arc::clone(&self.jobs_available)
+    }
+
+    /// Wakes the producer: jobs may be due.
+    pub(crate) fn wake(&self) {
+        self.jobs_available.notify_one();
+    }
+
+    /// Stops fetching (jobs already fetched keep running). Idempotent.
+    pub(crate) async fn stop(&self) {
+        self.service.stop().await;
+    }
+
+    pub(crate) fn signal_stop(&self) {
+        self.service.signal_stop();
+    }
+}
+
+impl ProducerLoop {
+    async fn run(self, stop: CancellationSignal) {
+        let min_batch = (self.concurrency / 8).max(1);
+        let poll = self.shared.config.poll_interval;
+        // Fetch at start: jobs may have been inserted while nobody listened.
+        let mut backlog = true;
+        while !stop.is_cancelled() {
+            if !backlog {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = self.jobs_available.notified() => {}
+                    () = tokio::time::sleep(poll) => {}
+                }
+                backlog = true;
+                continue;
+            }
+            let free = self.slots.available_permits();
+            let running = self.concurrency - free;
+            if free == 0 || (running > 0 && free < min_batch) {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = self.slot_freed.notified() => {}
+                }
+                continue;
+            }
+            let limit = u32::try_from(free).unwrap_or(u32::MAX);
+            let fetched = self
+                .shared
+                .queue
+                .fetch(
+                    &self.queue,
+                    limit,
+                    self.shared.queue.now(),
+                    &self.shared.worker_id,
+                )
+                .await;
+            match fetched {
+                Ok(leases) => {
+                    if std::env::var_os("HEPH_DEBUG").is_some() { eprintln!("{:?} fetch free={free} got={}", std::time::SystemTime::now(), leases.len()); if leases.len() < free { eprintln!("depth {:?}", self.shared.queue.depth().await); } }
+                    backlog = leases.len() >= free;
+                    for lease in leases {
+                        self.spawn_job(lease).await;
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(target: "hephaestus_queue", queue = %self.queue, %error, "fetching jobs failed");
+                    if sleep_or_stop(&stop, poll).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn spawn_job(&self, lease: JobLease) {
+        let slot = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => slot,
+            // Only this loop takes slots, and it fetched no more than were
+            // free; waiting is a fallback that cannot deadlock.
+            Err(_) => match Arc::clone(&self.slots).acquire_owned().await {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+        };
+        let job = Arc::new(JobContext::new(
+            lease,
+            CancellationSignal::new(),
+            self.shared.queue.clone(),
+        ));
+        let id = job.id();
+        let in_flight = self.shared.running.insert(Arc::clone(&job));
+        let task = tokio::spawn(run_job(
+            Arc::clone(&self.shared),
+            job,
+            slot,
+            Arc::clone(&self.slot_freed),
+            in_flight,
+        ));
+        self.shared.running.set_abort(id, task.abort_handle());
+    }
+}

@@ -1,0 +1,391 @@
+//! The operators' query API: typed filters pushed into SQL, ordering and keyset
+//! pagination.
+
+use chrono::{DateTime, Utc};
+use hephaestus_engine_core::business_id::BusinessId;
+use hephaestus_engine_core::ids::WorkflowId;
+use hephaestus_engine_core::instance::{Instance, InstanceStatus};
+use hephaestus_engine_core::ports::PortError;
+use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use crate::error::port_error;
+use crate::instances::decode_instance;
+use crate::store::PgStore;
+
+/// Which instances to return, in which order, from where. Every filter is ANDed; a field
+/// left at its default does not filter. The type makes unknown filters impossible.
+///
+/// ```
+/// use hephaestus_storage_pg::{Direction, InstanceQuery, Order, SortKey, TimeRange};
+/// use hephaestus_engine_core::InstanceStatus;
+///
+/// let stuck = InstanceQuery {
+///     statuses: InstanceStatus::ACTIVE.to_vec(),
+///     workflow_family: Some("shop.orders".to_owned()),
+///     updated: TimeRange { until: Some(chrono::Utc::now() - chrono::TimeDelta::hours(1)), ..TimeRange::default() },
+///     order: Order { key: SortKey::UpdatedAt, direction: Direction::Asc },
+///     limit: Some(100),
+///     ..InstanceQuery::default()
+/// };
+/// # let _ = stuck;
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceQuery {
+    /// Instance ids among these (empty = any).
+    pub ids: Vec<Uuid>,
+    /// Exact business id.
+    pub business_id: Option<BusinessId>,
+    /// Status among these (empty = any).
+    pub statuses: Vec<InstanceStatus>,
+    /// Exact workflow id.
+    pub workflow_id: Option<WorkflowId>,
+    /// Exact version.
+    pub workflow_version: Option<u32>,
+    /// Workflow ids starting with this text, taken literally (`%` and `_` are escaped):
+    /// the original's `workflow_family` filter.
+    pub workflow_family: Option<String>,
+    /// Created (`inserted_at`) within this range.
+    pub inserted: TimeRange,
+    /// Last changed (`updated_at`) within this range.
+    pub updated: TimeRange,
+    /// The order of the results.
+    pub order: Order,
+    /// Continue after this position (from [`Page::next`]).
+    pub after: Option<Cursor>,
+    /// At most this many (`None` = no limit).
+    pub limit: Option<u32>,
+}
+
+/// A half-open time range `[from, until)`; an absent bound does not limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TimeRange {
+    /// Inclusive lower bound.
+    pub from: Option<DateTime<Utc>>,
+    /// Exclusive upper bound.
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// What results are ordered by; ties (equal times) are broken by id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SortKey {
+    /// The id: UUID v7 ids are time-ordered, so this is creation order.
+    #[default]
+    Id,
+    /// `inserted_at` (the instance's `created_at`), then id.
+    InsertedAt,
+    /// `updated_at`, then id.
+    UpdatedAt,
+}
+
+/// Ascending or descending.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Oldest first.
+    Asc,
+    /// Newest first.
+    #[default]
+    Desc,
+}
+
+/// An order: a key and a direction. The default is newest first by id.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Order {
+    /// The key.
+    pub key: SortKey,
+    /// The direction.
+    pub direction: Direction,
+}
+
+/// A position in an ordered result: the page continues strictly after it (keyset
+/// pagination, stable under concurrent inserts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor {
+    key: SortKey,
+    at: Option<DateTime<Utc>>,
+    id: Uuid,
+}
+
+impl Cursor {
+    /// The position of `instance` in an order by `key`.
+    pub fn after(instance: &Instance, key: SortKey) -> Self {
+        let at = match key {
+            SortKey::Id => None,
+            SortKey::InsertedAt => Some(instance.created_at),
+            SortKey::UpdatedAt => Some(instance.updated_at),
+        };
+        Self {
+            key,
+            at,
+            id: instance.id,
+        }
+    }
+
+    pub(crate) fn at_id(key: SortKey, id: Uuid) -> Self {
+        Self { key, at: None, id }
+    }
+
+    /// The order key this cursor belongs to.
+    pub fn key(&self) -> SortKey {
+        self.key
+    }
+}
+
+/// One page of a query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// The instances, in the query's order.
+    pub instances: Vec<Instance>,
+    /// Where the next page starts; `None` when this is the last page.
+    pub next: Option<Cursor>,
+}
+
+/// Escapes `%`, `_` and `\` for a `like .. escape '\'` pattern.
+pub(crate) fn like_prefix(prefix: &str) -> String {
+    let mut pattern = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '%' | '_' | '\\') {
+            pattern.push('\\');
+        }
+        pattern.push(c);
+    }
+    pattern.push('%');
+    pattern
+}
+
+/// The `where`, `order by` and `limit` clauses of `query`, appended to `select`.
+/// `fetch` rows at most (`None` = no limit).
+pub(crate) fn build<'a>(
+    select: &str,
+    query: &'a InstanceQuery,
+    fetch: Option<i64>,
+) -> Result<QueryBuilder<'a, Postgres>, PortError> {
+    let mut sql = QueryBuilder::new(select);
+    sql.push(" where true");
+    if !query.ids.is_empty() {
+        sql.push(" and i.id = any(")
+            .push_bind(query.ids.clone())
+            .push(")");
+    }
+    if let Some(business_id) = &query.business_id {
+        sql.push(" and i.business_id = ")
+            .push_bind(business_id.as_str());
+    }
+    if !query.statuses.is_empty() {
+        let statuses: Vec<&str> = query.statuses.iter().map(|s| s.as_str()).collect();
+        sql.push(" and i.status = any(")
+            .push_bind(statuses)
+            .push(")");
+    }
+    if let Some(workflow_id) = &query.workflow_id {
+        sql.push(" and i.workflow_id = ")
+            .push_bind(workflow_id.as_str());
+    }
+    if let Some(version) = query.workflow_version {
+        match i32::try_from(version) {
+            Ok(version) => {
+                sql.push(" and i.workflow_version = ").push_bind(version);
+            }
+            // No stored version is that large.
+            Err(_) => {
+                sql.push(" and false");
+            }
+        }
+    }
+    if let Some(family) = &query.workflow_family {
+        crate::json::check_text("workflow family", family)?;
+        sql.push(" and i.workflow_id like ")
+            .push_bind(like_prefix(family))
+            .push(r" escape '\'");
+    }
+    for (column, range) in [
+        ("i.inserted_at", &query.inserted),
+        ("i.updated_at", &query.updated),
+    ] {
+        if let Some(from) = range.from {
+            sql.push(format_args!(" and {column} >= ")).push_bind(from);
+        }
+        if let Some(until) = range.until {
+            sql.push(format_args!(" and {column} < ")).push_bind(until);
+        }
+    }
+    let column = match query.order.key {
+        SortKey::Id => None,
+        SortKey::InsertedAt => Some("i.inserted_at"),
+        SortKey::UpdatedAt => Some("i.updated_at"),
+    };
+    let (cmp, dir) = match query.order.direction {
+        Direction::Asc => (">", "asc"),
+        Direction::Desc => ("<", "desc"),
+    };
+    if let Some(cursor) = &query.after {
+        if cursor.key != query.order.key {
+            return Err(PortError::InvalidInput(format!(
+                "a cursor of an order by {:?} continues an order by {:?}",
+                cursor.key, query.order.key
+            )));
+        }
+        match (column, cursor.at) {
+            (None, _) => {
+                sql.push(format_args!(" and i.id {cmp} "))
+                    .push_bind(cursor.id);
+            }
+            (Some(column), Some(at)) => {
+                sql.push(format_args!(" and ({column}, i.id) {cmp} ("))
+                    .push_bind(at)
+                    .push(", ")
+                    .push_bind(cursor.id)
+                    .push(")");
+            }
+            (Some(_), None) => {
+                return Err(PortError::InvalidInput(
+                    "a cursor without a time continues an order by time".to_owned(),
+                ));
+            }
+        }
+    }
+    match column {
+        None => sql.push(format_args!(" order by i.id {dir}")),
+        Some(column) => sql.push(format_args!(" order by {column} {dir}, i.id {dir}")),
+    };
+    if let Some(fetch) = fetch {
+        sql.push(" limit ").push_bind(fetch);
+    }
+    Ok(sql)
+}
+
+impl PgStore {
+    /// Instances matching `query`, one page at a time. The rows are fetched in one
+    /// statement (one more than the limit, to know whether a next page exists).
+    pub async fn query(&self, query: &InstanceQuery) -> Result<Page, PortError> {
+        self.query_using(&self.pool, query).await
+    }
+
+    /// [`PgStore::query`] through any executor.
+    pub async fn query_using<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        query: &InstanceQuery,
+    ) -> Result<Page, PortError> {
+        let (instances, more) = self.run_query(executor, query, true).await?;
+        let next = if more {
+            instances.last().map(|i| Cursor::after(i, query.order.key))
+        } else {
+            None
+        };
+        Ok(Page { instances, next })
+    }
+
+    /// Runs `query`; with `peek`, fetches one extra row and reports whether there was
+    /// one (it is not returned).
+    pub(crate) async fn run_query<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        query: &InstanceQuery,
+        peek: bool,
+    ) -> Result<(Vec<Instance>, bool), PortError> {
+        if query.limit == Some(0) {
+            return Ok((Vec::new(), false));
+        }
+        let limit = query.limit.map(i64::from);
+        let fetch = limit.map(|l| if peek { l + 1 } else { l });
+        let mut sql = build(&self.sql.select_instances, query, fetch)?;
+        let rows = sql.build().fetch_all(executor).await.map_err(port_error)?;
+        let mut instances = rows
+            .iter()
+            .map(decode_instance)
+            .collect::<Result<Vec<_>, _>>()?;
+        let more = limit.is_some_and(|l| i64::try_from(instances.len()).is_ok_and(|n| n > l));
+        if more {
+            instances.pop();
+        }
+        Ok((instances, more))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SELECT: &str = "select i.id from t i";
+
+    fn sql(query: &InstanceQuery) -> String {
+        build(SELECT, query, Some(3)).unwrap().sql().to_owned()
+    }
+
+    #[test]
+    fn like_patterns_are_literal_prefixes() {
+        assert_eq!(like_prefix("Test_Wild"), r"Test\_Wild%");
+        assert_eq!(like_prefix("100%"), r"100\%%");
+        assert_eq!(like_prefix(r"a\b"), r"a\\b%");
+        assert_eq!(like_prefix(""), "%");
+    }
+
+    #[test]
+    fn an_empty_query_orders_newest_first() {
+        assert_eq!(
+            sql(&InstanceQuery::default()),
+            "select i.id from t i where true order by i.id desc limit $1"
+        );
+    }
+
+    #[test]
+    fn every_filter_is_a_bind_parameter() {
+        let query = InstanceQuery {
+            ids: vec![Uuid::nil()],
+            business_id: Some(BusinessId::parse("order::1").unwrap()),
+            statuses: vec![InstanceStatus::Failed],
+            workflow_id: Some(WorkflowId::new("orders").unwrap()),
+            workflow_version: Some(2),
+            workflow_family: Some("shop'; drop table x; --".to_owned()),
+            inserted: TimeRange {
+                from: Some(Utc::now()),
+                until: Some(Utc::now()),
+            },
+            updated: TimeRange {
+                from: None,
+                until: Some(Utc::now()),
+            },
+            order: Order {
+                key: SortKey::UpdatedAt,
+                direction: Direction::Asc,
+            },
+            after: Some(Cursor {
+                key: SortKey::UpdatedAt,
+                at: Some(Utc::now()),
+                id: Uuid::nil(),
+            }),
+            limit: Some(3),
+        };
+        let text = sql(&query);
+        assert_eq!(
+            text,
+            "select i.id from t i where true and i.id = any($1) and i.business_id = $2 \
+             and i.status = any($3) and i.workflow_id = $4 and i.workflow_version = $5 \
+             and i.workflow_id like $6 escape '\\' and i.inserted_at >= $7 and i.inserted_at < $8 \
+             and i.updated_at < $9 and (i.updated_at, i.id) > ($10, $11) \
+             order by i.updated_at asc, i.id asc limit $12"
+        );
+    }
+
+    #[test]
+    fn a_cursor_of_another_order_is_rejected() {
+        let query = InstanceQuery {
+            order: Order {
+                key: SortKey::InsertedAt,
+                direction: Direction::Desc,
+            },
+            after: Some(Cursor::at_id(SortKey::Id, Uuid::nil())),
+            ..InstanceQuery::default()
+        };
+        assert!(matches!(
+            build(SELECT, &query, None),
+            Err(PortError::InvalidInput(_))
+        ));
+        let huge = InstanceQuery {
+            workflow_version: Some(u32::MAX),
+            ..InstanceQuery::default()
+        };
+        assert!(sql(&huge).contains(" and false"));
+    }
+}

@@ -1,0 +1,374 @@
+//! Step results: the idempotent inbox of each instance.
+//!
+//! A [`ResultPayload`] maps to columns so operators can read the table directly:
+//!
+//! | kind | `event` | `output` | `metadata` | `detail` |
+//! | --- | --- | --- | --- | --- |
+//! | `completed` | the event | the output | the metadata | null |
+//! | `async` | the timer's event, if any | null | null | `{"timer_after_ms": n}` or null |
+//! | `resume` | the event | the payload | null | null |
+//! | `timer` | the event | null | null | null |
+//! | `failed` | null | null | null | `{"error": .., "attempts": [..]}` |
+//! | `cancel` | null | null | null | `{"reason": ".."}` or null |
+//!
+//! `step_id` is `''` for instance-level rows (a step id is never empty).
+
+use chrono::{DateTime, Utc};
+use hephaestus_engine_core::ids::{Event, StepId};
+use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::ports::{
+    NewStepResult, PortError, Recorded, ResultPayload, StepResult,
+};
+use hephaestus_engine_core::step::{EventName, StepError};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use sqlx::postgres::PgRow;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgExecutor, Row};
+use uuid::Uuid;
+
+use crate::error::{out_of_range, port_error};
+use crate::json::{check_text, to_jsonb_text};
+use crate::store::PgStore;
+
+#[derive(Serialize, Deserialize)]
+struct AsyncDetail {
+    timer_after_ms: u64,
+}
+
+#[derive(Serialize)]
+struct FailedDetailOut<'a> {
+    error: &'a StepError,
+    attempts: &'a [AttemptRecord],
+}
+
+#[derive(Deserialize)]
+struct FailedDetailIn {
+    error: StepError,
+    #[serde(default)]
+    attempts: Vec<AttemptRecord>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CancelDetail {
+    reason: String,
+}
+
+/// A payload as bound to the `event`, `output`, `metadata` and `detail` columns.
+#[derive(Default)]
+struct Columns<'a> {
+    event: Option<&'a str>,
+    output: Option<String>,
+    metadata: Option<String>,
+    detail: Option<String>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(payload: &'a ResultPayload) -> Result<Self, PortError> {
+        let columns = match payload {
+            ResultPayload::Completed {
+                event,
+                output,
+                metadata,
+            } => Self {
+                event: Some(event.as_str()),
+                output: Some(json(output)?),
+                metadata: Some(json(metadata)?),
+                detail: None,
+            },
+            ResultPayload::Async {
+                timer_after_ms,
+                timer_event,
+            } => Self {
+                event: timer_event.as_ref().map(EventName::as_str),
+                detail: timer_after_ms
+                    .map(|ms| json(&AsyncDetail { timer_after_ms: ms }))
+                    .transpose()?,
+                ..Self::default()
+            },
+            ResultPayload::Resume { event, payload } => Self {
+                event: Some(event.as_str()),
+                output: Some(json(payload)?),
+                ..Self::default()
+            },
+            ResultPayload::Timer { event } => Self {
+                event: Some(event.as_str()),
+                ..Self::default()
+            },
+            ResultPayload::Failed { error, attempts } => Self {
+                detail: Some(json(&FailedDetailOut { error, attempts })?),
+                ..Self::default()
+            },
+            ResultPayload::Cancel { reason } => Self {
+                detail: reason
+                    .as_ref()
+                    .map(|reason| {
+                        json(&CancelDetail {
+                            reason: reason.clone(),
+                        })
+                    })
+                    .transpose()?,
+                ..Self::default()
+            },
+        };
+        if let Some(event) = columns.event {
+            check_text("step result event", event)?;
+        }
+        Ok(columns)
+    }
+}
+
+fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, PortError> {
+    to_jsonb_text("step result", value)
+}
+
+fn decode_result(row: &PgRow) -> Result<StepResult, PortError> {
+    let seq: i64 = row.try_get("seq").map_err(port_error)?;
+    let corrupt = |problem: String| PortError::Corrupt(format!("step result {seq}: {problem}"));
+    let get = |column: &'static str| {
+        move |e: sqlx::Error| PortError::Corrupt(format!("step result {seq}, column {column}: {e}"))
+    };
+    let instance_id: Uuid = row.try_get("instance_id").map_err(get("instance_id"))?;
+    let step: String = row.try_get("step_id").map_err(get("step_id"))?;
+    let activation: i32 = row.try_get("activation").map_err(get("activation"))?;
+    let kind: String = row.try_get("kind").map_err(get("kind"))?;
+    let event: Option<String> = row.try_get("event").map_err(get("event"))?;
+    let output: Option<Json<Value>> = row.try_get("output").map_err(get("output"))?;
+    let metadata: Option<Json<Map<String, Value>>> =
+        row.try_get("metadata").map_err(get("metadata"))?;
+    let detail: Option<Json<Value>> = row.try_get("detail").map_err(get("detail"))?;
+    let inserted_at: DateTime<Utc> = row.try_get("inserted_at").map_err(get("inserted_at"))?;
+
+    let output = output.map_or(Value::Null, |Json(v)| v);
+    let need_event = || {
+        event
+            .clone()
+            .ok_or_else(|| corrupt(format!("a {kind} row without an event")))
+    };
+    let valid_event = |name: String| Event::new(&name).map_err(|e| corrupt(format!("event: {e}")));
+    let detail = detail.map(|Json(v)| v);
+    let payload = match kind.as_str() {
+        "completed" => ResultPayload::Completed {
+            event: EventName(need_event()?),
+            output,
+            metadata: metadata.map(|Json(m)| m).unwrap_or_default(),
+        },
+        "async" => ResultPayload::Async {
+            timer_after_ms: detail
+                .map(serde_json::from_value::<AsyncDetail>)
+                .transpose()
+                .map_err(|e| corrupt(format!("detail: {e}")))?
+                .map(|d| d.timer_after_ms),
+            timer_event: event.map(EventName),
+        },
+        "resume" => ResultPayload::Resume {
+            event: valid_event(need_event()?)?,
+            payload: output,
+        },
+        "timer" => ResultPayload::Timer {
+            event: valid_event(need_event()?)?,
+        },
+        "failed" => {
+            let detail = detail.ok_or_else(|| corrupt("a failed row without detail".to_owned()))?;
+            let FailedDetailIn { error, attempts } =
+                serde_json::from_value(detail).map_err(|e| corrupt(format!("detail: {e}")))?;
+            ResultPayload::Failed { error, attempts }
+        }
+        "cancel" => ResultPayload::Cancel {
+            reason: detail
+                .map(serde_json::from_value::<CancelDetail>)
+                .transpose()
+                .map_err(|e| corrupt(format!("detail: {e}")))?
+                .map(|d| d.reason),
+        },
+        other => return Err(corrupt(format!("unknown kind {other:?}"))),
+    };
+    Ok(StepResult {
+        seq,
+        result: NewStepResult {
+            instance_id,
+            step: if step.is_empty() {
+                None
+            } else {
+                Some(StepId::new(&step).map_err(|e| corrupt(format!("step_id: {e}")))?)
+            },
+            activation: u32::try_from(activation)
+                .map_err(|_| corrupt(format!("activation {activation}")))?,
+            payload,
+        },
+        inserted_at,
+    })
+}
+
+impl PgStore {
+    /// Records a step result on `conn` (a transaction of the caller's, or a plain
+    /// connection), idempotently per (instance, step, activation, kind):
+    /// [`StepResultStore::record`](hephaestus_engine_core::ports::StepResultStore::record)
+    /// for callers that record inside their own transaction.
+    ///
+    /// One statement for a new row; a duplicate or a missing instance takes a second one
+    /// to tell [`Recorded::Duplicate`] from [`PortError::NotFound`]. Neither aborts the
+    /// transaction. Of concurrent records with one key, the later ones wait for the
+    /// first to commit (then they are duplicates) or roll back (then one of them
+    /// inserts).
+    pub async fn record_using(
+        &self,
+        conn: &mut PgConnection,
+        result: &NewStepResult,
+    ) -> Result<Recorded, PortError> {
+        let columns = Columns::of(&result.payload)?;
+        let activation = i32::try_from(result.activation)
+            .map_err(|_| out_of_range("activation", result.activation))?;
+        let seq: Option<i64> = sqlx::query_scalar(&self.sql.record_result)
+            .bind(result.instance_id)
+            .bind(result.step.as_ref().map_or("", StepId::as_str))
+            .bind(activation)
+            .bind(result.payload.kind().as_str())
+            .bind(columns.event)
+            .bind(columns.output.as_deref())
+            .bind(columns.metadata.as_deref())
+            .bind(columns.detail.as_deref())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(port_error)?;
+        if let Some(seq) = seq {
+            return Ok(Recorded::Inserted(seq));
+        }
+        let exists: bool = sqlx::query_scalar(&self.sql.instance_exists)
+            .bind(result.instance_id)
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(port_error)?;
+        if exists {
+            Ok(Recorded::Duplicate)
+        } else {
+            Err(PortError::NotFound(format!(
+                "instance {}",
+                result.instance_id
+            )))
+        }
+    }
+
+    /// The unprocessed results of an instance in `seq` order, through any executor (in
+    /// the single writer's transaction: including what it recorded and excluding what
+    /// it marked). One statement, served by the partial index of unprocessed rows.
+    pub async fn pending_using<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        instance_id: Uuid,
+    ) -> Result<Vec<StepResult>, PortError> {
+        let rows = sqlx::query(&self.sql.pending_results)
+            .bind(instance_id)
+            .fetch_all(executor)
+            .await
+            .map_err(port_error)?;
+        rows.iter().map(decode_result).collect()
+    }
+
+    /// Marks results of `instance_id` processed, in one statement (none for an empty
+    /// list). Seqs of other instances are left alone.
+    pub async fn mark_processed_using<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        instance_id: Uuid,
+        seqs: &[i64],
+    ) -> Result<(), PortError> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        sqlx::query(&self.sql.mark_processed)
+            .bind(instance_id)
+            .bind(seqs)
+            .execute(executor)
+            .await
+            .map_err(port_error)?;
+        Ok(())
+    }
+
+    /// Whether a completion, async marker or failure is recorded for this step
+    /// activation (processed or not), through any executor.
+    pub async fn is_recorded_using<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        instance_id: Uuid,
+        step: &StepId,
+        activation: u32,
+    ) -> Result<bool, PortError> {
+        let Ok(activation) = i32::try_from(activation) else {
+            // No stored activation is that large.
+            return Ok(false);
+        };
+        sqlx::query_scalar(&self.sql.is_recorded)
+            .bind(instance_id)
+            .bind(step.as_str())
+            .bind(activation)
+            .fetch_one(executor)
+            .await
+            .map_err(port_error)
+    }
+
+    /// Deletes results processed before `before`, at most `batch` rows per statement
+    /// (each its own short transaction, so pruning never holds many row locks), until
+    /// none is left; returns how many.
+    pub async fn prune_processed_in_batches(
+        &self,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<u64, PortError> {
+        let batch = batch.max(1);
+        let mut total = 0;
+        loop {
+            let deleted = sqlx::query(&self.sql.prune_processed)
+                .bind(before)
+                .bind(i64::from(batch))
+                .execute(&self.pool)
+                .await
+                .map_err(port_error)?
+                .rows_affected();
+            total += deleted;
+            if deleted < u64::from(batch) {
+                return Ok(total);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_map_to_columns() {
+        let completed = ResultPayload::Completed {
+            event: EventName("done".to_owned()),
+            output: serde_json::json!({"a": 1}),
+            metadata: Map::new(),
+        };
+        let c = Columns::of(&completed).unwrap();
+        assert_eq!(
+            (c.event, c.output.as_deref(), c.metadata.as_deref()),
+            (Some("done"), Some(r#"{"a":1}"#), Some("{}"))
+        );
+        let with_timer = ResultPayload::Async {
+            timer_after_ms: Some(1500),
+            timer_event: Some(EventName("timeout".to_owned())),
+        };
+        let c = Columns::of(&with_timer).unwrap();
+        assert_eq!(
+            (c.event, c.detail.as_deref()),
+            (Some("timeout"), Some(r#"{"timer_after_ms":1500}"#))
+        );
+        let bare = ResultPayload::Cancel { reason: None };
+        let c = Columns::of(&bare).unwrap();
+        assert!(c.event.is_none() && c.output.is_none() && c.detail.is_none());
+        let nul_event = ResultPayload::Completed {
+            event: EventName("d\u{0}".to_owned()),
+            output: Value::Null,
+            metadata: Map::new(),
+        };
+        assert!(matches!(
+            Columns::of(&nul_event),
+            Err(PortError::InvalidInput(_))
+        ));
+    }
+}

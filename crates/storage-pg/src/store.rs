@@ -1,0 +1,276 @@
+//! [`PgStore`]: the handle, its pre-rendered SQL, and the port trait implementations.
+
+use std::fmt;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use hephaestus_engine_core::ids::StepId;
+use hephaestus_engine_core::instance::Instance;
+use hephaestus_engine_core::ports::{
+    InstanceFilter, InstanceStore, NewStepResult, PortError, Recorded, StepResult, StepResultStore,
+    UnitOfWork,
+};
+use hephaestus_migrations_gen::SchemaPrefix;
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::error::port_error;
+use crate::migrate::{Migrated, migrate};
+
+/// The unit of work of [`PgStore`]: a PostgreSQL transaction. `hephaestus-queue-pg`
+/// uses the same type, so storage and queue writes can share one transaction.
+pub type Tx = Transaction<'static, Postgres>;
+
+/// How many processed step results one `delete` statement of
+/// [`StepResultStore::prune_processed`] removes at most.
+pub const PRUNE_BATCH: u32 = 5_000;
+
+/// The transaction-local setting that lists the instances this transaction locked or
+/// inserted (space-separated ids); [`PgStore::update_using`] writes only those.
+pub(crate) const HELD_SETTING: &str = "hephaestus.held_instances";
+
+/// Instances and step results in one PostgreSQL schema. A cheap handle: clones share the
+/// pool and the pre-rendered SQL.
+#[derive(Clone)]
+pub struct PgStore {
+    pub(crate) pool: PgPool,
+    pub(crate) prefix: SchemaPrefix,
+    pub(crate) sql: Arc<Sql>,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("prefix", &self.prefix)
+            .field("pool", &self.pool)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// A store over the tables in schema `prefix` (see [`PgStore::migrate`] to create
+    /// them). The pool needs as many connections as units of work run at once.
+    pub fn new(pool: PgPool, prefix: SchemaPrefix) -> Self {
+        let sql = Arc::new(Sql::render(&prefix));
+        Self { pool, prefix, sql }
+    }
+
+    /// Creates or upgrades this store's tables to the latest version, in one transaction
+    /// (see [`crate::migrate`]).
+    pub async fn migrate(&self) -> Result<Migrated, PortError> {
+        migrate(&self.pool, &self.prefix).await
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The schema holding the tables.
+    pub fn prefix(&self) -> &SchemaPrefix {
+        &self.prefix
+    }
+}
+
+/// Every statement, rendered once per store for its schema. The schema prefix (validated
+/// by [`SchemaPrefix`]) is the only value interpolated; everything else is a bind
+/// parameter. Identical text per statement also lets sqlx reuse its prepared statement.
+#[derive(Debug)]
+pub(crate) struct Sql {
+    pub(crate) insert_instance: String,
+    pub(crate) insert_conflict: String,
+    pub(crate) lock_instance: String,
+    pub(crate) update_instance: String,
+    pub(crate) get_instance: String,
+    pub(crate) claim_holder: String,
+    pub(crate) select_instances: String,
+    pub(crate) record_result: String,
+    pub(crate) instance_exists: String,
+    pub(crate) pending_results: String,
+    pub(crate) mark_processed: String,
+    pub(crate) is_recorded: String,
+    pub(crate) prune_processed: String,
+}
+
+/// The instance columns every read selects, in the order `decode_instance` reads them.
+pub(crate) const INSTANCE_COLUMNS: &str = "i.id, i.business_id, i.workflow_id, i.workflow_version, i.status, i.unique_claim, \
+     i.state, i.failure, i.telemetry_metadata, i.revision, i.inserted_at, i.updated_at";
+
+const ACTIVE: &str = "('pending', 'running', 'waiting')";
+
+impl Sql {
+    fn render(prefix: &SchemaPrefix) -> Self {
+        let p = prefix.quoted();
+        let instances = format!("{p}.hephaestus_instances");
+        let results = format!("{p}.hephaestus_step_results");
+        let held = HELD_SETTING;
+        // Appends the id to the held list; `set_config(.., true)` is transaction-local.
+        let mark_held = format!(
+            "set_config('{held}', coalesce(current_setting('{held}', true), '') || ' ' || id::text, true)"
+        );
+        Self {
+            // `on conflict do nothing` without a target covers the primary key and the
+            // partial unique index of active claims. A conflicting insert of another
+            // transaction that is still open makes this one wait for its outcome.
+            insert_instance: format!(
+                r"with inserted as (
+    insert into {instances} (id, business_id, workflow_id, workflow_version, status, unique_claim,
+        state, failure, telemetry_metadata, revision, inserted_at, updated_at)
+    values ($1, $2, $3, $4, $5, $6, $7::jsonb, $8::jsonb, $9::jsonb, $10, $11, $12)
+    on conflict do nothing
+    returning id
+)
+select {mark_held} from inserted"
+            ),
+            insert_conflict: format!(
+                r"select
+    exists (select 1 from {instances} where id = $1) as id_taken,
+    (select id from {instances}
+        where unique_claim = $2 and status in {ACTIVE} and id <> $1
+        limit 1) as holder"
+            ),
+            // The row is found first (the lateral reference makes the lock the inner side
+            // of the join, so a missing instance takes no lock), then the advisory lock is
+            // taken, then the row is locked `for no key update`: if the previous holder
+            // changed the row after this statement's snapshot was taken, PostgreSQL
+            // re-reads the newest committed version before returning it.
+            // `no key update` does not conflict with the `key share` lock that inserting
+            // a step result takes on its instance, so recording never waits for it.
+            lock_instance: format!(
+                r"select {INSTANCE_COLUMNS}, {mark_held}
+from {instances} i
+cross join lateral (select pg_advisory_xact_lock($2) where i.id is not null) as single_writer
+where i.id = $1
+for no key update of i"
+            ),
+            update_instance: format!(
+                r"with target as (
+    select id, coalesce(strpos(current_setting('{held}', true), id::text) > 0, false) as held
+    from {instances}
+    where id = $1
+), written as (
+    update {instances} as i
+    set business_id = $2, workflow_id = $3, workflow_version = $4, status = $5,
+        unique_claim = $6, state = $7::jsonb, failure = $8::jsonb,
+        telemetry_metadata = $9::jsonb, revision = $10, inserted_at = $11, updated_at = $12
+    from target
+    where i.id = target.id and target.held
+    returning i.id
+)
+select exists (select 1 from target) as found, exists (select 1 from written) as written"
+            ),
+            get_instance: format!("select {INSTANCE_COLUMNS} from {instances} i where i.id = $1"),
+            claim_holder: format!(
+                "select id from {instances} where unique_claim = $1 and status in {ACTIVE} and id <> $2 limit 1"
+            ),
+            select_instances: format!("select {INSTANCE_COLUMNS} from {instances} i"),
+            // Inserting through `select .. where exists` instead of relying on the foreign
+            // key keeps the caller's transaction usable when the instance is missing.
+            record_result: format!(
+                r"insert into {results} (instance_id, step_id, activation, kind, event, output, metadata, detail)
+select $1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8::jsonb
+where exists (select 1 from {instances} where id = $1)
+on conflict (instance_id, step_id, activation, kind) do nothing
+returning seq"
+            ),
+            instance_exists: format!("select exists (select 1 from {instances} where id = $1)"),
+            pending_results: format!(
+                r"select seq, instance_id, step_id, activation, kind, event, output, metadata, detail, inserted_at
+from {results}
+where instance_id = $1 and processed_at is null
+order by seq"
+            ),
+            mark_processed: format!(
+                r"update {results} set processed_at = now()
+where instance_id = $1 and seq = any($2) and processed_at is null"
+            ),
+            is_recorded: format!(
+                r"select exists (
+    select 1 from {results}
+    where instance_id = $1 and step_id = $2 and activation = $3
+        and kind in ('completed', 'async', 'failed')
+)"
+            ),
+            prune_processed: format!(
+                r"delete from {results}
+where seq in (
+    select seq from {results}
+    where processed_at < $1
+    limit $2
+    for update skip locked
+)"
+            ),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl UnitOfWork for PgStore {
+    type Tx = Tx;
+
+    async fn begin(&self) -> Result<Tx, PortError> {
+        self.pool.begin().await.map_err(port_error)
+    }
+
+    async fn commit(&self, tx: Tx) -> Result<(), PortError> {
+        tx.commit().await.map_err(port_error)
+    }
+}
+
+#[async_trait::async_trait]
+impl InstanceStore for PgStore {
+    async fn insert(&self, tx: &mut Tx, instance: &Instance) -> Result<(), PortError> {
+        self.insert_using(tx, instance).await
+    }
+
+    async fn lock(&self, tx: &mut Tx, id: Uuid) -> Result<Option<Instance>, PortError> {
+        self.lock_using(tx, id).await
+    }
+
+    async fn update(&self, tx: &mut Tx, instance: &Instance) -> Result<(), PortError> {
+        self.update_using(tx, instance).await
+    }
+
+    async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError> {
+        self.get_using(&self.pool, id).await
+    }
+
+    async fn list(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, PortError> {
+        self.list_using(&self.pool, filter).await
+    }
+}
+
+#[async_trait::async_trait]
+impl StepResultStore for PgStore {
+    async fn record(&self, tx: &mut Tx, result: &NewStepResult) -> Result<Recorded, PortError> {
+        self.record_using(tx, result).await
+    }
+
+    async fn pending(&self, tx: &mut Tx, instance_id: Uuid) -> Result<Vec<StepResult>, PortError> {
+        self.pending_using(&mut **tx, instance_id).await
+    }
+
+    async fn mark_processed(
+        &self,
+        tx: &mut Tx,
+        instance_id: Uuid,
+        seqs: &[i64],
+    ) -> Result<(), PortError> {
+        self.mark_processed_using(&mut **tx, instance_id, seqs)
+            .await
+    }
+
+    async fn is_recorded(
+        &self,
+        instance_id: Uuid,
+        step: &StepId,
+        activation: u32,
+    ) -> Result<bool, PortError> {
+        self.is_recorded_using(&self.pool, instance_id, step, activation)
+            .await
+    }
+
+    async fn prune_processed(&self, before: DateTime<Utc>) -> Result<u64, PortError> {
+        self.prune_processed_in_batches(before, PRUNE_BATCH).await
+    }
+}

@@ -1,0 +1,129 @@
+//! Runs one scenario on both backends: the in-memory backend and PostgreSQL
+//! (storage-pg + queue-pg in a fresh schema), with one virtual clock.
+
+use std::sync::Arc;
+
+use hephaestus_engine_core::Workflow;
+use hephaestus_engine_core::ports::memory::MemoryBackend;
+use hephaestus_engine_core::workflow::WorkflowFamily;
+use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::testing::VirtualClock;
+use hephaestus_runner::{Backend, RunnerConfig, Runtime};
+
+use crate::support::db::TestSchema;
+
+/// A backend and the clock every component reads.
+pub struct Harness<B> {
+    pub backend: B,
+    pub clock: VirtualClock,
+    schema: Option<TestSchema>,
+}
+
+impl Harness<MemoryBackend> {
+    pub fn memory() -> Self {
+        let clock = VirtualClock::default();
+        Self {
+            backend: MemoryBackend::with_clock(clock.clock()),
+            clock,
+            schema: None,
+        }
+    }
+}
+
+/// queue-pg reads time through its own trait; this adapts the virtual clock.
+#[derive(Clone)]
+struct QueueClock(VirtualClock);
+
+impl std::fmt::Debug for QueueClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl hephaestus_queue_pg::Clock for QueueClock {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.0.now()
+    }
+}
+
+impl Harness<PgBackend> {
+    pub async fn postgres() -> Self {
+        let schema = TestSchema::new().await;
+        hephaestus_storage_pg::migrate(&schema.pool, &schema.prefix)
+            .await
+            .expect("migrate storage");
+        hephaestus_queue_pg::migrate(&schema.pool, &schema.prefix)
+            .await
+            .expect("migrate the queue");
+        let clock = VirtualClock::default();
+        // Workers run many transactions at once: give them a pool of their own.
+        let pool = schema.pool_with(24).await;
+        let store = hephaestus_storage_pg::PgStore::new(pool.clone(), schema.prefix.clone());
+        let queue = hephaestus_queue_pg::PgQueue::new(pool, schema.prefix.clone())
+            .with_clock(QueueClock(clock.clone()));
+        Self {
+            backend: PgBackend::new(store, queue),
+            clock,
+            schema: Some(schema),
+        }
+    }
+}
+
+impl<B: Backend> Harness<B> {
+    /// A runtime over this backend and clock with `workflows`.
+    pub fn runtime(&self, workflows: Vec<Workflow>) -> Runtime<B> {
+        self.runtime_with(RunnerConfig::default(), workflows, Vec::new())
+    }
+
+    pub fn runtime_with(
+        &self,
+        config: RunnerConfig,
+        workflows: Vec<Workflow>,
+        families: Vec<WorkflowFamily>,
+    ) -> Runtime<B> {
+        let mut b = Runtime::builder(self.backend.clone())
+            .clock(Arc::clone(&self.clock.clock()))
+            .config(config);
+        for wf in workflows {
+            b = b.workflow(wf);
+        }
+        for f in families {
+            b = b.family(f);
+        }
+        b.build().expect("a valid runtime")
+    }
+
+    pub async fn teardown(self) {
+        if let Some(schema) = self.schema {
+            schema.teardown().await;
+        }
+    }
+}
+
+/// Generates `<name>::memory` and `<name>::postgres` tests running the
+/// scenario `<name>` on each backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        $(
+            mod $name {
+                use super::harness::Harness;
+
+                #[tokio::test]
+                async fn memory() {
+                    let h = Harness::memory();
+                    super::$name(&h).await;
+                    h.teardown().await;
+                }
+
+                #[tokio::test]
+                async fn postgres() {
+                    let h = Harness::postgres().await;
+                    super::$name(&h).await;
+                    h.teardown().await;
+                }
+            }
+        )*
+    };
+}
+
+pub(crate) use on_both_backends;

@@ -1,0 +1,439 @@
+//! The query API: every filter pushed into SQL, orders, keyset pagination, and the
+//! indexes behind the hot queries.
+
+use chrono::{DateTime, TimeDelta, Utc};
+use hephaestus_engine_core::business_id::Scope;
+use hephaestus_engine_core::instance::{Instance, InstanceStatus};
+use hephaestus_storage_pg::{Cursor, Direction, InstanceQuery, Order, PgStore, SortKey, TimeRange};
+use uuid::Uuid;
+
+use super::{Db, bid, insert_committed, instance, t0, wid};
+
+fn at(minutes: i64) -> DateTime<Utc> {
+    t0() + TimeDelta::minutes(minutes)
+}
+
+/// Twelve instances with distinct workflows, statuses and times, some times equal so
+/// that ties are broken by id. Returned in id order.
+fn fixture() -> Vec<Instance> {
+    use InstanceStatus::{Cancelled, Completed, Failed, Pending, Running, Waiting};
+    let rows = [
+        ("order::1", "shop.orders", 1, Completed, 0, 10),
+        ("order::1", "shop.orders", 2, Running, 1, 11),
+        ("order::2", "shop.orders.v2", 1, Failed, 2, 12),
+        ("order::3", "shop.ordersx", 1, Waiting, 3, 12),
+        ("user::1", "signup", 1, Pending, 3, 13),
+        ("order::4", "Test_Wild", 1, Running, 5, 14),
+        ("order::5", "TestXWild", 1, Running, 6, 14),
+        ("order::6", "shop.refunds", 1, Cancelled, 7, 15),
+        ("order::7", "shop.orders", 3, Pending, 8, 9),
+        ("order::8", "shop.orders", 1, Completed, 9, 30),
+        ("user::2", "signup", 2, Failed, 10, 20),
+        ("user::3", "signup", 2, Completed, 10, 20),
+    ];
+    let mut ids: Vec<Uuid> = rows.iter().map(|_| Uuid::now_v7()).collect();
+    ids.sort();
+    rows.into_iter()
+        .zip(ids)
+        .map(
+            |((business, workflow, version, status, created, updated), id)| {
+                let mut i = instance(business, workflow, version, Scope::None, status);
+                i.id = id;
+                i.created_at = at(created);
+                i.updated_at = at(updated);
+                i
+            },
+        )
+        .collect()
+}
+
+fn ids(instances: &[Instance]) -> Vec<Uuid> {
+    instances.iter().map(|i| i.id).collect()
+}
+
+async fn all(store: &PgStore, query: &InstanceQuery) -> Vec<Uuid> {
+    let page = store.query(query).await.unwrap();
+    assert_eq!(page.next, None, "one page");
+    ids(&page.instances)
+}
+
+/// `fixture` sorted as `order` sorts.
+fn sorted(fixture: &[Instance], order: Order) -> Vec<Uuid> {
+    let mut sorted = fixture.to_vec();
+    sorted.sort_by_key(|i| match order.key {
+        SortKey::Id => (t0(), i.id),
+        SortKey::InsertedAt => (i.created_at, i.id),
+        SortKey::UpdatedAt => (i.updated_at, i.id),
+    });
+    if order.direction == Direction::Desc {
+        sorted.reverse();
+    }
+    ids(&sorted)
+}
+
+#[tokio::test]
+async fn filters_are_pushed_into_sql() {
+    let db = Db::new().await;
+    let fx = fixture();
+    for n in [7, 3, 0, 11, 5, 1, 9, 2, 10, 4, 8, 6] {
+        insert_committed(&db.store, &fx[n]).await;
+    }
+    let pick = |ns: &[usize]| -> Vec<Uuid> { ns.iter().rev().map(|n| fx[*n].id).collect() };
+    let cases: Vec<(&str, InstanceQuery, Vec<Uuid>)> = vec![
+        (
+            "nothing",
+            InstanceQuery::default(),
+            pick(&[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]),
+        ),
+        (
+            "ids",
+            InstanceQuery {
+                ids: vec![fx[3].id, fx[8].id, Uuid::now_v7()],
+                ..Default::default()
+            },
+            pick(&[3, 8]),
+        ),
+        (
+            "business id",
+            InstanceQuery {
+                business_id: Some(bid("order::1")),
+                ..Default::default()
+            },
+            pick(&[0, 1]),
+        ),
+        (
+            "one status",
+            InstanceQuery {
+                statuses: vec![InstanceStatus::Running],
+                ..Default::default()
+            },
+            pick(&[1, 5, 6]),
+        ),
+        (
+            "a status set",
+            InstanceQuery {
+                statuses: InstanceStatus::ACTIVE.to_vec(),
+                ..Default::default()
+            },
+            pick(&[1, 3, 4, 5, 6, 8]),
+        ),
+        (
+            "workflow",
+            InstanceQuery {
+                workflow_id: Some(wid("shop.orders")),
+                ..Default::default()
+            },
+            pick(&[0, 1, 8, 9]),
+        ),
+        (
+            "workflow and version",
+            InstanceQuery {
+                workflow_id: Some(wid("shop.orders")),
+                workflow_version: Some(1),
+                ..Default::default()
+            },
+            pick(&[0, 9]),
+        ),
+        (
+            "version",
+            InstanceQuery {
+                workflow_version: Some(2),
+                ..Default::default()
+            },
+            pick(&[1, 10, 11]),
+        ),
+        (
+            "family",
+            InstanceQuery {
+                workflow_family: Some("shop.orders".to_owned()),
+                ..Default::default()
+            },
+            pick(&[0, 1, 2, 3, 8, 9]),
+        ),
+        (
+            "family with a dot",
+            InstanceQuery {
+                workflow_family: Some("shop.orders.".to_owned()),
+                ..Default::default()
+            },
+            pick(&[2]),
+        ),
+        (
+            "family with _ is literal",
+            InstanceQuery {
+                workflow_family: Some("Test_".to_owned()),
+                ..Default::default()
+            },
+            pick(&[5]),
+        ),
+        (
+            "family with % is literal",
+            InstanceQuery {
+                workflow_family: Some("Test%".to_owned()),
+                ..Default::default()
+            },
+            vec![],
+        ),
+        (
+            "inserted range",
+            InstanceQuery {
+                inserted: TimeRange {
+                    from: Some(at(3)),
+                    until: Some(at(6)),
+                },
+                ..Default::default()
+            },
+            pick(&[3, 4, 5]),
+        ),
+        (
+            "updated since",
+            InstanceQuery {
+                updated: TimeRange {
+                    from: Some(at(20)),
+                    until: None,
+                },
+                ..Default::default()
+            },
+            pick(&[9, 10, 11]),
+        ),
+        (
+            "updated before",
+            InstanceQuery {
+                updated: TimeRange {
+                    from: None,
+                    until: Some(at(11)),
+                },
+                ..Default::default()
+            },
+            pick(&[0, 8]),
+        ),
+        (
+            "everything at once",
+            InstanceQuery {
+                statuses: vec![InstanceStatus::Completed, InstanceStatus::Running],
+                workflow_family: Some("shop.".to_owned()),
+                workflow_version: Some(1),
+                inserted: TimeRange {
+                    from: Some(at(0)),
+                    until: Some(at(10)),
+                },
+                updated: TimeRange {
+                    from: Some(at(10)),
+                    until: Some(at(31)),
+                },
+                ..Default::default()
+            },
+            pick(&[0, 9]),
+        ),
+    ];
+    for (name, query, expected) in cases {
+        assert_eq!(all(&db.store, &query).await, expected, "{name}");
+    }
+    let one = db
+        .store
+        .query(&InstanceQuery {
+            ids: vec![fx[4].id],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one.instances, vec![fx[4].clone()], "every field comes back");
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn every_order_pages_through_everything_with_keysets() {
+    let db = Db::new().await;
+    let fx = fixture();
+    for i in &fx {
+        insert_committed(&db.store, i).await;
+    }
+    for key in [SortKey::Id, SortKey::InsertedAt, SortKey::UpdatedAt] {
+        for direction in [Direction::Asc, Direction::Desc] {
+            let order = Order { key, direction };
+            let expected = sorted(&fx, order);
+            let everything = InstanceQuery {
+                order,
+                ..Default::default()
+            };
+            assert_eq!(all(&db.store, &everything).await, expected, "{order:?}");
+
+            let mut seen = Vec::new();
+            let mut after: Option<Cursor> = None;
+            let mut pages = 0;
+            loop {
+                let page = db
+                    .store
+                    .query(&InstanceQuery {
+                        order,
+                        after,
+                        limit: Some(5),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+                pages += 1;
+                assert!(page.instances.len() <= 5);
+                seen.extend(ids(&page.instances));
+                match page.next {
+                    Some(next) => {
+                        assert_eq!(next.key(), key);
+                        after = Some(next);
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(seen, expected, "pages of {order:?}");
+            assert_eq!(pages, 3, "5 + 5 + 2, and no empty last page");
+
+            // The cursor of a shorter page continues right after it.
+            let first = db
+                .store
+                .query(&InstanceQuery {
+                    order,
+                    limit: Some(4),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let rest = InstanceQuery {
+                order,
+                after: first.next,
+                ..Default::default()
+            };
+            let rest = all(&db.store, &rest).await;
+            assert_eq!(
+                rest,
+                expected[4..].to_vec(),
+                "after the first page of {order:?}"
+            );
+        }
+    }
+
+    // A filter and a page together: the cursor continues the filtered order.
+    let active = InstanceQuery {
+        statuses: InstanceStatus::ACTIVE.to_vec(),
+        order: Order {
+            key: SortKey::UpdatedAt,
+            direction: Direction::Asc,
+        },
+        limit: Some(2),
+        ..Default::default()
+    };
+    let first = db.store.query(&active).await.unwrap();
+    let second = db
+        .store
+        .query(&InstanceQuery {
+            after: first.next,
+            ..active.clone()
+        })
+        .await
+        .unwrap();
+    let mut expected: Vec<&Instance> = fx.iter().filter(|i| i.status.is_active()).collect();
+    expected.sort_by_key(|i| (i.updated_at, i.id));
+    let got: Vec<Uuid> = first
+        .instances
+        .iter()
+        .chain(&second.instances)
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(got, expected[..4].iter().map(|i| i.id).collect::<Vec<_>>());
+
+    // Limit 0, and a cursor of another order.
+    let none = db
+        .store
+        .query(&InstanceQuery {
+            limit: Some(0),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(none.instances.is_empty() && none.next.is_none());
+    let wrong = InstanceQuery {
+        order: Order {
+            key: SortKey::UpdatedAt,
+            direction: Direction::Desc,
+        },
+        after: Some(Cursor::after(&fx[0], SortKey::Id)),
+        ..Default::default()
+    };
+    assert!(matches!(
+        db.store.query(&wrong).await,
+        Err(hephaestus_engine_core::ports::PortError::InvalidInput(_))
+    ));
+    db.teardown().await;
+}
+
+/// The plan of `sql` with sequential scans disabled (the tables are tiny, so the planner
+/// would otherwise always scan): which indexes it can use.
+async fn plan(db: &Db, sql: &str) -> String {
+    let mut tx = db.pool.begin().await.unwrap();
+    sqlx::raw_sql("set local enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let lines: Vec<String> = sqlx::query_scalar(&format!("explain {sql}"))
+        .fetch_all(&mut *tx)
+        .await
+        .unwrap();
+    lines.join("\n")
+}
+
+#[tokio::test]
+async fn hot_queries_have_their_indexes() {
+    let db = Db::new().await;
+    let instances = db.table("hephaestus_instances");
+    let results = db.table("hephaestus_step_results");
+    let id = Uuid::nil();
+    let cases = [
+        (
+            format!(
+                "select id from {instances} where unique_claim = 'c' and status in ('pending', 'running', 'waiting')"
+            ),
+            "hephaestus_instances_active_claim_uidx",
+        ),
+        (
+            format!(
+                "select id from {instances} where business_id = 'order::1' order by id desc limit 1"
+            ),
+            "hephaestus_instances_business_id_idx",
+        ),
+        (
+            format!(r"select id from {instances} where workflow_id like 'shop.orders%' escape '\'"),
+            "hephaestus_instances_workflow_idx",
+        ),
+        (
+            format!(
+                "select id from {instances} where status in ('pending', 'running', 'waiting') and updated_at < now()"
+            ),
+            "hephaestus_instances_active_status_idx",
+        ),
+        (
+            format!(
+                "select id from {instances} where updated_at >= now() order by updated_at, id limit 10"
+            ),
+            "hephaestus_instances_updated_at_idx",
+        ),
+        (
+            format!(
+                "select seq from {results} where instance_id = '{id}' and processed_at is null order by seq"
+            ),
+            "hephaestus_step_results_pending_idx",
+        ),
+        (
+            format!("select seq from {results} where processed_at < now() limit 10"),
+            "hephaestus_step_results_processed_at_idx",
+        ),
+        (
+            format!(
+                "select 1 from {results} where instance_id = '{id}' and step_id = 'a' and activation = 1 and kind in ('completed', 'async', 'failed')"
+            ),
+            "hephaestus_step_results_activation_uidx",
+        ),
+    ];
+    for (sql, index) in cases {
+        let plan = plan(&db, &sql).await;
+        assert!(plan.contains(index), "{sql}\nshould use {index}:\n{plan}");
+    }
+    db.teardown().await;
+}
