@@ -5,7 +5,9 @@
 //! or `courier` by weight; `await_delivery` waits for a delivery event (with a
 //! timeout timer), and `cool_off` is a durable one-second `Wait`.
 //!
-//! Run: `cargo run -p order-flow`
+//! Run: `cargo run -p order-flow` (in memory), or
+//! `cargo run -p order-flow -- --database-url postgres://...` (PostgreSQL: it
+//! creates and migrates the schema `order_flow_demo`).
 
 use std::time::Duration;
 
@@ -102,13 +104,51 @@ fn checkout() -> Result<Workflow> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let runtime = Runtime::builder(MemoryBackend::new())
-        .config(RunnerConfig {
-            poll_interval: Duration::from_millis(20),
-            ..RunnerConfig::default()
-        })
-        .workflow(checkout()?)
-        .build()?;
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = RunnerConfig {
+        poll_interval: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    };
+    match args.as_slice() {
+        [] => {
+            demo(
+                Runtime::builder(MemoryBackend::new())
+                    .config(config)
+                    .workflow(checkout()?)
+                    .build()?,
+            )
+            .await
+        }
+        [flag, url] if flag == "--database-url" => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(12)
+                .connect(url)
+                .await
+                .with_context(|| format!("cannot connect to {url}"))?;
+            let prefix = hephaestus_migrations_gen::SchemaPrefix::new("order_flow_demo")?;
+            sqlx::raw_sql(&format!("create schema if not exists {}", prefix.quoted()))
+                .execute(&pool)
+                .await?;
+            hephaestus_storage_pg::migrate(&pool, &prefix).await?;
+            hephaestus_queue_pg::migrate(&pool, &prefix).await?;
+            let backend = hephaestus_runner::postgres::PgBackend::new(
+                hephaestus_storage_pg::PgStore::new(pool.clone(), prefix.clone()),
+                hephaestus_queue_pg::PgQueue::new(pool, prefix),
+            );
+            println!("on PostgreSQL, schema order_flow_demo");
+            demo(
+                Runtime::builder(backend)
+                    .config(config)
+                    .workflow(checkout()?)
+                    .build()?,
+            )
+            .await
+        }
+        _ => anyhow::bail!("usage: order-flow [--database-url postgres://user@host/db]"),
+    }
+}
+
+async fn demo<B: hephaestus_runner::Backend>(runtime: Runtime<B>) -> Result<()> {
     let mut events = runtime.subscribe();
     let worker = {
         let rt = runtime.clone();
