@@ -148,7 +148,17 @@ async fn main() -> Result<()> {
     }
 }
 
-async fn demo<B: hephaestus_runner::Backend>(runtime: Runtime<B>) -> Result<()> {
+/// A database outlives a run: give each run its own order numbers, since a
+/// business id is unique among active instances.
+fn run_suffix() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format!("{secs}")
+}
+
+async fn demo<B: hephaestus_runner::Backend>(suffix: &str, runtime: Runtime<B>) -> Result<()> {
+    let (first, second) = (format!("1001{suffix}"), format!("1002{suffix}"));
     let mut events = runtime.subscribe();
     let worker = {
         let rt = runtime.clone();
@@ -166,9 +176,9 @@ async fn demo<B: hephaestus_runner::Backend>(runtime: Runtime<B>) -> Result<()> 
 
     let orders = runtime.workflow("orders::Checkout")?;
     let started = orders
-        .start("1001", json!({ "total": 42, "weight_kg": 3 }))
+        .start(&first, json!({ "total": 42, "weight_kg": 3 }))
         .await?;
-    let rejected = orders.start("1002", json!({ "total": 0 })).await?;
+    let rejected = orders.start(&second, json!({ "total": 0 })).await?;
     println!(
         "started {} ({}) and {} ({})",
         started.business_id, started.id, rejected.business_id, rejected.id
@@ -198,7 +208,7 @@ async fn demo<B: hephaestus_runner::Backend>(runtime: Runtime<B>) -> Result<()> 
                     println!("  [{instance}] the courier confirms delivery");
                     orders
                         .resume(
-                            "1001",
+                            &first,
                             "hephaestus::WaitForEvent",
                             "received",
                             json!({ "signed_by": "R. Costa" }),
