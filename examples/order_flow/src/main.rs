@@ -112,6 +112,7 @@ async fn main() -> Result<()> {
     match args.as_slice() {
         [] => {
             demo(
+                "",
                 Runtime::builder(MemoryBackend::new())
                     .config(config)
                     .workflow(checkout()?)
@@ -137,6 +138,7 @@ async fn main() -> Result<()> {
             );
             println!("on PostgreSQL, schema order_flow_demo");
             demo(
+                &run_suffix(),
                 Runtime::builder(backend)
                     .config(config)
                     .workflow(checkout()?)
