@@ -99,6 +99,18 @@ impl JobQueue for PgQueue {
         Ok(PgQueue::job(self, id).await?.map(|job| job.info()))
     }
 
+    async fn heartbeat(&self, leases: &[(JobId, u32)]) -> Result<Vec<JobId>, PortError> {
+        Ok(PgQueue::heartbeat(self, leases).await?)
+    }
+
+    async fn stale(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<JobLease>, PortError> {
+        Ok(PgQueue::stale_jobs(self, before, limit)
+            .await?
+            .into_iter()
+            .map(|s| s.lease)
+            .collect())
+    }
+
     async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError> {
         Ok(PgQueue::live_jobs(self, args)
             .await?

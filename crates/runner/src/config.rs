@@ -65,6 +65,13 @@ pub struct RunnerConfig {
     pub poll_interval: Duration,
     /// How many times an advance loops when results keep arriving.
     pub advance_loop_limit: u32,
+    /// How often a worker refreshes the heartbeat of the jobs it runs.
+    pub heartbeat_interval: Duration,
+    /// A running job whose heartbeat is older than this is rescued: its
+    /// worker is presumed dead.
+    pub stale_after: Duration,
+    /// How often a worker looks for stale jobs to rescue.
+    pub rescue_interval: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -75,6 +82,9 @@ impl Default for RunnerConfig {
             concurrency: 10,
             poll_interval: Duration::from_millis(200),
             advance_loop_limit: 16,
+            heartbeat_interval: Duration::from_secs(5),
+            stale_after: Duration::from_secs(30),
+            rescue_interval: Duration::from_secs(15),
         }
     }
 }

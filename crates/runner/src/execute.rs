@@ -207,7 +207,7 @@ impl<B: Backend> Runtime<B> {
     /// A step error: retry per the resolved policy, or, when fatal or out of
     /// attempts, record the failure and enqueue the advance that fails the
     /// instance — in the same commit as the discard (G4).
-    async fn step_failed(
+    pub(crate) async fn step_failed(
         &self,
         lease: &JobLease,
         wf: &Workflow,

@@ -168,6 +168,14 @@ impl JobQueue for PgBackend {
         <PgQueue as JobQueue>::prune_finished(&self.queue, before).await
     }
 
+    async fn heartbeat(&self, leases: &[(JobId, u32)]) -> Result<Vec<JobId>, PortError> {
+        <PgQueue as JobQueue>::heartbeat(&self.queue, leases).await
+    }
+
+    async fn stale(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<JobLease>, PortError> {
+        <PgQueue as JobQueue>::stale(&self.queue, before, limit).await
+    }
+
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, PortError> {
         <PgQueue as JobQueue>::job(&self.queue, id).await
     }

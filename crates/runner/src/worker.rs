@@ -3,7 +3,9 @@
 
 use std::future::Future;
 
-use hephaestus_engine_core::ports::JobLease;
+use std::collections::HashMap;
+
+use hephaestus_engine_core::ports::{JobId, JobLease};
 use hephaestus_engine_core::retry::{Backoff, RetryPolicy};
 use hephaestus_engine_core::step::StepError;
 use tokio::task::JoinSet;
@@ -104,7 +106,7 @@ impl<B: Backend> Runtime<B> {
 
     /// A job failed outside user code (backend down, unregistered workflow,
     /// bad args): retry with backoff, discard when out of attempts.
-    async fn job_error(&self, lease: &JobLease, error: &RunnerError) -> JobOutcome {
+    pub(crate) async fn job_error(&self, lease: &JobLease, error: &RunnerError) -> JobOutcome {
         tracing::warn!(job_id = %lease.id, kind = %lease.kind, attempt = lease.attempt, error = %error, "job failed");
         let policy = RetryPolicy {
             max_attempts: lease.max_attempts.max(1),
@@ -151,6 +153,59 @@ impl<B: Backend> Runtime<B> {
         }
     }
 
+    /// Returns the jobs of dead workers (no heartbeat for `stale_after`) to
+    /// work: retried per their policy, or, out of attempts, failed like a
+    /// last failed attempt (an execute job then fails its instance). Fenced
+    /// by the attempt, so any number of workers may rescue at once.
+    pub async fn rescue_stale(&self) -> Result<usize, RunnerError> {
+        let stale_after = chrono::Duration::from_std(self.inner.config.stale_after)
+            .unwrap_or(chrono::Duration::MAX);
+        let before = self
+            .now()
+            .checked_sub_signed(stale_after)
+            .unwrap_or_default();
+        let stale = self.inner.backend.stale(before, 500).await?;
+        let mut rescued = 0;
+        for lease in stale {
+            tracing::warn!(job_id = %lease.id, kind = %lease.kind, attempt = lease.attempt, "rescuing a job whose worker went silent");
+            let error = StepError::retryable(format!(
+                "the worker running attempt {} stopped heartbeating; rescued",
+                lease.attempt
+            ));
+            let outcome = if lease.kind == jobs::EXECUTE {
+                match self.rescue_execute(&lease, error.clone()).await {
+                    Ok(outcome) => outcome,
+                    Err(e) => self.job_error(&lease, &e).await,
+                }
+            } else {
+                self.job_error(
+                    &lease,
+                    &RunnerError::Backend(hephaestus_engine_core::ports::PortError::Unavailable(
+                        error.message.into(),
+                    )),
+                )
+                .await
+            };
+            if outcome != JobOutcome::Fenced {
+                rescued += 1;
+            }
+        }
+        Ok(rescued)
+    }
+
+    async fn rescue_execute(
+        &self,
+        lease: &JobLease,
+        error: StepError,
+    ) -> Result<JobOutcome, RunnerError> {
+        let args: ExecuteArgs = decode(lease)?;
+        let Some(instance) = self.get(args.instance_id).await? else {
+            return self.finish(lease, JobOutcome::Skipped).await;
+        };
+        let wf = self.workflow_of(&instance)?.clone();
+        self.step_failed(lease, &wf, &args, error).await
+    }
+
     /// Runs due jobs one at a time, in every queue of this runtime, until none
     /// is due at the runtime's clock. Deterministic: for tests and demos.
     pub async fn drain(&self) -> Result<DrainReport, RunnerError> {
@@ -178,10 +233,13 @@ impl<B: Backend> Runtime<B> {
         shutdown: impl Future<Output = ()>,
     ) -> Result<DrainReport, RunnerError> {
         let mut report = DrainReport::default();
-        let mut running: JoinSet<JobOutcome> = JoinSet::new();
+        let mut running: JoinSet<(JobId, JobOutcome)> = JoinSet::new();
+        let mut leases_held: HashMap<JobId, u32> = HashMap::new();
         let queues = self.inner.config.queues.distinct();
         let concurrency = self.inner.config.concurrency.max(1);
         let poll = self.inner.config.poll_interval;
+        let mut heartbeat = tokio::time::interval(self.inner.config.heartbeat_interval);
+        let mut rescue = tokio::time::interval(self.inner.config.rescue_interval);
         tokio::pin!(shutdown);
         loop {
             let mut fetched = 0;
@@ -200,8 +258,12 @@ impl<B: Backend> Runtime<B> {
                 };
                 for lease in leases {
                     fetched += 1;
+                    leases_held.insert(lease.id, lease.attempt);
                     let rt = self.clone();
-                    running.spawn(async move { rt.perform(lease).await });
+                    running.spawn(async move {
+                        let id = lease.id;
+                        (id, rt.perform(lease).await)
+                    });
                 }
             }
             if fetched > 0 {
@@ -211,14 +273,28 @@ impl<B: Backend> Runtime<B> {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Ok(outcome) = done { report.add(outcome); }
+                    if let Ok((id, outcome)) = done {
+                        leases_held.remove(&id);
+                        report.add(outcome);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let leases: Vec<(JobId, u32)> = leases_held.iter().map(|(id, a)| (*id, *a)).collect();
+                    if let Err(e) = self.inner.backend.heartbeat(&leases).await {
+                        tracing::warn!(error = %e, "heartbeat failed");
+                    }
+                }
+                _ = rescue.tick() => {
+                    if let Err(e) = self.rescue_stale().await {
+                        tracing::warn!(error = %e, "rescue pass failed");
+                    }
                 }
                 () = notified => {}
                 () = tokio::time::sleep(poll) => {}
             }
         }
         while let Some(done) = running.join_next().await {
-            if let Ok(outcome) = done {
+            if let Ok((_, outcome)) = done {
                 report.add(outcome);
             }
         }

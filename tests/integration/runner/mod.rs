@@ -782,3 +782,91 @@ fn count_by_instance(step: &ScriptedStep) -> std::collections::BTreeMap<Uuid, us
     }
     out
 }
+
+on_both_backends!(
+    a_dead_workers_job_is_rescued,
+    a_dead_workers_last_attempt_fails_the_instance
+);
+
+fn split_queues() -> RunnerConfig {
+    RunnerConfig {
+        queues: hephaestus_runner::QueueNames {
+            advance: "advance".into(),
+            execute: "execute".into(),
+            timer: "timer".into(),
+        },
+        ..RunnerConfig::default()
+    }
+}
+
+/// Takes the next execute job as a worker would, then "dies" with it.
+async fn take_and_die<B: Backend>(h: &Harness<B>, rt: &hephaestus_runner::Runtime<B>) {
+    let only = hephaestus_runner::testing::DrainOptions {
+        kind: Some(jobs::ADVANCE.into()),
+        ..Default::default()
+    };
+    rt.drain_with(&only).await.unwrap();
+    let leases = rt
+        .backend()
+        .fetch("execute", 1, h.clock.now())
+        .await
+        .unwrap();
+    assert_eq!(leases.len(), 1, "the execute job is taken");
+}
+
+async fn a_dead_workers_job_is_rescued<B: Backend>(h: &Harness<B>) {
+    let step = ScriptedStep::new("Work", ["done"]).with_retry_policy(constant(3));
+    let wf = Workflow::builder("rescue")
+        .unique("r", Scope::Workflow)
+        .start(step.clone())
+        .on(step.clone(), "done", Done)
+        .build()
+        .unwrap();
+    let rt = h.runtime_with(split_queues(), vec![wf], vec![]);
+    let s = rt.start("rescue", "1", json!({}), opts()).await.unwrap();
+    take_and_die(h, &rt).await;
+    assert_eq!(rt.rescue_stale().await.unwrap(), 0, "not stale yet");
+    h.clock.advance(Duration::from_secs(31));
+    assert_eq!(
+        rt.rescue_stale().await.unwrap(),
+        1,
+        "the silent job is rescued"
+    );
+    assert_eq!(
+        rt.rescue_stale().await.unwrap(),
+        0,
+        "rescuing twice is a no-op"
+    );
+    h.clock.advance(Duration::from_secs(10));
+    rt.drain().await.unwrap();
+    assert_eq!(status(&rt, s.id).await, InstanceStatus::Completed);
+    assert_eq!(
+        step.attempts(),
+        vec![2],
+        "the dead attempt never ran user code here"
+    );
+}
+
+async fn a_dead_workers_last_attempt_fails_the_instance<B: Backend>(h: &Harness<B>) {
+    let step = ScriptedStep::new("Work", ["done"]).with_retry_policy(RetryPolicy::no_retries());
+    let wf = Workflow::builder("rescue")
+        .unique("r", Scope::Workflow)
+        .start(step.clone())
+        .on(step.clone(), "done", Done)
+        .build()
+        .unwrap();
+    let rt = h.runtime_with(split_queues(), vec![wf], vec![]);
+    let s = rt.start("rescue", "1", json!({}), opts()).await.unwrap();
+    take_and_die(h, &rt).await;
+    h.clock.advance(Duration::from_secs(31));
+    assert_eq!(rt.rescue_stale().await.unwrap(), 1);
+    rt.drain().await.unwrap();
+    let inst = rt.get(s.id).await.unwrap().unwrap();
+    assert_eq!(inst.status, InstanceStatus::Failed);
+    let failure = inst.failure.unwrap();
+    assert!(
+        failure.error.message.contains("stopped heartbeating"),
+        "{failure:?}"
+    );
+    assert_eq!(step.runs(), 0);
+}

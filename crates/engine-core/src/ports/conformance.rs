@@ -2103,6 +2103,7 @@ where
             nul_characters_in_jobs_are_rejected,
             job_info_reports_what_was_enqueued,
             prune_removes_only_finished_jobs,
+            heartbeats_keep_a_job_fresh_and_silence_makes_it_stale,
         ]
     );
     report
@@ -3015,6 +3016,54 @@ async fn prune_removes_only_finished_jobs<B: JobQueue>(b: &B) -> Result<(), Stri
     ensure!(
         b.job(live).await.check("job")?.is_some(),
         "a live job is kept"
+    );
+    Ok(())
+}
+
+async fn heartbeats_keep_a_job_fresh_and_silence_makes_it_stale<B: JobQueue>(
+    b: &B,
+) -> Result<(), String> {
+    let id = enqueue_one(b, new_job("q", json!({"n": 1}))).await?;
+    let fetched_at = soon();
+    let lease = fetch_one(b, "q", fetched_at).await?;
+    ensure_eq!(
+        b.stale(fetched_at, 10).await.check("stale")?,
+        Vec::new(),
+        "a job fetched at the cut-off is not stale"
+    );
+    let later = fetched_at + chrono::Duration::hours(2);
+    let stale = b.stale(later, 10).await.check("stale")?;
+    ensure_eq!(
+        stale.iter().map(|l| (l.id, l.attempt)).collect::<Vec<_>>(),
+        vec![(id, 1)],
+        "a silent job is stale"
+    );
+    ensure_eq!(
+        b.heartbeat(&[(id, lease.attempt), (id, lease.attempt + 1)])
+            .await
+            .check("heartbeat")?,
+        vec![id],
+        "only the held lease beats"
+    );
+    ensure_eq!(
+        b.stale(now_micros() - chrono::Duration::minutes(1), 10)
+            .await
+            .check("stale")?,
+        Vec::new(),
+        "a heartbeat makes it fresh again"
+    );
+    ensure!(complete_committed(b, &lease).await?, "completing");
+    ensure_eq!(
+        b.stale(far_future(), 10).await.check("stale")?,
+        Vec::new(),
+        "finished jobs are never stale"
+    );
+    ensure_eq!(
+        b.heartbeat(&[(id, lease.attempt)])
+            .await
+            .check("heartbeat")?,
+        Vec::new(),
+        "a finished job's lease no longer holds"
     );
     Ok(())
 }

@@ -198,6 +198,8 @@ struct JobRow {
     errors: Vec<AttemptRecord>,
     unique: Option<UniqueJob>,
     finalized_at: Option<DateTime<Utc>>,
+    /// When the current attempt last showed signs of life (fetch or heartbeat).
+    heartbeat_at: Option<DateTime<Utc>>,
 }
 
 impl JobRow {
@@ -1016,6 +1018,7 @@ impl MemoryBackend {
                 errors: Vec::new(),
                 unique: job.unique.clone(),
                 finalized_at: None,
+                heartbeat_at: None,
             })));
             out.push(Enqueued::Inserted(id));
         }
@@ -1085,6 +1088,7 @@ impl MemoryBackend {
                 let job = st.jobs.get_mut(id)?;
                 job.state = JobState::Executing;
                 job.attempt = job.attempt.saturating_add(1);
+                job.heartbeat_at = Some(now);
                 Some(job.lease())
             })
             .collect()
@@ -1291,6 +1295,39 @@ impl JobQueue for MemoryBackend {
     ) -> Result<bool, PortError> {
         let record = Self::failure_record(lease, error, now)?;
         self.fenced_sync(tx, lease, JobChange::Discard { record })
+    }
+
+    async fn heartbeat(&self, leases: &[(JobId, u32)]) -> Result<Vec<JobId>, PortError> {
+        let now = self.shared.now();
+        let mut st = self.state();
+        let mut held = Vec::new();
+        for (id, attempt) in leases {
+            if let Some(job) = st.jobs.get_mut(id)
+                && job.holds(*attempt)
+            {
+                job.heartbeat_at = Some(now);
+                held.push(*id);
+            }
+        }
+        Ok(held)
+    }
+
+    async fn stale(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<JobLease>, PortError> {
+        let st = self.state();
+        let mut stale: Vec<&JobRow> = st
+            .live_jobs
+            .iter()
+            .filter_map(|id| st.jobs.get(id))
+            .filter(|job| {
+                job.state == JobState::Executing && job.heartbeat_at.is_none_or(|at| at < before)
+            })
+            .collect();
+        stale.sort_by_key(|job| (job.heartbeat_at, job.id));
+        Ok(stale
+            .into_iter()
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(JobRow::lease)
+            .collect())
     }
 
     async fn prune_finished(&self, before: DateTime<Utc>) -> Result<u64, PortError> {

@@ -591,6 +591,16 @@ pub trait JobQueue: UnitOfWork {
     /// `before`; returns how many.
     async fn prune_finished(&self, before: DateTime<Utc>) -> Result<u64, PortError>;
 
+    /// Refreshes the heartbeat of running leases (job id, attempt); returns
+    /// the ids whose lease still holds (the others were cancelled or
+    /// rescued: their workers should stop).
+    async fn heartbeat(&self, leases: &[(JobId, u32)]) -> Result<Vec<JobId>, PortError>;
+
+    /// Executing jobs whose last heartbeat (or fetch) is before `before`:
+    /// their worker died. The caller retries or discards each lease; those
+    /// updates are fenced by the attempt, so racing rescuers are harmless.
+    async fn stale(&self, before: DateTime<Utc>, limit: u32) -> Result<Vec<JobLease>, PortError>;
+
     /// A job's current state.
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, PortError>;
 
