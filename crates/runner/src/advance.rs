@@ -67,6 +67,9 @@ impl<B: Backend> Runtime<B> {
         // and the job retries until the workflow is registered again.
         let wf = self.workflow_of(&instance)?.clone();
         let engine = Engine::new(&wf);
+        // A state that does not match its definition is an error of the job
+        // (retried, then the instance fails with the reason), not of a result.
+        engine.check(&instance)?;
         let status_before = instance.status;
         let pending = b.pending(&mut tx, instance_id).await?;
         let now = self.now();

@@ -115,10 +115,11 @@ impl<B: Backend> Runtime<B> {
             max_backoff_ms: 60_000,
             jitter_per_mille: 100,
         };
+        // Undecodable arguments never get better: fatal. Anything else —
+        // including a corrupt instance, which fails the instance once its
+        // advance is out of attempts — is retried.
         let step_error = match error {
-            RunnerError::InvalidInput(_) | RunnerError::Corrupt(_) => {
-                StepError::fatal(error.to_string())
-            }
+            RunnerError::InvalidInput(_) => StepError::fatal(error.to_string()),
             _ => StepError::retryable(error.to_string()),
         };
         let now = self.now();
@@ -143,6 +144,20 @@ impl<B: Backend> Runtime<B> {
             Ok::<_, hephaestus_engine_core::ports::PortError>(outcome)
         };
         match attempt.await {
+            Ok(JobOutcome::Discarded)
+                if lease.kind == jobs::ADVANCE && matches!(error, RunnerError::Corrupt(_)) =>
+            {
+                // An advance that cannot apply an instance's state will never
+                // succeed: fail the instance with the reason, as a last step.
+                if let Ok(args) = decode::<AdvanceArgs>(lease)
+                    && let Err(e) = self
+                        .fail_corrupt_instance(args.instance_id, &error.to_string())
+                        .await
+                {
+                    tracing::error!(instance_id = %args.instance_id, error = %e, "could not fail a corrupt instance");
+                }
+                JobOutcome::Discarded
+            }
             Ok(outcome) => outcome,
             Err(e) => {
                 // The backend itself is failing: the job stays executing and
@@ -151,6 +166,58 @@ impl<B: Backend> Runtime<B> {
                 JobOutcome::Fenced
             }
         }
+    }
+
+    /// Marks an instance failed without the engine (its state does not match
+    /// its definition), cancelling its jobs.
+    async fn fail_corrupt_instance(
+        &self,
+        instance_id: uuid::Uuid,
+        reason: &str,
+    ) -> Result<(), RunnerError> {
+        use hephaestus_engine_core::instance::{
+            FailureRecord, HistoryEntry, HistoryKind, InstanceStatus, StepStatus,
+        };
+        let b = &self.inner.backend;
+        let now = self.now();
+        let mut tx = b.begin().await?;
+        let Some(mut instance) = b.lock(&mut tx, instance_id).await? else {
+            return Ok(());
+        };
+        if instance.status.is_terminal() {
+            return Ok(());
+        }
+        for state in instance.steps.values_mut() {
+            if matches!(state.status, StepStatus::Active | StepStatus::Waiting) {
+                state.status = StepStatus::Cancelled;
+                state.timer = None;
+            }
+        }
+        let error = StepError::fatal(format!("the instance cannot be advanced: {reason}"));
+        instance.status = InstanceStatus::Failed;
+        instance.history.push(HistoryEntry {
+            at: now,
+            step: None,
+            activation: 0,
+            kind: HistoryKind::Failed {
+                message: error.message.clone(),
+            },
+        });
+        instance.failure = Some(FailureRecord {
+            step: None,
+            activation: 0,
+            error,
+            attempts: Vec::new(),
+            at: now,
+        });
+        instance.revision += 1;
+        instance.updated_at = now;
+        b.update(&mut tx, &instance).await?;
+        b.cancel_matching(&mut tx, &jobs::of_instance(instance_id), None)
+            .await?;
+        b.commit(tx).await?;
+        self.signal_cancelled(instance_id);
+        Ok(())
     }
 
     /// Returns the jobs of dead workers (no heartbeat for `stale_after`) to

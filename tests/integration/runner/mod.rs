@@ -870,3 +870,73 @@ async fn a_dead_workers_last_attempt_fails_the_instance<B: Backend>(h: &Harness<
     );
     assert_eq!(step.runs(), 0);
 }
+
+on_both_backends!(a_corrupt_instance_fails_after_retries_with_the_reason);
+
+async fn a_corrupt_instance_fails_after_retries_with_the_reason<B: Backend>(h: &Harness<B>) {
+    use hephaestus_engine_core::instance::StepState;
+    use hephaestus_engine_core::ports::{NewStepResult, ResultPayload};
+    let (wf, _) = approval();
+    let config = RunnerConfig {
+        advance_max_attempts: 2,
+        ..RunnerConfig::default()
+    };
+    let rt = h.runtime_with(config, vec![wf], vec![]);
+    let s = rt.start("approval", "1", json!({}), opts()).await.unwrap();
+    rt.drain().await.unwrap();
+    // Corrupt the stored state: a step the workflow does not define.
+    let mut tx = rt.backend().begin().await.unwrap();
+    let mut inst = rt.backend().lock(&mut tx, s.id).await.unwrap().unwrap();
+    let state: StepState = inst.steps.values().next().cloned().unwrap();
+    inst.steps.insert(StepId::new("Ghost").unwrap(), state);
+    rt.backend().update(&mut tx, &inst).await.unwrap();
+    rt.backend().commit(tx).await.unwrap();
+    assert!(matches!(
+        rt.resume(s.id, "Hold", "approved", json!({})).await,
+        Err(RunnerError::Corrupt(_))
+    ));
+    // A result arrives anyway (recorded before the corruption, say): the
+    // advance cannot apply it; it retries, then fails the instance.
+    let mut tx = rt.backend().begin().await.unwrap();
+    rt.backend()
+        .record(
+            &mut tx,
+            &NewStepResult {
+                instance_id: s.id,
+                step: Some(StepId::new("Hold").unwrap()),
+                activation: 1,
+                payload: ResultPayload::Resume {
+                    event: Event::new("approved").unwrap(),
+                    payload: json!({}),
+                },
+            },
+        )
+        .await
+        .unwrap();
+    rt.backend().commit(tx).await.unwrap();
+    rt.enqueue_raw(jobs::advance(
+        rt.config(),
+        rt.registry().get("approval", 1).unwrap(),
+        s.id,
+        None,
+    ))
+    .await
+    .unwrap();
+    let first = rt.drain().await.unwrap();
+    assert_eq!(first.retried, 1, "{first:?}");
+    h.clock.advance(Duration::from_secs(120));
+    let second = rt.drain().await.unwrap();
+    assert_eq!(second.discarded, 1, "{second:?}");
+    let inst = rt.get(s.id).await.unwrap().unwrap();
+    assert_eq!(inst.status, InstanceStatus::Failed);
+    let failure = inst.failure.unwrap();
+    assert!(
+        failure.error.message.contains("cannot be advanced"),
+        "{failure:?}"
+    );
+    assert!(
+        failure.error.message.contains("Ghost"),
+        "the reason names the problem: {failure:?}"
+    );
+    assert!(rt.jobs_of(s.id).await.unwrap().is_empty());
+}

@@ -418,6 +418,12 @@ impl<'a> Engine<'a> {
         apply::check_resume(self.workflow, instance, step, event)
     }
 
+    /// Checks that `instance` belongs to this definition and that its
+    /// stored state only names steps the definition has.
+    pub fn check(self, instance: &Instance) -> Result<(), EngineError> {
+        self.check_instance(instance)
+    }
+
     fn check_instance(self, instance: &Instance) -> Result<(), EngineError> {
         let wf = self.workflow;
         if instance.workflow_id != *wf.id() || instance.workflow_version != wf.version() {
