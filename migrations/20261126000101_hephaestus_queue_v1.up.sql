@@ -74,7 +74,7 @@ create unique index if not exists hephaestus_jobs_unique_idx
 
 create index if not exists hephaestus_jobs_rescue_idx
     on "public".hephaestus_jobs (heartbeat_at)
-    where state = 'executing';
+    where heartbeat_at is not null;
 
 create index if not exists hephaestus_jobs_prune_idx
     on "public".hephaestus_jobs ((coalesce(completed_at, discarded_at, cancelled_at)))
@@ -82,7 +82,7 @@ create index if not exists hephaestus_jobs_prune_idx
 
 create index if not exists hephaestus_jobs_live_args_idx
     on "public".hephaestus_jobs using gin (args jsonb_path_ops)
-    where state in ('available', 'scheduled', 'executing', 'retryable');
+    where state in ('available', 'scheduled', 'retryable');
 
 insert into "public".hephaestus_schema_versions as v (component, version)
 values ('queue', 1)

@@ -5,7 +5,7 @@ use chrono::{DateTime, Utc};
 use hephaestus_engine_core::step::CancellationSignal;
 
 use crate::error::Error;
-use crate::events::{Events, JobEventKind};
+use crate::events::{Events, JobEventKind, record_wait};
 use crate::execute::{self, Attempt, Settlement, Settler};
 use crate::queue::PgQueue;
 use crate::worker::{JobContext, Workers};
@@ -100,6 +100,7 @@ pub async fn drain_with_events(
             return Ok(report);
         };
         let job = JobContext::new(lease, CancellationSignal::new(), queue.clone());
+        record_wait(job.lease(), queue.now());
         events.emit(job.lease(), JobEventKind::Started, None, None);
         let ran = execute::run(workers, &job).await;
         let settler = Settler {

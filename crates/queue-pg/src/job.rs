@@ -45,7 +45,7 @@ pub struct Job {
     pub attempted_at: Option<DateTime<Utc>>,
     /// Which worker process ran the last attempt.
     pub attempted_by: Option<String>,
-    /// The last heartbeat of the running attempt.
+    /// The last heartbeat of the running attempt (`None` unless executing).
     pub heartbeat_at: Option<DateTime<Utc>>,
     /// When it completed.
     pub completed_at: Option<DateTime<Utc>>,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use chrono::{TimeDelta, TimeZone, Utc};
-use hephaestus_engine_core::ports::{JobId, JobState, NewJob};
+use hephaestus_engine_core::ports::{Enqueued, JobId, JobState, NewJob};
 use hephaestus_engine_core::retry::{Backoff, RetryPolicy};
 use hephaestus_engine_core::step::ErrorKind;
 use hephaestus_queue_pg::{
@@ -188,7 +188,7 @@ async fn jitter_spreads_retries_within_its_bounds() {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.id())
+        .map(Enqueued::id)
         .collect();
     assert_eq!(
         drain(&queue, &workers, &DrainOptions::all())

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hephaestus_engine_core::ports::{JobId, JobState, NewJob};
+use hephaestus_engine_core::ports::{Enqueued, JobId, JobState, NewJob};
 use hephaestus_queue_pg::{
     JobContext, JobError, JobEvent, JobEventKind, QueueRuntime, RuntimeBuilder, Worker, Workers,
 };
@@ -217,7 +217,7 @@ async fn two_runtimes_share_a_queue_without_running_a_job_twice() {
         .await
         .unwrap()
         .into_iter()
-        .map(|e| e.id())
+        .map(Enqueued::id)
         .collect();
     let mut completed = 0;
     let deadline = tokio::time::Instant::now() + SAFETY_NET;
@@ -485,4 +485,121 @@ async fn one_leader_at_a_time_and_a_follower_takes_over() {
     }
     second.shutdown(Duration::from_secs(5)).await;
     db.teardown().await;
+}
+
+#[tokio::test]
+async fn delete_completed_mode_removes_rows_but_keeps_unique_holders() {
+    let db = QueueDb::new().await;
+    let probe = Probe::default();
+    let rt = runtime(&db, &probe)
+        .config(hephaestus_queue_pg::RuntimeConfig {
+            delete_completed: true,
+            ..hephaestus_queue_pg::RuntimeConfig::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    let mut events = rt.subscribe();
+    let plain = db.queue.insert(&probe_job(Mode::Ok)).await.unwrap().id();
+    let mut once = probe_job(Mode::Ok);
+    once.unique = Some(hephaestus_engine_core::ports::UniqueJob {
+        key: "once".into(),
+        states: JobState::ALL.to_vec(),
+    });
+    let unique = db.queue.insert(&once).await.unwrap().id();
+    wait_for(&mut events, plain, &JobEventKind::Completed).await;
+    wait_for(&mut events, unique, &JobEventKind::Completed).await;
+    assert!(db.queue.job(plain).await.unwrap().is_none(), "deleted");
+    assert_eq!(
+        db.queue.job(unique).await.unwrap().unwrap().state,
+        JobState::Completed,
+        "a job unique among completed jobs is kept"
+    );
+    assert_eq!(
+        db.queue.insert(&once).await.unwrap(),
+        Enqueued::Existing(unique)
+    );
+    assert_eq!(rt.counts().completed, 2);
+    rt.shutdown(Duration::from_secs(5)).await;
+    db.teardown().await;
+}
+
+/// Metrics are recorded on the runtime's threads: a current-thread Tokio
+/// runtime inside a thread-local recorder sees them all.
+#[test]
+fn metrics_report_wait_run_time_outcomes_and_depth() {
+    use metrics_util::MetricKind;
+    use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let tokio = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    metrics::with_local_recorder(&recorder, || {
+        tokio.block_on(async {
+            let db = QueueDb::new().await;
+            let probe = Probe::default();
+            let rt = runtime(&db, &probe)
+                .config(hephaestus_queue_pg::RuntimeConfig {
+                    depth_interval: Some(Duration::from_millis(20)),
+                    ..hephaestus_queue_pg::RuntimeConfig::default()
+                })
+                .start()
+                .await
+                .unwrap();
+            let mut events = rt.subscribe();
+            let id = db.queue.insert(&probe_job(Mode::Ok)).await.unwrap().id();
+            wait_for(&mut events, id, &JobEventKind::Completed).await;
+            // The depth gauge is refreshed every 20 ms by the leader.
+            let deadline = tokio::time::Instant::now() + SAFETY_NET;
+            loop {
+                let completed_gauge =
+                    snapshotter
+                        .snapshot()
+                        .into_vec()
+                        .into_iter()
+                        .any(|(key, _, _, value)| {
+                            key.kind() == MetricKind::Gauge
+                                && key.key().name() == "hephaestus_queue_jobs"
+                                && key.key().labels().any(|l| l.value() == "completed")
+                                && value == DebugValue::Gauge(1.0.into())
+                        });
+                if completed_gauge {
+                    break;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "no depth gauge");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            rt.shutdown(Duration::from_secs(5)).await;
+            db.teardown().await;
+        });
+    });
+    let snapshot = snapshotter.snapshot().into_vec();
+    let has = |kind: MetricKind, name: &str, label: (&str, &str)| {
+        snapshot.iter().any(|(key, _, _, _)| {
+            key.kind() == kind
+                && key.key().name() == name
+                && key
+                    .key()
+                    .labels()
+                    .any(|l| l.key() == label.0 && l.value() == label.1)
+        })
+    };
+    assert!(has(
+        MetricKind::Histogram,
+        "hephaestus_queue_job_wait_seconds",
+        ("queue", "q")
+    ));
+    assert!(has(
+        MetricKind::Histogram,
+        "hephaestus_queue_job_run_seconds",
+        ("outcome", "completed")
+    ));
+    assert!(has(
+        MetricKind::Counter,
+        "hephaestus_queue_jobs_finished_total",
+        ("kind", "probe")
+    ));
 }

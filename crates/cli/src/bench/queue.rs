@@ -6,12 +6,14 @@
 //!    connections (timed), then runs `ANALYZE` on the jobs table (not timed).
 //! 3. Starts `--workers` runtimes, each with its own pool (like separate
 //!    processes) and `--concurrency` slots, and times the drain until every
-//!    job's completion is committed. `pg_stat_database.xact_commit` is read
+//!    job's completion is committed (completed jobs are kept, or deleted with
+//!    `--delete-completed`). `pg_stat_database.xact_commit` is read
 //!    before and after (with every other connection of the benchmark closed,
 //!    so their statistics are flushed) to give commits per job.
 //! 4. Reads the scheduled-to-completed latency percentiles from the table.
-//! 5. Times `--pickups` single jobs on the idle queue, from just before the
-//!    insert to the start of the worker (LISTEN/NOTIFY wake-up).
+//! 5. Vacuums the table (not timed), then times `--pickups` single jobs on
+//!    the idle queue, from just before the insert to the start of the worker
+//!    (LISTEN/NOTIFY wake-up).
 //!
 //! Prints one JSON object with `--json`, a short table otherwise.
 
@@ -55,6 +57,11 @@ pub struct QueueBench {
     /// Connections inserting at once.
     #[arg(long, default_value_t = 2)]
     inserters: usize,
+    /// Delete jobs as they complete (like graphile-worker) instead of keeping
+    /// them (the default, like Oban and River); the latency percentiles are
+    /// then not available.
+    #[arg(long)]
+    delete_completed: bool,
     /// Single-job pickups timed on the idle queue (0 to skip).
     #[arg(long, default_value_t = 200)]
     pickups: usize,
@@ -78,9 +85,11 @@ struct Report {
     insert: Duration,
     drain: Duration,
     commits: i64,
-    latency_p50: Duration,
-    latency_p99: Duration,
-    pickups: Vec<Duration>,
+    /// `None` when completed jobs were deleted.
+    latency_p50: Option<Duration>,
+    latency_p99: Option<Duration>,
+    /// Insert to start, and the insert alone.
+    pickups: Vec<(Duration, Duration)>,
     server: String,
 }
 
@@ -151,7 +160,7 @@ impl QueueBench {
 
         // 3. Latency of every job, from the table.
         let admin = pool(options, 1).await?;
-        let (p50, p99): (f64, f64) = sqlx::query_as(&format!(
+        let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(&format!(
             "select percentile_cont(0.5) within group (order by extract(epoch from completed_at - scheduled_at)),
                     percentile_cont(0.99) within group (order by extract(epoch from completed_at - scheduled_at))
              from {}.hephaestus_jobs where kind = $1 and state = 'completed'",
@@ -162,14 +171,24 @@ impl QueueBench {
         .await?;
         admin.close().await;
 
-        // 4. Pickup latency on the idle queue.
+        // 4. Pickup latency on the idle queue, vacuumed first as autovacuum
+        //    would have done after the burst (its dead index entries
+        //    otherwise slow every fetch down until then).
+        let admin = pool(options, 1).await?;
+        sqlx::raw_sql(&format!(
+            "vacuum analyze {}.hephaestus_jobs",
+            prefix.quoted()
+        ))
+        .execute(&admin)
+        .await?;
+        admin.close().await;
         let pickups = self.pickups(options, prefix).await?;
         Ok(Report {
             insert,
             drain,
             commits: after - before,
-            latency_p50: Duration::from_secs_f64(p50.max(0.0)),
-            latency_p99: Duration::from_secs_f64(p99.max(0.0)),
+            latency_p50: p50.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            latency_p99: p99.map(|s| Duration::from_secs_f64(s.max(0.0))),
             pickups,
             server,
         })
@@ -233,7 +252,10 @@ impl QueueBench {
             let queue = PgQueue::new(pool.clone(), prefix.clone());
             let runtime = QueueRuntime::builder(queue, workers.clone())
                 .queue(QUEUE, self.concurrency)
-                .config(bench_config(i == 0))
+                .config(RuntimeConfig {
+                    delete_completed: self.delete_completed,
+                    ..bench_config(i == 0)
+                })
                 .start()
                 .await?;
             pools.push(pool);
@@ -269,11 +291,12 @@ impl QueueBench {
         Ok(drained)
     }
 
+    /// Per pickup: insert to start, and the insert alone.
     async fn pickups(
         &self,
         options: &PgConnectOptions,
         prefix: &SchemaPrefix,
-    ) -> Result<Vec<Duration>> {
+    ) -> Result<Vec<(Duration, Duration)>> {
         if self.pickups == 0 {
             return Ok(Vec::new());
         }
@@ -293,12 +316,13 @@ impl QueueBench {
         for i in 0..self.pickups + 10 {
             let before = Instant::now();
             let id = queue.insert(&job).await?.id();
+            let inserted = before.elapsed();
             let at = tokio::time::timeout(Duration::from_secs(10), started.recv())
                 .await
                 .context("a job was not picked up within 10 s")?
                 .context("the pickup worker stopped")?;
             if i >= 10 {
-                samples.push(at.saturating_duration_since(before));
+                samples.push((at.saturating_duration_since(before), inserted));
             }
             // Let its completion commit before the next sample.
             loop {
@@ -319,10 +343,13 @@ impl QueueBench {
         let secs = |d: Duration| d.as_secs_f64();
         let ms = |d: Duration| d.as_secs_f64() * 1_000.0;
         let per_sec = |d: Duration| ratio(self.jobs, secs(d));
-        let mut pickups = report.pickups.clone();
+        let mut pickups: Vec<Duration> = report.pickups.iter().map(|p| p.0).collect();
         pickups.sort_unstable();
+        let mut inserts: Vec<Duration> = report.pickups.iter().map(|p| p.1).collect();
+        inserts.sort_unstable();
         let pickup_p50 = percentile(&pickups, 500).map(ms);
         let pickup_p99 = percentile(&pickups, 990).map(ms);
+        let insert_p50 = percentile(&inserts, 500).map(ms);
         let commits_per_job = ratio_i64(report.commits, self.jobs);
         if self.json {
             let out = json!({
@@ -339,11 +366,13 @@ impl QueueBench {
                 "jobs_per_sec": per_sec(report.drain),
                 "commits": report.commits,
                 "commits_per_job": commits_per_job,
-                "p50_ms": ms(report.latency_p50),
-                "p99_ms": ms(report.latency_p99),
+                "completed_jobs": if self.delete_completed { "deleted" } else { "kept" },
+                "p50_ms": report.latency_p50.map(ms),
+                "p99_ms": report.latency_p99.map(ms),
                 "pickup_samples": pickups.len(),
                 "pickup_p50_ms": pickup_p50,
                 "pickup_p99_ms": pickup_p99,
+                "pickup_insert_p50_ms": insert_p50,
                 "postgres": report.server,
                 "cpus": std::thread::available_parallelism().map(std::num::NonZero::get).ok(),
             });
@@ -366,14 +395,16 @@ impl QueueBench {
                 per_sec(report.drain),
                 commits_per_job
             );
-            println!(
-                "  latency scheduled->completed p50 {:.1} ms, p99 {:.1} ms",
-                ms(report.latency_p50),
-                ms(report.latency_p99)
-            );
-            if let (Some(p50), Some(p99)) = (pickup_p50, pickup_p99) {
+            if let (Some(p50), Some(p99)) = (report.latency_p50, report.latency_p99) {
                 println!(
-                    "  pickup  insert->start on an idle queue p50 {p50:.3} ms, p99 {p99:.3} ms ({} samples)",
+                    "  latency scheduled->completed p50 {:.1} ms, p99 {:.1} ms",
+                    ms(p50),
+                    ms(p99)
+                );
+            }
+            if let (Some(p50), Some(p99), Some(insert)) = (pickup_p50, pickup_p99, insert_p50) {
+                println!(
+                    "  pickup  insert->start on an idle queue p50 {p50:.3} ms, p99 {p99:.3} ms ({} samples; the insert alone p50 {insert:.3} ms)",
                     pickups.len()
                 );
             }

@@ -20,38 +20,48 @@ pub(super) const CANCEL_ONE: &str = r"with target as (
     for update
 )
 update {prefix}.hephaestus_jobs as j
-set state = 'cancelled', cancelled_at = $2
+set state = 'cancelled', cancelled_at = $2, heartbeat_at = null
 from target
 where j.id = target.id
 returning j.id, target.state";
 
-/// `$1` args (containment), `$2` except id (nullable), `$3` now.
+/// `$1` args (containment), `$2` except id (nullable), `$3` now. Waiting
+/// jobs through the args index, executing ones through the rescue index.
 pub(super) const CANCEL_MATCHING_ARGS: &str = r"with target as (
     select id, state
     from {prefix}.hephaestus_jobs
-    where args @> $1::jsonb
-      and state in ('available', 'scheduled', 'executing', 'retryable')
+    where ((args @> $1::jsonb and state in ('available', 'scheduled', 'retryable'))
+           or (heartbeat_at is not null and state = 'executing' and args @> $1::jsonb))
       and id is distinct from $2::bigint
     for update
 )
 update {prefix}.hephaestus_jobs as j
-set state = 'cancelled', cancelled_at = $3
+set state = 'cancelled', cancelled_at = $3, heartbeat_at = null
 from target
 where j.id = target.id
 returning j.id, target.state";
 
-/// `$1` now; `{conditions}` is built from fixed fragments with binds from `$2`.
+/// `$1` now; `{live}` and `{conditions}` are built from fixed fragments with
+/// binds from `$2`.
 pub(super) const CANCEL_WHERE_BASE: &str = r"with target as (
     select id, state
     from {prefix}.hephaestus_jobs
-    where state in ('available', 'scheduled', 'executing', 'retryable'){conditions}
+    where {live}{conditions}
     for update
 )
 update {prefix}.hephaestus_jobs as j
-set state = 'cancelled', cancelled_at = $1
+set state = 'cancelled', cancelled_at = $1, heartbeat_at = null
 from target
 where j.id = target.id
 returning j.id, target.state";
+
+/// Every unfinished job.
+const LIVE: &str = "state in ('available', 'scheduled', 'executing', 'retryable')";
+
+/// Every unfinished job whose args contain `$2`.
+const LIVE_WITH_ARGS: &str =
+    "((args @> $2::jsonb and state in ('available', 'scheduled', 'retryable'))
+           or (heartbeat_at is not null and state = 'executing' and args @> $2::jsonb))";
 
 /// `$1` channel, `$2` ids of cancelled executing jobs.
 pub(super) const NOTIFY_CANCELLED: &str =
@@ -142,9 +152,13 @@ impl PgQueue {
                 .await?
         } else {
             let mut conditions = super::Conditions::new(2);
-            if filter.args.is_some() {
-                conditions.add("args @> ", "");
-            }
+            let live = if filter.args.is_some() {
+                // `$2`: the args, through the indexes (see CANCEL_MATCHING_ARGS).
+                conditions.next += 1;
+                LIVE_WITH_ARGS
+            } else {
+                LIVE
+            };
             if filter.meta.is_some() {
                 conditions.add("meta @> ", "");
             }
@@ -160,6 +174,7 @@ impl PgQueue {
             let sql = self
                 .sql()
                 .cancel_where_base
+                .replace("{live}", live)
                 .replace("{conditions}", &conditions.sql);
             let mut query = sqlx::query_as(&sql).bind(self.now());
             if let Some(args) = &filter.args {

@@ -16,10 +16,12 @@ pub(super) const JOB: &str = r"select {job_columns} from {prefix}.hephaestus_job
 pub(super) const JOBS_BASE: &str =
     r"select {job_columns} from {prefix}.hephaestus_jobs where true{conditions} order by id";
 
-/// `$1` args (containment).
+/// `$1` args (containment): waiting jobs through the args index, executing
+/// ones through the rescue index.
 pub(super) const LIVE_BY_ARGS: &str = r"select {job_columns}
 from {prefix}.hephaestus_jobs
-where args @> $1::jsonb and state in ('available', 'scheduled', 'executing', 'retryable')
+where (args @> $1::jsonb and state in ('available', 'scheduled', 'retryable'))
+   or (heartbeat_at is not null and state = 'executing' and args @> $1::jsonb)
 order by id";
 
 pub(super) const DEPTH: &str = r"select queue, state, count(*)

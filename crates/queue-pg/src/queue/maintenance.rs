@@ -12,16 +12,17 @@ use crate::error::Error;
 use crate::job::decode_lease;
 
 /// `$1` ids, `$2` attempts, `$3` now. Returns the leases that still hold.
+/// (The state subquery: see `COMPLETE`.)
 pub(super) const HEARTBEAT: &str = r"update {prefix}.hephaestus_jobs as j
 set heartbeat_at = $3
 from unnest($1::bigint[], $2::integer[]) as beat(id, attempt)
-where j.id = beat.id and j.attempt = beat.attempt and j.state = 'executing'
+where j.id = beat.id and j.attempt = beat.attempt and j.state = (select 'executing'::text)
 returning j.id";
 
 /// `$1` heartbeat older than this, `$2` limit.
 pub(super) const STALE: &str = r"select {lease_columns}, attempted_by, heartbeat_at
 from {prefix}.hephaestus_jobs
-where state = 'executing' and heartbeat_at < $1
+where heartbeat_at < $1 and state = 'executing'
 order by heartbeat_at
 limit $2";
 
@@ -29,11 +30,11 @@ limit $2";
 /// (due again), `$5` stale cut-off (a job that heartbeated meanwhile is
 /// left alone).
 pub(super) const RESCUE: &str = r"update {prefix}.hephaestus_jobs as j
-set state = 'retryable', scheduled_at = $4, errors = j.errors || rescued.record
+set state = 'retryable', scheduled_at = $4, errors = j.errors || rescued.record, heartbeat_at = null
 from unnest($1::bigint[], $2::integer[], $3::jsonb[]) as rescued(id, attempt, record)
 where j.id = rescued.id
   and j.attempt = rescued.attempt
-  and j.state = 'executing'
+  and j.state = (select 'executing'::text)
   and j.heartbeat_at < $5
 returning j.id, j.queue";
 

@@ -16,32 +16,65 @@ use crate::error::Error;
 use crate::job::has_nul;
 
 /// `$1` ids, `$2` attempts, `$3` now.
+///
+/// The state is compared with a one-row subquery, not a literal: the
+/// statistics of `state` on this hot table are always stale (an `analyze`
+/// after a bulk insert says "nothing executes"), and with a literal a
+/// generic plan may scan the jobs as the outer side of a nested loop over
+/// the input array, one pass of the array per executing job (seconds for
+/// thousands). Through the subquery the planner cannot believe that few
+/// rows match, so it hashes or probes the primary key per input row.
 pub(super) const COMPLETE: &str = r"update {prefix}.hephaestus_jobs as j
-set state = 'completed', completed_at = $3
+set state = 'completed', completed_at = $3, heartbeat_at = null
 from unnest($1::bigint[], $2::integer[]) as done(id, attempt)
-where j.id = done.id and j.attempt = done.attempt and j.state = 'executing'
+where j.id = done.id and j.attempt = done.attempt and j.state = (select 'executing'::text)
 returning j.id";
+
+/// [`COMPLETE`], deleting the rows instead of keeping them as `completed`,
+/// except jobs unique among completed jobs (bit 16 of `unique_states`),
+/// which must keep holding their key.
+pub(super) const COMPLETE_DELETE: &str = r"with done as (
+    select id, attempt from unnest($1::bigint[], $2::integer[]) as input(id, attempt)
+),
+deleted as (
+    delete from {prefix}.hephaestus_jobs as j
+    using done
+    where j.id = done.id and j.attempt = done.attempt and j.state = (select 'executing'::text)
+      and (j.unique_states & 16::smallint) = 0
+    returning j.id
+),
+kept as (
+    update {prefix}.hephaestus_jobs as j
+    set state = 'completed', completed_at = $3, heartbeat_at = null
+    from done
+    where j.id = done.id and j.attempt = done.attempt and j.state = (select 'executing'::text)
+      and (j.unique_states & 16::smallint) <> 0
+    returning j.id
+)
+select id from deleted
+union all
+select id from kept";
 
 /// `$1` id, `$2` attempt, `$3` errors to append (a JSON array), `$4` retry at.
 pub(super) const RETRY: &str = r"update {prefix}.hephaestus_jobs
-set state = 'retryable', scheduled_at = $4, errors = errors || $3::jsonb
+set state = 'retryable', scheduled_at = $4, errors = errors || $3::jsonb, heartbeat_at = null
 where id = $1 and attempt = $2 and state = 'executing'";
 
 /// `$1` id, `$2` attempt, `$3` errors to append, `$4` now.
 pub(super) const DISCARD: &str = r"update {prefix}.hephaestus_jobs
-set state = 'discarded', discarded_at = $4, errors = errors || $3::jsonb
+set state = 'discarded', discarded_at = $4, errors = errors || $3::jsonb, heartbeat_at = null
 where id = $1 and attempt = $2 and state = 'executing'";
 
 /// `$1` id, `$2` attempt, `$3` due again at. A snooze does not use up an
 /// attempt: the attempt number stays monotonic (it is the fence), so the
 /// job gets one more attempt instead.
 pub(super) const SNOOZE: &str = r"update {prefix}.hephaestus_jobs
-set state = 'scheduled', scheduled_at = $3, max_attempts = max_attempts + 1
+set state = 'scheduled', scheduled_at = $3, max_attempts = max_attempts + 1, heartbeat_at = null
 where id = $1 and attempt = $2 and state = 'executing'";
 
 /// `$1` id, `$2` attempt, `$3` errors to append, `$4` now.
 pub(super) const CANCEL_OWN: &str = r"update {prefix}.hephaestus_jobs
-set state = 'cancelled', cancelled_at = $4, errors = errors || $3::jsonb
+set state = 'cancelled', cancelled_at = $4, errors = errors || $3::jsonb, heartbeat_at = null
 where id = $1 and attempt = $2 and state = 'executing'";
 
 /// The result of a fenced batch completion.
@@ -89,6 +122,29 @@ impl PgQueue {
         conn: &mut PgConnection,
         leases: &[(JobId, u32)],
     ) -> Result<Settled, Error> {
+        self.complete_leases(conn, leases, &self.sql().complete)
+            .await
+    }
+
+    /// Completes many leases in one statement (fenced) and deletes their
+    /// rows, like a queue without retention (graphile-worker): the fastest
+    /// completion, with nothing left to inspect. Jobs unique among
+    /// `completed` jobs are kept, so they keep holding their key.
+    pub async fn complete_and_delete_many(
+        &self,
+        leases: &[(JobId, u32)],
+    ) -> Result<Settled, Error> {
+        let mut conn = self.pool().acquire().await?;
+        self.complete_leases(&mut conn, leases, &self.sql().complete_delete)
+            .await
+    }
+
+    async fn complete_leases(
+        &self,
+        conn: &mut PgConnection,
+        leases: &[(JobId, u32)],
+        sql: &str,
+    ) -> Result<Settled, Error> {
         if leases.is_empty() {
             return Ok(Settled::default());
         }
@@ -100,7 +156,7 @@ impl PgQueue {
                     .map_err(|_| Error::InvalidInput(format!("attempt of job {id} out of range")))
             })
             .collect::<Result<_, _>>()?;
-        let done: Vec<i64> = sqlx::query_scalar(&self.sql().complete)
+        let done: Vec<i64> = sqlx::query_scalar(sql)
             .bind(&ids)
             .bind(&attempts)
             .bind(self.now())

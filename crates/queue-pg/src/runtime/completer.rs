@@ -33,12 +33,14 @@ pub(crate) struct Completer {
 }
 
 impl Completer {
-    /// Starts completing what arrives on `acks`, up to `batch` per statement.
+    /// Starts completing what arrives on `acks`, up to `batch` per statement
+    /// (deleting the completed rows with `delete`).
     pub(crate) fn start(
         queue: PgQueue,
         events: Events,
         mut acks: mpsc::Receiver<Ack>,
         batch: usize,
+        delete: bool,
     ) -> Self {
         let service = Service::spawn("completer", move |stop| async move {
             let mut buffer: Vec<Ack> = Vec::with_capacity(batch);
@@ -54,12 +56,12 @@ impl Completer {
                         // Complete what was handed over, then stop taking more.
                         acks.close();
                         while acks.recv_many(&mut buffer, batch).await > 0 {
-                            flush(&queue, &events, &mut buffer, None).await;
+                            flush(&queue, &events, &mut buffer, None, delete).await;
                         }
                         return;
                     }
                 }
-                flush(&queue, &events, &mut buffer, Some(&stop)).await;
+                flush(&queue, &events, &mut buffer, Some(&stop), delete).await;
             }
         });
         Self { service }
@@ -80,6 +82,7 @@ async fn flush(
     events: &Events,
     buffer: &mut Vec<Ack>,
     stop: Option<&hephaestus_engine_core::step::CancellationSignal>,
+    delete: bool,
 ) {
     if buffer.is_empty() {
         return;
@@ -88,11 +91,15 @@ async fn flush(
         .iter()
         .map(|ack| (ack.job.id(), ack.job.attempt()))
         .collect();
-    if std::env::var_os("HEPH_DEBUG").is_some() { eprintln!("{:?} complete {}", std::time::SystemTime::now(), leases.len()); }
     let mut tries = 0;
     let settled = loop {
         tries += 1;
-        match queue.complete_many(&leases).await {
+        let completed = if delete {
+            queue.complete_and_delete_many(&leases).await
+        } else {
+            queue.complete_many(&leases).await
+        };
+        match completed {
             Ok(settled) => break Some(settled),
             Err(error) if tries < FLUSH_TRIES => {
                 tracing::warn!(target: "hephaestus_queue", %error, jobs = leases.len(), "completing jobs failed; trying again");

@@ -73,6 +73,12 @@ pub struct RuntimeConfig {
     pub elect_interval: Duration,
     /// Most completions in one statement. Default 1000.
     pub completion_batch: usize,
+    /// Delete completed jobs in the completing statement instead of keeping
+    /// them for [`RuntimeConfig::retention`] (as graphile-worker does): the
+    /// fastest completion, with nothing left to inspect. Jobs unique among
+    /// `completed` jobs are kept. Discarded and cancelled jobs are always
+    /// kept. Default false.
+    pub delete_completed: bool,
     /// After the grace period of a shutdown, how long cancelled jobs get to
     /// return before their tasks are aborted. Default 1 s.
     pub cancel_wait: Duration,
@@ -97,6 +103,7 @@ impl Default for RuntimeConfig {
             maintenance: true,
             elect_interval: Duration::from_secs(5),
             completion_batch: 1000,
+            delete_completed: false,
             cancel_wait: Duration::from_secs(1),
             events_capacity: 1024,
             worker_id: None,
@@ -253,6 +260,7 @@ impl RuntimeBuilder {
             events.clone(),
             acks_rx,
             config.completion_batch,
+            config.delete_completed,
         );
         let shared = Arc::new(Shared {
             queue: queue.clone(),

@@ -117,7 +117,6 @@ impl ProducerLoop {
                 .await;
             match fetched {
                 Ok(leases) => {
-                    if std::env::var_os("HEPH_DEBUG").is_some() { eprintln!("{:?} fetch free={free} got={}", std::time::SystemTime::now(), leases.len()); if leases.len() < free { eprintln!("depth {:?}", self.shared.queue.depth().await); } }
                     backlog = leases.len() >= free;
                     for lease in leases {
                         self.spawn_job(lease).await;

@@ -3,11 +3,13 @@
 //! (user code plus settlement) for graceful shutdown.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hephaestus_engine_core::ports::JobId;
-use tokio::sync::watch;
+use tokio::sync::Notify;
 use tokio::task::AbortHandle;
 
 use super::lock_ignoring_poison;
@@ -19,11 +21,35 @@ struct Entry {
     abort: Option<AbortHandle>,
 }
 
+/// Hashes job ids (already unique integers) with one multiplication
+/// instead of SipHash: the map is touched twice per job.
+#[derive(Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8 | u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_i64(&mut self, n: i64) {
+        self.0 = u64::from_ne_bytes(n.to_ne_bytes()).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type JobMap = HashMap<JobId, Entry, BuildHasherDefault<IdHasher>>;
+
 /// The running jobs of one runtime.
 #[derive(Debug)]
 pub(crate) struct Running {
-    jobs: Mutex<HashMap<JobId, Entry>>,
-    in_flight: watch::Sender<usize>,
+    jobs: Mutex<JobMap>,
+    in_flight: AtomicUsize,
+    idle: Notify,
 }
 
 /// Decrements the in-flight count when the job task ends, however it ends.
@@ -32,21 +58,24 @@ pub(crate) struct InFlight(Arc<Running>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.send_modify(|n| *n = n.saturating_sub(1));
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
     }
 }
 
 impl Running {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
-            jobs: Mutex::new(HashMap::new()),
-            in_flight: watch::Sender::new(0),
+            jobs: Mutex::new(JobMap::default()),
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
         })
     }
 
     /// Registers a job whose task is about to start.
     pub(crate) fn insert(self: &Arc<Self>, job: Arc<JobContext>) -> InFlight {
-        self.in_flight.send_modify(|n| *n += 1);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
         lock_ignoring_poison(&self.jobs).insert(job.id(), Entry { job, abort: None });
         InFlight(Arc::clone(self))
     }
@@ -119,9 +148,18 @@ impl Running {
     /// Waits until no job task is in flight, up to `limit`; returns
     /// whether none is.
     pub(crate) async fn wait_idle(&self, limit: Duration) -> bool {
-        let mut rx = self.in_flight.subscribe();
-        tokio::time::timeout(limit, rx.wait_for(|n| *n == 0))
-            .await
-            .is_ok_and(|r| r.is_ok())
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check: a task ending in between wakes us.
+            idle.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.in_flight.load(Ordering::Acquire) == 0;
+            }
+        }
     }
 }
