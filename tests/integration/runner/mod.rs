@@ -940,3 +940,77 @@ async fn a_corrupt_instance_fails_after_retries_with_the_reason<B: Backend>(h: &
     );
     assert!(rt.jobs_of(s.id).await.unwrap().is_empty());
 }
+
+on_both_backends!(uniqueness_scopes_through_the_api);
+
+/// The four scopes, through `start`: `workflow` and `version` coexist across
+/// workflows and versions as documented, `global` spans workflows, `none`
+/// never conflicts and suffixes every business id.
+async fn uniqueness_scopes_through_the_api<B: Backend>(h: &Harness<B>) {
+    let wf = |id: &str, version: u32, scope: Scope| {
+        let s = ScriptedStep::new("Hold", ["go"]).otherwise(StepOutcome::wait());
+        Workflow::builder(id)
+            .version(version)
+            .unique("k", scope)
+            .start(s.clone())
+            .on(s, "go", Done)
+            .build()
+            .unwrap()
+    };
+    let versioned = WorkflowFamily::builder("by_version")
+        .version(wf("by_version", 1, Scope::Version))
+        .version(wf("by_version", 2, Scope::Version))
+        .current(1)
+        .build()
+        .unwrap();
+    let rt = h.runtime_with(
+        RunnerConfig::default(),
+        vec![
+            wf("by_workflow_a", 1, Scope::Workflow),
+            wf("by_workflow_b", 1, Scope::Workflow),
+            wf("global_a", 1, Scope::Global),
+            wf("global_b", 1, Scope::Global),
+            wf("free", 1, Scope::None),
+        ],
+        vec![versioned],
+    );
+    let already = |r: Result<hephaestus_runner::Started, RunnerError>| {
+        matches!(r, Err(RunnerError::AlreadyRunning { .. }))
+    };
+    // workflow: one per workflow, two workflows may share the value.
+    rt.start("by_workflow_a", "1", json!({}), opts())
+        .await
+        .unwrap();
+    rt.start("by_workflow_b", "1", json!({}), opts())
+        .await
+        .unwrap();
+    assert!(already(
+        rt.start("by_workflow_a", "1", json!({}), opts()).await
+    ));
+    // version: one per version.
+    rt.start("by_version", "1", json!({}), opts())
+        .await
+        .unwrap();
+    let v2 = StartOptions {
+        version: Some(2),
+        ..opts()
+    };
+    rt.start("by_version", "1", json!({}), v2.clone())
+        .await
+        .unwrap();
+    assert!(already(rt.start("by_version", "1", json!({}), v2).await));
+    // global: one across workflows.
+    rt.start("global_a", "1", json!({}), opts()).await.unwrap();
+    assert!(already(rt.start("global_b", "1", json!({}), opts()).await));
+    // none: never conflicts; business ids carry a random suffix.
+    let a = rt.start("free", "1", json!({}), opts()).await.unwrap();
+    let b = rt.start("free", "1", json!({}), opts()).await.unwrap();
+    assert_ne!(a.business_id, b.business_id);
+    assert_eq!(a.business_id.value(), "1");
+    assert!(a.business_id.suffix().is_some());
+    // Addressing by value is refused for scope none (no addressable id).
+    assert!(matches!(
+        rt.workflow("free").unwrap().cancel("1", None).await,
+        Err(RunnerError::NotFound(_))
+    ));
+}
