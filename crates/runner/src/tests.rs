@@ -1,17 +1,15 @@
 //! The runner on the in-memory backend: the spec's behaviours end to end.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
-use hephaestus_engine_core::instance::{InstanceStatus, StepStatus};
+use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::ports::memory::MemoryBackend;
 use hephaestus_engine_core::ports::{JobQueue, JobState};
 use hephaestus_engine_core::prelude::*;
-use hephaestus_engine_core::steps::{DONE_ID, Done, FnStep, WAIT_FOR_EVENT_ID, Wait, WaitForEvent};
+use hephaestus_engine_core::steps::{Done, FnStep};
 use serde_json::{Value, json};
-use uuid::Uuid;
 
 use crate::{RunnerConfig, RunnerError, Runtime, StartOptions};
 
@@ -77,64 +75,6 @@ fn linear(counter: &Counter) -> Workflow {
         .unwrap()
 }
 
-#[tokio::test]
-async fn linear_workflow_runs_in_five_jobs() {
-    let clock = TestClock::new();
-    let counter = Counter::default();
-    let rt = runtime_with(vec![linear(&counter)], &clock);
-    let started = rt
-        .start("linear", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    assert_eq!(started.business_id.as_str(), "order::1");
-    let report = rt.drain().await.unwrap();
-    // Advance, Execute(PassStep), Advance, Execute(Done), Advance — the
-    // original's reference trace.
-    assert_eq!(report.succeeded, 5, "{report:?}");
-    let inst = rt.get(started.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Completed);
-    assert_eq!(inst.context.steps["pass_step"], json!({"processed": true}));
-    assert_eq!(counter.get("PassStep"), 1);
-    assert!(rt.backend().live_jobs(&json!({})).await.unwrap().is_empty());
-}
-
-#[tokio::test]
-async fn uniqueness_holds_among_active_instances_and_history_is_kept() {
-    let clock = TestClock::new();
-    let counter = Counter::default();
-    let rt = runtime_with(vec![linear(&counter)], &clock);
-    let first = rt
-        .start("linear", "7", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    let err = rt
-        .start("linear", "7", json!({}), StartOptions::default())
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, RunnerError::AlreadyRunning { instance_id, .. } if instance_id == first.id),
-        "{err:?}"
-    );
-    rt.drain().await.unwrap();
-    let second = rt
-        .start("linear", "7", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    assert_ne!(first.id, second.id);
-    assert_eq!(
-        rt.get(first.id).await.unwrap().unwrap().status,
-        InstanceStatus::Completed
-    );
-    let bad = rt
-        .start("linear", "Not Valid", json!({}), StartOptions::default())
-        .await;
-    assert!(matches!(bad, Err(RunnerError::BusinessId(_))));
-    let unknown = rt
-        .start("nope", "1", json!({}), StartOptions::default())
-        .await;
-    assert!(matches!(unknown, Err(RunnerError::Registry(_))));
-}
-
 fn fan_out(counter: &Counter, width: usize) -> Workflow {
     let start = counting(counter, "Start", "done", json!({}));
     let join = counting(counter, "Join", "done", json!({}));
@@ -156,28 +96,6 @@ fn fan_out(counter: &Counter, width: usize) -> Workflow {
         b = b.on(br, "done", join.clone());
     }
     b.on(join, "done", Done).build().unwrap()
-}
-
-#[tokio::test]
-async fn fan_out_and_join_with_every_branch_in_the_context() {
-    let clock = TestClock::new();
-    let counter = Counter::default();
-    let rt = runtime_with(vec![fan_out(&counter, 5)], &clock);
-    let s = rt
-        .start("fan", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Completed);
-    for i in 0..5 {
-        assert_eq!(
-            inst.context.steps[&format!("branch{i}")],
-            json!({ "branch": i })
-        );
-        assert_eq!(counter.get(&format!("Branch{i}")), 1);
-    }
-    assert_eq!(counter.get("Join"), 1);
 }
 
 #[tokio::test]
@@ -255,48 +173,6 @@ async fn parallel_workers_run_a_wide_fan_out_once_per_step() {
     assert_eq!(counter.get("Join"), 10);
 }
 
-fn branching(choice: &'static str, counter: &Counter) -> Workflow {
-    let c = counter.clone();
-    let a = FnStep::new("A", ["ok", "ko"], move |_| {
-        c.hit("A");
-        StepOutcome::complete(choice)
-    });
-    let b = counting(counter, "B", "done", json!({}));
-    let cc = counting(counter, "C", "done", json!({}));
-    let d = counting(counter, "D", "done", json!({}));
-    Workflow::builder("branch")
-        .unique("x", Scope::Workflow)
-        .start(a.clone())
-        .on(a.clone(), "ok", b.clone())
-        .on(a, "ko", cc.clone())
-        .on(b, "done", d.clone())
-        .on(cc, "done", d.clone())
-        .on(d, "done", Done)
-        .build()
-        .unwrap()
-}
-
-#[tokio::test]
-async fn the_join_after_exclusive_branches_runs_once() {
-    for (choice, ran, skipped) in [("ok", "B", "C"), ("ko", "C", "B")] {
-        let clock = TestClock::new();
-        let counter = Counter::default();
-        let rt = runtime_with(vec![branching(choice, &counter)], &clock);
-        let s = rt
-            .start("branch", "1", json!({}), StartOptions::default())
-            .await
-            .unwrap();
-        rt.drain().await.unwrap();
-        let inst = rt.get(s.id).await.unwrap().unwrap();
-        assert_eq!(inst.status, InstanceStatus::Completed);
-        assert_eq!(
-            (counter.get(ran), counter.get(skipped), counter.get("D")),
-            (1, 0, 1)
-        );
-        assert_eq!(inst.step(skipped).unwrap().status, StepStatus::Dead);
-    }
-}
-
 fn approval() -> Workflow {
     let hold = FnStep::new("Hold", ["approved", "rejected"], |_| StepOutcome::wait());
     Workflow::builder("approval")
@@ -306,253 +182,6 @@ fn approval() -> Workflow {
         .on(hold, "rejected", Done)
         .build()
         .unwrap()
-}
-
-#[tokio::test]
-async fn async_step_waits_and_resumes_with_validation() {
-    let clock = TestClock::new();
-    let rt = runtime_with(vec![approval()], &clock);
-    let s = rt
-        .start("approval", "9", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Waiting);
-    let err = rt
-        .resume(s.id, "Hold", "maybe", json!({}))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, RunnerError::UndeclaredEvent { .. }), "{err}");
-    let err = rt
-        .resume(s.id, "Ghost", "approved", json!({}))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, RunnerError::UnknownStep(_)), "{err}");
-    let err = rt
-        .resume(Uuid::now_v7(), "Hold", "approved", json!({}))
-        .await
-        .unwrap_err();
-    assert!(matches!(err, RunnerError::NotFound(_)), "{err}");
-    rt.resume_by_business_value("approval", "9", "Hold", "approved", json!({"by": "ann"}))
-        .await
-        .unwrap();
-    let again = rt
-        .resume(s.id, "Hold", "rejected", json!({}))
-        .await
-        .unwrap_err();
-    assert!(matches!(again, RunnerError::AlreadyResumed(_)), "{again}");
-    rt.drain().await.unwrap();
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Completed);
-    assert_eq!(inst.context.steps["hold"], json!({"by": "ann"}));
-    let late = rt
-        .resume(s.id, "Hold", "approved", json!({}))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(late, RunnerError::Finished(InstanceStatus::Completed)),
-        "{late}"
-    );
-}
-
-#[tokio::test]
-async fn a_resume_before_the_async_marker_is_applied_is_kept() {
-    let clock = TestClock::new();
-    let rt = runtime_with(vec![approval()], &clock);
-    let s = rt
-        .start("approval", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    // Run only the first advance: the step is active, its job not yet run.
-    let lease = rt
-        .backend()
-        .fetch("hephaestus", 1, clock.now())
-        .await
-        .unwrap()
-        .remove(0);
-    rt.perform(lease).await;
-    rt.resume(s.id, "Hold", "approved", json!({"early": true}))
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Completed);
-    assert_eq!(inst.context.steps["hold"], json!({"early": true}));
-}
-
-#[tokio::test]
-async fn wait_timers_are_durable_jobs_that_fire_on_the_clock() {
-    let clock = TestClock::new();
-    let wf = Workflow::builder("pause")
-        .unique("p", Scope::Workflow)
-        .start_with(Wait, json!({"duration": 1, "unit": "hour"}))
-        .on(Wait, "timeout", Done)
-        .build()
-        .unwrap();
-    let backend = MemoryBackend::with_clock(clock.as_clock());
-    let rt = Runtime::builder(backend.clone())
-        .clock(clock.as_clock())
-        .workflow(wf.clone())
-        .build()
-        .unwrap();
-    let s = rt
-        .start("pause", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    assert_eq!(
-        rt.get(s.id).await.unwrap().unwrap().status,
-        InstanceStatus::Waiting
-    );
-    let timers: Vec<_> = backend
-        .jobs()
-        .into_iter()
-        .filter(|j| j.kind == crate::jobs::TIMER)
-        .collect();
-    assert_eq!(timers.len(), 1);
-    assert_eq!(timers[0].state, JobState::Scheduled);
-    // A new runtime over the same store (a restart) still fires it.
-    drop(rt);
-    let rt2 = Runtime::builder(backend)
-        .clock(clock.as_clock())
-        .workflow(wf)
-        .build()
-        .unwrap();
-    assert_eq!(rt2.drain().await.unwrap().total(), 0, "not due yet");
-    clock.advance(Duration::from_secs(3601));
-    rt2.drain().await.unwrap();
-    assert_eq!(
-        rt2.get(s.id).await.unwrap().unwrap().status,
-        InstanceStatus::Completed
-    );
-}
-
-#[tokio::test]
-async fn wait_for_event_timeout_is_cancelled_by_a_resume() {
-    let clock = TestClock::new();
-    let wf = Workflow::builder("wfe")
-        .unique("w", Scope::Workflow)
-        .start_with(WaitForEvent, json!({"timeout_ms": 60_000}))
-        .on(WaitForEvent, "received", Done)
-        .on(WaitForEvent, "timeout", Done)
-        .build()
-        .unwrap();
-    let rt = runtime_with(vec![wf], &clock);
-    let s = rt
-        .start("wfe", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    rt.resume(s.id, WAIT_FOR_EVENT_ID, "received", json!({}))
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    let timer = rt
-        .backend()
-        .jobs()
-        .into_iter()
-        .find(|j| j.kind == crate::jobs::TIMER)
-        .unwrap();
-    assert_eq!(timer.state, JobState::Cancelled);
-    clock.advance(Duration::from_secs(120));
-    assert_eq!(rt.drain().await.unwrap().total(), 0);
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Completed);
-    assert_eq!(
-        inst.step(WAIT_FOR_EVENT_ID)
-            .unwrap()
-            .event
-            .as_ref()
-            .unwrap()
-            .as_str(),
-        "received"
-    );
-}
-
-fn flaky(failures: usize, attempts_seen: &Arc<Mutex<Vec<u32>>>, max_attempts: u32) -> Workflow {
-    let seen = attempts_seen.clone();
-    let calls = Arc::new(AtomicUsize::new(0));
-    let step = FnStep::new("Charge", ["charged"], move |input| {
-        seen.lock().unwrap().push(input.attempt);
-        if calls.fetch_add(1, Ordering::SeqCst) < failures {
-            StepOutcome::retry("card network down")
-        } else {
-            StepOutcome::complete("charged")
-        }
-    })
-    .with_retry_policy(
-        RetryPolicy::new(
-            max_attempts,
-            Backoff::Constant,
-            Duration::from_secs(10),
-            Duration::from_secs(10),
-        )
-        .unwrap(),
-    );
-    let other = FnStep::new("Other", ["done"], |_| StepOutcome::wait());
-    let start = FnStep::new("Begin", ["done"], |_| StepOutcome::complete("done"));
-    let join = FnStep::new("Join", ["done"], |_| StepOutcome::complete("done"));
-    Workflow::builder("pay")
-        .unique("pay", Scope::Workflow)
-        .start(start.clone())
-        .fan_out(start, "done", [target(step.clone()), target(other.clone())])
-        .on(step, "charged", join.clone())
-        .on(other, "done", join.clone())
-        .on(join, "done", Done)
-        .build()
-        .unwrap()
-}
-
-#[tokio::test]
-async fn retries_follow_the_policy_then_succeed() {
-    let clock = TestClock::new();
-    let attempts = Arc::new(Mutex::new(Vec::new()));
-    let rt = runtime_with(vec![flaky(2, &attempts, 5)], &clock);
-    let s = rt
-        .start("pay", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    let first = rt.drain().await.unwrap();
-    assert_eq!(first.retried, 1);
-    assert_eq!(*attempts.lock().unwrap(), vec![1]);
-    clock.advance(Duration::from_secs(9));
-    assert_eq!(rt.drain().await.unwrap().total(), 0, "backoff not elapsed");
-    clock.advance(Duration::from_secs(1));
-    rt.drain().await.unwrap();
-    clock.advance(Duration::from_secs(10));
-    rt.drain().await.unwrap();
-    assert_eq!(*attempts.lock().unwrap(), vec![1, 2, 3]);
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.step("Charge").unwrap().status, StepStatus::Completed);
-}
-
-#[tokio::test]
-async fn exhausted_retries_fail_the_instance_and_cancel_its_other_jobs() {
-    let clock = TestClock::new();
-    let attempts = Arc::new(Mutex::new(Vec::new()));
-    let rt = runtime_with(vec![flaky(10, &attempts, 2)], &clock);
-    let s = rt
-        .start("pay", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    clock.advance(Duration::from_secs(10));
-    let report = rt.drain().await.unwrap();
-    assert_eq!(report.discarded, 1);
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Failed);
-    let failure = inst.failure.unwrap();
-    assert_eq!(failure.step.unwrap().as_str(), "Charge");
-    assert_eq!(failure.attempts.len(), 2, "every attempt's error is kept");
-    assert_eq!(inst.steps["Other"].status, StepStatus::Cancelled);
-    assert!(
-        rt.backend()
-            .live_jobs(&crate::jobs::of_instance(s.id))
-            .await
-            .unwrap()
-            .is_empty()
-    );
 }
 
 #[tokio::test]
@@ -649,65 +278,6 @@ async fn panicking_steps_are_retried_as_errors() {
 }
 
 #[tokio::test]
-async fn versioned_families_keep_each_instance_on_its_version() {
-    let clock = TestClock::new();
-    let v = |n: u32, out: &'static str| {
-        let s = FnStep::new("S", ["done"], move |_| {
-            StepOutcome::complete_with("done", json!({"v": out}))
-        });
-        Workflow::builder("signup")
-            .version(n)
-            .unique("user", Scope::Version)
-            .start(s.clone())
-            .on(s, "done", Done)
-            .build()
-            .unwrap()
-    };
-    let family = WorkflowFamily::builder("signup")
-        .version(v(1, "one"))
-        .version(v(2, "two"))
-        .current(1)
-        .build()
-        .unwrap();
-    let backend = MemoryBackend::with_clock(clock.as_clock());
-    let rt = Runtime::builder(backend)
-        .clock(clock.as_clock())
-        .family(family)
-        .build()
-        .unwrap();
-    let old = rt
-        .start("signup", "a", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    let new = rt
-        .start(
-            "signup",
-            "a",
-            json!({}),
-            StartOptions {
-                version: Some(2),
-                ..StartOptions::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        (old.version, new.version),
-        (1, 2),
-        "scope version: both may be active"
-    );
-    rt.drain().await.unwrap();
-    assert_eq!(
-        rt.get(old.id).await.unwrap().unwrap().context.steps["s"],
-        json!({"v": "one"})
-    );
-    assert_eq!(
-        rt.get(new.id).await.unwrap().unwrap().context.steps["s"],
-        json!({"v": "two"})
-    );
-}
-
-#[tokio::test]
 async fn an_unregistered_workflow_leaves_the_instance_untouched() {
     let clock = TestClock::new();
     let backend = MemoryBackend::with_clock(clock.as_clock());
@@ -742,70 +312,6 @@ async fn an_unregistered_workflow_leaves_the_instance_untouched() {
         rt.get(s.id).await.unwrap().unwrap().status,
         InstanceStatus::Waiting
     );
-}
-
-#[tokio::test]
-async fn start_inside_a_callers_unit_of_work() {
-    use hephaestus_engine_core::ports::UnitOfWork;
-    let clock = TestClock::new();
-    let counter = Counter::default();
-    let rt = runtime_with(vec![linear(&counter)], &clock);
-    let mut tx = rt.backend().begin().await.unwrap();
-    let s = rt
-        .start_in(&mut tx, "linear", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    drop(tx); // rolled back: nothing exists
-    assert!(rt.get(s.id).await.unwrap().is_none());
-    assert_eq!(rt.drain().await.unwrap().total(), 0);
-    let mut tx = rt.backend().begin().await.unwrap();
-    let s = rt
-        .start_in(&mut tx, "linear", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.backend().commit(tx).await.unwrap();
-    rt.drain().await.unwrap();
-    assert_eq!(
-        rt.get(s.id).await.unwrap().unwrap().status,
-        InstanceStatus::Completed
-    );
-}
-
-#[tokio::test]
-async fn scheduled_resumes_fire_and_can_be_cancelled() {
-    let clock = TestClock::new();
-    let rt = runtime_with(vec![approval()], &clock);
-    let s = rt
-        .start("approval", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    let job = rt
-        .schedule_resume(s.id, "Hold", "rejected", Duration::from_secs(30))
-        .await
-        .unwrap();
-    rt.cancel_scheduled_resume(job).await.unwrap();
-    assert!(matches!(
-        rt.cancel_scheduled_resume(job).await,
-        Err(RunnerError::TimerAlreadyFinished(_))
-    ));
-    let job = rt
-        .schedule_resume(s.id, "Hold", "rejected", Duration::from_secs(30))
-        .await
-        .unwrap();
-    clock.advance(Duration::from_secs(31));
-    rt.drain().await.unwrap();
-    let inst = rt.get(s.id).await.unwrap().unwrap();
-    assert_eq!(inst.status, InstanceStatus::Completed);
-    assert_eq!(
-        inst.step("Hold").unwrap().event.as_ref().unwrap().as_str(),
-        "rejected"
-    );
-    assert!(matches!(
-        rt.cancel_scheduled_resume(job).await,
-        Err(RunnerError::TimerAlreadyFinished(_))
-    ));
-    let _ = DONE_ID;
 }
 
 #[tokio::test]
