@@ -9,7 +9,7 @@
 
 use hephaestus_engine_core::engine::{Disposition, Effect, Engine, EngineEvent, Input};
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::{JobId, NewJob};
+use hephaestus_engine_core::ports::{JobId, JobLease, NewJob};
 use uuid::Uuid;
 
 use crate::error::RunnerError;
@@ -29,6 +29,8 @@ pub struct AdvanceReport {
     pub executions: usize,
     /// The status after the last round.
     pub status: Option<InstanceStatus>,
+    /// Whether the advance job itself was completed by the last round.
+    pub job_completed: bool,
 }
 
 impl<B: Backend> Runtime<B> {
@@ -38,11 +40,31 @@ impl<B: Backend> Runtime<B> {
         instance_id: Uuid,
         current_job: Option<JobId>,
     ) -> Result<AdvanceReport, RunnerError> {
+        self.advance_with(instance_id, current_job, None).await
+    }
+
+    /// The advance of an advance job: the job completes in the commit of
+    /// the last (empty) round rather than in a transaction of its own.
+    pub(crate) async fn advance_job(
+        &self,
+        instance_id: Uuid,
+        lease: &JobLease,
+    ) -> Result<AdvanceReport, RunnerError> {
+        self.advance_with(instance_id, Some(lease.id), Some(lease))
+            .await
+    }
+
+    async fn advance_with(
+        &self,
+        instance_id: Uuid,
+        current_job: Option<JobId>,
+        lease: Option<&JobLease>,
+    ) -> Result<AdvanceReport, RunnerError> {
         let mut report = AdvanceReport::default();
         loop {
             report.rounds += 1;
             let worked = self
-                .advance_round(instance_id, current_job, &mut report)
+                .advance_round(instance_id, current_job, lease, &mut report)
                 .await?;
             if !worked || report.rounds >= self.inner.config.advance_loop_limit {
                 return Ok(report);
@@ -50,11 +72,13 @@ impl<B: Backend> Runtime<B> {
         }
     }
 
-    /// One locked round; returns whether it applied anything.
+    /// One locked round; returns whether it applied anything. A round that
+    /// finds nothing to do completes `lease` (if any) in its own commit.
     async fn advance_round(
         &self,
         instance_id: Uuid,
         current_job: Option<JobId>,
+        lease: Option<&JobLease>,
         report: &mut AdvanceReport,
     ) -> Result<bool, RunnerError> {
         let b = &self.inner.backend;
@@ -109,6 +133,10 @@ impl<B: Backend> Runtime<B> {
         }
         if !changed && pending.is_empty() {
             report.status = Some(instance.status);
+            if let Some(lease) = lease {
+                report.job_completed = b.complete(&mut tx, lease).await?;
+                b.commit(tx).await?;
+            }
             return Ok(false);
         }
         if changed {

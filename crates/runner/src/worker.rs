@@ -75,7 +75,8 @@ impl<B: Backend> Runtime<B> {
     pub async fn perform(&self, lease: JobLease) -> JobOutcome {
         let result = match lease.kind.as_str() {
             jobs::ADVANCE => match decode::<AdvanceArgs>(&lease) {
-                Ok(args) => match self.advance(args.instance_id, Some(lease.id)).await {
+                Ok(args) => match self.advance_job(args.instance_id, &lease).await {
+                    Ok(report) if report.job_completed => Ok(JobOutcome::Succeeded),
                     Ok(_) => self.finish(&lease, JobOutcome::Succeeded).await,
                     Err(RunnerError::NotFound(_)) => self.finish(&lease, JobOutcome::Skipped).await,
                     Err(e) => Err(e),
