@@ -57,7 +57,11 @@ impl QueueDb {
     }
 
     pub async fn teardown(self) {
-        self.pool.close().await;
+        // `close` waits for every checked-out connection (a live PgListener
+        // holds one): bound it so a leak fails the test instead of hanging it.
+        tokio::time::timeout(SAFETY_NET, self.pool.close())
+            .await
+            .expect("the pool closes: drop every listener before teardown");
         self.schema.teardown().await;
     }
 }

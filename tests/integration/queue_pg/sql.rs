@@ -185,6 +185,8 @@ async fn batches_insert_in_one_statement_and_notify_at_commit() {
             count: 5_000
         }]
     );
+    // The listener holds a pooled connection: closing the pool waits for it.
+    drop(listener);
     db.teardown().await;
 }
 
@@ -427,5 +429,7 @@ async fn cancel_by_predicate_over_args_and_meta() {
             .await,
         Err(hephaestus_queue_pg::Error::InvalidInput(_))
     ));
+    // The listener holds a pooled connection: closing the pool waits for it.
+    drop(listener);
     db.teardown().await;
 }
