@@ -179,28 +179,15 @@ impl<B: Backend> Runtime<B> {
             // must not land (a result after cancel is ignored).
             return Ok(JobOutcome::Fenced);
         }
-        b.record(
-            &mut tx,
-            &NewStepResult {
-                instance_id: args.instance_id,
-                step: Some(args.step.clone()),
-                activation: args.activation,
-                payload,
-            },
+        self.record_and_advance(
+            tx,
+            wf,
+            args.instance_id,
+            &args.step,
+            args.activation,
+            payload,
         )
         .await?;
-        b.enqueue(
-            &mut tx,
-            &[jobs::advance(
-                &self.inner.config,
-                wf,
-                args.instance_id,
-                Some(&args.step),
-            )],
-        )
-        .await?;
-        b.commit(tx).await?;
-        self.inner.wake.notify_waiters();
         Ok(JobOutcome::Succeeded)
     }
 
@@ -249,28 +236,15 @@ impl<B: Backend> Runtime<B> {
             at: now,
             error: error.clone(),
         });
-        b.record(
-            &mut tx,
-            &NewStepResult {
-                instance_id: args.instance_id,
-                step: Some(args.step.clone()),
-                activation: args.activation,
-                payload: ResultPayload::Failed { error, attempts },
-            },
+        self.record_and_advance(
+            tx,
+            wf,
+            args.instance_id,
+            &args.step,
+            args.activation,
+            ResultPayload::Failed { error, attempts },
         )
         .await?;
-        b.enqueue(
-            &mut tx,
-            &[jobs::advance(
-                &self.inner.config,
-                wf,
-                args.instance_id,
-                Some(&args.step),
-            )],
-        )
-        .await?;
-        b.commit(tx).await?;
-        self.inner.wake.notify_waiters();
         Ok(JobOutcome::Discarded)
     }
 
@@ -316,6 +290,24 @@ impl<B: Backend> Runtime<B> {
         if !b.complete(&mut tx, lease).await? {
             return Ok(JobOutcome::Fenced);
         }
+        self.record_and_advance(tx, &wf, instance_id, &step, activation, payload)
+            .await?;
+        Ok(JobOutcome::Succeeded)
+    }
+
+    /// Records a result of `step`'s `activation`, enqueues the instance's
+    /// advance and commits `tx`: the one commit every result-producing job
+    /// ends with.
+    async fn record_and_advance(
+        &self,
+        mut tx: B::Tx,
+        wf: &Workflow,
+        instance_id: uuid::Uuid,
+        step: &hephaestus_engine_core::StepId,
+        activation: u32,
+        payload: ResultPayload,
+    ) -> Result<(), RunnerError> {
+        let b = &self.inner.backend;
         b.record(
             &mut tx,
             &NewStepResult {
@@ -330,15 +322,15 @@ impl<B: Backend> Runtime<B> {
             &mut tx,
             &[jobs::advance(
                 &self.inner.config,
-                &wf,
+                wf,
                 instance_id,
-                Some(&step),
+                Some(step),
             )],
         )
         .await?;
         b.commit(tx).await?;
         self.inner.wake.notify_waiters();
-        Ok(JobOutcome::Succeeded)
+        Ok(())
     }
 
     /// Completes a job that had nothing (more) to do.
