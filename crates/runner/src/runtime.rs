@@ -393,14 +393,8 @@ impl<B: Backend> Runtime<B> {
         event: &str,
         payload: Value,
     ) -> Result<(), RunnerError> {
-        let instance = self
-            .get(id)
-            .await?
-            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
-        let wf = self.workflow_of(&instance)?;
-        let step = StepId::new(step)?;
-        let event = Event::new(event)?;
-        let activation = Engine::new(wf).check_resume(&instance, &step, &event)?;
+        let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
+        let wf = &wf;
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
         let recorded = b
@@ -425,6 +419,26 @@ impl<B: Backend> Runtime<B> {
         b.commit(tx).await?;
         self.inner.wake.notify_waiters();
         Ok(())
+    }
+
+    /// Validates a resume of `step` with `event` against the instance now
+    /// (G7) and returns what it addresses: the workflow, the ids, and the
+    /// step activation.
+    async fn resume_target(
+        &self,
+        id: Uuid,
+        step: &str,
+        event: &str,
+    ) -> Result<(Workflow, StepId, Event, u32), RunnerError> {
+        let instance = self
+            .get(id)
+            .await?
+            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
+        let wf = self.workflow_of(&instance)?.clone();
+        let step = StepId::new(step)?;
+        let event = Event::new(event)?;
+        let activation = Engine::new(&wf).check_resume(&instance, &step, &event)?;
+        Ok((wf, step, event, activation))
     }
 
     /// [`Runtime::resume`] addressing the active instance of `workflow` for
@@ -452,14 +466,8 @@ impl<B: Backend> Runtime<B> {
         event: &str,
         delay: Duration,
     ) -> Result<JobId, RunnerError> {
-        let instance = self
-            .get(id)
-            .await?
-            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
-        let wf = self.workflow_of(&instance)?;
-        let step = StepId::new(step)?;
-        let event = Event::new(event)?;
-        let activation = Engine::new(wf).check_resume(&instance, &step, &event)?;
+        let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
+        let wf = &wf;
         let at = self.now()
             + chrono::Duration::from_std(delay)
                 .map_err(|_| RunnerError::InvalidInput("delay too large".into()))?;

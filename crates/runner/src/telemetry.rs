@@ -169,17 +169,16 @@ impl Telemetry {
                     ),
                 ),
                 EngineEvent::StepResumed { step, event, source } => {
+                    // Waited since the step went async (its last async entry).
                     let waited = instance
-                        .step(step.as_str())
-                        .and_then(|s| {
-                            instance
-                                .history
-                                .iter()
-                                .rev()
-                                .find(|h| h.step.as_ref() == Some(step) && matches!(h.kind, hephaestus_engine_core::instance::HistoryKind::Async { .. }))
-                                .map(|h| (s, h.at))
+                        .history
+                        .iter()
+                        .rev()
+                        .find(|h| {
+                            h.step.as_ref() == Some(step)
+                                && matches!(h.kind, hephaestus_engine_core::instance::HistoryKind::Async { .. })
                         })
-                        .and_then(|(_, at)| ms_between(at, now));
+                        .and_then(|h| ms_between(h.at, now));
                     self.emit(
                         names::STEP_RESUME,
                         json!({"system_time": now, "wait_duration": waited}),

@@ -374,7 +374,7 @@ impl<B: Backend> Runtime<B> {
                     let rt = self.clone();
                     let mut handle = tokio::spawn(async move { rt.perform(lease).await });
                     match tokio::time::timeout(options.settle, &mut handle).await {
-                        Ok(Ok(outcome)) => add(&mut result.report, outcome),
+                        Ok(Ok(outcome)) => result.report.add(outcome),
                         Ok(Err(join)) => {
                             return Err(RunnerError::Corrupt(format!("job task failed: {join}")));
                         }
@@ -444,15 +444,5 @@ impl<B: Backend> Runtime<B> {
         let out = b.enqueue(&mut tx, &[job]).await?;
         b.commit(tx).await?;
         Ok(out[0].id())
-    }
-}
-
-fn add(report: &mut DrainReport, outcome: JobOutcome) {
-    match outcome {
-        JobOutcome::Succeeded => report.succeeded += 1,
-        JobOutcome::Skipped => report.skipped += 1,
-        JobOutcome::Retried => report.retried += 1,
-        JobOutcome::Discarded => report.discarded += 1,
-        JobOutcome::Fenced => report.fenced += 1,
     }
 }

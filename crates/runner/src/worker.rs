@@ -45,7 +45,7 @@ pub struct DrainReport {
 }
 
 impl DrainReport {
-    fn add(&mut self, outcome: JobOutcome) {
+    pub(crate) fn add(&mut self, outcome: JobOutcome) {
         match outcome {
             JobOutcome::Succeeded => self.succeeded += 1,
             JobOutcome::Skipped => self.skipped += 1,
