@@ -10,25 +10,29 @@ use crate::error::Error;
 use crate::job::decode_lease;
 
 /// `$1` queue, `$2` now, `$3` limit, `$4` worker id.
-pub(super) const FETCH: &str = r"with due as (
-    select id
-    from {prefix}.hephaestus_jobs
-    where queue = $1
-      and state in ('available', 'scheduled', 'retryable')
-      and scheduled_at <= $2
-    order by priority, scheduled_at, id
-    limit $3
-    for update skip locked
-),
-claimed as (
+///
+/// The claimed ids are handed to the update as an array (`id = any(array(
+/// select ...))`), which the planner always answers with a primary-key
+/// probe per id. Joined as a CTE instead, it estimates the join from table
+/// statistics and, with a thousand ids, picks a hash join over a sequential
+/// scan of the whole jobs table: four times slower on a 100,000-job backlog.
+pub(super) const FETCH: &str = r"with claimed as (
     update {prefix}.hephaestus_jobs as j
     set state = 'executing',
         attempt = j.attempt + 1,
         attempted_at = $2,
         heartbeat_at = $2,
         attempted_by = $4
-    from due
-    where j.id = due.id
+    where j.id = any(array(
+        select id
+        from {prefix}.hephaestus_jobs
+        where queue = $1
+          and state in ('available', 'scheduled', 'retryable')
+          and scheduled_at <= $2
+        order by priority, scheduled_at, id
+        limit $3
+        for update skip locked
+    ))
     returning j.id, j.kind, j.queue, j.args, j.meta, j.attempt, j.max_attempts,
               j.scheduled_at, j.errors, j.priority
 )
@@ -37,24 +41,22 @@ from claimed
 order by priority, scheduled_at, id";
 
 /// [`FETCH`] across every queue: `$1` now, `$2` limit, `$3` worker id.
-pub(super) const FETCH_ANY_QUEUE: &str = r"with due as (
-    select id
-    from {prefix}.hephaestus_jobs
-    where state in ('available', 'scheduled', 'retryable')
-      and scheduled_at <= $1
-    order by priority, scheduled_at, id
-    limit $2
-    for update skip locked
-),
-claimed as (
+pub(super) const FETCH_ANY_QUEUE: &str = r"with claimed as (
     update {prefix}.hephaestus_jobs as j
     set state = 'executing',
         attempt = j.attempt + 1,
         attempted_at = $1,
         heartbeat_at = $1,
         attempted_by = $3
-    from due
-    where j.id = due.id
+    where j.id = any(array(
+        select id
+        from {prefix}.hephaestus_jobs
+        where state in ('available', 'scheduled', 'retryable')
+          and scheduled_at <= $1
+        order by priority, scheduled_at, id
+        limit $2
+        for update skip locked
+    ))
     returning j.id, j.kind, j.queue, j.args, j.meta, j.attempt, j.max_attempts,
               j.scheduled_at, j.errors, j.priority
 )
