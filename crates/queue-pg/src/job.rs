@@ -55,6 +55,8 @@ pub struct Job {
     pub cancelled_at: Option<DateTime<Utc>>,
     /// Its unique key, if any.
     pub unique_key: Option<String>,
+    /// Its group ([`NewJob::group`]), if any.
+    pub group: Option<String>,
 }
 
 impl Job {
@@ -73,6 +75,7 @@ impl Job {
             max_attempts: self.max_attempts,
             scheduled_at: self.scheduled_at,
             errors: self.errors.clone(),
+            group: self.group.clone(),
         }
     }
 }
@@ -80,7 +83,7 @@ impl Job {
 /// The columns [`decode_job`] reads.
 pub(crate) const JOB_COLUMNS: &str = "id, state, queue, kind, args, meta, tags, priority, attempt, \
      max_attempts, errors, inserted_at, scheduled_at, attempted_at, attempted_by, heartbeat_at, \
-     completed_at, discarded_at, cancelled_at, unique_key";
+     completed_at, discarded_at, cancelled_at, unique_key, group_key";
 
 /// The columns [`decode_lease`] reads.
 pub(crate) const LEASE_COLUMNS: &str =
@@ -140,6 +143,7 @@ pub(crate) fn decode_job(row: &PgRow) -> Result<Job, Error> {
         discarded_at: row.try_get("discarded_at")?,
         cancelled_at: row.try_get("cancelled_at")?,
         unique_key: row.try_get("unique_key")?,
+        group: row.try_get("group_key")?,
     })
 }
 
@@ -185,11 +189,15 @@ pub(crate) fn check_new_job(job: &NewJob) -> Result<(), Error> {
     let texts = [job.kind.as_str(), job.queue.as_str()]
         .into_iter()
         .chain(job.tags.iter().map(String::as_str))
-        .chain(job.unique.as_ref().map(|u| u.key.as_str()));
+        .chain(job.unique.as_ref().map(|u| u.key.as_str()))
+        .chain(job.group.as_deref());
     for text in texts {
         if text.contains('\0') {
             return invalid(format!("U+0000 in job text {text:?}"));
         }
+    }
+    if job.group.as_deref().is_some_and(str::is_empty) {
+        return invalid(format!("the group of a {} job is empty", job.kind));
     }
     if has_nul(&job.args) || job.meta.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
         return invalid(format!(

@@ -4,10 +4,9 @@
 
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ports::{
-    Enqueued, JobId, JobInfo, JobLease, JobQueue, NewJob, PortError, UnitOfWork,
+    Enqueued, JobId, JobInfo, JobLease, JobMatch, JobQueue, NewJob, PortError, UnitOfWork,
 };
 use hephaestus_engine_core::step::StepError;
-use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 
 use crate::error::Error;
@@ -46,12 +45,14 @@ impl JobQueue for PgQueue {
     async fn cancel_matching(
         &self,
         tx: &mut Self::Tx,
-        args: &Value,
+        matching: &JobMatch,
         except: Option<JobId>,
     ) -> Result<u64, PortError> {
         let filter = CancelFilter {
+            group: matching.group.clone(),
+            args: matching.args.clone(),
             except,
-            ..CancelFilter::args(args.clone())
+            ..CancelFilter::default()
         };
         let ids = self.cancel_where_using(tx, &filter).await?;
         Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
@@ -111,8 +112,8 @@ impl JobQueue for PgQueue {
             .collect())
     }
 
-    async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError> {
-        Ok(PgQueue::live_jobs(self, args)
+    async fn live_jobs(&self, matching: &JobMatch) -> Result<Vec<JobInfo>, PortError> {
+        Ok(PgQueue::live_jobs(self, matching)
             .await?
             .iter()
             .map(crate::Job::info)

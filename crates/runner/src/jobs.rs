@@ -1,7 +1,7 @@
 //! The runner's job kinds, their arguments and how they are enqueued.
 
 use chrono::{DateTime, Utc};
-use hephaestus_engine_core::ports::{JobState, NewJob, UniqueJob};
+use hephaestus_engine_core::ports::{JobMatch, JobState, NewJob, UniqueJob};
 use hephaestus_engine_core::{Event, StepId, Workflow};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -117,6 +117,7 @@ pub fn advance(
     );
     job.meta = meta(workflow, instance_id, step);
     job.tags = tags(workflow);
+    job.group = Some(group(instance_id));
     job.max_attempts = config.advance_max_attempts;
     job.unique = Some(UniqueJob {
         key: format!("advance:{instance_id}"),
@@ -146,6 +147,7 @@ pub fn execute(
     let mut job = NewJob::new(EXECUTE, &config.queues.execute, to_args(&args));
     job.meta = meta(workflow, instance_id, Some(step));
     job.tags = tags(workflow);
+    job.group = Some(group(instance_id));
     job.max_attempts = workflow.retry_policy_for(step.as_str()).max_attempts;
     job.unique = Some(UniqueJob {
         key: format!("execute:{instance_id}:{step}:{activation}"),
@@ -174,6 +176,7 @@ pub fn timer(
     let mut job = NewJob::new(TIMER, &config.queues.timer, to_args(&args));
     job.meta = meta(workflow, instance_id, Some(step));
     job.tags = tags(workflow);
+    job.group = Some(group(instance_id));
     job.max_attempts = config.advance_max_attempts;
     job.scheduled_at = Some(fire_at);
     job.unique = Some(UniqueJob {
@@ -193,17 +196,24 @@ pub fn resume(
     let mut job = NewJob::new(RESUME, &config.queues.timer, to_args(args));
     job.meta = meta(workflow, args.instance_id, Some(&args.step));
     job.tags = tags(workflow);
+    job.group = Some(group(args.instance_id));
     job.max_attempts = config.advance_max_attempts;
     job.scheduled_at = Some(at);
     job
 }
 
-/// Matches every job of an instance (for `cancel_matching`).
-pub fn of_instance(instance_id: Uuid) -> Value {
-    json!({ "instance_id": instance_id })
+/// The job group of an instance: every job of the instance is in it.
+pub fn group(instance_id: Uuid) -> String {
+    instance_id.to_string()
+}
+
+/// Matches every job of an instance (through the queue's group index).
+pub fn of_instance(instance_id: Uuid) -> JobMatch {
+    JobMatch::group(group(instance_id))
 }
 
 /// Matches the timer of one step activation.
-pub fn timer_of(instance_id: Uuid, step: &StepId, activation: u32) -> Value {
-    json!({ "instance_id": instance_id, "step": step, "activation": activation, "timer": true })
+pub fn timer_of(instance_id: Uuid, step: &StepId, activation: u32) -> JobMatch {
+    of_instance(instance_id)
+        .with_args(json!({ "step": step, "activation": activation, "timer": true }))
 }

@@ -6,13 +6,12 @@ use chrono::{DateTime, Utc};
 use hephaestus_engine_core::StepId;
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
-    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobQueue, NewJob,
+    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue, NewJob,
     NewStepResult, PortError, Recorded, StepResult, StepResultStore, UnitOfWork,
 };
 use hephaestus_engine_core::step::StepError;
 use hephaestus_queue_pg::PgQueue;
 use hephaestus_storage_pg::PgStore;
-use serde_json::Value;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
@@ -124,10 +123,10 @@ impl JobQueue for PgBackend {
     async fn cancel_matching(
         &self,
         tx: &mut Tx,
-        args: &Value,
+        matching: &JobMatch,
         except: Option<JobId>,
     ) -> Result<u64, PortError> {
-        <PgQueue as JobQueue>::cancel_matching(&self.queue, tx, args, except).await
+        <PgQueue as JobQueue>::cancel_matching(&self.queue, tx, matching, except).await
     }
 
     async fn fetch(
@@ -180,7 +179,7 @@ impl JobQueue for PgBackend {
         <PgQueue as JobQueue>::job(&self.queue, id).await
     }
 
-    async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError> {
-        <PgQueue as JobQueue>::live_jobs(&self.queue, args).await
+    async fn live_jobs(&self, matching: &JobMatch) -> Result<Vec<JobInfo>, PortError> {
+        <PgQueue as JobQueue>::live_jobs(&self.queue, matching).await
     }
 }

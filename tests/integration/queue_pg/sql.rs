@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use chrono::{TimeDelta, TimeZone, Utc};
-use hephaestus_engine_core::ports::{Enqueued, JobId, JobState, NewJob, UniqueJob};
+use hephaestus_engine_core::ports::{Enqueued, JobId, JobMatch, JobState, NewJob, UniqueJob};
 use hephaestus_engine_core::step::StepError;
 use hephaestus_queue_pg::{CancelFilter, JobFilter, ManualClock, QueueDepth};
 use serde_json::json;
@@ -408,7 +408,7 @@ async fn cancel_by_predicate_over_args_and_meta() {
         .unwrap();
     assert_eq!(by_args, [ids[2]]);
     let live: Vec<JobId> = q
-        .live_jobs(&json!({}))
+        .live_jobs(&JobMatch::args(json!({})))
         .await
         .unwrap()
         .into_iter()

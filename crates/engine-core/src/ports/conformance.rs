@@ -44,8 +44,9 @@ use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
 use super::{
-    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobQueue, JobState, NewJob,
-    NewStepResult, PortError, Recorded, ResultKind, ResultPayload, StepResultStore, UniqueJob,
+    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue,
+    JobState, NewJob, NewStepResult, PortError, Recorded, ResultKind, ResultPayload,
+    StepResultStore, UniqueJob,
 };
 use crate::business_id::{BusinessId, Scope, UniqueClaim};
 use crate::context::Context;
@@ -2098,6 +2099,7 @@ where
             discard_records_the_error_and_stops,
             cancel_stops_unfinished_jobs,
             cancel_matching_uses_json_containment,
+            cancel_matching_by_group,
             concurrent_fetchers_never_share_a_job,
             dropped_unit_of_work_enqueues_nothing,
             nul_characters_in_jobs_are_rejected,
@@ -2248,7 +2250,7 @@ async fn enqueue_fetch_complete<B: JobQueue>(b: &B) -> Result<(), String> {
         "an executing job is not fetched again"
     );
     ensure_eq!(
-        b.live_jobs(&json!({"instance": "x"}))
+        b.live_jobs(&JobMatch::args(json!({"instance": "x"})))
             .await
             .check("live_jobs")?
             .len(),
@@ -2277,7 +2279,7 @@ async fn enqueue_fetch_complete<B: JobQueue>(b: &B) -> Result<(), String> {
         "completing twice must fail the fence"
     );
     ensure_eq!(
-        b.live_jobs(&json!({"instance": "x"}))
+        b.live_jobs(&JobMatch::args(json!({"instance": "x"})))
             .await
             .check("live_jobs")?,
         Vec::new(),
@@ -2464,7 +2466,7 @@ async fn unique_jobs_return_the_existing_job<B: JobQueue>(b: &B) -> Result<(), S
         "after commit"
     );
     ensure_eq!(
-        b.live_jobs(&json!({"key": "k1"}))
+        b.live_jobs(&JobMatch::args(json!({"key": "k1"})))
             .await
             .check("live_jobs")?
             .len(),
@@ -2767,7 +2769,7 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
     let live_ids = |jobs: Vec<JobInfo>| jobs.into_iter().map(|j| j.id).collect::<BTreeSet<_>>();
     ensure_eq!(
         live_ids(
-            b.live_jobs(&json!({"instance": "i1"}))
+            b.live_jobs(&JobMatch::args(json!({"instance": "i1"})))
                 .await
                 .check("live_jobs")?
         ),
@@ -2776,7 +2778,7 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
     );
     ensure_eq!(
         live_ids(
-            b.live_jobs(&json!({"tags": ["y"]}))
+            b.live_jobs(&JobMatch::args(json!({"tags": ["y"]})))
                 .await
                 .check("live_jobs")?
         ),
@@ -2785,9 +2787,11 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
     );
     ensure_eq!(
         live_ids(
-            b.live_jobs(&json!({"instance": "i1", "step": "c", "n": 1}))
-                .await
-                .check("live_jobs")?
+            b.live_jobs(&JobMatch::args(
+                json!({"instance": "i1", "step": "c", "n": 1})
+            ))
+            .await
+            .check("live_jobs")?
         ),
         BTreeSet::from([j3]),
         "every key must match"
@@ -2795,7 +2799,11 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
 
     let mut tx = b.begin().await.check("begin")?;
     let cancelled = b
-        .cancel_matching(&mut tx, &json!({"instance": "i1"}), Some(j6))
+        .cancel_matching(
+            &mut tx,
+            &JobMatch::args(json!({"instance": "i1"})),
+            Some(j6),
+        )
         .await
         .check("cancel_matching")?;
     ensure_eq!(cancelled, 3, "unfinished jobs of i1 except j6");
@@ -2823,7 +2831,7 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
     }
     ensure_eq!(
         live_ids(
-            b.live_jobs(&json!({"instance": "i1"}))
+            b.live_jobs(&JobMatch::args(json!({"instance": "i1"})))
                 .await
                 .check("live_jobs")?
         ),
@@ -2842,7 +2850,7 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
         .await
         .check("enqueue")?;
     let cancelled = b
-        .cancel_matching(&mut tx, &json!({"instance": "i3"}), None)
+        .cancel_matching(&mut tx, &JobMatch::args(json!({"instance": "i3"})), None)
         .await
         .check("cancel_matching")?;
     b.commit(tx).await.check("commit")?;
@@ -2852,6 +2860,90 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
         job_info(b, id).await?.state,
         JobState::Cancelled,
         "enqueued then cancelled"
+    );
+    Ok(())
+}
+
+async fn cancel_matching_by_group<B: JobQueue>(b: &B) -> Result<(), String> {
+    let grouped = |queue: &str, group: &str, args: Value| new_job(queue, args).in_group(group);
+    let g1 = enqueue_one(b, grouped("avail", "g1", json!({"step": "a"}))).await?;
+    let g1_exec = enqueue_one(b, grouped("exec", "g1", json!({"step": "b"}))).await?;
+    let lease = fetch_one(b, "exec", soon()).await?;
+    ensure_eq!(lease.id, g1_exec, "the executing job of g1");
+    let mut later = grouped("avail", "g1", json!({"step": "c", "timer": true}));
+    later.scheduled_at = Some(now_micros() + TimeDelta::hours(1));
+    let g1_timer = enqueue_one(b, later).await?;
+    let g2 = enqueue_one(b, grouped("avail", "g2", json!({"step": "a"}))).await?;
+    let g11 = enqueue_one(b, grouped("avail", "g11", json!({"step": "a"}))).await?;
+    let ungrouped = enqueue_one(b, new_job("avail", json!({"step": "a"}))).await?;
+
+    ensure_eq!(
+        job_info(b, g1).await?.group.as_deref(),
+        Some("g1"),
+        "the group is reported"
+    );
+    ensure_eq!(job_info(b, ungrouped).await?.group, None, "no group");
+    let live_ids = |jobs: Vec<JobInfo>| jobs.into_iter().map(|j| j.id).collect::<BTreeSet<_>>();
+    ensure_eq!(
+        live_ids(
+            b.live_jobs(&JobMatch::group("g1"))
+                .await
+                .check("live_jobs")?
+        ),
+        BTreeSet::from([g1, g1_exec, g1_timer]),
+        "live jobs of g1, executing included"
+    );
+    ensure_eq!(
+        live_ids(
+            b.live_jobs(&JobMatch::group("g1").with_args(json!({"timer": true})))
+                .await
+                .check("live_jobs")?
+        ),
+        BTreeSet::from([g1_timer]),
+        "group and args together"
+    );
+
+    // Group and args narrow a cancel together.
+    let mut tx = b.begin().await.check("begin")?;
+    let cancelled = b
+        .cancel_matching(
+            &mut tx,
+            &JobMatch::group("g1").with_args(json!({"timer": true})),
+            None,
+        )
+        .await
+        .check("cancel_matching")?;
+    b.commit(tx).await.check("commit")?;
+    ensure_eq!(cancelled, 1, "only the timer of g1");
+    ensure_eq!(
+        job_info(b, g1_timer).await?.state,
+        JobState::Cancelled,
+        "the timer"
+    );
+
+    let mut tx = b.begin().await.check("begin")?;
+    let cancelled = b
+        .cancel_matching(&mut tx, &JobMatch::group("g1"), Some(g1))
+        .await
+        .check("cancel_matching")?;
+    b.commit(tx).await.check("commit")?;
+    ensure_eq!(cancelled, 1, "the executing job of g1 (g1 itself excepted)");
+    for (id, expected) in [
+        (g1, JobState::Available),
+        (g1_exec, JobState::Cancelled),
+        (g2, JobState::Available),
+        (g11, JobState::Available),
+        (ungrouped, JobState::Available),
+    ] {
+        ensure_eq!(
+            job_info(b, id).await?.state,
+            expected,
+            "job {id} after cancelling group g1"
+        );
+    }
+    ensure!(
+        !complete_committed(b, &lease).await?,
+        "a cancelled executing job cannot complete"
     );
     Ok(())
 }
@@ -2917,7 +3009,9 @@ async fn dropped_unit_of_work_enqueues_nothing<B: JobQueue>(b: &B) -> Result<(),
         );
     }
     ensure_eq!(
-        b.live_jobs(&json!({})).await.check("live_jobs")?,
+        b.live_jobs(&JobMatch::args(json!({})))
+            .await
+            .check("live_jobs")?,
         Vec::new(),
         "no live jobs"
     );

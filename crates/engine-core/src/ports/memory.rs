@@ -48,9 +48,9 @@ use serde_json::{Number, Value};
 use uuid::Uuid;
 
 use super::{
-    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobQueue, JobState, NewJob,
-    NewStepResult, PortError, Recorded, ResultKind, StepResult, StepResultStore, UniqueJob,
-    UnitOfWork,
+    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue,
+    JobState, NewJob, NewStepResult, PortError, Recorded, ResultKind, StepResult, StepResultStore,
+    UniqueJob, UnitOfWork,
 };
 use crate::business_id::UniqueClaim;
 use crate::context::contains_nul;
@@ -197,6 +197,7 @@ struct JobRow {
     scheduled_at: DateTime<Utc>,
     errors: Vec<AttemptRecord>,
     unique: Option<UniqueJob>,
+    group: Option<String>,
     finalized_at: Option<DateTime<Utc>>,
     /// When the current attempt last showed signs of life (fetch or heartbeat).
     heartbeat_at: Option<DateTime<Utc>>,
@@ -230,6 +231,7 @@ impl JobRow {
             max_attempts: self.max_attempts,
             scheduled_at: self.scheduled_at,
             errors: self.errors.clone(),
+            group: self.group.clone(),
         }
     }
 
@@ -1017,6 +1019,7 @@ impl MemoryBackend {
                 scheduled_at,
                 errors: Vec::new(),
                 unique: job.unique.clone(),
+                group: job.group.clone(),
                 finalized_at: None,
                 heartbeat_at: None,
             })));
@@ -1040,7 +1043,7 @@ impl MemoryBackend {
     fn cancel_matching_sync(
         &self,
         tx: &mut MemoryTx,
-        args: &Value,
+        matching: &JobMatch,
         except: Option<JobId>,
     ) -> Result<u64, PortError> {
         self.check_tx(tx)?;
@@ -1058,7 +1061,7 @@ impl MemoryBackend {
                     st.jobs
                         .get(id)
                         .or_else(|| tx_enqueued(&tx.ops, *id))
-                        .is_some_and(|job| json_contains(&job.args, args))
+                        .is_some_and(|job| matching.matches(job.group.as_deref(), &job.args))
                 })
                 .filter(|id| tx_job(&st, &tx.ops, *id).is_some_and(|job| !job.state.is_finished()))
                 .collect()
@@ -1126,12 +1129,12 @@ impl MemoryBackend {
         })
     }
 
-    fn live_jobs_sync(&self, args: &Value) -> Vec<JobInfo> {
+    fn live_jobs_sync(&self, matching: &JobMatch) -> Vec<JobInfo> {
         let st = self.state();
         st.live_jobs
             .iter()
             .filter_map(|id| st.jobs.get(id))
-            .filter(|job| json_contains(&job.args, args))
+            .filter(|job| matching.matches(job.group.as_deref(), &job.args))
             .map(JobRow::info)
             .collect()
     }
@@ -1249,10 +1252,10 @@ impl JobQueue for MemoryBackend {
     async fn cancel_matching(
         &self,
         tx: &mut MemoryTx,
-        args: &Value,
+        matching: &JobMatch,
         except: Option<JobId>,
     ) -> Result<u64, PortError> {
-        self.cancel_matching_sync(tx, args, except)
+        self.cancel_matching_sync(tx, matching, except)
     }
 
     async fn fetch(
@@ -1338,8 +1341,8 @@ impl JobQueue for MemoryBackend {
         Ok(self.state().jobs.get(&id).map(JobRow::info))
     }
 
-    async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError> {
-        Ok(self.live_jobs_sync(args))
+    async fn live_jobs(&self, matching: &JobMatch) -> Result<Vec<JobInfo>, PortError> {
+        Ok(self.live_jobs_sync(matching))
     }
 }
 

@@ -442,6 +442,10 @@ pub struct NewJob {
     pub scheduled_at: Option<DateTime<Utc>>,
     /// Uniqueness.
     pub unique: Option<UniqueJob>,
+    /// A caller-chosen key grouping related jobs (the runner uses the
+    /// workflow instance id), so that they can be found and cancelled
+    /// together through an index ([`JobMatch::group`]).
+    pub group: Option<String>,
 }
 
 impl NewJob {
@@ -457,7 +461,64 @@ impl NewJob {
             max_attempts: 20,
             scheduled_at: None,
             unique: None,
+            group: None,
         }
+    }
+
+    /// The same job in `group`.
+    #[must_use]
+    pub fn in_group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+}
+
+/// Which unfinished jobs [`JobQueue::cancel_matching`] and
+/// [`JobQueue::live_jobs`] apply to: every given condition must hold.
+///
+/// Matching by group is the fast path (database backends index the group
+/// key of waiting jobs); args containment alone is meant for rare,
+/// operator-driven use and may scan every unfinished job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobMatch {
+    /// In this group ([`NewJob::group`]).
+    pub group: Option<String>,
+    /// Args contain this JSON (containment: every key of an object is
+    /// present with a containing value; arrays contain the listed elements).
+    pub args: Option<Value>,
+}
+
+impl JobMatch {
+    /// Every unfinished job of `group`.
+    pub fn group(group: impl Into<String>) -> Self {
+        Self {
+            group: Some(group.into()),
+            args: None,
+        }
+    }
+
+    /// Every unfinished job whose args contain `args`.
+    pub fn args(args: Value) -> Self {
+        Self {
+            group: None,
+            args: Some(args),
+        }
+    }
+
+    /// Narrows the match to jobs whose args also contain `args`.
+    #[must_use]
+    pub fn with_args(mut self, args: Value) -> Self {
+        self.args = Some(args);
+        self
+    }
+
+    /// Whether a job with `group` and `args` matches.
+    pub fn matches(&self, group: Option<&str>, args: &Value) -> bool {
+        self.group.as_deref().is_none_or(|g| group == Some(g))
+            && self
+                .args
+                .as_ref()
+                .is_none_or(|a| memory::json_contains(args, a))
     }
 }
 
@@ -529,6 +590,8 @@ pub struct JobInfo {
     pub scheduled_at: DateTime<Utc>,
     /// Errors recorded.
     pub errors: Vec<AttemptRecord>,
+    /// Its group ([`NewJob::group`]).
+    pub group: Option<String>,
 }
 
 /// The job queue the runner drives.
@@ -546,12 +609,12 @@ pub trait JobQueue: UnitOfWork {
     /// Cancels one job unless finished. Returns whether it was cancelled.
     async fn cancel(&self, tx: &mut Self::Tx, id: JobId) -> Result<bool, PortError>;
 
-    /// Cancels every unfinished job whose args contain `args` (JSON
-    /// containment), except `except`. Returns how many.
+    /// Cancels every unfinished job that `matching` selects, except
+    /// `except`. Returns how many.
     async fn cancel_matching(
         &self,
         tx: &mut Self::Tx,
-        args: &Value,
+        matching: &JobMatch,
         except: Option<JobId>,
     ) -> Result<u64, PortError>;
 
@@ -604,8 +667,8 @@ pub trait JobQueue: UnitOfWork {
     /// A job's current state.
     async fn job(&self, id: JobId) -> Result<Option<JobInfo>, PortError>;
 
-    /// Unfinished jobs whose args contain `args`.
-    async fn live_jobs(&self, args: &Value) -> Result<Vec<JobInfo>, PortError>;
+    /// Unfinished jobs that `matching` selects, by id.
+    async fn live_jobs(&self, matching: &JobMatch) -> Result<Vec<JobInfo>, PortError>;
 }
 
 #[cfg(test)]

@@ -25,18 +25,20 @@ from target
 where j.id = target.id
 returning j.id, target.state";
 
-/// `$1` args (containment), `$2` except id (nullable), `$3` now. Waiting
-/// jobs through the args index, executing ones through the rescue index.
-pub(super) const CANCEL_MATCHING_ARGS: &str = r"with target as (
+/// `$1` group, `$2` args (containment, nullable), `$3` except id
+/// (nullable), `$4` now. Waiting jobs through the group index, executing
+/// ones through the rescue index (never more than the workers' slots).
+pub(super) const CANCEL_GROUP: &str = r"with target as (
     select id, state
     from {prefix}.hephaestus_jobs
-    where ((args @> $1::jsonb and state in ('available', 'scheduled', 'retryable'))
-           or (heartbeat_at is not null and state = 'executing' and args @> $1::jsonb))
-      and id is distinct from $2::bigint
+    where ((group_key = $1 and state in ('available', 'scheduled', 'retryable'))
+           or (heartbeat_at is not null and state = 'executing' and group_key = $1))
+      and ($2::jsonb is null or args @> $2::jsonb)
+      and id is distinct from $3::bigint
     for update
 )
 update {prefix}.hephaestus_jobs as j
-set state = 'cancelled', cancelled_at = $3, heartbeat_at = null
+set state = 'cancelled', cancelled_at = $4, heartbeat_at = null
 from target
 where j.id = target.id
 returning j.id, target.state";
@@ -58,18 +60,19 @@ returning j.id, target.state";
 /// Every unfinished job.
 const LIVE: &str = "state in ('available', 'scheduled', 'executing', 'retryable')";
 
-/// Every unfinished job whose args contain `$2`.
-const LIVE_WITH_ARGS: &str =
-    "((args @> $2::jsonb and state in ('available', 'scheduled', 'retryable'))
-           or (heartbeat_at is not null and state = 'executing' and args @> $2::jsonb))";
-
 /// `$1` channel, `$2` ids of cancelled executing jobs.
 pub(super) const NOTIFY_CANCELLED: &str =
     r"select count(pg_notify($1::text, 'c:' || id::text)) from unnest($2::bigint[]) as id";
 
 /// Which unfinished jobs to cancel: every given condition must hold.
+///
+/// A filter with a group is answered through the group index; without one
+/// it scans the unfinished jobs (fine for an operator's occasional cancel,
+/// not for a hot path).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CancelFilter {
+    /// In this group ([`NewJob::group`](hephaestus_engine_core::ports::NewJob::group)).
+    pub group: Option<String>,
     /// Args contain this JSON (containment, `@>`).
     pub args: Option<Value>,
     /// Meta contains this JSON.
@@ -83,6 +86,14 @@ pub struct CancelFilter {
 }
 
 impl CancelFilter {
+    /// The jobs of `group`.
+    pub fn group(group: impl Into<String>) -> Self {
+        Self {
+            group: Some(group.into()),
+            ..Self::default()
+        }
+    }
+
     /// Jobs whose args contain `args`.
     pub fn args(args: Value) -> Self {
         Self {
@@ -136,29 +147,32 @@ impl PgQueue {
         conn: &mut PgConnection,
         filter: &CancelFilter,
     ) -> Result<Vec<JobId>, Error> {
+        if filter.group.as_deref().is_some_and(|g| g.contains('\0')) {
+            return Err(Error::InvalidInput("U+0000 in a cancel filter".to_owned()));
+        }
         for json in [&filter.args, &filter.meta].into_iter().flatten() {
             if has_nul(json) {
                 return Err(Error::InvalidInput("U+0000 in a cancel filter".to_owned()));
             }
         }
-        let rows: Vec<(i64, String)> = if let (Some(args), None, None, None) =
-            (&filter.args, &filter.meta, &filter.queue, &filter.kind)
+        let rows: Vec<(i64, String)> = if let (Some(group), None, None, None) =
+            (&filter.group, &filter.meta, &filter.queue, &filter.kind)
         {
-            sqlx::query_as(&self.sql().cancel_matching_args)
-                .bind(args)
+            sqlx::query_as(&self.sql().cancel_group)
+                .bind(group)
+                .bind(&filter.args)
                 .bind(filter.except.map(|id| id.0))
                 .bind(self.now())
                 .fetch_all(&mut *conn)
                 .await?
         } else {
             let mut conditions = super::Conditions::new(2);
-            let live = if filter.args.is_some() {
-                // `$2`: the args, through the indexes (see CANCEL_MATCHING_ARGS).
-                conditions.next += 1;
-                LIVE_WITH_ARGS
-            } else {
-                LIVE
-            };
+            if filter.group.is_some() {
+                conditions.add("group_key = ", "");
+            }
+            if filter.args.is_some() {
+                conditions.add("args @> ", "");
+            }
             if filter.meta.is_some() {
                 conditions.add("meta @> ", "");
             }
@@ -174,9 +188,12 @@ impl PgQueue {
             let sql = self
                 .sql()
                 .cancel_where_base
-                .replace("{live}", live)
+                .replace("{live}", LIVE)
                 .replace("{conditions}", &conditions.sql);
             let mut query = sqlx::query_as(&sql).bind(self.now());
+            if let Some(group) = &filter.group {
+                query = query.bind(group);
+            }
             if let Some(args) = &filter.args {
                 query = query.bind(args);
             }

@@ -20,19 +20,19 @@ use crate::job::{check_new_job, states_mask, tags_literal};
 pub(super) const INSERT: &str = r"with input as materialized (
     select nextval('{prefix}.hephaestus_jobs_id_seq') as id, t.*
     from unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::smallint[],
-                $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[])
+                $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[], $13::text[])
         with ordinality as t(kind, queue, args, meta, tags, priority, max_attempts, scheduled_at,
-                             unique_key, unique_states, ord)
+                             unique_key, unique_states, group_key, ord)
 ),
 inserted as (
     insert into {prefix}.hephaestus_jobs
         (id, state, queue, kind, args, meta, tags, priority, max_attempts, inserted_at,
-         scheduled_at, unique_key, unique_states)
+         scheduled_at, unique_key, unique_states, group_key)
     select id,
            case when coalesce(scheduled_at, $11::timestamptz) > $11::timestamptz
                 then 'scheduled' else 'available' end,
            queue, kind, args, meta, tags::text[], priority, max_attempts, $11::timestamptz,
-           coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states
+           coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states, group_key
     from input
     order by ord
     on conflict (unique_key)
@@ -52,19 +52,19 @@ order by input.ord";
 pub(super) const INSERT_PLAIN: &str = r"with input as materialized (
     select nextval('{prefix}.hephaestus_jobs_id_seq') as id, t.*
     from unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::smallint[],
-                $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[])
+                $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[], $13::text[])
         with ordinality as t(kind, queue, args, meta, tags, priority, max_attempts, scheduled_at,
-                             unique_key, unique_states, ord)
+                             unique_key, unique_states, group_key, ord)
 ),
 inserted as (
     insert into {prefix}.hephaestus_jobs
         (id, state, queue, kind, args, meta, tags, priority, max_attempts, inserted_at,
-         scheduled_at, unique_key, unique_states)
+         scheduled_at, unique_key, unique_states, group_key)
     select id,
            case when coalesce(scheduled_at, $11::timestamptz) > $11::timestamptz
                 then 'scheduled' else 'available' end,
            queue, kind, args, meta, tags::text[], priority, max_attempts, $11::timestamptz,
-           coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states
+           coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states, group_key
     from input
     order by ord
     returning queue, state
@@ -210,6 +210,7 @@ impl PgQueue {
         let mut scheduled: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
         let mut unique_keys: Vec<Option<&str>> = Vec::with_capacity(n);
         let mut unique_states: Vec<i16> = Vec::with_capacity(n);
+        let mut groups: Vec<Option<&str>> = Vec::with_capacity(n);
         for job in jobs {
             kinds.push(&job.kind);
             queues.push(&job.queue);
@@ -222,6 +223,7 @@ impl PgQueue {
             scheduled.push(job.scheduled_at);
             unique_keys.push(job.unique.as_ref().map(|u| u.key.as_str()));
             unique_states.push(job.unique.as_ref().map_or(0, |u| states_mask(&u.states)));
+            groups.push(job.group.as_deref());
         }
         let sql = if unique_keys.iter().any(Option::is_some) {
             &self.sql().insert
@@ -241,6 +243,7 @@ impl PgQueue {
             .bind(&unique_states)
             .bind(now)
             .bind(self.channel())
+            .bind(&groups)
             .fetch_all(&mut *conn)
             .await?;
         if rows.len() != n {

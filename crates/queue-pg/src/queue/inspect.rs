@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use hephaestus_engine_core::ports::{JobId, JobState};
+use hephaestus_engine_core::ports::{JobId, JobMatch, JobState};
 use serde_json::Value;
 
 use super::PgQueue;
@@ -18,10 +18,19 @@ pub(super) const JOBS_BASE: &str =
 
 /// `$1` args (containment): waiting jobs through the args index, executing
 /// ones through the rescue index.
+/// `$1` group, `$2` args (nullable): through the group and rescue indexes.
+pub(super) const LIVE_BY_GROUP: &str = r"select {job_columns}
+from {prefix}.hephaestus_jobs
+where ((group_key = $1 and state in ('available', 'scheduled', 'retryable'))
+       or (heartbeat_at is not null and state = 'executing' and group_key = $1))
+  and ($2::jsonb is null or args @> $2::jsonb)
+order by id";
+
+/// `$1` args (nullable: every unfinished job): scans the unfinished jobs.
 pub(super) const LIVE_BY_ARGS: &str = r"select {job_columns}
 from {prefix}.hephaestus_jobs
-where (args @> $1::jsonb and state in ('available', 'scheduled', 'retryable'))
-   or (heartbeat_at is not null and state = 'executing' and args @> $1::jsonb)
+where state in ('available', 'scheduled', 'executing', 'retryable')
+  and ($1::jsonb is null or args @> $1::jsonb)
 order by id";
 
 pub(super) const DEPTH: &str = r"select queue, state, count(*)
@@ -38,6 +47,8 @@ pub struct JobFilter {
     pub queue: Option<String>,
     /// Of this kind.
     pub kind: Option<String>,
+    /// In this group.
+    pub group: Option<String>,
     /// Args contain this JSON.
     pub args: Option<Value>,
     /// Meta contains this JSON.
@@ -81,6 +92,9 @@ impl PgQueue {
         if filter.kind.is_some() {
             conditions.add("kind = ", "");
         }
+        if filter.group.is_some() {
+            conditions.add("group_key = ", "");
+        }
         if filter.args.is_some() {
             conditions.add("args @> ", "");
         }
@@ -108,6 +122,9 @@ impl PgQueue {
         if let Some(kind) = &filter.kind {
             query = query.bind(kind);
         }
+        if let Some(group) = &filter.group {
+            query = query.bind(group);
+        }
         if let Some(args) = &filter.args {
             query = query.bind(args);
         }
@@ -124,12 +141,24 @@ impl PgQueue {
         rows.iter().map(decode_job).collect()
     }
 
-    /// Unfinished jobs whose args contain `args`, by id.
-    pub async fn live_jobs(&self, args: &Value) -> Result<Vec<Job>, Error> {
-        let rows = sqlx::query(&self.sql().live_by_args)
-            .bind(args)
-            .fetch_all(self.pool())
-            .await?;
+    /// Unfinished jobs that `matching` selects, by id (through the group
+    /// index when it names a group).
+    pub async fn live_jobs(&self, matching: &JobMatch) -> Result<Vec<Job>, Error> {
+        let rows = match (&matching.group, &matching.args) {
+            (Some(group), args) => {
+                sqlx::query(&self.sql().live_by_group)
+                    .bind(group)
+                    .bind(args)
+                    .fetch_all(self.pool())
+                    .await?
+            }
+            (None, args) => {
+                sqlx::query(&self.sql().live_by_args)
+                    .bind(args)
+                    .fetch_all(self.pool())
+                    .await?
+            }
+        };
         rows.iter().map(decode_job).collect()
     }
 
