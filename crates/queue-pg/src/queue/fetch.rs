@@ -11,11 +11,19 @@ use crate::job::decode_lease;
 
 /// `$1` queue, `$2` now, `$3` limit, `$4` worker id.
 ///
-/// The claimed ids are handed to the update as an array (`id = any(array(
-/// select ...))`), which the planner always answers with a primary-key
-/// probe per id. Joined as a CTE instead, it estimates the join from table
-/// statistics and, with a thousand ids, picks a hash join over a sequential
-/// scan of the whole jobs table: four times slower on a 100,000-job backlog.
+/// The locked rows are handed to the update by their tuple address
+/// (`ctid = any(array(select ctid ... for update skip locked))`): a TID scan
+/// reads each row straight from its heap page, with no primary-key descent
+/// per job (about a tenth of the drain rate). This is safe because this
+/// statement holds the row lock on exactly those tuple versions until it
+/// commits, so none of them can be updated, moved or vacuumed meanwhile. A
+/// row that the lock step had to follow to a version newer than the
+/// statement's snapshot is simply not visible to the TID scan: it stays
+/// unclaimed, and the next fetch takes it.
+///
+/// Joined as a CTE instead, the planner estimated the join from the table's
+/// statistics and, with a thousand rows, hashed a sequential scan of the
+/// whole jobs table: four times slower on a 100,000-job backlog.
 pub(super) const FETCH: &str = r"with claimed as (
     update {prefix}.hephaestus_jobs as j
     set state = 'executing',
@@ -23,8 +31,8 @@ pub(super) const FETCH: &str = r"with claimed as (
         attempted_at = $2,
         heartbeat_at = $2,
         attempted_by = $4
-    where j.id = any(array(
-        select id
+    where j.ctid = any(array(
+        select ctid
         from {prefix}.hephaestus_jobs
         where queue = $1
           and state in ('available', 'scheduled', 'retryable')
@@ -48,8 +56,8 @@ pub(super) const FETCH_ANY_QUEUE: &str = r"with claimed as (
         attempted_at = $1,
         heartbeat_at = $1,
         attempted_by = $3
-    where j.id = any(array(
-        select id
+    where j.ctid = any(array(
+        select ctid
         from {prefix}.hephaestus_jobs
         where state in ('available', 'scheduled', 'retryable')
           and scheduled_at <= $1
