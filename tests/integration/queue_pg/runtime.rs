@@ -30,6 +30,10 @@ enum Mode {
     /// Waits for the gate on attempt 1, completes at once afterwards.
     GateFirstAttempt,
     Panic,
+    /// Fails attempt 1 with a retry 200 ms later, completes afterwards.
+    RetrySoonOnce,
+    /// Snoozes attempt 1 for 200 ms, completes afterwards.
+    SnoozeSoonOnce,
 }
 
 #[derive(Default)]
@@ -61,7 +65,16 @@ impl Worker for Probe {
     async fn perform(&self, job: &JobContext, mode: Mode) -> Result<(), JobError> {
         *self.0.runs.lock().unwrap().entry(job.id()).or_default() += 1;
         match mode {
-            Mode::Ok => {}
+            Mode::RetrySoonOnce if job.attempt() == 1 => {
+                return Err(JobError::retry_after(
+                    "first attempt fails",
+                    Duration::from_millis(200),
+                ));
+            }
+            Mode::SnoozeSoonOnce if job.attempt() == 1 => {
+                return Err(JobError::snooze(Duration::from_millis(200)));
+            }
+            Mode::Ok | Mode::RetrySoonOnce | Mode::SnoozeSoonOnce => {}
             Mode::WaitForCancel => {
                 job.cancelled().await;
                 self.0.saw_cancel.lock().unwrap().push(job.id());
@@ -126,6 +139,55 @@ async fn listen_notify_delivers_without_polling() {
     assert_eq!(probe.runs(id), 1);
     let report = rt.shutdown(Duration::from_secs(5)).await;
     assert!(report.finished_in_grace);
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn scheduled_retried_and_snoozed_jobs_wake_their_producer_when_due() {
+    let db = QueueDb::new().await;
+    let probe = Probe::default();
+    // Polling once an hour: only the announced due times can deliver these.
+    let rt = runtime(&db, &probe)
+        .poll_interval(Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    let mut events = rt.subscribe();
+    let mut later = probe_job(Mode::Ok);
+    later.scheduled_at = Some(chrono::Utc::now() + chrono::TimeDelta::milliseconds(300));
+    let scheduled = db.queue.insert(&later).await.unwrap().id();
+    assert_eq!(
+        db.queue.job(scheduled).await.unwrap().unwrap().state,
+        JobState::Scheduled
+    );
+    let retried = db
+        .queue
+        .insert(&probe_job(Mode::RetrySoonOnce))
+        .await
+        .unwrap()
+        .id();
+    let snoozed = db
+        .queue
+        .insert(&probe_job(Mode::SnoozeSoonOnce))
+        .await
+        .unwrap()
+        .id();
+    let mut waiting = std::collections::HashSet::from([scheduled, retried, snoozed]);
+    while !waiting.is_empty() {
+        let done = wait_for_event(&mut events, "the three jobs completing", |e| {
+            e.kind == JobEventKind::Completed && waiting.contains(&e.job)
+        })
+        .await;
+        waiting.remove(&done.job);
+    }
+    let job = db.queue.job(scheduled).await.unwrap().unwrap();
+    assert!(
+        job.attempted_at.unwrap() >= job.scheduled_at,
+        "not before due"
+    );
+    assert_eq!(probe.runs(retried), 2);
+    assert_eq!(probe.runs(snoozed), 2);
+    rt.shutdown(Duration::from_secs(5)).await;
     db.teardown().await;
 }
 

@@ -1,6 +1,8 @@
 //! Insert: one statement for a whole batch (UNNEST arrays), unique jobs
-//! through the partial unique index, and a transactional NOTIFY per queue
-//! with due jobs.
+//! through the partial unique index, and transactional NOTIFYs: `i:<queue>`
+//! per queue with jobs due now, `s:<queue>:<unix ms>` with the earliest due
+//! time per queue with scheduled jobs (so producers wake when it arrives
+//! instead of at their next poll).
 
 use std::collections::HashMap;
 
@@ -38,11 +40,17 @@ inserted as (
     on conflict (unique_key)
         where unique_key is not null and {prefix}.hephaestus_jobs_unique_held(unique_states, state)
         do nothing
-    returning id, queue, state
+    returning id, queue, state, scheduled_at
 ),
 notified as (
-    select count(pg_notify($12::text, 'i:' || queue)) as n
-    from (select distinct queue from inserted where state = 'available') as due
+    select count(pg_notify($12::text, wake)) as n
+    from (
+        select distinct 'i:' || queue as wake from inserted where state = 'available'
+        union all
+        select 's:' || queue || ':' || (extract(epoch from min(scheduled_at)) * 1000)::bigint as wake
+        from inserted where state = 'scheduled'
+        group by queue
+    ) as wakes
 )
 select input.id, inserted.id is not null as inserted, (select n from notified) as notified
 from input left join inserted on inserted.id = input.id
@@ -67,11 +75,17 @@ inserted as (
            coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states, group_key
     from input
     order by ord
-    returning queue, state
+    returning queue, state, scheduled_at
 ),
 notified as (
-    select count(pg_notify($12::text, 'i:' || queue)) as n
-    from (select distinct queue from inserted where state = 'available') as due
+    select count(pg_notify($12::text, wake)) as n
+    from (
+        select distinct 'i:' || queue as wake from inserted where state = 'available'
+        union all
+        select 's:' || queue || ':' || (extract(epoch from min(scheduled_at)) * 1000)::bigint as wake
+        from inserted where state = 'scheduled'
+        group by queue
+    ) as wakes
 )
 select input.id, true as inserted, (select n from notified) as notified
 from input

@@ -55,22 +55,35 @@ select id from deleted
 union all
 select id from kept";
 
-/// `$1` id, `$2` attempt, `$3` errors to append (a JSON array), `$4` retry at.
-pub(super) const RETRY: &str = r"update {prefix}.hephaestus_jobs
-set state = 'retryable', scheduled_at = $4, errors = errors || $3::jsonb, heartbeat_at = null
-where id = $1 and attempt = $2 and state = 'executing'";
+/// `$1` id, `$2` attempt, `$3` errors to append (a JSON array), `$4` retry
+/// at, `$5` channel. Returns how many jobs it settled (0 or 1), and tells
+/// the producers of the job's queue when it is due again (at commit).
+pub(super) const RETRY: &str = r"with settled as (
+    update {prefix}.hephaestus_jobs
+    set state = 'retryable', scheduled_at = $4, errors = errors || $3::jsonb, heartbeat_at = null
+    where id = $1 and attempt = $2 and state = 'executing'
+    returning queue, scheduled_at
+)
+select count(pg_notify($5::text, 's:' || queue || ':' || (extract(epoch from scheduled_at) * 1000)::bigint))
+from settled";
 
 /// `$1` id, `$2` attempt, `$3` errors to append, `$4` now.
 pub(super) const DISCARD: &str = r"update {prefix}.hephaestus_jobs
 set state = 'discarded', discarded_at = $4, errors = errors || $3::jsonb, heartbeat_at = null
 where id = $1 and attempt = $2 and state = 'executing'";
 
-/// `$1` id, `$2` attempt, `$3` due again at. A snooze does not use up an
-/// attempt: the attempt number stays monotonic (it is the fence), so the
-/// job gets one more attempt instead.
-pub(super) const SNOOZE: &str = r"update {prefix}.hephaestus_jobs
-set state = 'scheduled', scheduled_at = $3, max_attempts = max_attempts + 1, heartbeat_at = null
-where id = $1 and attempt = $2 and state = 'executing'";
+/// `$1` id, `$2` attempt, `$3` due again at, `$4` channel. A snooze does
+/// not use up an attempt: the attempt number stays monotonic (it is the
+/// fence), so the job gets one more attempt instead. Notifies like
+/// [`RETRY`].
+pub(super) const SNOOZE: &str = r"with settled as (
+    update {prefix}.hephaestus_jobs
+    set state = 'scheduled', scheduled_at = $3, max_attempts = max_attempts + 1, heartbeat_at = null
+    where id = $1 and attempt = $2 and state = 'executing'
+    returning queue, scheduled_at
+)
+select count(pg_notify($4::text, 's:' || queue || ':' || (extract(epoch from scheduled_at) * 1000)::bigint))
+from settled";
 
 /// `$1` id, `$2` attempt, `$3` errors to append, `$4` now.
 pub(super) const CANCEL_OWN: &str = r"update {prefix}.hephaestus_jobs
@@ -195,14 +208,15 @@ impl PgQueue {
         retry_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        let done = sqlx::query(&self.sql().retry)
+        let settled: i64 = sqlx::query_scalar(&self.sql().retry)
             .bind(lease.id.0)
             .bind(attempt_i32(lease)?)
             .bind(record_json(lease, error, now)?)
             .bind(retry_at)
-            .execute(&mut *conn)
+            .bind(self.channel())
+            .fetch_one(&mut *conn)
             .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(settled == 1)
     }
 
     /// Records the final error and discards the job; fenced. (The runtime
@@ -233,13 +247,14 @@ impl PgQueue {
         lease: &JobLease,
         until: DateTime<Utc>,
     ) -> Result<bool, Error> {
-        let done = sqlx::query(&self.sql().snooze)
+        let settled: i64 = sqlx::query_scalar(&self.sql().snooze)
             .bind(lease.id.0)
             .bind(attempt_i32(lease)?)
             .bind(until)
-            .execute(&mut *conn)
+            .bind(self.channel())
+            .fetch_one(&mut *conn)
             .await?;
-        Ok(done.rows_affected() == 1)
+        Ok(settled == 1)
     }
 
     /// The worker cancels its own job, recording why; fenced.

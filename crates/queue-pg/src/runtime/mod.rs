@@ -291,7 +291,7 @@ impl RuntimeBuilder {
             let wakers: HashMap<String, _> = services
                 .producers
                 .iter()
-                .map(|p| (p.queue().to_owned(), p.jobs_available()))
+                .map(|p| (p.queue().to_owned(), p.wakes()))
                 .collect();
             match Notifier::start(Arc::clone(&shared), wakers).await {
                 Ok(notifier) => services.notifier = Some(notifier),

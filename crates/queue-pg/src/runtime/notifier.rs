@@ -1,6 +1,7 @@
 //! The notifier: one LISTEN connection per runtime. `i:<queue>` wakes that
-//! queue's producer; `c:<job id>` tells a running job of this process to
-//! stop. After a lost connection (sqlx reconnects by itself) every producer
+//! queue's producer; `s:<queue>:<unix ms>` tells it when a scheduled or
+//! retried job becomes due; `c:<job id>` tells a running job of this process
+//! to stop. After a lost connection (sqlx reconnects by itself) every producer
 //! is woken, since notifications may have been missed; the producers' poll
 //! interval covers the rest.
 
@@ -10,9 +11,9 @@ use std::time::Duration;
 
 use hephaestus_engine_core::ports::JobId;
 use sqlx::postgres::PgListener;
-use tokio::sync::Notify;
 
 use super::Shared;
+use super::producer::Wakes;
 use super::service::{Service, sleep_or_stop};
 use crate::error::Error;
 use crate::events::JobEventKind;
@@ -27,7 +28,7 @@ impl Notifier {
     /// Listens on the queue's channel; returns once LISTEN is in effect.
     pub(crate) async fn start(
         shared: Arc<Shared>,
-        producers: HashMap<String, Arc<Notify>>,
+        producers: HashMap<String, Arc<Wakes>>,
     ) -> Result<Self, Error> {
         let mut listener = PgListener::connect_with(shared.queue.pool()).await?;
         listener.listen(shared.queue.channel()).await?;
@@ -41,8 +42,8 @@ impl Notifier {
                     Ok(notification) => dispatch(&shared, &producers, notification.payload()),
                     Err(error) => {
                         tracing::warn!(target: "hephaestus_queue", %error, "LISTEN connection failed; reconnecting");
-                        for wake in producers.values() {
-                            wake.notify_one();
+                        for wakes in producers.values() {
+                            wakes.jobs_available();
                         }
                         if sleep_or_stop(&stop, Duration::from_millis(500)).await {
                             break;
@@ -67,10 +68,19 @@ impl Notifier {
     }
 }
 
-fn dispatch(shared: &Shared, producers: &HashMap<String, Arc<Notify>>, payload: &str) {
+fn dispatch(shared: &Shared, producers: &HashMap<String, Arc<Wakes>>, payload: &str) {
     if let Some(queue) = payload.strip_prefix("i:") {
-        if let Some(wake) = producers.get(queue) {
-            wake.notify_one();
+        if let Some(wakes) = producers.get(queue) {
+            wakes.jobs_available();
+        }
+    } else if let Some(scheduled) = payload.strip_prefix("s:") {
+        // The queue name may itself hold ':'; the time is after the last one.
+        if let Some((queue, millis)) = scheduled.rsplit_once(':')
+            && let Some(wakes) = producers.get(queue)
+            && let Ok(millis) = millis.parse::<i64>()
+            && let Some(at) = chrono::DateTime::from_timestamp_millis(millis)
+        {
+            wakes.due_at(at);
         }
     } else if let Some(id) = payload.strip_prefix("c:")
         && let Ok(id) = id.parse::<i64>()

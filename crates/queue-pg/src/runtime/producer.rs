@@ -2,12 +2,17 @@
 //! slots of the queue's concurrency limit and spawns a task per job.
 //!
 //! It fetches when woken (a NOTIFY for its queue, or a slot freed while a
-//! backlog remains) or when the poll interval passes. While the last fetch
+//! backlog remains), when the earliest announced due time of a scheduled or
+//! retried job arrives (see [`Wakes::due_at`]), or when the poll interval
+//! passes. While the last fetch
 //! came back full (a backlog), it keeps fetching as slots free up, waiting
 //! for at least an eighth of the slots so that fetches stay batched.
 
-use std::sync::Arc;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ports::JobLease;
 use hephaestus_engine_core::step::CancellationSignal;
 use tokio::sync::{Notify, Semaphore};
@@ -17,12 +22,66 @@ use super::executor::run_job;
 use super::service::{Service, sleep_or_stop};
 use crate::worker::JobContext;
 
+/// How a producer is woken from outside.
+#[derive(Debug, Default)]
+pub(crate) struct Wakes {
+    /// Jobs are due now.
+    jobs_available: Notify,
+    /// The earliest announced due time changed.
+    due_changed: Notify,
+    /// The announced due times not reached yet (at most [`MAX_DUE_TIMES`];
+    /// past that the latest are forgotten, and the poll finds their jobs).
+    due: Mutex<BTreeSet<DateTime<Utc>>>,
+}
+
+/// How many future due times a producer remembers.
+const MAX_DUE_TIMES: usize = 4096;
+
+impl Wakes {
+    /// Jobs are due now: fetch.
+    pub(crate) fn jobs_available(&self) {
+        self.jobs_available.notify_one();
+    }
+
+    /// A job becomes due at `at`: fetch then (the producer's own poll still
+    /// runs if that is sooner).
+    pub(crate) fn due_at(&self, at: DateTime<Utc>) {
+        let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
+        let earliest = due.first().is_none_or(|first| at < *first);
+        due.insert(at);
+        if due.len() > MAX_DUE_TIMES {
+            due.pop_last();
+        }
+        drop(due);
+        if earliest {
+            self.due_changed.notify_one();
+        }
+    }
+
+    /// How long to sleep before the earliest announced due time (`None`
+    /// when none is announced); forgets the due times that have arrived
+    /// (zero when any had).
+    fn until_due(&self, now: DateTime<Utc>) -> Option<Duration> {
+        let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut arrived = false;
+        while due.first().is_some_and(|first| *first <= now) {
+            due.pop_first();
+            arrived = true;
+        }
+        if arrived {
+            return Some(Duration::ZERO);
+        }
+        let next = *due.first()?;
+        Some((next - now).to_std().unwrap_or(Duration::ZERO))
+    }
+}
+
 /// The producer service of one queue.
 #[derive(Debug)]
 pub(crate) struct Producer {
     service: Service,
     queue: String,
-    jobs_available: Arc<Notify>,
+    wakes: Arc<Wakes>,
 }
 
 struct ProducerLoop {
@@ -30,27 +89,27 @@ struct ProducerLoop {
     queue: String,
     concurrency: usize,
     slots: Arc<Semaphore>,
-    jobs_available: Arc<Notify>,
+    wakes: Arc<Wakes>,
     slot_freed: Arc<Notify>,
 }
 
 impl Producer {
     /// Starts fetching for `queue` with at most `concurrency` jobs running.
     pub(crate) fn start(shared: Arc<Shared>, queue: String, concurrency: usize) -> Self {
-        let jobs_available = Arc::new(Notify::new());
+        let wakes = Arc::new(Wakes::default());
         let state = ProducerLoop {
             shared,
             queue: queue.clone(),
             concurrency,
             slots: Arc::new(Semaphore::new(concurrency)),
-            jobs_available: Arc::clone(&jobs_available),
+            wakes: Arc::clone(&wakes),
             slot_freed: Arc::new(Notify::new()),
         };
         let service = Service::spawn("producer", move |stop| state.run(stop));
         Self {
             service,
             queue,
-            jobs_available,
+            wakes,
         }
     }
 
@@ -59,14 +118,14 @@ impl Producer {
         &self.queue
     }
 
-    /// The wake-up the notifier raises for this queue.
-    pub(crate) fn jobs_available(&self) -> Arc<Notify> {
-        Arc::clone(&self.jobs_available)
+    /// The wake-ups the notifier raises for this queue.
+    pub(crate) fn wakes(&self) -> Arc<Wakes> {
+        Arc::clone(&self.wakes)
     }
 
     /// Wakes the producer: jobs may be due.
     pub(crate) fn wake(&self) {
-        self.jobs_available.notify_one();
+        self.wakes.jobs_available();
     }
 
     /// Stops fetching (jobs already fetched keep running). Idempotent.
@@ -87,10 +146,16 @@ impl ProducerLoop {
         let mut backlog = true;
         while !stop.is_cancelled() {
             if !backlog {
+                let wait = self
+                    .wakes
+                    .until_due(self.shared.queue.now())
+                    .map_or(poll, |due| due.min(poll));
                 tokio::select! {
                     () = stop.cancelled() => return,
-                    () = self.jobs_available.notified() => {}
-                    () = tokio::time::sleep(poll) => {}
+                    () = self.wakes.jobs_available.notified() => {}
+                    () = tokio::time::sleep(wait) => {}
+                    // Recompute the sleep without fetching.
+                    () = self.wakes.due_changed.notified() => continue,
                 }
                 backlog = true;
                 continue;
