@@ -5,7 +5,14 @@
 //! - Step failures: the runner fails an instance in the same commit that
 //!   discards the step's last attempt (fixing the original's G4, where the
 //!   telemetry-based handler never fired). See `hephaestus-runner`.
-//! - [`Reconciler`]: a periodic safety net (run it on one leader) that finds
+//! - [`FailureHook`] (feature `postgres`): queue-pg's discard hook. When the
+//!   queue itself discards a runner job — its worker kept dying until the
+//!   attempts ran out, so the rescuer gave up — the hook records the step's
+//!   failure (or fails the instance, for advance, timer and resume jobs) in
+//!   the discarding transaction. [`workers`] gives a worker process the
+//!   runner's jobs with the hook attached.
+//! - [`Reconciler`]: a periodic safety net (leader-only with
+//!   [`Reconciler::leader_only`]) that finds
 //!   active instances with no live job — pending or running instances whose
 //!   advance was lost, waiting instances with unprocessed results, waiting
 //!   steps whose timer job is gone — and re-enqueues the advance or the timer.
@@ -24,6 +31,10 @@
 //! assert!(report.repaired.is_empty());
 //! ```
 
+#[cfg(feature = "postgres")]
+mod hook;
 mod reconciler;
 
-pub use reconciler::{Reconciler, Repair, RepairReport};
+#[cfg(feature = "postgres")]
+pub use hook::{FailureHook, workers};
+pub use reconciler::{LeaderCheck, Reconciler, Repair, RepairReport};

@@ -1,6 +1,7 @@
 //! The reconciler: repairs active instances that have no work scheduled.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hephaestus_engine_core::instance::{Instance, InstanceStatus, StepStatus};
@@ -42,17 +43,50 @@ pub struct RepairReport {
     pub unregistered: Vec<Uuid>,
 }
 
-/// Finds and repairs stuck instances. Run one per deployment (leader only).
-#[derive(Debug, Clone)]
+/// Whether this process leads the deployment's maintenance.
+pub type LeaderCheck = Arc<dyn Fn() -> bool + Send + Sync>;
+
+/// Finds and repairs stuck instances. Every worker process may run one:
+/// with [`Reconciler::leader_only`], only the elected leader's passes run.
+#[derive(Clone)]
 pub struct Reconciler<B> {
     runtime: Runtime<B>,
     page: u32,
+    leader: Option<LeaderCheck>,
+}
+
+impl<B> std::fmt::Debug for Reconciler<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reconciler")
+            .field("page", &self.page)
+            .field("leader_only", &self.leader.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<B: Backend> Reconciler<B> {
     /// A reconciler over `runtime`'s backend and workflows.
     pub fn new(runtime: Runtime<B>) -> Self {
-        Self { runtime, page: 500 }
+        Self {
+            runtime,
+            page: 500,
+            leader: None,
+        }
+    }
+
+    /// Runs the periodic passes of [`Reconciler::run_every`] only while
+    /// `is_leader` says this process leads (on PostgreSQL, pass queue-pg's
+    /// election: `move || queue_runtime.is_leader()`). One pass at a time
+    /// per deployment, and another process takes over when the leader dies.
+    #[must_use]
+    pub fn leader_only(mut self, is_leader: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        self.leader = Some(Arc::new(is_leader));
+        self
+    }
+
+    /// Whether a periodic pass runs here now.
+    pub fn leads(&self) -> bool {
+        self.leader.as_ref().is_none_or(|is_leader| is_leader())
     }
 
     /// One pass over every active instance.
@@ -90,11 +124,14 @@ impl<B: Backend> Reconciler<B> {
         Ok(report)
     }
 
-    /// Runs a pass every `interval` until `shutdown` resolves.
+    /// Runs a pass every `interval` until `shutdown` resolves (skipping
+    /// passes while another process leads, see [`Reconciler::leader_only`]).
     pub async fn run_every(&self, interval: Duration, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            if let Err(e) = self.run_once().await {
+            if self.leads()
+                && let Err(e) = self.run_once().await
+            {
                 tracing::error!(error = %e, "reconciler pass failed");
             }
             tokio::select! {

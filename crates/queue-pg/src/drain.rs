@@ -114,7 +114,7 @@ pub async fn drain_with_events(
             settler.settle_failure(job.lease(), &ran).await?
         };
         match settlement {
-            Settlement::Completed => report.succeeded += 1,
+            Settlement::Completed | Settlement::SettledByWorker => report.succeeded += 1,
             Settlement::Retried | Settlement::HookFailed => report.failed += 1,
             Settlement::Discarded => report.discarded += 1,
             Settlement::Cancelled => report.cancelled += 1,

@@ -60,6 +60,9 @@ pub enum JobEventKind {
     /// An acknowledgement did not hold: the job was no longer executing at
     /// this attempt (rescued, cancelled), so nothing changed.
     Fenced,
+    /// The worker settled the attempt itself, in its own transaction
+    /// ([`crate::JobContext::mark_settled`]).
+    SettledByWorker,
 }
 
 impl JobEventKind {
@@ -77,6 +80,7 @@ impl JobEventKind {
             Self::StopRequested => "stop_requested",
             Self::Rescued => "rescued",
             Self::Fenced => "fenced",
+            Self::SettledByWorker => "settled_by_worker",
         }
     }
 }
@@ -121,10 +125,12 @@ pub struct EventCounts {
     pub rescued: u64,
     /// Acknowledgements fenced off.
     pub fenced: u64,
+    /// Attempts their worker settled itself.
+    pub settled_by_worker: u64,
 }
 
 #[derive(Debug, Default)]
-struct Counters([AtomicU64; 9]);
+struct Counters([AtomicU64; 10]);
 
 impl Counters {
     fn slot(kind: &JobEventKind) -> usize {
@@ -138,6 +144,7 @@ impl Counters {
             JobEventKind::StopRequested => 6,
             JobEventKind::Rescued => 7,
             JobEventKind::Fenced => 8,
+            JobEventKind::SettledByWorker => 9,
         }
     }
 }
@@ -172,6 +179,7 @@ impl Events {
             stop_requested: c(6),
             rescued: c(7),
             fenced: c(8),
+            settled_by_worker: c(9),
         }
     }
 

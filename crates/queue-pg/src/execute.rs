@@ -26,6 +26,8 @@ use crate::worker::{JobContext, JobError, Workers};
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Attempt {
     Completed,
+    /// The worker settled the attempt itself ([`JobContext::mark_settled`]).
+    SettledByWorker,
     Failed(StepError),
     Snoozed(Duration),
     Cancelled(String),
@@ -47,6 +49,8 @@ pub(crate) enum Settlement {
     Discarded,
     HookFailed,
     Snoozed,
+    /// The worker settled the attempt itself.
+    SettledByWorker,
     Cancelled,
     /// The lease no longer held: nothing changed.
     Fenced,
@@ -71,6 +75,7 @@ pub(crate) async fn run(workers: &Workers, job: &JobContext) -> Ran {
     let result = CatchUnwind(Box::pin(worker.perform(job))).await;
     let run_time = started.elapsed();
     let outcome = match result {
+        Ok(_) if job.is_settled() => Attempt::SettledByWorker,
         Ok(Ok(())) => Attempt::Completed,
         Ok(Err(JobError::Failed(error))) => Attempt::Failed(error),
         Ok(Err(JobError::Snooze(delay))) => Attempt::Snoozed(delay),
@@ -114,6 +119,16 @@ impl Settler<'_> {
         let outcome_name;
         let settlement = match &ran.outcome {
             Attempt::Completed => return self.complete_now(lease, ran).await,
+            Attempt::SettledByWorker => {
+                events.emit(
+                    lease,
+                    JobEventKind::SettledByWorker,
+                    None,
+                    Some(ran.run_time),
+                );
+                record_attempt(lease, "settled_by_worker", ran.run_time);
+                return Ok(Settlement::SettledByWorker);
+            }
             Attempt::Failed(error)
                 if error.is_retryable() && lease.attempt < lease.max_attempts =>
             {

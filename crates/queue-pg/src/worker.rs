@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -168,6 +169,7 @@ pub struct JobContext {
     lease: JobLease,
     cancel: CancellationSignal,
     queue: PgQueue,
+    settled: AtomicBool,
 }
 
 impl JobContext {
@@ -176,7 +178,28 @@ impl JobContext {
             lease,
             cancel,
             queue,
+            settled: AtomicBool::new(false),
         }
+    }
+
+    /// Tells the runtime that the worker settled this attempt itself —
+    /// completed, retried or discarded it with the queue's fenced
+    /// `*_using` forms ([`PgQueue::complete_using`] and friends) inside its
+    /// own transaction, together with its own writes — so the runtime must
+    /// not settle it again. Transactional completion: the job's outcome and
+    /// the work it did commit together or not at all.
+    ///
+    /// Whatever `perform` then returns, the runtime only reports the attempt
+    /// (event `settled_by_worker`). If the worker's transaction did not
+    /// commit, the job stays executing and comes back through the rescuer
+    /// once its heartbeats stop.
+    pub fn mark_settled(&self) {
+        self.settled.store(true, Ordering::Release);
+    }
+
+    /// Whether [`JobContext::mark_settled`] was called.
+    pub fn is_settled(&self) -> bool {
+        self.settled.load(Ordering::Acquire)
     }
 
     /// The job id.

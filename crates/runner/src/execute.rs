@@ -39,6 +39,7 @@ impl<B: Backend> Runtime<B> {
         &self,
         lease: &JobLease,
         args: ExecuteArgs,
+        stop: Option<&CancellationSignal>,
     ) -> Result<JobOutcome, RunnerError> {
         let b = &self.inner.backend;
         let Some(instance) = self.get(args.instance_id).await? else {
@@ -85,6 +86,15 @@ impl<B: Backend> Runtime<B> {
         let step_started = std::time::Instant::now();
         let signal = CancellationSignal::new();
         self.register_running(args.instance_id, &signal);
+        // A stop request from the queue (another process cancelled the
+        // instance) reaches the step through its own signal.
+        let link = stop.cloned().map(|stop| {
+            let signal = signal.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                signal.cancel();
+            })
+        });
         let attempt = lease.attempt;
         let task_signal = signal.clone();
         let step_id = args.step.clone();
@@ -107,6 +117,9 @@ impl<B: Backend> Runtime<B> {
             step_impl.execute(input).await
         });
         let joined = handle.await;
+        if let Some(link) = link {
+            link.abort();
+        }
         self.unregister_running(args.instance_id, &signal);
         let outcome = match joined {
             Ok(outcome) => outcome,
@@ -307,9 +320,26 @@ impl<B: Backend> Runtime<B> {
         activation: u32,
         payload: ResultPayload,
     ) -> Result<(), RunnerError> {
+        self.record_and_enqueue_advance(&mut tx, wf, instance_id, step, activation, payload)
+            .await?;
+        self.inner.backend.commit(tx).await?;
+        self.inner.wake.notify_waiters();
+        Ok(())
+    }
+
+    /// [`Self::record_and_advance`] without the commit.
+    pub(crate) async fn record_and_enqueue_advance(
+        &self,
+        tx: &mut B::Tx,
+        wf: &Workflow,
+        instance_id: uuid::Uuid,
+        step: &hephaestus_engine_core::StepId,
+        activation: u32,
+        payload: ResultPayload,
+    ) -> Result<(), RunnerError> {
         let b = &self.inner.backend;
         b.record(
-            &mut tx,
+            tx,
             &NewStepResult {
                 instance_id,
                 step: Some(step.clone()),
@@ -319,7 +349,7 @@ impl<B: Backend> Runtime<B> {
         )
         .await?;
         b.enqueue(
-            &mut tx,
+            tx,
             &[jobs::advance(
                 &self.inner.config,
                 wf,
@@ -328,8 +358,6 @@ impl<B: Backend> Runtime<B> {
             )],
         )
         .await?;
-        b.commit(tx).await?;
-        self.inner.wake.notify_waiters();
         Ok(())
     }
 

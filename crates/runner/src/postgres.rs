@@ -10,10 +10,18 @@ use hephaestus_engine_core::ports::{
     NewStepResult, PortError, Recorded, StepResult, StepResultStore, UnitOfWork,
 };
 use hephaestus_engine_core::step::StepError;
-use hephaestus_queue_pg::PgQueue;
+use std::sync::Arc;
+
+use hephaestus_engine_core::retry::RetryPolicy;
+use hephaestus_queue_pg::{
+    DynWorker, JobContext, JobError, PgQueue, QueueRuntime, RuntimeBuilder, Workers,
+};
 use hephaestus_storage_pg::PgStore;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
+
+use crate::jobs;
+use crate::runtime::Runtime;
 
 /// Instances, step results and jobs in one PostgreSQL schema.
 #[derive(Debug, Clone)]
@@ -181,5 +189,69 @@ impl JobQueue for PgBackend {
 
     async fn live_jobs(&self, matching: &JobMatch) -> Result<Vec<JobInfo>, PortError> {
         <PgQueue as JobQueue>::live_jobs(&self.queue, matching).await
+    }
+}
+
+/// One runner job kind as a queue-pg worker.
+struct RunnerJob {
+    runtime: Runtime<PgBackend>,
+    kind: &'static str,
+}
+
+#[async_trait::async_trait]
+impl DynWorker for RunnerJob {
+    fn kind(&self) -> &str {
+        self.kind
+    }
+
+    fn retry_policy(&self) -> RetryPolicy {
+        crate::worker::job_retry_policy(None)
+    }
+
+    async fn perform(&self, job: &JobContext) -> Result<(), JobError> {
+        // The runtime settles every outcome itself, in the transaction that
+        // writes its consequences (a result, the next advance, a retry).
+        self.runtime
+            .perform_linked(job.lease().clone(), Some(job.cancellation()))
+            .await;
+        job.mark_settled();
+        Ok(())
+    }
+}
+
+impl Runtime<PgBackend> {
+    /// The runner's job kinds (advance, execute, timer, resume) as queue-pg
+    /// workers. Add the failure handler's discard hook
+    /// (`hephaestus-failure-handler`), then run them with
+    /// [`Runtime::queue_runtime`].
+    pub fn queue_workers(&self) -> Workers {
+        [jobs::ADVANCE, jobs::EXECUTE, jobs::TIMER, jobs::RESUME]
+            .into_iter()
+            .fold(Workers::new(), |workers, kind| {
+                workers.register_dyn(Arc::new(RunnerJob {
+                    runtime: self.clone(),
+                    kind,
+                }))
+            })
+            .fallback_retry_policy(crate::worker::job_retry_policy(None))
+    }
+
+    /// A queue-pg worker runtime for this runtime's jobs: every queue of
+    /// [`RunnerConfig::queues`](crate::RunnerConfig) with
+    /// [`RunnerConfig::concurrency`](crate::RunnerConfig) slots, the
+    /// configured poll interval, heartbeats and rescue. On PostgreSQL this
+    /// is how workers run in production: LISTEN/NOTIFY wake-ups across
+    /// processes, batched fetches, heartbeats, and leader-elected rescue and
+    /// pruning. Start it with `.start().await`; adjust it before that.
+    pub fn queue_runtime(&self, workers: Workers) -> RuntimeBuilder {
+        let config = &self.inner.config;
+        let mut builder = QueueRuntime::builder(self.inner.backend.queue().clone(), workers);
+        for queue in config.queues.distinct() {
+            builder = builder.queue(queue, config.concurrency.max(1));
+        }
+        builder
+            .poll_interval(config.poll_interval)
+            .heartbeat(config.heartbeat_interval, config.stale_after)
+            .rescue_interval(config.rescue_interval)
     }
 }

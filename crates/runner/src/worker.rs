@@ -5,7 +5,8 @@ use std::future::Future;
 
 use std::collections::HashMap;
 
-use hephaestus_engine_core::ports::{JobId, JobLease};
+use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::ports::{JobId, JobLease, ResultPayload};
 use hephaestus_engine_core::retry::{Backoff, RetryPolicy};
 use hephaestus_engine_core::step::StepError;
 use tokio::task::JoinSet;
@@ -70,9 +71,36 @@ fn decode<T: serde::de::DeserializeOwned>(lease: &JobLease) -> Result<T, RunnerE
     })
 }
 
+/// The retry policy of a runner job that failed outside user code (a
+/// backend error, bad args, a worker that died): exponential from 1 s to
+/// 60 s with 10% jitter, over `max_attempts` (default 20). queue-pg's
+/// rescuer applies it to rescued runner jobs too.
+pub(crate) fn job_retry_policy(max_attempts: Option<u32>) -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: max_attempts.unwrap_or(20).max(1),
+        backoff: Backoff::Exponential,
+        base_ms: 1_000,
+        max_backoff_ms: 60_000,
+        jitter_per_mille: 100,
+    }
+}
+
 impl<B: Backend> Runtime<B> {
     /// Runs one fetched job to its end (completed, retried or discarded).
     pub async fn perform(&self, lease: JobLease) -> JobOutcome {
+        self.perform_linked(lease, None).await
+    }
+
+    /// [`Runtime::perform`] for a job whose queue can ask it to stop (a
+    /// cancel from another process): when `stop` fires, a running step is
+    /// told to stop through its own cancellation signal. Every outcome is
+    /// settled by the runtime itself, in the transaction that writes its
+    /// consequences.
+    pub async fn perform_linked(
+        &self,
+        lease: JobLease,
+        stop: Option<&hephaestus_engine_core::step::CancellationSignal>,
+    ) -> JobOutcome {
         let result = match lease.kind.as_str() {
             jobs::ADVANCE => match decode::<AdvanceArgs>(&lease) {
                 Ok(args) => match self.advance_job(args.instance_id, &lease).await {
@@ -84,7 +112,7 @@ impl<B: Backend> Runtime<B> {
                 Err(e) => Err(e),
             },
             jobs::EXECUTE => match decode::<ExecuteArgs>(&lease) {
-                Ok(args) => self.perform_execute(&lease, args).await,
+                Ok(args) => self.perform_execute(&lease, args, stop).await,
                 Err(e) => Err(e),
             },
             jobs::TIMER => match decode::<TimerArgs>(&lease) {
@@ -109,13 +137,7 @@ impl<B: Backend> Runtime<B> {
     /// bad args): retry with backoff, discard when out of attempts.
     pub(crate) async fn job_error(&self, lease: &JobLease, error: &RunnerError) -> JobOutcome {
         tracing::warn!(job_id = %lease.id, kind = %lease.kind, attempt = lease.attempt, error = %error, "job failed");
-        let policy = RetryPolicy {
-            max_attempts: lease.max_attempts.max(1),
-            backoff: Backoff::Exponential,
-            base_ms: 1_000,
-            max_backoff_ms: 60_000,
-            jitter_per_mille: 100,
-        };
+        let policy = job_retry_policy(Some(lease.max_attempts));
         // Undecodable arguments never get better: fatal. Anything else —
         // including a corrupt instance, which fails the instance once its
         // advance is out of attempts — is retried.
@@ -176,17 +198,38 @@ impl<B: Backend> Runtime<B> {
         instance_id: uuid::Uuid,
         reason: &str,
     ) -> Result<(), RunnerError> {
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        let message = format!("the instance cannot be advanced: {reason}");
+        if self
+            .fail_instance_in(&mut tx, instance_id, &message)
+            .await?
+        {
+            b.commit(tx).await?;
+            self.signal_cancelled(instance_id);
+        }
+        Ok(())
+    }
+
+    /// In `tx`: marks an unfinished instance failed with `message` (no step
+    /// to blame), closes its open steps and cancels its jobs. Returns
+    /// whether it did (`false` for a missing or finished instance).
+    async fn fail_instance_in(
+        &self,
+        tx: &mut B::Tx,
+        instance_id: uuid::Uuid,
+        message: &str,
+    ) -> Result<bool, RunnerError> {
         use hephaestus_engine_core::instance::{
             FailureRecord, HistoryEntry, HistoryKind, InstanceStatus, StepStatus,
         };
         let b = &self.inner.backend;
         let now = self.now();
-        let mut tx = b.begin().await?;
-        let Some(mut instance) = b.lock(&mut tx, instance_id).await? else {
-            return Ok(());
+        let Some(mut instance) = b.lock(tx, instance_id).await? else {
+            return Ok(false);
         };
         if instance.status.is_terminal() {
-            return Ok(());
+            return Ok(false);
         }
         for state in instance.steps.values_mut() {
             if matches!(state.status, StepStatus::Active | StepStatus::Waiting) {
@@ -194,7 +237,7 @@ impl<B: Backend> Runtime<B> {
                 state.timer = None;
             }
         }
-        let error = StepError::fatal(format!("the instance cannot be advanced: {reason}"));
+        let error = StepError::fatal(message);
         instance.status = InstanceStatus::Failed;
         instance.history.push(HistoryEntry {
             at: now,
@@ -213,11 +256,72 @@ impl<B: Backend> Runtime<B> {
         });
         instance.revision += 1;
         instance.updated_at = now;
-        b.update(&mut tx, &instance).await?;
-        b.cancel_matching(&mut tx, &jobs::of_instance(instance_id), None)
+        b.update(tx, &instance).await?;
+        b.cancel_matching(tx, &jobs::of_instance(instance_id), None)
             .await?;
-        b.commit(tx).await?;
-        self.signal_cancelled(instance_id);
+        Ok(true)
+    }
+
+    /// The failure handler's work for a job the queue discarded on its own
+    /// (its attempts ran out while its worker kept dying, so the rescuer
+    /// discarded it), written in `tx`, the discarding transaction, so the
+    /// discard and its consequences commit together (G4, G5):
+    ///
+    /// - an execute job records the step's failure (the error and every
+    ///   attempt's error) and enqueues the instance's advance, which fails
+    ///   the instance, closes its steps and cancels its other jobs;
+    /// - an advance, timer or resume job fails its instance directly: the
+    ///   orchestration or the event it carried cannot be delivered, and an
+    ///   instance left waiting for it would be stuck for good.
+    ///
+    /// A job of a finished or missing instance needs nothing.
+    pub async fn handle_discarded(
+        &self,
+        tx: &mut B::Tx,
+        lease: &JobLease,
+        error: &StepError,
+    ) -> Result<(), RunnerError> {
+        let instance_id = match lease.kind.as_str() {
+            jobs::EXECUTE => {
+                let args: ExecuteArgs = decode(lease)?;
+                let Some(instance) = self.get(args.instance_id).await? else {
+                    return Ok(());
+                };
+                if instance.status.is_terminal() {
+                    return Ok(());
+                }
+                let wf = self.workflow_of(&instance)?.clone();
+                let mut attempts = lease.errors.clone();
+                attempts.push(AttemptRecord {
+                    attempt: lease.attempt,
+                    at: self.now(),
+                    error: error.clone(),
+                });
+                self.record_and_enqueue_advance(
+                    tx,
+                    &wf,
+                    args.instance_id,
+                    &args.step,
+                    args.activation,
+                    ResultPayload::Failed {
+                        error: error.clone(),
+                        attempts,
+                    },
+                )
+                .await?;
+                return Ok(());
+            }
+            jobs::ADVANCE => decode::<AdvanceArgs>(lease)?.instance_id,
+            jobs::TIMER => decode::<TimerArgs>(lease)?.instance_id,
+            jobs::RESUME => decode::<ResumeArgs>(lease)?.instance_id,
+            _ => return Ok(()),
+        };
+        let message = format!(
+            "{} job {} was discarded after {} attempts: {}",
+            lease.kind, lease.id, lease.attempt, error.message
+        );
+        tracing::error!(instance_id = %instance_id, job_id = %lease.id, kind = %lease.kind, error = %error.message, "failing the instance of a discarded job");
+        self.fail_instance_in(tx, instance_id, &message).await?;
         Ok(())
     }
 
