@@ -159,6 +159,15 @@ impl<B: Backend> Runtime<B> {
                 }
             } else if b.discard(&mut tx, lease, &step_error, now).await? {
                 tracing::error!(job_id = %lease.id, kind = %lease.kind, error = %error, "job discarded");
+                // The failure handler's consequences commit with the discard.
+                // A workflow missing from this process's registry is left
+                // alone: another deployment may still run it (the reconciler
+                // reports such instances).
+                if !matches!(error, RunnerError::Registry(_))
+                    && let Err(e) = self.handle_discarded(&mut tx, lease, &step_error).await
+                {
+                    tracing::error!(job_id = %lease.id, kind = %lease.kind, error = %e, "the failure handler could not act on a discarded job");
+                }
                 JobOutcome::Discarded
             } else {
                 JobOutcome::Fenced
@@ -167,20 +176,6 @@ impl<B: Backend> Runtime<B> {
             Ok::<_, hephaestus_engine_core::ports::PortError>(outcome)
         };
         match attempt.await {
-            Ok(JobOutcome::Discarded)
-                if lease.kind == jobs::ADVANCE && matches!(error, RunnerError::Corrupt(_)) =>
-            {
-                // An advance that cannot apply an instance's state will never
-                // succeed: fail the instance with the reason, as a last step.
-                if let Ok(args) = decode::<AdvanceArgs>(lease)
-                    && let Err(e) = self
-                        .fail_corrupt_instance(args.instance_id, &error.to_string())
-                        .await
-                {
-                    tracing::error!(instance_id = %args.instance_id, error = %e, "could not fail a corrupt instance");
-                }
-                JobOutcome::Discarded
-            }
             Ok(outcome) => outcome,
             Err(e) => {
                 // The backend itself is failing: the job stays executing and
@@ -189,26 +184,6 @@ impl<B: Backend> Runtime<B> {
                 JobOutcome::Fenced
             }
         }
-    }
-
-    /// Marks an instance failed without the engine (its state does not match
-    /// its definition), cancelling its jobs.
-    async fn fail_corrupt_instance(
-        &self,
-        instance_id: uuid::Uuid,
-        reason: &str,
-    ) -> Result<(), RunnerError> {
-        let b = &self.inner.backend;
-        let mut tx = b.begin().await?;
-        let message = format!("the instance cannot be advanced: {reason}");
-        if self
-            .fail_instance_in(&mut tx, instance_id, &message)
-            .await?
-        {
-            b.commit(tx).await?;
-            self.signal_cancelled(instance_id);
-        }
-        Ok(())
     }
 
     /// In `tx`: marks an unfinished instance failed with `message` (no step
@@ -281,7 +256,11 @@ impl<B: Backend> Runtime<B> {
         lease: &JobLease,
         error: &StepError,
     ) -> Result<(), RunnerError> {
-        let instance_id = match lease.kind.as_str() {
+        let discarded = format!(
+            "{} job {} was discarded after {} attempts: {}",
+            lease.kind, lease.id, lease.attempt, error.message
+        );
+        let (instance_id, message) = match lease.kind.as_str() {
             jobs::EXECUTE => {
                 let args: ExecuteArgs = decode(lease)?;
                 let Some(instance) = self.get(args.instance_id).await? else {
@@ -290,7 +269,12 @@ impl<B: Backend> Runtime<B> {
                 if instance.status.is_terminal() {
                     return Ok(());
                 }
-                let wf = self.workflow_of(&instance)?.clone();
+                let Ok(wf) = self.workflow_of(&instance).cloned() else {
+                    // No definition here to apply the failure with.
+                    let message = format!("step {} failed: {discarded}", args.step);
+                    self.fail_instance_in(tx, args.instance_id, &message).await?;
+                    return Ok(());
+                };
                 let mut attempts = lease.errors.clone();
                 attempts.push(AttemptRecord {
                     attempt: lease.attempt,
@@ -311,15 +295,29 @@ impl<B: Backend> Runtime<B> {
                 .await?;
                 return Ok(());
             }
-            jobs::ADVANCE => decode::<AdvanceArgs>(lease)?.instance_id,
-            jobs::TIMER => decode::<TimerArgs>(lease)?.instance_id,
-            jobs::RESUME => decode::<ResumeArgs>(lease)?.instance_id,
+            jobs::ADVANCE => (
+                decode::<AdvanceArgs>(lease)?.instance_id,
+                format!("the instance cannot be advanced: {discarded}"),
+            ),
+            jobs::TIMER => {
+                let args = decode::<TimerArgs>(lease)?;
+                (
+                    args.instance_id,
+                    format!("the timer of step {} could not fire: {discarded}", args.step),
+                )
+            }
+            jobs::RESUME => {
+                let args = decode::<ResumeArgs>(lease)?;
+                (
+                    args.instance_id,
+                    format!(
+                        "the scheduled resume of step {} could not be delivered: {discarded}",
+                        args.step
+                    ),
+                )
+            }
             _ => return Ok(()),
         };
-        let message = format!(
-            "{} job {} was discarded after {} attempts: {}",
-            lease.kind, lease.id, lease.attempt, error.message
-        );
         tracing::error!(instance_id = %instance_id, job_id = %lease.id, kind = %lease.kind, error = %error.message, "failing the instance of a discarded job");
         self.fail_instance_in(tx, instance_id, &message).await?;
         Ok(())

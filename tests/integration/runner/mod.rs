@@ -35,6 +35,7 @@ on_both_backends!(
     versioned_instances_keep_their_version,
     start_inside_a_callers_transaction,
     scheduled_resume_fires_or_is_cancelled,
+    an_undeliverable_scheduled_resume_fails_its_instance,
     wide_fan_out_with_a_slow_branch_runs_each_step_once,
 );
 
@@ -568,6 +569,49 @@ async fn scheduled_resume_fires_or_is_cancelled<B: Backend>(h: &Harness<B>) {
         inst.step("Hold").unwrap().event.as_ref().unwrap().as_str(),
         "rejected"
     );
+}
+
+/// The failure handler's work for a scheduled resume whose attempts ran
+/// out (its worker died each time, or the backend kept failing): the
+/// instance, which would otherwise wait for it forever, fails with the
+/// reason, in the transaction that discards the job.
+async fn an_undeliverable_scheduled_resume_fails_its_instance<B: Backend>(h: &Harness<B>) {
+    let (wf, _) = approval();
+    let rt = h.runtime(vec![wf]);
+    let s = rt.start("approval", "1", json!({}), opts()).await.unwrap();
+    rt.drain().await.unwrap();
+    rt.schedule_resume(s.id, "Hold", "approved", Duration::from_secs(30))
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(31));
+    let b = rt.backend();
+    let leases = b
+        .fetch(&rt.config().queues.timer, 10, h.clock.now())
+        .await
+        .unwrap();
+    let [lease] = leases.as_slice() else {
+        panic!("one due resume job: {leases:?}")
+    };
+    assert_eq!(lease.kind, jobs::RESUME);
+    let error = hephaestus_engine_core::step::StepError::retryable("the worker died again");
+    let mut tx = b.begin().await.unwrap();
+    assert!(b.discard(&mut tx, lease, &error, h.clock.now()).await.unwrap());
+    rt.handle_discarded(&mut tx, lease, &error).await.unwrap();
+    b.commit(tx).await.unwrap();
+    let inst = rt.get(s.id).await.unwrap().unwrap();
+    assert_eq!(inst.status, InstanceStatus::Failed);
+    assert_eq!(inst.step("Hold").unwrap().status, StepStatus::Cancelled);
+    let failure = inst.failure.unwrap();
+    assert!(
+        failure
+            .error
+            .message
+            .contains("the scheduled resume of step Hold could not be delivered"),
+        "{failure:?}"
+    );
+    assert!(failure.error.message.contains("the worker died again"));
+    assert!(rt.jobs_of(s.id).await.unwrap().is_empty(), "nothing left to run");
+    assert_eq!(rt.drain().await.unwrap().total(), 0);
 }
 
 async fn wide_fan_out_with_a_slow_branch_runs_each_step_once<B: Backend>(h: &Harness<B>) {
