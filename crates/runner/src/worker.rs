@@ -272,7 +272,8 @@ impl<B: Backend> Runtime<B> {
                 let Ok(wf) = self.workflow_of(&instance).cloned() else {
                     // No definition here to apply the failure with.
                     let message = format!("step {} failed: {discarded}", args.step);
-                    self.fail_instance_in(tx, args.instance_id, &message).await?;
+                    self.fail_instance_in(tx, args.instance_id, &message)
+                        .await?;
                     return Ok(());
                 };
                 let mut attempts = lease.errors.clone();
@@ -303,7 +304,10 @@ impl<B: Backend> Runtime<B> {
                 let args = decode::<TimerArgs>(lease)?;
                 (
                     args.instance_id,
-                    format!("the timer of step {} could not fire: {discarded}", args.step),
+                    format!(
+                        "the timer of step {} could not fire: {discarded}",
+                        args.step
+                    ),
                 )
             }
             jobs::RESUME => {

@@ -595,7 +595,11 @@ async fn an_undeliverable_scheduled_resume_fails_its_instance<B: Backend>(h: &Ha
     assert_eq!(lease.kind, jobs::RESUME);
     let error = hephaestus_engine_core::step::StepError::retryable("the worker died again");
     let mut tx = b.begin().await.unwrap();
-    assert!(b.discard(&mut tx, lease, &error, h.clock.now()).await.unwrap());
+    assert!(
+        b.discard(&mut tx, lease, &error, h.clock.now())
+            .await
+            .unwrap()
+    );
     rt.handle_discarded(&mut tx, lease, &error).await.unwrap();
     b.commit(tx).await.unwrap();
     let inst = rt.get(s.id).await.unwrap().unwrap();
@@ -610,7 +614,10 @@ async fn an_undeliverable_scheduled_resume_fails_its_instance<B: Backend>(h: &Ha
         "{failure:?}"
     );
     assert!(failure.error.message.contains("the worker died again"));
-    assert!(rt.jobs_of(s.id).await.unwrap().is_empty(), "nothing left to run");
+    assert!(
+        rt.jobs_of(s.id).await.unwrap().is_empty(),
+        "nothing left to run"
+    );
     assert_eq!(rt.drain().await.unwrap().total(), 0);
 }
 

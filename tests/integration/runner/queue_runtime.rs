@@ -176,7 +176,10 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
     let inst = rt.get(s.id).await.unwrap().unwrap();
     let failure = inst.failure.clone().expect("a failure record");
     assert_eq!(
-        failure.step.as_ref().map(hephaestus_engine_core::StepId::as_str),
+        failure
+            .step
+            .as_ref()
+            .map(hephaestus_engine_core::StepId::as_str),
         Some("Charge")
     );
     assert!(
