@@ -111,14 +111,25 @@ async fn main() -> Result<()> {
     };
     match args.as_slice() {
         [] => {
-            demo(
-                "",
-                Runtime::builder(MemoryBackend::new())
-                    .config(config)
-                    .workflow(checkout()?)
-                    .build()?,
-            )
-            .await
+            let runtime = Runtime::builder(MemoryBackend::new())
+                .config(config)
+                .workflow(checkout()?)
+                .build()?;
+            // The runtime's own worker loop: any backend, no database.
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let worker = {
+                let rt = runtime.clone();
+                tokio::spawn(async move {
+                    rt.run(async {
+                        stopped.await.ok();
+                    })
+                    .await
+                })
+            };
+            demo("", &runtime).await?;
+            stop.send(()).ok();
+            worker.await??;
+            Ok(())
         }
         [flag, url] if flag == "--database-url" => {
             let pool = sqlx::postgres::PgPoolOptions::new()
@@ -137,14 +148,20 @@ async fn main() -> Result<()> {
                 hephaestus_queue_pg::PgQueue::new(pool, prefix),
             );
             println!("on PostgreSQL, schema order_flow_demo");
-            demo(
-                &run_suffix(),
-                Runtime::builder(backend)
-                    .config(config)
-                    .workflow(checkout()?)
-                    .build()?,
-            )
-            .await
+            let runtime = Runtime::builder(backend)
+                .config(config)
+                .workflow(checkout()?)
+                .build()?;
+            // Production workers on PostgreSQL: queue-pg's worker runtime
+            // (LISTEN/NOTIFY, batched fetches, heartbeats, leader-elected
+            // rescue) with the failure handler's discard hook.
+            let workers = runtime
+                .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+                .start()
+                .await?;
+            let outcome = demo(&run_suffix(), &runtime).await;
+            workers.shutdown(Duration::from_secs(10)).await;
+            outcome
         }
         _ => anyhow::bail!("usage: order-flow [--database-url postgres://user@host/db]"),
     }
@@ -159,22 +176,9 @@ fn run_suffix() -> String {
     format!("{secs}")
 }
 
-async fn demo<B: hephaestus_runner::Backend>(suffix: &str, runtime: Runtime<B>) -> Result<()> {
+async fn demo<B: hephaestus_runner::Backend>(suffix: &str, runtime: &Runtime<B>) -> Result<()> {
     let (first, second) = (format!("1001{suffix}"), format!("1002{suffix}"));
     let mut events = runtime.subscribe();
-    let worker = {
-        let rt = runtime.clone();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        (
-            tokio::spawn(async move {
-                rt.run(async {
-                    stopped.await.ok();
-                })
-                .await
-            }),
-            stop,
-        )
-    };
 
     let orders = runtime.workflow("orders::Checkout")?;
     let started = orders
@@ -234,9 +238,6 @@ async fn demo<B: hephaestus_runner::Backend>(suffix: &str, runtime: Runtime<B>) 
             _ => {}
         }
     }
-    let (handle, stop) = worker;
-    stop.send(()).ok();
-    handle.await??;
 
     for id in [started.id, rejected.id] {
         let instance = runtime.get(id).await?.context("instance exists")?;
