@@ -85,6 +85,10 @@ struct Report {
     insert: Duration,
     drain: Duration,
     commits: i64,
+    /// WAL written during the drain (the whole server's).
+    wal_bytes: i64,
+    /// Checkpoints during the drain (`None` when unreadable).
+    checkpoints: Option<i64>,
     /// `None` when completed jobs were deleted.
     latency_p50: Option<Duration>,
     latency_p99: Option<Duration>,
@@ -154,9 +158,9 @@ impl QueueBench {
         admin.close().await;
 
         // 2. Drain, timed, between two readings of the commit counter.
-        let before = xact_commit(options).await?;
+        let before = server_counters(options).await?;
         let drain = self.drain_all(options, prefix).await?;
-        let after = xact_commit(options).await?;
+        let after = server_counters(options).await?;
 
         // 3. Latency of every job, from the table.
         let admin = pool(options, 1).await?;
@@ -186,7 +190,9 @@ impl QueueBench {
         Ok(Report {
             insert,
             drain,
-            commits: after - before,
+            commits: after.commits - before.commits,
+            wal_bytes: after.wal_bytes - before.wal_bytes,
+            checkpoints: after.checkpoints.zip(before.checkpoints).map(|(a, b)| a - b),
             latency_p50: p50.map(|s| Duration::from_secs_f64(s.max(0.0))),
             latency_p99: p99.map(|s| Duration::from_secs_f64(s.max(0.0))),
             pickups,
@@ -366,6 +372,8 @@ impl QueueBench {
                 "jobs_per_sec": per_sec(report.drain),
                 "commits": report.commits,
                 "commits_per_job": commits_per_job,
+                "wal_bytes_per_job": ratio_i64(report.wal_bytes, self.jobs),
+                "checkpoints_during_drain": report.checkpoints,
                 "completed_jobs": if self.delete_completed { "deleted" } else { "kept" },
                 "p50_ms": report.latency_p50.map(ms),
                 "p99_ms": report.latency_p99.map(ms),
@@ -435,16 +443,45 @@ async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
 /// The database's committed transactions, read on a fresh connection once
 /// the benchmark's other connections are closed: a backend flushes its
 /// statistics when it exits, shortly after its connection closes.
-async fn xact_commit(options: &PgConnectOptions) -> Result<i64> {
+/// Also reads the WAL position and the checkpoint count: a checkpoint
+/// during the drain makes every page's next change write a full-page image,
+/// which explains much of the run-to-run spread.
+async fn server_counters(options: &PgConnectOptions) -> Result<ServerCounters> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reader = pool(options, 1).await?;
-    let commits: i64 = sqlx::query_scalar(
-        "select xact_commit from pg_stat_database where datname = current_database()",
+    let (commits, wal_bytes): (i64, i64) = sqlx::query_as(
+        "select xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
+         from pg_stat_database where datname = current_database()",
     )
     .fetch_one(&reader)
     .await?;
+    // pg_stat_bgwriter up to PostgreSQL 16, pg_stat_checkpointer from 17.
+    let checkpoints: Option<i64> = match sqlx::query_scalar(
+        "select checkpoints_timed + checkpoints_req from pg_stat_bgwriter",
+    )
+    .fetch_one(&reader)
+    .await
+    {
+        Ok(n) => Some(n),
+        Err(_) => sqlx::query_scalar("select num_timed + num_requested from pg_stat_checkpointer")
+            .fetch_one(&reader)
+            .await
+            .ok(),
+    };
     reader.close().await;
-    Ok(commits)
+    Ok(ServerCounters {
+        commits,
+        wal_bytes,
+        checkpoints,
+    })
+}
+
+/// Server-wide counters read before and after the drain.
+#[derive(Debug, Clone, Copy)]
+struct ServerCounters {
+    commits: i64,
+    wal_bytes: i64,
+    checkpoints: Option<i64>,
 }
 
 fn ratio(n: usize, d: f64) -> f64 {
