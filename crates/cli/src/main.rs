@@ -1,13 +1,15 @@
 //! `hephaestus`: the command-line tool of Hephaestus for Rust.
 //!
-//! Today it has one command, `hephaestus bench queue`, a burn-down benchmark
-//! of the PostgreSQL job queue (see [`bench::queue`]).
+//! Commands: `bench queue` (the job queue's burn-down benchmark), `bench
+//! workflow` (workflows end to end) and `worker` (a worker process for the
+//! example workflows, used by the fault-injection tests).
 
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod worker;
 
 /// Hephaestus: durable workflows on PostgreSQL.
 #[derive(Debug, Parser)]
@@ -24,6 +26,8 @@ enum Command {
         #[command(subcommand)]
         bench: bench::Bench,
     },
+    /// Runs a worker process for the example workflows on PostgreSQL.
+    Worker(worker::WorkerCommand),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Bench { bench } => bench.run().await,
+            Command::Worker(worker) => worker.run().await,
         }
     });
     match outcome {

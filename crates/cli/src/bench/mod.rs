@@ -1,6 +1,7 @@
 //! `hephaestus bench ...`.
 
 pub mod queue;
+pub mod workflow;
 
 use clap::Subcommand;
 
@@ -10,12 +11,16 @@ pub enum Bench {
     /// Burn-down benchmark of the job queue: insert N no-op jobs in
     /// batches, then start W workers and time the drain.
     Queue(queue::QueueBench),
+    /// Workflow benchmark: burn-down of N instances of a shape (diamond,
+    /// linear, wide) and per-step orchestration latency.
+    Workflow(workflow::WorkflowBench),
 }
 
 impl Bench {
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Self::Queue(bench) => bench.run().await,
+            Self::Workflow(bench) => bench.run().await,
         }
     }
 }
