@@ -60,6 +60,11 @@ mod runtime;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
+
+/// The testing guide (`docs/testing.md`), compiled and run as doc tests.
+#[cfg(all(doctest, feature = "testing"))]
+#[doc = include_str!("../../../docs/testing.md")]
+pub struct TestingGuide;
 mod worker;
 
 pub use advance::AdvanceReport;

@@ -446,3 +446,269 @@ impl<B: Backend> Runtime<B> {
         Ok(out[0].id())
     }
 }
+
+/// What an enqueued-job assertion looks for among an instance's live jobs:
+/// every given condition must hold.
+///
+/// ```
+/// use hephaestus_runner::jobs;
+/// use hephaestus_runner::testing::JobExpectation;
+///
+/// let timer = JobExpectation::kind(jobs::TIMER).step("approve");
+/// assert_eq!(timer.to_string(), "a hephaestus.timer job of step approve");
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobExpectation {
+    /// Of this kind (`jobs::ADVANCE`, `jobs::EXECUTE`, `jobs::TIMER`,
+    /// `jobs::RESUME`).
+    pub kind: Option<String>,
+    /// For this step (execute, timer and resume jobs name their step).
+    pub step: Option<String>,
+    /// In this state.
+    pub state: Option<hephaestus_engine_core::ports::JobState>,
+    /// Due exactly at this time.
+    pub due_at: Option<DateTime<Utc>>,
+}
+
+impl JobExpectation {
+    /// Any live job.
+    pub fn any() -> Self {
+        Self::default()
+    }
+
+    /// A live job of `kind`.
+    pub fn kind(kind: &str) -> Self {
+        Self {
+            kind: Some(kind.to_owned()),
+            ..Self::default()
+        }
+    }
+
+    /// ...for `step`.
+    #[must_use]
+    pub fn step(mut self, step: &str) -> Self {
+        self.step = Some(step.to_owned());
+        self
+    }
+
+    /// ...in `state`.
+    #[must_use]
+    pub fn state(mut self, state: hephaestus_engine_core::ports::JobState) -> Self {
+        self.state = Some(state);
+        self
+    }
+
+    /// ...due at `at`.
+    #[must_use]
+    pub fn due_at(mut self, at: DateTime<Utc>) -> Self {
+        self.due_at = Some(at);
+        self
+    }
+
+    /// Whether `job` meets the expectation.
+    pub fn matches(&self, job: &JobInfo) -> bool {
+        self.kind.as_deref().is_none_or(|k| job.kind == k)
+            && self
+                .step
+                .as_deref()
+                .is_none_or(|s| job.args.get("step").and_then(Value::as_str) == Some(s))
+            && self.state.is_none_or(|s| job.state == s)
+            && self.due_at.is_none_or(|at| job.scheduled_at == at)
+    }
+}
+
+impl fmt::Display for JobExpectation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "a")?;
+        if let Some(state) = self.state {
+            write!(f, " {}", state.as_str())?;
+        }
+        match &self.kind {
+            Some(kind) => write!(f, " {kind} job")?,
+            None => write!(f, " job")?,
+        }
+        if let Some(step) = &self.step {
+            write!(f, " of step {step}")?;
+        }
+        if let Some(at) = self.due_at {
+            write!(f, " due at {}", at.to_rfc3339())?;
+        }
+        Ok(())
+    }
+}
+
+/// One line per job, for assertion messages.
+fn describe(jobs: &[JobInfo]) -> String {
+    if jobs.is_empty() {
+        return "  (none)".to_owned();
+    }
+    jobs.iter()
+        .map(|j| {
+            format!(
+                "  #{} {} {} step={} attempt {}/{} due {}",
+                j.id,
+                j.kind,
+                j.state.as_str(),
+                j.args.get("step").and_then(Value::as_str).unwrap_or("-"),
+                j.attempt,
+                j.max_attempts,
+                j.scheduled_at.to_rfc3339()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl<B: Backend> Runtime<B> {
+    /// The live jobs of `instance_id` meeting `expected`.
+    pub async fn enqueued(
+        &self,
+        instance_id: Uuid,
+        expected: &JobExpectation,
+    ) -> Result<Vec<JobInfo>, RunnerError> {
+        Ok(self
+            .jobs_of(instance_id)
+            .await?
+            .into_iter()
+            .filter(|job| expected.matches(job))
+            .collect())
+    }
+
+    /// Asserts that `instance_id` has a live job meeting `expected` and
+    /// returns it (the first by id).
+    ///
+    /// # Panics
+    ///
+    /// When none does (listing the instance's live jobs), or the backend
+    /// fails.
+    pub async fn assert_enqueued(&self, instance_id: Uuid, expected: &JobExpectation) -> JobInfo {
+        let live = self
+            .jobs_of(instance_id)
+            .await
+            .unwrap_or_else(|e| panic!("listing the jobs of {instance_id}: {e}"));
+        match live.iter().find(|job| expected.matches(job)) {
+            Some(job) => job.clone(),
+            None => panic!(
+                "expected {expected} for instance {instance_id}; its live jobs:\n{}",
+                describe(&live)
+            ),
+        }
+    }
+
+    /// Asserts that `instance_id` has no live job meeting `expected`.
+    ///
+    /// # Panics
+    ///
+    /// When one does (listing them), or the backend fails.
+    pub async fn refute_enqueued(&self, instance_id: Uuid, expected: &JobExpectation) {
+        let live = self
+            .jobs_of(instance_id)
+            .await
+            .unwrap_or_else(|e| panic!("listing the jobs of {instance_id}: {e}"));
+        let found: Vec<JobInfo> = live.into_iter().filter(|j| expected.matches(j)).collect();
+        assert!(
+            found.is_empty(),
+            "expected no {expected} for instance {instance_id}, found:\n{}",
+            describe(&found)
+        );
+    }
+}
+
+#[cfg(feature = "postgres")]
+impl hephaestus_queue_pg::Clock for VirtualClock {
+    fn now(&self) -> DateTime<Utc> {
+        VirtualClock::now(self)
+    }
+}
+
+/// A PostgreSQL schema of its own for one test (features `testing` and
+/// `postgres`): created with a random, validated name, migrated (storage
+/// and queue), and dropped by [`PgTestSchema::drop`], so suites run in
+/// parallel on one database without seeing each other.
+///
+/// ```no_run
+/// # async fn example() -> Result<(), hephaestus_runner::RunnerError> {
+/// use hephaestus_runner::testing::{PgTestSchema, VirtualClock};
+///
+/// let schema = PgTestSchema::new("postgres://postgres@127.0.0.1:5432/test").await?;
+/// let clock = VirtualClock::default();
+/// let backend = schema.backend(&clock); // reads time from the virtual clock
+/// // ... build a Runtime over `backend` with `.clock(clock.clock())` ...
+/// schema.drop().await?;
+/// # Ok(()) }
+/// ```
+#[cfg(feature = "postgres")]
+#[derive(Debug, Clone)]
+pub struct PgTestSchema {
+    pool: sqlx::PgPool,
+    prefix: hephaestus_migrations_gen::SchemaPrefix,
+}
+
+#[cfg(feature = "postgres")]
+impl PgTestSchema {
+    /// Connects to `database_url` (pool of 16), creates and migrates a new
+    /// schema `hephaestus_test_<12 hex digits>`.
+    pub async fn new(database_url: &str) -> Result<Self, RunnerError> {
+        let backend_error = |e: &dyn fmt::Display| {
+            RunnerError::Backend(hephaestus_engine_core::ports::PortError::Unavailable(
+                e.to_string().into(),
+            ))
+        };
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(16)
+            .connect(database_url)
+            .await
+            .map_err(|e| backend_error(&e))?;
+        let suffix = Uuid::new_v4().simple().to_string();
+        let prefix = hephaestus_migrations_gen::SchemaPrefix::new(&format!(
+            "hephaestus_test_{}",
+            &suffix[..12]
+        ))
+        .map_err(|e| RunnerError::InvalidInput(e.to_string()))?;
+        hephaestus_storage_pg::migrate(&pool, &prefix)
+            .await
+            .map_err(|e| backend_error(&e))?;
+        hephaestus_queue_pg::migrate(&pool, &prefix)
+            .await
+            .map_err(|e| backend_error(&e))?;
+        Ok(Self { pool, prefix })
+    }
+
+    /// The schema.
+    pub fn prefix(&self) -> &hephaestus_migrations_gen::SchemaPrefix {
+        &self.prefix
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &sqlx::PgPool {
+        &self.pool
+    }
+
+    /// A backend over the schema whose queue reads time from `clock`. Build
+    /// as many as you like (a restart is a new runtime over a new backend
+    /// on the same schema).
+    pub fn backend(&self, clock: &VirtualClock) -> crate::postgres::PgBackend {
+        crate::postgres::PgBackend::new(
+            hephaestus_storage_pg::PgStore::new(self.pool.clone(), self.prefix.clone()),
+            hephaestus_queue_pg::PgQueue::new(self.pool.clone(), self.prefix.clone())
+                .with_clock(clock.clone()),
+        )
+    }
+
+    /// Drops the schema and everything in it, and closes the pool.
+    pub async fn drop(self) -> Result<(), RunnerError> {
+        sqlx::raw_sql(&format!(
+            "drop schema if exists {} cascade",
+            self.prefix.quoted()
+        ))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            RunnerError::Backend(hephaestus_engine_core::ports::PortError::Unavailable(
+                e.to_string().into(),
+            ))
+        })?;
+        self.pool.close().await;
+        Ok(())
+    }
+}
