@@ -13,7 +13,7 @@ pub const DONE_ID: &str = "hephaestus::Done";
 pub const WAIT_ID: &str = "hephaestus::Wait";
 /// Id of [`WaitForEvent`].
 pub const WAIT_FOR_EVENT_ID: &str = "hephaestus::WaitForEvent";
-/// Id of [`Debug`].
+/// Id of [`Debug`](struct@Debug).
 pub const DEBUG_ID: &str = "hephaestus::Debug";
 
 fn id(s: &str) -> StepId {
