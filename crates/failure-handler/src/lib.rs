@@ -38,3 +38,9 @@ mod reconciler;
 #[cfg(feature = "postgres")]
 pub use hook::{FailureHook, workers};
 pub use reconciler::{LeaderCheck, Reconciler, Repair, RepairReport};
+
+/// The getting-started guide (`docs/getting-started.md`), compiled as doc
+/// tests.
+#[cfg(all(doctest, feature = "postgres"))]
+#[doc = include_str!("../../../docs/getting-started.md")]
+pub struct GettingStarted;
