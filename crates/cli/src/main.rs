@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fixtures;
 mod worker;
 
 /// Hephaestus: durable workflows on PostgreSQL.

@@ -2,6 +2,7 @@
 
 pub mod catalog;
 pub mod db;
+pub mod exclusive;
 
 use std::path::PathBuf;
 

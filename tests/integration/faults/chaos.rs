@@ -1,0 +1,951 @@
+//! Worker processes SIGKILLed and restarted and PostgreSQL restarted under
+//! load: nothing is lost, stuck or applied twice (see `faults.rs`).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use hephaestus_engine_core::instance::{HistoryKind, Instance, InstanceStatus, ResumeSource};
+use hephaestus_engine_core::ports::InstanceFilter;
+use hephaestus_engine_core::{StepId, WorkflowId};
+use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_queue_pg::PgQueue;
+use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::{RunnerError, Runtime, StartOptions};
+use hephaestus_storage_pg::PgStore;
+use serde_json::json;
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use uuid::Uuid;
+
+use super::fixtures::{self, Script};
+use crate::support::db::{database_url, unique_suffix};
+use crate::support::exclusive;
+
+/// Instances of a normal run.
+const INSTANCES: usize = 500;
+/// Instances started per second (normal run and soak).
+const STARTS_PER_SECOND: usize = 50;
+/// Worker processes.
+const WORKERS: usize = 3;
+/// How long every instance may take to finish once the load stopped.
+const SETTLE_LIMIT: Duration = Duration::from_secs(180);
+/// Faults go on this long after the last start.
+const CHAOS_AFTER_LOAD: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twice() {
+    let began = Instant::now();
+    let _alone = exclusive::exclusive().await;
+    eprintln!(
+        "faults::chaos: holding the server alone after {:?}",
+        began.elapsed()
+    );
+    let soak = std::env::var("HEPHAESTUS_SOAK_SECONDS")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .filter(|s| *s > 0)
+        .map(Duration::from_secs);
+    let seed = std::env::var("HEPHAESTUS_FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            let bytes = Uuid::new_v4().into_bytes();
+            u64::from_le_bytes([
+                bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+            ])
+        });
+    let total = soak.map_or(INSTANCES, |d| {
+        usize::try_from(d.as_secs())
+            .unwrap_or(usize::MAX)
+            .saturating_mul(STARTS_PER_SECOND)
+    });
+    eprintln!(
+        "faults::chaos: seed {seed} (replay the scripts and faults with HEPHAESTUS_FAULTS_SEED={seed}), \
+         {total} instances, {WORKERS} workers{}",
+        soak.map_or(String::new(), |d| format!(", soak for {d:?}"))
+    );
+    let restart = match pg_restart_plan() {
+        Ok(cluster) => Some(cluster),
+        Err(reason) => {
+            eprintln!("faults::chaos: SKIPPING the PostgreSQL restart: {reason}");
+            None
+        }
+    };
+    let bin = tokio::task::spawn_blocking(super::hephaestus_bin)
+        .await
+        .expect("locating the binary");
+
+    let env = Env::new().await;
+    let mut rng = Rng(seed);
+    let plans: Vec<Plan> = (0..total).map(|i| Plan::random(&mut rng, i)).collect();
+    let chaos_seed = rng.next();
+
+    let workers = tokio::task::spawn_blocking({
+        let (bin, schema) = (bin.clone(), env.prefix.as_str().to_owned());
+        move || {
+            (0..WORKERS)
+                .map(|_| WorkerProc::spawn(&bin, &schema).expect("a worker starts"))
+                .collect::<Vec<_>>()
+        }
+    })
+    .await
+    .expect("starting the workers");
+
+    let stop_chaos = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(AtomicUsize::new(0));
+    let chaos = std::thread::spawn({
+        let chaos = Chaos {
+            bin: bin.clone(),
+            schema: env.prefix.as_str().to_owned(),
+            rng: Rng(chaos_seed),
+            stop: Arc::clone(&stop_chaos),
+            started: Arc::clone(&started),
+            restart_at: total / 2,
+            restart,
+        };
+        move || chaos.run(workers)
+    });
+
+    let stop_resumer = Arc::new(AtomicBool::new(false));
+    let resumer = tokio::spawn(resume_waiting(
+        env.runtime.clone(),
+        Arc::clone(&stop_resumer),
+    ));
+
+    // The load: STARTS_PER_SECOND, in ticks of a tenth of a second.
+    let load_began = Instant::now();
+    let per_tick = (STARTS_PER_SECOND / 10).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for chunk in plans.chunks(per_tick) {
+        tick.tick().await;
+        for plan in chunk {
+            start(&env.runtime, plan).await;
+        }
+        started.fetch_add(chunk.len(), Ordering::SeqCst);
+    }
+    let load = load_began.elapsed();
+    eprintln!("faults::chaos: {total} instances started in {load:?}");
+    tokio::time::sleep(CHAOS_AFTER_LOAD).await;
+    stop_chaos.store(true, Ordering::SeqCst);
+    let (workers, report) = tokio::task::spawn_blocking(move || chaos.join())
+        .await
+        .expect("joining the chaos thread")
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    eprintln!(
+        "faults::chaos: {} workers killed and restarted; PostgreSQL restart: {}",
+        report.kills,
+        report.restart.as_deref().unwrap_or("not done")
+    );
+
+    // Every instance finishes, in bounded time.
+    let settle_began = Instant::now();
+    let mut last_report = Instant::now();
+    loop {
+        let counts = env.status_counts().await;
+        let active: i64 = ["pending", "running", "waiting"]
+            .iter()
+            .filter_map(|s| counts.get(*s))
+            .sum();
+        if active == 0 {
+            break;
+        }
+        if last_report.elapsed() > Duration::from_secs(5) {
+            eprintln!("faults::chaos: settling, {counts:?}");
+            last_report = Instant::now();
+        }
+        if settle_began.elapsed() > SETTLE_LIMIT {
+            let stuck = env.describe_active(20).await;
+            panic!(
+                "{active} instances still active {SETTLE_LIMIT:?} after the load (seed {seed}): {counts:?}\n{}",
+                stuck.join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let settle = settle_began.elapsed();
+    stop_resumer.store(true, Ordering::SeqCst);
+    let sent = resumer.await.expect("the resumer task");
+    eprintln!(
+        "faults::chaos: every instance finished {settle:?} after the load; {} resumes sent, {} transient resume errors",
+        sent.sent, sent.transient
+    );
+
+    let stopped = tokio::task::spawn_blocking(move || {
+        workers
+            .into_iter()
+            .map(WorkerProc::stop)
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("stopping the workers");
+    for status in &stopped {
+        assert!(
+            status.as_ref().is_ok_and(std::process::ExitStatus::success),
+            "a worker did not stop gracefully when its stdin closed: {stopped:?}"
+        );
+    }
+
+    let problems = env.check(&plans).await;
+    assert!(
+        problems.is_empty(),
+        "seed {seed}: {} problems, first ones:\n{}",
+        problems.len(),
+        problems
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let live = env.live_jobs().await;
+    eprintln!(
+        "faults::chaos: checks passed; unfinished jobs left (kind, state, count): {live:?}; total {:?}",
+        began.elapsed()
+    );
+    env.teardown().await;
+}
+
+/// What the test expects of one instance.
+#[derive(Debug, Clone)]
+struct Plan {
+    id: Uuid,
+    business_value: String,
+    workflow: &'static str,
+    script: Script,
+}
+
+impl Plan {
+    fn random(rng: &mut Rng, index: usize) -> Self {
+        let workflow = fixtures::SHAPES[rng.pick(fixtures::SHAPES.len())];
+        let mut script = Script {
+            sleep_ms: rng.below(15),
+            ..Script::default()
+        };
+        if workflow == fixtures::BRANCH {
+            script.branch = Some(if rng.chance(50) { "right" } else { "left" }.to_owned());
+        }
+        let path = fixtures::path(workflow, &script);
+        for step in &path {
+            if rng.chance(20) {
+                script
+                    .fail
+                    .insert((*step).to_owned(), 1 + u32::from(rng.chance(50)));
+            }
+        }
+        if rng.chance(8) {
+            script.fatal = Some(path[rng.pick(path.len())].to_owned());
+        } else if workflow == fixtures::BRANCH && rng.chance(10) {
+            // On the branch not taken: never runs, so the instance completes.
+            let other = if script.branch() == "right" {
+                "Left"
+            } else {
+                "Right"
+            };
+            script.fatal = Some(other.to_owned());
+        }
+        Self {
+            id: Uuid::now_v7(),
+            business_value: index.to_string(),
+            workflow,
+            script,
+        }
+    }
+
+    fn path(&self) -> Vec<&'static str> {
+        fixtures::path(self.workflow, &self.script)
+    }
+
+    /// The step the instance fails at, if it does.
+    fn fails_at(&self) -> Option<&str> {
+        let fatal = self.script.fatal.as_deref()?;
+        self.path().contains(&fatal).then_some(fatal)
+    }
+}
+
+/// Starts `plan`'s instance, retrying through a server restart; a start
+/// whose commit was lost in the restart is found by its id.
+async fn start(rt: &Runtime<PgBackend>, plan: &Plan) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let options = StartOptions {
+            id: Some(plan.id),
+            ..StartOptions::default()
+        };
+        let outcome = rt
+            .start(
+                plan.workflow,
+                &plan.business_value,
+                plan.script.to_input(),
+                options,
+            )
+            .await;
+        let Err(error) = outcome else { return };
+        if let Ok(Some(_)) = rt.get(plan.id).await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cannot start instance {}: {error}",
+            plan.id
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Debug, Default)]
+struct Resumes {
+    sent: usize,
+    transient: usize,
+}
+
+/// Resumes every waiting instance of the `fixture_wait` workflow until told
+/// to stop.
+async fn resume_waiting(rt: Runtime<PgBackend>, stop: Arc<AtomicBool>) -> Resumes {
+    let mut resumes = Resumes::default();
+    let filter = InstanceFilter {
+        workflow_id: Some(WorkflowId::new(fixtures::WAIT).expect("a valid workflow id")),
+        statuses: vec![InstanceStatus::Waiting],
+        limit: Some(500),
+        ..InstanceFilter::default()
+    };
+    while !stop.load(Ordering::SeqCst) {
+        match rt.list(&filter).await {
+            Ok(waiting) => {
+                for instance in waiting {
+                    match rt
+                        .resume(
+                            instance.id,
+                            fixtures::WAITING_STEP,
+                            fixtures::RESUME_EVENT,
+                            json!({"resumed_by": "faults::chaos"}),
+                        )
+                        .await
+                    {
+                        Ok(()) => resumes.sent += 1,
+                        // Raced with another resume or the instance's end.
+                        Err(
+                            RunnerError::NotWaiting { .. }
+                            | RunnerError::AlreadyResumed(_)
+                            | RunnerError::Finished(_),
+                        ) => {}
+                        Err(_) => resumes.transient += 1,
+                    }
+                }
+            }
+            Err(_) => resumes.transient += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    resumes
+}
+
+/// A `hephaestus worker` process.
+#[derive(Debug)]
+struct WorkerProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl WorkerProc {
+    /// Starts a worker on `schema` and waits for its ready line.
+    fn spawn(bin: &Path, schema: &str) -> Result<Self, String> {
+        let mut child = Command::new(bin)
+            .args([
+                "worker",
+                "--schema",
+                schema,
+                "--concurrency",
+                "6",
+                "--heartbeat-ms",
+                "100",
+                "--stale-after-ms",
+                "1000",
+                "--rescue-interval-ms",
+                "200",
+                "--poll-ms",
+                "100",
+                "--reconcile-ms",
+                "1000",
+                "--grace-ms",
+                "2000",
+                "--exit-on-stdin-close",
+            ])
+            .env("DATABASE_URL", database_url())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stdin = child.stdin.take();
+        let (ready, on_ready) = mpsc::channel();
+        // Reads every line, so the worker never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("hephaestus worker ready") {
+                    let _ = ready.send(());
+                }
+            }
+        });
+        let mut worker = Self { child, stdin };
+        match on_ready.recv_timeout(Duration::from_secs(30)) {
+            Ok(()) => Ok(worker),
+            Err(e) => {
+                worker.kill();
+                Err(format!("the worker did not get ready: {e:?}"))
+            }
+        }
+    }
+
+    /// SIGKILL.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Closes stdin (a graceful shutdown) and waits for the exit; kills it
+    /// after 20 s.
+    fn stop(mut self) -> Result<std::process::ExitStatus, String> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(None) => {
+                    self.kill();
+                    return Err("did not exit within 20 s of its stdin closing".to_owned());
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        // No orphan workers when the test fails.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// The fault injector: runs on a thread of its own.
+struct Chaos {
+    bin: PathBuf,
+    schema: String,
+    rng: Rng,
+    stop: Arc<AtomicBool>,
+    started: Arc<AtomicUsize>,
+    restart_at: usize,
+    restart: Option<Cluster>,
+}
+
+#[derive(Debug, Default)]
+struct ChaosReport {
+    kills: usize,
+    restart: Option<String>,
+}
+
+impl Chaos {
+    fn run(mut self, mut workers: Vec<WorkerProc>) -> (Vec<WorkerProc>, ChaosReport) {
+        let mut report = ChaosReport::default();
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(200 + self.rng.below(400)));
+            let victim = self.rng.pick(workers.len());
+            workers[victim].kill();
+            report.kills += 1;
+            workers[victim] = self.respawn();
+            if self.started.load(Ordering::SeqCst) >= self.restart_at
+                && let Some(cluster) = self.restart.take()
+            {
+                let began = Instant::now();
+                let outcome = cluster.restart();
+                let line = match outcome {
+                    Ok(()) => format!("restarted {} in {:?}", cluster.name(), began.elapsed()),
+                    Err(reason) => format!("SKIPPED, the restart failed: {reason}"),
+                };
+                eprintln!("faults::chaos: PostgreSQL {line}");
+                report.restart = Some(line);
+            }
+        }
+        (workers, report)
+    }
+
+    /// A new worker; retried while the server restarts.
+    fn respawn(&self) -> WorkerProc {
+        let mut last = String::new();
+        for _ in 0..60 {
+            match WorkerProc::spawn(&self.bin, &self.schema) {
+                Ok(worker) => return worker,
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("a worker could not be restarted: {last}");
+    }
+}
+
+/// A local Debian cluster serving `DATABASE_URL`.
+#[derive(Debug, Clone)]
+struct Cluster {
+    version: String,
+    name: String,
+}
+
+impl Cluster {
+    fn name(&self) -> String {
+        format!("{}/{}", self.version, self.name)
+    }
+
+    fn restart(&self) -> Result<(), String> {
+        let output = Command::new("pg_ctlcluster")
+            .args([
+                "--skip-systemctl-redirect",
+                "-m",
+                "fast",
+                &self.version,
+                &self.name,
+                "restart",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run pg_ctlcluster: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "pg_ctlcluster {} restart: {}: {}",
+                self.name(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+}
+
+/// The cluster to restart, or why the restart part is skipped.
+fn pg_restart_plan() -> Result<Cluster, String> {
+    if std::env::var_os("HEPHAESTUS_FAULTS_NO_PG_RESTART").is_some_and(|v| !v.is_empty()) {
+        return Err("HEPHAESTUS_FAULTS_NO_PG_RESTART is set".to_owned());
+    }
+    let options = PgConnectOptions::from_str(database_url())
+        .map_err(|e| format!("DATABASE_URL does not parse: {e}"))?;
+    let host = options.get_host();
+    if !(host.starts_with('/') || matches!(host, "127.0.0.1" | "localhost" | "::1" | "[::1]")) {
+        return Err(format!("the server at {host} is not local"));
+    }
+    let port = options.get_port().to_string();
+    let output = Command::new("pg_lsclusters")
+        .arg("--no-header")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!("pg_lsclusters is not available ({e}): not a Debian-packaged server")
+        })?;
+    if !output.status.success() {
+        return Err(format!("pg_lsclusters failed: {}", output.status));
+    }
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.len() >= 4 && fields[2] == port && fields[3].starts_with("online"))
+        .map(|fields| Cluster {
+            version: fields[0].to_owned(),
+            name: fields[1].to_owned(),
+        })
+        .ok_or_else(|| format!("no online local cluster listens on port {port}"))
+}
+
+/// The test's schema, pool and in-process runtime (for starts, resumes and
+/// reads; it runs no jobs).
+struct Env {
+    pool: PgPool,
+    prefix: SchemaPrefix,
+    runtime: Runtime<PgBackend>,
+}
+
+impl Env {
+    /// A fresh schema, migrated, with the fixture's table. Not a
+    /// `TestSchema`: that would wait for this test's own exclusive guard.
+    async fn new() -> Self {
+        let options = PgConnectOptions::from_str(database_url())
+            .expect("DATABASE_URL is a valid PostgreSQL URL")
+            .options([("search_path", "hephaestus_no_such_schema")]);
+        let pool = PgPoolOptions::new()
+            .max_connections(10)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await
+            .expect("connect to the test PostgreSQL");
+        let prefix = SchemaPrefix::new(&format!("t_{}", unique_suffix())).expect("a valid prefix");
+        hephaestus_storage_pg::migrate(&pool, &prefix)
+            .await
+            .expect("migrate storage");
+        hephaestus_queue_pg::migrate(&pool, &prefix)
+            .await
+            .expect("migrate the queue");
+        let recorder = fixtures::Recorder::new(pool.clone(), &prefix)
+            .await
+            .expect("create the fixture table");
+        let backend = PgBackend::new(
+            PgStore::new(pool.clone(), prefix.clone()),
+            PgQueue::new(pool.clone(), prefix.clone()),
+        );
+        let mut builder = Runtime::builder(backend);
+        for workflow in fixtures::workflows(&recorder).expect("valid fixture workflows") {
+            builder = builder.workflow(workflow);
+        }
+        let runtime = builder.build().expect("a runtime");
+        Self {
+            pool,
+            prefix,
+            runtime,
+        }
+    }
+
+    fn table(&self, name: &str) -> String {
+        format!("{}.{name}", self.prefix.quoted())
+    }
+
+    /// Instances per status; a failed read (a restart) counts as "unknown".
+    async fn status_counts(&self) -> BTreeMap<String, i64> {
+        let sql = format!(
+            "select status, count(*) from {} group by status",
+            self.table("hephaestus_instances")
+        );
+        match sqlx::query_as::<_, (String, i64)>(&sql)
+            .fetch_all(&self.pool)
+            .await
+        {
+            Ok(rows) => rows.into_iter().collect(),
+            Err(_) => BTreeMap::from([("unknown".to_owned(), 1)]),
+        }
+    }
+
+    async fn describe_active(&self, limit: i64) -> Vec<String> {
+        let sql = format!(
+            "select id from {} where status in ('pending', 'running', 'waiting') order by id limit $1",
+            self.table("hephaestus_instances")
+        );
+        let ids: Vec<(Uuid,)> = sqlx::query_as(&sql)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for (id,) in ids {
+            let instance = self.runtime.get(id).await.ok().flatten();
+            let jobs = self.runtime.jobs_of(id).await.unwrap_or_default();
+            out.push(format!(
+                "{id} {:?} steps {:?} live jobs {:?}",
+                instance.as_ref().map(|i| (&i.workflow_id, i.status)),
+                instance.as_ref().map(|i| &i.steps),
+                jobs.iter()
+                    .map(|j| (&j.kind, j.state, j.attempt, j.scheduled_at, &j.errors))
+                    .collect::<Vec<_>>()
+            ));
+        }
+        out
+    }
+
+    /// Unfinished jobs by kind and state (reported, not asserted: a job of
+    /// a finished instance may wait out a retry backoff and then find
+    /// nothing to do).
+    async fn live_jobs(&self) -> Vec<(String, String, i64)> {
+        let sql = format!(
+            "select kind, state, count(*) from {}
+             where state in ('available', 'scheduled', 'executing', 'retryable')
+             group by 1, 2 order by 1, 2",
+            self.table("hephaestus_jobs")
+        );
+        sqlx::query_as(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Every check of the end state; returns the problems found.
+    async fn check(&self, plans: &[Plan]) -> Vec<String> {
+        let mut problems = Vec::new();
+        let executions = self.executions().await;
+        let results = self.results().await;
+        for plan in plans {
+            let Some(instance) = self.runtime.get(plan.id).await.expect("read an instance") else {
+                problems.push(format!("{}: missing", plan.id));
+                continue;
+            };
+            let execs = executions.get(&plan.id).cloned().unwrap_or_default();
+            let res = results.get(&plan.id).cloned().unwrap_or_default();
+            check_instance(plan, &instance, &execs, &res, &mut problems);
+        }
+        problems
+    }
+
+    /// `fixture_executions` by instance.
+    async fn executions(&self) -> HashMap<Uuid, Vec<Execution>> {
+        let sql = format!(
+            "select instance_id, step, activation, attempt, worker_pid, outcome from {}",
+            fixtures::Recorder::table(&self.prefix)
+        );
+        let rows: Vec<(Uuid, String, i64, i64, i64, String)> = sqlx::query_as(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .expect("read the executions");
+        let mut out: HashMap<Uuid, Vec<Execution>> = HashMap::new();
+        for (instance, step, activation, attempt, pid, outcome) in rows {
+            out.entry(instance).or_default().push(Execution {
+                step,
+                activation,
+                attempt,
+                pid,
+                outcome,
+            });
+        }
+        out
+    }
+
+    /// `hephaestus_step_results` by instance: (step, activation, kind) →
+    /// (rows, processed rows).
+    async fn results(&self) -> HashMap<Uuid, BTreeMap<(String, i64, String), (i64, i64)>> {
+        let sql = format!(
+            "select instance_id, step_id, activation::bigint, kind, count(*), count(processed_at)
+             from {} group by 1, 2, 3, 4",
+            self.table("hephaestus_step_results")
+        );
+        let rows: Vec<(Uuid, String, i64, String, i64, i64)> = sqlx::query_as(&sql)
+            .fetch_all(&self.pool)
+            .await
+            .expect("read the step results");
+        let mut out: HashMap<Uuid, BTreeMap<_, _>> = HashMap::new();
+        for (instance, step, activation, kind, n, processed) in rows {
+            out.entry(instance)
+                .or_default()
+                .insert((step, activation, kind), (n, processed));
+        }
+        out
+    }
+
+    /// Drops the schema; retried, as connections of killed workers may
+    /// still hold locks for a moment.
+    async fn teardown(self) {
+        let sql = format!("drop schema {} cascade", self.prefix.quoted());
+        let mut attempts = 0;
+        while let Err(e) = sqlx::raw_sql(&sql).execute(&self.pool).await {
+            attempts += 1;
+            eprintln!("faults::chaos: dropping the schema failed ({e}), retrying");
+            assert!(attempts < 10, "cannot drop the test schema: {e}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        self.pool.close().await;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Execution {
+    step: String,
+    activation: i64,
+    attempt: i64,
+    pid: i64,
+    outcome: String,
+}
+
+fn check_instance(
+    plan: &Plan,
+    instance: &Instance,
+    execs: &[Execution],
+    results: &BTreeMap<(String, i64, String), (i64, i64)>,
+    problems: &mut Vec<String>,
+) {
+    let id = plan.id;
+    let mut problem = |text: String| problems.push(format!("{id} ({}): {text}", plan.workflow));
+    let path = plan.path();
+
+    // The end the script says.
+    match plan.fails_at() {
+        Some(step) => {
+            let failed_at = instance
+                .failure
+                .as_ref()
+                .and_then(|f| f.step.as_ref())
+                .map(|s| s.as_str().to_owned());
+            if instance.status != InstanceStatus::Failed || failed_at.as_deref() != Some(step) {
+                problem(format!(
+                    "expected failed at {step}, got {:?} {:?}",
+                    instance.status, instance.failure
+                ));
+            }
+        }
+        None if instance.status != InstanceStatus::Completed => problem(format!(
+            "expected completed, got {:?} {:?}",
+            instance.status, instance.failure
+        )),
+        None => {}
+    }
+
+    // Every result applied (processed) and recorded once.
+    for ((step, activation, kind), (n, processed)) in results {
+        if *n != 1 || processed != n {
+            problem(format!(
+                "result {step}#{activation} {kind}: {n} rows, {processed} processed"
+            ));
+        }
+        if *activation > 1 {
+            problem(format!("{step} was activated {activation} times"));
+        }
+    }
+
+    // User code: at least once per reached step, at most max_attempts per
+    // activation, each attempt once, each outcome as scripted, never off
+    // the path.
+    let mut by_step: BTreeMap<&str, Vec<&Execution>> = BTreeMap::new();
+    for exec in execs {
+        by_step.entry(exec.step.as_str()).or_default().push(exec);
+        if !path.contains(&exec.step.as_str()) {
+            problem(format!("{} ran but is not on the path {path:?}", exec.step));
+        }
+        if exec.activation != 1 {
+            problem(format!("{} ran activation {}", exec.step, exec.activation));
+        }
+        let attempt = u32::try_from(exec.attempt).unwrap_or(0);
+        let scripted = plan.script.outcome(&exec.step, attempt).as_str();
+        if exec.outcome != scripted {
+            problem(format!(
+                "{} attempt {attempt} did {}, the script says {scripted}",
+                exec.step, exec.outcome
+            ));
+        }
+    }
+    for (step, runs) in &by_step {
+        let attempts: BTreeSet<i64> = runs.iter().map(|e| e.attempt).collect();
+        if attempts.len() != runs.len() {
+            problem(format!("{step}: an attempt ran twice: {runs:?}"));
+        }
+        if runs.len() > usize::try_from(fixtures::MAX_ATTEMPTS).unwrap_or(usize::MAX) {
+            problem(format!("{step} ran {} times", runs.len()));
+        }
+    }
+    // The steps that must have run: all of a completed path; before a
+    // fatal step, its predecessors (in the diamond, a failing branch may
+    // cancel its sibling before that one starts).
+    let reached: Vec<&str> = match plan.fails_at() {
+        Some(fatal) => {
+            let mut before: Vec<&str> = path.iter().copied().take_while(|s| *s != fatal).collect();
+            if plan.workflow == fixtures::DIAMOND && fatal != "Merge" {
+                before.retain(|s| *s == "Split");
+            }
+            before.push(fatal);
+            before
+        }
+        None => path.clone(),
+    };
+    for step in &reached {
+        if !by_step.contains_key(step) {
+            problem(format!("{step} never ran"));
+        }
+    }
+
+    if instance.status != InstanceStatus::Completed {
+        return;
+    }
+    // Completed: each path step completed once (result, history), and its
+    // applied output came from a recorded execution.
+    for step in &path {
+        let key = ((*step).to_owned(), 1, "completed".to_owned());
+        if !results.contains_key(&key) {
+            problem(format!("{step} has no completed result"));
+        }
+        let completions = instance
+            .history
+            .iter()
+            .filter(|h| {
+                h.step.as_ref().is_some_and(|s| s.as_str() == *step)
+                    && matches!(h.kind, HistoryKind::Completed { .. })
+            })
+            .count();
+        if completions != 1 {
+            problem(format!(
+                "{step} completed {completions} times in the history"
+            ));
+        }
+        let key = StepId::new(*step)
+            .expect("a valid step id")
+            .default_step_key();
+        let output = instance.context.step(&key);
+        let (attempt, pid) = (
+            output.and_then(|o| o["attempt"].as_i64()),
+            output.and_then(|o| o["pid"].as_i64()),
+        );
+        let from_a_run = by_step.get(step).is_some_and(|runs| {
+            runs.iter().any(|e| {
+                Some(e.attempt) == attempt && Some(e.pid) == pid && e.outcome == "complete"
+            })
+        });
+        if !from_a_run {
+            problem(format!(
+                "{step}'s applied output {output:?} matches no recorded execution"
+            ));
+        }
+    }
+    let finished = instance
+        .history
+        .iter()
+        .filter(|h| matches!(h.kind, HistoryKind::Finished))
+        .count();
+    if finished != 1 {
+        problem(format!("finished {finished} times in the history"));
+    }
+    let resumes: Vec<ResumeSource> = instance
+        .history
+        .iter()
+        .filter_map(|h| match h.kind {
+            HistoryKind::Resumed { source, .. } => Some(source),
+            _ => None,
+        })
+        .collect();
+    let expected = match plan.workflow {
+        fixtures::WAIT => vec![ResumeSource::External],
+        fixtures::TIMER => vec![ResumeSource::Timer],
+        _ => Vec::new(),
+    };
+    if resumes != expected {
+        problem(format!("resumed by {resumes:?}, expected {expected:?}"));
+    }
+}
+
+/// SplitMix64: a seeded generator, enough for test plans.
+#[derive(Debug, Clone)]
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn pick(&mut self, len: usize) -> usize {
+        let n = u64::try_from(len).unwrap_or(u64::MAX);
+        usize::try_from(self.below(n)).unwrap_or(0)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
