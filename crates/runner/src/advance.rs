@@ -4,8 +4,13 @@
 //! result in sequence order with the pure engine, persists the instance, marks
 //! the results processed and enqueues the jobs for what became due (execute
 //! jobs for NEWLY activated steps only, timers, cancellations), all in one
-//! commit. After the commit it looks again: results that arrived meanwhile are
-//! applied by another round, so no wake-up is lost (G3).
+//! commit. An advance job completes in that same commit, after one round: a
+//! result that commits later enqueued a fresh advance (an executing advance
+//! holds no uniqueness), and one that merged into this job's key while it
+//! was still available kept it locked (queue-pg locks a unique holder
+//! `for share` until the merging commit), so the job could not start
+//! before that result was visible. No wake-up is lost (G3). A direct
+//! [`Runtime::advance`] (no job) loops while rounds apply something.
 
 use hephaestus_engine_core::engine::{Disposition, Effect, Engine, EngineEvent, Input};
 use hephaestus_engine_core::instance::InstanceStatus;
@@ -66,14 +71,21 @@ impl<B: Backend> Runtime<B> {
             let worked = self
                 .advance_round(instance_id, current_job, lease, &mut report)
                 .await?;
-            if !worked || report.rounds >= self.inner.config.advance_loop_limit {
+            // An advance job ends with its first round, whose commit also
+            // completes it: a result that arrives while the job runs enqueues
+            // a fresh advance (an executing advance holds no uniqueness), so
+            // no wake-up is lost without a second, usually empty, round.
+            if !worked
+                || report.job_completed
+                || report.rounds >= self.inner.config.advance_loop_limit
+            {
                 return Ok(report);
             }
         }
     }
 
-    /// One locked round; returns whether it applied anything. A round that
-    /// finds nothing to do completes `lease` (if any) in its own commit.
+    /// One locked round; returns whether it applied anything. `lease` (if
+    /// any) is completed in the round's commit.
     async fn advance_round(
         &self,
         instance_id: Uuid,
@@ -191,6 +203,12 @@ impl<B: Backend> Runtime<B> {
         }
         if !new_jobs.is_empty() {
             b.enqueue(&mut tx, &new_jobs).await?;
+        }
+        if let Some(lease) = lease {
+            // A fenced lease (rescued meanwhile) still commits the round: it
+            // ran under the instance lock, so what it applied is applied once,
+            // and the rescued attempt will find nothing left to do.
+            report.job_completed = b.complete(&mut tx, lease).await?;
         }
         b.commit(tx).await?;
         if cancel_all {

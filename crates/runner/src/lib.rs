@@ -15,8 +15,9 @@
 //!   an active step activation with no recorded result (G2, G25);
 //! - "apply results + persist + mark processed + enqueue" and "record result +
 //!   enqueue advance + complete job" are each one commit;
-//! - a result arriving while an advance runs is applied by the next round or
-//!   the next advance job (G3);
+//! - a result arriving while an advance runs is applied by the next advance
+//!   job, and one that merged into a waiting advance job is visible before
+//!   that job can start (G3);
 //! - retries follow the step's, else the workflow's, else the default policy (G19);
 //!   a step out of attempts fails the instance in the same commit as its
 //!   discard (G4).

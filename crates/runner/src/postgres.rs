@@ -45,6 +45,20 @@ impl PgBackend {
     pub fn queue(&self) -> &PgQueue {
         &self.queue
     }
+
+    /// An instance and whether a result is recorded for `step`'s
+    /// `activation`, in one statement (what a step execution checks before
+    /// it runs user code).
+    pub async fn get_for_execution(
+        &self,
+        id: Uuid,
+        step: &StepId,
+        activation: u32,
+    ) -> Result<Option<(Instance, bool)>, PortError> {
+        self.store
+            .get_for_execution_using(self.store.pool(), id, step, activation)
+            .await
+    }
 }
 
 type Tx = Transaction<'static, Postgres>;

@@ -192,7 +192,10 @@ impl QueueBench {
             drain,
             commits: after.commits - before.commits,
             wal_bytes: after.wal_bytes - before.wal_bytes,
-            checkpoints: after.checkpoints.zip(before.checkpoints).map(|(a, b)| a - b),
+            checkpoints: after
+                .checkpoints
+                .zip(before.checkpoints)
+                .map(|(a, b)| a - b),
             latency_p50: p50.map(|s| Duration::from_secs_f64(s.max(0.0))),
             latency_p99: p99.map(|s| Duration::from_secs_f64(s.max(0.0))),
             pickups,

@@ -1,19 +1,679 @@
 //! `hephaestus bench workflow`: burn-down and latency of workflows on
-//! PostgreSQL. (Being built: see issue 6.)
+//! PostgreSQL.
+//!
+//! 1. Creates and migrates its own schema (`hephaestus_bench_<hex>`,
+//!    dropped at the end unless `--keep`).
+//! 2. Starts `--workers` worker "processes": each a runner [`Runtime`] with
+//!    its own connection pool running the runner's jobs on a queue-pg
+//!    [`QueueRuntime`] with the failure handler's discard hook, as a
+//!    production worker does.
+//! 3. Burn-down: starts `--instances` instances of the `--shape` (no-op steps
+//!    completing with `done`) over `--starters` connections, `--batch`
+//!    instances per transaction, and times from the first start until every
+//!    instance is completed (polled from the instances table; any failed
+//!    instance or the deadline aborts the benchmark).
+//!    `pg_stat_database.xact_commit` and the WAL position are read before
+//!    and after, with every other connection closed so the statistics are
+//!    flushed, for commits and WAL bytes per step.
+//! 4. Latency: on the idle (vacuumed) system, `--samples` instances run one
+//!    at a time; start to completed (the `workflow.stop` telemetry event) is
+//!    timed, and divided by the steps of the shape for the per-step
+//!    orchestration latency.
+//!
+//! Prints one JSON object with `--json`, a short table otherwise.
 
-use anyhow::{Result, bail};
-use clap::Args;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-/// Workflow benchmark options.
-#[derive(Debug, Args)]
+use anyhow::{Context, Result, bail, ensure};
+use hephaestus_engine_core::prelude::*;
+use hephaestus_engine_core::steps::{Done, FnStep};
+use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_queue_pg::{PgQueue, QueueRuntime};
+use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::telemetry::names;
+use hephaestus_runner::{RunnerConfig, Runtime, StartOptions};
+use hephaestus_storage_pg::PgStore;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// The workflow every shape is registered as.
+const WORKFLOW: &str = "bench";
+/// Longest the burn-down may take before the benchmark gives up.
+const BURN_DOWN_LIMIT: Duration = Duration::from_secs(900);
+/// Longest one latency sample may take.
+const SAMPLE_LIMIT: Duration = Duration::from_secs(30);
+
+/// The shape of the benchmark workflow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Shape {
+    /// A, then B1..B8 in parallel, then C once all of them completed.
+    Diamond,
+    /// A chain of ten steps.
+    Linear,
+    /// A, then B1..B50 in parallel, then C.
+    Wide,
+}
+
+impl Shape {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Diamond => "diamond",
+            Self::Linear => "linear",
+            Self::Wide => "wide",
+        }
+    }
+
+    /// Steps one instance executes.
+    fn steps(self) -> usize {
+        match self {
+            // A, eight branches, C; or ten in a row.
+            Self::Diamond | Self::Linear => 10,
+            Self::Wide => 52,
+        }
+    }
+
+    /// The workflow: no-op steps, each completing with `done`.
+    fn workflow(self) -> Result<Workflow> {
+        let noop = |id: &str| FnStep::new(id, ["done"], |_| StepOutcome::complete("done"));
+        let builder = Workflow::builder(WORKFLOW).unique("key", Scope::None);
+        let wf = match self {
+            Self::Linear => {
+                let chain: Vec<FnStep> = (1..=10).map(|i| noop(&format!("S{i}"))).collect();
+                let mut builder = builder.start(chain[0].clone());
+                for pair in chain.windows(2) {
+                    builder = builder.on(pair[0].clone(), "done", pair[1].clone());
+                }
+                builder.on(chain[9].clone(), "done", Done)
+            }
+            Self::Diamond | Self::Wide => {
+                let width = self.steps() - 2;
+                let (a, c) = (noop("A"), noop("C"));
+                let branches: Vec<FnStep> = (1..=width).map(|i| noop(&format!("B{i}"))).collect();
+                let mut builder = builder.start(a.clone()).fan_out(
+                    a,
+                    "done",
+                    branches
+                        .iter()
+                        .map(|b| target(b.clone()))
+                        .collect::<Vec<_>>(),
+                );
+                for branch in &branches {
+                    builder = builder.on(branch.clone(), "done", c.clone());
+                }
+                builder.on(c, "done", Done)
+            }
+        };
+        wf.build()
+            .map_err(|e| anyhow::anyhow!("the {} workflow is invalid: {e}", self.name()))
+    }
+}
+
+/// Options of `hephaestus bench workflow`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct WorkflowBench {
-    /// Instances to start.
-    #[arg(long, default_value_t = 1000)]
+    /// Instances to start in the burn-down.
+    #[arg(long, default_value_t = 1_000)]
     instances: usize,
+    /// The workflow's shape.
+    #[arg(long, value_enum, default_value_t = Shape::Diamond)]
+    shape: Shape,
+    /// Worker "processes", each a runtime with its own connection pool.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Jobs in flight per worker.
+    #[arg(long, default_value_t = 100)]
+    concurrency: usize,
+    /// Connections per worker's pool.
+    #[arg(long, default_value_t = 16)]
+    connections: u32,
+    /// Instances started per transaction.
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Connections starting instances at once.
+    #[arg(long, default_value_t = 2)]
+    starters: usize,
+    /// Instances run one at a time on the idle system for the latency (0 to
+    /// skip).
+    #[arg(long, default_value_t = 50)]
+    samples: usize,
+    /// The PostgreSQL server.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The schema to create and use (default: a fresh `hephaestus_bench_<hex>`).
+    #[arg(long)]
+    schema: Option<String>,
+    /// Keep the schema afterwards.
+    #[arg(long)]
+    keep: bool,
+    /// Print one JSON object (and no progress bar).
+    #[arg(long)]
+    json: bool,
+}
+
+/// What was measured.
+#[derive(Debug, Clone)]
+struct Report {
+    burn_down: Duration,
+    commits: i64,
+    wal_bytes: i64,
+    checkpoints: Option<i64>,
+    /// Start to completed of every burn-down instance, from the table.
+    p50: Option<Duration>,
+    p99: Option<Duration>,
+    /// Start to completed of the one-at-a-time instances, sorted.
+    samples: Vec<Duration>,
+    server: String,
+}
+
+/// The worker "processes" of a run.
+struct Workers {
+    pools: Vec<PgPool>,
+    runtimes: Vec<Runtime<PgBackend>>,
+    queues: Vec<QueueRuntime>,
+}
+
+impl Workers {
+    async fn stop(self) {
+        for queue in &self.queues {
+            queue.shutdown(Duration::from_secs(10)).await;
+        }
+        drop(self.queues);
+        drop(self.runtimes);
+        for pool in self.pools {
+            pool.close().await;
+        }
+    }
 }
 
 impl WorkflowBench {
     pub async fn run(self) -> Result<()> {
-        bail!("bench workflow is not built yet ({} instances asked)", self.instances)
+        ensure!(self.instances > 0, "--instances must be at least 1");
+        ensure!(self.workers > 0, "--workers must be at least 1");
+        ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        ensure!(self.connections > 0, "--connections must be at least 1");
+        ensure!(self.batch > 0, "--batch must be at least 1");
+        ensure!(self.starters > 0, "--starters must be at least 1");
+        let name = self.schema.clone().unwrap_or_else(|| {
+            let suffix = uuid::Uuid::new_v4().simple().to_string();
+            format!("hephaestus_bench_{}", &suffix[..12])
+        });
+        let prefix = SchemaPrefix::new(&name).context("--schema")?;
+        let options = PgConnectOptions::from_str(&self.database_url)
+            .context("--database-url is not a PostgreSQL URL")?;
+        let admin = pool(&options, 2).await?;
+        hephaestus_storage_pg::migrate(&admin, &prefix)
+            .await
+            .context("migrating the benchmark schema (storage)")?;
+        hephaestus_queue_pg::migrate(&admin, &prefix)
+            .await
+            .context("migrating the benchmark schema (queue)")?;
+        let existing: i64 = sqlx::query_scalar(&format!(
+            "select count(*) from {}.hephaestus_instances",
+            prefix.quoted()
+        ))
+        .fetch_one(&admin)
+        .await?;
+        admin.close().await;
+        if existing > 0 {
+            bail!(
+                "schema {} already holds {existing} instances; use a fresh --schema",
+                prefix.as_str()
+            );
+        }
+        let outcome = self.measure(&options, &prefix).await;
+        if !self.keep {
+            let admin = pool(&options, 1).await?;
+            sqlx::raw_sql(&format!(
+                "drop schema if exists {} cascade",
+                prefix.quoted()
+            ))
+            .execute(&admin)
+            .await
+            .context("dropping the benchmark schema")?;
+            admin.close().await;
+        }
+        let report = outcome?;
+        self.print(&report);
+        Ok(())
+    }
+
+    async fn measure(&self, options: &PgConnectOptions, prefix: &SchemaPrefix) -> Result<Report> {
+        let workflow = self.shape.workflow()?;
+        let admin = pool(options, 1).await?;
+        let server: String = sqlx::query_scalar("show server_version")
+            .fetch_one(&admin)
+            .await?;
+        admin.close().await;
+
+        // 1. Burn-down, between two readings of the server's counters.
+        let before = server_counters(options).await?;
+        let workers = self.start_workers(options, prefix, &workflow).await?;
+        let burn_down = self.burn_down(options, prefix, &workflow).await;
+        workers.stop().await;
+        let burn_down = burn_down?;
+        let after = server_counters(options).await?;
+
+        // 2. Start to completed of every instance, from the table.
+        let admin = pool(options, 1).await?;
+        let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(&format!(
+            "select percentile_cont(0.5) within group (order by extract(epoch from updated_at - inserted_at)),
+                    percentile_cont(0.99) within group (order by extract(epoch from updated_at - inserted_at))
+             from {}.hephaestus_instances where status = 'completed'",
+            prefix.quoted()
+        ))
+        .fetch_one(&admin)
+        .await?;
+        // 3. One at a time on the idle system, vacuumed first as autovacuum
+        //    would have done after the burst.
+        for table in [
+            "hephaestus_jobs",
+            "hephaestus_instances",
+            "hephaestus_step_results",
+        ] {
+            sqlx::raw_sql(&format!("vacuum analyze {}.{table}", prefix.quoted()))
+                .execute(&admin)
+                .await?;
+        }
+        admin.close().await;
+        let samples = if self.samples == 0 {
+            Vec::new()
+        } else {
+            let workers = self.start_workers(options, prefix, &workflow).await?;
+            let samples = self.latency(&workers).await;
+            workers.stop().await;
+            samples?
+        };
+        Ok(Report {
+            burn_down,
+            commits: after.commits - before.commits,
+            wal_bytes: after.wal_bytes - before.wal_bytes,
+            checkpoints: after
+                .checkpoints
+                .zip(before.checkpoints)
+                .map(|(a, b)| a - b),
+            p50: p50.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            p99: p99.map(|s| Duration::from_secs_f64(s.max(0.0))),
+            samples,
+            server,
+        })
+    }
+
+    fn config(&self) -> RunnerConfig {
+        RunnerConfig {
+            concurrency: self.concurrency,
+            ..RunnerConfig::default()
+        }
+    }
+
+    async fn start_workers(
+        &self,
+        options: &PgConnectOptions,
+        prefix: &SchemaPrefix,
+        workflow: &Workflow,
+    ) -> Result<Workers> {
+        let mut workers = Workers {
+            pools: Vec::new(),
+            runtimes: Vec::new(),
+            queues: Vec::new(),
+        };
+        for i in 0..self.workers {
+            let pool = pool(options, self.connections).await?;
+            let runtime = runtime(&pool, prefix, workflow, self.config())?;
+            let queue = runtime
+                .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+                .retention(None)
+                .maintenance(i == 0)
+                .start()
+                .await
+                .context("starting a worker")?;
+            workers.pools.push(pool);
+            workers.runtimes.push(runtime);
+            workers.queues.push(queue);
+        }
+        Ok(workers)
+    }
+
+    /// Starts every instance and waits until all are completed.
+    async fn burn_down(
+        &self,
+        options: &PgConnectOptions,
+        prefix: &SchemaPrefix,
+        workflow: &Workflow,
+    ) -> Result<Duration> {
+        let starters = u32::try_from(self.starters).context("--starters")?;
+        let start_pool = pool(options, starters).await?;
+        let start_runtime = runtime(&start_pool, prefix, workflow, self.config())?;
+        let watch = pool(options, 1).await?;
+        // Open every connection before the clock starts.
+        let mut warm = Vec::new();
+        for _ in 0..self.starters {
+            warm.push(start_pool.acquire().await?);
+        }
+        drop(warm);
+        let progress = if self.json {
+            ProgressBar::hidden()
+        } else {
+            let bar = ProgressBar::new(u64::try_from(self.instances)?);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} completed ({per_sec}) {msg}",
+                )
+                .context("the progress template")?,
+            );
+            bar
+        };
+        let batches = self.instances.div_ceil(self.batch);
+        let next = Arc::new(AtomicUsize::new(0));
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        for _ in 0..self.starters {
+            let (rt, pool, next) = (start_runtime.clone(), start_pool.clone(), Arc::clone(&next));
+            let (batch, total) = (self.batch, self.instances);
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= batches {
+                        return Ok::<(), anyhow::Error>(());
+                    }
+                    let mut tx = pool.begin().await?;
+                    for n in i * batch..((i + 1) * batch).min(total) {
+                        rt.start_in(
+                            &mut tx,
+                            WORKFLOW,
+                            &n.to_string(),
+                            json!({}),
+                            StartOptions::default(),
+                        )
+                        .await?;
+                    }
+                    tx.commit().await?;
+                }
+            }));
+        }
+        let target = i64::try_from(self.instances)?;
+        let count = format!(
+            "select count(*) filter (where status = 'completed'),
+                    count(*) filter (where status in ('failed', 'cancelled'))
+             from {}.hephaestus_instances",
+            prefix.quoted()
+        );
+        let mut starting = tasks;
+        let elapsed = loop {
+            if starting.iter().all(tokio::task::JoinHandle::is_finished) {
+                for task in starting.drain(..) {
+                    task.await.context("a start task panicked")??;
+                }
+            }
+            let (done, failed): (i64, i64) = sqlx::query_as(&count).fetch_one(&watch).await?;
+            progress.set_position(u64::try_from(done).unwrap_or(0));
+            ensure!(failed == 0, "{failed} instances failed or were cancelled");
+            if done >= target {
+                break started.elapsed();
+            }
+            ensure!(
+                started.elapsed() < BURN_DOWN_LIMIT,
+                "the burn-down did not finish within {BURN_DOWN_LIMIT:?} ({done} of {target} instances completed)"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        progress.finish_and_clear();
+        for task in starting {
+            task.await.context("a start task panicked")??;
+        }
+        drop(start_runtime);
+        start_pool.close().await;
+        watch.close().await;
+        Ok(elapsed)
+    }
+
+    /// Runs instances one at a time; start to completed of each, sorted.
+    async fn latency(&self, workers: &Workers) -> Result<Vec<Duration>> {
+        let mut events: Vec<_> = workers.runtimes.iter().map(Runtime::subscribe).collect();
+        let starter = &workers.runtimes[0];
+        let warm_up = 5;
+        let mut samples = Vec::with_capacity(self.samples);
+        for i in 0..self.samples + warm_up {
+            let began = Instant::now();
+            let id = starter
+                .start(
+                    WORKFLOW,
+                    &format!("sample{i}"),
+                    json!({}),
+                    StartOptions::default(),
+                )
+                .await?
+                .id
+                .to_string();
+            wait_for_stop(&mut events, &id).await?;
+            if i >= warm_up {
+                samples.push(began.elapsed());
+            }
+        }
+        samples.sort_unstable();
+        Ok(samples)
+    }
+
+    fn print(&self, report: &Report) {
+        let ms = |d: Duration| d.as_secs_f64() * 1_000.0;
+        let seconds = report.burn_down.as_secs_f64();
+        let steps = self.instances * self.shape.steps();
+        let per_step =
+            |d: Duration| ms(d) / f64::from(u32::try_from(self.shape.steps()).unwrap_or(u32::MAX));
+        let sample_p50 = percentile(&report.samples, 500);
+        let sample_p99 = percentile(&report.samples, 990);
+        let out = json!({
+            "bench": "workflow",
+            "backend": "postgres",
+            "method": "burn-down: workers running, start all instances in batches, time until every one is completed; then latency one instance at a time on the idle system",
+            "shape": self.shape.name(),
+            "instances": self.instances,
+            "steps_per_instance": self.shape.steps(),
+            "steps": steps,
+            "workers": self.workers,
+            "concurrency_per_worker": self.concurrency,
+            "connections_per_worker": self.connections,
+            "seconds": seconds,
+            "workflows_per_sec": ratio(self.instances, seconds),
+            "steps_per_sec": ratio(steps, seconds),
+            "p50_ms": report.p50.map(ms),
+            "p99_ms": report.p99.map(ms),
+            "commits": report.commits,
+            "commits_per_step": ratio_i64(report.commits, steps),
+            "wal_bytes_per_step": ratio_i64(report.wal_bytes, steps),
+            "checkpoints_during_burn_down": report.checkpoints,
+            "latency_samples": report.samples.len(),
+            "latency_p50_ms": sample_p50.map(ms),
+            "latency_p99_ms": sample_p99.map(ms),
+            "step_latency_p50_ms": sample_p50.map(per_step),
+            "postgres": report.server,
+            "cpus": std::thread::available_parallelism().map(std::num::NonZero::get).ok(),
+        });
+        if self.json {
+            println!("{out}");
+            return;
+        }
+        let num = |key: &str| out.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN);
+        println!(
+            "workflow burn-down: {} {} instances ({} steps), {} workers x {} slots (PostgreSQL {})",
+            self.instances,
+            self.shape.name(),
+            steps,
+            self.workers,
+            self.concurrency,
+            report.server
+        );
+        println!(
+            "  burn-down {seconds:>8.3} s  {:>8.0} workflows/s  {:>8.0} steps/s",
+            num("workflows_per_sec"),
+            num("steps_per_sec")
+        );
+        println!(
+            "  start->completed p50 {:.1} ms, p99 {:.1} ms",
+            num("p50_ms"),
+            num("p99_ms")
+        );
+        println!(
+            "  {:.3} commits/step, {:.0} WAL bytes/step",
+            num("commits_per_step"),
+            num("wal_bytes_per_step")
+        );
+        if !report.samples.is_empty() {
+            println!(
+                "  one at a time: start->completed p50 {:.2} ms, p99 {:.2} ms; per step p50 {:.2} ms ({} samples)",
+                num("latency_p50_ms"),
+                num("latency_p99_ms"),
+                num("step_latency_p50_ms"),
+                report.samples.len()
+            );
+        }
+    }
+}
+
+/// Waits for the `workflow.stop` event of instance `id` on any worker.
+async fn wait_for_stop(
+    events: &mut [tokio::sync::broadcast::Receiver<hephaestus_runner::telemetry::TelemetryEvent>],
+    id: &str,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + SAMPLE_LIMIT;
+    loop {
+        let next = futures_first(events);
+        let event = tokio::time::timeout_at(deadline, next)
+            .await
+            .with_context(|| format!("instance {id} did not complete within {SAMPLE_LIMIT:?}"))??;
+        let of_it = event.metadata.get("instance_id").and_then(Value::as_str) == Some(id);
+        if of_it && event.name == names::WORKFLOW_STOP {
+            return Ok(());
+        }
+        if of_it && event.name == names::WORKFLOW_EXCEPTION {
+            bail!("instance {id} failed");
+        }
+    }
+}
+
+/// The next event of any receiver (lagging receivers skip ahead).
+async fn futures_first(
+    events: &mut [tokio::sync::broadcast::Receiver<hephaestus_runner::telemetry::TelemetryEvent>],
+) -> Result<hephaestus_runner::telemetry::TelemetryEvent> {
+    use tokio::sync::broadcast::error::TryRecvError;
+    loop {
+        for rx in events.iter_mut() {
+            match rx.try_recv() {
+                Ok(event) => return Ok(event),
+                Err(TryRecvError::Empty | TryRecvError::Lagged(_)) => {}
+                Err(TryRecvError::Closed) => bail!("a worker stopped"),
+            }
+        }
+        tokio::time::sleep(Duration::from_micros(100)).await;
+    }
+}
+
+fn runtime(
+    pool: &PgPool,
+    prefix: &SchemaPrefix,
+    workflow: &Workflow,
+    config: RunnerConfig,
+) -> Result<Runtime<PgBackend>> {
+    let backend = PgBackend::new(
+        PgStore::new(pool.clone(), prefix.clone()),
+        PgQueue::new(pool.clone(), prefix.clone()),
+    );
+    Runtime::builder(backend)
+        .workflow(workflow.clone())
+        .config(config)
+        .build()
+        .context("building a runtime")
+}
+
+async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.clone())
+        .await
+        .context("connecting to PostgreSQL")
+}
+
+/// The database's committed transactions and the WAL position, read on a
+/// fresh connection once the benchmark's other connections are closed (a
+/// backend flushes its statistics when it exits), and the checkpoint count.
+async fn server_counters(options: &PgConnectOptions) -> Result<ServerCounters> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reader = pool(options, 1).await?;
+    let (commits, wal_bytes): (i64, i64) = sqlx::query_as(
+        "select xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
+         from pg_stat_database where datname = current_database()",
+    )
+    .fetch_one(&reader)
+    .await?;
+    // pg_stat_bgwriter up to PostgreSQL 16, pg_stat_checkpointer from 17.
+    let checkpoints: Option<i64> = match sqlx::query_scalar(
+        "select checkpoints_timed + checkpoints_req from pg_stat_bgwriter",
+    )
+    .fetch_one(&reader)
+    .await
+    {
+        Ok(n) => Some(n),
+        Err(_) => sqlx::query_scalar("select num_timed + num_requested from pg_stat_checkpointer")
+            .fetch_one(&reader)
+            .await
+            .ok(),
+    };
+    reader.close().await;
+    Ok(ServerCounters {
+        commits,
+        wal_bytes,
+        checkpoints,
+    })
+}
+
+/// Server-wide counters read before and after the burn-down.
+#[derive(Debug, Clone, Copy)]
+struct ServerCounters {
+    commits: i64,
+    wal_bytes: i64,
+    checkpoints: Option<i64>,
+}
+
+fn ratio(n: usize, d: f64) -> f64 {
+    let n = u32::try_from(n).map_or(f64::from(u32::MAX), f64::from);
+    if d > 0.0 { n / d } else { 0.0 }
+}
+
+fn ratio_i64(n: i64, d: usize) -> f64 {
+    let n = i32::try_from(n).map_or(f64::from(i32::MAX), f64::from);
+    let d = u32::try_from(d).map_or(f64::from(u32::MAX), f64::from);
+    if d > 0.0 { n / d } else { 0.0 }
+}
+
+/// The quantile `per_mille`/1000 of sorted samples (nearest rank).
+fn percentile(sorted: &[Duration], per_mille: usize) -> Option<Duration> {
+    let rank = (sorted.len() * per_mille).div_ceil(1000).max(1);
+    sorted.get(rank - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_shape_builds_with_its_step_count() {
+        for shape in [Shape::Diamond, Shape::Linear, Shape::Wide] {
+            let wf = shape.workflow().expect("a valid workflow");
+            // The user steps plus the terminal `Done`.
+            assert_eq!(wf.steps().len(), shape.steps() + 1, "{shape:?}");
+        }
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&samples, 500), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&samples, 990), Some(Duration::from_millis(99)));
+        assert_eq!(percentile(&[], 500), None);
     }
 }

@@ -2094,6 +2094,7 @@ where
             fetch_orders_by_priority_then_time_then_id,
             fetch_honours_limit_and_queue,
             unique_jobs_return_the_existing_job,
+            a_merged_unique_job_is_not_lost_to_a_claim_before_commit,
             stale_lease_is_fenced_off,
             retry_records_the_error_and_bumps_the_attempt,
             discard_records_the_error_and_stops,
@@ -2410,6 +2411,69 @@ async fn fetch_honours_limit_and_queue<B: JobQueue>(b: &B) -> Result<(), String>
         b.fetch("other", 3, soon()).await.check("fetch")?.len(),
         1,
         "the other queue's job"
+    );
+    Ok(())
+}
+
+/// A unique enqueue that merges into a waiting holder carries work the
+/// holder's run must see (the runner's "advance this instance" after a
+/// step result). If a worker claims the holder before the merging unit of
+/// work commits, it may run without seeing that work: a backend must then
+/// either keep the holder from being claimed until the commit (PostgreSQL
+/// locks it) or enqueue the merged job at commit (memory). Either way, a
+/// job with the key is claimed after the commit.
+async fn a_merged_unique_job_is_not_lost_to_a_claim_before_commit<B: JobQueue>(
+    b: &B,
+) -> Result<(), String> {
+    let job = {
+        let mut job = new_job("merge", json!({"instance": "m1"}));
+        job.unique = Some(UniqueJob {
+            key: "merge:m1".to_owned(),
+            states: vec![
+                JobState::Available,
+                JobState::Scheduled,
+                JobState::Retryable,
+            ],
+        });
+        job
+    };
+    let holder = enqueue_one(b, job.clone()).await?;
+    let mut tx = b.begin().await.check("begin")?;
+    ensure_eq!(
+        b.enqueue(&mut tx, std::slice::from_ref(&job))
+            .await
+            .check("enqueue")?,
+        vec![Enqueued::Existing(holder)],
+        "merged into the waiting holder"
+    );
+    // A worker fetches before the merging unit of work commits.
+    let early = b.fetch("merge", 10, soon()).await.check("fetch")?;
+    b.commit(tx).await.check("commit")?;
+    let late = b.fetch("merge", 10, soon()).await.check("fetch")?;
+    match (early.as_slice(), late.as_slice()) {
+        // The holder was kept from the early fetch: it is claimed now.
+        ([], [lease]) => ensure_eq!(lease.id, holder, "the holder, after the commit"),
+        // The holder was claimed early: the merged job was enqueued at commit.
+        ([claimed], [lease]) => {
+            ensure_eq!(claimed.id, holder, "the early claim took the holder");
+            ensure!(lease.id != holder, "a new job, enqueued at commit");
+            ensure_eq!(
+                lease.args.clone(),
+                json!({"instance": "m1"}),
+                "the merged job"
+            );
+        }
+        _ => {
+            return Err(format!(
+                "expected the key's work to be claimed after the commit; early {early:?}, late {late:?}"
+            ));
+        }
+    }
+    // Nothing else is left: the merge produced at most one extra job.
+    ensure_eq!(
+        b.fetch("merge", 10, far_future()).await.check("fetch")?,
+        Vec::new(),
+        "no further job"
     );
     Ok(())
 }

@@ -307,10 +307,24 @@ impl JobChange {
 enum Op {
     InsertInstance(Box<Instance>),
     UpdateInstance(Box<Instance>),
-    Record { seq: i64, result: NewStepResult },
-    MarkProcessed { instance_id: Uuid, seqs: Vec<i64> },
+    Record {
+        seq: i64,
+        result: NewStepResult,
+    },
+    MarkProcessed {
+        instance_id: Uuid,
+        seqs: Vec<i64>,
+    },
     Enqueue(Box<JobRow>),
-    ChangeJob { id: JobId, change: JobChange },
+    /// A unique job that merged into a committed holder: inserted at commit
+    /// only if the holder no longer holds the key by then (a worker claimed
+    /// it meanwhile, before this unit of work's writes were visible, so it
+    /// may have missed them). Invisible inside the unit of work.
+    EnqueueIfFree(Box<JobRow>),
+    ChangeJob {
+        id: JobId,
+        change: JobChange,
+    },
 }
 
 fn wake_all(wakers: Vec<Waker>) {
@@ -513,7 +527,7 @@ impl State {
                         self.mark_processed(instance_id, seq, now);
                     }
                 }
-                Op::Enqueue(job) => self.put_job(*job),
+                Op::Enqueue(job) | Op::EnqueueIfFree(job) => self.put_job(*job),
                 Op::ChangeJob { id, change } => self.change_job(id, &change, now),
             }
         }
@@ -990,18 +1004,21 @@ impl MemoryBackend {
         let mut st = self.state();
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if let Some(existing) = job
+            let existing = job
                 .unique
                 .as_ref()
-                .and_then(|unique| find_unique(&st, &tx.ops, unique))
+                .and_then(|unique| find_unique(&st, &tx.ops, unique));
+            if let Some(existing) = existing
+                && !st.jobs.contains_key(&existing)
             {
+                // Held by a job of this same unit of work.
                 out.push(Enqueued::Existing(existing));
                 continue;
             }
             st.last_job_id += 1;
             let id = JobId(st.last_job_id);
             let scheduled_at = job.scheduled_at.unwrap_or(now);
-            tx.ops.push(Op::Enqueue(Box::new(JobRow {
+            let row = Box::new(JobRow {
                 id,
                 kind: job.kind.clone(),
                 queue: job.queue.clone(),
@@ -1022,8 +1039,15 @@ impl MemoryBackend {
                 group: job.group.clone(),
                 finalized_at: None,
                 heartbeat_at: None,
-            })));
-            out.push(Enqueued::Inserted(id));
+            });
+            if let Some(existing) = existing {
+                // Merged into a committed holder; see `Op::EnqueueIfFree`.
+                tx.ops.push(Op::EnqueueIfFree(row));
+                out.push(Enqueued::Existing(existing));
+            } else {
+                tx.ops.push(Op::Enqueue(row));
+                out.push(Enqueued::Inserted(id));
+            }
         }
         Ok(out)
     }

@@ -91,12 +91,24 @@ select input.id, true as inserted, (select n from notified) as notified
 from input
 order by input.ord";
 
-/// The jobs holding these unique keys (the rows the unique index covers).
-pub(super) const FIND_UNIQUE: &str = r"select unique_key, id
+/// The jobs holding these unique keys (the rows the unique index covers),
+/// locked `for share` until the inserting transaction ends: a job merged
+/// into its holder may carry work the holder must see (a step result that
+/// enqueued its instance's advance), and the claim (`for update skip
+/// locked`) passes over a locked holder, so the holder cannot start before
+/// the merging transaction's writes are visible. A holder claimed between
+/// the conflict and this look-up no longer matches (`unique_held` is
+/// rechecked on the newest version) and the job is inserted again. A
+/// producer that fetched while the holder was locked passed over it, so an
+/// available holder's queue is notified again (`i:<queue>`, delivered when
+/// the lock is released at commit).
+pub(super) const FIND_UNIQUE: &str = r"select unique_key, id,
+       case when state = 'available' then pg_notify($2::text, 'i:' || queue) end is null as quiet
 from {prefix}.hephaestus_jobs
 where unique_key = any($1::text[])
   and unique_key is not null
-  and {prefix}.hephaestus_jobs_unique_held(unique_states, state)";
+  and {prefix}.hephaestus_jobs_unique_held(unique_states, state)
+for share";
 
 /// How often a unique insert is retried when the conflicting job left the
 /// unique states between the conflict and the look-up.
@@ -174,12 +186,15 @@ impl PgQueue {
                 .iter()
                 .filter_map(|&i| jobs[i].unique.as_ref().map(|u| u.key.as_str()))
                 .collect();
-            let holders: HashMap<String, i64> = sqlx::query_as(&self.sql().find_unique)
-                .bind(&keys)
-                .fetch_all(&mut *conn)
-                .await?
-                .into_iter()
-                .collect();
+            let holders: HashMap<String, i64> =
+                sqlx::query_as::<_, (String, i64, bool)>(&self.sql().find_unique)
+                    .bind(&keys)
+                    .bind(self.channel())
+                    .fetch_all(&mut *conn)
+                    .await?
+                    .into_iter()
+                    .map(|(key, id, _)| (key, id))
+                    .collect();
             pending.clear();
             for index in conflicted {
                 let holder = jobs[index]
