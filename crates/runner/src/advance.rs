@@ -94,7 +94,7 @@ impl<B: Backend> Runtime<B> {
         report: &mut AdvanceReport,
     ) -> Result<bool, RunnerError> {
         let b = &self.inner.backend;
-        let round_started = std::time::Instant::now();
+        let round_started = self.now();
         let mut tx = b.begin().await?;
         let Some(mut instance) = b.lock(&mut tx, instance_id).await? else {
             return Err(RunnerError::NotFound(instance_id.to_string()));
@@ -222,7 +222,7 @@ impl<B: Backend> Runtime<B> {
         telemetry.emit(
             crate::telemetry::names::ENGINE_ADVANCE,
             serde_json::json!({
-                "duration": u64::try_from(round_started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                "duration": u64::try_from((self.now() - round_started).num_milliseconds()).unwrap_or(0),
                 "active_steps_count": instance.open_steps().count(),
             }),
             crate::telemetry::instance_metadata(

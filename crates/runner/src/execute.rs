@@ -80,7 +80,9 @@ impl<B: Backend> Runtime<B> {
             serde_json::json!({"system_time": self.now()}),
             step_meta.clone(),
         );
-        let step_started = std::time::Instant::now();
+        // Durations read the runtime's clock, like every other time: a
+        // virtual clock in tests makes them deterministic.
+        let step_started = self.now();
         let signal = CancellationSignal::new();
         self.register_running(args.instance_id, &signal);
         // A stop request from the queue (another process cancelled the
@@ -131,7 +133,7 @@ impl<B: Backend> Runtime<B> {
             }
             Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
         };
-        let duration = u64::try_from(step_started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
         match &outcome {
             StepOutcome::Complete(c) => {
                 let mut meta = step_meta;

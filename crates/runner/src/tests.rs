@@ -678,3 +678,42 @@ mod testing_tools {
         );
     }
 }
+
+#[tokio::test]
+async fn telemetry_durations_read_the_runtime_clock() {
+    let clock = TestClock::new();
+    let during = clock.clone();
+    // The step takes 250 ms of the runtime's (virtual) time.
+    let slow = FnStep::new("Slow", ["done"], move |_| {
+        during.advance(Duration::from_millis(250));
+        StepOutcome::complete("done")
+    });
+    let wf = Workflow::builder("timed")
+        .unique("t", Scope::Workflow)
+        .start(slow.clone())
+        .on(slow, "done", Done)
+        .build()
+        .unwrap();
+    let rt = Runtime::builder(MemoryBackend::with_clock(clock.as_clock()))
+        .clock(clock.as_clock())
+        .workflow(wf)
+        .build()
+        .unwrap();
+    let mut events = rt.subscribe();
+    rt.start("timed", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    rt.drain().await.unwrap();
+    let mut step_ms = None;
+    let mut workflow_ms = None;
+    while let Ok(e) = events.try_recv() {
+        if e.name == crate::telemetry::names::STEP_STOP && e.metadata["step"] == "Slow" {
+            step_ms = e.measurements.get("duration").and_then(Value::as_u64);
+        }
+        if e.name == crate::telemetry::names::WORKFLOW_STOP {
+            workflow_ms = e.measurements.get("duration").and_then(Value::as_u64);
+        }
+    }
+    assert_eq!(step_ms, Some(250), "exactly the virtual time the step took");
+    assert_eq!(workflow_ms, Some(250), "start to stop on the virtual clock");
+}
