@@ -228,6 +228,17 @@ impl Recorder {
         Ok(Self { pool, insert })
     }
 
+    /// A recorder that is never connected: for looking at the definitions
+    /// (`hephaestus graph`), not for running them (recording would fail).
+    pub fn detached() -> Self {
+        Self {
+            pool: sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .connect_lazy_with(sqlx::postgres::PgConnectOptions::new()),
+            insert: String::new(),
+        }
+    }
+
     /// The schema-qualified table name.
     pub fn table(prefix: &SchemaPrefix) -> String {
         format!("{}.fixture_executions", prefix.quoted())

@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fixtures;
+mod graph;
 mod worker;
 
 /// Hephaestus: durable workflows on PostgreSQL.
@@ -29,6 +30,8 @@ enum Command {
     },
     /// Runs a worker process for the example workflows on PostgreSQL.
     Worker(worker::WorkerCommand),
+    /// Prints a registered workflow's DAG (terminal drawing, or DOT with --dot).
+    Graph(graph::GraphCommand),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Bench { bench } => bench.run().await,
             Command::Worker(worker) => worker.run().await,
+            Command::Graph(graph) => graph.run(),
         }
     });
     match outcome {
