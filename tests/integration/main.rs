@@ -3,6 +3,7 @@
 //! PostgreSQL tests need a server: `DATABASE_URL`, or the `testcontainers` feature with
 //! Docker; `cargo xtask test` finds one by itself. They never skip silently.
 
+mod cli;
 mod faults;
 mod migrations;
 mod queue_pg;

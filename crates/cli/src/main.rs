@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod fixtures;
 mod graph;
+mod migrate;
 mod worker;
 
 /// Hephaestus: durable workflows on PostgreSQL.
@@ -32,6 +33,10 @@ enum Command {
     Worker(worker::WorkerCommand),
     /// Prints a registered workflow's DAG (terminal drawing, or DOT with --dot).
     Graph(graph::GraphCommand),
+    /// Applies, reverts or shows the schema's migrations.
+    Migrate(migrate::MigrateCommand),
+    /// Writes the migration SQL files for your own migration tool.
+    GenMigration(migrate::GenMigrationCommand),
 }
 
 fn main() -> ExitCode {
@@ -51,6 +56,8 @@ fn main() -> ExitCode {
             Command::Bench { bench } => bench.run().await,
             Command::Worker(worker) => worker.run().await,
             Command::Graph(graph) => graph.run(),
+            Command::Migrate(migrate) => migrate.run().await,
+            Command::GenMigration(generate) => generate.run(),
         }
     });
     match outcome {

@@ -1,0 +1,311 @@
+//! `hephaestus migrate up|down|status` and `hephaestus gen-migration`: the
+//! schema of the storage and queue components, applied from the command
+//! line or generated as SQL files for another migration tool (the same
+//! generator as `cargo xtask gen-migration`).
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Subcommand};
+use hephaestus_migrations_gen::files::{check_dir, render_files, write_dir};
+use hephaestus_migrations_gen::{
+    Component, Registry, SchemaPrefix, current_version_sql, render_down, render_up,
+    versions_table_exists_sql,
+};
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres, Transaction};
+
+/// Every component, in dependency order (storage before queue).
+fn registry() -> Result<Registry> {
+    Ok(Registry::new(vec![
+        hephaestus_storage_pg::schema(),
+        hephaestus_queue_pg::schema(),
+    ])?)
+}
+
+/// `hephaestus migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateCommand {
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// The schema (prefix) holding Hephaestus's tables.
+    #[arg(long, default_value = SchemaPrefix::DEFAULT)]
+    schema: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(subcommand)]
+    action: MigrateAction,
+}
+
+#[derive(Debug, Subcommand)]
+enum MigrateAction {
+    /// Migrates every component (or one) up to its latest version (or --to).
+    Up {
+        /// Only this component (`storage` or `queue`).
+        #[arg(long)]
+        component: Option<String>,
+        /// Stop at this version (default: the latest).
+        #[arg(long)]
+        to: Option<u32>,
+    },
+    /// Migrates down to version --to (0 drops the component's tables):
+    /// every component (queue first) or one.
+    Down {
+        /// Only this component (`storage` or `queue`).
+        #[arg(long)]
+        component: Option<String>,
+        /// The version to go down to.
+        #[arg(long)]
+        to: u32,
+    },
+    /// Shows each component's version in the database and in this build.
+    Status,
+}
+
+/// Connects with a message that says what is wrong and what to do.
+pub async fn connect(url: &str) -> Result<PgPool> {
+    let options = PgConnectOptions::from_str(url).with_context(|| {
+        "the database URL is not a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE)"
+    })?;
+    let (host, port, db) = (
+        options.get_host().to_owned(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default)").to_owned(),
+    );
+    PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_with(options)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to PostgreSQL at {host}:{port}, database {db}: is the server running and the URL right? (set --database-url or DATABASE_URL)"
+            )
+        })
+}
+
+/// A component's version in the database (0 when never migrated).
+async fn current(
+    tx: &mut Transaction<'_, Postgres>,
+    prefix: &SchemaPrefix,
+    component: &Component,
+) -> Result<u32> {
+    let exists: bool = sqlx::query_scalar(&versions_table_exists_sql(prefix))
+        .fetch_one(&mut **tx)
+        .await?;
+    if !exists {
+        return Ok(0);
+    }
+    let version: i32 = sqlx::query_scalar(&current_version_sql(prefix))
+        .bind(component.name())
+        .fetch_one(&mut **tx)
+        .await?;
+    u32::try_from(version).with_context(|| format!("negative recorded version {version}"))
+}
+
+impl MigrateCommand {
+    pub async fn run(self) -> Result<()> {
+        let prefix = SchemaPrefix::new(&self.schema).context("--schema")?;
+        let registry = registry()?;
+        let chosen = |name: &Option<String>| -> Result<Vec<&Component>> {
+            match name {
+                None => Ok(registry.components().iter().collect()),
+                Some(name) => Ok(vec![registry.get(name).with_context(|| {
+                    format!("unknown component {name:?} (storage or queue)")
+                })?]),
+            }
+        };
+        let pool = connect(&self.database_url).await?;
+        let outcome = match &self.action {
+            MigrateAction::Status => self.status(&pool, &prefix, &registry).await,
+            MigrateAction::Up { component, to } => {
+                let mut report = Vec::new();
+                for c in chosen(component)? {
+                    let target = to.unwrap_or_else(|| c.latest());
+                    if target > c.latest() {
+                        bail!(
+                            "{} has no version {target} (latest: {})",
+                            c.name(),
+                            c.latest()
+                        );
+                    }
+                    report.push(self.apply(&pool, &prefix, c, target, true).await?);
+                }
+                self.print_moves(&report);
+                Ok(())
+            }
+            MigrateAction::Down { component, to } => {
+                let mut report = Vec::new();
+                // Dependents first: the queue before the storage.
+                for c in chosen(component)?.into_iter().rev() {
+                    report.push(self.apply(&pool, &prefix, c, *to, false).await?);
+                }
+                self.print_moves(&report);
+                Ok(())
+            }
+        };
+        pool.close().await;
+        outcome
+    }
+
+    /// Moves one component to `target` in one transaction; returns
+    /// (component, from, to).
+    async fn apply(
+        &self,
+        pool: &PgPool,
+        prefix: &SchemaPrefix,
+        component: &Component,
+        target: u32,
+        up: bool,
+    ) -> Result<(String, u32, u32)> {
+        let mut tx = pool.begin().await?;
+        let from = current(&mut tx, prefix, component).await?;
+        let script = if up {
+            if target < from {
+                bail!(
+                    "{} is at version {from}, above {target}: use `hephaestus migrate down --to {target}`",
+                    component.name()
+                );
+            }
+            render_up(component, prefix, from, target)?
+        } else {
+            if target > from {
+                bail!(
+                    "{} is at version {from}, below {target}: use `hephaestus migrate up --to {target}`",
+                    component.name()
+                );
+            }
+            render_down(component, prefix, from, target)?
+        };
+        if !script.is_empty() {
+            sqlx::raw_sql(&script.to_sql())
+                .execute(&mut *tx)
+                .await
+                .with_context(|| {
+                    format!("migrating {} from {from} to {target}", component.name())
+                })?;
+        }
+        tx.commit().await?;
+        Ok((component.name().to_owned(), from, target))
+    }
+
+    fn print_moves(&self, moves: &[(String, u32, u32)]) {
+        if self.json {
+            let out: Vec<_> = moves
+                .iter()
+                .map(|(c, from, to)| json!({"component": c, "from": from, "to": to}))
+                .collect();
+            println!("{}", json!({"schema": self.schema, "migrated": out}));
+        } else {
+            for (c, from, to) in moves {
+                if from == to {
+                    println!("{c}: already at version {to}");
+                } else {
+                    println!("{c}: {from} -> {to}");
+                }
+            }
+        }
+    }
+
+    async fn status(
+        &self,
+        pool: &PgPool,
+        prefix: &SchemaPrefix,
+        registry: &Registry,
+    ) -> Result<()> {
+        let mut tx = pool.begin().await?;
+        let mut rows = Vec::new();
+        for c in registry.components() {
+            rows.push((c.name(), current(&mut tx, prefix, c).await?, c.latest()));
+        }
+        tx.rollback().await?;
+        if self.json {
+            let out: Vec<_> = rows
+                .iter()
+                .map(|(c, db, latest)| {
+                    json!({"component": c, "database": db, "latest": latest, "up_to_date": db == latest})
+                })
+                .collect();
+            println!("{}", json!({"schema": self.schema, "components": out}));
+            return Ok(());
+        }
+        println!("schema {}", self.schema);
+        for (c, db, latest) in &rows {
+            let state = match db.cmp(latest) {
+                std::cmp::Ordering::Equal => "up to date".to_owned(),
+                std::cmp::Ordering::Less if *db == 0 => {
+                    format!(
+                        "not migrated: run `hephaestus migrate --schema {} up`",
+                        self.schema
+                    )
+                }
+                std::cmp::Ordering::Less => {
+                    format!(
+                        "behind: run `hephaestus migrate --schema {} up`",
+                        self.schema
+                    )
+                }
+                std::cmp::Ordering::Greater => {
+                    "ahead of this build (a newer Hephaestus migrated it)".to_owned()
+                }
+            };
+            println!("  {c:<8} database v{db}, this build v{latest}: {state}");
+        }
+        Ok(())
+    }
+}
+
+/// `hephaestus gen-migration`: SQL files for your own migration tool.
+#[derive(Debug, Args)]
+pub struct GenMigrationCommand {
+    /// The schema (prefix) the SQL creates its tables in.
+    #[arg(long, default_value = SchemaPrefix::DEFAULT)]
+    prefix: String,
+    /// Where to write the files.
+    #[arg(long)]
+    out: PathBuf,
+    /// Write nothing; fail when files are missing, stale or extra.
+    #[arg(long)]
+    check: bool,
+}
+
+impl GenMigrationCommand {
+    pub fn run(&self) -> Result<()> {
+        let prefix = SchemaPrefix::new(&self.prefix).context("--prefix")?;
+        let files = render_files(&registry()?, &prefix)?;
+        if self.check {
+            let status = check_dir(&self.out, &files)?;
+            if status.is_clean() {
+                println!(
+                    "{} files in {} are up to date",
+                    files.len(),
+                    self.out.display()
+                );
+                return Ok(());
+            }
+            bail!(
+                "{} is out of date:\n{}\nrun `hephaestus gen-migration --prefix {} --out {}`",
+                self.out.display(),
+                status.describe(),
+                self.prefix,
+                self.out.display()
+            );
+        }
+        let report = write_dir(&self.out, &files)
+            .with_context(|| format!("writing migrations into {}", self.out.display()))?;
+        for name in &report.written {
+            println!("wrote {}", self.out.join(name).display());
+        }
+        println!(
+            "{} written, {} unchanged, in {}",
+            report.written.len(),
+            report.unchanged.len(),
+            self.out.display()
+        );
+        Ok(())
+    }
+}

@@ -1,0 +1,212 @@
+//! The `hephaestus` command end to end against PostgreSQL: migrate up, down
+//! and status (text and JSON), gen-migration and its check, graph, and the
+//! errors a user meets on a bad day (unreachable server, bad URL, unknown
+//! component or workflow, a stale migrations directory).
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+use crate::faults::hephaestus_bin;
+use crate::support::db::{TestSchema, database_url};
+
+fn hephaestus(args: &[&str]) -> Output {
+    Command::new(hephaestus_bin())
+        .args(args)
+        .env("DATABASE_URL", database_url())
+        .output()
+        .expect("the hephaestus binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn status_json(schema: &str) -> Value {
+    let out = hephaestus(&["migrate", "--schema", schema, "--json", "status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_str(&stdout(&out)).expect("one JSON object")
+}
+
+fn versions(status: &Value) -> Vec<(String, u64, u64)> {
+    status["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["component"].as_str().unwrap().to_owned(),
+                c["database"].as_u64().unwrap(),
+                c["latest"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn migrate_up_down_and_status_move_each_component() {
+    // A fresh, empty schema name of our own (TestSchema gives a unique,
+    // validated prefix; nothing is migrated in it yet).
+    let schema = TestSchema::new().await;
+    let name = schema.prefix.as_str().to_owned();
+    let latest = |c: &str| match c {
+        "storage" => u64::from(hephaestus_storage_pg::schema().latest()),
+        _ => u64::from(hephaestus_queue_pg::schema().latest()),
+    };
+
+    let before = versions(&status_json(&name));
+    assert!(before.iter().all(|(_, db, _)| *db == 0), "{before:?}");
+    let text = hephaestus(&["migrate", "--schema", &name, "status"]);
+    assert!(
+        stdout(&text).contains(&format!("run `hephaestus migrate --schema {name} up`")),
+        "an unmigrated schema says what to run: {}",
+        stdout(&text)
+    );
+
+    let up = hephaestus(&["migrate", "--schema", &name, "up"]);
+    assert!(up.status.success(), "{}", stderr(&up));
+    for (c, db, l) in versions(&status_json(&name)) {
+        assert_eq!((db, l), (latest(&c), latest(&c)), "{c} after up");
+    }
+    let again = hephaestus(&["migrate", "--schema", &name, "up"]);
+    assert!(
+        stdout(&again).contains("already at version"),
+        "{}",
+        stdout(&again)
+    );
+
+    let down = hephaestus(&[
+        "migrate",
+        "--schema",
+        &name,
+        "down",
+        "--to",
+        "0",
+        "--component",
+        "queue",
+    ]);
+    assert!(down.status.success(), "{}", stderr(&down));
+    let after = versions(&status_json(&name));
+    assert!(
+        after.contains(&("queue".to_owned(), 0, latest("queue"))),
+        "{after:?}"
+    );
+    assert!(after.contains(&("storage".to_owned(), latest("storage"), latest("storage"))));
+    let table: Option<String> = sqlx::query_scalar("select to_regclass($1)::text")
+        .bind(format!("{}.hephaestus_jobs", schema.prefix.quoted()))
+        .fetch_one(&schema.pool)
+        .await
+        .unwrap();
+    assert_eq!(table, None, "the queue's tables are gone");
+
+    let unknown = hephaestus(&["migrate", "--schema", &name, "up", "--component", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("unknown component \"nope\""),
+        "{}",
+        stderr(&unknown)
+    );
+    schema.teardown().await;
+}
+
+#[test]
+fn connection_problems_say_what_is_wrong() {
+    let refused = Command::new(hephaestus_bin())
+        .args([
+            "migrate",
+            "--database-url",
+            "postgres://postgres@127.0.0.1:1/nowhere",
+            "status",
+        ])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("cannot connect to PostgreSQL at 127.0.0.1:1, database nowhere"),
+        "{}",
+        stderr(&refused)
+    );
+    let garbage = Command::new(hephaestus_bin())
+        .args(["migrate", "--database-url", "not a url", "status"])
+        .output()
+        .unwrap();
+    assert!(!garbage.status.success());
+    assert!(
+        stderr(&garbage).contains("is not a PostgreSQL URL"),
+        "{}",
+        stderr(&garbage)
+    );
+}
+
+#[test]
+fn gen_migration_writes_and_checks_the_files() {
+    let dir = std::env::temp_dir().join(format!(
+        "hephaestus-cli-{}",
+        crate::support::db::unique_suffix()
+    ));
+    let dir_str = dir.to_str().unwrap().to_owned();
+    let out = hephaestus(&["gen-migration", "--prefix", "billing", "--out", &dir_str]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.ends_with("_hephaestus_queue_v2.up.sql")),
+        "{names:?}"
+    );
+    let sql = std::fs::read_to_string(dir.join(&names[1])).unwrap();
+    assert!(sql.contains("\"billing\"."), "rendered for the prefix");
+    let check = hephaestus(&[
+        "gen-migration",
+        "--prefix",
+        "billing",
+        "--out",
+        &dir_str,
+        "--check",
+    ]);
+    assert!(check.status.success(), "{}", stderr(&check));
+    std::fs::write(dir.join(&names[0]), "-- edited by hand\n").unwrap();
+    let stale = hephaestus(&[
+        "gen-migration",
+        "--prefix",
+        "billing",
+        "--out",
+        &dir_str,
+        "--check",
+    ]);
+    assert!(!stale.status.success());
+    assert!(stderr(&stale).contains("out of date"), "{}", stderr(&stale));
+    let bad = hephaestus(&["gen-migration", "--prefix", "Bad Prefix", "--out", &dir_str]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("--prefix"), "{}", stderr(&bad));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn graph_draws_a_registered_workflow_and_names_the_others() {
+    let drawn = hephaestus(&["graph", "fixture_branch"]);
+    assert!(drawn.status.success(), "{}", stderr(&drawn));
+    let text = stdout(&drawn);
+    assert!(
+        text.starts_with("fixture_branch v1\n[0]\n  Decide\n"),
+        "{text}"
+    );
+    assert!(text.contains("      :left -> Left\n"), "{text}");
+    let dot = hephaestus(&["graph", "fixture_branch", "--dot"]);
+    assert!(stdout(&dot).contains("\"Decide\" -> \"Left\" [label=\":left\"];"));
+    let unknown = hephaestus(&["graph", "nope"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("no workflow \"nope\" is registered; registered: fixture_linear"),
+        "{}",
+        stderr(&unknown)
+    );
+}
