@@ -1,5 +1,6 @@
 //! `hephaestus bench ...`.
 
+mod common;
 pub mod queue;
 pub mod workflow;
 

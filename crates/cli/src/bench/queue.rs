@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::common::{percentile, pool, ratio, ratio_i64, server_counters};
 use anyhow::{Context, Result, bail, ensure};
 use hephaestus_engine_core::ports::NewJob;
 use hephaestus_migrations_gen::SchemaPrefix;
@@ -29,8 +30,7 @@ use hephaestus_queue_pg::{
     DynWorker, JobContext, JobError, JobEventKind, PgQueue, QueueRuntime, RuntimeConfig, Workers,
 };
 use serde_json::{Map, Value, json};
-use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::mpsc;
 
 const QUEUE: &str = "bench";
@@ -434,76 +434,6 @@ fn bench_config(maintenance: bool) -> RuntimeConfig {
     }
 }
 
-async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options.clone())
-        .await
-        .context("connecting to PostgreSQL")
-}
-
-/// The database's committed transactions, read on a fresh connection once
-/// the benchmark's other connections are closed: a backend flushes its
-/// statistics when it exits, shortly after its connection closes.
-/// Also reads the WAL position and the checkpoint count: a checkpoint
-/// during the drain makes every page's next change write a full-page image,
-/// which explains much of the run-to-run spread.
-async fn server_counters(options: &PgConnectOptions) -> Result<ServerCounters> {
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let reader = pool(options, 1).await?;
-    let (commits, wal_bytes): (i64, i64) = sqlx::query_as(
-        "select xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
-         from pg_stat_database where datname = current_database()",
-    )
-    .fetch_one(&reader)
-    .await?;
-    // pg_stat_bgwriter up to PostgreSQL 16, pg_stat_checkpointer from 17.
-    let checkpoints: Option<i64> = match sqlx::query_scalar(
-        "select checkpoints_timed + checkpoints_req from pg_stat_bgwriter",
-    )
-    .fetch_one(&reader)
-    .await
-    {
-        Ok(n) => Some(n),
-        Err(_) => sqlx::query_scalar("select num_timed + num_requested from pg_stat_checkpointer")
-            .fetch_one(&reader)
-            .await
-            .ok(),
-    };
-    reader.close().await;
-    Ok(ServerCounters {
-        commits,
-        wal_bytes,
-        checkpoints,
-    })
-}
-
-/// Server-wide counters read before and after the drain.
-#[derive(Debug, Clone, Copy)]
-struct ServerCounters {
-    commits: i64,
-    wal_bytes: i64,
-    checkpoints: Option<i64>,
-}
-
-fn ratio(n: usize, d: f64) -> f64 {
-    let n = u32::try_from(n).map_or(f64::from(u32::MAX), f64::from);
-    if d > 0.0 { n / d } else { 0.0 }
-}
-
-fn ratio_i64(n: i64, d: usize) -> f64 {
-    let n = i32::try_from(n).map_or(f64::from(i32::MAX), f64::from);
-    let d = u32::try_from(d).map_or(f64::from(u32::MAX), f64::from);
-    if d > 0.0 { n / d } else { 0.0 }
-}
-
-/// The quantile `per_mille`/1000 of sorted samples (nearest rank).
-fn percentile(sorted: &[Duration], per_mille: usize) -> Option<Duration> {
-    let rank = (sorted.len() * per_mille).div_ceil(1000).max(1);
-    sorted.get(rank - 1).copied()
-}
-
 /// The no-op job.
 struct Noop;
 
@@ -530,22 +460,5 @@ impl DynWorker for Pickup {
     async fn perform(&self, _job: &JobContext) -> Result<(), JobError> {
         let _ = self.0.send(Instant::now());
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&samples, 500), Some(Duration::from_millis(50)));
-        assert_eq!(percentile(&samples, 990), Some(Duration::from_millis(99)));
-        assert_eq!(
-            percentile(&samples[..1], 990),
-            Some(Duration::from_millis(1))
-        );
-        assert_eq!(percentile(&[], 500), None);
     }
 }

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::common::{percentile, pool, ratio, ratio_i64, server_counters};
 use anyhow::{Context, Result, bail, ensure};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep};
@@ -39,7 +40,7 @@ use hephaestus_storage_pg::PgStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
 /// The workflow every shape is registered as.
 const WORKFLOW: &str = "bench";
@@ -589,73 +590,6 @@ fn runtime(
         .context("building a runtime")
 }
 
-async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
-    PgPoolOptions::new()
-        .max_connections(max)
-        .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options.clone())
-        .await
-        .context("connecting to PostgreSQL")
-}
-
-/// The database's committed transactions and the WAL position, read on a
-/// fresh connection once the benchmark's other connections are closed (a
-/// backend flushes its statistics when it exits), and the checkpoint count.
-async fn server_counters(options: &PgConnectOptions) -> Result<ServerCounters> {
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let reader = pool(options, 1).await?;
-    let (commits, wal_bytes): (i64, i64) = sqlx::query_as(
-        "select xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
-         from pg_stat_database where datname = current_database()",
-    )
-    .fetch_one(&reader)
-    .await?;
-    // pg_stat_bgwriter up to PostgreSQL 16, pg_stat_checkpointer from 17.
-    let checkpoints: Option<i64> = match sqlx::query_scalar(
-        "select checkpoints_timed + checkpoints_req from pg_stat_bgwriter",
-    )
-    .fetch_one(&reader)
-    .await
-    {
-        Ok(n) => Some(n),
-        Err(_) => sqlx::query_scalar("select num_timed + num_requested from pg_stat_checkpointer")
-            .fetch_one(&reader)
-            .await
-            .ok(),
-    };
-    reader.close().await;
-    Ok(ServerCounters {
-        commits,
-        wal_bytes,
-        checkpoints,
-    })
-}
-
-/// Server-wide counters read before and after the burn-down.
-#[derive(Debug, Clone, Copy)]
-struct ServerCounters {
-    commits: i64,
-    wal_bytes: i64,
-    checkpoints: Option<i64>,
-}
-
-fn ratio(n: usize, d: f64) -> f64 {
-    let n = u32::try_from(n).map_or(f64::from(u32::MAX), f64::from);
-    if d > 0.0 { n / d } else { 0.0 }
-}
-
-fn ratio_i64(n: i64, d: usize) -> f64 {
-    let n = i32::try_from(n).map_or(f64::from(i32::MAX), f64::from);
-    let d = u32::try_from(d).map_or(f64::from(u32::MAX), f64::from);
-    if d > 0.0 { n / d } else { 0.0 }
-}
-
-/// The quantile `per_mille`/1000 of sorted samples (nearest rank).
-fn percentile(sorted: &[Duration], per_mille: usize) -> Option<Duration> {
-    let rank = (sorted.len() * per_mille).div_ceil(1000).max(1);
-    sorted.get(rank - 1).copied()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -667,13 +601,5 @@ mod tests {
             // The user steps plus the terminal `Done`.
             assert_eq!(wf.steps().len(), shape.steps() + 1, "{shape:?}");
         }
-    }
-
-    #[test]
-    fn percentiles_use_the_nearest_rank() {
-        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&samples, 500), Some(Duration::from_millis(50)));
-        assert_eq!(percentile(&samples, 990), Some(Duration::from_millis(99)));
-        assert_eq!(percentile(&[], 500), None);
     }
 }

@@ -1,0 +1,98 @@
+//! What both benchmarks share: connections, the server's counters read
+//! around a timed phase, ratios and percentiles.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+pub async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(30))
+        .connect_with(options.clone())
+        .await
+        .context("connecting to PostgreSQL")
+}
+
+/// The database's committed transactions, read on a fresh connection once
+/// the benchmark's other connections are closed: a backend flushes its
+/// statistics when it exits, shortly after its connection closes.
+/// Also reads the WAL position and the checkpoint count: a checkpoint
+/// during the drain makes every page's next change write a full-page image,
+/// which explains much of the run-to-run spread.
+pub async fn server_counters(options: &PgConnectOptions) -> Result<ServerCounters> {
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reader = pool(options, 1).await?;
+    let (commits, wal_bytes): (i64, i64) = sqlx::query_as(
+        "select xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
+         from pg_stat_database where datname = current_database()",
+    )
+    .fetch_one(&reader)
+    .await?;
+    // pg_stat_bgwriter up to PostgreSQL 16, pg_stat_checkpointer from 17.
+    let checkpoints: Option<i64> = match sqlx::query_scalar(
+        "select checkpoints_timed + checkpoints_req from pg_stat_bgwriter",
+    )
+    .fetch_one(&reader)
+    .await
+    {
+        Ok(n) => Some(n),
+        Err(_) => sqlx::query_scalar("select num_timed + num_requested from pg_stat_checkpointer")
+            .fetch_one(&reader)
+            .await
+            .ok(),
+    };
+    reader.close().await;
+    Ok(ServerCounters {
+        commits,
+        wal_bytes,
+        checkpoints,
+    })
+}
+
+/// Server-wide counters read before and after the drain.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerCounters {
+    /// Committed transactions (`pg_stat_database.xact_commit`).
+    pub commits: i64,
+    /// The WAL position in bytes.
+    pub wal_bytes: i64,
+    /// Checkpoints so far (`None` when unreadable).
+    pub checkpoints: Option<i64>,
+}
+
+pub fn ratio(n: usize, d: f64) -> f64 {
+    let n = u32::try_from(n).map_or(f64::from(u32::MAX), f64::from);
+    if d > 0.0 { n / d } else { 0.0 }
+}
+
+pub fn ratio_i64(n: i64, d: usize) -> f64 {
+    let n = i32::try_from(n).map_or(f64::from(i32::MAX), f64::from);
+    let d = u32::try_from(d).map_or(f64::from(u32::MAX), f64::from);
+    if d > 0.0 { n / d } else { 0.0 }
+}
+
+/// The quantile `per_mille`/1000 of sorted samples (nearest rank).
+pub fn percentile(sorted: &[Duration], per_mille: usize) -> Option<Duration> {
+    let rank = (sorted.len() * per_mille).div_ceil(1000).max(1);
+    sorted.get(rank - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&samples, 500), Some(Duration::from_millis(50)));
+        assert_eq!(percentile(&samples, 990), Some(Duration::from_millis(99)));
+        assert_eq!(
+            percentile(&samples[..1], 990),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(percentile(&[], 500), None);
+    }
+}
