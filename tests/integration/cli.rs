@@ -210,3 +210,34 @@ fn graph_draws_a_registered_workflow_and_names_the_others() {
         stderr(&unknown)
     );
 }
+
+#[tokio::test]
+async fn a_worker_stops_gracefully_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+
+    let schema = TestSchema::new().await;
+    let mut child = Command::new(hephaestus_bin())
+        .args(["worker", "--schema", schema.prefix.as_str()])
+        .env("DATABASE_URL", database_url())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the worker starts");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.next().expect("a ready line").unwrap();
+    assert!(ready.starts_with("hephaestus worker ready"), "{ready}");
+    let pid = child.id().to_string();
+    let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(kill.success(), "sending SIGTERM");
+    // A graceful stop prints its report and exits 0 (a kill would not).
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit {status:?}, output {rest:?}");
+    assert!(
+        rest.iter()
+            .any(|l| l.starts_with("hephaestus worker stopped: finished in grace true")),
+        "{rest:?}"
+    );
+    schema.teardown().await;
+}

@@ -312,6 +312,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn periodic_passes_run_only_while_this_process_leads() {
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(linear())
+            .build()
+            .unwrap();
+        let s = rt
+            .start("linear", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        cancel_all_jobs(&backend, s.id).await;
+        let leads = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reconciler = {
+            let leads = Arc::clone(&leads);
+            Reconciler::new(rt.clone())
+                .leader_only(move || leads.load(std::sync::atomic::Ordering::SeqCst))
+        };
+        let live = || async { backend.live_jobs(&jobs::of_instance(s.id)).await.unwrap() };
+        // A follower's loop runs its pass at once (then stops: the shutdown
+        // future is ready): nothing is repaired.
+        reconciler
+            .run_every(std::time::Duration::from_secs(60), std::future::ready(()))
+            .await;
+        assert!(live().await.is_empty(), "a follower repairs nothing");
+        // Once it leads, its pass repairs the instance.
+        leads.store(true, std::sync::atomic::Ordering::SeqCst);
+        reconciler
+            .run_every(std::time::Duration::from_secs(60), std::future::ready(()))
+            .await;
+        let repaired = live().await;
+        assert_eq!(repaired.len(), 1, "{repaired:?}");
+        assert_eq!(repaired[0].kind, jobs::ADVANCE);
+    }
+
+    #[tokio::test]
     async fn healthy_instances_are_left_alone() {
         let (_now, clock) = clock();
         let backend = MemoryBackend::with_clock(clock.clone());

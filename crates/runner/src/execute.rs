@@ -41,7 +41,12 @@ impl<B: Backend> Runtime<B> {
         args: ExecuteArgs,
         stop: Option<&CancellationSignal>,
     ) -> Result<JobOutcome, RunnerError> {
-        let Some((instance, recorded)) = self.load_for_execution(&args).await? else {
+        let loaded = self
+            .inner
+            .backend
+            .load_for_execution(args.instance_id, &args.step, args.activation)
+            .await?;
+        let Some((instance, recorded)) = loaded else {
             return self.finish(lease, JobOutcome::Skipped).await;
         };
         if !instance.is_step_active(args.step.as_str(), args.activation) {
@@ -175,29 +180,6 @@ impl<B: Backend> Runtime<B> {
             Ok(payload) => self.record_and_finish(lease, &wf, &args, payload).await,
             Err(error) => self.step_failed(lease, &wf, &args, error).await,
         }
-    }
-
-    /// The instance of an execution and whether a result is recorded for
-    /// its activation (checked only while the activation is active). On
-    /// PostgreSQL one statement; otherwise the two port calls.
-    async fn load_for_execution(
-        &self,
-        args: &ExecuteArgs,
-    ) -> Result<Option<(hephaestus_engine_core::instance::Instance, bool)>, RunnerError> {
-        let b = &self.inner.backend;
-        #[cfg(feature = "postgres")]
-        if let Some(pg) = (b as &dyn std::any::Any).downcast_ref::<crate::postgres::PgBackend>() {
-            return Ok(pg
-                .get_for_execution(args.instance_id, &args.step, args.activation)
-                .await?);
-        }
-        let Some(instance) = self.get(args.instance_id).await? else {
-            return Ok(None);
-        };
-        let recorded = instance.is_step_active(args.step.as_str(), args.activation)
-            && b.is_recorded(args.instance_id, &args.step, args.activation)
-                .await?;
-        Ok(Some((instance, recorded)))
     }
 
     async fn record_and_finish(

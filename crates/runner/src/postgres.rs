@@ -45,23 +45,24 @@ impl PgBackend {
     pub fn queue(&self) -> &PgQueue {
         &self.queue
     }
+}
 
-    /// An instance and whether a result is recorded for `step`'s
-    /// `activation`, in one statement (what a step execution checks before
-    /// it runs user code).
-    pub async fn get_for_execution(
+type Tx = Transaction<'static, Postgres>;
+
+#[async_trait::async_trait]
+impl crate::runtime::Backend for PgBackend {
+    /// One statement (storage-pg's `get_for_execution_using`).
+    async fn load_for_execution(
         &self,
-        id: Uuid,
+        instance_id: Uuid,
         step: &StepId,
         activation: u32,
     ) -> Result<Option<(Instance, bool)>, PortError> {
         self.store
-            .get_for_execution_using(self.store.pool(), id, step, activation)
+            .get_for_execution_using(self.store.pool(), instance_id, step, activation)
             .await
     }
 }
-
-type Tx = Transaction<'static, Postgres>;
 
 #[async_trait::async_trait]
 impl UnitOfWork for PgBackend {

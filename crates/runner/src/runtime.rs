@@ -22,10 +22,33 @@ use crate::config::{Clock, RunnerConfig, system_clock};
 use crate::error::RunnerError;
 use crate::jobs;
 
-/// What a runtime needs from a backend: the three ports over one unit of work.
-pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static {}
+/// What a runtime needs from a backend: the three ports over one unit of
+/// work, plus reads the runner makes often enough that a backend may answer
+/// them in one round trip (each has a default built from the ports).
+///
+/// A backend of your own implements the ports, then `impl Backend for
+/// MyBackend {}`.
+#[async_trait::async_trait]
+pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static {
+    /// What a step execution checks before running user code: the instance,
+    /// and whether a result is recorded for `step`'s `activation` (only
+    /// looked up while that activation is active; `false` otherwise).
+    async fn load_for_execution(
+        &self,
+        instance_id: Uuid,
+        step: &StepId,
+        activation: u32,
+    ) -> Result<Option<(Instance, bool)>, hephaestus_engine_core::ports::PortError> {
+        let Some(instance) = self.get(instance_id).await? else {
+            return Ok(None);
+        };
+        let recorded = instance.is_step_active(step.as_str(), activation)
+            && self.is_recorded(instance_id, step, activation).await?;
+        Ok(Some((instance, recorded)))
+    }
+}
 
-impl<T> Backend for T where T: InstanceStore + StepResultStore + JobQueue + Clone + 'static {}
+impl Backend for hephaestus_engine_core::ports::memory::MemoryBackend {}
 
 /// Options of a start.
 #[derive(Debug, Clone, Default)]

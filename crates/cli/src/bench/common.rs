@@ -1,11 +1,98 @@
 //! What both benchmarks share: connections, the server's counters read
 //! around a timed phase, ratios and percentiles.
 
+use std::str::FromStr;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use hephaestus_migrations_gen::SchemaPrefix;
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+
+/// A benchmark's own schema: `--schema` or a fresh random name, migrated,
+/// checked to hold nothing yet, and dropped by [`BenchSchema::finish`]
+/// unless kept.
+#[derive(Debug)]
+pub struct BenchSchema {
+    pub options: PgConnectOptions,
+    pub prefix: SchemaPrefix,
+    keep: bool,
+}
+
+/// What a benchmark needs in its schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Components {
+    /// The job queue only.
+    Queue,
+    /// Storage and queue (workflows).
+    StorageAndQueue,
+}
+
+impl BenchSchema {
+    pub async fn open(
+        database_url: &str,
+        schema: Option<&str>,
+        components: Components,
+        keep: bool,
+    ) -> Result<Self> {
+        let name = schema.map_or_else(
+            || {
+                let suffix = uuid::Uuid::new_v4().simple().to_string();
+                format!("hephaestus_bench_{}", &suffix[..12])
+            },
+            ToOwned::to_owned,
+        );
+        let prefix = SchemaPrefix::new(&name).context("--schema")?;
+        let options = PgConnectOptions::from_str(database_url)
+            .context("--database-url is not a PostgreSQL URL")?;
+        let admin = pool(&options, 2).await?;
+        if components == Components::StorageAndQueue {
+            hephaestus_storage_pg::migrate(&admin, &prefix)
+                .await
+                .context("migrating the benchmark schema (storage)")?;
+        }
+        hephaestus_queue_pg::migrate(&admin, &prefix)
+            .await
+            .context("migrating the benchmark schema (queue)")?;
+        let table = match components {
+            Components::Queue => "hephaestus_jobs",
+            Components::StorageAndQueue => "hephaestus_instances",
+        };
+        let existing: i64 =
+            sqlx::query_scalar(&format!("select count(*) from {}.{table}", prefix.quoted()))
+                .fetch_one(&admin)
+                .await?;
+        admin.close().await;
+        if existing > 0 {
+            bail!(
+                "schema {} already holds {existing} rows in {table}; use a fresh --schema",
+                prefix.as_str()
+            );
+        }
+        Ok(Self {
+            options,
+            prefix,
+            keep,
+        })
+    }
+
+    /// Drops the schema unless kept.
+    pub async fn finish(self) -> Result<()> {
+        if self.keep {
+            return Ok(());
+        }
+        let admin = pool(&self.options, 1).await?;
+        sqlx::raw_sql(&format!(
+            "drop schema if exists {} cascade",
+            self.prefix.quoted()
+        ))
+        .execute(&admin)
+        .await
+        .context("dropping the benchmark schema")?;
+        admin.close().await;
+        Ok(())
+    }
+}
 
 pub async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
     PgPoolOptions::new()

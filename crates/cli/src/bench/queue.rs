@@ -17,13 +17,12 @@
 //!
 //! Prints one JSON object with `--json`, a short table otherwise.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::common::{percentile, pool, ratio, ratio_i64, server_counters};
-use anyhow::{Context, Result, bail, ensure};
+use super::common::{BenchSchema, Components, percentile, pool, ratio, ratio_i64, server_counters};
+use anyhow::{Context, Result, ensure};
 use hephaestus_engine_core::ports::NewJob;
 use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_queue_pg::{
@@ -104,42 +103,15 @@ impl QueueBench {
         ensure!(self.concurrency > 0, "--concurrency must be at least 1");
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.inserters > 0, "--inserters must be at least 1");
-        let name = self.schema.clone().unwrap_or_else(|| {
-            let suffix = uuid::Uuid::new_v4().simple().to_string();
-            format!("hephaestus_bench_{}", &suffix[..12])
-        });
-        let prefix = SchemaPrefix::new(&name).context("--schema")?;
-        let options = PgConnectOptions::from_str(&self.database_url)
-            .context("--database-url is not a PostgreSQL URL")?;
-        let admin = pool(&options, 2).await?;
-        hephaestus_queue_pg::migrate(&admin, &prefix)
-            .await
-            .context("migrating the benchmark schema")?;
-        let existing: i64 = sqlx::query_scalar(&format!(
-            "select count(*) from {}.hephaestus_jobs",
-            prefix.quoted()
-        ))
-        .fetch_one(&admin)
+        let schema = BenchSchema::open(
+            &self.database_url,
+            self.schema.as_deref(),
+            Components::Queue,
+            self.keep,
+        )
         .await?;
-        if existing > 0 {
-            bail!(
-                "schema {} already holds {existing} jobs; use a fresh --schema",
-                prefix.as_str()
-            );
-        }
-        admin.close().await;
-        let outcome = self.measure(&options, &prefix).await;
-        if !self.keep {
-            let admin = pool(&options, 1).await?;
-            sqlx::raw_sql(&format!(
-                "drop schema if exists {} cascade",
-                prefix.quoted()
-            ))
-            .execute(&admin)
-            .await
-            .context("dropping the benchmark schema")?;
-            admin.close().await;
-        }
+        let outcome = self.measure(&schema.options, &schema.prefix).await;
+        schema.finish().await?;
         let report = outcome?;
         self.print(&report);
         Ok(())

@@ -22,12 +22,11 @@
 //!
 //! Prints one JSON object with `--json`, a short table otherwise.
 
-use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::common::{percentile, pool, ratio, ratio_i64, server_counters};
+use super::common::{BenchSchema, Components, percentile, pool, ratio, ratio_i64, server_counters};
 use anyhow::{Context, Result, bail, ensure};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep};
@@ -199,45 +198,15 @@ impl WorkflowBench {
         ensure!(self.connections > 0, "--connections must be at least 1");
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.starters > 0, "--starters must be at least 1");
-        let name = self.schema.clone().unwrap_or_else(|| {
-            let suffix = uuid::Uuid::new_v4().simple().to_string();
-            format!("hephaestus_bench_{}", &suffix[..12])
-        });
-        let prefix = SchemaPrefix::new(&name).context("--schema")?;
-        let options = PgConnectOptions::from_str(&self.database_url)
-            .context("--database-url is not a PostgreSQL URL")?;
-        let admin = pool(&options, 2).await?;
-        hephaestus_storage_pg::migrate(&admin, &prefix)
-            .await
-            .context("migrating the benchmark schema (storage)")?;
-        hephaestus_queue_pg::migrate(&admin, &prefix)
-            .await
-            .context("migrating the benchmark schema (queue)")?;
-        let existing: i64 = sqlx::query_scalar(&format!(
-            "select count(*) from {}.hephaestus_instances",
-            prefix.quoted()
-        ))
-        .fetch_one(&admin)
+        let schema = BenchSchema::open(
+            &self.database_url,
+            self.schema.as_deref(),
+            Components::StorageAndQueue,
+            self.keep,
+        )
         .await?;
-        admin.close().await;
-        if existing > 0 {
-            bail!(
-                "schema {} already holds {existing} instances; use a fresh --schema",
-                prefix.as_str()
-            );
-        }
-        let outcome = self.measure(&options, &prefix).await;
-        if !self.keep {
-            let admin = pool(&options, 1).await?;
-            sqlx::raw_sql(&format!(
-                "drop schema if exists {} cascade",
-                prefix.quoted()
-            ))
-            .execute(&admin)
-            .await
-            .context("dropping the benchmark schema")?;
-            admin.close().await;
-        }
+        let outcome = self.measure(&schema.options, &schema.prefix).await;
+        schema.finish().await?;
         let report = outcome?;
         self.print(&report);
         Ok(())

@@ -16,10 +16,12 @@ use super::PgQueue;
 use crate::error::Error;
 use crate::job::{check_new_job, states_mask, tags_literal};
 
-/// Ids are drawn in input order before the insert, so the outcome of every
-/// input row is known by id even when `on conflict do nothing` skips it,
-/// and the ids of one batch increase in input order.
-pub(super) const INSERT: &str = r"with input as materialized (
+/// The batch insert, for [`insert_statement`]. Ids are drawn in input order
+/// before the insert, so the outcome of every input row is known by id even
+/// when `on conflict do nothing` skips it, and the ids of one batch increase
+/// in input order. `{on_conflict}`, `{returning}` and `{outcome}` differ
+/// between batches with and without unique jobs.
+const INSERT_TEMPLATE: &str = r"with input as materialized (
     select nextval('{prefix}.hephaestus_jobs_id_seq') as id, t.*
     from unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::smallint[],
                 $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[], $13::text[])
@@ -36,11 +38,8 @@ inserted as (
            queue, kind, args, meta, tags::text[], priority, max_attempts, $11::timestamptz,
            coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states, group_key
     from input
-    order by ord
-    on conflict (unique_key)
-        where unique_key is not null and {prefix}.hephaestus_jobs_unique_held(unique_states, state)
-        do nothing
-    returning id, queue, state, scheduled_at
+    order by ord{on_conflict}
+    returning {returning}
 ),
 notified as (
     select count(pg_notify($12::text, wake)) as n
@@ -52,44 +51,37 @@ notified as (
         group by queue
     ) as wakes
 )
-select input.id, inserted.id is not null as inserted, (select n from notified) as notified
-from input left join inserted on inserted.id = input.id
+{outcome}
 order by input.ord";
 
-/// [`INSERT`] for a batch without unique jobs: every row is inserted.
-pub(super) const INSERT_PLAIN: &str = r"with input as materialized (
-    select nextval('{prefix}.hephaestus_jobs_id_seq') as id, t.*
-    from unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::smallint[],
-                $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[], $13::text[])
-        with ordinality as t(kind, queue, args, meta, tags, priority, max_attempts, scheduled_at,
-                             unique_key, unique_states, group_key, ord)
-),
-inserted as (
-    insert into {prefix}.hephaestus_jobs
-        (id, state, queue, kind, args, meta, tags, priority, max_attempts, inserted_at,
-         scheduled_at, unique_key, unique_states, group_key)
-    select id,
-           case when coalesce(scheduled_at, $11::timestamptz) > $11::timestamptz
-                then 'scheduled' else 'available' end,
-           queue, kind, args, meta, tags::text[], priority, max_attempts, $11::timestamptz,
-           coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states, group_key
-    from input
-    order by ord
-    returning queue, state, scheduled_at
-),
-notified as (
-    select count(pg_notify($12::text, wake)) as n
-    from (
-        select distinct 'i:' || queue as wake from inserted where state = 'available'
-        union all
-        select 's:' || queue || ':' || (extract(epoch from min(scheduled_at)) * 1000)::bigint as wake
-        from inserted where state = 'scheduled'
-        group by queue
-    ) as wakes
-)
-select input.id, true as inserted, (select n from notified) as notified
-from input
-order by input.ord";
+/// The batch insert (`$1`..`$13`, see `insert_rows`), still holding the
+/// `{prefix}` placeholder. With `unique`, rows whose key is held are skipped
+/// (`on conflict do nothing`) and reported as not inserted; without, every
+/// row is inserted and no conflict arbiter is checked.
+pub(super) fn insert_statement(unique: bool) -> String {
+    let (on_conflict, returning, outcome) = if unique {
+        (
+            "
+    on conflict (unique_key)
+        where unique_key is not null and {prefix}.hephaestus_jobs_unique_held(unique_states, state)
+        do nothing",
+            "id, queue, state, scheduled_at",
+            "select input.id, inserted.id is not null as inserted, (select n from notified) as notified
+from input left join inserted on inserted.id = input.id",
+        )
+    } else {
+        (
+            "",
+            "queue, state, scheduled_at",
+            "select input.id, true as inserted, (select n from notified) as notified
+from input",
+        )
+    };
+    INSERT_TEMPLATE
+        .replace("{on_conflict}", on_conflict)
+        .replace("{returning}", returning)
+        .replace("{outcome}", outcome)
+}
 
 /// The jobs holding these unique keys (the rows the unique index covers),
 /// locked `for share` until the inserting transaction ends: a job merged

@@ -192,8 +192,8 @@ impl Statements {
                 .replace("{lease_columns}", crate::job::LEASE_COLUMNS)
         };
         Self {
-            insert: r(insert::INSERT),
-            insert_plain: r(insert::INSERT_PLAIN),
+            insert: r(&insert::insert_statement(true)),
+            insert_plain: r(&insert::insert_statement(false)),
             find_unique: r(insert::FIND_UNIQUE),
             fetch: cols(fetch::FETCH),
             fetch_any_queue: cols(fetch::FETCH_ANY_QUEUE),
