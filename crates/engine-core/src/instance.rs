@@ -260,6 +260,15 @@ pub enum HistoryKind {
     },
     /// Every path ended; the instance completed.
     Finished,
+    /// An operator retried the failed instance: the failure it had, and the
+    /// steps that got a new activation.
+    Retried {
+        /// The failure record the instance had (none if it had none).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        failure: Option<Box<FailureRecord>>,
+        /// The steps activated again (the start step if none had run).
+        steps: Vec<StepId>,
+    },
 }
 
 /// One failed attempt of a step activation.

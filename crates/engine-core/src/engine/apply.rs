@@ -1,5 +1,7 @@
 //! The transition rules.
 
+mod retry;
+
 use std::collections::{BTreeSet, VecDeque};
 
 use chrono::{DateTime, Utc};
@@ -111,6 +113,7 @@ impl<'a> Run<'a> {
                 attempts,
             } => self.failed(step.as_ref(), activation, error, attempts),
             Input::Cancel { reason } => self.cancel(reason)?,
+            Input::Retry => self.retry()?,
         };
         if matches!(disposition, Disposition::Applied | Disposition::Deferred) {
             self.settle();

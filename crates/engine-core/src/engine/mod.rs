@@ -91,6 +91,14 @@ pub enum Input {
         /// Why.
         reason: Option<String>,
     },
+    /// An operator restarts a failed instance where it failed: the failed
+    /// step and every step the failure cancelled get a new activation (an
+    /// [`Effect::Execute`] each), the status goes back to running and the
+    /// failure record moves into the history
+    /// ([`HistoryKind::Retried`](crate::instance::HistoryKind::Retried)).
+    /// An instance that failed before its first step starts again. Only a
+    /// failed instance can be retried ([`EngineError::NotFailed`]).
+    Retry,
 }
 
 impl Input {
@@ -327,6 +335,9 @@ pub enum EngineError {
     /// The stored instance does not match its definition.
     #[error("corrupt instance state: {0}")]
     CorruptState(String),
+    /// A retry of an instance that is not failed.
+    #[error("instance is {0}, not failed: only a failed instance can be retried")]
+    NotFailed(InstanceStatus),
 }
 
 /// Parameters of a new instance.
