@@ -12,9 +12,14 @@
 //! before that result was visible. No wake-up is lost (G3). A direct
 //! [`Runtime::advance`] (no job) loops while rounds apply something.
 
+use std::collections::VecDeque;
+
+use hephaestus_engine_core::Workflow;
 use hephaestus_engine_core::engine::{Disposition, Effect, Engine, EngineEvent, Input};
-use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::{JobId, JobLease, NewJob};
+use hephaestus_engine_core::instance::{Instance, InstanceStatus};
+use hephaestus_engine_core::ports::{JobId, JobLease, NewJob, NewStepResult};
+use hephaestus_engine_core::step::Completion;
+use hephaestus_engine_core::steps::DONE_ID;
 use uuid::Uuid;
 
 use crate::error::RunnerError;
@@ -36,6 +41,52 @@ pub struct AdvanceReport {
     pub status: Option<InstanceStatus>,
     /// Whether the advance job itself was completed by the last round.
     pub job_completed: bool,
+}
+
+/// One input of a round: a stored result (with its `seq`, marked processed
+/// by the round) or a result applied as it is recorded (no `seq` yet).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RoundInput<'a> {
+    pub seq: Option<i64>,
+    pub result: &'a NewStepResult,
+}
+
+/// What one round decided for one instance: the writes, and the telemetry
+/// for after the commit.
+#[derive(Debug)]
+pub(crate) struct Round {
+    pub status_before: InstanceStatus,
+    /// The instance changed and must be written.
+    pub changed: bool,
+    /// Stored results the round consumed.
+    pub seqs: Vec<i64>,
+    /// Jobs to enqueue (none once the instance ended).
+    pub new_jobs: Vec<NewJob>,
+    /// Timers of resumed steps to cancel.
+    pub cancel_timers: Vec<(hephaestus_engine_core::StepId, u32)>,
+    /// The instance ended: cancel its remaining jobs, signal its steps.
+    pub cancel_all: bool,
+    pub events: Vec<EngineEvent>,
+    pub applied: usize,
+    pub ignored: usize,
+    pub executions: usize,
+}
+
+impl Round {
+    fn new(status_before: InstanceStatus) -> Self {
+        Self {
+            status_before,
+            changed: false,
+            seqs: Vec::new(),
+            new_jobs: Vec::new(),
+            cancel_timers: Vec::new(),
+            cancel_all: false,
+            events: Vec::new(),
+            applied: 0,
+            ignored: 0,
+            executions: 0,
+        }
+    }
 }
 
 impl<B: Backend> Runtime<B> {
@@ -102,48 +153,19 @@ impl<B: Backend> Runtime<B> {
         // A missing definition is a typed error; the instance stays untouched
         // and the job retries until the workflow is registered again.
         let wf = self.workflow_of(&instance)?.clone();
-        let engine = Engine::new(&wf);
-        // A state that does not match its definition is an error of the job
-        // (retried, then the instance fails with the reason), not of a result.
-        engine.check(&instance)?;
-        let status_before = instance.status;
         let pending = b.pending(&mut tx, instance_id).await?;
-        let now = self.now();
-        let mut effects: Vec<Effect> = Vec::new();
-        let mut changed = false;
-        if instance.status == InstanceStatus::Pending {
-            let applied = engine.apply(&mut instance, Input::Start, now)?;
-            changed = true;
-            effects.extend(applied.effects);
-        }
-        for row in &pending {
-            let input = match row.result.to_input() {
-                Ok(input) => input,
-                Err(e) => {
-                    tracing::warn!(instance_id = %instance_id, seq = row.seq, error = %e, "step result cannot be decoded; skipped");
-                    report.ignored += 1;
-                    continue;
-                }
-            };
-            match engine.apply(&mut instance, input, now) {
-                Ok(applied) => match applied.disposition {
-                    Disposition::Applied | Disposition::Deferred => {
-                        changed = true;
-                        report.applied += 1;
-                        effects.extend(applied.effects);
-                    }
-                    Disposition::Ignored(why) => {
-                        tracing::debug!(instance_id = %instance_id, seq = row.seq, reason = ?why, "step result ignored");
-                        report.ignored += 1;
-                    }
-                },
-                Err(e) => {
-                    tracing::warn!(instance_id = %instance_id, seq = row.seq, error = %e, "step result rejected");
-                    report.ignored += 1;
-                }
-            }
-        }
-        if !changed && pending.is_empty() {
+        let inputs: Vec<RoundInput<'_>> = pending
+            .iter()
+            .map(|row| RoundInput {
+                seq: Some(row.seq),
+                result: &row.result,
+            })
+            .collect();
+        let round = self.plan_round(&wf, &mut instance, &inputs)?;
+        report.applied += round.applied;
+        report.ignored += round.ignored;
+        report.executions += round.executions;
+        if !round.changed && pending.is_empty() {
             report.status = Some(instance.status);
             if let Some(lease) = lease {
                 report.job_completed = b.complete(&mut tx, lease).await?;
@@ -151,58 +173,16 @@ impl<B: Backend> Runtime<B> {
             }
             return Ok(false);
         }
-        if changed {
+        if round.changed {
             b.update(&mut tx, &instance).await?;
         }
-        if !pending.is_empty() {
-            let seqs: Vec<i64> = pending.iter().map(|r| r.seq).collect();
-            b.mark_processed(&mut tx, instance_id, &seqs).await?;
+        if !round.seqs.is_empty() {
+            b.mark_processed(&mut tx, instance_id, &round.seqs).await?;
         }
-        let config = &self.inner.config;
-        let mut new_jobs: Vec<NewJob> = Vec::new();
-        let mut cancel_all = false;
-        let mut events: Vec<EngineEvent> = Vec::new();
-        for effect in effects {
-            match effect {
-                Effect::Execute { step, activation } => {
-                    report.executions += 1;
-                    new_jobs.push(jobs::execute(config, &wf, instance_id, &step, activation));
-                }
-                Effect::ScheduleTimer {
-                    step,
-                    activation,
-                    fire_at,
-                    event,
-                } => new_jobs.push(jobs::timer(
-                    config,
-                    &wf,
-                    instance_id,
-                    &step,
-                    activation,
-                    &event,
-                    fire_at,
-                )),
-                Effect::CancelTimer { step, activation } => {
-                    b.cancel_matching(
-                        &mut tx,
-                        &jobs::timer_of(instance_id, &step, activation),
-                        None,
-                    )
-                    .await?;
-                }
-                Effect::CancelJobs => cancel_all = true,
-                Effect::Emit(event) => events.push(event),
-            }
-        }
-        if cancel_all {
-            // The instance ended: nothing else of it may run (its executions,
-            // timers and scheduled resumes); this job finishes on its own.
-            new_jobs.clear();
-            b.cancel_matching(&mut tx, &jobs::of_instance(instance_id), current_job)
-                .await?;
-        }
-        if !new_jobs.is_empty() {
-            b.enqueue(&mut tx, &new_jobs).await?;
+        self.cancel_round_jobs(&mut tx, instance_id, &round, current_job)
+            .await?;
+        if !round.new_jobs.is_empty() {
+            b.enqueue(&mut tx, &round.new_jobs).await?;
         }
         if let Some(lease) = lease {
             // A fenced lease (rescued meanwhile) still commits the round: it
@@ -211,14 +191,160 @@ impl<B: Backend> Runtime<B> {
             report.job_completed = b.complete(&mut tx, lease).await?;
         }
         b.commit(tx).await?;
-        if cancel_all {
-            self.signal_cancelled(instance_id);
+        self.after_round(&instance, &round, round_started, report.rounds);
+        report.status = Some(instance.status);
+        Ok(true)
+    }
+
+    /// Applies a round's inputs to a locked `instance` with the pure engine
+    /// (first the start of a pending instance, then each input in order) and
+    /// returns what to write. `Done` activations are applied at once (its
+    /// outcome is fixed: it completes with `done`), so the end of a workflow
+    /// costs no job.
+    pub(crate) fn plan_round(
+        &self,
+        wf: &Workflow,
+        instance: &mut Instance,
+        inputs: &[RoundInput<'_>],
+    ) -> Result<Round, RunnerError> {
+        let engine = Engine::new(wf);
+        // A state that does not match its definition is an error of the job
+        // (retried, then the instance fails with the reason), not of a result.
+        engine.check(instance)?;
+        let instance_id = instance.id;
+        let now = self.now();
+        let mut round = Round::new(instance.status);
+        let mut effects: VecDeque<Effect> = VecDeque::new();
+        if instance.status == InstanceStatus::Pending {
+            let applied = engine.apply(instance, Input::Start, now)?;
+            round.changed = true;
+            effects.extend(applied.effects);
         }
-        if !new_jobs.is_empty() {
+        for input in inputs {
+            if let Some(seq) = input.seq {
+                round.seqs.push(seq);
+            }
+            let decoded = match input.result.to_input() {
+                Ok(decoded) => decoded,
+                Err(e) => {
+                    tracing::warn!(instance_id = %instance_id, seq = ?input.seq, error = %e, "step result cannot be decoded; skipped");
+                    round.ignored += 1;
+                    continue;
+                }
+            };
+            match engine.apply(instance, decoded, now) {
+                Ok(applied) => match applied.disposition {
+                    Disposition::Applied | Disposition::Deferred => {
+                        round.changed = true;
+                        round.applied += 1;
+                        effects.extend(applied.effects);
+                    }
+                    Disposition::Ignored(why) => {
+                        tracing::debug!(instance_id = %instance_id, seq = ?input.seq, reason = ?why, "step result ignored");
+                        round.ignored += 1;
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!(instance_id = %instance_id, seq = ?input.seq, error = %e, "step result rejected");
+                    round.ignored += 1;
+                }
+            }
+        }
+        let config = &self.inner.config;
+        while let Some(effect) = effects.pop_front() {
+            match effect {
+                Effect::Execute { step, activation } if step.as_str() == DONE_ID => {
+                    // The terminal step has a fixed outcome: apply it here
+                    // instead of running a job for it.
+                    let applied = engine.apply(
+                        instance,
+                        Input::Completed {
+                            step,
+                            activation,
+                            completion: Completion::new("done"),
+                        },
+                        now,
+                    )?;
+                    if matches!(
+                        applied.disposition,
+                        Disposition::Applied | Disposition::Deferred
+                    ) {
+                        effects.extend(applied.effects);
+                    }
+                }
+                Effect::Execute { step, activation } => {
+                    round.executions += 1;
+                    round
+                        .new_jobs
+                        .push(jobs::execute(config, wf, instance_id, &step, activation));
+                }
+                Effect::ScheduleTimer {
+                    step,
+                    activation,
+                    fire_at,
+                    event,
+                } => round.new_jobs.push(jobs::timer(
+                    config,
+                    wf,
+                    instance_id,
+                    &step,
+                    activation,
+                    &event,
+                    fire_at,
+                )),
+                Effect::CancelTimer { step, activation } => {
+                    round.cancel_timers.push((step, activation));
+                }
+                Effect::CancelJobs => round.cancel_all = true,
+                Effect::Emit(event) => round.events.push(event),
+            }
+        }
+        if round.cancel_all {
+            // The instance ended: nothing else of it may run (its executions,
+            // timers and scheduled resumes).
+            round.new_jobs.clear();
+        }
+        Ok(round)
+    }
+
+    /// The cancellations of a round in `tx`: timers of resumed steps, and
+    /// every job of an ended instance (except `current_job`).
+    pub(crate) async fn cancel_round_jobs(
+        &self,
+        tx: &mut B::Tx,
+        instance_id: Uuid,
+        round: &Round,
+        current_job: Option<JobId>,
+    ) -> Result<(), RunnerError> {
+        let b = &self.inner.backend;
+        for (step, activation) in &round.cancel_timers {
+            b.cancel_matching(tx, &jobs::timer_of(instance_id, step, *activation), None)
+                .await?;
+        }
+        if round.cancel_all {
+            b.cancel_matching(tx, &jobs::of_instance(instance_id), current_job)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// What follows a committed round: running steps of an ended instance
+    /// told to stop, local workers woken, telemetry.
+    pub(crate) fn after_round(
+        &self,
+        instance: &Instance,
+        round: &Round,
+        round_started: chrono::DateTime<chrono::Utc>,
+        iteration: u32,
+    ) {
+        if round.cancel_all {
+            self.signal_cancelled(instance.id);
+        }
+        if !round.new_jobs.is_empty() {
             self.inner.wake.notify_waiters();
         }
         let telemetry = &self.inner.telemetry;
-        telemetry.engine_events(&instance, &events, now);
+        telemetry.engine_events(instance, &round.events, self.now());
         telemetry.emit(
             crate::telemetry::names::ENGINE_ADVANCE,
             serde_json::json!({
@@ -226,18 +352,19 @@ impl<B: Backend> Runtime<B> {
                 "active_steps_count": instance.open_steps().count(),
             }),
             crate::telemetry::instance_metadata(
-                &instance,
+                instance,
                 serde_json::Map::from_iter([
-                    ("status_before".to_owned(), serde_json::json!(status_before)),
+                    (
+                        "status_before".to_owned(),
+                        serde_json::json!(round.status_before),
+                    ),
                     (
                         "status_after".to_owned(),
                         serde_json::json!(instance.status),
                     ),
-                    ("iteration".to_owned(), serde_json::json!(report.rounds)),
+                    ("iteration".to_owned(), serde_json::json!(iteration)),
                 ]),
             ),
         );
-        report.status = Some(instance.status);
-        Ok(true)
     }
 }

@@ -72,6 +72,14 @@ pub struct RunnerConfig {
     pub stale_after: Duration,
     /// How often a worker looks for stale jobs to rescue.
     pub rescue_interval: Duration,
+    /// Most finished steps and advance jobs settled in one unit of work (the
+    /// batched orchestration: results recorded, instances advanced and jobs
+    /// completed together), and most execution pre-checks read in one
+    /// statement. `1` settles every job on its own.
+    pub max_batch: usize,
+    /// Units of work of the batched orchestration in flight at once: while
+    /// they all run, new work queues up and goes into the next batch.
+    pub batch_flushers: usize,
 }
 
 impl Default for RunnerConfig {
@@ -85,6 +93,8 @@ impl Default for RunnerConfig {
             heartbeat_interval: Duration::from_secs(5),
             stale_after: Duration::from_secs(30),
             rescue_interval: Duration::from_secs(15),
+            max_batch: 128,
+            batch_flushers: 2,
         }
     }
 }

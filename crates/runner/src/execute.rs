@@ -8,6 +8,7 @@ use hephaestus_engine_core::step::{
 };
 use hephaestus_engine_core::{IdempotencyKey, Workflow};
 
+use crate::batch::Settle;
 use crate::error::RunnerError;
 use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
 use crate::runtime::{Backend, Runtime};
@@ -42,9 +43,7 @@ impl<B: Backend> Runtime<B> {
         stop: Option<&CancellationSignal>,
     ) -> Result<JobOutcome, RunnerError> {
         let loaded = self
-            .inner
-            .backend
-            .load_for_execution(args.instance_id, &args.step, args.activation)
+            .preflight(args.instance_id, args.step.clone(), args.activation)
             .await?;
         let Some((instance, recorded)) = loaded else {
             return self.finish(lease, JobOutcome::Skipped).await;
@@ -177,17 +176,30 @@ impl<B: Backend> Runtime<B> {
             StepOutcome::Async(_) => {}
         }
         match payload_of(outcome) {
-            Ok(payload) => self.record_and_finish(lease, &wf, &args, payload).await,
+            Ok(payload) => {
+                self.settle(Settle::Result {
+                    lease: lease.clone(),
+                    wf,
+                    result: NewStepResult {
+                        instance_id: args.instance_id,
+                        step: Some(args.step),
+                        activation: args.activation,
+                        payload,
+                    },
+                })
+                .await
+            }
             Err(error) => self.step_failed(lease, &wf, &args, error).await,
         }
     }
 
-    async fn record_and_finish(
+    /// Completes `lease` and records its step's `result` with the advance, in
+    /// a unit of work of its own (what a batch does for many).
+    pub(crate) async fn record_and_finish(
         &self,
         lease: &JobLease,
         wf: &Workflow,
-        args: &ExecuteArgs,
-        payload: ResultPayload,
+        result: NewStepResult,
     ) -> Result<JobOutcome, RunnerError> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
@@ -196,13 +208,19 @@ impl<B: Backend> Runtime<B> {
             // must not land (a result after cancel is ignored).
             return Ok(JobOutcome::Fenced);
         }
+        let Some(step) = result.step else {
+            return Err(RunnerError::Corrupt(format!(
+                "a step result of instance {} without a step",
+                result.instance_id
+            )));
+        };
         self.record_and_advance(
             tx,
             wf,
-            args.instance_id,
-            &args.step,
-            args.activation,
-            payload,
+            result.instance_id,
+            &step,
+            result.activation,
+            result.payload,
         )
         .await?;
         Ok(JobOutcome::Succeeded)

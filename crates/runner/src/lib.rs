@@ -50,6 +50,7 @@
 //! ```
 
 mod advance;
+mod batch;
 pub mod config;
 mod error;
 mod execute;

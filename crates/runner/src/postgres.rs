@@ -10,6 +10,7 @@ use hephaestus_engine_core::ports::{
     NewStepResult, PortError, Recorded, StepResult, StepResultStore, UnitOfWork,
 };
 use hephaestus_engine_core::step::StepError;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use hephaestus_engine_core::retry::RetryPolicy;
@@ -61,6 +62,67 @@ impl crate::runtime::Backend for PgBackend {
         self.store
             .get_for_execution_using(self.store.pool(), instance_id, step, activation)
             .await
+    }
+
+    /// One statement, each instance read once.
+    async fn load_for_execution_many(
+        &self,
+        requests: &[(Uuid, StepId, u32)],
+    ) -> Result<Vec<Option<(Arc<Instance>, bool)>>, PortError> {
+        self.store
+            .get_for_execution_many_using(self.store.pool(), requests)
+            .await
+    }
+
+    /// One statement; instances held by another writer are skipped at once.
+    async fn try_lock_many(&self, tx: &mut Tx, ids: &[Uuid]) -> Result<Vec<Instance>, PortError> {
+        self.store.try_lock_many_using(tx, ids).await
+    }
+
+    async fn pending_many(
+        &self,
+        tx: &mut Tx,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<StepResult>>, PortError> {
+        self.store.pending_many_using(&mut **tx, ids).await
+    }
+
+    async fn update_many(&self, tx: &mut Tx, instances: &[&Instance]) -> Result<(), PortError> {
+        self.store.update_many_using(tx, instances).await
+    }
+
+    async fn mark_processed_many(
+        &self,
+        tx: &mut Tx,
+        seqs: &[(Uuid, Vec<i64>)],
+    ) -> Result<(), PortError> {
+        let all: Vec<i64> = seqs.iter().flat_map(|(_, s)| s.iter().copied()).collect();
+        self.store.mark_processed_many_using(&mut **tx, &all).await
+    }
+
+    async fn record_many(
+        &self,
+        tx: &mut Tx,
+        results: &[(NewStepResult, bool)],
+    ) -> Result<(), PortError> {
+        self.store.record_many_using(tx, results).await.map(|_| ())
+    }
+
+    async fn complete_many(
+        &self,
+        tx: &mut Tx,
+        leases: &[&JobLease],
+    ) -> Result<Vec<bool>, PortError> {
+        let pairs: Vec<(JobId, u32)> = leases.iter().map(|l| (l.id, l.attempt)).collect();
+        let settled = self
+            .queue
+            .complete_many_using(tx, &pairs)
+            .await
+            .map_err(PortError::from)?;
+        Ok(pairs
+            .iter()
+            .map(|(id, _)| settled.completed.contains(id))
+            .collect())
     }
 }
 

@@ -9,8 +9,8 @@ use hephaestus_engine_core::business_id::{BusinessId, Scope};
 use hephaestus_engine_core::engine::{Effect, Engine, Input, NewInstance};
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
-    InstanceFilter, InstanceStore, JobId, JobQueue, NewStepResult, Recorded, ResultPayload,
-    StepResultStore,
+    InstanceFilter, InstanceStore, JobId, JobLease, JobQueue, NewStepResult, PortError, Recorded,
+    ResultPayload, StepResult, StepResultStore,
 };
 use hephaestus_engine_core::step::CancellationSignal;
 use hephaestus_engine_core::workflow::{StartSelection, WorkflowFamily, WorkflowRegistry};
@@ -38,13 +38,124 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
         instance_id: Uuid,
         step: &StepId,
         activation: u32,
-    ) -> Result<Option<(Instance, bool)>, hephaestus_engine_core::ports::PortError> {
+    ) -> Result<Option<(Instance, bool)>, PortError> {
         let Some(instance) = self.get(instance_id).await? else {
             return Ok(None);
         };
         let recorded = instance.is_step_active(step.as_str(), activation)
             && self.is_recorded(instance_id, step, activation).await?;
         Ok(Some((instance, recorded)))
+    }
+
+    /// [`Backend::load_for_execution`] for many step activations at once (in
+    /// order); requests of one instance may share it.
+    async fn load_for_execution_many(
+        &self,
+        requests: &[(Uuid, StepId, u32)],
+    ) -> Result<Vec<Option<(Arc<Instance>, bool)>>, PortError> {
+        let mut out = Vec::with_capacity(requests.len());
+        for (id, step, activation) in requests {
+            out.push(
+                self.load_for_execution(*id, step, *activation)
+                    .await?
+                    .map(|(instance, recorded)| (Arc::new(instance), recorded)),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Takes the single-writer lock of each instance in `ids` that can be had
+    /// without waiting for another writer, and returns those (a backend may
+    /// also wait and lock them all, in id order). Missing ones are skipped.
+    async fn try_lock_many(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Uuid],
+    ) -> Result<Vec<Instance>, PortError> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(instance) = self.lock(tx, id).await? {
+                out.push(instance);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The unprocessed results of many locked instances, each in `seq` order.
+    async fn pending_many(
+        &self,
+        tx: &mut Self::Tx,
+        ids: &[Uuid],
+    ) -> Result<HashMap<Uuid, Vec<StepResult>>, PortError> {
+        let mut out = HashMap::with_capacity(ids.len());
+        for id in ids {
+            let pending = self.pending(tx, *id).await?;
+            if !pending.is_empty() {
+                out.insert(*id, pending);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes many locked instances.
+    async fn update_many(
+        &self,
+        tx: &mut Self::Tx,
+        instances: &[&Instance],
+    ) -> Result<(), PortError> {
+        for instance in instances {
+            self.update(tx, instance).await?;
+        }
+        Ok(())
+    }
+
+    /// Marks results of many instances processed.
+    async fn mark_processed_many(
+        &self,
+        tx: &mut Self::Tx,
+        seqs: &[(Uuid, Vec<i64>)],
+    ) -> Result<(), PortError> {
+        for (id, seqs) in seqs {
+            self.mark_processed(tx, *id, seqs).await?;
+        }
+        Ok(())
+    }
+
+    /// Records many results in order, idempotently (duplicates and results of
+    /// missing instances are skipped); those flagged `true` are recorded as
+    /// already processed (their instance is locked and applies them in this
+    /// unit of work).
+    async fn record_many(
+        &self,
+        tx: &mut Self::Tx,
+        results: &[(NewStepResult, bool)],
+    ) -> Result<(), PortError> {
+        for (result, processed) in results {
+            match self.record(tx, result).await {
+                Ok(Recorded::Inserted(seq)) if *processed => {
+                    self.mark_processed(tx, result.instance_id, &[seq]).await?;
+                }
+                Ok(_) | Err(PortError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes many leases (each fenced by its attempt); whether each held.
+    async fn complete_many(
+        &self,
+        tx: &mut Self::Tx,
+        leases: &[&JobLease],
+    ) -> Result<Vec<bool>, PortError> {
+        let mut out = Vec::with_capacity(leases.len());
+        for lease in leases {
+            out.push(self.complete(tx, lease).await?);
+        }
+        Ok(out)
     }
 }
 
@@ -81,6 +192,7 @@ pub(crate) struct Inner<B> {
     running: Mutex<HashMap<Uuid, Vec<CancellationSignal>>>,
     pub(crate) wake: tokio::sync::Notify,
     pub(crate) telemetry: crate::telemetry::Telemetry,
+    pub(crate) batches: crate::batch::Batches,
 }
 
 /// A runtime: registered workflows over a backend. Cheap to clone; build one
@@ -165,6 +277,7 @@ impl<B: Backend> RuntimeBuilder<B> {
         if !self.errors.is_empty() {
             return Err(self.errors.remove(0));
         }
+        let batches = crate::batch::Batches::new(&self.config);
         let runtime = Runtime {
             inner: Arc::new(Inner {
                 backend: self.backend,
@@ -173,6 +286,7 @@ impl<B: Backend> RuntimeBuilder<B> {
                 clock: self.clock,
                 running: Mutex::new(HashMap::new()),
                 wake: tokio::sync::Notify::new(),
+                batches,
                 telemetry: self.telemetry,
             }),
         };

@@ -103,12 +103,13 @@ impl<B: Backend> Runtime<B> {
     ) -> JobOutcome {
         let result = match lease.kind.as_str() {
             jobs::ADVANCE => match decode::<AdvanceArgs>(&lease) {
-                Ok(args) => match self.advance_job(args.instance_id, &lease).await {
-                    Ok(report) if report.job_completed => Ok(JobOutcome::Succeeded),
-                    Ok(_) => self.finish(&lease, JobOutcome::Succeeded).await,
-                    Err(RunnerError::NotFound(_)) => self.finish(&lease, JobOutcome::Skipped).await,
-                    Err(e) => Err(e),
-                },
+                Ok(args) => {
+                    self.settle(crate::batch::Settle::Advance {
+                        lease: lease.clone(),
+                        instance_id: args.instance_id,
+                    })
+                    .await
+                }
                 Err(e) => Err(e),
             },
             jobs::EXECUTE => match decode::<ExecuteArgs>(&lease) {

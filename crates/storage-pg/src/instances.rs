@@ -107,6 +107,13 @@ impl Encoded {
     }
 }
 
+/// The `state` and `failure` documents of an instance, as bound by the batched
+/// update (`crate::batch`).
+pub(crate) fn encode_state(instance: &Instance) -> Result<(String, Option<String>), PortError> {
+    let encoded = Encoded::of(instance)?;
+    Ok((encoded.state, encoded.failure))
+}
+
 /// Decodes a row selected with [`crate::store::INSTANCE_COLUMNS`]. A value that does
 /// not decode is [`PortError::Corrupt`], naming the instance and the column.
 pub(crate) fn decode_instance(row: &PgRow) -> Result<Instance, PortError> {

@@ -78,6 +78,7 @@
 //! # }
 //! ```
 
+mod batch;
 mod error;
 mod instances;
 mod json;
@@ -91,6 +92,7 @@ mod store;
 #[cfg(doc)]
 use hephaestus_engine_core::ports::{InstanceStore, PortError, StepResultStore, UnitOfWork};
 
+pub use batch::ExecutionCheck;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
 pub use migrate::{Migrated, migrate};
 pub use query::{Cursor, Direction, InstanceQuery, Order, Page, SortKey, TimeRange};

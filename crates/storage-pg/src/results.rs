@@ -56,11 +56,16 @@ struct CancelDetail {
 
 /// A payload as bound to the `event`, `output`, `metadata` and `detail` columns.
 #[derive(Default)]
-struct Columns<'a> {
-    event: Option<&'a str>,
-    output: Option<String>,
-    metadata: Option<String>,
-    detail: Option<String>,
+pub(crate) struct Columns<'a> {
+    pub(crate) event: Option<&'a str>,
+    pub(crate) output: Option<String>,
+    pub(crate) metadata: Option<String>,
+    pub(crate) detail: Option<String>,
+}
+
+/// The columns of a payload (checked for text PostgreSQL cannot store).
+pub(crate) fn columns_of(payload: &ResultPayload) -> Result<Columns<'_>, PortError> {
+    Columns::of(payload)
 }
 
 impl<'a> Columns<'a> {
@@ -122,7 +127,7 @@ fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, PortError> {
     to_jsonb_text("step result", value)
 }
 
-fn decode_result(row: &PgRow) -> Result<StepResult, PortError> {
+pub(crate) fn decode_result(row: &PgRow) -> Result<StepResult, PortError> {
     let seq: i64 = row.try_get("seq").map_err(port_error)?;
     let corrupt = |problem: String| PortError::Corrupt(format!("step result {seq}: {problem}"));
     let get = |column: &'static str| {

@@ -91,6 +91,7 @@ pub(crate) struct Sql {
     pub(crate) is_recorded: String,
     pub(crate) get_for_execution: String,
     pub(crate) prune_processed: String,
+    pub(crate) batch: crate::batch::BatchSql,
 }
 
 /// The instance columns every read selects, in the order `decode_instance` reads them.
@@ -110,6 +111,7 @@ impl Sql {
             "set_config('{held}', coalesce(current_setting('{held}', true), '') || ' ' || id::text, true)"
         );
         Self {
+            batch: crate::batch::BatchSql::render(prefix),
             // `on conflict do nothing` without a target covers the primary key and the
             // partial unique index of active claims. A conflicting insert of another
             // transaction that is still open makes this one wait for its outcome.

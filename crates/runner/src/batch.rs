@@ -1,0 +1,451 @@
+//! Batched orchestration: group commit of finished steps and advances.
+//!
+//! Step executions and advance jobs run concurrently, each in its own task.
+//! Instead of one unit of work each, they hand their last write to a
+//! [`Batcher`]: the first of them to find no batch in progress (up to
+//! [`RunnerConfig::batch_flushers`](crate::RunnerConfig) at once) takes
+//! everything queued so far and settles it in ONE unit of work, while the
+//! others wait for their answer. On an idle system a batch holds one job and
+//! adds no delay; under load batches grow by themselves.
+//!
+//! One settling unit of work, for a batch of step results and advance jobs:
+//!
+//! 1. completes the leases of the step results (fenced: a cancelled or
+//!    rescued attempt's result is dropped);
+//! 2. takes the single-writer lock of every instance involved that no other
+//!    writer holds, **without waiting** ([`Backend::try_lock_many`]);
+//! 3. for each locked instance: reads its inbox, applies the inbox and the
+//!    batch's new results with the pure engine ([`Runtime::plan_round`]);
+//! 4. records the new results (those of locked instances as already
+//!    processed), writes the instances, marks the inbox processed, cancels
+//!    and enqueues jobs, and completes the advance jobs — every instance's
+//!    writes in one statement per kind;
+//! 5. commits.
+//!
+//! An instance whose lock is held elsewhere is not waited for: its results
+//! go to the inbox with an advance job, exactly as without batching (the
+//! holder, or that advance, applies them: no wake-up is lost, G3). An
+//! advance job whose instance could not be locked, or any job of a batch
+//! whose unit of work failed, is settled on its own, as without batching:
+//! nothing of a failed batch was committed.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use hephaestus_engine_core::instance::Instance;
+use hephaestus_engine_core::ports::{JobLease, NewJob, NewStepResult, PortError};
+use hephaestus_engine_core::{StepId, Workflow};
+use tokio::sync::{Semaphore, oneshot};
+use uuid::Uuid;
+
+use crate::advance::{Round, RoundInput};
+use crate::config::RunnerConfig;
+use crate::error::RunnerError;
+use crate::jobs;
+use crate::runtime::{Backend, Runtime};
+use crate::worker::JobOutcome;
+
+/// Group commit: callers queue items; a caller that gets a flush permit
+/// takes what is queued (up to `max`) and flushes it for everyone.
+pub(crate) struct Batcher<T, R> {
+    queue: Mutex<Vec<(T, oneshot::Sender<R>)>>,
+    flushers: Semaphore,
+    max: usize,
+}
+
+impl<T, R> std::fmt::Debug for Batcher<T, R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher")
+            .field("max", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T, R> Batcher<T, R> {
+    fn new(flushers: usize, max: usize) -> Self {
+        Self {
+            queue: Mutex::new(Vec::new()),
+            flushers: Semaphore::new(flushers.max(1)),
+            max: max.max(1),
+        }
+    }
+
+    /// Queues `item` and returns its answer: flushed by this caller (with
+    /// whatever else is queued) or by another one. `None` when the caller
+    /// that took the item was dropped before answering.
+    pub(crate) async fn submit<F, Fut>(&self, item: T, flush: F) -> Option<R>
+    where
+        F: Fn(Vec<T>) -> Fut,
+        Fut: Future<Output = Vec<R>>,
+    {
+        let (answer, mut answered) = oneshot::channel();
+        self.lock().push((item, answer));
+        loop {
+            tokio::select! {
+                biased;
+                got = &mut answered => return got.ok(),
+                permit = self.flushers.acquire() => {
+                    // The semaphore is never closed.
+                    let Ok(_permit) = permit else { return answered.await.ok() };
+                    let batch: Vec<(T, oneshot::Sender<R>)> = {
+                        let mut queue = self.lock();
+                        let n = queue.len().min(self.max);
+                        queue.drain(..n).collect()
+                    };
+                    if batch.is_empty() {
+                        // Another flusher took this item.
+                        return answered.await.ok();
+                    }
+                    let (items, answers): (Vec<T>, Vec<oneshot::Sender<R>>) =
+                        batch.into_iter().unzip();
+                    let results = flush(items).await;
+                    for (answer, result) in answers.into_iter().zip(results) {
+                        // A waiter that went away needs no answer.
+                        let _ = answer.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(T, oneshot::Sender<R>)>> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A write settled by the batched orchestration.
+#[derive(Debug)]
+pub(crate) enum Settle {
+    /// A step execution's result (completed or async): recorded, applied,
+    /// and its job completed.
+    Result {
+        lease: JobLease,
+        wf: Workflow,
+        result: NewStepResult,
+    },
+    /// An advance job.
+    Advance { lease: JobLease, instance_id: Uuid },
+}
+
+impl Settle {
+    fn lease(&self) -> &JobLease {
+        match self {
+            Self::Result { lease, .. } | Self::Advance { lease, .. } => lease,
+        }
+    }
+
+    fn instance_id(&self) -> Uuid {
+        match self {
+            Self::Result { result, .. } => result.instance_id,
+            Self::Advance { instance_id, .. } => *instance_id,
+        }
+    }
+}
+
+/// An execution pre-check: the instance (shared by the requests of one
+/// batch) and whether a result is recorded for the activation.
+pub(crate) type Preflight = Option<(Arc<Instance>, bool)>;
+
+type Answer = Result<JobOutcome, RunnerError>;
+
+/// The runtime's batchers.
+#[derive(Debug)]
+pub(crate) struct Batches {
+    settle: Batcher<Settle, Answer>,
+    preflight: Batcher<(Uuid, StepId, u32), Result<Preflight, RunnerError>>,
+}
+
+impl Batches {
+    pub(crate) fn new(config: &RunnerConfig) -> Self {
+        Self {
+            settle: Batcher::new(config.batch_flushers, config.max_batch),
+            preflight: Batcher::new(config.batch_flushers, config.max_batch),
+        }
+    }
+}
+
+fn abandoned() -> RunnerError {
+    RunnerError::Backend(PortError::Unavailable(
+        "the batch carrying this job was abandoned".into(),
+    ))
+}
+
+/// A locked instance being advanced in a batch.
+struct Plan {
+    instance: Instance,
+    round: Round,
+}
+
+/// What a batch decided: an answer per item, or `None` for the items to
+/// settle on their own after the commit.
+type Decided = Vec<Option<Answer>>;
+
+impl<B: Backend> Runtime<B> {
+    /// What a step execution checks before running user code, read in one
+    /// statement with the other executions starting at the same time.
+    pub(crate) async fn preflight(
+        &self,
+        instance_id: Uuid,
+        step: StepId,
+        activation: u32,
+    ) -> Result<Preflight, RunnerError> {
+        let rt = self.clone();
+        self.inner
+            .batches
+            .preflight
+            .submit((instance_id, step, activation), move |batch| {
+                let rt = rt.clone();
+                async move {
+                    match rt.inner.backend.load_for_execution_many(&batch).await {
+                        Ok(checks) => checks.into_iter().map(Ok).collect(),
+                        Err(e) => {
+                            let message = e.to_string();
+                            batch
+                                .iter()
+                                .map(|_| {
+                                    Err(RunnerError::Backend(PortError::Unavailable(
+                                        message.clone().into(),
+                                    )))
+                                })
+                                .collect()
+                        }
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|| Err(abandoned()))
+    }
+
+    /// Settles `item` in a batch with whatever else is being settled.
+    pub(crate) async fn settle(&self, item: Settle) -> Answer {
+        let rt = self.clone();
+        self.inner
+            .batches
+            .settle
+            .submit(item, move |batch| {
+                let rt = rt.clone();
+                async move { rt.settle_batch(batch).await }
+            })
+            .await
+            .unwrap_or_else(|| Err(abandoned()))
+    }
+
+    async fn settle_batch(&self, items: Vec<Settle>) -> Vec<Answer> {
+        let decided = match self.settle_together(&items).await {
+            Ok(decided) => decided,
+            Err(e) if items.len() == 1 => return vec![Err(e)],
+            Err(e) => {
+                // Nothing of the batch committed: settle each on its own.
+                tracing::debug!(error = %e, jobs = items.len(), "a batch failed; settling its jobs one by one");
+                items.iter().map(|_| None).collect()
+            }
+        };
+        let mut answers = Vec::with_capacity(items.len());
+        for (item, decided) in items.iter().zip(decided) {
+            answers.push(match decided {
+                Some(answer) => answer,
+                None => self.settle_alone(item).await,
+            });
+        }
+        answers
+    }
+
+    /// One item on its own: the unbatched path.
+    async fn settle_alone(&self, item: &Settle) -> Answer {
+        match item {
+            Settle::Result { lease, wf, result } => {
+                self.record_and_finish(lease, wf, result.clone()).await
+            }
+            Settle::Advance { lease, instance_id } => self.advance_alone(lease, *instance_id).await,
+        }
+    }
+
+    /// An advance job on its own, waiting for the instance's lock.
+    pub(crate) async fn advance_alone(&self, lease: &JobLease, instance_id: Uuid) -> Answer {
+        match self.advance_job(instance_id, lease).await {
+            Ok(report) if report.job_completed => Ok(JobOutcome::Succeeded),
+            Ok(_) => self.finish(lease, JobOutcome::Succeeded).await,
+            Err(RunnerError::NotFound(_)) => self.finish(lease, JobOutcome::Skipped).await,
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The batch's unit of work (see the module docs).
+    async fn settle_together(&self, items: &[Settle]) -> Result<Decided, RunnerError> {
+        let b = &self.inner.backend;
+        let started = self.now();
+        let mut decided: Decided = items.iter().map(|_| None).collect();
+        let mut tx = b.begin().await?;
+
+        // 1. Fence the results: only a lease that still holds may land one.
+        let result_ix: Vec<usize> = (0..items.len())
+            .filter(|&i| matches!(items[i], Settle::Result { .. }))
+            .collect();
+        let leases: Vec<&JobLease> = result_ix.iter().map(|&i| items[i].lease()).collect();
+        let held = b.complete_many(&mut tx, &leases).await?;
+        let mut live: Vec<usize> = Vec::with_capacity(result_ix.len());
+        for (&i, held) in result_ix.iter().zip(held) {
+            if held {
+                live.push(i);
+            } else {
+                // Cancelled or rescued meanwhile: this attempt's result must
+                // not land.
+                decided[i] = Some(Ok(JobOutcome::Fenced));
+            }
+        }
+        let advance_ix: Vec<usize> = (0..items.len())
+            .filter(|&i| matches!(items[i], Settle::Advance { .. }))
+            .collect();
+
+        // 2. Lock what can be locked without waiting.
+        let ids: Vec<Uuid> = live
+            .iter()
+            .chain(&advance_ix)
+            .map(|&i| items[i].instance_id())
+            .collect();
+        let locked = b.try_lock_many(&mut tx, &ids).await?;
+        let mut workflows: HashMap<Uuid, Workflow> = HashMap::with_capacity(locked.len());
+        let mut instances: BTreeMap<Uuid, Instance> = BTreeMap::new();
+        for instance in locked {
+            // A missing definition leaves the instance to the unbatched path
+            // (a typed error; the instance stays untouched).
+            if let Ok(wf) = self.workflow_of(&instance) {
+                workflows.insert(instance.id, wf.clone());
+                instances.insert(instance.id, instance);
+            }
+        }
+
+        // 3. Plan every locked instance: its inbox, then the new results.
+        let planned_ids: Vec<Uuid> = instances.keys().copied().collect();
+        let mut pending = b.pending_many(&mut tx, &planned_ids).await?;
+        let mut new_results: HashMap<Uuid, Vec<&NewStepResult>> = HashMap::new();
+        for &i in &live {
+            if let Settle::Result { result, .. } = &items[i] {
+                new_results
+                    .entry(result.instance_id)
+                    .or_default()
+                    .push(result);
+            }
+        }
+        let mut plans: BTreeMap<Uuid, Plan> = BTreeMap::new();
+        for (id, mut instance) in instances {
+            let stored = pending.remove(&id).unwrap_or_default();
+            let inputs: Vec<RoundInput<'_>> = stored
+                .iter()
+                .map(|row| RoundInput {
+                    seq: Some(row.seq),
+                    result: &row.result,
+                })
+                .chain(
+                    new_results
+                        .get(&id)
+                        .into_iter()
+                        .flatten()
+                        .map(|result| RoundInput { seq: None, result }),
+                )
+                .collect();
+            match self.plan_round(&workflows[&id], &mut instance, &inputs) {
+                Ok(round) => {
+                    plans.insert(id, Plan { instance, round });
+                }
+                Err(e) => {
+                    // Left to its advance job, which reports the error.
+                    tracing::debug!(instance_id = %id, error = %e, "instance not advanced in a batch");
+                }
+            }
+        }
+
+        // 4. Write everything, one statement per kind.
+        let records: Vec<(NewStepResult, bool)> = live
+            .iter()
+            .filter_map(|&i| match &items[i] {
+                Settle::Result { result, .. } => {
+                    Some((result.clone(), plans.contains_key(&result.instance_id)))
+                }
+                Settle::Advance { .. } => None,
+            })
+            .collect();
+        b.record_many(&mut tx, &records).await?;
+        let changed: Vec<&Instance> = plans
+            .values()
+            .filter(|p| p.round.changed)
+            .map(|p| &p.instance)
+            .collect();
+        b.update_many(&mut tx, &changed).await?;
+        let seqs: Vec<(Uuid, Vec<i64>)> = plans
+            .iter()
+            .filter(|(_, p)| !p.round.seqs.is_empty())
+            .map(|(id, p)| (*id, p.round.seqs.clone()))
+            .collect();
+        b.mark_processed_many(&mut tx, &seqs).await?;
+        for (id, plan) in &plans {
+            let own_job = advance_ix
+                .iter()
+                .find(|&&i| items[i].instance_id() == *id)
+                .map(|&i| items[i].lease().id);
+            self.cancel_round_jobs(&mut tx, *id, &plan.round, own_job)
+                .await?;
+        }
+        let mut new_jobs: Vec<NewJob> = plans
+            .values()
+            .flat_map(|p| p.round.new_jobs.iter().cloned())
+            .collect();
+        // Results of instances not advanced here wait in the inbox for their
+        // advance job (one per instance, in id order so concurrent batches
+        // take the unique keys in one order).
+        let mut waiting: BTreeMap<Uuid, (&Workflow, &StepId)> = BTreeMap::new();
+        for &i in &live {
+            if let Settle::Result { wf, result, .. } = &items[i]
+                && !plans.contains_key(&result.instance_id)
+                && let Some(step) = &result.step
+            {
+                waiting.entry(result.instance_id).or_insert((wf, step));
+            }
+        }
+        let config = &self.inner.config;
+        new_jobs.extend(
+            waiting
+                .iter()
+                .map(|(id, (wf, step))| jobs::advance(config, wf, *id, Some(step))),
+        );
+        if !new_jobs.is_empty() {
+            b.enqueue(&mut tx, &new_jobs).await?;
+        }
+        let advanced: Vec<usize> = advance_ix
+            .iter()
+            .copied()
+            .filter(|&i| plans.contains_key(&items[i].instance_id()))
+            .collect();
+        let leases: Vec<&JobLease> = advanced.iter().map(|&i| items[i].lease()).collect();
+        let held = b.complete_many(&mut tx, &leases).await?;
+        b.commit(tx).await?;
+
+        // 5. After the commit.
+        for &i in &live {
+            decided[i] = Some(Ok(JobOutcome::Succeeded));
+        }
+        for (&i, held) in advanced.iter().zip(held) {
+            // A fenced advance (rescued meanwhile) still applied its round
+            // under the lock; only its completion did not hold.
+            decided[i] = Some(Ok(if held {
+                JobOutcome::Succeeded
+            } else {
+                JobOutcome::Fenced
+            }));
+        }
+        if !waiting.is_empty() {
+            self.inner.wake.notify_waiters();
+        }
+        let planned: HashSet<Uuid> = plans.keys().copied().collect();
+        for plan in plans.into_values() {
+            self.after_round(&plan.instance, &plan.round, started, 1);
+        }
+        tracing::trace!(
+            jobs = items.len(),
+            advanced = planned.len(),
+            "batch settled"
+        );
+        Ok(decided)
+    }
+}
