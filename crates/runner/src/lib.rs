@@ -58,6 +58,7 @@ mod facade;
 pub mod jobs;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+pub mod retry;
 mod runtime;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
