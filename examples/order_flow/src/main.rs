@@ -1,9 +1,6 @@
-//! An order workflow, end to end, on the in-memory backend (no database).
-//!
-//! `validate` branches on the order; a valid one fans out to `charge_card`
-//! and `reserve_stock`, which join at `pack`; a dynamic route picks `freight`
-//! or `courier` by weight; `await_delivery` waits for a delivery event (with a
-//! timeout timer), and `cool_off` is a durable one-second `Wait`.
+//! An order workflow, end to end, on the in-memory backend (no database) or
+//! on PostgreSQL. The workflow and the scripted run live in this package's
+//! library (`order_flow`), which `hephaestus demo` runs too.
 //!
 //! Run: `cargo run -p order-flow` (in memory), or
 //! `cargo run -p order-flow -- --database-url postgres://...` (PostgreSQL: it
@@ -12,125 +9,14 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hephaestus_engine_core::ports::memory::MemoryBackend;
-use hephaestus_engine_core::prelude::*;
-use hephaestus_engine_core::steps::{Done, FnStep, Wait, WaitForEvent};
-use hephaestus_runner::telemetry::names;
-use hephaestus_runner::{RunnerConfig, Runtime};
-use serde_json::json;
-
-fn checkout() -> Result<Workflow> {
-    let validate = FnStep::new("orders::Validate", ["valid", "invalid"], |input| {
-        let total = input.context.initial["total"].as_u64().unwrap_or(0);
-        if total > 0 {
-            StepOutcome::complete_with("valid", json!({ "total": total }))
-        } else {
-            StepOutcome::complete_with("invalid", json!({ "reason": "empty order" }))
-        }
-    });
-    let charge = FnStep::new("orders::ChargeCard", ["charged"], |input| {
-        // The idempotency key is stable across retries: pass it to the payment API.
-        StepOutcome::complete_with(
-            "charged",
-            json!({ "payment_ref": input.idempotency_key.to_string() }),
-        )
-    });
-    let reserve = FnStep::new("orders::ReserveStock", ["reserved"], |_| {
-        StepOutcome::complete_with("reserved", json!({ "warehouse": "lisbon" }))
-    });
-    let pack = FnStep::new("orders::Pack", ["packed"], |input| {
-        let heavy = input.context.initial["weight_kg"].as_u64().unwrap_or(0) > 20;
-        StepOutcome::complete_with("packed", json!({ "heavy": heavy }))
-    });
-    let freight = FnStep::new("orders::Freight", ["booked"], |_| {
-        StepOutcome::complete("booked")
-    });
-    let courier = FnStep::new("orders::Courier", ["booked"], |_| {
-        StepOutcome::complete("booked")
-    });
-    let reject = FnStep::new("orders::Reject", ["done"], |_| {
-        StepOutcome::complete("done")
-    });
-    Ok(Workflow::builder("orders::Checkout")
-        .unique("order", Scope::Workflow)
-        .start(validate.clone())
-        .fan_out(
-            validate.clone(),
-            "valid",
-            [target(charge.clone()), target(reserve.clone())],
-        )
-        .on(validate, "invalid", reject.clone())
-        .on(reject, "done", Done)
-        .on(charge, "charged", pack.clone())
-        .on(reserve, "reserved", pack.clone())
-        .route(
-            pack,
-            "packed",
-            [target(freight.clone()), target(courier.clone())],
-            |ctx| {
-                let heavy = ctx
-                    .step("pack")
-                    .and_then(|o| o["heavy"].as_bool())
-                    .unwrap_or(false);
-                vec![Pick::step(if heavy {
-                    "orders::Freight"
-                } else {
-                    "orders::Courier"
-                })]
-            },
-        )
-        .on_with(
-            freight,
-            "booked",
-            WaitForEvent,
-            json!({ "timeout_ms": 60_000 }),
-        )
-        .on_with(
-            courier,
-            "booked",
-            WaitForEvent,
-            json!({ "timeout_ms": 60_000 }),
-        )
-        .on_with(
-            WaitForEvent,
-            "received",
-            Wait,
-            json!({ "duration": 1, "unit": "second" }),
-        )
-        .on(WaitForEvent, "timeout", Done)
-        .on(Wait, "timeout", Done)
-        .build()?)
-}
+use hephaestus_runner::Runtime;
 
 #[tokio::main]
 async fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = RunnerConfig {
-        poll_interval: Duration::from_millis(20),
-        ..RunnerConfig::default()
-    };
+    let config = order_flow::config();
     match args.as_slice() {
-        [] => {
-            let runtime = Runtime::builder(MemoryBackend::new())
-                .config(config)
-                .workflow(checkout()?)
-                .build()?;
-            // The runtime's own worker loop: any backend, no database.
-            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-            let worker = {
-                let rt = runtime.clone();
-                tokio::spawn(async move {
-                    rt.run(async {
-                        stopped.await.ok();
-                    })
-                    .await
-                })
-            };
-            demo("", &runtime).await?;
-            stop.send(()).ok();
-            worker.await??;
-            Ok(())
-        }
+        [] => order_flow::run_in_memory().await,
         [flag, url] if flag == "--database-url" => {
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(12)
@@ -150,7 +36,7 @@ async fn main() -> Result<()> {
             println!("on PostgreSQL, schema order_flow_demo");
             let runtime = Runtime::builder(backend)
                 .config(config)
-                .workflow(checkout()?)
+                .workflow(order_flow::checkout()?)
                 .build()?;
             // Production workers on PostgreSQL: queue-pg's worker runtime
             // (LISTEN/NOTIFY, batched fetches, heartbeats, leader-elected
@@ -159,7 +45,7 @@ async fn main() -> Result<()> {
                 .queue_runtime(hephaestus_failure_handler::workers(&runtime))
                 .start()
                 .await?;
-            let outcome = demo(&run_suffix(), &runtime).await;
+            let outcome = order_flow::demo(&run_suffix(), &runtime).await;
             workers.shutdown(Duration::from_secs(10)).await;
             outcome
         }
@@ -174,92 +60,4 @@ fn run_suffix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     format!("{secs}")
-}
-
-async fn demo<B: hephaestus_runner::Backend>(suffix: &str, runtime: &Runtime<B>) -> Result<()> {
-    let (first, second) = (format!("1001{suffix}"), format!("1002{suffix}"));
-    let mut events = runtime.subscribe();
-
-    let orders = runtime.workflow("orders::Checkout")?;
-    let started = orders
-        .start(&first, json!({ "total": 42, "weight_kg": 3 }))
-        .await?;
-    let rejected = orders.start(&second, json!({ "total": 0 })).await?;
-    println!(
-        "started {} ({}) and {} ({})",
-        started.business_id, started.id, rejected.business_id, rejected.id
-    );
-
-    let mut resumed = false;
-    let mut finished = 0;
-    while finished < 2 {
-        let event = tokio::time::timeout(Duration::from_secs(30), events.recv())
-            .await
-            .context("the demo stalled")??;
-        let instance = event
-            .metadata
-            .get("business_id")
-            .and_then(|v| v.as_str())
-            .unwrap_or("");
-        match event.name {
-            names::STEP_STOP => println!(
-                "  [{instance}] ran {} -> :{}",
-                field(&event, "step"),
-                field(&event, "event")
-            ),
-            names::STEP_ASYNC => {
-                println!("  [{instance}] {} waits", field(&event, "step"));
-                if !resumed && field(&event, "step") == "hephaestus::WaitForEvent" {
-                    resumed = true;
-                    println!("  [{instance}] the courier confirms delivery");
-                    orders
-                        .resume(
-                            &first,
-                            "hephaestus::WaitForEvent",
-                            "received",
-                            json!({ "signed_by": "R. Costa" }),
-                        )
-                        .await?;
-                }
-            }
-            names::STEP_RESUME => println!(
-                "  [{instance}] {} resumed with :{}",
-                field(&event, "step"),
-                field(&event, "resume_event")
-            ),
-            names::WORKFLOW_STOP => {
-                finished += 1;
-                println!("  [{instance}] completed");
-            }
-            names::WORKFLOW_EXCEPTION => {
-                finished += 1;
-                println!("  [{instance}] failed: {}", field(&event, "reason"));
-            }
-            _ => {}
-        }
-    }
-
-    for id in [started.id, rejected.id] {
-        let instance = runtime.get(id).await?.context("instance exists")?;
-        println!(
-            "\n{} is {}; context:",
-            instance.business_id, instance.status
-        );
-        println!("{}", serde_json::to_string_pretty(&instance.context)?);
-        let steps: Vec<String> = instance
-            .steps
-            .iter()
-            .map(|(s, st)| format!("{s}={}", st.status))
-            .collect();
-        println!("steps: {}", steps.join(", "));
-    }
-    Ok(())
-}
-
-fn field<'a>(event: &'a hephaestus_runner::TelemetryEvent, key: &str) -> &'a str {
-    event
-        .metadata
-        .get(key)
-        .and_then(|v| v.as_str())
-        .unwrap_or("")
 }

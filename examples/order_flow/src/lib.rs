@@ -1,0 +1,228 @@
+//! The order-flow demo as a library: the `orders::Checkout` workflow and the
+//! scripted run that drives two orders through it, shared by this example's
+//! binary (`cargo run -p order-flow`, in memory or on PostgreSQL) and by
+//! `hephaestus demo`.
+//!
+//! `validate` branches on the order; a valid one fans out to `charge_card`
+//! and `reserve_stock`, which join at `pack`; a dynamic route picks `freight`
+//! or `courier` by weight; `await_delivery` waits for a delivery event (with a
+//! timeout timer), and `cool_off` is a durable one-second `Wait`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hephaestus_engine_core::ports::memory::MemoryBackend;
+use hephaestus_engine_core::prelude::*;
+use hephaestus_engine_core::steps::{Done, FnStep, Wait, WaitForEvent};
+use hephaestus_runner::telemetry::names;
+use hephaestus_runner::{RunnerConfig, Runtime};
+use serde_json::json;
+
+/// The `orders::Checkout` workflow.
+pub fn checkout() -> Result<Workflow> {
+    let validate = FnStep::new("orders::Validate", ["valid", "invalid"], |input| {
+        let total = input.context.initial["total"].as_u64().unwrap_or(0);
+        if total > 0 {
+            StepOutcome::complete_with("valid", json!({ "total": total }))
+        } else {
+            StepOutcome::complete_with("invalid", json!({ "reason": "empty order" }))
+        }
+    });
+    let charge = FnStep::new("orders::ChargeCard", ["charged"], |input| {
+        // The idempotency key is stable across retries: pass it to the payment API.
+        StepOutcome::complete_with(
+            "charged",
+            json!({ "payment_ref": input.idempotency_key.to_string() }),
+        )
+    });
+    let reserve = FnStep::new("orders::ReserveStock", ["reserved"], |_| {
+        StepOutcome::complete_with("reserved", json!({ "warehouse": "lisbon" }))
+    });
+    let pack = FnStep::new("orders::Pack", ["packed"], |input| {
+        let heavy = input.context.initial["weight_kg"].as_u64().unwrap_or(0) > 20;
+        StepOutcome::complete_with("packed", json!({ "heavy": heavy }))
+    });
+    let freight = FnStep::new("orders::Freight", ["booked"], |_| {
+        StepOutcome::complete("booked")
+    });
+    let courier = FnStep::new("orders::Courier", ["booked"], |_| {
+        StepOutcome::complete("booked")
+    });
+    let reject = FnStep::new("orders::Reject", ["done"], |_| {
+        StepOutcome::complete("done")
+    });
+    Ok(Workflow::builder("orders::Checkout")
+        .unique("order", Scope::Workflow)
+        .start(validate.clone())
+        .fan_out(
+            validate.clone(),
+            "valid",
+            [target(charge.clone()), target(reserve.clone())],
+        )
+        .on(validate, "invalid", reject.clone())
+        .on(reject, "done", Done)
+        .on(charge, "charged", pack.clone())
+        .on(reserve, "reserved", pack.clone())
+        .route(
+            pack,
+            "packed",
+            [target(freight.clone()), target(courier.clone())],
+            |ctx| {
+                let heavy = ctx
+                    .step("pack")
+                    .and_then(|o| o["heavy"].as_bool())
+                    .unwrap_or(false);
+                vec![Pick::step(if heavy {
+                    "orders::Freight"
+                } else {
+                    "orders::Courier"
+                })]
+            },
+        )
+        .on_with(
+            freight,
+            "booked",
+            WaitForEvent,
+            json!({ "timeout_ms": 60_000 }),
+        )
+        .on_with(
+            courier,
+            "booked",
+            WaitForEvent,
+            json!({ "timeout_ms": 60_000 }),
+        )
+        .on_with(
+            WaitForEvent,
+            "received",
+            Wait,
+            json!({ "duration": 1, "unit": "second" }),
+        )
+        .on(WaitForEvent, "timeout", Done)
+        .on(Wait, "timeout", Done)
+        .build()?)
+}
+
+/// The runner configuration of the demo: a short poll interval, so the
+/// in-memory worker loop picks due timers up quickly.
+pub fn config() -> RunnerConfig {
+    RunnerConfig {
+        poll_interval: Duration::from_millis(20),
+        ..RunnerConfig::default()
+    }
+}
+
+/// Runs the demo on the in-memory backend (no database): the runtime's own
+/// worker loop runs the jobs while [`demo`] drives two orders to their end.
+pub async fn run_in_memory() -> Result<()> {
+    let runtime = Runtime::builder(MemoryBackend::new())
+        .config(config())
+        .workflow(checkout()?)
+        .build()?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = {
+        let rt = runtime.clone();
+        tokio::spawn(async move {
+            rt.run(async {
+                stopped.await.ok();
+            })
+            .await
+        })
+    };
+    let outcome = demo("", &runtime).await;
+    stop.send(()).ok();
+    worker.await??;
+    outcome
+}
+
+/// Starts two orders (`1001<suffix>`, valid, and `1002<suffix>`, empty),
+/// resumes the valid one's delivery wait when it is reached, prints every
+/// step as it runs and, once both ended, each instance's status, context and
+/// step states. Workers must be running on `runtime`'s backend.
+pub async fn demo<B: hephaestus_runner::Backend>(suffix: &str, runtime: &Runtime<B>) -> Result<()> {
+    let (first, second) = (format!("1001{suffix}"), format!("1002{suffix}"));
+    let mut events = runtime.subscribe();
+
+    let orders = runtime.workflow("orders::Checkout")?;
+    let started = orders
+        .start(&first, json!({ "total": 42, "weight_kg": 3 }))
+        .await?;
+    let rejected = orders.start(&second, json!({ "total": 0 })).await?;
+    println!(
+        "started {} ({}) and {} ({})",
+        started.business_id, started.id, rejected.business_id, rejected.id
+    );
+
+    let mut resumed = false;
+    let mut finished = 0;
+    while finished < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(30), events.recv())
+            .await
+            .context("the demo stalled")??;
+        let instance = event
+            .metadata
+            .get("business_id")
+            .and_then(|v| v.as_str())
+            .unwrap_or("");
+        match event.name {
+            names::STEP_STOP => println!(
+                "  [{instance}] ran {} -> :{}",
+                field(&event, "step"),
+                field(&event, "event")
+            ),
+            names::STEP_ASYNC => {
+                println!("  [{instance}] {} waits", field(&event, "step"));
+                if !resumed && field(&event, "step") == "hephaestus::WaitForEvent" {
+                    resumed = true;
+                    println!("  [{instance}] the courier confirms delivery");
+                    orders
+                        .resume(
+                            &first,
+                            "hephaestus::WaitForEvent",
+                            "received",
+                            json!({ "signed_by": "R. Costa" }),
+                        )
+                        .await?;
+                }
+            }
+            names::STEP_RESUME => println!(
+                "  [{instance}] {} resumed with :{}",
+                field(&event, "step"),
+                field(&event, "resume_event")
+            ),
+            names::WORKFLOW_STOP => {
+                finished += 1;
+                println!("  [{instance}] completed");
+            }
+            names::WORKFLOW_EXCEPTION => {
+                finished += 1;
+                println!("  [{instance}] failed: {}", field(&event, "reason"));
+            }
+            _ => {}
+        }
+    }
+
+    for id in [started.id, rejected.id] {
+        let instance = runtime.get(id).await?.context("instance exists")?;
+        println!(
+            "\n{} is {}; context:",
+            instance.business_id, instance.status
+        );
+        println!("{}", serde_json::to_string_pretty(&instance.context)?);
+        let steps: Vec<String> = instance
+            .steps
+            .iter()
+            .map(|(s, st)| format!("{s}={}", st.status))
+            .collect();
+        println!("steps: {}", steps.join(", "));
+    }
+    Ok(())
+}
+
+/// A text field of a telemetry event's metadata (empty when absent).
+fn field<'a>(event: &'a hephaestus_runner::TelemetryEvent, key: &str) -> &'a str {
+    event
+        .metadata
+        .get(key)
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+}
