@@ -205,7 +205,9 @@ fn graph_draws_a_registered_workflow_and_names_the_others() {
     let unknown = hephaestus(&["graph", "nope"]);
     assert!(!unknown.status.success());
     assert!(
-        stderr(&unknown).contains("no workflow \"nope\" is registered; registered: fixture_linear"),
+        stderr(&unknown).contains(
+            "no workflow \"nope\" is registered; registered: fixture_branch, fixture_diamond, fixture_linear"
+        ),
         "{}",
         stderr(&unknown)
     );

@@ -36,7 +36,7 @@ mod chaos;
     reason = "the worker's half of the fixture (its CLI) does not run in the tests"
 )]
 #[path = "../../crates/cli/src/fixtures.rs"]
-mod fixtures;
+pub(crate) mod fixtures;
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

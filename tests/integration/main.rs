@@ -4,6 +4,7 @@
 //! Docker; `cargo xtask test` finds one by itself. They never skip silently.
 
 mod cli;
+mod cli_ops;
 mod faults;
 mod migrations;
 mod queue_pg;

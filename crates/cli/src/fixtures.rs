@@ -14,7 +14,9 @@
 //! A script such as `{"fail": {"Transform": 2}, "fatal": "Store", "branch":
 //! "right", "sleep_ms": 5}` makes `Transform` fail its first two attempts
 //! with a retryable error, `Store` fail for good (the instance fails), the
-//! branch take `right`, and every step sleep 5 ms. Every step execution is
+//! branch take `right`, and every step sleep 5 ms. The script applies to a
+//! step's first activation only: after `hephaestus instances retry` the
+//! restarted step completes. Every step execution is
 //! recorded in `<schema>.fixture_executions` (instance, step, activation,
 //! attempt, idempotency key, worker pid, outcome) with its own statement,
 //! outside the runner's transaction: user code runs at least once, so a test
@@ -142,7 +144,18 @@ impl Script {
         }
     }
 
-    /// What attempt `attempt` of `step` does.
+    /// What attempt `attempt` of `step`'s activation `activation` does:
+    /// the script plays out in the first activation; a later one (the
+    /// instance was retried) completes.
+    pub fn outcome_in(&self, step: &str, activation: u32, attempt: u32) -> Planned {
+        if activation > 1 {
+            Planned::Complete
+        } else {
+            self.outcome(step, attempt)
+        }
+    }
+
+    /// What attempt `attempt` of `step`'s first activation does.
     pub fn outcome(&self, step: &str, attempt: u32) -> Planned {
         if self.fatal.as_deref() == Some(step) {
             Planned::Fatal
@@ -315,7 +328,7 @@ impl Step for FixtureStep {
 
     async fn execute(&self, input: StepInput<'_>) -> StepOutcome {
         let script = script_of(input.context);
-        let planned = script.outcome(self.id.as_str(), input.attempt);
+        let planned = script.outcome_in(self.id.as_str(), input.activation, input.attempt);
         if let Err(e) = self.recorder.record(&input, planned).await {
             // Not recorded, so not counted: the attempt is retried.
             return StepOutcome::Error(StepError::retryable(format!(

@@ -18,7 +18,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
 /// Every component, in dependency order (storage before queue).
-fn registry() -> Result<Registry> {
+pub(crate) fn registry() -> Result<Registry> {
     Ok(Registry::new(vec![
         hephaestus_storage_pg::schema(),
         hephaestus_queue_pg::schema(),
@@ -89,7 +89,7 @@ pub async fn connect(url: &str) -> Result<PgPool> {
 }
 
 /// A component's version in the database (0 when never migrated).
-async fn current(
+pub(crate) async fn current(
     tx: &mut Transaction<'_, Postgres>,
     prefix: &SchemaPrefix,
     component: &Component,

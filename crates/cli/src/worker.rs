@@ -1,20 +1,19 @@
-//! `hephaestus worker`: a worker process for the fixture workflows
-//! ([`crate::fixtures`]) on PostgreSQL, run the production way: the runner's
-//! jobs on queue-pg's `QueueRuntime` with the failure handler's discard hook,
-//! and a leader-only reconciler.
+//! `hephaestus worker`: a worker process for the registered workflows (the
+//! stock binary's are the fixture workflows, [`crate::fixtures`]) on
+//! PostgreSQL, run the production way: the runner's jobs on queue-pg's
+//! `QueueRuntime` with the failure handler's discard hook, and a leader-only
+//! reconciler.
 //!
 //! It migrates storage and queue into `--schema` (a no-op when they are up to
-//! date), creates the fixture's execution table, starts, and prints one line
-//! starting with `hephaestus worker ready` on stdout. With
+//! date), registers the workflows (for the fixtures: creates their execution
+//! table), starts, and prints one line starting with `hephaestus worker
+//! ready` on stdout. With
 //! `--exit-on-stdin-close` it shuts down gracefully (stop fetching, let
 //! running jobs finish within `--grace-ms`, stop the services) when its
 //! standard input reaches end of file: how a supervising process (the
 //! fault-injection tests) stops it. Any other end (SIGTERM, Ctrl-C, SIGKILL)
 //! is a crash, which the design tolerates: its running jobs are rescued once
 //! their heartbeats are `--stale-after-ms` old.
-//!
-//! (Signal-driven graceful shutdown needs tokio's `signal` feature, which
-//! this crate does not enable yet.)
 
 use std::io::Read as _;
 use std::time::Duration;
@@ -23,14 +22,11 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use hephaestus_failure_handler::Reconciler;
 use hephaestus_migrations_gen::SchemaPrefix;
-use hephaestus_queue_pg::PgQueue;
-use hephaestus_runner::postgres::PgBackend;
-use hephaestus_runner::{RunnerConfig, Runtime};
-use hephaestus_storage_pg::PgStore;
+use hephaestus_runner::RunnerConfig;
 use sqlx::postgres::PgPoolOptions;
 use tokio::sync::watch;
 
-use crate::fixtures;
+use crate::App;
 
 /// Worker options.
 #[derive(Debug, Args)]
@@ -68,7 +64,7 @@ pub struct WorkerCommand {
 }
 
 impl WorkerCommand {
-    pub async fn run(self) -> Result<()> {
+    pub async fn run(self, app: &App) -> Result<()> {
         let prefix = SchemaPrefix::new(&self.schema)
             .with_context(|| format!("invalid --schema {:?}", self.schema))?;
         let pool = PgPoolOptions::new()
@@ -89,10 +85,6 @@ impl WorkerCommand {
         hephaestus_queue_pg::migrate(&pool, &prefix)
             .await
             .context("migrating the queue tables")?;
-        let recorder = fixtures::Recorder::new(pool.clone(), &prefix)
-            .await
-            .context("creating the fixture's execution table")?;
-
         let config = RunnerConfig {
             concurrency: self.concurrency.max(1),
             poll_interval: Duration::from_millis(self.poll_ms),
@@ -101,15 +93,7 @@ impl WorkerCommand {
             rescue_interval: Duration::from_millis(self.rescue_interval_ms),
             ..RunnerConfig::default()
         };
-        let backend = PgBackend::new(
-            PgStore::new(pool.clone(), prefix.clone()),
-            PgQueue::new(pool.clone(), prefix.clone()),
-        );
-        let mut builder = Runtime::builder(backend).config(config);
-        for workflow in fixtures::workflows(&recorder).context("building the fixture workflows")? {
-            builder = builder.workflow(workflow);
-        }
-        let runtime = builder.build().context("building the runtime")?;
+        let runtime = app.runtime(&pool, &prefix, config, true).await?;
         let queue = runtime
             .queue_runtime(hephaestus_failure_handler::workers(&runtime))
             .start()

@@ -1,0 +1,159 @@
+//! The application: which workflows this `hephaestus` binary knows, and how
+//! commands build a runtime over them.
+
+use std::sync::Arc;
+
+use anyhow::{Context as _, Result};
+use hephaestus_engine_core::workflow::WorkflowRegistry;
+use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_queue_pg::PgQueue;
+use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::{RunnerConfig, Runtime, RuntimeBuilder};
+use hephaestus_storage_pg::PgStore;
+use sqlx::PgPool;
+
+use crate::fixtures;
+
+/// What a registration learns about the command it registers workflows for.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    /// The connection pool of the command (for `graph`, a pool that never
+    /// connects: it has no database).
+    pub pool: PgPool,
+    /// The schema holding Hephaestus's tables.
+    pub schema: SchemaPrefix,
+    /// Whether this process runs steps (`worker`). Otherwise the definitions
+    /// are only looked at (a resume validated, failed steps restarted, a DAG
+    /// drawn) and no step executes here: a registration may skip building
+    /// what its steps need to run.
+    pub runs_steps: bool,
+}
+
+/// Registers workflows on the runtime a command builds. A closure
+/// `Fn(RuntimeBuilder<PgBackend>, &Setup) -> anyhow::Result<RuntimeBuilder<PgBackend>>`
+/// is one; implement the trait yourself when registering needs to await.
+#[async_trait::async_trait]
+pub trait Workflows: Send + Sync + 'static {
+    /// Adds workflows and families (`builder.workflow(..)`,
+    /// `builder.family(..)`) and returns the builder.
+    async fn register(
+        &self,
+        builder: RuntimeBuilder<PgBackend>,
+        setup: &Setup,
+    ) -> Result<RuntimeBuilder<PgBackend>>;
+}
+
+#[async_trait::async_trait]
+impl<F> Workflows for F
+where
+    F: Fn(RuntimeBuilder<PgBackend>, &Setup) -> Result<RuntimeBuilder<PgBackend>>
+        + Send
+        + Sync
+        + 'static,
+{
+    async fn register(
+        &self,
+        builder: RuntimeBuilder<PgBackend>,
+        setup: &Setup,
+    ) -> Result<RuntimeBuilder<PgBackend>> {
+        self(builder, setup)
+    }
+}
+
+/// The fixture workflows of the test suite (`fixture_linear`,
+/// `fixture_diamond`, `fixture_branch`, `fixture_wait`, `fixture_timer`):
+/// what the stock `hephaestus` binary registers. Their steps follow a script
+/// in the instance input and record each execution in
+/// `<schema>.fixture_executions`, which a `worker` creates.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct FixtureWorkflows;
+
+#[async_trait::async_trait]
+impl Workflows for FixtureWorkflows {
+    async fn register(
+        &self,
+        mut builder: RuntimeBuilder<PgBackend>,
+        setup: &Setup,
+    ) -> Result<RuntimeBuilder<PgBackend>> {
+        let recorder = if setup.runs_steps {
+            fixtures::Recorder::new(setup.pool.clone(), &setup.schema)
+                .await
+                .context("creating the fixture's execution table")?
+        } else {
+            fixtures::Recorder::detached()
+        };
+        for workflow in fixtures::workflows(&recorder).context("building the fixture workflows")? {
+            builder = builder.workflow(workflow);
+        }
+        Ok(builder)
+    }
+}
+
+/// A `hephaestus` command-line application: the commands, with the
+/// workflows of a [`Workflows`] registration.
+#[derive(Clone)]
+pub struct App {
+    workflows: Arc<dyn Workflows>,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").finish_non_exhaustive()
+    }
+}
+
+impl Default for App {
+    /// The stock binary: the [`FixtureWorkflows`].
+    fn default() -> Self {
+        Self::new(FixtureWorkflows)
+    }
+}
+
+impl App {
+    /// An application whose commands know the workflows `workflows`
+    /// registers.
+    pub fn new(workflows: impl Workflows) -> Self {
+        Self {
+            workflows: Arc::new(workflows),
+        }
+    }
+
+    /// A runtime over `pool` and `schema` with the registered workflows.
+    pub(crate) async fn runtime(
+        &self,
+        pool: &PgPool,
+        schema: &SchemaPrefix,
+        config: RunnerConfig,
+        runs_steps: bool,
+    ) -> Result<Runtime<PgBackend>> {
+        let backend = PgBackend::new(
+            PgStore::new(pool.clone(), schema.clone()),
+            PgQueue::new(pool.clone(), schema.clone()),
+        );
+        let setup = Setup {
+            pool: pool.clone(),
+            schema: schema.clone(),
+            runs_steps,
+        };
+        let builder = Runtime::builder(backend).config(config);
+        let builder = self
+            .workflows
+            .register(builder, &setup)
+            .await
+            .context("registering the workflows")?;
+        builder.build().context("building the runtime")
+    }
+
+    /// The registered workflows, for commands that only look at them
+    /// (`graph`: no database is touched).
+    pub(crate) async fn registry(&self) -> Result<WorkflowRegistry> {
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with(sqlx::postgres::PgConnectOptions::new());
+        let schema = SchemaPrefix::new(SchemaPrefix::DEFAULT).context("the default schema")?;
+        let runtime = self
+            .runtime(&pool, &schema, RunnerConfig::default(), false)
+            .await?;
+        Ok(runtime.registry().clone())
+    }
+}

@@ -1,0 +1,100 @@
+//! The database options every command that reads or changes instances and
+//! jobs takes (`--database-url`, `--schema`), the connection, and the check
+//! that the schema is migrated to what this build expects: a missing or
+//! stale schema is an error that says what to run, not a SQL error about a
+//! missing table.
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_queue_pg::PgQueue;
+use hephaestus_storage_pg::PgStore;
+use sqlx::PgPool;
+
+use crate::migrate::{connect, current, registry};
+
+/// `--database-url` and `--schema`.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// PostgreSQL URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: String,
+    /// The schema (prefix) holding Hephaestus's tables.
+    #[arg(long, default_value = SchemaPrefix::DEFAULT)]
+    pub schema: String,
+}
+
+/// The components a command reads or writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// Instances and step results (`storage`) and jobs (`queue`).
+    Both,
+    /// Jobs only.
+    Queue,
+}
+
+/// A connected, checked database.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The pool.
+    pub pool: PgPool,
+    /// The validated schema.
+    pub prefix: SchemaPrefix,
+}
+
+impl Database {
+    /// Validates the schema name, connects, and checks that the components
+    /// the command `needs` are migrated to this build's versions.
+    pub async fn open(args: &DatabaseArgs, needs: Needs) -> Result<Self> {
+        let prefix = SchemaPrefix::new(&args.schema).with_context(|| {
+            format!(
+                "invalid --schema {:?} (lower-case letters, digits and underscores, not starting with a digit)",
+                args.schema
+            )
+        })?;
+        let pool = connect(&args.database_url).await?;
+        let registry = registry()?;
+        let mut tx = pool.begin().await.context("starting a transaction")?;
+        let schema = prefix.as_str();
+        for component in registry.components() {
+            if needs == Needs::Queue && component.name() != "queue" {
+                continue;
+            }
+            let database = current(&mut tx, &prefix, component).await?;
+            let latest = component.latest();
+            let name = component.name();
+            if database == 0 {
+                bail!(
+                    "schema {schema} is not migrated (no {name} tables): run `hephaestus migrate --schema {schema} up`"
+                );
+            }
+            if database < latest {
+                bail!(
+                    "schema {schema} is behind this build ({name} is at version {database}, this build needs {latest}): run `hephaestus migrate --schema {schema} up`"
+                );
+            }
+            if database > latest {
+                bail!(
+                    "schema {schema} is ahead of this build ({name} is at version {database}, this build knows {latest}): use a newer hephaestus"
+                );
+            }
+        }
+        tx.rollback().await.context("ending the check")?;
+        Ok(Self { pool, prefix })
+    }
+
+    /// The instance store.
+    pub fn store(&self) -> PgStore {
+        PgStore::new(self.pool.clone(), self.prefix.clone())
+    }
+
+    /// The job queue.
+    pub fn queue(&self) -> PgQueue {
+        PgQueue::new(self.pool.clone(), self.prefix.clone())
+    }
+
+    /// The schema's name.
+    pub fn schema(&self) -> &str {
+        self.prefix.as_str()
+    }
+}

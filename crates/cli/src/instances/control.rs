@@ -1,0 +1,178 @@
+//! `hephaestus instances resume|cancel|retry`: an operator steering an
+//! instance through the runner (`Runtime::resume`, `Runtime::cancel`,
+//! `Runtime::retry`), so every rule holds as it does in an application:
+//! the event is checked against the step, the cancel and the retry are
+//! serialized with advances by the instance lock, and the jobs they enqueue
+//! are run by the workers.
+//!
+//! Each needs the instance's workflow version registered in this binary;
+//! without it the error names the workflow and says how to build a
+//! `hephaestus` that knows it.
+
+use anyhow::{Context as _, Result};
+use clap::Args;
+use hephaestus_runner::RunnerConfig;
+use hephaestus_runner::retry::RetryError;
+use serde_json::{Value, json};
+
+use super::{NeedsDefinition, definition, resolve};
+use crate::App;
+use crate::database::{Database, DatabaseArgs, Needs};
+
+fn parse_json(s: &str) -> Result<Value, String> {
+    serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
+}
+
+/// `instances resume` options.
+#[derive(Debug, Args)]
+pub struct ResumeCommand {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The instance: its id (a UUID) or its business id (key::value).
+    instance: String,
+    /// The waiting step (e.g. `hephaestus::WaitForEvent`).
+    step: String,
+    /// The event, one the step declares (e.g. `received`).
+    event: String,
+    /// A JSON value stored as the step's output (default `{}`).
+    #[arg(long, value_parser = parse_json)]
+    payload: Option<Value>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ResumeCommand {
+    pub async fn run(self, app: &App) -> Result<()> {
+        let db = Database::open(&self.db, Needs::Both).await?;
+        let instance = resolve(&db.store(), &self.instance).await?;
+        let runtime = app
+            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
+            .await?;
+        definition(&runtime, &instance, NeedsDefinition::Resume)?;
+        let payload = self.payload.unwrap_or_else(|| json!({}));
+        runtime
+            .resume(instance.id, &self.step, &self.event, payload)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot resume step {} of instance {} with :{}",
+                    self.step, instance.id, self.event
+                )
+            })?;
+        if self.json {
+            println!(
+                "{}",
+                json!({"instance": instance.id, "step": self.step, "event": self.event, "resumed": true})
+            );
+        } else {
+            println!(
+                "resumed step {} of instance {} with :{}; a worker applies it",
+                self.step, instance.id, self.event
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `instances cancel` options.
+#[derive(Debug, Args)]
+pub struct CancelCommand {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The instance: its id (a UUID) or its business id (key::value).
+    instance: String,
+    /// Why (kept in the history).
+    #[arg(long)]
+    reason: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl CancelCommand {
+    pub async fn run(self, app: &App) -> Result<()> {
+        let db = Database::open(&self.db, Needs::Both).await?;
+        let instance = resolve(&db.store(), &self.instance).await?;
+        let runtime = app
+            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
+            .await?;
+        definition(&runtime, &instance, NeedsDefinition::Cancel)?;
+        runtime
+            .cancel(instance.id, self.reason.clone())
+            .await
+            .with_context(|| format!("cannot cancel instance {}", instance.id))?;
+        if self.json {
+            println!(
+                "{}",
+                json!({"instance": instance.id, "status": "cancelled", "reason": self.reason})
+            );
+        } else {
+            println!(
+                "cancelled instance {}{}",
+                instance.id,
+                self.reason
+                    .as_deref()
+                    .map(|r| format!(" ({r})"))
+                    .unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `instances retry` options.
+#[derive(Debug, Args)]
+pub struct RetryCommand {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The failed instance: its id (a UUID) or its business id (key::value).
+    instance: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+impl RetryCommand {
+    pub async fn run(self, app: &App) -> Result<()> {
+        let db = Database::open(&self.db, Needs::Both).await?;
+        let instance = resolve(&db.store(), &self.instance).await?;
+        let runtime = app
+            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
+            .await?;
+        definition(&runtime, &instance, NeedsDefinition::Retry)?;
+        let retried = match runtime.retry(instance.id).await {
+            Ok(retried) => retried,
+            // Its own message says it all: "instance X is waiting, not failed: ...".
+            Err(error @ RetryError::NotFailed { .. }) => return Err(error.into()),
+            Err(error) => {
+                return Err(anyhow::Error::new(error)
+                    .context(format!("cannot retry instance {}", instance.id)));
+            }
+        };
+        let steps: Vec<String> = retried
+            .steps
+            .iter()
+            .map(|(step, activation)| format!("{step} (activation {activation})"))
+            .collect();
+        if self.json {
+            let restarted: Vec<Value> = retried
+                .steps
+                .iter()
+                .map(|(step, activation)| json!({"step": step, "activation": activation}))
+                .collect();
+            println!(
+                "{}",
+                json!({"instance": instance.id, "status": retried.status.as_str(), "restarted": restarted})
+            );
+        } else {
+            println!(
+                "retried instance {}: restarted {}; status {}; a worker runs the steps",
+                instance.id,
+                steps.join(", "),
+                retried.status
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,502 @@
+//! `hephaestus instances show ID`: one instance as an operator needs it —
+//! status, business id, workflow and version, timestamps, the failure, the
+//! DAG with each step's state (done, running, waiting, failed, dead,
+//! cancelled, pending), output, errors and attempts, the instance's jobs
+//! with their recorded errors, and the execution history.
+//!
+//! The DAG comes from the definition when this binary registers the
+//! instance's workflow version; otherwise from the instance's stored step
+//! states and the edges its completed steps took (steps not reached yet are
+//! then unknown and not drawn).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use clap::Args;
+use hephaestus_engine_core::instance::{HistoryEntry, HistoryKind, ResumeSource, StepState};
+use hephaestus_engine_core::step::{ErrorKind, StepError};
+use hephaestus_engine_core::{Instance, StepId, StepStatus, Workflow};
+use hephaestus_queue_pg::{Job, JobFilter};
+use hephaestus_runner::RunnerConfig;
+use serde_json::{Value, json};
+
+use super::{resolve, time};
+use crate::App;
+use crate::database::{Database, DatabaseArgs, Needs};
+use crate::graph::{Dag, Marks, ascii};
+
+/// `instances show` options.
+#[derive(Debug, Args)]
+pub struct ShowCommand {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// The instance: its id (a UUID) or its business id (key::value).
+    instance: String,
+    /// Print everything as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ShowCommand {
+    pub async fn run(self, app: &App) -> Result<()> {
+        let db = Database::open(&self.db, Needs::Both).await?;
+        let instance = resolve(&db.store(), &self.instance).await?;
+        let definition = match app
+            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
+            .await
+        {
+            Ok(runtime) => runtime
+                .registry()
+                .get(instance.workflow_id.as_str(), instance.workflow_version)
+                .ok()
+                .cloned(),
+            Err(error) => {
+                eprintln!(
+                    "hephaestus: warning: {error:#}; drawing the DAG from the stored step states"
+                );
+                None
+            }
+        };
+        let jobs = db
+            .queue()
+            .jobs(&JobFilter {
+                group: Some(hephaestus_runner::jobs::group(instance.id)),
+                ..JobFilter::default()
+            })
+            .await
+            .context("reading the instance's jobs")?;
+        let view = View::new(&instance, definition.as_ref(), &jobs);
+        if self.json {
+            println!("{}", view.json());
+        } else {
+            print!("{}", view.text());
+        }
+        Ok(())
+    }
+}
+
+/// A failed attempt of one of the instance's jobs (or of the failure record).
+#[derive(Debug, Clone)]
+struct Attempt {
+    job_id: Option<i64>,
+    kind: String,
+    activation: Option<u32>,
+    number: u32,
+    at: DateTime<Utc>,
+    error: StepError,
+}
+
+impl Attempt {
+    fn json(&self) -> Value {
+        json!({
+            "job_id": self.job_id,
+            "job_kind": self.kind,
+            "activation": self.activation,
+            "attempt": self.number,
+            "at": time(self.at),
+            "error_kind": error_kind(&self.error),
+            "message": self.error.message,
+        })
+    }
+
+    fn line(&self) -> String {
+        let mut where_ = Vec::new();
+        if let Some(a) = self.activation {
+            where_.push(format!("activation {a}"));
+        }
+        if let Some(id) = self.job_id {
+            where_.push(format!("job #{id}"));
+        }
+        format!(
+            "attempt {} ({}) at {}: {} [{}]",
+            self.number,
+            where_.join(", "),
+            time(self.at),
+            self.error.message,
+            error_kind(&self.error)
+        )
+    }
+}
+
+fn error_kind(error: &StepError) -> &'static str {
+    match error.kind {
+        ErrorKind::Retryable { .. } => "retryable",
+        ErrorKind::Fatal => "fatal",
+    }
+}
+
+/// A step's state as operators name it.
+pub(crate) fn state_name(state: Option<&StepState>) -> &'static str {
+    match state.map(|s| s.status) {
+        None => "pending",
+        Some(StepStatus::Active) => "running",
+        Some(StepStatus::Waiting) => "waiting",
+        Some(StepStatus::Completed) => "done",
+        Some(StepStatus::Dead) => "dead",
+        Some(StepStatus::Failed) => "failed",
+        Some(StepStatus::Cancelled) => "cancelled",
+    }
+}
+
+/// Everything `show` prints, gathered once for text and JSON.
+struct View<'a> {
+    instance: &'a Instance,
+    definition: Option<&'a Workflow>,
+    dag: Dag,
+    jobs: &'a [Job],
+    /// Step → its recorded failed attempts, oldest first.
+    attempts: BTreeMap<String, Vec<Attempt>>,
+}
+
+impl<'a> View<'a> {
+    fn new(instance: &'a Instance, definition: Option<&'a Workflow>, jobs: &'a [Job]) -> Self {
+        let dag = definition.map_or_else(|| Dag::of_instance(instance), Dag::of_workflow);
+        let mut attempts: BTreeMap<String, Vec<Attempt>> = BTreeMap::new();
+        for job in jobs {
+            let Some(step) = job.args.get("step").and_then(Value::as_str) else {
+                continue;
+            };
+            let activation = job
+                .args
+                .get("activation")
+                .and_then(Value::as_u64)
+                .and_then(|a| u32::try_from(a).ok());
+            for record in &job.errors {
+                attempts.entry(step.to_owned()).or_default().push(Attempt {
+                    job_id: Some(job.id.0),
+                    kind: job.kind.clone(),
+                    activation,
+                    number: record.attempt,
+                    at: record.at,
+                    error: record.error.clone(),
+                });
+            }
+        }
+        // Jobs are pruned after a while; the failure record keeps the
+        // failed activation's attempts.
+        if let Some(failure) = &instance.failure
+            && let Some(step) = &failure.step
+        {
+            let entry = attempts.entry(step.to_string()).or_default();
+            if entry.is_empty() {
+                entry.extend(failure.attempts.iter().map(|record| Attempt {
+                    job_id: None,
+                    kind: hephaestus_runner::jobs::EXECUTE.to_owned(),
+                    activation: Some(failure.activation),
+                    number: record.attempt,
+                    at: record.at,
+                    error: record.error.clone(),
+                }));
+            }
+        }
+        for list in attempts.values_mut() {
+            list.sort_by_key(|a| a.at);
+        }
+        Self {
+            instance,
+            definition,
+            dag,
+            jobs,
+            attempts,
+        }
+    }
+
+    /// The steps in drawing order (layer by layer).
+    fn steps(&self) -> Vec<String> {
+        self.dag.layers().into_iter().flatten().collect()
+    }
+
+    fn state(&self, step: &str) -> Option<&StepState> {
+        self.instance.steps.get(step)
+    }
+
+    fn output(&self, step: &str) -> Option<&Value> {
+        let key = self
+            .definition
+            .and_then(|wf| wf.step(step))
+            .map(|def| def.key.clone())
+            .or_else(|| StepId::new(step).ok().map(|id| id.default_step_key()))?;
+        self.instance.context.steps.get(&key)
+    }
+
+    fn config(&self, step: &str) -> Option<&Value> {
+        self.instance.step_configs.get(step)
+    }
+
+    /// The final error of `step`, when the instance failed there.
+    fn failed_with(&self, step: &str) -> Option<&StepError> {
+        let failure = self.instance.failure.as_ref()?;
+        (failure.step.as_ref().map(StepId::as_str) == Some(step)).then_some(&failure.error)
+    }
+
+    fn source(&self) -> &'static str {
+        if self.definition.is_some() {
+            "definition"
+        } else {
+            "stored_state"
+        }
+    }
+
+    fn taken(&self) -> BTreeMap<(String, String), std::collections::BTreeSet<String>> {
+        let mut taken = BTreeMap::new();
+        for (id, state) in &self.instance.steps {
+            if state.status != StepStatus::Completed {
+                continue;
+            }
+            if let Some(event) = &state.event {
+                taken.insert(
+                    (id.to_string(), event.to_string()),
+                    state.targets.iter().map(ToString::to_string).collect(),
+                );
+            }
+        }
+        taken
+    }
+
+    fn json(&self) -> Value {
+        let i = self.instance;
+        let taken = self.taken();
+        let edges: Vec<Value> = self
+            .dag
+            .edges
+            .iter()
+            .map(|e| {
+                let took = taken
+                    .get(&(e.from.clone(), e.event.clone()))
+                    .is_some_and(|t| t.contains(&e.to));
+                json!({"from": e.from, "event": e.event, "to": e.to, "dynamic": e.dynamic, "taken": took})
+            })
+            .collect();
+        let steps: Vec<Value> = self
+            .steps()
+            .iter()
+            .map(|step| {
+                let state = self.state(step);
+                json!({
+                    "step": step,
+                    "state": state_name(state),
+                    "activation": state.map(|s| s.activation),
+                    "event": state.and_then(|s| s.event.as_ref()).map(ToString::to_string),
+                    "targets": state.map(|s| s.targets.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default(),
+                    "output": self.output(step),
+                    "config": self.config(step),
+                    "timer": state.and_then(|s| s.timer.as_ref()).map(|t| json!({"fire_at": time(t.fire_at), "event": t.event.as_str()})),
+                    "activated_at": state.and_then(|s| s.activated_at).map(time),
+                    "updated_at": state.and_then(|s| s.updated_at).map(time),
+                    "error": self.failed_with(step).map(|e| e.message.clone()),
+                    "attempts": self.attempts.get(step.as_str()).map(|a| a.iter().map(Attempt::json).collect::<Vec<_>>()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        let jobs: Vec<Value> = self.jobs.iter().map(job_json).collect();
+        json!({
+            "id": i.id,
+            "business_id": i.business_id.as_str(),
+            "workflow": i.workflow_id.as_str(),
+            "version": i.workflow_version,
+            "status": i.status.as_str(),
+            "created_at": time(i.created_at),
+            "updated_at": time(i.updated_at),
+            "revision": i.revision,
+            "definition_known": self.definition.is_some(),
+            "dag": {
+                "source": self.source(),
+                "layers": self.dag.layers(),
+                "edges": edges,
+            },
+            "steps": steps,
+            "failure": i.failure,
+            "history": i.history,
+            "jobs": jobs,
+            "context": i.context,
+        })
+    }
+
+    fn text(&self) -> String {
+        use std::fmt::Write as _;
+
+        let i = self.instance;
+        let mut out = String::new();
+        let _ = writeln!(out, "instance     {}", i.id);
+        let _ = writeln!(out, "business id  {}", i.business_id);
+        let _ = writeln!(
+            out,
+            "workflow     {} v{}",
+            i.workflow_id, i.workflow_version
+        );
+        let _ = writeln!(out, "status       {}", i.status);
+        let _ = writeln!(out, "created      {}", time(i.created_at));
+        let _ = writeln!(out, "updated      {}", time(i.updated_at));
+        if let Some(failure) = &i.failure {
+            let at = failure.step.as_ref().map_or_else(
+                || "the instance itself".to_owned(),
+                |s| format!("step {s} (activation {})", failure.activation),
+            );
+            let _ = writeln!(
+                out,
+                "failure      {at} at {}: {} [{}]",
+                time(failure.at),
+                failure.error.message,
+                error_kind(&failure.error)
+            );
+        }
+        let _ = writeln!(out);
+        if self.definition.is_some() {
+            let _ = writeln!(out, "DAG (from the definition):");
+        } else {
+            let _ = writeln!(
+                out,
+                "DAG (drawn from the stored step states: this hephaestus does not register {} v{}; steps not reached yet are not shown):",
+                i.workflow_id, i.workflow_version
+            );
+        }
+        let mut marks = Marks {
+            taken: self.taken(),
+            ..Marks::default()
+        };
+        for step in self.steps() {
+            let state = self.state(&step);
+            let mut label = state_name(state).to_owned();
+            if let Some(s) = state
+                && s.activation > 1
+            {
+                let _ = write!(label, ", activation {}", s.activation);
+            }
+            let mut details = Vec::new();
+            if let Some(output) = self.output(&step) {
+                details.push(format!("output: {}", clip(&output.to_string())));
+            }
+            if let Some(config) = self.config(&step) {
+                details.push(format!("config: {}", clip(&config.to_string())));
+            }
+            if let Some(timer) = state.and_then(|s| s.timer.as_ref()) {
+                details.push(format!(
+                    "timer: :{} at {}",
+                    timer.event,
+                    time(timer.fire_at)
+                ));
+            }
+            if let Some(error) = self.failed_with(&step) {
+                details.push(format!("error: {} [{}]", error.message, error_kind(error)));
+            }
+            for attempt in self.attempts.get(&step).into_iter().flatten() {
+                details.push(attempt.line());
+            }
+            marks.labels.insert(step.clone(), label);
+            marks.details.insert(step, details);
+        }
+        out.push_str(&ascii(&self.dag, &marks));
+        let _ = writeln!(out);
+        if self.jobs.is_empty() {
+            let _ = writeln!(out, "jobs: none (finished jobs are pruned after a while)");
+        } else {
+            let _ = writeln!(out, "jobs:");
+            for job in self.jobs {
+                let step = job_step(job).unwrap_or_default();
+                let _ = writeln!(
+                    out,
+                    "  #{} {} {}{} attempt {}/{}",
+                    job.id.0,
+                    job.kind,
+                    step,
+                    job.state.as_str(),
+                    job.attempt,
+                    job.max_attempts
+                );
+                for record in &job.errors {
+                    let _ = writeln!(
+                        out,
+                        "      attempt {} at {}: {} [{}]",
+                        record.attempt,
+                        time(record.at),
+                        record.error.message,
+                        error_kind(&record.error)
+                    );
+                }
+            }
+        }
+        let _ = writeln!(out);
+        let _ = writeln!(out, "history:");
+        for entry in &i.history {
+            let _ = writeln!(out, "  {}", history_line(entry));
+        }
+        out
+    }
+}
+
+/// `Step#activation ` for jobs of a step, empty for instance jobs.
+fn job_step(job: &Job) -> Option<String> {
+    let step = job.args.get("step")?.as_str()?;
+    let activation = job.args.get("activation")?.as_u64()?;
+    Some(format!("{step}#{activation} "))
+}
+
+fn job_json(job: &Job) -> Value {
+    json!({
+        "id": job.id.0,
+        "kind": job.kind,
+        "queue": job.queue,
+        "state": job.state.as_str(),
+        "step": job.args.get("step"),
+        "activation": job.args.get("activation"),
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "inserted_at": time(job.inserted_at),
+        "scheduled_at": time(job.scheduled_at),
+        "errors": job.errors.iter().map(|r| json!({
+            "attempt": r.attempt,
+            "at": time(r.at),
+            "error_kind": error_kind(&r.error),
+            "message": r.error.message,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// One history entry as a line: time, step and activation, what happened.
+fn history_line(entry: &HistoryEntry) -> String {
+    let what = match &entry.kind {
+        HistoryKind::Started => "started".to_owned(),
+        HistoryKind::Completed { event } => format!("completed with :{event}"),
+        HistoryKind::Async { timer_at: None } => "went async".to_owned(),
+        HistoryKind::Async { timer_at: Some(at) } => format!("went async, timer at {}", time(*at)),
+        HistoryKind::Resumed { event, source } => format!(
+            "resumed with :{event} ({})",
+            match source {
+                ResumeSource::External => "external",
+                ResumeSource::Timer => "timer",
+            }
+        ),
+        HistoryKind::ResumeDropped { event } => {
+            format!("resume :{event} dropped (the step completed first)")
+        }
+        HistoryKind::Failed { message } => format!("failed: {message}"),
+        HistoryKind::Cancelled { reason: None } => "cancelled".to_owned(),
+        HistoryKind::Cancelled {
+            reason: Some(reason),
+        } => format!("cancelled: {reason}"),
+        HistoryKind::Finished => "instance completed".to_owned(),
+        HistoryKind::Retried { failure, steps } => {
+            let steps: Vec<&str> = steps.iter().map(StepId::as_str).collect();
+            let was = failure
+                .as_ref()
+                .map(|f| format!(" (the failure was: {})", f.error.message))
+                .unwrap_or_default();
+            format!("retried: restarted {}{was}", steps.join(", "))
+        }
+    };
+    match &entry.step {
+        Some(step) => format!("{}  {step}#{}  {what}", time(entry.at), entry.activation),
+        None => format!("{}  {what}", time(entry.at)),
+    }
+}
+
+/// A long JSON value cut for the terminal (`--json` has it whole).
+fn clip(text: &str) -> String {
+    const MAX: usize = 200;
+    if text.chars().count() <= MAX {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(MAX).collect();
+    format!("{cut}... (--json shows all)")
+}

@@ -1,0 +1,238 @@
+//! `hephaestus jobs`: the job queue at a glance, through queue-pg's inspect
+//! API — how many jobs each queue has in each state, how long the oldest
+//! available job of each queue has been due, and the most recent errors
+//! (job id, kind, attempt, message).
+//!
+//! Recent errors are read from the jobs that are not completed (available,
+//! scheduled, executing, retryable, discarded, cancelled), page by page; a
+//! job that ended well is not a problem, and completed jobs are most of the
+//! table.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, Result};
+use chrono::{DateTime, Utc};
+use clap::Args;
+use hephaestus_engine_core::ports::JobState;
+use hephaestus_queue_pg::{JobFilter, PgQueue};
+use serde_json::{Value, json};
+
+use crate::database::{Database, DatabaseArgs, Needs};
+use crate::instances::time;
+
+/// Jobs read per statement while looking for errors.
+const PAGE: u32 = 500;
+
+/// `jobs` options.
+#[derive(Debug, Args)]
+pub struct JobsCommand {
+    #[command(flatten)]
+    db: DatabaseArgs,
+    /// How many recent errors to show.
+    #[arg(long, default_value_t = 10)]
+    errors: usize,
+    /// Print JSON: `{"queues": [...], "recent_errors": [...]}`.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One queue's line.
+#[derive(Debug, Default)]
+struct QueueView {
+    counts: BTreeMap<&'static str, u64>,
+    /// (job id, kind, due at) of the oldest available job.
+    oldest: Option<(i64, String, DateTime<Utc>)>,
+}
+
+/// One recorded error.
+#[derive(Debug)]
+struct RecentError {
+    job_id: i64,
+    kind: String,
+    queue: String,
+    state: JobState,
+    attempt: u32,
+    at: DateTime<Utc>,
+    message: String,
+}
+
+impl JobsCommand {
+    pub async fn run(self) -> Result<()> {
+        let db = Database::open(&self.db, Needs::Queue).await?;
+        let queue = db.queue();
+        let now = queue.now();
+        let mut queues: BTreeMap<String, QueueView> = BTreeMap::new();
+        for depth in queue.depth().await.context("counting jobs")? {
+            queues
+                .entry(depth.queue)
+                .or_default()
+                .counts
+                .insert(depth.state.as_str(), depth.count);
+        }
+        for (name, view) in &mut queues {
+            if view
+                .counts
+                .get(JobState::Available.as_str())
+                .copied()
+                .unwrap_or(0)
+                == 0
+            {
+                continue;
+            }
+            let oldest = queue
+                .jobs(&JobFilter {
+                    states: vec![JobState::Available],
+                    queue: Some(name.clone()),
+                    limit: Some(1),
+                    ..JobFilter::default()
+                })
+                .await
+                .context("reading the oldest available job")?;
+            view.oldest = oldest
+                .into_iter()
+                .next()
+                .map(|job| (job.id.0, job.kind, job.scheduled_at));
+        }
+        let errors = recent_errors(&queue, self.errors).await?;
+        if self.json {
+            println!("{}", json_report(&queues, &errors, now));
+        } else {
+            print!("{}", text_report(&queues, &errors, now));
+        }
+        Ok(())
+    }
+}
+
+/// The `limit` most recent errors of the jobs that are not completed.
+async fn recent_errors(queue: &PgQueue, limit: usize) -> Result<Vec<RecentError>> {
+    let mut found: Vec<RecentError> = Vec::new();
+    if limit == 0 {
+        return Ok(found);
+    }
+    let mut filter = JobFilter {
+        states: JobState::ALL
+            .into_iter()
+            .filter(|s| *s != JobState::Completed)
+            .collect(),
+        limit: Some(PAGE),
+        ..JobFilter::default()
+    };
+    loop {
+        let page = queue
+            .jobs(&filter)
+            .await
+            .context("reading jobs with errors")?;
+        let Some(last) = page.last() else { break };
+        filter.after = Some(last.id);
+        let full = page.len() == usize::try_from(PAGE).unwrap_or(usize::MAX);
+        for job in page {
+            for record in &job.errors {
+                found.push(RecentError {
+                    job_id: job.id.0,
+                    kind: job.kind.clone(),
+                    queue: job.queue.clone(),
+                    state: job.state,
+                    attempt: record.attempt,
+                    at: record.at,
+                    message: record.error.message.clone(),
+                });
+            }
+        }
+        // Keep only the newest `limit` between pages.
+        found.sort_by(|a, b| b.at.cmp(&a.at).then(b.job_id.cmp(&a.job_id)));
+        found.truncate(limit);
+        if !full {
+            break;
+        }
+    }
+    Ok(found)
+}
+
+fn age_seconds(now: DateTime<Utc>, due: DateTime<Utc>) -> f64 {
+    // Due in the future (clock skew): no age.
+    (now - due).to_std().map_or(0.0, |age| age.as_secs_f64())
+}
+
+fn json_report(
+    queues: &BTreeMap<String, QueueView>,
+    errors: &[RecentError],
+    now: DateTime<Utc>,
+) -> Value {
+    let queues: Vec<Value> = queues
+        .iter()
+        .map(|(name, view)| {
+            json!({
+                "queue": name,
+                "counts": view.counts,
+                "oldest_available": view.oldest.as_ref().map(|(id, kind, due)| json!({
+                    "job_id": id,
+                    "kind": kind,
+                    "due_at": time(*due),
+                    "age_seconds": age_seconds(now, *due),
+                })),
+            })
+        })
+        .collect();
+    let errors: Vec<Value> = errors
+        .iter()
+        .map(|e| {
+            json!({
+                "job_id": e.job_id,
+                "kind": e.kind,
+                "queue": e.queue,
+                "state": e.state.as_str(),
+                "attempt": e.attempt,
+                "at": time(e.at),
+                "message": e.message,
+            })
+        })
+        .collect();
+    json!({"queues": queues, "recent_errors": errors})
+}
+
+fn text_report(
+    queues: &BTreeMap<String, QueueView>,
+    errors: &[RecentError],
+    now: DateTime<Utc>,
+) -> String {
+    use std::fmt::Write as _;
+
+    let mut out = String::new();
+    if queues.is_empty() {
+        out.push_str("no jobs\n");
+    }
+    for (name, view) in queues {
+        let counts: Vec<String> = view
+            .counts
+            .iter()
+            .map(|(state, n)| format!("{state} {n}"))
+            .collect();
+        let _ = writeln!(out, "queue {name}: {}", counts.join(", "));
+        if let Some((id, kind, due)) = &view.oldest {
+            let _ = writeln!(
+                out,
+                "  oldest available: job #{id} ({kind}), due {:.1}s ago",
+                age_seconds(now, *due)
+            );
+        }
+    }
+    if errors.is_empty() {
+        out.push_str("recent errors: none\n");
+    } else {
+        out.push_str("recent errors:\n");
+        for e in errors {
+            let _ = writeln!(
+                out,
+                "  {}  job #{} {} ({}, {}) attempt {}: {}",
+                time(e.at),
+                e.job_id,
+                e.kind,
+                e.queue,
+                e.state.as_str(),
+                e.attempt,
+                e.message
+            );
+        }
+    }
+    out
+}
