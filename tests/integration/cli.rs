@@ -202,6 +202,25 @@ fn graph_draws_a_registered_workflow_and_names_the_others() {
     assert!(text.contains("      :left -> Left\n"), "{text}");
     let dot = hephaestus(&["graph", "fixture_branch", "--dot"]);
     assert!(stdout(&dot).contains("\"Decide\" -> \"Left\" [label=\":left\"];"));
+    let json: Value =
+        serde_json::from_str(&stdout(&hephaestus(&["graph", "fixture_branch", "--json"])))
+            .expect("one JSON object");
+    assert_eq!(json["workflow"], "fixture_branch");
+    assert_eq!(json["version"], 1);
+    assert_eq!(json["layers"][0], serde_json::json!(["Decide"]));
+    assert!(
+        json["edges"].as_array().unwrap().contains(
+            &serde_json::json!({"from": "Decide", "event": "left", "to": "Left", "dynamic": false})
+        ),
+        "{json}"
+    );
+    let listed: Value =
+        serde_json::from_str(&stdout(&hephaestus(&["graph", "--list", "--json"]))).unwrap();
+    assert_eq!(
+        listed[0],
+        serde_json::json!({"workflow": "fixture_branch", "versions": [1], "current": 1})
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 5);
     let unknown = hephaestus(&["graph", "nope"]);
     assert!(!unknown.status.success());
     assert!(

@@ -28,6 +28,10 @@ pub struct GraphCommand {
     /// List the registered workflows.
     #[arg(long)]
     list: bool,
+    /// Print JSON: the layers and edges (with --list: each workflow's
+    /// versions).
+    #[arg(long, conflicts_with = "dot")]
+    json: bool,
 }
 
 impl GraphCommand {
@@ -35,6 +39,21 @@ impl GraphCommand {
         let registry = app.registry().await?;
         let ids: Vec<String> = registry.families().map(|f| f.id().to_string()).collect();
         if self.list {
+            if self.json {
+                let list: Vec<serde_json::Value> = registry
+                    .families()
+                    .map(|f| {
+                        let versions: Vec<u32> = f.versions().map(|(v, _)| v).collect();
+                        serde_json::json!({
+                            "workflow": f.id().as_str(),
+                            "versions": versions,
+                            "current": f.current_version(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(list));
+                return Ok(());
+            }
             for id in &ids {
                 println!("{id}");
             }
@@ -58,7 +77,24 @@ impl GraphCommand {
             );
         };
         let dag = Dag::of_workflow(workflow);
-        if self.dot {
+        if self.json {
+            let edges: Vec<serde_json::Value> = dag
+                .edges
+                .iter()
+                .map(|e| {
+                    serde_json::json!({"from": e.from, "event": e.event, "to": e.to, "dynamic": e.dynamic})
+                })
+                .collect();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "workflow": workflow.id().as_str(),
+                    "version": workflow.version(),
+                    "layers": dag.layers(),
+                    "edges": edges,
+                })
+            );
+        } else if self.dot {
             print!("{}", dot(&dag));
         } else {
             print!("{}", ascii(&dag, &Marks::default()));
