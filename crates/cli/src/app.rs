@@ -29,9 +29,11 @@ pub struct Setup {
     pub runs_steps: bool,
 }
 
-/// Registers workflows on the runtime a command builds. A closure
-/// `Fn(RuntimeBuilder<PgBackend>, &Setup) -> anyhow::Result<RuntimeBuilder<PgBackend>>`
-/// is one; implement the trait yourself when registering needs to await.
+/// Registers workflows on the runtime a command builds. A function
+/// `fn(RuntimeBuilder<PgBackend>, &Setup) -> anyhow::Result<RuntimeBuilder<PgBackend>>`
+/// is one, and so is a closure with that signature (annotate its argument
+/// and return types); implement the trait yourself when registering needs
+/// to await.
 #[async_trait::async_trait]
 pub trait Workflows: Send + Sync + 'static {
     /// Adds workflows and families (`builder.workflow(..)`,
@@ -155,5 +157,57 @@ impl App {
             .runtime(&pool, &schema, RunnerConfig::default(), false)
             .await?;
         Ok(runtime.registry().clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hephaestus_engine_core::prelude::*;
+    use hephaestus_engine_core::steps::{Done, FnStep};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_closure_registers_workflows_and_learns_what_the_command_does() {
+        let app = App::new(
+            |builder: RuntimeBuilder<PgBackend>,
+             setup: &Setup|
+             -> Result<RuntimeBuilder<PgBackend>> {
+                assert!(!setup.runs_steps, "graph only looks at the definitions");
+                let ship = FnStep::new("Ship", ["shipped"], |_| StepOutcome::complete("shipped"));
+                let workflow = Workflow::builder("shop::Shipping")
+                    .unique("order", Scope::Workflow)
+                    .start(ship.clone())
+                    .on(ship, "shipped", Done)
+                    .build()?;
+                Ok(builder.workflow(workflow))
+            },
+        );
+        let registry = app.registry().await.unwrap();
+        let ids: Vec<&str> = registry.families().map(|f| f.id().as_str()).collect();
+        assert_eq!(ids, vec!["shop::Shipping"]);
+    }
+
+    #[tokio::test]
+    async fn the_stock_app_registers_the_fixture_workflows() {
+        let registry = App::default().registry().await.unwrap();
+        let ids: Vec<&str> = registry.families().map(|f| f.id().as_str()).collect();
+        let mut expected = fixtures::SHAPES.to_vec();
+        expected.sort_unstable();
+        assert_eq!(ids, expected);
+    }
+
+    #[tokio::test]
+    async fn a_failing_registration_is_an_error_with_its_cause() {
+        let app = App::new(
+            |_: RuntimeBuilder<PgBackend>, _: &Setup| -> Result<RuntimeBuilder<PgBackend>> {
+                anyhow::bail!("the payment client needs PAYMENT_URL")
+            },
+        );
+        let error = app.registry().await.unwrap_err();
+        assert_eq!(
+            format!("{error:#}"),
+            "registering the workflows: the payment client needs PAYMENT_URL"
+        );
     }
 }
