@@ -22,6 +22,7 @@ use serde_json::{Map, Value};
 use crate::error::Error;
 use crate::hook::DiscardHook;
 use crate::queue::PgQueue;
+use crate::runtime::running::Running;
 
 /// A typed worker: one job kind, typed args decoded with serde.
 ///
@@ -170,6 +171,37 @@ pub struct JobContext {
     cancel: CancellationSignal,
     queue: PgQueue,
     settled: AtomicBool,
+    /// The running jobs of the runtime running this one (none in a drain).
+    registry: Option<Arc<Running>>,
+}
+
+/// A job that a running job's worker claimed itself (for example with
+/// [`PgQueue::insert_claiming_using`]) and runs in the same task, registered
+/// with the runtime like a fetched job: the runtime heartbeats it and
+/// forwards stop requests to [`AdoptedJob::cancellation`] until this is
+/// dropped. The worker settles it itself.
+#[derive(Debug)]
+pub struct AdoptedJob {
+    job: Arc<JobContext>,
+    registry: Arc<Running>,
+}
+
+impl AdoptedJob {
+    /// The adopted job's context.
+    pub fn context(&self) -> &JobContext {
+        &self.job
+    }
+
+    /// Raised when the adopted job is asked to stop.
+    pub fn cancellation(&self) -> &CancellationSignal {
+        self.job.cancellation()
+    }
+}
+
+impl Drop for AdoptedJob {
+    fn drop(&mut self) {
+        self.registry.finished(self.job.id());
+    }
 }
 
 impl JobContext {
@@ -179,7 +211,31 @@ impl JobContext {
             cancel,
             queue,
             settled: AtomicBool::new(false),
+            registry: None,
         }
+    }
+
+    pub(crate) fn in_registry(mut self, registry: Arc<Running>) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Registers `lease`, a job this worker claimed itself and will run
+    /// next in this job's task, with the runtime running this job: it is
+    /// heartbeated and receives stop requests until the returned guard is
+    /// dropped. `None` outside a runtime (a drain): the caller then keeps
+    /// the job alive itself.
+    pub fn adopt(&self, lease: JobLease) -> Option<AdoptedJob> {
+        let registry = self.registry.as_ref()?;
+        let job = Arc::new(
+            Self::new(lease, CancellationSignal::new(), self.queue.clone())
+                .in_registry(Arc::clone(registry)),
+        );
+        registry.adopt(Arc::clone(&job));
+        Some(AdoptedJob {
+            job,
+            registry: Arc::clone(registry),
+        })
     }
 
     /// Tells the runtime that the worker settled this attempt itself —

@@ -123,9 +123,16 @@ pub(crate) enum Settle {
         lease: JobLease,
         wf: Workflow,
         result: NewStepResult,
+        /// The caller can run a continuation.
+        chain: bool,
     },
     /// An advance job.
-    Advance { lease: JobLease, instance_id: Uuid },
+    Advance {
+        lease: JobLease,
+        instance_id: Uuid,
+        /// The caller can run a continuation.
+        chain: bool,
+    },
 }
 
 impl Settle {
@@ -141,13 +148,45 @@ impl Settle {
             Self::Advance { instance_id, .. } => *instance_id,
         }
     }
+
+    fn chain(&self) -> bool {
+        match self {
+            Self::Result { chain, .. } | Self::Advance { chain, .. } => *chain,
+        }
+    }
+}
+
+/// A step activation this worker claimed while settling, to run next in the
+/// same slot: the job, and the instance as the settling unit of work wrote
+/// it (the step is active, nothing is recorded for it).
+#[derive(Debug)]
+pub(crate) struct Continuation {
+    pub lease: JobLease,
+    pub instance: Arc<Instance>,
+    pub wf: Workflow,
+}
+
+/// How a settled job ended, and what its worker runs next.
+#[derive(Debug)]
+pub(crate) struct Settled {
+    pub outcome: JobOutcome,
+    pub next: Option<Continuation>,
+}
+
+impl From<JobOutcome> for Settled {
+    fn from(outcome: JobOutcome) -> Self {
+        Self {
+            outcome,
+            next: None,
+        }
+    }
 }
 
 /// An execution pre-check: the instance (shared by the requests of one
 /// batch) and whether a result is recorded for the activation.
 pub(crate) type Preflight = Option<(Arc<Instance>, bool)>;
 
-type Answer = Result<JobOutcome, RunnerError>;
+type Answer = Result<Settled, RunnerError>;
 
 /// The runtime's batchers.
 #[derive(Debug)]
@@ -254,15 +293,27 @@ impl<B: Backend> Runtime<B> {
     /// One item on its own: the unbatched path.
     async fn settle_alone(&self, item: &Settle) -> Answer {
         match item {
-            Settle::Result { lease, wf, result } => {
-                self.record_and_finish(lease, wf, result.clone()).await
-            }
-            Settle::Advance { lease, instance_id } => self.advance_alone(lease, *instance_id).await,
+            Settle::Result {
+                lease, wf, result, ..
+            } => self
+                .record_and_finish(lease, wf, result.clone())
+                .await
+                .map(Settled::from),
+            Settle::Advance {
+                lease, instance_id, ..
+            } => self
+                .advance_alone(lease, *instance_id)
+                .await
+                .map(Settled::from),
         }
     }
 
     /// An advance job on its own, waiting for the instance's lock.
-    pub(crate) async fn advance_alone(&self, lease: &JobLease, instance_id: Uuid) -> Answer {
+    pub(crate) async fn advance_alone(
+        &self,
+        lease: &JobLease,
+        instance_id: Uuid,
+    ) -> Result<JobOutcome, RunnerError> {
         match self.advance_job(instance_id, lease).await {
             Ok(report) if report.job_completed => Ok(JobOutcome::Succeeded),
             Ok(_) => self.finish(lease, JobOutcome::Succeeded).await,
@@ -291,7 +342,7 @@ impl<B: Backend> Runtime<B> {
             } else {
                 // Cancelled or rescued meanwhile: this attempt's result must
                 // not land.
-                decided[i] = Some(Ok(JobOutcome::Fenced));
+                decided[i] = Some(Ok(JobOutcome::Fenced.into()));
             }
         }
         let advance_ix: Vec<usize> = (0..items.len())
@@ -409,9 +460,39 @@ impl<B: Backend> Runtime<B> {
                 .iter()
                 .map(|(id, (wf, step))| jobs::advance(config, wf, *id, Some(step))),
         );
-        if !new_jobs.is_empty() {
-            b.enqueue(&mut tx, &new_jobs).await?;
+        // Continuations: each caller that can run one takes an execute job
+        // its instance's round just enqueued (at most one per caller, so a
+        // slot never runs more than one step at a time).
+        let mut offers: HashMap<Uuid, Vec<usize>> = HashMap::new();
+        if self.inner.config.continuations {
+            for (index, job) in new_jobs.iter().enumerate() {
+                if job.kind == jobs::EXECUTE
+                    && let Some(id) = job.group.as_deref().and_then(|g| Uuid::parse_str(g).ok())
+                {
+                    offers.entry(id).or_default().push(index);
+                }
+            }
+            for list in offers.values_mut() {
+                list.reverse();
+            }
         }
+        let mut takers: Vec<(usize, usize)> = Vec::new();
+        for i in live.iter().chain(&advance_ix).copied() {
+            if items[i].chain()
+                && let Some(index) = offers.get_mut(&items[i].instance_id()).and_then(Vec::pop)
+            {
+                takers.push((i, index));
+            }
+        }
+        let mut claim = vec![false; new_jobs.len()];
+        for &(_, index) in &takers {
+            claim[index] = true;
+        }
+        let mut enqueued = if new_jobs.is_empty() {
+            Vec::new()
+        } else {
+            b.enqueue_claiming(&mut tx, &new_jobs, &claim).await?
+        };
         let advanced: Vec<usize> = advance_ix
             .iter()
             .copied()
@@ -423,7 +504,7 @@ impl<B: Backend> Runtime<B> {
 
         // 5. After the commit.
         for &i in &live {
-            decided[i] = Some(Ok(JobOutcome::Succeeded));
+            decided[i] = Some(Ok(JobOutcome::Succeeded.into()));
         }
         for (&i, held) in advanced.iter().zip(held) {
             // A fenced advance (rescued meanwhile) still applied its round
@@ -432,7 +513,36 @@ impl<B: Backend> Runtime<B> {
                 JobOutcome::Succeeded
             } else {
                 JobOutcome::Fenced
-            }));
+            }
+            .into()));
+        }
+        let mut shared: HashMap<Uuid, Arc<Instance>> = HashMap::new();
+        for (i, index) in takers {
+            let Some(lease) = enqueued.get_mut(index).and_then(|(_, lease)| lease.take()) else {
+                continue;
+            };
+            let instance_id = items[i].instance_id();
+            let (Some(plan), Some(wf)) = (plans.get(&instance_id), workflows.get(&instance_id))
+            else {
+                continue;
+            };
+            let instance = shared
+                .entry(instance_id)
+                .or_insert_with(|| Arc::new(plan.instance.clone()));
+            if let Some(Ok(settled)) = decided[i].as_mut() {
+                settled.next = Some(Continuation {
+                    lease,
+                    instance: Arc::clone(instance),
+                    wf: wf.clone(),
+                });
+            }
+        }
+        for (_, lease) in enqueued {
+            if let Some(lease) = lease {
+                // Not expected: every claim has its taker. The job is left to
+                // the rescuer, which returns it to work after `stale_after`.
+                tracing::warn!(job_id = %lease.id, "a claimed continuation had no taker");
+            }
         }
         if !waiting.is_empty() {
             self.inner.wake.notify_waiters();

@@ -80,6 +80,13 @@ pub struct RunnerConfig {
     /// Units of work of the batched orchestration in flight at once: while
     /// they all run, new work queues up and goes into the next batch.
     pub batch_flushers: usize,
+    /// A worker whose step's result activated further steps of the same
+    /// instance claims one of their jobs in the settling unit of work and
+    /// runs it right away in the same slot (its heartbeat kept by the
+    /// runner), instead of waiting for the queue to deliver it: a chain of
+    /// steps costs one commit per step and no queue round trip. Backends
+    /// without [`Backend::enqueue_claiming`](crate::Backend::enqueue_claiming) ignore it.
+    pub continuations: bool,
 }
 
 impl Default for RunnerConfig {
@@ -95,6 +102,7 @@ impl Default for RunnerConfig {
             rescue_interval: Duration::from_secs(15),
             max_batch: 128,
             batch_flushers: 2,
+            continuations: true,
         }
     }
 }

@@ -8,7 +8,11 @@ use hephaestus_engine_core::step::{
 };
 use hephaestus_engine_core::{IdempotencyKey, Workflow};
 
-use crate::batch::Settle;
+use std::sync::Arc;
+
+use hephaestus_engine_core::instance::Instance;
+
+use crate::batch::{Continuation, Settle, Settled};
 use crate::error::RunnerError;
 use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
 use crate::runtime::{Backend, Runtime};
@@ -36,11 +40,15 @@ impl<B: Backend> Runtime<B> {
     /// Runs one step activation (what an execute job does). User code runs
     /// outside any unit of work, only if the instance is still active, the
     /// step activation is still active, and no result is recorded for it.
+    /// With `chain`, the worker then runs the continuations its results
+    /// claimed (see [`RunnerConfig::continuations`](crate::RunnerConfig)).
     pub(crate) async fn perform_execute(
         &self,
         lease: &JobLease,
         args: ExecuteArgs,
         stop: Option<&CancellationSignal>,
+        adopt: Option<Adopt<'_>>,
+        chain: bool,
     ) -> Result<JobOutcome, RunnerError> {
         let loaded = self
             .preflight(args.instance_id, args.step.clone(), args.activation)
@@ -57,6 +65,88 @@ impl<B: Backend> Runtime<B> {
             return self.finish(lease, JobOutcome::Skipped).await;
         }
         let wf = self.workflow_of(&instance)?.clone();
+        // A worker asked to stop claims no continuation.
+        let chain = chain && stop.is_none_or(|s| !s.is_cancelled());
+        let settled = self
+            .run_step(lease, wf, args, instance, stop, chain)
+            .await?;
+        self.run_chain(settled.next, stop, adopt).await;
+        Ok(settled.outcome)
+    }
+
+    /// Runs the continuations a settled job claimed, one after the other in
+    /// this slot. Each is adopted by the queue runtime running the job
+    /// (heartbeats and stop requests, as for a fetched job) when `adopt` can,
+    /// else kept alive by a heartbeat of the runner's own. A continuation's
+    /// failure is settled like any job's.
+    pub(crate) async fn run_chain(
+        &self,
+        mut next: Option<Continuation>,
+        stop: Option<&CancellationSignal>,
+        adopt: Option<Adopt<'_>>,
+    ) {
+        while let Some(continuation) = next.take() {
+            let Continuation {
+                lease,
+                instance,
+                wf,
+            } = continuation;
+            let adopted = adopt.and_then(|adopt| adopt(&lease));
+            let _alive = match adopted {
+                Some(_) => None,
+                None => Some(self.keep_alive(&lease)),
+            };
+            let own_stop = adopted.as_ref().map(|a| a.stop.clone());
+            let args = match crate::worker::decode::<ExecuteArgs>(&lease) {
+                Ok(args) => args,
+                Err(e) => {
+                    self.job_error(&lease, &e).await;
+                    continue;
+                }
+            };
+            // A worker asked to stop finishes this step but claims no more.
+            let chain = stop.is_none_or(|s| !s.is_cancelled());
+            match self
+                .run_step(&lease, wf, args, instance, own_stop.as_ref(), chain)
+                .await
+            {
+                Ok(settled) => next = settled.next,
+                Err(e) => {
+                    self.job_error(&lease, &e).await;
+                }
+            }
+        }
+    }
+
+    /// Heartbeats `lease` every heartbeat interval until the returned guard
+    /// is dropped (a continuation is not one of the queue's running jobs).
+    fn keep_alive(&self, lease: &JobLease) -> AbortOnDrop {
+        let rt = self.clone();
+        let held = [(lease.id, lease.attempt)];
+        let every = self.inner.config.heartbeat_interval;
+        AbortOnDrop(tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                if let Err(e) = rt.inner.backend.heartbeat(&held).await {
+                    tracing::warn!(error = %e, "heartbeat of a continuation failed");
+                }
+            }
+        }))
+    }
+
+    /// Runs user code for an activation that passed its checks, then
+    /// settles the outcome.
+    async fn run_step(
+        &self,
+        lease: &JobLease,
+        wf: Workflow,
+        args: ExecuteArgs,
+        instance: Arc<Instance>,
+        stop: Option<&CancellationSignal>,
+        chain: bool,
+    ) -> Result<Settled, RunnerError> {
         let Some(def) = wf.step(args.step.as_str()) else {
             return Err(RunnerError::Corrupt(format!(
                 "step {} is not part of {}",
@@ -186,10 +276,14 @@ impl<B: Backend> Runtime<B> {
                         activation: args.activation,
                         payload,
                     },
+                    chain: chain && self.inner.config.continuations,
                 })
                 .await
             }
-            Err(error) => self.step_failed(lease, &wf, &args, error).await,
+            Err(error) => self
+                .step_failed(lease, &wf, &args, error)
+                .await
+                .map(Settled::from),
         }
     }
 
@@ -396,5 +490,32 @@ impl<B: Backend> Runtime<B> {
         }
         b.commit(tx).await?;
         Ok(outcome)
+    }
+}
+
+/// A continuation adopted by the queue runtime running its worker: its
+/// stop signal, and a guard that ends the adoption when dropped.
+pub(crate) struct Adoption {
+    /// Raised when the adopted job is asked to stop.
+    pub stop: CancellationSignal,
+    /// Held until the continuation ends; dropping it ends the adoption.
+    pub _guard: Box<dyn Send>,
+}
+
+impl std::fmt::Debug for Adoption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adoption").finish_non_exhaustive()
+    }
+}
+
+/// Adopts a continuation's lease into the queue runtime running the worker.
+pub(crate) type Adopt<'a> = &'a (dyn Fn(&JobLease) -> Option<Adoption> + Send + Sync);
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

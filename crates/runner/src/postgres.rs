@@ -50,6 +50,9 @@ impl PgBackend {
 
 type Tx = Transaction<'static, Postgres>;
 
+/// `attempted_by` of the jobs a runner claims to continue a chain of steps.
+const CONTINUATION_WORKER: &str = "hephaestus-runner (continuation)";
+
 #[async_trait::async_trait]
 impl crate::runtime::Backend for PgBackend {
     /// One statement (storage-pg's `get_for_execution_using`).
@@ -106,6 +109,20 @@ impl crate::runtime::Backend for PgBackend {
         results: &[(NewStepResult, bool)],
     ) -> Result<(), PortError> {
         self.store.record_many_using(tx, results).await.map(|_| ())
+    }
+
+    /// One statement (queue-pg's `insert_claiming_using`): claimed jobs are
+    /// inserted executing, with no wake-up sent for them.
+    async fn enqueue_claiming(
+        &self,
+        tx: &mut Tx,
+        jobs: &[NewJob],
+        claim: &[bool],
+    ) -> Result<Vec<(Enqueued, Option<JobLease>)>, PortError> {
+        Ok(self
+            .queue
+            .insert_claiming_using(tx, jobs, claim, CONTINUATION_WORKER)
+            .await?)
     }
 
     async fn complete_many(
@@ -288,8 +305,22 @@ impl DynWorker for RunnerJob {
     async fn perform(&self, job: &JobContext) -> Result<(), JobError> {
         // The runtime settles every outcome itself, in the transaction that
         // writes its consequences (a result, the next advance, a retry).
+        // A continuation this job's worker claims is adopted by the queue
+        // runtime: heartbeats and stop requests as for a fetched job.
+        let adopt = |lease: &JobLease| {
+            job.adopt(lease.clone())
+                .map(|adopted| crate::execute::Adoption {
+                    stop: adopted.cancellation().clone(),
+                    _guard: Box::new(adopted),
+                })
+        };
         self.runtime
-            .perform_linked(job.lease().clone(), Some(job.cancellation()))
+            .perform_job(
+                job.lease().clone(),
+                Some(job.cancellation()),
+                Some(&adopt),
+                self.runtime.config().continuations,
+            )
             .await;
         job.mark_settled();
         Ok(())

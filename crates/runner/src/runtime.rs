@@ -9,8 +9,8 @@ use hephaestus_engine_core::business_id::{BusinessId, Scope};
 use hephaestus_engine_core::engine::{Effect, Engine, Input, NewInstance};
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
-    InstanceFilter, InstanceStore, JobId, JobLease, JobQueue, NewStepResult, PortError, Recorded,
-    ResultPayload, StepResult, StepResultStore,
+    Enqueued, InstanceFilter, InstanceStore, JobId, JobLease, JobQueue, NewJob, NewStepResult,
+    PortError, Recorded, ResultPayload, StepResult, StepResultStore,
 };
 use hephaestus_engine_core::step::CancellationSignal;
 use hephaestus_engine_core::workflow::{StartSelection, WorkflowFamily, WorkflowRegistry};
@@ -143,6 +143,23 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
             }
         }
         Ok(())
+    }
+
+    /// Enqueues `jobs` in `tx`; those flagged in `claim` may come back
+    /// claimed by this worker (already executing, attempt 1), to run right
+    /// after the commit. The default claims none: they wait for a fetch.
+    async fn enqueue_claiming(
+        &self,
+        tx: &mut Self::Tx,
+        jobs: &[NewJob],
+        _claim: &[bool],
+    ) -> Result<Vec<(Enqueued, Option<JobLease>)>, PortError> {
+        Ok(self
+            .enqueue(tx, jobs)
+            .await?
+            .into_iter()
+            .map(|enqueued| (enqueued, None))
+            .collect())
     }
 
     /// Completes many leases (each fenced by its attempt); whether each held.

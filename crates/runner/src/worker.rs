@@ -62,7 +62,7 @@ impl DrainReport {
     }
 }
 
-fn decode<T: serde::de::DeserializeOwned>(lease: &JobLease) -> Result<T, RunnerError> {
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(lease: &JobLease) -> Result<T, RunnerError> {
     serde_json::from_value(lease.args.clone()).map_err(|e| {
         RunnerError::InvalidInput(format!(
             "job {} ({}) has undecodable args: {e}",
@@ -88,7 +88,8 @@ pub(crate) fn job_retry_policy(max_attempts: Option<u32>) -> RetryPolicy {
 impl<B: Backend> Runtime<B> {
     /// Runs one fetched job to its end (completed, retried or discarded).
     pub async fn perform(&self, lease: JobLease) -> JobOutcome {
-        self.perform_linked(lease, None).await
+        // One job at a time, as a drain counts them: no continuations.
+        self.perform_job(lease, None, None, false).await
     }
 
     /// [`Runtime::perform`] for a job whose queue can ask it to stop (a
@@ -101,19 +102,41 @@ impl<B: Backend> Runtime<B> {
         lease: JobLease,
         stop: Option<&hephaestus_engine_core::step::CancellationSignal>,
     ) -> JobOutcome {
+        self.perform_job(lease, stop, None, self.inner.config.continuations)
+            .await
+    }
+
+    /// Runs one job; with `chain`, then the continuations it claimed
+    /// (adopted through `adopt` when given).
+    pub(crate) async fn perform_job(
+        &self,
+        lease: JobLease,
+        stop: Option<&hephaestus_engine_core::step::CancellationSignal>,
+        adopt: Option<crate::execute::Adopt<'_>>,
+        chain: bool,
+    ) -> JobOutcome {
         let result = match lease.kind.as_str() {
             jobs::ADVANCE => match decode::<AdvanceArgs>(&lease) {
                 Ok(args) => {
-                    self.settle(crate::batch::Settle::Advance {
-                        lease: lease.clone(),
-                        instance_id: args.instance_id,
-                    })
-                    .await
+                    let settled = self
+                        .settle(crate::batch::Settle::Advance {
+                            lease: lease.clone(),
+                            instance_id: args.instance_id,
+                            chain,
+                        })
+                        .await;
+                    match settled {
+                        Ok(settled) => {
+                            self.run_chain(settled.next, stop, adopt).await;
+                            Ok(settled.outcome)
+                        }
+                        Err(e) => Err(e),
+                    }
                 }
                 Err(e) => Err(e),
             },
             jobs::EXECUTE => match decode::<ExecuteArgs>(&lease) {
-                Ok(args) => self.perform_execute(&lease, args, stop).await,
+                Ok(args) => self.perform_execute(&lease, args, stop, adopt, chain).await,
                 Err(e) => Err(e),
             },
             jobs::TIMER => match decode::<TimerArgs>(&lease) {

@@ -45,6 +45,12 @@ use sqlx::postgres::PgConnectOptions;
 const WORKFLOW: &str = "bench";
 /// Longest the burn-down may take before the benchmark gives up.
 const BURN_DOWN_LIMIT: Duration = Duration::from_secs(900);
+/// The tables a run writes.
+const TABLES: [&str; 3] = [
+    "hephaestus_jobs",
+    "hephaestus_instances",
+    "hephaestus_step_results",
+];
 /// Longest one latency sample may take.
 const SAMPLE_LIMIT: Duration = Duration::from_secs(30);
 
@@ -137,6 +143,11 @@ pub struct WorkflowBench {
     /// Connections starting instances at once.
     #[arg(long, default_value_t = 2)]
     starters: usize,
+    /// Instances run (and the tables analyzed, as autovacuum does on a live
+    /// system) before the measured burn-down (0 to measure a cold, fresh
+    /// schema).
+    #[arg(long, default_value_t = 500)]
+    warm_up: usize,
     /// Instances run one at a time on the idle system for the latency (0 to
     /// skip).
     #[arg(long, default_value_t = 50)]
@@ -220,10 +231,34 @@ impl WorkflowBench {
             .await?;
         admin.close().await;
 
+        // 0. Warm-up: a live system's tables have planner statistics, and
+        //    its connections' cached plans were made with them. A fresh
+        //    schema has neither: plans cached while the tables are tiny scan
+        //    them whole once they have grown, until autovacuum's first
+        //    analyze (a minute or more) invalidates them. The warm-up runs
+        //    instances, then analyzes the tables as autovacuum would.
+        if self.warm_up > 0 {
+            let workers = self.start_workers(options, prefix, &workflow).await?;
+            let warmed = self
+                .burn_down(options, prefix, &workflow, self.warm_up, "w", true)
+                .await;
+            workers.stop().await;
+            warmed.context("the warm-up")?;
+            let admin = pool(options, 1).await?;
+            for table in TABLES {
+                sqlx::raw_sql(&format!("analyze {}.{table}", prefix.quoted()))
+                    .execute(&admin)
+                    .await?;
+            }
+            admin.close().await;
+        }
+
         // 1. Burn-down, between two readings of the server's counters.
         let before = server_counters(options).await?;
         let workers = self.start_workers(options, prefix, &workflow).await?;
-        let burn_down = self.burn_down(options, prefix, &workflow).await;
+        let burn_down = self
+            .burn_down(options, prefix, &workflow, self.instances, "b", self.json)
+            .await;
         workers.stop().await;
         let burn_down = burn_down?;
         let after = server_counters(options).await?;
@@ -233,18 +268,14 @@ impl WorkflowBench {
         let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(&format!(
             "select percentile_cont(0.5) within group (order by extract(epoch from updated_at - inserted_at)),
                     percentile_cont(0.99) within group (order by extract(epoch from updated_at - inserted_at))
-             from {}.hephaestus_instances where status = 'completed'",
+             from {}.hephaestus_instances where status = 'completed' and business_id like 'key::b%'",
             prefix.quoted()
         ))
         .fetch_one(&admin)
         .await?;
         // 3. One at a time on the idle system, vacuumed first as autovacuum
         //    would have done after the burst.
-        for table in [
-            "hephaestus_jobs",
-            "hephaestus_instances",
-            "hephaestus_step_results",
-        ] {
+        for table in TABLES {
             sqlx::raw_sql(&format!("vacuum analyze {}.{table}", prefix.quoted()))
                 .execute(&admin)
                 .await?;
@@ -308,12 +339,16 @@ impl WorkflowBench {
         Ok(workers)
     }
 
-    /// Starts every instance and waits until all are completed.
+    /// Starts `count` instances (business values `<label><n>`) and waits
+    /// until all of them are completed.
     async fn burn_down(
         &self,
         options: &PgConnectOptions,
         prefix: &SchemaPrefix,
         workflow: &Workflow,
+        count: usize,
+        label: &'static str,
+        quiet: bool,
     ) -> Result<Duration> {
         let starters = u32::try_from(self.starters).context("--starters")?;
         let start_pool = pool(options, starters).await?;
@@ -325,10 +360,10 @@ impl WorkflowBench {
             warm.push(start_pool.acquire().await?);
         }
         drop(warm);
-        let progress = if self.json {
+        let progress = if quiet {
             ProgressBar::hidden()
         } else {
-            let bar = ProgressBar::new(u64::try_from(self.instances)?);
+            let bar = ProgressBar::new(u64::try_from(count)?);
             bar.set_style(
                 ProgressStyle::with_template(
                     "{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} completed ({per_sec}) {msg}",
@@ -337,13 +372,15 @@ impl WorkflowBench {
             );
             bar
         };
-        let batches = self.instances.div_ceil(self.batch);
+        let batches = count.div_ceil(self.batch);
         let next = Arc::new(AtomicUsize::new(0));
+        let launched = Arc::new(AtomicUsize::new(0));
         let started = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..self.starters {
             let (rt, pool, next) = (start_runtime.clone(), start_pool.clone(), Arc::clone(&next));
-            let (batch, total) = (self.batch, self.instances);
+            let launched = Arc::clone(&launched);
+            let batch = self.batch;
             tasks.push(tokio::spawn(async move {
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -351,50 +388,64 @@ impl WorkflowBench {
                         return Ok::<(), anyhow::Error>(());
                     }
                     let mut tx = pool.begin().await?;
-                    for n in i * batch..((i + 1) * batch).min(total) {
+                    let range = i * batch..((i + 1) * batch).min(count);
+                    let n = range.len();
+                    for k in range {
                         rt.start_in(
                             &mut tx,
                             WORKFLOW,
-                            &n.to_string(),
+                            &format!("{label}{k}"),
                             json!({}),
                             StartOptions::default(),
                         )
                         .await?;
                     }
                     tx.commit().await?;
+                    launched.fetch_add(n, Ordering::Relaxed);
                 }
             }));
         }
-        let target = i64::try_from(self.instances)?;
-        let count = format!(
-            "select count(*) filter (where status = 'completed'),
-                    count(*) filter (where status in ('failed', 'cancelled'))
-             from {}.hephaestus_instances",
+        // Polls the active instances through their partial index (cheap,
+        // and shrinking): a count over the whole table every few
+        // milliseconds would itself cost the server a good share of a core.
+        let active = format!(
+            "select count(*) from {}.hephaestus_instances where status in ('pending', 'running', 'waiting')",
             prefix.quoted()
         );
         let mut starting = tasks;
         let elapsed = loop {
-            if starting.iter().all(tokio::task::JoinHandle::is_finished) {
+            if !starting.is_empty() && starting.iter().all(tokio::task::JoinHandle::is_finished) {
                 for task in starting.drain(..) {
                     task.await.context("a start task panicked")??;
                 }
             }
-            let (done, failed): (i64, i64) = sqlx::query_as(&count).fetch_one(&watch).await?;
-            progress.set_position(u64::try_from(done).unwrap_or(0));
-            ensure!(failed == 0, "{failed} instances failed or were cancelled");
-            if done >= target {
+            let open: i64 = sqlx::query_scalar(&active).fetch_one(&watch).await?;
+            let launched = launched.load(Ordering::Relaxed);
+            let finished = i64::try_from(launched)?.saturating_sub(open);
+            progress.set_position(u64::try_from(finished).unwrap_or(0));
+            if starting.is_empty() && open == 0 {
                 break started.elapsed();
             }
             ensure!(
                 started.elapsed() < BURN_DOWN_LIMIT,
-                "the burn-down did not finish within {BURN_DOWN_LIMIT:?} ({done} of {target} instances completed)"
+                "the burn-down did not finish within {BURN_DOWN_LIMIT:?} ({finished} of {count} instances finished)"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
+        let (completed, failed): (i64, i64) = sqlx::query_as(&format!(
+            "select count(*) filter (where status = 'completed'),
+                    count(*) filter (where status in ('failed', 'cancelled'))
+             from {}.hephaestus_instances where business_id like 'key::{label}%'",
+            prefix.quoted()
+        ))
+        .fetch_one(&watch)
+        .await?;
+        ensure!(failed == 0, "{failed} instances failed or were cancelled");
+        ensure!(
+            completed == i64::try_from(count)?,
+            "{completed} of {count} instances completed"
+        );
         progress.finish_and_clear();
-        for task in starting {
-            task.await.context("a start task panicked")??;
-        }
         drop(start_runtime);
         start_pool.close().await;
         watch.close().await;
@@ -439,9 +490,10 @@ impl WorkflowBench {
         let out = json!({
             "bench": "workflow",
             "backend": "postgres",
-            "method": "burn-down: workers running, start all instances in batches, time until every one is completed; then latency one instance at a time on the idle system",
+            "method": "warm-up instances then analyze; burn-down: workers running, start all instances in batches, time until every one is completed; then latency one instance at a time on the idle system",
             "shape": self.shape.name(),
             "instances": self.instances,
+            "warm_up_instances": self.warm_up,
             "steps_per_instance": self.shape.steps(),
             "steps": steps,
             "workers": self.workers,

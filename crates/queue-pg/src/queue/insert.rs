@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
-use hephaestus_engine_core::ports::{Enqueued, JobId, NewJob};
+use hephaestus_engine_core::ports::{Enqueued, JobId, JobLease, NewJob};
 use serde_json::{Map, Value};
 use sqlx::PgConnection;
 use sqlx::types::Json;
@@ -24,19 +24,26 @@ use crate::job::{check_new_job, states_mask, tags_literal};
 const INSERT_TEMPLATE: &str = r"with input as materialized (
     select nextval('{prefix}.hephaestus_jobs_id_seq') as id, t.*
     from unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::smallint[],
-                $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[], $13::text[])
+                $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[], $13::text[],
+                $14::boolean[])
         with ordinality as t(kind, queue, args, meta, tags, priority, max_attempts, scheduled_at,
-                             unique_key, unique_states, group_key, ord)
+                             unique_key, unique_states, group_key, claimed, ord)
 ),
 inserted as (
     insert into {prefix}.hephaestus_jobs
         (id, state, queue, kind, args, meta, tags, priority, max_attempts, inserted_at,
-         scheduled_at, unique_key, unique_states, group_key)
+         scheduled_at, unique_key, unique_states, group_key, attempt, attempted_at, attempted_by,
+         heartbeat_at)
     select id,
-           case when coalesce(scheduled_at, $11::timestamptz) > $11::timestamptz
+           case when claimed then 'executing'
+                when coalesce(scheduled_at, $11::timestamptz) > $11::timestamptz
                 then 'scheduled' else 'available' end,
            queue, kind, args, meta, tags::text[], priority, max_attempts, $11::timestamptz,
-           coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states, group_key
+           coalesce(scheduled_at, $11::timestamptz), unique_key, unique_states, group_key,
+           case when claimed then 1 else 0 end,
+           case when claimed then $11::timestamptz end,
+           case when claimed then $15::text end,
+           case when claimed then $11::timestamptz end
     from input
     order by ord{on_conflict}
     returning {returning}
@@ -54,7 +61,7 @@ notified as (
 {outcome}
 order by input.ord";
 
-/// The batch insert (`$1`..`$13`, see `insert_rows`), still holding the
+/// The batch insert (`$1`..`$15`, see `insert_rows`), still holding the
 /// `{prefix}` placeholder. With `unique`, rows whose key is held are skipped
 /// (`on conflict do nothing`) and reported as not inserted; without, every
 /// row is inserted and no conflict arbiter is checked.
@@ -151,6 +158,28 @@ impl PgQueue {
         conn: &mut PgConnection,
         jobs: &[NewJob],
     ) -> Result<Vec<Enqueued>, Error> {
+        Ok(self
+            .insert_claiming_using(conn, jobs, &[], "")
+            .await?
+            .into_iter()
+            .map(|(enqueued, _)| enqueued)
+            .collect())
+    }
+
+    /// [`PgQueue::insert_many_using`] where the jobs flagged in `claim` are
+    /// inserted already claimed by `worker` (executing, attempt 1, heartbeat
+    /// started, no wake-up sent): a worker enqueuing work it will run itself
+    /// right after its commit. Returns each job's outcome and, for a claimed
+    /// job that was inserted, its lease (a unique job merged into an
+    /// existing one is not claimed). The claimer must heartbeat and settle
+    /// the claimed jobs like fetched ones.
+    pub async fn insert_claiming_using(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[NewJob],
+        claim: &[bool],
+        worker: &str,
+    ) -> Result<Vec<(Enqueued, Option<JobLease>)>, Error> {
         for job in jobs {
             check_new_job(job)?;
         }
@@ -162,7 +191,11 @@ impl PgQueue {
         let mut pending: Vec<usize> = (0..jobs.len()).collect();
         for _ in 0..UNIQUE_ROUNDS {
             let batch: Vec<&NewJob> = pending.iter().map(|&i| &jobs[i]).collect();
-            let rows = self.insert_rows(conn, &batch, now).await?;
+            let claims: Vec<bool> = pending
+                .iter()
+                .map(|&i| claim.get(i).copied().unwrap_or(false))
+                .collect();
+            let rows = self.insert_rows(conn, &batch, &claims, now, worker).await?;
             let mut conflicted: Vec<usize> = Vec::new();
             for (&index, (id, inserted)) in pending.iter().zip(rows) {
                 if inserted {
@@ -203,14 +236,38 @@ impl PgQueue {
                 break;
             }
         }
-        outcomes
+        let outcomes = outcomes
             .into_iter()
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| {
                 Error::Conflict(format!(
                     "unique keys kept changing hands for {UNIQUE_ROUNDS} rounds"
                 ))
+            })?;
+        Ok(outcomes
+            .into_iter()
+            .zip(jobs)
+            .enumerate()
+            .map(|(i, (enqueued, job))| {
+                let lease = match enqueued {
+                    Enqueued::Inserted(id) if claim.get(i).copied().unwrap_or(false) => {
+                        Some(JobLease {
+                            id,
+                            kind: job.kind.clone(),
+                            queue: job.queue.clone(),
+                            args: job.args.clone(),
+                            meta: job.meta.clone(),
+                            attempt: 1,
+                            max_attempts: job.max_attempts,
+                            scheduled_at: job.scheduled_at.unwrap_or(now),
+                            errors: Vec::new(),
+                        })
+                    }
+                    _ => None,
+                };
+                (enqueued, lease)
             })
+            .collect())
     }
 
     /// Runs the batch insert; returns `(id, inserted)` per job, in order.
@@ -218,7 +275,9 @@ impl PgQueue {
         &self,
         conn: &mut PgConnection,
         jobs: &[&NewJob],
+        claims: &[bool],
         now: DateTime<Utc>,
+        worker: &str,
     ) -> Result<Vec<(i64, bool)>, Error> {
         let n = jobs.len();
         let mut kinds: Vec<&str> = Vec::with_capacity(n);
@@ -265,6 +324,8 @@ impl PgQueue {
             .bind(now)
             .bind(self.channel())
             .bind(&groups)
+            .bind(claims)
+            .bind(worker)
             .fetch_all(&mut *conn)
             .await?;
         if rows.len() != n {

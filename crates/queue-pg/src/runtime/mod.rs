@@ -11,7 +11,7 @@ mod notifier;
 mod producer;
 mod pruner;
 mod rescuer;
-mod running;
+pub(crate) mod running;
 mod service;
 
 use std::collections::HashMap;

@@ -207,11 +207,10 @@ impl ProducerLoop {
                 Err(_) => return,
             },
         };
-        let job = Arc::new(JobContext::new(
-            lease,
-            CancellationSignal::new(),
-            self.shared.queue.clone(),
-        ));
+        let job = Arc::new(
+            JobContext::new(lease, CancellationSignal::new(), self.shared.queue.clone())
+                .in_registry(Arc::clone(&self.shared.running)),
+        );
         let id = job.id();
         let in_flight = self.shared.running.insert(Arc::clone(&job));
         let task = tokio::spawn(run_job(

@@ -80,6 +80,13 @@ impl Running {
         InFlight(Arc::clone(self))
     }
 
+    /// Registers a job a running job's worker claimed itself (it runs in
+    /// that job's task, which the in-flight count already covers): it gets
+    /// heartbeats and stop requests until [`Running::finished`].
+    pub(crate) fn adopt(&self, job: Arc<JobContext>) {
+        lock_ignoring_poison(&self.jobs).insert(job.id(), Entry { job, abort: None });
+    }
+
     /// Lets a job's user code be aborted at the end of a shutdown.
     pub(crate) fn set_abort(&self, id: JobId, abort: AbortHandle) {
         if let Some(entry) = lock_ignoring_poison(&self.jobs).get_mut(&id) {
