@@ -124,4 +124,4 @@ pub use job::Job;
 pub use queue::{CancelFilter, JobFilter, PgQueue, QueueDepth, Settled, StaleJob};
 pub use runtime::{QueueRuntime, RescueReport, RuntimeBuilder, RuntimeConfig, ShutdownReport};
 pub use schema::{migrate, schema};
-pub use worker::{AdoptedJob, DynWorker, JobContext, JobError, Worker, Workers};
+pub use worker::{AdoptedJob, Adopter, DynWorker, JobContext, JobError, Worker, Workers};

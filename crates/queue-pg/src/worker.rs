@@ -198,6 +198,30 @@ impl AdoptedJob {
     }
 }
 
+/// Adopts jobs into a queue runtime's running jobs (see
+/// [`JobContext::adopter`]). Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Adopter {
+    registry: Arc<Running>,
+    queue: PgQueue,
+}
+
+impl Adopter {
+    /// Registers `lease` (see [`JobContext::adopt`]) until the returned
+    /// guard is dropped.
+    pub fn adopt(&self, lease: JobLease) -> AdoptedJob {
+        let job = Arc::new(
+            JobContext::new(lease, CancellationSignal::new(), self.queue.clone())
+                .in_registry(Arc::clone(&self.registry)),
+        );
+        self.registry.adopt(Arc::clone(&job));
+        AdoptedJob {
+            job,
+            registry: Arc::clone(&self.registry),
+        }
+    }
+}
+
 impl Drop for AdoptedJob {
     fn drop(&mut self) {
         self.registry.finished(self.job.id());
@@ -226,15 +250,16 @@ impl JobContext {
     /// dropped. `None` outside a runtime (a drain): the caller then keeps
     /// the job alive itself.
     pub fn adopt(&self, lease: JobLease) -> Option<AdoptedJob> {
-        let registry = self.registry.as_ref()?;
-        let job = Arc::new(
-            Self::new(lease, CancellationSignal::new(), self.queue.clone())
-                .in_registry(Arc::clone(registry)),
-        );
-        registry.adopt(Arc::clone(&job));
-        Some(AdoptedJob {
-            job,
-            registry: Arc::clone(registry),
+        self.adopter().map(|adopter| adopter.adopt(lease))
+    }
+
+    /// An owned handle that adopts jobs into the runtime running this one
+    /// ([`JobContext::adopt`]), for work the worker hands to tasks of its
+    /// own. `None` outside a runtime.
+    pub fn adopter(&self) -> Option<Adopter> {
+        Some(Adopter {
+            registry: Arc::clone(self.registry.as_ref()?),
+            queue: self.queue.clone(),
         })
     }
 

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{JobLease, NewJob, NewStepResult, PortError};
 use hephaestus_engine_core::{StepId, Workflow};
-use tokio::sync::{Semaphore, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use uuid::Uuid;
 
 use crate::advance::{Round, RoundInput};
@@ -164,13 +164,19 @@ pub(crate) struct Continuation {
     pub lease: JobLease,
     pub instance: Arc<Instance>,
     pub wf: Workflow,
+    /// One of the runtime's extra slots, for a continuation beyond the
+    /// first (it runs in a task of its own).
+    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 /// How a settled job ended, and what its worker runs next.
 #[derive(Debug)]
 pub(crate) struct Settled {
     pub outcome: JobOutcome,
+    /// Run next in this slot.
     pub next: Option<Continuation>,
+    /// Run at once, each in a task of its own (fan-out branches).
+    pub extra: Vec<Continuation>,
 }
 
 impl From<JobOutcome> for Settled {
@@ -178,6 +184,23 @@ impl From<JobOutcome> for Settled {
         Self {
             outcome,
             next: None,
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// The continuations a worker runs after a settled job.
+#[derive(Debug, Default)]
+pub(crate) struct ChainStart {
+    pub next: Option<Continuation>,
+    pub extra: Vec<Continuation>,
+}
+
+impl From<Settled> for ChainStart {
+    fn from(settled: Settled) -> Self {
+        Self {
+            next: settled.next,
+            extra: settled.extra,
         }
     }
 }
@@ -193,6 +216,9 @@ type Answer = Result<Settled, RunnerError>;
 pub(crate) struct Batches {
     settle: Batcher<Settle, Answer>,
     preflight: Batcher<(Uuid, StepId, u32), Result<Preflight, RunnerError>>,
+    /// Slots for continuations beyond the first of a settled job (fan-out
+    /// branches run at once by the worker that activated them).
+    extra_slots: Arc<Semaphore>,
 }
 
 impl Batches {
@@ -200,6 +226,7 @@ impl Batches {
         Self {
             settle: Batcher::new(config.batch_flushers, config.max_batch),
             preflight: Batcher::new(config.batch_flushers, config.max_batch),
+            extra_slots: Arc::new(Semaphore::new(config.concurrency)),
         }
     }
 }
@@ -476,17 +503,37 @@ impl<B: Backend> Runtime<B> {
                 list.reverse();
             }
         }
-        let mut takers: Vec<(usize, usize)> = Vec::new();
+        // (taker, job, extra slot: none for the first one of a taker)
+        let mut takers: Vec<(usize, usize, Option<OwnedSemaphorePermit>)> = Vec::new();
         for i in live.iter().chain(&advance_ix).copied() {
             if items[i].chain()
                 && let Some(index) = offers.get_mut(&items[i].instance_id()).and_then(Vec::pop)
             {
-                takers.push((i, index));
+                takers.push((i, index, None));
+            }
+        }
+        // What is left of a fan-out goes to its takers while the runtime has
+        // extra slots.
+        for i in live.iter().chain(&advance_ix).copied() {
+            if !items[i].chain() {
+                continue;
+            }
+            let Some(offered) = offers.get_mut(&items[i].instance_id()) else {
+                continue;
+            };
+            while !offered.is_empty() {
+                let Ok(permit) = Arc::clone(&self.inner.batches.extra_slots).try_acquire_owned()
+                else {
+                    break;
+                };
+                if let Some(index) = offered.pop() {
+                    takers.push((i, index, Some(permit)));
+                }
             }
         }
         let mut claim = vec![false; new_jobs.len()];
-        for &(_, index) in &takers {
-            claim[index] = true;
+        for (_, index, _) in &takers {
+            claim[*index] = true;
         }
         let mut enqueued = if new_jobs.is_empty() {
             Vec::new()
@@ -517,7 +564,7 @@ impl<B: Backend> Runtime<B> {
             .into()));
         }
         let mut shared: HashMap<Uuid, Arc<Instance>> = HashMap::new();
-        for (i, index) in takers {
+        for (i, index, permit) in takers {
             let Some(lease) = enqueued.get_mut(index).and_then(|(_, lease)| lease.take()) else {
                 continue;
             };
@@ -530,11 +577,18 @@ impl<B: Backend> Runtime<B> {
                 .entry(instance_id)
                 .or_insert_with(|| Arc::new(plan.instance.clone()));
             if let Some(Ok(settled)) = decided[i].as_mut() {
-                settled.next = Some(Continuation {
+                let extra = permit.is_some();
+                let continuation = Continuation {
                     lease,
                     instance: Arc::clone(instance),
                     wf: wf.clone(),
-                });
+                    permit,
+                };
+                if extra {
+                    settled.extra.push(continuation);
+                } else {
+                    settled.next = Some(continuation);
+                }
             }
         }
         for (_, lease) in enqueued {

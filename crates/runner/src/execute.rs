@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use hephaestus_engine_core::instance::Instance;
 
-use crate::batch::{Continuation, Settle, Settled};
+use crate::batch::{ChainStart, Continuation, Settle, Settled};
 use crate::error::RunnerError;
 use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
 use crate::runtime::{Backend, Runtime};
@@ -47,7 +47,7 @@ impl<B: Backend> Runtime<B> {
         lease: &JobLease,
         args: ExecuteArgs,
         stop: Option<&CancellationSignal>,
-        adopt: Option<Adopt<'_>>,
+        adopt: Option<&Adopt>,
         chain: bool,
     ) -> Result<JobOutcome, RunnerError> {
         let loaded = self
@@ -70,26 +70,61 @@ impl<B: Backend> Runtime<B> {
         let settled = self
             .run_step(lease, wf, args, instance, stop, chain)
             .await?;
-        self.run_chain(settled.next, stop, adopt).await;
-        Ok(settled.outcome)
+        let outcome = settled.outcome;
+        self.run_chain(settled.into(), stop, adopt).await;
+        Ok(outcome)
     }
 
-    /// Runs the continuations a settled job claimed, one after the other in
-    /// this slot. Each is adopted by the queue runtime running the job
-    /// (heartbeats and stop requests, as for a fetched job) when `adopt` can,
-    /// else kept alive by a heartbeat of the runner's own. A continuation's
-    /// failure is settled like any job's.
-    pub(crate) async fn run_chain(
+    /// Runs the continuations a settled job claimed: `settled.next` in this
+    /// task, one after the other, and each of `settled.extra` (further steps
+    /// of a fan-out, each holding one of the runtime's extra slots) in a
+    /// task of its own, all awaited before this returns (so the job's slot,
+    /// and a graceful shutdown, wait for them). Each is adopted by the queue
+    /// runtime running the job (heartbeats and stop requests, as for a
+    /// fetched job) when `adopt` can, else kept alive by a heartbeat of the
+    /// runner's own. A continuation's failure is settled like any job's.
+    pub(crate) fn run_chain<'a>(
+        &'a self,
+        settled: ChainStart,
+        stop: Option<&'a CancellationSignal>,
+        adopt: Option<&'a Adopt>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(self.run_chain_inner(settled, stop, adopt))
+    }
+
+    async fn run_chain_inner(
         &self,
-        mut next: Option<Continuation>,
+        settled: ChainStart,
         stop: Option<&CancellationSignal>,
-        adopt: Option<Adopt<'_>>,
+        adopt: Option<&Adopt>,
     ) {
-        while let Some(continuation) = next.take() {
+        let mut branches = tokio::task::JoinSet::new();
+        let mut next = settled.next;
+        let mut extra = settled.extra;
+        loop {
+            for continuation in extra.drain(..) {
+                let rt = self.clone();
+                let adopt = adopt.cloned();
+                branches.spawn(async move {
+                    rt.run_chain(
+                        ChainStart {
+                            next: Some(continuation),
+                            extra: Vec::new(),
+                        },
+                        None,
+                        adopt.as_ref(),
+                    )
+                    .await;
+                });
+            }
+            let Some(continuation) = next.take() else {
+                break;
+            };
             let Continuation {
                 lease,
                 instance,
                 wf,
+                permit: _permit,
             } = continuation;
             let adopted = adopt.and_then(|adopt| adopt(&lease));
             let _alive = match adopted {
@@ -105,17 +140,22 @@ impl<B: Backend> Runtime<B> {
                 }
             };
             // A worker asked to stop finishes this step but claims no more.
-            let chain = stop.is_none_or(|s| !s.is_cancelled());
+            let chain = stop.is_none_or(|s| !s.is_cancelled())
+                && own_stop.as_ref().is_none_or(|s| !s.is_cancelled());
             match self
                 .run_step(&lease, wf, args, instance, own_stop.as_ref(), chain)
                 .await
             {
-                Ok(settled) => next = settled.next,
+                Ok(settled) => {
+                    next = settled.next;
+                    extra = settled.extra;
+                }
                 Err(e) => {
                     self.job_error(&lease, &e).await;
                 }
             }
         }
+        while branches.join_next().await.is_some() {}
     }
 
     /// Heartbeats `lease` every heartbeat interval until the returned guard
@@ -509,7 +549,7 @@ impl std::fmt::Debug for Adoption {
 }
 
 /// Adopts a continuation's lease into the queue runtime running the worker.
-pub(crate) type Adopt<'a> = &'a (dyn Fn(&JobLease) -> Option<Adoption> + Send + Sync);
+pub(crate) type Adopt = Arc<dyn Fn(&JobLease) -> Option<Adoption> + Send + Sync>;
 
 /// Aborts a task when dropped.
 pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);

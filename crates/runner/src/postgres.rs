@@ -307,18 +307,20 @@ impl DynWorker for RunnerJob {
         // writes its consequences (a result, the next advance, a retry).
         // A continuation this job's worker claims is adopted by the queue
         // runtime: heartbeats and stop requests as for a fetched job.
-        let adopt = |lease: &JobLease| {
-            job.adopt(lease.clone())
-                .map(|adopted| crate::execute::Adoption {
+        let adopt: Option<crate::execute::Adopt> = job.adopter().map(|adopter| {
+            Arc::new(move |lease: &JobLease| {
+                let adopted = adopter.adopt(lease.clone());
+                Some(crate::execute::Adoption {
                     stop: adopted.cancellation().clone(),
                     _guard: Box::new(adopted),
                 })
-        };
+            }) as crate::execute::Adopt
+        });
         self.runtime
             .perform_job(
                 job.lease().clone(),
                 Some(job.cancellation()),
-                Some(&adopt),
+                adopt.as_ref(),
                 self.runtime.config().continuations,
             )
             .await;

@@ -112,7 +112,7 @@ impl<B: Backend> Runtime<B> {
         &self,
         lease: JobLease,
         stop: Option<&hephaestus_engine_core::step::CancellationSignal>,
-        adopt: Option<crate::execute::Adopt<'_>>,
+        adopt: Option<&crate::execute::Adopt>,
         chain: bool,
     ) -> JobOutcome {
         let result = match lease.kind.as_str() {
@@ -127,8 +127,9 @@ impl<B: Backend> Runtime<B> {
                         .await;
                     match settled {
                         Ok(settled) => {
-                            self.run_chain(settled.next, stop, adopt).await;
-                            Ok(settled.outcome)
+                            let outcome = settled.outcome;
+                            self.run_chain(settled.into(), stop, adopt).await;
+                            Ok(outcome)
                         }
                         Err(e) => Err(e),
                     }

@@ -97,6 +97,10 @@ impl BenchSchema {
 pub async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
     PgPoolOptions::new()
         .max_connections(max)
+        // No `select 1` round trip each time a connection is taken from the
+        // pool: a broken connection fails its statement instead, and the
+        // runner retries the job.
+        .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(30))
         .connect_with(options.clone())
         .await
