@@ -613,3 +613,95 @@ impl<B: Backend> Runtime<B> {
         Ok(decided)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::Mutex;
+
+    use tokio::sync::Notify;
+
+    use super::Batcher;
+
+    /// While a flush runs, later items queue up and go together into the
+    /// next flush; every caller gets its own answer.
+    #[tokio::test]
+    async fn items_queued_during_a_flush_share_the_next_one() {
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(1, 16));
+        let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let gate = Arc::new(Notify::new());
+        let entered = Arc::new(Notify::new());
+        let flush = {
+            let (sizes, gate, entered) =
+                (Arc::clone(&sizes), Arc::clone(&gate), Arc::clone(&entered));
+            move |items: Vec<u32>| {
+                let (sizes, gate, entered) =
+                    (Arc::clone(&sizes), Arc::clone(&gate), Arc::clone(&entered));
+                async move {
+                    let first = {
+                        let mut sizes = sizes.lock().unwrap();
+                        sizes.push(items.len());
+                        sizes.len() == 1
+                    };
+                    if first {
+                        // Hold the only flush permit until told.
+                        entered.notify_one();
+                        gate.notified().await;
+                    }
+                    items.into_iter().map(|i| i * 10).collect::<Vec<u32>>()
+                }
+            }
+        };
+        let submit = |item: u32| {
+            let (batcher, flush) = (Arc::clone(&batcher), flush.clone());
+            tokio::spawn(async move { batcher.submit(item, flush).await })
+        };
+        let first = submit(1);
+        entered.notified().await;
+        let second = submit(2);
+        let third = submit(3);
+        // Let both reach the queue before the first flush ends.
+        while batcher.lock().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        gate.notify_one();
+        assert_eq!(first.await.unwrap(), Some(10));
+        assert_eq!(second.await.unwrap(), Some(20));
+        assert_eq!(third.await.unwrap(), Some(30));
+        assert_eq!(*sizes.lock().unwrap(), vec![1, 2]);
+    }
+
+    /// A batch never holds more than `max` items.
+    #[tokio::test]
+    async fn a_flush_takes_at_most_max_items() {
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(1, 2));
+        let sizes: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let flush = {
+            let sizes = Arc::clone(&sizes);
+            move |items: Vec<u32>| {
+                let sizes = Arc::clone(&sizes);
+                async move {
+                    sizes.lock().unwrap().push(items.len());
+                    items
+                }
+            }
+        };
+        // Hold the only flush permit until all five are queued.
+        let permit = batcher.flushers.acquire().await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..5 {
+            let (batcher, flush) = (Arc::clone(&batcher), flush.clone());
+            tasks.push(tokio::spawn(async move { batcher.submit(i, flush).await }));
+        }
+        while batcher.lock().len() < 5 {
+            tokio::task::yield_now().await;
+        }
+        drop(permit);
+        for (i, task) in tasks.into_iter().enumerate() {
+            assert_eq!(task.await.unwrap(), Some(u32::try_from(i).unwrap()));
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert!(sizes.iter().all(|&n| n <= 2), "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), 5, "{sizes:?}");
+    }
+}

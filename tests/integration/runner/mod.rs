@@ -2,6 +2,7 @@
 //! PostgreSQL): the spec's ★ behaviours, with user-code executions counted.
 
 mod harness;
+mod orchestration;
 mod queue_runtime;
 
 use std::time::Duration;

@@ -1,0 +1,272 @@
+//! The batched orchestration on PostgreSQL: continuations (a worker runs
+//! the steps its result activated, claimed in its settling commit, instead
+//! of waiting for the queue), fan-out continuations, and a result whose
+//! instance another writer holds going to the inbox without waiting.
+
+use std::time::Duration;
+
+use hephaestus_engine_core::instance::InstanceStatus;
+use hephaestus_engine_core::ports::JobQueue;
+use hephaestus_engine_core::prelude::*;
+use hephaestus_engine_core::steps::Done;
+use hephaestus_queue_pg::QueueRuntime;
+use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::testing::{DrainOptions, ScriptedStep};
+use hephaestus_runner::{RunnerConfig, Runtime, StartOptions, jobs};
+use serde_json::json;
+use uuid::Uuid;
+
+use super::harness::Harness;
+use crate::queue_pg::SAFETY_NET;
+
+/// `attempted_by` of the jobs a runner claims in its settling commit.
+const CONTINUATION: &str = "hephaestus-runner (continuation)";
+
+fn config(continuations: bool) -> RunnerConfig {
+    RunnerConfig {
+        // Only NOTIFY (and continuations) deliver work within a test.
+        poll_interval: Duration::from_secs(3600),
+        concurrency: 16,
+        continuations,
+        ..RunnerConfig::default()
+    }
+}
+
+async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
+    rt.queue_runtime(hephaestus_failure_handler::workers(rt))
+        .start()
+        .await
+        .expect("the queue runtime starts")
+}
+
+async fn wait_completed(rt: &Runtime<PgBackend>, id: Uuid) {
+    let deadline = tokio::time::Instant::now() + SAFETY_NET;
+    loop {
+        let now = rt.get(id).await.unwrap().unwrap();
+        if now.status == InstanceStatus::Completed {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "instance {id} is {:?} after {SAFETY_NET:?}",
+            now.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// (kind, step, state, attempt, attempted_by) of an instance's jobs, oldest
+/// first.
+async fn jobs_table(
+    h: &Harness<PgBackend>,
+    id: Uuid,
+) -> Vec<(String, Option<String>, String, i32, Option<String>)> {
+    let queue = h.backend.queue();
+    sqlx::query_as(&format!(
+        "select kind, args->>'step', state, attempt, attempted_by
+         from {}.hephaestus_jobs where group_key = $1 order by id",
+        queue.prefix().quoted()
+    ))
+    .bind(id.to_string())
+    .fetch_all(queue.pool())
+    .await
+    .unwrap()
+}
+
+fn chain(len: usize) -> (Workflow, Vec<ScriptedStep>) {
+    let steps: Vec<ScriptedStep> = (1..=len)
+        .map(|i| ScriptedStep::new(&format!("Step{i}"), ["done"]))
+        .collect();
+    let mut builder = Workflow::builder("chain")
+        .unique("key", Scope::Workflow)
+        .start(steps[0].clone());
+    for pair in steps.windows(2) {
+        builder = builder.on(pair[0].clone(), "done", pair[1].clone());
+    }
+    let wf = builder
+        .on(steps[len - 1].clone(), "done", Done)
+        .build()
+        .unwrap();
+    (wf, steps)
+}
+
+#[tokio::test]
+async fn a_chain_of_steps_runs_as_continuations_of_the_first_job() {
+    let h = Harness::postgres().await;
+    let (wf, steps) = chain(4);
+    let rt = h.runtime_with(config(true), vec![wf], Vec::new());
+    let q = start_queue_runtime(&rt).await;
+    let s = rt
+        .start("chain", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    wait_completed(&rt, s.id).await;
+    for step in &steps {
+        assert_eq!(step.runs(), 1, "{step:?}");
+    }
+    let table = jobs_table(&h, s.id).await;
+    // The start's advance is the only job the queue delivered; each step's
+    // execute job was claimed in the commit that activated it (the
+    // advance's for the first step), and `Done` cost no job at all.
+    assert_eq!(table.len(), 5, "{table:?}");
+    assert_eq!(table[0].0, jobs::ADVANCE);
+    for (kind, step, state, attempt, by) in &table[1..] {
+        assert_eq!(kind, jobs::EXECUTE);
+        assert_eq!(state, "completed", "{step:?}");
+        assert_eq!(*attempt, 1, "{step:?}");
+        assert_eq!(by.as_deref(), Some(CONTINUATION), "{step:?}");
+    }
+    assert_eq!(q.counts().settled_by_worker, 1, "{:?}", q.counts());
+    q.shutdown(Duration::from_secs(5)).await;
+    h.teardown().await;
+}
+
+#[tokio::test]
+async fn without_continuations_every_step_goes_through_the_queue() {
+    let h = Harness::postgres().await;
+    let (wf, steps) = chain(4);
+    let rt = h.runtime_with(config(false), vec![wf], Vec::new());
+    let q = start_queue_runtime(&rt).await;
+    let s = rt
+        .start("chain", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    wait_completed(&rt, s.id).await;
+    for step in &steps {
+        assert_eq!(step.runs(), 1, "{step:?}");
+    }
+    let table = jobs_table(&h, s.id).await;
+    assert_eq!(table.len(), 5, "{table:?}");
+    assert!(
+        table
+            .iter()
+            .all(|job| job.4.as_deref() != Some(CONTINUATION)),
+        "{table:?}"
+    );
+    assert_eq!(q.counts().settled_by_worker, 5, "{:?}", q.counts());
+    q.shutdown(Duration::from_secs(5)).await;
+    h.teardown().await;
+}
+
+#[tokio::test]
+async fn a_fan_out_runs_its_branches_in_the_worker_that_activated_them() {
+    let h = Harness::postgres().await;
+    let begin = ScriptedStep::new("Begin", ["done"]);
+    let branches: Vec<ScriptedStep> = (1..=4)
+        .map(|i| ScriptedStep::new(&format!("Branch{i}"), ["done"]))
+        .collect();
+    let join = ScriptedStep::new("Join", ["done"]);
+    let mut builder = Workflow::builder("fan")
+        .unique("key", Scope::Workflow)
+        .start(begin.clone())
+        .fan_out(
+            begin.clone(),
+            "done",
+            branches
+                .iter()
+                .map(|b| target(b.clone()))
+                .collect::<Vec<_>>(),
+        );
+    for branch in &branches {
+        builder = builder.on(branch.clone(), "done", join.clone());
+    }
+    let wf = builder.on(join.clone(), "done", Done).build().unwrap();
+    let rt = h.runtime_with(config(true), vec![wf], Vec::new());
+    let q = start_queue_runtime(&rt).await;
+    let s = rt
+        .start("fan", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    wait_completed(&rt, s.id).await;
+    assert_eq!(begin.runs(), 1);
+    assert_eq!(join.runs(), 1);
+    let table = jobs_table(&h, s.id).await;
+    for branch in &branches {
+        assert_eq!(branch.runs(), 1, "{branch:?}");
+        let name = branch.id().to_string();
+        let job = table
+            .iter()
+            .find(|job| job.1.as_deref() == Some(name.as_str()))
+            .unwrap_or_else(|| panic!("no job of {name}: {table:?}"));
+        // Begin's result activated all four: its worker claimed them all in
+        // that commit (one in its slot, three in extra slots).
+        assert_eq!(job.4.as_deref(), Some(CONTINUATION), "{table:?}");
+        assert_eq!((job.2.as_str(), job.3), ("completed", 1), "{table:?}");
+    }
+    assert!(
+        rt.jobs_of(s.id).await.unwrap().is_empty(),
+        "no live job left"
+    );
+    q.shutdown(Duration::from_secs(5)).await;
+    h.teardown().await;
+}
+
+#[tokio::test]
+async fn a_result_whose_instance_another_writer_holds_waits_in_the_inbox_without_blocking() {
+    let h = Harness::postgres().await;
+    let (wf, steps) = chain(1);
+    let split = RunnerConfig {
+        queues: hephaestus_runner::QueueNames {
+            advance: "advance".to_owned(),
+            execute: "execute".to_owned(),
+            timer: "timer".to_owned(),
+        },
+        ..config(true)
+    };
+    let rt = h.runtime_with(split, vec![wf], Vec::new());
+    let s = rt
+        .start("chain", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    rt.drain_with(&DrainOptions {
+        kind: Some(jobs::ADVANCE.to_owned()),
+        ..DrainOptions::default()
+    })
+    .await
+    .unwrap();
+    let queue = &rt.config().queues.execute;
+    let mut leases = h.backend.fetch(queue, 10, h.clock.now()).await.unwrap();
+    assert_eq!(leases.len(), 1);
+    let lease = leases.pop().unwrap();
+
+    // Another writer (an advance, a cancel) holds the instance's lock.
+    let store = h.backend.store();
+    let mut holder = store.pool().begin().await.unwrap();
+    assert!(store.lock_using(&mut holder, s.id).await.unwrap().is_some());
+
+    // The step's result is settled at once, not after the holder commits.
+    let outcome = tokio::time::timeout(Duration::from_secs(10), rt.perform(lease))
+        .await
+        .expect("settling waited for the holder of the lock");
+    assert_eq!(outcome, hephaestus_runner::JobOutcome::Succeeded);
+    assert_eq!(steps[0].runs(), 1);
+    let pending = store.pending_using(store.pool(), s.id).await.unwrap();
+    assert_eq!(
+        pending.len(),
+        1,
+        "the result waits in the inbox: {pending:?}"
+    );
+    let live = rt.jobs_of(s.id).await.unwrap();
+    assert!(
+        live.iter().any(|job| job.kind == jobs::ADVANCE),
+        "an advance is enqueued for it: {live:?}"
+    );
+    assert_eq!(
+        rt.get(s.id).await.unwrap().unwrap().status,
+        InstanceStatus::Running
+    );
+
+    // Once the holder is done, the advance applies it.
+    holder.rollback().await.unwrap();
+    rt.drain().await.unwrap();
+    let done = rt.get(s.id).await.unwrap().unwrap();
+    assert_eq!(done.status, InstanceStatus::Completed);
+    assert!(
+        store
+            .pending_using(store.pool(), s.id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    h.teardown().await;
+}
