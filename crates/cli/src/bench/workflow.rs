@@ -131,9 +131,21 @@ pub struct WorkflowBench {
     /// Worker "processes", each a runtime with its own connection pool.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Jobs in flight per worker.
-    #[arg(long, default_value_t = 100)]
+    /// Jobs in flight per worker (no-op steps: the more in flight, the
+    /// larger each settling batch).
+    #[arg(long, default_value_t = 400)]
     concurrency: usize,
+    /// Most jobs settled in one unit of work (`RunnerConfig::max_batch`).
+    #[arg(long, default_value_t = RunnerConfig::default().max_batch)]
+    max_batch: usize,
+    /// Settling units of work in flight per worker
+    /// (`RunnerConfig::batch_flushers`).
+    #[arg(long, default_value_t = RunnerConfig::default().batch_flushers)]
+    flushers: usize,
+    /// Every step through the queue: no continuations
+    /// (`RunnerConfig::continuations`).
+    #[arg(long)]
+    no_continuations: bool,
     /// Connections per worker's pool.
     #[arg(long, default_value_t = 16)]
     connections: u32,
@@ -206,6 +218,8 @@ impl WorkflowBench {
         ensure!(self.instances > 0, "--instances must be at least 1");
         ensure!(self.workers > 0, "--workers must be at least 1");
         ensure!(self.concurrency > 0, "--concurrency must be at least 1");
+        ensure!(self.max_batch > 0, "--max-batch must be at least 1");
+        ensure!(self.flushers > 0, "--flushers must be at least 1");
         ensure!(self.connections > 0, "--connections must be at least 1");
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.starters > 0, "--starters must be at least 1");
@@ -307,6 +321,9 @@ impl WorkflowBench {
     fn config(&self) -> RunnerConfig {
         RunnerConfig {
             concurrency: self.concurrency,
+            max_batch: self.max_batch,
+            batch_flushers: self.flushers,
+            continuations: !self.no_continuations,
             ..RunnerConfig::default()
         }
     }
@@ -498,6 +515,9 @@ impl WorkflowBench {
             "steps": steps,
             "workers": self.workers,
             "concurrency_per_worker": self.concurrency,
+            "max_batch": self.max_batch,
+            "flushers": self.flushers,
+            "continuations": !self.no_continuations,
             "connections_per_worker": self.connections,
             "seconds": seconds,
             "workflows_per_sec": ratio(self.instances, seconds),
