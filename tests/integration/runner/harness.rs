@@ -7,7 +7,7 @@ use hephaestus_engine_core::Workflow;
 use hephaestus_engine_core::ports::memory::MemoryBackend;
 use hephaestus_engine_core::workflow::WorkflowFamily;
 use hephaestus_runner::postgres::PgBackend;
-use hephaestus_runner::testing::VirtualClock;
+use hephaestus_runner::testing::{ScriptedStep, VirtualClock};
 use hephaestus_runner::{Backend, RunnerConfig, Runtime};
 
 use crate::support::db::TestSchema;
@@ -96,6 +96,49 @@ impl<B: Backend> Harness<B> {
     pub async fn teardown(self) {
         if let Some(schema) = self.schema {
             schema.teardown().await;
+        }
+    }
+}
+
+/// Workflow "fan": Begin, then `width` branches `Branch0..`, then Join.
+pub struct FanOut {
+    pub workflow: Workflow,
+    pub begin: ScriptedStep,
+    pub branches: Vec<ScriptedStep>,
+    pub join: ScriptedStep,
+}
+
+impl FanOut {
+    pub fn new(width: usize) -> Self {
+        use hephaestus_engine_core::prelude::*;
+        let begin = ScriptedStep::new("Begin", ["done"]);
+        let branches: Vec<ScriptedStep> = (0..width)
+            .map(|i| ScriptedStep::new(&format!("Branch{i}"), ["done"]))
+            .collect();
+        let join = ScriptedStep::new("Join", ["done"]);
+        let mut builder = Workflow::builder("fan")
+            .unique("key", Scope::Workflow)
+            .start(begin.clone())
+            .fan_out(
+                begin.clone(),
+                "done",
+                branches
+                    .iter()
+                    .map(|b| target(b.clone()))
+                    .collect::<Vec<_>>(),
+            );
+        for branch in &branches {
+            builder = builder.on(branch.clone(), "done", join.clone());
+        }
+        let workflow = builder
+            .on(join.clone(), "done", hephaestus_engine_core::steps::Done)
+            .build()
+            .expect("a valid fan-out");
+        Self {
+            workflow,
+            begin,
+            branches,
+            join,
         }
     }
 }

@@ -16,7 +16,7 @@ use hephaestus_runner::{RunnerConfig, Runtime, StartOptions, jobs};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::harness::Harness;
+use super::harness::{FanOut, Harness};
 use crate::queue_pg::SAFETY_NET;
 
 /// `attempted_by` of the jobs a runner claims in its settling commit.
@@ -90,11 +90,17 @@ fn chain(len: usize) -> (Workflow, Vec<ScriptedStep>) {
     (wf, steps)
 }
 
-#[tokio::test]
-async fn a_chain_of_steps_runs_as_continuations_of_the_first_job() {
+/// Runs a four-step chain on a queue runtime; returns its jobs and how many
+/// the queue delivered.
+async fn run_chain(
+    continuations: bool,
+) -> (
+    Vec<(String, Option<String>, String, i32, Option<String>)>,
+    u64,
+) {
     let h = Harness::postgres().await;
     let (wf, steps) = chain(4);
-    let rt = h.runtime_with(config(true), vec![wf], Vec::new());
+    let rt = h.runtime_with(config(continuations), vec![wf], Vec::new());
     let q = start_queue_runtime(&rt).await;
     let s = rt
         .start("chain", "1", json!({}), StartOptions::default())
@@ -105,6 +111,15 @@ async fn a_chain_of_steps_runs_as_continuations_of_the_first_job() {
         assert_eq!(step.runs(), 1, "{step:?}");
     }
     let table = jobs_table(&h, s.id).await;
+    let delivered = q.counts().settled_by_worker;
+    q.shutdown(Duration::from_secs(5)).await;
+    h.teardown().await;
+    (table, delivered)
+}
+
+#[tokio::test]
+async fn a_chain_of_steps_runs_as_continuations_of_the_first_job() {
+    let (table, delivered) = run_chain(true).await;
     // The start's advance is the only job the queue delivered; each step's
     // execute job was claimed in the commit that activated it (the
     // advance's for the first step), and `Done` cost no job at all.
@@ -116,26 +131,12 @@ async fn a_chain_of_steps_runs_as_continuations_of_the_first_job() {
         assert_eq!(*attempt, 1, "{step:?}");
         assert_eq!(by.as_deref(), Some(CONTINUATION), "{step:?}");
     }
-    assert_eq!(q.counts().settled_by_worker, 1, "{:?}", q.counts());
-    q.shutdown(Duration::from_secs(5)).await;
-    h.teardown().await;
+    assert_eq!(delivered, 1);
 }
 
 #[tokio::test]
 async fn without_continuations_every_step_goes_through_the_queue() {
-    let h = Harness::postgres().await;
-    let (wf, steps) = chain(4);
-    let rt = h.runtime_with(config(false), vec![wf], Vec::new());
-    let q = start_queue_runtime(&rt).await;
-    let s = rt
-        .start("chain", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    wait_completed(&rt, s.id).await;
-    for step in &steps {
-        assert_eq!(step.runs(), 1, "{step:?}");
-    }
-    let table = jobs_table(&h, s.id).await;
+    let (table, delivered) = run_chain(false).await;
     assert_eq!(table.len(), 5, "{table:?}");
     assert!(
         table
@@ -143,34 +144,18 @@ async fn without_continuations_every_step_goes_through_the_queue() {
             .all(|job| job.4.as_deref() != Some(CONTINUATION)),
         "{table:?}"
     );
-    assert_eq!(q.counts().settled_by_worker, 5, "{:?}", q.counts());
-    q.shutdown(Duration::from_secs(5)).await;
-    h.teardown().await;
+    assert_eq!(delivered, 5);
 }
 
 #[tokio::test]
 async fn a_fan_out_runs_its_branches_in_the_worker_that_activated_them() {
     let h = Harness::postgres().await;
-    let begin = ScriptedStep::new("Begin", ["done"]);
-    let branches: Vec<ScriptedStep> = (1..=4)
-        .map(|i| ScriptedStep::new(&format!("Branch{i}"), ["done"]))
-        .collect();
-    let join = ScriptedStep::new("Join", ["done"]);
-    let mut builder = Workflow::builder("fan")
-        .unique("key", Scope::Workflow)
-        .start(begin.clone())
-        .fan_out(
-            begin.clone(),
-            "done",
-            branches
-                .iter()
-                .map(|b| target(b.clone()))
-                .collect::<Vec<_>>(),
-        );
-    for branch in &branches {
-        builder = builder.on(branch.clone(), "done", join.clone());
-    }
-    let wf = builder.on(join.clone(), "done", Done).build().unwrap();
+    let FanOut {
+        workflow: wf,
+        begin,
+        branches,
+        join,
+    } = FanOut::new(4);
     let rt = h.runtime_with(config(true), vec![wf], Vec::new());
     let q = start_queue_runtime(&rt).await;
     let s = rt

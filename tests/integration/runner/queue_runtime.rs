@@ -18,7 +18,7 @@ use hephaestus_runner::{RunnerConfig, Runtime, StartOptions, jobs};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::harness::Harness;
+use super::harness::{FanOut, Harness};
 use crate::queue_pg::SAFETY_NET;
 
 /// Polls until `id` has `status` (a safety net bounds the wait).
@@ -57,26 +57,12 @@ async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
 #[tokio::test]
 async fn two_queue_runtimes_complete_fan_outs_woken_only_by_notifications() {
     let h = Harness::postgres().await;
-    let begin = ScriptedStep::new("Begin", ["done"]);
-    let branches: Vec<ScriptedStep> = (0..4)
-        .map(|i| ScriptedStep::new(&format!("Branch{i}"), ["done"]))
-        .collect();
-    let join = ScriptedStep::new("Join", ["done"]);
-    let mut builder = Workflow::builder("fan")
-        .unique("key", Scope::Workflow)
-        .start(begin.clone())
-        .fan_out(
-            begin.clone(),
-            "done",
-            branches
-                .iter()
-                .map(|b| target(b.clone()))
-                .collect::<Vec<_>>(),
-        );
-    for branch in &branches {
-        builder = builder.on(branch.clone(), "done", join.clone());
-    }
-    let wf = builder.on(join.clone(), "done", Done).build().unwrap();
+    let FanOut {
+        workflow: wf,
+        begin,
+        branches,
+        join,
+    } = FanOut::new(4);
     // Two worker "processes", each with its own runner and queue runtime.
     let a = h.runtime_with(notify_only(), vec![wf.clone()], Vec::new());
     let b = h.runtime_with(notify_only(), vec![wf], Vec::new());
