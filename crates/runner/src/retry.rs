@@ -151,25 +151,49 @@ mod tests {
             .unwrap()
     }
 
-    #[tokio::test]
-    async fn a_failed_instance_is_retried_from_its_failed_step_and_completes() {
+    /// A `shop` instance that failed at `Charge`.
+    struct Failed {
+        broken: Arc<AtomicBool>,
+        backend: MemoryBackend,
+        rt: Runtime<MemoryBackend>,
+        id: uuid::Uuid,
+    }
+
+    async fn failed_shop() -> Failed {
         let broken = Arc::new(AtomicBool::new(true));
         let backend = MemoryBackend::new();
         let rt = Runtime::builder(backend.clone())
             .workflow(shop(&broken))
             .build()
             .unwrap();
-        let started = rt
+        let id = rt
             .start("shop", "7", json!({}), StartOptions::default())
             .await
-            .unwrap();
+            .unwrap()
+            .id;
         rt.drain().await.unwrap();
-        let failed = rt.get(started.id).await.unwrap().unwrap();
+        Failed {
+            broken,
+            backend,
+            rt,
+            id,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_instance_is_retried_from_its_failed_step_and_completes() {
+        let Failed {
+            broken,
+            backend,
+            rt,
+            id,
+        } = failed_shop().await;
+        let failed = rt.get(id).await.unwrap().unwrap();
         assert_eq!(failed.status, InstanceStatus::Failed);
         let failure = failed.failure.clone().unwrap();
 
         broken.store(false, Ordering::SeqCst);
-        let retried = rt.retry(started.id).await.unwrap();
+        let retried = rt.retry(id).await.unwrap();
         assert_eq!(retried.steps, vec![(StepId::new("Charge").unwrap(), 2)]);
         assert_eq!(retried.status, InstanceStatus::Running);
         let jobs = backend.jobs();
@@ -182,7 +206,7 @@ mod tests {
         );
 
         rt.drain().await.unwrap();
-        let done = rt.get(started.id).await.unwrap().unwrap();
+        let done = rt.get(id).await.unwrap().unwrap();
         assert_eq!(done.status, InstanceStatus::Completed);
         assert_eq!(done.failure, None);
         assert_eq!(done.context.step("charge"), Some(&json!({"activation": 2})));
@@ -235,24 +259,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_needs_the_workflow_registered() {
-        let broken = Arc::new(AtomicBool::new(true));
-        let backend = MemoryBackend::new();
-        let rt = Runtime::builder(backend.clone())
-            .workflow(shop(&broken))
-            .build()
-            .unwrap();
-        let started = rt
-            .start("shop", "8", json!({}), StartOptions::default())
-            .await
-            .unwrap();
-        rt.drain().await.unwrap();
+        let Failed { backend, id, .. } = failed_shop().await;
         let other = Runtime::builder(backend).build().unwrap();
-        let err = other.retry(started.id).await.unwrap_err();
+        let err = other.retry(id).await.unwrap_err();
         assert!(
             matches!(err, RetryError::Runner(RunnerError::Registry(_))),
             "{err:?}"
         );
-        let still = other.get(started.id).await.unwrap().unwrap();
+        let still = other.get(id).await.unwrap().unwrap();
         assert_eq!(still.status, InstanceStatus::Failed, "left untouched");
     }
 }

@@ -11,13 +11,33 @@
 
 use anyhow::{Context as _, Result};
 use clap::Args;
-use hephaestus_runner::RunnerConfig;
+use hephaestus_engine_core::Instance;
+use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::retry::RetryError;
+use hephaestus_runner::{RunnerConfig, Runtime};
 use serde_json::{Value, json};
 
 use super::{NeedsDefinition, definition, resolve};
 use crate::App;
 use crate::database::{Database, DatabaseArgs, Needs};
+
+/// What every steering command starts with: the database (checked to be
+/// migrated), the instance (by id or business id), a runtime with this
+/// binary's workflows, and the instance's definition among them.
+async fn steer(
+    app: &App,
+    db: &DatabaseArgs,
+    given: &str,
+    needs: NeedsDefinition,
+) -> Result<(Instance, Runtime<PgBackend>)> {
+    let db = Database::open(db, Needs::Both).await?;
+    let instance = resolve(&db.store(), given).await?;
+    let runtime = app
+        .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
+        .await?;
+    definition(&runtime, &instance, needs)?;
+    Ok((instance, runtime))
+}
 
 fn parse_json(s: &str) -> Result<Value, String> {
     serde_json::from_str(s).map_err(|e| format!("not valid JSON: {e}"))
@@ -44,12 +64,8 @@ pub struct ResumeCommand {
 
 impl ResumeCommand {
     pub async fn run(self, app: &App) -> Result<()> {
-        let db = Database::open(&self.db, Needs::Both).await?;
-        let instance = resolve(&db.store(), &self.instance).await?;
-        let runtime = app
-            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-            .await?;
-        definition(&runtime, &instance, NeedsDefinition::Resume)?;
+        let (instance, runtime) =
+            steer(app, &self.db, &self.instance, NeedsDefinition::Resume).await?;
         let payload = self.payload.unwrap_or_else(|| json!({}));
         runtime
             .resume(instance.id, &self.step, &self.event, payload)
@@ -92,12 +108,8 @@ pub struct CancelCommand {
 
 impl CancelCommand {
     pub async fn run(self, app: &App) -> Result<()> {
-        let db = Database::open(&self.db, Needs::Both).await?;
-        let instance = resolve(&db.store(), &self.instance).await?;
-        let runtime = app
-            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-            .await?;
-        definition(&runtime, &instance, NeedsDefinition::Cancel)?;
+        let (instance, runtime) =
+            steer(app, &self.db, &self.instance, NeedsDefinition::Cancel).await?;
         runtime
             .cancel(instance.id, self.reason.clone())
             .await
@@ -135,12 +147,8 @@ pub struct RetryCommand {
 
 impl RetryCommand {
     pub async fn run(self, app: &App) -> Result<()> {
-        let db = Database::open(&self.db, Needs::Both).await?;
-        let instance = resolve(&db.store(), &self.instance).await?;
-        let runtime = app
-            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-            .await?;
-        definition(&runtime, &instance, NeedsDefinition::Retry)?;
+        let (instance, runtime) =
+            steer(app, &self.db, &self.instance, NeedsDefinition::Retry).await?;
         let retried = match runtime.retry(instance.id).await {
             Ok(retried) => retried,
             // Its own message says it all: "instance X is waiting, not failed: ...".
