@@ -444,19 +444,17 @@ impl<B: Backend> Runtime<B> {
                 Settle::Advance { .. } => None,
             })
             .collect();
-        b.record_many(&mut tx, &records).await?;
         let changed: Vec<&Instance> = plans
             .values()
             .filter(|p| p.round.changed)
             .map(|p| &p.instance)
             .collect();
-        b.update_many(&mut tx, &changed).await?;
         let seqs: Vec<(Uuid, Vec<i64>)> = plans
             .iter()
             .filter(|(_, p)| !p.round.seqs.is_empty())
             .map(|(id, p)| (*id, p.round.seqs.clone()))
             .collect();
-        b.mark_processed_many(&mut tx, &seqs).await?;
+        b.write_rounds(&mut tx, &records, &seqs, &changed).await?;
         for (id, plan) in &plans {
             let own_job = advance_ix
                 .iter()

@@ -90,25 +90,21 @@ impl crate::runtime::Backend for PgBackend {
         self.store.pending_many_using(&mut **tx, ids).await
     }
 
-    async fn update_many(&self, tx: &mut Tx, instances: &[&Instance]) -> Result<(), PortError> {
-        self.store.update_many_using(tx, instances).await
-    }
-
-    async fn mark_processed_many(
-        &self,
-        tx: &mut Tx,
-        seqs: &[(Uuid, Vec<i64>)],
-    ) -> Result<(), PortError> {
-        let all: Vec<i64> = seqs.iter().flat_map(|(_, s)| s.iter().copied()).collect();
-        self.store.mark_processed_many_using(&mut **tx, &all).await
-    }
-
-    async fn record_many(
+    /// One statement (three data-modifying CTEs).
+    async fn write_rounds(
         &self,
         tx: &mut Tx,
         results: &[(NewStepResult, bool)],
+        consumed: &[(Uuid, Vec<i64>)],
+        instances: &[&Instance],
     ) -> Result<(), PortError> {
-        self.store.record_many_using(tx, results).await.map(|_| ())
+        let seqs: Vec<i64> = consumed
+            .iter()
+            .flat_map(|(_, s)| s.iter().copied())
+            .collect();
+        self.store
+            .write_rounds_using(tx, results, &seqs, instances)
+            .await
     }
 
     /// One statement (queue-pg's `insert_claiming_using`): claimed jobs are

@@ -100,38 +100,17 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
         Ok(out)
     }
 
-    /// Writes many locked instances.
-    async fn update_many(
-        &self,
-        tx: &mut Self::Tx,
-        instances: &[&Instance],
-    ) -> Result<(), PortError> {
-        for instance in instances {
-            self.update(tx, instance).await?;
-        }
-        Ok(())
-    }
-
-    /// Marks results of many instances processed.
-    async fn mark_processed_many(
-        &self,
-        tx: &mut Self::Tx,
-        seqs: &[(Uuid, Vec<i64>)],
-    ) -> Result<(), PortError> {
-        for (id, seqs) in seqs {
-            self.mark_processed(tx, *id, seqs).await?;
-        }
-        Ok(())
-    }
-
-    /// Records many results in order, idempotently (duplicates and results of
-    /// missing instances are skipped); those flagged `true` are recorded as
-    /// already processed (their instance is locked and applies them in this
-    /// unit of work).
-    async fn record_many(
+    /// What a batch of advance rounds writes, in `tx`: the new `results`
+    /// in order, idempotently (duplicates and results of missing instances
+    /// are skipped; those flagged `true` are recorded as already processed:
+    /// their instance is locked and applies them in this unit of work), the
+    /// inbox rows the rounds `consumed`, and the locked `instances`.
+    async fn write_rounds(
         &self,
         tx: &mut Self::Tx,
         results: &[(NewStepResult, bool)],
+        consumed: &[(Uuid, Vec<i64>)],
+        instances: &[&Instance],
     ) -> Result<(), PortError> {
         for (result, processed) in results {
             match self.record(tx, result).await {
@@ -141,6 +120,12 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
                 Ok(_) | Err(PortError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
+        }
+        for (id, seqs) in consumed {
+            self.mark_processed(tx, *id, seqs).await?;
+        }
+        for instance in instances {
+            self.update(tx, instance).await?;
         }
         Ok(())
     }

@@ -8,9 +8,7 @@
 //! | --- | --- |
 //! | [`PgStore::try_lock_many_using`] | `pg_try_advisory_xact_lock` per instance + rows `for no key update` |
 //! | [`PgStore::pending_many_using`] | unprocessed results of many instances |
-//! | [`PgStore::update_many_using`] | one `update .. from unnest(..)` for many held instances |
-//! | [`PgStore::mark_processed_many_using`] | one `update .. where seq = any(..)` |
-//! | [`PgStore::record_many_using`] | one `insert .. select from unnest(..) on conflict do nothing` |
+//! | [`PgStore::write_rounds_using`] | new results, consumed inbox rows and many held instances, in one statement (three data-modifying CTEs) |
 //! | [`PgStore::get_for_execution_many_using`] | many execution pre-checks, each instance read once |
 //!
 //! `try_lock_many_using` never waits for another writer: an instance whose lock is held
@@ -40,9 +38,7 @@ use crate::store::{HELD_SETTING, INSTANCE_COLUMNS, PgStore};
 pub(crate) struct BatchSql {
     try_lock: String,
     pending: String,
-    update: String,
-    mark_processed: String,
-    record: String,
+    write: String,
     for_execution: String,
 }
 
@@ -72,33 +68,42 @@ from {results}
 where instance_id = any($1) and processed_at is null
 order by instance_id, seq"
             ),
-            // Writes what an advance changes; only instances this transaction holds.
-            update: format!(
-                r"update {instances} as i
-set status = u.status, unique_claim = u.unique_claim, state = u.state::jsonb,
-    failure = u.failure::jsonb, revision = u.revision, updated_at = u.updated_at
-from unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[],
-            $7::timestamptz[]) as u(id, status, unique_claim, state, failure, revision, updated_at)
-where i.id = u.id
-  and coalesce(strpos(current_setting('{held}', true), i.id::text) > 0, false)
-returning i.id"
-            ),
-            mark_processed: format!(
-                r"update {results} set processed_at = now()
-where seq = any($1) and processed_at is null"
-            ),
-            record: format!(
-                r"insert into {results} (instance_id, step_id, activation, kind, event, output, metadata, detail,
-    processed_at)
-select r.instance_id, r.step_id, r.activation, r.kind, r.event, r.output::jsonb,
-       r.metadata::jsonb, r.detail::jsonb, case when r.processed then now() end
-from unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::text[], $9::boolean[])
-     with ordinality as r(instance_id, step_id, activation, kind, event, output, metadata, detail,
-                          processed, ord)
-where exists (select 1 from {instances} where id = r.instance_id)
-order by r.ord
-on conflict (instance_id, step_id, activation, kind) do nothing"
+            // Everything a batch of rounds writes, in one statement: the new results
+            // (those of locked instances already processed), the inbox rows the rounds
+            // consumed, and the instances (only ones this transaction holds; the ids
+            // written are returned).
+            write: format!(
+                r"with recorded as (
+    insert into {results} (instance_id, step_id, activation, kind, event, output, metadata,
+        detail, processed_at)
+    select r.instance_id, r.step_id, r.activation, r.kind, r.event, r.output::jsonb,
+           r.metadata::jsonb, r.detail::jsonb, case when r.processed then now() end
+    from unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::text[], $6::text[],
+                $7::text[], $8::text[], $9::boolean[])
+         with ordinality as r(instance_id, step_id, activation, kind, event, output, metadata,
+                              detail, processed, ord)
+    where exists (select 1 from {instances} where id = r.instance_id)
+    order by r.ord
+    on conflict (instance_id, step_id, activation, kind) do nothing
+    returning 1
+),
+marked as (
+    update {results} set processed_at = now()
+    where seq = any($10) and processed_at is null
+    returning 1
+),
+written as (
+    update {instances} as i
+    set status = u.status, unique_claim = u.unique_claim, state = u.state::jsonb,
+        failure = u.failure::jsonb, revision = u.revision, updated_at = u.updated_at
+    from unnest($11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bigint[],
+                $17::timestamptz[]) as u(id, status, unique_claim, state, failure, revision,
+                                        updated_at)
+    where i.id = u.id
+      and coalesce(strpos(current_setting('{held}', true), i.id::text) > 0, false)
+    returning i.id
+)
+select array(select id from written) as written"
             ),
             // Each instance once, with the positions (1-based) of the requests whose
             // activation already has a result.
@@ -181,94 +186,27 @@ impl PgStore {
         Ok(by_instance)
     }
 
-    /// Writes the status, claim, state, failure, revision and update time of many
-    /// instances, all held by this transaction (locked or inserted in it), in one
-    /// statement. [`PortError::Conflict`] when any of them is not held (nothing is then
-    /// meant to commit: the caller rolls back).
-    pub async fn update_many_using(
-        &self,
-        conn: &mut PgConnection,
-        instances: &[&Instance],
-    ) -> Result<(), PortError> {
-        if instances.is_empty() {
-            return Ok(());
-        }
-        let n = instances.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut statuses = Vec::with_capacity(n);
-        let mut claims: Vec<Option<&str>> = Vec::with_capacity(n);
-        let mut states = Vec::with_capacity(n);
-        let mut failures = Vec::with_capacity(n);
-        let mut revisions = Vec::with_capacity(n);
-        let mut updated = Vec::with_capacity(n);
-        for instance in instances {
-            let (state, failure) = encode_state(instance)?;
-            ids.push(instance.id);
-            statuses.push(instance.status.as_str());
-            claims.push(instance.unique_claim.as_ref().map(UniqueClaim::as_str));
-            states.push(state);
-            failures.push(failure);
-            revisions.push(
-                i64::try_from(instance.revision)
-                    .map_err(|_| out_of_range("revision", instance.revision))?,
-            );
-            updated.push(instance.updated_at);
-        }
-        let written: Vec<Uuid> = sqlx::query_scalar(&self.sql.batch.update)
-            .bind(&ids)
-            .bind(&statuses)
-            .bind(&claims)
-            .bind(&states)
-            .bind(&failures)
-            .bind(&revisions)
-            .bind(&updated)
-            .fetch_all(conn)
-            .await
-            .map_err(port_error)?;
-        if written.len() == n {
-            return Ok(());
-        }
-        let missing: Vec<String> = ids
-            .iter()
-            .filter(|id| !written.contains(id))
-            .map(Uuid::to_string)
-            .collect();
-        Err(PortError::Conflict(format!(
-            "instances not locked in this transaction (or missing): {}",
-            missing.join(", ")
-        )))
-    }
-
-    /// Marks results processed by `seq`, of any instances, in one statement (none for
-    /// an empty list).
-    pub async fn mark_processed_many_using<'e, E: PgExecutor<'e>>(
-        &self,
-        executor: E,
-        seqs: &[i64],
-    ) -> Result<(), PortError> {
-        if seqs.is_empty() {
-            return Ok(());
-        }
-        sqlx::query(&self.sql.batch.mark_processed)
-            .bind(seqs)
-            .execute(executor)
-            .await
-            .map_err(port_error)?;
-        Ok(())
-    }
-
-    /// Records many step results in one statement, in input order (so `seq` follows
-    /// it), idempotently: a result already recorded for its (instance, step,
-    /// activation, kind), or whose instance does not exist, is skipped. A result
-    /// flagged `true` is recorded as already processed (its instance is locked by
-    /// this transaction, which applies it). Returns how many rows were inserted.
-    pub async fn record_many_using(
+    /// Everything a batch of advance rounds writes, in one statement:
+    ///
+    /// - `results`: new step results, in order (so `seq` follows it), idempotently (a
+    ///   result already recorded for its (instance, step, activation, kind), or whose
+    ///   instance does not exist, is skipped); one flagged `true` is recorded as
+    ///   already processed (its instance is locked by this transaction, which applies
+    ///   it);
+    /// - `consumed`: inbox rows (by `seq`, of any instances) to mark processed;
+    /// - `instances`: their status, claim, state, failure, revision and update time,
+    ///   all held by this transaction (locked or inserted in it):
+    ///   [`PortError::Conflict`] when any of them is not (nothing is then meant to
+    ///   commit: the caller rolls back).
+    pub async fn write_rounds_using(
         &self,
         conn: &mut PgConnection,
         results: &[(NewStepResult, bool)],
-    ) -> Result<u64, PortError> {
-        if results.is_empty() {
-            return Ok(0);
+        consumed: &[i64],
+        instances: &[&Instance],
+    ) -> Result<(), PortError> {
+        if results.is_empty() && consumed.is_empty() && instances.is_empty() {
+            return Ok(());
         }
         let n = results.len();
         let mut instance_ids = Vec::with_capacity(n);
@@ -295,7 +233,28 @@ impl PgStore {
             metadata.push(columns.metadata);
             details.push(columns.detail);
         }
-        let done = sqlx::query(&self.sql.batch.record)
+        let m = instances.len();
+        let mut ids = Vec::with_capacity(m);
+        let mut statuses = Vec::with_capacity(m);
+        let mut claims: Vec<Option<&str>> = Vec::with_capacity(m);
+        let mut states = Vec::with_capacity(m);
+        let mut failures = Vec::with_capacity(m);
+        let mut revisions = Vec::with_capacity(m);
+        let mut updated = Vec::with_capacity(m);
+        for instance in instances {
+            let (state, failure) = encode_state(instance)?;
+            ids.push(instance.id);
+            statuses.push(instance.status.as_str());
+            claims.push(instance.unique_claim.as_ref().map(UniqueClaim::as_str));
+            states.push(state);
+            failures.push(failure);
+            revisions.push(
+                i64::try_from(instance.revision)
+                    .map_err(|_| out_of_range("revision", instance.revision))?,
+            );
+            updated.push(instance.updated_at);
+        }
+        let written: Vec<Uuid> = sqlx::query_scalar(&self.sql.batch.write)
             .bind(&instance_ids)
             .bind(&steps)
             .bind(&activations)
@@ -305,10 +264,29 @@ impl PgStore {
             .bind(&metadata)
             .bind(&details)
             .bind(&processed)
-            .execute(conn)
+            .bind(consumed)
+            .bind(&ids)
+            .bind(&statuses)
+            .bind(&claims)
+            .bind(&states)
+            .bind(&failures)
+            .bind(&revisions)
+            .bind(&updated)
+            .fetch_one(conn)
             .await
             .map_err(port_error)?;
-        Ok(done.rows_affected())
+        if written.len() == m {
+            return Ok(());
+        }
+        let missing: Vec<String> = ids
+            .iter()
+            .filter(|id| !written.contains(id))
+            .map(Uuid::to_string)
+            .collect();
+        Err(PortError::Conflict(format!(
+            "instances not locked in this transaction (or missing): {}",
+            missing.join(", ")
+        )))
     }
 
     /// Many execution pre-checks ([`PgStore::get_for_execution_using`]) in one
