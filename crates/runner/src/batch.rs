@@ -702,4 +702,102 @@ mod tests {
         assert!(sizes.iter().all(|&n| n <= 2), "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), 5, "{sizes:?}");
     }
+
+    /// A batch whose unit of work fails (here: one output PostgreSQL could
+    /// not store, which the in-memory backend rejects the same way) commits
+    /// nothing; every job in it is then settled on its own, so only the
+    /// faulty one fails.
+    #[tokio::test]
+    async fn a_failed_batch_settles_its_jobs_one_by_one() {
+        use hephaestus_engine_core::instance::InstanceStatus;
+        use hephaestus_engine_core::ports::memory::MemoryBackend;
+        use hephaestus_engine_core::ports::{JobQueue, NewStepResult, ResultPayload};
+        use hephaestus_engine_core::prelude::*;
+        use hephaestus_engine_core::step::EventName;
+        use hephaestus_engine_core::steps::{Done, FnStep};
+        use serde_json::json;
+
+        use super::Settle;
+        use crate::{JobOutcome, Runtime, StartOptions, jobs};
+
+        let step = FnStep::new("Step", ["done"], |_| StepOutcome::complete("done"));
+        let wf = Workflow::builder("one")
+            .unique("key", Scope::Workflow)
+            .start(step.clone())
+            .on(step, "done", Done)
+            .build()
+            .unwrap();
+        let backend = MemoryBackend::new();
+        let rt = Runtime::builder(backend.clone())
+            .workflow(wf.clone())
+            .build()
+            .unwrap();
+        let queue = rt.config().queues.execute.clone();
+        let mut ids = Vec::new();
+        for key in ["good", "bad"] {
+            ids.push(
+                rt.start("one", key, json!({}), StartOptions::default())
+                    .await
+                    .unwrap()
+                    .id,
+            );
+        }
+        // The two start advances, then the two execute jobs they enqueued.
+        for lease in backend.fetch(&queue, 10, rt.now()).await.unwrap() {
+            assert_eq!(lease.kind, jobs::ADVANCE);
+            assert_eq!(rt.perform(lease).await, JobOutcome::Succeeded);
+        }
+        let mut leases = backend.fetch(&queue, 10, rt.now()).await.unwrap();
+        leases.sort_by_key(|l| l.args["instance_id"].as_str().map(ToOwned::to_owned));
+        assert_eq!(leases.len(), 2);
+        let item = |lease: &hephaestus_engine_core::ports::JobLease, output| {
+            let instance_id: uuid::Uuid =
+                serde_json::from_value(lease.args["instance_id"].clone()).unwrap();
+            Settle::Result {
+                lease: lease.clone(),
+                wf: wf.clone(),
+                result: NewStepResult {
+                    instance_id,
+                    step: Some(StepId::new("Step").unwrap()),
+                    activation: 1,
+                    payload: ResultPayload::Completed {
+                        event: EventName("done".to_owned()),
+                        output,
+                        metadata: serde_json::Map::new(),
+                    },
+                },
+                chain: false,
+            }
+        };
+        let by_instance = |id: uuid::Uuid| {
+            leases
+                .iter()
+                .find(|l| l.args["instance_id"] == json!(id))
+                .unwrap()
+        };
+        let answers = rt
+            .settle_batch(vec![
+                item(by_instance(ids[0]), json!({"ok": true})),
+                item(by_instance(ids[1]), json!({"text": "a\u{0}b"})),
+            ])
+            .await;
+        assert_eq!(
+            answers[0].as_ref().map(|s| s.outcome).unwrap(),
+            JobOutcome::Succeeded,
+            "{answers:?}"
+        );
+        assert!(
+            matches!(answers[1], Err(crate::RunnerError::InvalidInput(_))),
+            "{answers:?}"
+        );
+        // The good result landed on its own (its advance applies it); the
+        // bad one changed nothing.
+        rt.drain().await.unwrap();
+        let good = rt.get(ids[0]).await.unwrap().unwrap();
+        assert_eq!(good.status, InstanceStatus::Completed);
+        assert_eq!(good.context.step("step"), Some(&json!({"ok": true})));
+        let bad = rt.get(ids[1]).await.unwrap().unwrap();
+        assert_eq!(bad.status, InstanceStatus::Running);
+        assert!(bad.context.step("step").is_none());
+    }
 }
