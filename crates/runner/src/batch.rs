@@ -10,16 +10,17 @@
 //!
 //! One settling unit of work, for a batch of step results and advance jobs:
 //!
-//! 1. completes the leases of the step results (fenced: a cancelled or
-//!    rescued attempt's result is dropped);
-//! 2. takes the single-writer lock of every instance involved that no other
+//! 1. takes the single-writer lock of every instance involved that no other
 //!    writer holds, **without waiting** ([`Backend::try_lock_many`]);
-//! 3. for each locked instance: reads its inbox, applies the inbox and the
+//! 2. for each locked instance: reads its inbox, applies the inbox and the
 //!    batch's new results with the pure engine ([`Runtime::plan_round`]);
-//! 4. records the new results (those of locked instances as already
-//!    processed), writes the instances, marks the inbox processed, cancels
-//!    and enqueues jobs, and completes the advance jobs — every instance's
-//!    writes in one statement per kind;
+//! 3. records the new results (those of locked instances as already
+//!    processed), marks the inbox processed and writes the instances
+//!    ([`Backend::write_rounds`]), cancels and enqueues jobs;
+//! 4. completes every job of the batch in one statement, fenced by attempt:
+//!    if a step result's lease no longer holds (its job was cancelled or
+//!    rescued meanwhile), that attempt's result must not land, so the batch
+//!    rolls back and each job is settled on its own;
 //! 5. commits.
 //!
 //! An instance whose lock is held elsewhere is not waited for: its results
@@ -243,6 +244,22 @@ struct Plan {
     round: Round,
 }
 
+/// Why a batch's unit of work did not commit.
+#[derive(Debug, thiserror::Error)]
+enum BatchFailed {
+    /// A result's lease no longer held.
+    #[error("a job of the batch was cancelled or rescued meanwhile")]
+    Fenced,
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
+}
+
+impl From<PortError> for BatchFailed {
+    fn from(e: PortError) -> Self {
+        Self::Runner(e.into())
+    }
+}
+
 /// What a batch decided: an answer per item, or `None` for the items to
 /// settle on their own after the commit.
 type Decided = Vec<Option<Answer>>;
@@ -300,7 +317,7 @@ impl<B: Backend> Runtime<B> {
     async fn settle_batch(&self, items: Vec<Settle>) -> Vec<Answer> {
         let decided = match self.settle_together(&items).await {
             Ok(decided) => decided,
-            Err(e) if items.len() == 1 => return vec![Err(e)],
+            Err(BatchFailed::Runner(e)) if items.len() == 1 => return vec![Err(e)],
             Err(e) => {
                 // Nothing of the batch committed: settle each on its own.
                 tracing::debug!(error = %e, jobs = items.len(), "a batch failed; settling its jobs one by one");
@@ -350,28 +367,18 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// The batch's unit of work (see the module docs).
-    async fn settle_together(&self, items: &[Settle]) -> Result<Decided, RunnerError> {
+    async fn settle_together(&self, items: &[Settle]) -> Result<Decided, BatchFailed> {
         let b = &self.inner.backend;
         let started = self.now();
         let mut decided: Decided = items.iter().map(|_| None).collect();
         let mut tx = b.begin().await?;
 
-        // 1. Fence the results: only a lease that still holds may land one.
-        let result_ix: Vec<usize> = (0..items.len())
+        // 1. The results. Their leases are completed (fenced) at the end,
+        //    with the advance jobs': one statement; a lease that no longer
+        //    holds (cancelled or rescued meanwhile) rolls the batch back.
+        let live: Vec<usize> = (0..items.len())
             .filter(|&i| matches!(items[i], Settle::Result { .. }))
             .collect();
-        let leases: Vec<&JobLease> = result_ix.iter().map(|&i| items[i].lease()).collect();
-        let held = b.complete_many(&mut tx, &leases).await?;
-        let mut live: Vec<usize> = Vec::with_capacity(result_ix.len());
-        for (&i, held) in result_ix.iter().zip(held) {
-            if held {
-                live.push(i);
-            } else {
-                // Cancelled or rescued meanwhile: this attempt's result must
-                // not land.
-                decided[i] = Some(Ok(JobOutcome::Fenced.into()));
-            }
-        }
         let advance_ix: Vec<usize> = (0..items.len())
             .filter(|&i| matches!(items[i], Settle::Advance { .. }))
             .collect();
@@ -543,8 +550,19 @@ impl<B: Backend> Runtime<B> {
             .copied()
             .filter(|&i| plans.contains_key(&items[i].instance_id()))
             .collect();
-        let leases: Vec<&JobLease> = advanced.iter().map(|&i| items[i].lease()).collect();
-        let held = b.complete_many(&mut tx, &leases).await?;
+        let leases: Vec<&JobLease> = live
+            .iter()
+            .chain(&advanced)
+            .map(|&i| items[i].lease())
+            .collect();
+        let mut held = b.complete_many(&mut tx, &leases).await?;
+        if held[..live.len()].iter().any(|held| !held) {
+            // This attempt's result must not land: nothing of the batch
+            // commits, and each job is settled on its own (the fenced one
+            // finds its lease gone and lands nothing).
+            return Err(BatchFailed::Fenced);
+        }
+        let held = held.split_off(live.len());
         b.commit(tx).await?;
 
         // 5. After the commit.
@@ -703,21 +721,23 @@ mod tests {
         assert_eq!(sizes.iter().sum::<usize>(), 5, "{sizes:?}");
     }
 
-    /// A batch whose unit of work fails (here: one output PostgreSQL could
-    /// not store, which the in-memory backend rejects the same way) commits
-    /// nothing; every job in it is then settled on its own, so only the
-    /// faulty one fails.
-    #[tokio::test]
-    async fn a_failed_batch_settles_its_jobs_one_by_one() {
-        use hephaestus_engine_core::instance::InstanceStatus;
+    /// Two instances of a one-step workflow, each with its execute job
+    /// fetched (leases in the order of `ids`).
+    struct TwoRunning {
+        backend: hephaestus_engine_core::ports::memory::MemoryBackend,
+        rt: crate::Runtime<hephaestus_engine_core::ports::memory::MemoryBackend>,
+        wf: hephaestus_engine_core::Workflow,
+        ids: Vec<uuid::Uuid>,
+        leases: Vec<hephaestus_engine_core::ports::JobLease>,
+    }
+
+    async fn two_running() -> TwoRunning {
+        use hephaestus_engine_core::ports::JobQueue;
         use hephaestus_engine_core::ports::memory::MemoryBackend;
-        use hephaestus_engine_core::ports::{JobQueue, NewStepResult, ResultPayload};
         use hephaestus_engine_core::prelude::*;
-        use hephaestus_engine_core::step::EventName;
         use hephaestus_engine_core::steps::{Done, FnStep};
         use serde_json::json;
 
-        use super::Settle;
         use crate::{JobOutcome, Runtime, StartOptions, jobs};
 
         let step = FnStep::new("Step", ["done"], |_| StepOutcome::complete("done"));
@@ -734,7 +754,7 @@ mod tests {
             .unwrap();
         let queue = rt.config().queues.execute.clone();
         let mut ids = Vec::new();
-        for key in ["good", "bad"] {
+        for key in ["first", "second"] {
             ids.push(
                 rt.start("one", key, json!({}), StartOptions::default())
                     .await
@@ -747,38 +767,63 @@ mod tests {
             assert_eq!(lease.kind, jobs::ADVANCE);
             assert_eq!(rt.perform(lease).await, JobOutcome::Succeeded);
         }
-        let mut leases = backend.fetch(&queue, 10, rt.now()).await.unwrap();
-        leases.sort_by_key(|l| l.args["instance_id"].as_str().map(ToOwned::to_owned));
-        assert_eq!(leases.len(), 2);
-        let item = |lease: &hephaestus_engine_core::ports::JobLease, output| {
-            let instance_id: uuid::Uuid =
-                serde_json::from_value(lease.args["instance_id"].clone()).unwrap();
-            Settle::Result {
-                lease: lease.clone(),
-                wf: wf.clone(),
-                result: NewStepResult {
-                    instance_id,
-                    step: Some(StepId::new("Step").unwrap()),
-                    activation: 1,
-                    payload: ResultPayload::Completed {
-                        event: EventName("done".to_owned()),
-                        output,
-                        metadata: serde_json::Map::new(),
-                    },
+        let fetched = backend.fetch(&queue, 10, rt.now()).await.unwrap();
+        let leases = ids
+            .iter()
+            .map(|id| {
+                fetched
+                    .iter()
+                    .find(|l| l.args["instance_id"] == json!(id))
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        TwoRunning {
+            backend,
+            rt,
+            wf,
+            ids,
+            leases,
+        }
+    }
+
+    /// The completion of `lease`'s step with `output`, to settle.
+    fn completed(t: &TwoRunning, i: usize, output: serde_json::Value) -> super::Settle {
+        use hephaestus_engine_core::ports::{NewStepResult, ResultPayload};
+        use hephaestus_engine_core::step::EventName;
+        super::Settle::Result {
+            lease: t.leases[i].clone(),
+            wf: t.wf.clone(),
+            result: NewStepResult {
+                instance_id: t.ids[i],
+                step: Some(hephaestus_engine_core::StepId::new("Step").unwrap()),
+                activation: 1,
+                payload: ResultPayload::Completed {
+                    event: EventName("done".to_owned()),
+                    output,
+                    metadata: serde_json::Map::new(),
                 },
-                chain: false,
-            }
-        };
-        let by_instance = |id: uuid::Uuid| {
-            leases
-                .iter()
-                .find(|l| l.args["instance_id"] == json!(id))
-                .unwrap()
-        };
-        let answers = rt
-            .settle_batch(vec![
-                item(by_instance(ids[0]), json!({"ok": true})),
-                item(by_instance(ids[1]), json!({"text": "a\u{0}b"})),
+            },
+            chain: false,
+        }
+    }
+
+    /// A batch whose unit of work fails (here: one output PostgreSQL could
+    /// not store, which the in-memory backend rejects the same way) commits
+    /// nothing; every job in it is then settled on its own, so only the
+    /// faulty one fails.
+    #[tokio::test]
+    async fn a_failed_batch_settles_its_jobs_one_by_one() {
+        use hephaestus_engine_core::instance::InstanceStatus;
+        use serde_json::json;
+
+        use crate::JobOutcome;
+
+        let t = two_running().await;
+        let answers =
+            t.rt.settle_batch(vec![
+                completed(&t, 0, json!({"ok": true})),
+                completed(&t, 1, json!({"text": "a\u{0}b"})),
             ])
             .await;
         assert_eq!(
@@ -792,12 +837,44 @@ mod tests {
         );
         // The good result landed on its own (its advance applies it); the
         // bad one changed nothing.
-        rt.drain().await.unwrap();
-        let good = rt.get(ids[0]).await.unwrap().unwrap();
+        t.rt.drain().await.unwrap();
+        let good = t.rt.get(t.ids[0]).await.unwrap().unwrap();
         assert_eq!(good.status, InstanceStatus::Completed);
         assert_eq!(good.context.step("step"), Some(&json!({"ok": true})));
-        let bad = rt.get(ids[1]).await.unwrap().unwrap();
+        let bad = t.rt.get(t.ids[1]).await.unwrap().unwrap();
         assert_eq!(bad.status, InstanceStatus::Running);
         assert!(bad.context.step("step").is_none());
+    }
+
+    /// A result whose job was cancelled (or rescued) while its step ran must
+    /// not land, and the rest of its batch still does.
+    #[tokio::test]
+    async fn a_fenced_result_in_a_batch_lands_nothing_and_the_rest_lands() {
+        use hephaestus_engine_core::instance::InstanceStatus;
+        use hephaestus_engine_core::ports::{JobQueue, UnitOfWork};
+        use serde_json::json;
+
+        use crate::JobOutcome;
+
+        let t = two_running().await;
+        let mut tx = t.backend.begin().await.unwrap();
+        assert!(t.backend.cancel(&mut tx, t.leases[1].id).await.unwrap());
+        t.backend.commit(tx).await.unwrap();
+        let answers =
+            t.rt.settle_batch(vec![
+                completed(&t, 0, json!({"ok": 1})),
+                completed(&t, 1, json!({"ok": 2})),
+            ])
+            .await;
+        let outcomes: Vec<JobOutcome> = answers
+            .iter()
+            .map(|a| a.as_ref().unwrap().outcome)
+            .collect();
+        assert_eq!(outcomes, vec![JobOutcome::Succeeded, JobOutcome::Fenced]);
+        t.rt.drain().await.unwrap();
+        let landed = t.rt.get(t.ids[0]).await.unwrap().unwrap();
+        assert_eq!(landed.status, InstanceStatus::Completed);
+        let fenced = t.rt.get(t.ids[1]).await.unwrap().unwrap();
+        assert!(fenced.context.step("step").is_none(), "{fenced:?}");
     }
 }
