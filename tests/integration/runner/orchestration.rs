@@ -191,11 +191,7 @@ async fn a_result_whose_instance_another_writer_holds_waits_in_the_inbox_without
     let h = Harness::postgres().await;
     let (wf, steps) = chain(1);
     let split = RunnerConfig {
-        queues: hephaestus_runner::QueueNames {
-            advance: "advance".to_owned(),
-            execute: "execute".to_owned(),
-            timer: "timer".to_owned(),
-        },
+        queues: super::split_queues().queues,
         ..config(true)
     };
     let rt = h.runtime_with(split, vec![wf], Vec::new());
