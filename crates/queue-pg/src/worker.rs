@@ -207,7 +207,7 @@ pub struct Adopter {
 }
 
 impl Adopter {
-    /// Registers `lease` (see [`JobContext::adopt`]) until the returned
+    /// Registers `lease` (see [`JobContext::adopter`]) until the returned
     /// guard is dropped.
     pub fn adopt(&self, lease: JobLease) -> AdoptedJob {
         let job = Arc::new(
@@ -244,18 +244,12 @@ impl JobContext {
         self
     }
 
-    /// Registers `lease`, a job this worker claimed itself and will run
-    /// next in this job's task, with the runtime running this job: it is
-    /// heartbeated and receives stop requests until the returned guard is
-    /// dropped. `None` outside a runtime (a drain): the caller then keeps
-    /// the job alive itself.
-    pub fn adopt(&self, lease: JobLease) -> Option<AdoptedJob> {
-        self.adopter().map(|adopter| adopter.adopt(lease))
-    }
-
-    /// An owned handle that adopts jobs into the runtime running this one
-    /// ([`JobContext::adopt`]), for work the worker hands to tasks of its
-    /// own. `None` outside a runtime.
+    /// Adopts jobs into the runtime running this one: a job this worker
+    /// claimed itself (for example with [`PgQueue::insert_claiming_using`])
+    /// and runs in this job's task or in tasks of its own is heartbeated and
+    /// receives stop requests until its [`AdoptedJob`] is dropped. `None`
+    /// outside a runtime (a drain): the worker then keeps such jobs alive
+    /// itself.
     pub fn adopter(&self) -> Option<Adopter> {
         Some(Adopter {
             registry: Arc::clone(self.registry.as_ref()?),

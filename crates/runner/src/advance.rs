@@ -147,9 +147,7 @@ impl<B: Backend> Runtime<B> {
         let b = &self.inner.backend;
         let round_started = self.now();
         let mut tx = b.begin().await?;
-        let Some(mut instance) = b.lock(&mut tx, instance_id).await? else {
-            return Err(RunnerError::NotFound(instance_id.to_string()));
-        };
+        let mut instance = self.lock_existing(&mut tx, instance_id).await?;
         // A missing definition is a typed error; the instance stays untouched
         // and the job retries until the workflow is registered again.
         let wf = self.workflow_of(&instance)?.clone();

@@ -241,6 +241,7 @@ fn abandoned() -> RunnerError {
 /// A locked instance being advanced in a batch.
 struct Plan {
     instance: Instance,
+    wf: Workflow,
     round: Round,
 }
 
@@ -376,7 +377,7 @@ impl<B: Backend> Runtime<B> {
         // 1. The results. Their leases are completed (fenced) at the end,
         //    with the advance jobs': one statement; a lease that no longer
         //    holds (cancelled or rescued meanwhile) rolls the batch back.
-        let live: Vec<usize> = (0..items.len())
+        let results: Vec<usize> = (0..items.len())
             .filter(|&i| matches!(items[i], Settle::Result { .. }))
             .collect();
         let advance_ix: Vec<usize> = (0..items.len())
@@ -384,20 +385,19 @@ impl<B: Backend> Runtime<B> {
             .collect();
 
         // 2. Lock what can be locked without waiting.
-        let ids: Vec<Uuid> = live
+        let ids: Vec<Uuid> = results
             .iter()
             .chain(&advance_ix)
             .map(|&i| items[i].instance_id())
             .collect();
         let locked = b.try_lock_many(&mut tx, &ids).await?;
-        let mut workflows: HashMap<Uuid, Workflow> = HashMap::with_capacity(locked.len());
-        let mut instances: BTreeMap<Uuid, Instance> = BTreeMap::new();
+        let mut instances: BTreeMap<Uuid, (Instance, Workflow)> = BTreeMap::new();
         for instance in locked {
             // A missing definition leaves the instance to the unbatched path
             // (a typed error; the instance stays untouched).
             if let Ok(wf) = self.workflow_of(&instance) {
-                workflows.insert(instance.id, wf.clone());
-                instances.insert(instance.id, instance);
+                let wf = wf.clone();
+                instances.insert(instance.id, (instance, wf));
             }
         }
 
@@ -405,7 +405,7 @@ impl<B: Backend> Runtime<B> {
         let planned_ids: Vec<Uuid> = instances.keys().copied().collect();
         let mut pending = b.pending_many(&mut tx, &planned_ids).await?;
         let mut new_results: HashMap<Uuid, Vec<&NewStepResult>> = HashMap::new();
-        for &i in &live {
+        for &i in &results {
             if let Settle::Result { result, .. } = &items[i] {
                 new_results
                     .entry(result.instance_id)
@@ -414,7 +414,7 @@ impl<B: Backend> Runtime<B> {
             }
         }
         let mut plans: BTreeMap<Uuid, Plan> = BTreeMap::new();
-        for (id, mut instance) in instances {
+        for (id, (mut instance, wf)) in instances {
             let stored = pending.remove(&id).unwrap_or_default();
             let inputs: Vec<RoundInput<'_>> = stored
                 .iter()
@@ -430,9 +430,16 @@ impl<B: Backend> Runtime<B> {
                         .map(|result| RoundInput { seq: None, result }),
                 )
                 .collect();
-            match self.plan_round(&workflows[&id], &mut instance, &inputs) {
+            match self.plan_round(&wf, &mut instance, &inputs) {
                 Ok(round) => {
-                    plans.insert(id, Plan { instance, round });
+                    plans.insert(
+                        id,
+                        Plan {
+                            instance,
+                            wf,
+                            round,
+                        },
+                    );
                 }
                 Err(e) => {
                     // Left to its advance job, which reports the error.
@@ -442,7 +449,7 @@ impl<B: Backend> Runtime<B> {
         }
 
         // 4. Write everything, one statement per kind.
-        let records: Vec<(NewStepResult, bool)> = live
+        let records: Vec<(NewStepResult, bool)> = results
             .iter()
             .filter_map(|&i| match &items[i] {
                 Settle::Result { result, .. } => {
@@ -478,7 +485,7 @@ impl<B: Backend> Runtime<B> {
         // advance job (one per instance, in id order so concurrent batches
         // take the unique keys in one order).
         let mut waiting: BTreeMap<Uuid, (&Workflow, &StepId)> = BTreeMap::new();
-        for &i in &live {
+        for &i in &results {
             if let Settle::Result { wf, result, .. } = &items[i]
                 && !plans.contains_key(&result.instance_id)
                 && let Some(step) = &result.step
@@ -510,7 +517,7 @@ impl<B: Backend> Runtime<B> {
         }
         // (taker, job, extra slot: none for the first one of a taker)
         let mut takers: Vec<(usize, usize, Option<OwnedSemaphorePermit>)> = Vec::new();
-        for i in live.iter().chain(&advance_ix).copied() {
+        for i in results.iter().chain(&advance_ix).copied() {
             if items[i].chain()
                 && let Some(index) = offers.get_mut(&items[i].instance_id()).and_then(Vec::pop)
             {
@@ -519,7 +526,7 @@ impl<B: Backend> Runtime<B> {
         }
         // What is left of a fan-out goes to its takers while the runtime has
         // extra slots.
-        for i in live.iter().chain(&advance_ix).copied() {
+        for i in results.iter().chain(&advance_ix).copied() {
             if !items[i].chain() {
                 continue;
             }
@@ -550,23 +557,23 @@ impl<B: Backend> Runtime<B> {
             .copied()
             .filter(|&i| plans.contains_key(&items[i].instance_id()))
             .collect();
-        let leases: Vec<&JobLease> = live
+        let leases: Vec<&JobLease> = results
             .iter()
             .chain(&advanced)
             .map(|&i| items[i].lease())
             .collect();
         let mut held = b.complete_many(&mut tx, &leases).await?;
-        if held[..live.len()].iter().any(|held| !held) {
+        if held[..results.len()].iter().any(|held| !held) {
             // This attempt's result must not land: nothing of the batch
             // commits, and each job is settled on its own (the fenced one
             // finds its lease gone and lands nothing).
             return Err(BatchFailed::Fenced);
         }
-        let held = held.split_off(live.len());
+        let held = held.split_off(results.len());
         b.commit(tx).await?;
 
         // 5. After the commit.
-        for &i in &live {
+        for &i in &results {
             decided[i] = Some(Ok(JobOutcome::Succeeded.into()));
         }
         for (&i, held) in advanced.iter().zip(held) {
@@ -585,8 +592,7 @@ impl<B: Backend> Runtime<B> {
                 continue;
             };
             let instance_id = items[i].instance_id();
-            let (Some(plan), Some(wf)) = (plans.get(&instance_id), workflows.get(&instance_id))
-            else {
+            let Some(plan) = plans.get(&instance_id) else {
                 continue;
             };
             let instance = shared
@@ -597,7 +603,7 @@ impl<B: Backend> Runtime<B> {
                 let continuation = Continuation {
                     lease,
                     instance: Arc::clone(instance),
-                    wf: wf.clone(),
+                    wf: plan.wf.clone(),
                     permit,
                 };
                 if extra {

@@ -55,18 +55,6 @@ const CONTINUATION_WORKER: &str = "hephaestus-runner (continuation)";
 
 #[async_trait::async_trait]
 impl crate::runtime::Backend for PgBackend {
-    /// One statement (storage-pg's `get_for_execution_using`).
-    async fn load_for_execution(
-        &self,
-        instance_id: Uuid,
-        step: &StepId,
-        activation: u32,
-    ) -> Result<Option<(Instance, bool)>, PortError> {
-        self.store
-            .get_for_execution_using(self.store.pool(), instance_id, step, activation)
-            .await
-    }
-
     /// One statement, each instance read once.
     async fn load_for_execution_many(
         &self,

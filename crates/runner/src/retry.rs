@@ -68,10 +68,7 @@ impl<B: Backend> Runtime<B> {
     pub async fn retry(&self, id: Uuid) -> Result<Retried, RetryError> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
-        let mut instance = b
-            .lock(&mut tx, id)
-            .await?
-            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
+        let mut instance = self.lock_existing(&mut tx, id).await?;
         let wf: Workflow = self.workflow_of(&instance)?.clone();
         let now = self.now();
         let applied = match Engine::new(&wf).apply(&mut instance, Input::Retry, now) {

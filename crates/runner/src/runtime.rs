@@ -30,36 +30,24 @@ use crate::jobs;
 /// MyBackend {}`.
 #[async_trait::async_trait]
 pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static {
-    /// What a step execution checks before running user code: the instance,
-    /// and whether a result is recorded for `step`'s `activation` (only
-    /// looked up while that activation is active; `false` otherwise).
-    async fn load_for_execution(
-        &self,
-        instance_id: Uuid,
-        step: &StepId,
-        activation: u32,
-    ) -> Result<Option<(Instance, bool)>, PortError> {
-        let Some(instance) = self.get(instance_id).await? else {
-            return Ok(None);
-        };
-        let recorded = instance.is_step_active(step.as_str(), activation)
-            && self.is_recorded(instance_id, step, activation).await?;
-        Ok(Some((instance, recorded)))
-    }
-
-    /// [`Backend::load_for_execution`] for many step activations at once (in
-    /// order); requests of one instance may share it.
+    /// What step executions check before running user code, for many step
+    /// activations at once (in order): the instance (requests of one
+    /// instance may share it), and whether a result is recorded for the
+    /// step's activation (only looked up while that activation is active;
+    /// `false` otherwise); `None` for a missing instance.
     async fn load_for_execution_many(
         &self,
         requests: &[(Uuid, StepId, u32)],
     ) -> Result<Vec<Option<(Arc<Instance>, bool)>>, PortError> {
         let mut out = Vec::with_capacity(requests.len());
         for (id, step, activation) in requests {
-            out.push(
-                self.load_for_execution(*id, step, *activation)
-                    .await?
-                    .map(|(instance, recorded)| (Arc::new(instance), recorded)),
-            );
+            let Some(instance) = self.get(*id).await? else {
+                out.push(None);
+                continue;
+            };
+            let recorded = instance.is_step_active(step.as_str(), *activation)
+                && self.is_recorded(*id, step, *activation).await?;
+            out.push(Some((Arc::new(instance), recorded)));
         }
         Ok(out)
     }
@@ -638,16 +626,27 @@ impl<B: Backend> Runtime<B> {
         Ok(())
     }
 
+    /// Takes the single-writer lock of instance `id` in `tx` and loads it;
+    /// [`RunnerError::NotFound`] when it does not exist.
+    pub(crate) async fn lock_existing(
+        &self,
+        tx: &mut B::Tx,
+        id: Uuid,
+    ) -> Result<Instance, RunnerError> {
+        self.inner
+            .backend
+            .lock(tx, id)
+            .await?
+            .ok_or_else(|| RunnerError::NotFound(id.to_string()))
+    }
+
     /// Cancels an instance now: status cancelled, its jobs cancelled, running
     /// steps signalled; nothing runs after (G14). Serialized with advances by
     /// the instance lock.
     pub async fn cancel(&self, id: Uuid, reason: Option<String>) -> Result<(), RunnerError> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
-        let mut instance = b
-            .lock(&mut tx, id)
-            .await?
-            .ok_or_else(|| RunnerError::NotFound(id.to_string()))?;
+        let mut instance = self.lock_existing(&mut tx, id).await?;
         let wf = self.workflow_of(&instance)?;
         let applied = Engine::new(wf).apply(&mut instance, Input::Cancel { reason }, self.now())?;
         b.update(&mut tx, &instance).await?;

@@ -289,9 +289,9 @@ impl PgStore {
         )))
     }
 
-    /// Many execution pre-checks ([`PgStore::get_for_execution_using`]) in one
-    /// statement, reading each instance once: for each `(instance, step, activation)`
-    /// in order, the instance (shared between requests of one instance) and whether a
+    /// Many execution pre-checks (what a step execution checks before running user
+    /// code) in one statement, reading each instance once: for each `(instance, step,
+    /// activation)` in order, the instance (shared between requests of one instance) and whether a
     /// result is recorded for that activation, or `None` when the instance does not
     /// exist.
     pub async fn get_for_execution_many_using<'e, E: PgExecutor<'e>>(

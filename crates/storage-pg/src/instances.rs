@@ -300,32 +300,6 @@ impl PgStore {
         row.as_ref().map(decode_instance).transpose()
     }
 
-    /// An instance and whether a result (completed, async or failed) is
-    /// recorded for `step`'s `activation`, in one statement: what a step
-    /// execution checks before it runs user code.
-    pub async fn get_for_execution_using<'e, E: PgExecutor<'e>>(
-        &self,
-        executor: E,
-        id: Uuid,
-        step: &StepId,
-        activation: u32,
-    ) -> Result<Option<(Instance, bool)>, PortError> {
-        // No stored activation is that large: nothing can be recorded.
-        let stored = i32::try_from(activation).unwrap_or(-1);
-        let row = sqlx::query(&self.sql.get_for_execution)
-            .bind(id)
-            .bind(step.as_str())
-            .bind(stored)
-            .fetch_optional(executor)
-            .await
-            .map_err(port_error)?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let recorded: bool = row.try_get("recorded").map_err(port_error)?;
-        Ok(Some((decode_instance(&row)?, recorded)))
-    }
-
     /// [`InstanceStore::list`](hephaestus_engine_core::ports::InstanceStore::list)
     /// through any executor: newest first (by id), filters pushed into SQL.
     pub async fn list_using<'e, E: PgExecutor<'e>>(

@@ -89,7 +89,6 @@ pub(crate) struct Sql {
     pub(crate) pending_results: String,
     pub(crate) mark_processed: String,
     pub(crate) is_recorded: String,
-    pub(crate) get_for_execution: String,
     pub(crate) prune_processed: String,
     pub(crate) batch: crate::batch::BatchSql,
 }
@@ -193,16 +192,6 @@ where instance_id = $1 and seq = any($2) and processed_at is null"
     where instance_id = $1 and step_id = $2 and activation = $3
         and kind in ('completed', 'async', 'failed')
 )"
-            ),
-            // `get_instance` and `is_recorded` in one round trip (what a
-            // step execution checks before running user code).
-            get_for_execution: format!(
-                r"select {INSTANCE_COLUMNS}, exists (
-    select 1 from {results} r
-    where r.instance_id = i.id and r.step_id = $2 and r.activation = $3
-        and r.kind in ('completed', 'async', 'failed')
-) as recorded
-from {instances} i where i.id = $1"
             ),
             prune_processed: format!(
                 r"delete from {results}

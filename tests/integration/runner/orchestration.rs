@@ -11,7 +11,7 @@ use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::Done;
 use hephaestus_queue_pg::QueueRuntime;
 use hephaestus_runner::postgres::PgBackend;
-use hephaestus_runner::testing::{DrainOptions, ScriptedStep};
+use hephaestus_runner::testing::{DrainOptions, Gate, ScriptedStep};
 use hephaestus_runner::{RunnerConfig, Runtime, StartOptions, jobs};
 use serde_json::json;
 use uuid::Uuid;
@@ -111,8 +111,10 @@ async fn run_chain(
         assert_eq!(step.runs(), 1, "{step:?}");
     }
     let table = jobs_table(&h, s.id).await;
-    let delivered = q.counts().settled_by_worker;
+    // The job that ran the chain reports when its task ends (after the
+    // instance completed): count once every task has ended.
     q.shutdown(Duration::from_secs(5)).await;
+    let delivered = q.counts().settled_by_worker;
     h.teardown().await;
     (table, delivered)
 }
@@ -249,5 +251,83 @@ async fn a_result_whose_instance_another_writer_holds_waits_in_the_inbox_without
             .unwrap()
             .is_empty()
     );
+    h.teardown().await;
+}
+
+#[tokio::test]
+async fn a_continuation_is_heartbeated_and_not_rescued_while_it_runs() {
+    let h = Harness::postgres().await;
+    let gate = Gate::new();
+    let first = ScriptedStep::new("First", ["done"]);
+    let slow = ScriptedStep::new("Slow", ["done"]).gated(&gate);
+    let wf = Workflow::builder("slow")
+        .unique("key", Scope::Workflow)
+        .start(first.clone())
+        .on(first.clone(), "done", slow.clone())
+        .on(slow.clone(), "done", Done)
+        .build()
+        .unwrap();
+    let rt = h.runtime_with(
+        RunnerConfig {
+            heartbeat_interval: Duration::from_millis(50),
+            stale_after: Duration::from_secs(30),
+            rescue_interval: Duration::from_millis(50),
+            ..config(true)
+        },
+        vec![wf],
+        Vec::new(),
+    );
+    let q = start_queue_runtime(&rt).await;
+    let s = rt
+        .start("slow", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + SAFETY_NET;
+    while gate.waiting() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "Slow never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Slow runs as First's continuation: the queue never fetched it. Time
+    // passes well beyond `stale_after`, a few seconds at a time; the runtime
+    // keeps its heartbeat fresh, so the rescuer leaves it alone.
+    for _ in 0..12 {
+        h.clock.advance(Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let moved = h.clock.now() - chrono::Duration::seconds(5);
+    loop {
+        let table = jobs_table(&h, s.id).await;
+        let queue = h.backend.queue();
+        let beat: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(&format!(
+            "select heartbeat_at from {}.hephaestus_jobs
+             where group_key = $1 and args->>'step' = 'Slow'",
+            queue.prefix().quoted()
+        ))
+        .bind(s.id.to_string())
+        .fetch_one(queue.pool())
+        .await
+        .unwrap();
+        if beat.is_some_and(|at| at >= moved) {
+            let slow_job = table
+                .iter()
+                .find(|job| job.1.as_deref() == Some("Slow"))
+                .unwrap();
+            assert_eq!(slow_job.4.as_deref(), Some(CONTINUATION), "{table:?}");
+            assert_eq!((slow_job.2.as_str(), slow_job.3), ("executing", 1));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the continuation was not heartbeated: {table:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past a few rescue passes it still runs its first attempt.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.release();
+    wait_completed(&rt, s.id).await;
+    assert_eq!(slow.runs(), 1);
+    assert_eq!(slow.attempts(), vec![1]);
+    q.shutdown(Duration::from_secs(5)).await;
     h.teardown().await;
 }
