@@ -15,6 +15,14 @@ pub enum RunnerError {
     /// No such instance (or no active instance for a business id).
     #[error("instance not found: {0}")]
     NotFound(String),
+    /// Only a failed instance can be retried ([`Runtime::retry`](crate::Runtime::retry)).
+    #[error("instance {id} is {status}, not failed: only a failed instance can be retried")]
+    NotFailed {
+        /// The instance.
+        id: Uuid,
+        /// Its status.
+        status: hephaestus_engine_core::instance::InstanceStatus,
+    },
     /// The business id is held by another active instance.
     #[error("business id {business_id} is already running as instance {instance_id}")]
     AlreadyRunning {

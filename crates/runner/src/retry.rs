@@ -11,7 +11,6 @@
 
 use hephaestus_engine_core::engine::{Effect, Engine, EngineError, Input};
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::PortError;
 use hephaestus_engine_core::{StepId, Workflow};
 use uuid::Uuid;
 
@@ -29,31 +28,6 @@ pub struct Retried {
     pub status: InstanceStatus,
 }
 
-/// Why a retry did not happen.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum RetryError {
-    /// Only a failed instance can be retried.
-    #[error("instance {id} is {status}, not failed: only a failed instance can be retried")]
-    NotFailed {
-        /// The instance.
-        id: Uuid,
-        /// Its status.
-        status: InstanceStatus,
-    },
-    /// Anything a runner call can fail with: the instance does not exist
-    /// ([`RunnerError::NotFound`]), its workflow is not registered here
-    /// ([`RunnerError::Registry`]), the backend is down, ...
-    #[error(transparent)]
-    Runner(#[from] RunnerError),
-}
-
-impl From<PortError> for RetryError {
-    fn from(e: PortError) -> Self {
-        Self::Runner(e.into())
-    }
-}
-
 impl<B: Backend> Runtime<B> {
     /// Restarts a failed instance where it failed: the failed step (and
     /// every step its failure cancelled) gets a new activation, the status
@@ -65,7 +39,7 @@ impl<B: Backend> Runtime<B> {
     /// steps through its definition). A retried step runs again from its
     /// first attempt, so, as always, steps must be idempotent (their
     /// idempotency key names the new activation).
-    pub async fn retry(&self, id: Uuid) -> Result<Retried, RetryError> {
+    pub async fn retry(&self, id: Uuid) -> Result<Retried, RunnerError> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
         let mut instance = self.lock_existing(&mut tx, id).await?;
@@ -74,9 +48,9 @@ impl<B: Backend> Runtime<B> {
         let applied = match Engine::new(&wf).apply(&mut instance, Input::Retry, now) {
             Ok(applied) => applied,
             Err(EngineError::NotFailed(status)) => {
-                return Err(RetryError::NotFailed { id, status });
+                return Err(RunnerError::NotFailed { id, status });
             }
-            Err(e) => return Err(RunnerError::from(e).into()),
+            Err(e) => return Err(e.into()),
         };
         b.update(&mut tx, &instance).await?;
         let config = &self.inner.config;
@@ -125,7 +99,6 @@ mod tests {
     use hephaestus_engine_core::steps::{Done, FnStep, WaitForEvent};
     use serde_json::json;
 
-    use super::RetryError;
     use crate::{RunnerError, Runtime, StartOptions};
 
     /// `Charge → Ship → Done`; `Charge` fails fatally while `broken` is set.
@@ -237,7 +210,7 @@ mod tests {
         rt.drain().await.unwrap();
         let err = rt.retry(started.id).await.unwrap_err();
         assert!(
-            matches!(err, RetryError::NotFailed { id, status: InstanceStatus::Waiting } if id == started.id),
+            matches!(err, RunnerError::NotFailed { id, status: InstanceStatus::Waiting } if id == started.id),
             "{err:?}"
         );
         assert_eq!(
@@ -250,7 +223,7 @@ mod tests {
         let missing = uuid::Uuid::now_v7();
         assert!(matches!(
             rt.retry(missing).await.unwrap_err(),
-            RetryError::Runner(RunnerError::NotFound(_))
+            RunnerError::NotFound(_)
         ));
     }
 
@@ -259,10 +232,7 @@ mod tests {
         let Failed { backend, id, .. } = failed_shop().await;
         let other = Runtime::builder(backend).build().unwrap();
         let err = other.retry(id).await.unwrap_err();
-        assert!(
-            matches!(err, RetryError::Runner(RunnerError::Registry(_))),
-            "{err:?}"
-        );
+        assert!(matches!(err, RunnerError::Registry(_)), "{err:?}");
         let still = other.get(id).await.unwrap().unwrap();
         assert_eq!(still.status, InstanceStatus::Failed, "left untouched");
     }

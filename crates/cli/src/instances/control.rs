@@ -13,8 +13,7 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use hephaestus_engine_core::Instance;
 use hephaestus_runner::postgres::PgBackend;
-use hephaestus_runner::retry::RetryError;
-use hephaestus_runner::{RunnerConfig, Runtime};
+use hephaestus_runner::{RunnerConfig, RunnerError, Runtime};
 use serde_json::{Value, json};
 
 use super::{NeedsDefinition, definition, resolve};
@@ -152,7 +151,7 @@ impl RetryCommand {
         let retried = match runtime.retry(instance.id).await {
             Ok(retried) => retried,
             // Its own message says it all: "instance X is waiting, not failed: ...".
-            Err(error @ RetryError::NotFailed { .. }) => return Err(error.into()),
+            Err(error @ RunnerError::NotFailed { .. }) => return Err(error.into()),
             Err(error) => {
                 return Err(anyhow::Error::new(error)
                     .context(format!("cannot retry instance {}", instance.id)));
