@@ -49,10 +49,48 @@ use crate::worker::JobOutcome;
 
 /// Group commit: callers queue items; a caller that gets a flush permit
 /// takes what is queued (up to `max`) and flushes it for everyone.
+///
+/// An item may carry a key (the instance it writes). An item whose key is
+/// in a flush still running stays queued for a later flush: two flushes of
+/// one batcher never write the same instance at once, so the second one
+/// finds the instance's lock free instead of falling back to its inbox and
+/// an advance job.
 pub(crate) struct Batcher<T, R> {
-    queue: Mutex<Vec<(T, oneshot::Sender<R>)>>,
+    state: Mutex<Queue<T, R>>,
     flushers: Semaphore,
+    /// Told whenever a flush ends (keys it held are free again).
+    ended: tokio::sync::Notify,
     max: usize,
+}
+
+struct Queue<T, R> {
+    items: Vec<Queued<T, R>>,
+    /// Keys of the items being flushed.
+    busy: HashSet<Uuid>,
+}
+
+struct Queued<T, R> {
+    item: T,
+    key: Option<Uuid>,
+    answer: oneshot::Sender<R>,
+}
+
+/// The keys of a flush in progress; freed (and waiters told) on drop.
+struct Busy<'a, T, R> {
+    batcher: &'a Batcher<T, R>,
+    keys: Vec<Uuid>,
+}
+
+impl<T, R> Drop for Busy<'_, T, R> {
+    fn drop(&mut self) {
+        {
+            let mut state = self.batcher.lock();
+            for key in &self.keys {
+                state.busy.remove(key);
+            }
+        }
+        self.batcher.ended.notify_waiters();
+    }
 }
 
 impl<T, R> std::fmt::Debug for Batcher<T, R> {
@@ -66,8 +104,12 @@ impl<T, R> std::fmt::Debug for Batcher<T, R> {
 impl<T, R> Batcher<T, R> {
     fn new(flushers: usize, max: usize) -> Self {
         Self {
-            queue: Mutex::new(Vec::new()),
+            state: Mutex::new(Queue {
+                items: Vec::new(),
+                busy: HashSet::new(),
+            }),
             flushers: Semaphore::new(flushers.max(1)),
+            ended: tokio::sync::Notify::new(),
             max: max.max(1),
         }
     }
@@ -75,43 +117,85 @@ impl<T, R> Batcher<T, R> {
     /// Queues `item` and returns its answer: flushed by this caller (with
     /// whatever else is queued) or by another one. `None` when the caller
     /// that took the item was dropped before answering.
-    pub(crate) async fn submit<F, Fut>(&self, item: T, flush: F) -> Option<R>
+    pub(crate) async fn submit<F, Fut>(&self, item: T, key: Option<Uuid>, flush: F) -> Option<R>
     where
         F: Fn(Vec<T>) -> Fut,
         Fut: Future<Output = Vec<R>>,
     {
         let (answer, mut answered) = oneshot::channel();
-        self.lock().push((item, answer));
+        self.lock().items.push(Queued { item, key, answer });
         loop {
+            // Registered before looking at the queue, so a flush ending in
+            // between is not missed.
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
             tokio::select! {
                 biased;
                 got = &mut answered => return got.ok(),
                 permit = self.flushers.acquire() => {
                     // The semaphore is never closed.
-                    let Ok(_permit) = permit else { return answered.await.ok() };
-                    let batch: Vec<(T, oneshot::Sender<R>)> = {
-                        let mut queue = self.lock();
-                        let n = queue.len().min(self.max);
-                        queue.drain(..n).collect()
-                    };
-                    if batch.is_empty() {
-                        // Another flusher took this item.
-                        return answered.await.ok();
+                    let Ok(permit) = permit else { return answered.await.ok() };
+                    let (items, answers, keys) = self.take();
+                    if items.is_empty() {
+                        // This item was taken by another flusher, or waits
+                        // for a flush of its key to end.
+                        drop(permit);
+                        tokio::select! {
+                            biased;
+                            got = &mut answered => return got.ok(),
+                            () = ended => continue,
+                        }
                     }
-                    let (items, answers): (Vec<T>, Vec<oneshot::Sender<R>>) =
-                        batch.into_iter().unzip();
+                    // Frees the keys even if this caller is dropped mid-flush.
+                    let _busy = Busy { batcher: self, keys };
                     let results = flush(items).await;
                     for (answer, result) in answers.into_iter().zip(results) {
                         // A waiter that went away needs no answer.
                         let _ = answer.send(result);
                     }
+                    // `_busy` (freeing the keys) drops before `permit`.
                 }
             }
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(T, oneshot::Sender<R>)>> {
-        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Takes up to `max` queued items whose keys no flush holds, in queue
+    /// order, and marks their keys busy.
+    #[allow(clippy::type_complexity)]
+    fn take(&self) -> (Vec<T>, Vec<oneshot::Sender<R>>, Vec<Uuid>) {
+        let mut state = self.lock();
+        let Queue { items, busy } = &mut *state;
+        let mut taken = Vec::new();
+        let mut answers = Vec::new();
+        let mut keys = Vec::new();
+        let mut kept = Vec::with_capacity(items.len());
+        // Keys this flush takes: later items with them join it.
+        let mut mine: HashSet<Uuid> = HashSet::new();
+        for queued in items.drain(..) {
+            let free = match queued.key {
+                None => true,
+                Some(key) => mine.contains(&key) || !busy.contains(&key),
+            };
+            if taken.len() < self.max && free {
+                if let Some(key) = queued.key
+                    && mine.insert(key)
+                {
+                    keys.push(key);
+                }
+                taken.push(queued.item);
+                answers.push(queued.answer);
+            } else {
+                kept.push(queued);
+            }
+        }
+        *items = kept;
+        busy.extend(keys.iter().copied());
+        (taken, answers, keys)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Queue<T, R>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -278,7 +362,7 @@ impl<B: Backend> Runtime<B> {
         self.inner
             .batches
             .preflight
-            .submit((instance_id, step, activation), move |batch| {
+            .submit((instance_id, step, activation), None, move |batch| {
                 let rt = rt.clone();
                 async move {
                     match rt.inner.backend.load_for_execution_many(&batch).await {
@@ -304,10 +388,11 @@ impl<B: Backend> Runtime<B> {
     /// Settles `item` in a batch with whatever else is being settled.
     pub(crate) async fn settle(&self, item: Settle) -> Answer {
         let rt = self.clone();
+        let key = Some(item.instance_id());
         self.inner
             .batches
             .settle
-            .submit(item, move |batch| {
+            .submit(item, key, move |batch| {
                 let rt = rt.clone();
                 async move { rt.settle_batch(batch).await }
             })
@@ -676,14 +761,14 @@ mod tests {
         };
         let submit = |item: u32| {
             let (batcher, flush) = (Arc::clone(&batcher), flush.clone());
-            tokio::spawn(async move { batcher.submit(item, flush).await })
+            tokio::spawn(async move { batcher.submit(item, None, flush).await })
         };
         let first = submit(1);
         entered.notified().await;
         let second = submit(2);
         let third = submit(3);
         // Let both reach the queue before the first flush ends.
-        while batcher.lock().len() < 2 {
+        while batcher.lock().items.len() < 2 {
             tokio::task::yield_now().await;
         }
         gate.notify_one();
@@ -691,6 +776,94 @@ mod tests {
         assert_eq!(second.await.unwrap(), Some(20));
         assert_eq!(third.await.unwrap(), Some(30));
         assert_eq!(*sizes.lock().unwrap(), vec![1, 2]);
+    }
+
+    /// An item whose key a running flush holds waits for that flush to end,
+    /// while an item with another key is flushed at once by a second
+    /// flusher: two flushes never write one instance at the same time.
+    #[tokio::test]
+    async fn an_item_waits_while_a_flush_holds_its_key() {
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(2, 16));
+        let flushed: Arc<Mutex<Vec<Vec<u32>>>> = Arc::default();
+        let gate = Arc::new(Notify::new());
+        let entered = Arc::new(Notify::new());
+        let flush = {
+            let (flushed, gate, entered) = (
+                Arc::clone(&flushed),
+                Arc::clone(&gate),
+                Arc::clone(&entered),
+            );
+            move |items: Vec<u32>| {
+                let (flushed, gate, entered) = (
+                    Arc::clone(&flushed),
+                    Arc::clone(&gate),
+                    Arc::clone(&entered),
+                );
+                async move {
+                    flushed.lock().unwrap().push(items.clone());
+                    if items.contains(&1) {
+                        entered.notify_one();
+                        gate.notified().await;
+                    }
+                    items
+                }
+            }
+        };
+        let (a, b) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+        let submit = |item: u32, key: uuid::Uuid| {
+            let (batcher, flush) = (Arc::clone(&batcher), flush.clone());
+            tokio::spawn(async move { batcher.submit(item, Some(key), flush).await })
+        };
+        let first = submit(1, a);
+        entered.notified().await;
+        let same_key = submit(2, a);
+        let other_key = submit(3, b);
+        assert_eq!(other_key.await.unwrap(), Some(3));
+        // Item 2 is still queued: its key is held by the first flush.
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(*flushed.lock().unwrap(), vec![vec![1], vec![3]]);
+        assert_eq!(batcher.lock().items.len(), 1);
+        gate.notify_one();
+        assert_eq!(first.await.unwrap(), Some(1));
+        assert_eq!(same_key.await.unwrap(), Some(2));
+        assert_eq!(*flushed.lock().unwrap(), vec![vec![1], vec![3], vec![2]]);
+    }
+
+    /// A flusher dropped in the middle of its flush frees its keys: the
+    /// items waiting for them are flushed.
+    #[tokio::test]
+    async fn a_dropped_flush_frees_its_keys() {
+        let batcher: Arc<Batcher<u32, u32>> = Arc::new(Batcher::new(2, 16));
+        let entered = Arc::new(Notify::new());
+        let flush = {
+            let entered = Arc::clone(&entered);
+            move |items: Vec<u32>| {
+                let entered = Arc::clone(&entered);
+                async move {
+                    if items.contains(&1) {
+                        entered.notify_one();
+                        std::future::pending::<()>().await;
+                    }
+                    items
+                }
+            }
+        };
+        let key = uuid::Uuid::from_u128(7);
+        let submit = |item: u32| {
+            let (batcher, flush) = (Arc::clone(&batcher), flush.clone());
+            tokio::spawn(async move { batcher.submit(item, Some(key), flush).await })
+        };
+        let stuck = submit(1);
+        entered.notified().await;
+        let waiting = submit(2);
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        stuck.abort();
+        assert_eq!(waiting.await.unwrap(), Some(2));
     }
 
     /// A batch never holds more than `max` items.
@@ -713,9 +886,11 @@ mod tests {
         let mut tasks = Vec::new();
         for i in 0..5 {
             let (batcher, flush) = (Arc::clone(&batcher), flush.clone());
-            tasks.push(tokio::spawn(async move { batcher.submit(i, flush).await }));
+            tasks.push(tokio::spawn(
+                async move { batcher.submit(i, None, flush).await },
+            ));
         }
-        while batcher.lock().len() < 5 {
+        while batcher.lock().items.len() < 5 {
             tokio::task::yield_now().await;
         }
         drop(permit);
