@@ -733,7 +733,7 @@ async fn jobs_counts_by_queue_and_state_with_the_oldest_wait_and_recent_errors()
     let failed = env.start(fixtures::LINEAR, "j2", fatal_at("Store")).await;
     env.settle(done).await;
     env.settle(failed).await;
-    // Started, not run: its advance job waits.
+    // Started, not run: its first step's execute job waits.
     let waiting = env.start(fixtures::LINEAR, "j3", json!({})).await;
 
     let report = json_of(&s, &["jobs", "--json"]);
@@ -748,7 +748,7 @@ async fn jobs_counts_by_queue_and_state_with_the_oldest_wait_and_recent_errors()
         "{report}"
     );
     let oldest = &queue["oldest_available"];
-    assert_eq!(oldest["kind"], "hephaestus.advance");
+    assert_eq!(oldest["kind"], "hephaestus.execute");
     assert!(oldest["age_seconds"].as_f64().unwrap() >= 0.0);
     let errors = report["recent_errors"].as_array().unwrap();
     assert_eq!(errors.len(), 1, "{report}");
@@ -764,7 +764,7 @@ async fn jobs_counts_by_queue_and_state_with_the_oldest_wait_and_recent_errors()
         "{text}"
     );
     assert!(text.contains("  oldest available: job #"), "{text}");
-    assert!(text.contains("(hephaestus.advance), due "), "{text}");
+    assert!(text.contains("(hephaestus.execute), due "), "{text}");
     assert!(
         text.contains(&format!(
             "job #{} hephaestus.execute (hephaestus, discarded) attempt 1: Store: scripted fatal failure",

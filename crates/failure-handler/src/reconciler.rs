@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use hephaestus_engine_core::instance::{Instance, InstanceStatus, StepStatus};
 use hephaestus_engine_core::ports::{InstanceFilter, NewJob, PortError};
+use hephaestus_engine_core::steps::DONE_ID;
 use hephaestus_runner::{Backend, RunnerError, Runtime, jobs};
 use uuid::Uuid;
 
@@ -20,6 +21,15 @@ pub enum Repair {
         status: InstanceStatus,
         /// Unprocessed results it had.
         pending_results: usize,
+    },
+    /// Re-enqueued the lost execution of an active step.
+    Execute {
+        /// The instance.
+        instance_id: Uuid,
+        /// The step.
+        step: String,
+        /// Its activation.
+        activation: u32,
     },
     /// Re-enqueued the lost timer of a waiting step.
     Timer {
@@ -157,13 +167,15 @@ impl<B: Backend> Reconciler<B> {
         };
         let live = b.live_jobs(&jobs::of_instance(instance.id)).await?;
         let mut tx = b.begin().await?;
-        let pending = b.pending(&mut tx, instance.id).await?.len();
+        let inbox = b.pending(&mut tx, instance.id).await?;
         drop(tx);
+        let pending = inbox.len();
         let mut repairs: Vec<(NewJob, Repair)> = Vec::new();
         let has_advance = live.iter().any(|j| j.kind == jobs::ADVANCE);
         let needs_advance = match instance.status {
-            InstanceStatus::Pending | InstanceStatus::Running => live.is_empty(),
-            InstanceStatus::Waiting => pending > 0 && !has_advance,
+            // Started before its first round was applied at start.
+            InstanceStatus::Pending => live.is_empty(),
+            InstanceStatus::Running | InstanceStatus::Waiting => pending > 0 && !has_advance,
             _ => false,
         };
         if needs_advance {
@@ -176,18 +188,51 @@ impl<B: Backend> Reconciler<B> {
                 },
             ));
         }
+        let of_activation = |kind: &str, step: &str, activation: u32| {
+            live.iter().any(|j| {
+                j.kind == kind
+                    && j.args.get("step").and_then(|s| s.as_str()) == Some(step)
+                    && j.args.get("activation").and_then(serde_json::Value::as_u64)
+                        == Some(u64::from(activation))
+            })
+        };
+        if matches!(
+            instance.status,
+            InstanceStatus::Running | InstanceStatus::Waiting
+        ) {
+            for (step, state) in &instance.steps {
+                if state.status != StepStatus::Active
+                    || step.as_str() == DONE_ID
+                    || of_activation(jobs::EXECUTE, step.as_str(), state.activation)
+                    || inbox.iter().any(|row| {
+                        row.result.step.as_ref() == Some(step)
+                            && row.result.activation == state.activation
+                    })
+                {
+                    continue;
+                }
+                repairs.push((
+                    jobs::execute_replacement(
+                        self.runtime.config(),
+                        wf,
+                        instance.id,
+                        step,
+                        state.activation,
+                    ),
+                    Repair::Execute {
+                        instance_id: instance.id,
+                        step: step.to_string(),
+                        activation: state.activation,
+                    },
+                ));
+            }
+        }
         for (step, state) in &instance.steps {
             let Some(timer) = &state.timer else { continue };
             if state.status != StepStatus::Waiting {
                 continue;
             }
-            let has_timer = live.iter().any(|j| {
-                j.kind == jobs::TIMER
-                    && j.args.get("step").and_then(|s| s.as_str()) == Some(step.as_str())
-                    && j.args.get("activation").and_then(serde_json::Value::as_u64)
-                        == Some(u64::from(state.activation))
-            });
-            if !has_timer {
+            if !of_activation(jobs::TIMER, step.as_str(), state.activation) {
                 repairs.push((
                     jobs::timer(
                         self.runtime.config(),
@@ -226,7 +271,7 @@ mod tests {
 
     use chrono::{DateTime, TimeZone, Utc};
     use hephaestus_engine_core::ports::memory::MemoryBackend;
-    use hephaestus_engine_core::ports::{JobQueue, UnitOfWork};
+    use hephaestus_engine_core::ports::{InstanceStore, JobQueue, UnitOfWork};
     use hephaestus_engine_core::prelude::*;
     use hephaestus_engine_core::steps::{Done, FnStep, Wait};
     use hephaestus_runner::{Clock, StartOptions};
@@ -270,7 +315,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_running_instance_that_lost_its_advance_is_repaired_once() {
+    async fn a_running_instance_that_lost_its_execution_is_repaired_once() {
         let (_now, clock) = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
@@ -282,17 +327,17 @@ mod tests {
             .start("linear", "1", json!({}), StartOptions::default())
             .await
             .unwrap();
-        // Simulate a lost job: the advance vanishes.
+        // Simulate a lost job: the start step's execution vanishes.
         cancel_all_jobs(&backend, s.id).await;
         let reconciler = Reconciler::new(rt.clone());
         let report = reconciler.run_once().await.unwrap();
         assert_eq!(report.scanned, 1);
         assert_eq!(
             report.repaired,
-            vec![Repair::Advance {
+            vec![Repair::Execute {
                 instance_id: s.id,
-                status: InstanceStatus::Pending,
-                pending_results: 0
+                step: "A".to_owned(),
+                activation: 1,
             }]
         );
         assert!(
@@ -308,6 +353,101 @@ mod tests {
             reconciler.run_once().await.unwrap().scanned,
             0,
             "finished instances are not scanned"
+        );
+    }
+
+    /// A replacement execution never runs user code for an activation
+    /// whose result is already recorded.
+    #[tokio::test]
+    async fn a_replacement_execution_skips_a_recorded_activation() {
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = {
+            let runs = Arc::clone(&runs);
+            FnStep::new("A", ["done"], move |_| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                StepOutcome::complete("done")
+            })
+        };
+        let wf = Workflow::builder("linear")
+            .unique("k", Scope::Workflow)
+            .start(counted.clone())
+            .on(counted, "done", Done)
+            .build()
+            .unwrap();
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(wf.clone())
+            .build()
+            .unwrap();
+        let s = rt
+            .start("linear", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A replacement enqueued late (as by a pass that read the instance
+        // before its step completed) finds the activation done.
+        let mut tx = backend.begin().await.unwrap();
+        backend
+            .enqueue(
+                &mut tx,
+                &[jobs::execute_replacement(
+                    rt.config(),
+                    &wf,
+                    s.id,
+                    &StepId::new("A").unwrap(),
+                    1,
+                )],
+            )
+            .await
+            .unwrap();
+        backend.commit(tx).await.unwrap();
+        let report = rt.drain().await.unwrap();
+        assert_eq!(report.skipped, 1, "{report:?}");
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    /// An instance written pending (by a version that applied the start in
+    /// its first advance job) whose advance was lost gets one.
+    #[tokio::test]
+    async fn a_pending_instance_that_lost_its_advance_is_repaired() {
+        let (now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(linear())
+            .build()
+            .unwrap();
+        let wf = linear();
+        let id = Uuid::now_v7();
+        let instance = hephaestus_engine_core::engine::Engine::new(&wf)
+            .new_instance(hephaestus_engine_core::engine::NewInstance {
+                id,
+                business_id: wf.unique().business_id("1", [0; 4]).unwrap(),
+                input: json!({}),
+                telemetry_metadata: serde_json::Map::new(),
+                now: *now.lock().unwrap(),
+            })
+            .unwrap();
+        assert_eq!(instance.status, InstanceStatus::Pending);
+        let mut tx = backend.begin().await.unwrap();
+        backend.insert(&mut tx, &instance).await.unwrap();
+        backend.commit(tx).await.unwrap();
+        let report = Reconciler::new(rt.clone()).run_once().await.unwrap();
+        assert_eq!(
+            report.repaired,
+            vec![Repair::Advance {
+                instance_id: id,
+                status: InstanceStatus::Pending,
+                pending_results: 0
+            }]
+        );
+        rt.drain().await.unwrap();
+        assert_eq!(
+            rt.get(id).await.unwrap().unwrap().status,
+            InstanceStatus::Completed
         );
     }
 
@@ -345,7 +485,7 @@ mod tests {
             .await;
         let repaired = live().await;
         assert_eq!(repaired.len(), 1, "{repaired:?}");
-        assert_eq!(repaired[0].kind, jobs::ADVANCE);
+        assert_eq!(repaired[0].kind, jobs::EXECUTE);
     }
 
     #[tokio::test]

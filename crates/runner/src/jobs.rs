@@ -156,6 +156,32 @@ pub fn execute(
     job
 }
 
+/// A replacement for the lost execute job of an active step activation
+/// (the reconciler's repair). The activation's own job is unique in every
+/// state, so a replacement has a key of its own, unique while live: never
+/// two live replacements, and user code still runs at most once per
+/// recorded result (the execution's pre-check skips an activation whose
+/// result is recorded or which is no longer active).
+pub fn execute_replacement(
+    config: &RunnerConfig,
+    workflow: &Workflow,
+    instance_id: Uuid,
+    step: &StepId,
+    activation: u32,
+) -> NewJob {
+    let mut job = execute(config, workflow, instance_id, step, activation);
+    job.unique = Some(UniqueJob {
+        key: format!("execute-replacement:{instance_id}:{step}:{activation}"),
+        states: vec![
+            JobState::Available,
+            JobState::Scheduled,
+            JobState::Executing,
+            JobState::Retryable,
+        ],
+    });
+    job
+}
+
 /// The durable timer of a waiting step activation.
 pub fn timer(
     config: &RunnerConfig,

@@ -361,13 +361,14 @@ impl<B: Backend> Runtime<B> {
         options: StartOptions,
     ) -> Result<Started, RunnerError> {
         let b = &self.inner.backend;
+        let began = self.now();
         let mut tx = b.begin().await?;
-        let (started, instance) = self
+        let (started, instance, round) = self
             .start_inner(&mut tx, workflow, business_value, input, options)
             .await?;
         b.commit(tx).await?;
-        self.inner.wake.notify_waiters();
         self.emit_start(&instance);
+        self.after_round(&instance, &round, began, 1);
         Ok(started)
     }
 
@@ -381,11 +382,13 @@ impl<B: Backend> Runtime<B> {
         input: Value,
         options: StartOptions,
     ) -> Result<Started, RunnerError> {
-        let (started, instance) = self
+        let began = self.now();
+        let (started, instance, round) = self
             .start_inner(tx, workflow, business_value, input, options)
             .await?;
         // Emitted now: the caller's commit is not observable from here.
         self.emit_start(&instance);
+        self.after_round(&instance, &round, began, 1);
         Ok(started)
     }
 
@@ -425,7 +428,7 @@ impl<B: Backend> Runtime<B> {
         business_value: &str,
         input: Value,
         options: StartOptions,
-    ) -> Result<(Started, Instance), RunnerError> {
+    ) -> Result<(Started, Instance, crate::advance::Round), RunnerError> {
         let family = self.inner.registry.family(workflow)?;
         let selection = StartSelection {
             business_value,
@@ -437,17 +440,22 @@ impl<B: Backend> Runtime<B> {
             .unique()
             .business_id(business_value, random_u32().to_le_bytes())?;
         let id = options.id.unwrap_or_else(Uuid::now_v7);
-        let instance = Engine::new(wf).new_instance(NewInstance {
+        let mut instance = Engine::new(wf).new_instance(NewInstance {
             id,
             business_id: business_id.clone(),
             input,
             telemetry_metadata: options.telemetry_metadata,
             now: self.now(),
         })?;
+        // The first round is applied here: nobody else can see the instance
+        // before this commit, so this unit of work is its single writer. It
+        // is inserted running, with the execute job of its start step.
+        let round = self.plan_round(wf, &mut instance, &[])?;
         let b = &self.inner.backend;
         b.insert(tx, &instance).await?;
-        b.enqueue(tx, &[jobs::advance(&self.inner.config, wf, id, None)])
-            .await?;
+        if !round.new_jobs.is_empty() {
+            b.enqueue(tx, &round.new_jobs).await?;
+        }
         Ok((
             Started {
                 id,
@@ -455,6 +463,7 @@ impl<B: Backend> Runtime<B> {
                 version: wf.version(),
             },
             instance,
+            round,
         ))
     }
 

@@ -225,13 +225,6 @@ async fn a_step_result_after_cancel_is_ignored() {
         .start("linear", "1", json!({}), StartOptions::default())
         .await
         .unwrap();
-    let advance = rt
-        .backend()
-        .fetch("hephaestus", 1, clock.now())
-        .await
-        .unwrap()
-        .remove(0);
-    rt.perform(advance).await;
     let execute = rt
         .backend()
         .fetch("hephaestus", 1, clock.now())
@@ -296,10 +289,9 @@ async fn an_unregistered_workflow_leaves_the_instance_untouched() {
         .unwrap();
     let report = other.drain().await.unwrap();
     assert_eq!(report.retried, 1);
-    assert_eq!(
-        other.get(s.id).await.unwrap().unwrap().status,
-        InstanceStatus::Pending
-    );
+    let untouched = other.get(s.id).await.unwrap().unwrap();
+    assert_eq!(untouched.status, InstanceStatus::Running);
+    assert!(untouched.is_step_active("Hold", 1), "{untouched:?}");
     let err = other
         .resume(s.id, "Hold", "approved", json!({}))
         .await
@@ -602,11 +594,17 @@ mod testing_tools {
             kind: Some(crate::jobs::ADVANCE.into()),
             ..DrainOptions::default()
         };
+        // The start enqueued its step's execute job only: an advance-only
+        // drain leaves it.
         let first = rt.drain_with(&only_advance).await.unwrap();
-        assert_eq!(first.report.succeeded, 1);
+        assert_eq!(first.report.succeeded, 0, "{:?}", first.report);
         let jobs = rt.jobs_of(s.id).await.unwrap();
         assert_eq!(jobs.len(), 1);
         assert_eq!(jobs[0].kind, crate::jobs::EXECUTE, "the execute job waits");
+        assert_eq!(
+            jobs[0].state,
+            hephaestus_engine_core::ports::JobState::Available
+        );
         let blocked = rt
             .drain_with(&DrainOptions {
                 settle: Duration::from_millis(50),

@@ -7,7 +7,7 @@ use hephaestus_engine_core::ports::memory::MemoryBackend;
 use hephaestus_engine_core::ports::{JobQueue, JobState, NewJob};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep, WAIT_FOR_EVENT_ID, WaitForEvent};
-use hephaestus_failure_handler::Reconciler;
+use hephaestus_failure_handler::{Reconciler, Repair};
 use hephaestus_queue_pg::PgQueue;
 use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::{Backend, RunnerError, Runtime, RuntimeBuilder, StartOptions, jobs};
@@ -137,25 +137,23 @@ async fn corrupted_args_in_the_jobs_table_are_discarded_and_the_reconciler_recov
         .start("plain", "bystander", json!({}), StartOptions::default())
         .await
         .unwrap();
-    let advance = rt.jobs_of(victim.id).await.unwrap();
-    assert_eq!(advance.len(), 1, "{advance:?}");
-    let advance = advance[0].id;
+    // The start enqueued the victim's first execution.
+    let first = rt.jobs_of(victim.id).await.unwrap();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].kind, jobs::EXECUTE);
+    let first = first[0].id;
     let changed = sqlx::query(&format!(
         "update {} set args = '{{\"instance_id\": 12, \"garbage\": true}}'::jsonb where id = $1",
         schema.table("hephaestus_jobs")
     ))
-    .bind(advance.0)
+    .bind(first.0)
     .execute(&schema.pool)
     .await
     .unwrap();
     assert_eq!(changed.rows_affected(), 1);
 
     rt.drain().await.unwrap();
-    let job = backend
-        .job(advance)
-        .await
-        .unwrap()
-        .expect("the job is kept");
+    let job = backend.job(first).await.unwrap().expect("the job is kept");
     assert_eq!(job.state, JobState::Discarded);
     assert!(
         job.errors
@@ -164,10 +162,16 @@ async fn corrupted_args_in_the_jobs_table_are_discarded_and_the_reconciler_recov
         "{job:?}"
     );
     assert_eq!(status(&rt, bystander.id).await, InstanceStatus::Completed);
-    assert_eq!(status(&rt, victim.id).await, InstanceStatus::Pending);
+    assert_eq!(status(&rt, victim.id).await, InstanceStatus::Running);
 
     let repairs = Reconciler::new(rt.clone()).run_once().await.unwrap();
-    assert_eq!(repairs.repaired.len(), 1, "{repairs:?}");
+    assert!(
+        matches!(
+            repairs.repaired.as_slice(),
+            [Repair::Execute { activation: 1, .. }]
+        ),
+        "{repairs:?}"
+    );
     rt.drain().await.unwrap();
     assert_eq!(status(&rt, victim.id).await, InstanceStatus::Completed);
     schema.teardown().await;
@@ -197,12 +201,13 @@ async fn an_unregistered_workflow_leaves_its_instance_alone_with_the_error_recor
     let report = rt.drain().await.unwrap();
     assert_eq!(
         report.retried, 1,
-        "the orphan's advance is retried: {report:?}"
+        "the orphan's first execution is retried: {report:?}"
     );
     assert_eq!(status(&rt, bystander.id).await, InstanceStatus::Completed);
 
     let orphan_now = rt.get(orphan.id).await.unwrap().unwrap();
-    assert_eq!(orphan_now.status, InstanceStatus::Pending, "left untouched");
+    assert_eq!(orphan_now.status, InstanceStatus::Running, "left untouched");
+    assert!(orphan_now.is_step_active("Hold", 1), "{orphan_now:?}");
     assert!(orphan_now.failure.is_none());
     let jobs = rt.jobs_of(orphan.id).await.unwrap();
     assert_eq!(jobs.len(), 1, "{jobs:?}");
