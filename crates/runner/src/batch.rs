@@ -919,7 +919,7 @@ mod tests {
         use hephaestus_engine_core::steps::{Done, FnStep};
         use serde_json::json;
 
-        use crate::{JobOutcome, Runtime, StartOptions, jobs};
+        use crate::{Runtime, StartOptions};
 
         let step = FnStep::new("Step", ["done"], |_| StepOutcome::complete("done"));
         let wf = Workflow::builder("one")
