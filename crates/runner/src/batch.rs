@@ -16,11 +16,12 @@
 //!    batch's new results with the pure engine ([`Runtime::plan_round`]);
 //! 3. records the new results (those of locked instances as already
 //!    processed), marks the inbox processed and writes the instances
-//!    ([`Backend::write_rounds`]), cancels and enqueues jobs;
-//! 4. completes every job of the batch in one statement, fenced by attempt:
-//!    if a step result's lease no longer holds (its job was cancelled or
-//!    rescued meanwhile), that attempt's result must not land, so the batch
-//!    rolls back and each job is settled on its own;
+//!    ([`Backend::write_rounds`]), cancels jobs;
+//! 4. enqueues the new jobs and completes every job of the batch, fenced by
+//!    attempt ([`Backend::enqueue_and_complete`], one statement on
+//!    PostgreSQL): if a step result's lease no longer holds (its job was
+//!    cancelled or rescued meanwhile), that attempt's result must not land,
+//!    so the batch rolls back and each job is settled on its own;
 //! 5. commits.
 //!
 //! An instance whose lock is held elsewhere is not waited for: its results
@@ -632,11 +633,6 @@ impl<B: Backend> Runtime<B> {
         for (_, index, _) in &takers {
             claim[*index] = true;
         }
-        let mut enqueued = if new_jobs.is_empty() {
-            Vec::new()
-        } else {
-            b.enqueue_claiming(&mut tx, &new_jobs, &claim).await?
-        };
         let advanced: Vec<usize> = advance_ix
             .iter()
             .copied()
@@ -647,7 +643,9 @@ impl<B: Backend> Runtime<B> {
             .chain(&advanced)
             .map(|&i| items[i].lease())
             .collect();
-        let mut held = b.complete_many(&mut tx, &leases).await?;
+        let (mut enqueued, mut held) = b
+            .enqueue_and_complete(&mut tx, &new_jobs, &claim, &leases)
+            .await?;
         if held[..results.len()].iter().any(|held| !held) {
             // This attempt's result must not land: nothing of the batch
             // commits, and each job is settled on its own (the fenced one

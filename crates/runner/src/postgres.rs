@@ -109,6 +109,25 @@ impl crate::runtime::Backend for PgBackend {
             .await?)
     }
 
+    async fn enqueue_and_complete(
+        &self,
+        tx: &mut Tx,
+        jobs: &[NewJob],
+        claim: &[bool],
+        leases: &[&JobLease],
+    ) -> Result<(Vec<(Enqueued, Option<JobLease>)>, Vec<bool>), PortError> {
+        let pairs: Vec<(JobId, u32)> = leases.iter().map(|l| (l.id, l.attempt)).collect();
+        let (enqueued, settled) = self
+            .queue
+            .insert_claiming_and_complete_using(tx, jobs, claim, CONTINUATION_WORKER, &pairs)
+            .await?;
+        let held = pairs
+            .iter()
+            .map(|(id, _)| settled.completed.contains(id))
+            .collect();
+        Ok((enqueued, held))
+    }
+
     async fn complete_many(
         &self,
         tx: &mut Tx,

@@ -135,6 +135,25 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
             .collect())
     }
 
+    /// [`Backend::enqueue_claiming`] of `jobs`, then
+    /// [`Backend::complete_many`] of `leases`: what settling a batch ends
+    /// with. PostgreSQL does both in one statement.
+    async fn enqueue_and_complete(
+        &self,
+        tx: &mut Self::Tx,
+        jobs: &[NewJob],
+        claim: &[bool],
+        leases: &[&JobLease],
+    ) -> Result<(Vec<(Enqueued, Option<JobLease>)>, Vec<bool>), PortError> {
+        let enqueued = if jobs.is_empty() {
+            Vec::new()
+        } else {
+            self.enqueue_claiming(tx, jobs, claim).await?
+        };
+        let held = self.complete_many(tx, leases).await?;
+        Ok((enqueued, held))
+    }
+
     /// Completes many leases (each fenced by its attempt); whether each held.
     async fn complete_many(
         &self,

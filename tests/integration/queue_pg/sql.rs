@@ -351,6 +351,108 @@ async fn a_stale_worker_cannot_complete_a_rescued_job() {
     db.teardown().await;
 }
 
+/// Settling jobs whose consequences are new jobs is one statement: the
+/// new jobs are inserted (the flagged one claimed, a unique one merged into
+/// its holder), the held leases complete and a stale lease is fenced out,
+/// all visible at commit only.
+#[tokio::test]
+async fn insert_and_complete_in_one_statement_fences_each_lease() {
+    let db = QueueDb::with_connections(3).await;
+    let clock = ManualClock::new(t0());
+    let q = db.queue.with_clock(clock.clone());
+    let ids: Vec<JobId> = q
+        .insert_many(&[job(1), job(2)])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Enqueued::id)
+        .collect();
+    let leases = q.fetch("q", 2, q.now(), "w").await.unwrap();
+    assert_eq!(leases.len(), 2);
+    // The second lease goes stale and is rescued (retryable again).
+    clock.advance(TimeDelta::seconds(31));
+    let cutoff = q.now() - TimeDelta::seconds(30);
+    let stale = q.stale_jobs(cutoff, 10).await.unwrap();
+    let second = stale.iter().find(|s| s.lease.id == ids[1]).unwrap().clone();
+    assert_eq!(q.rescue(&[second], cutoff).await.unwrap(), [ids[1]]);
+    let holder = {
+        let mut unique = job(9);
+        unique.unique = Some(UniqueJob {
+            key: "only-one".into(),
+            states: JobState::ALL.to_vec(),
+        });
+        unique
+    };
+    let held = q.insert(&holder).await.unwrap().id();
+
+    let mut tx = db.pool.begin().await.unwrap();
+    let (enqueued, settled) = q
+        .insert_claiming_and_complete_using(
+            &mut tx,
+            &[job(3), job(4), holder.clone()],
+            &[true, false, true],
+            "settler",
+            &[(ids[0], leases[0].attempt), (ids[1], leases[1].attempt)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(settled.completed, [ids[0]]);
+    assert_eq!(
+        settled.fenced_out,
+        [ids[1]],
+        "the rescued attempt is fenced"
+    );
+    assert!(matches!(enqueued[0], (Enqueued::Inserted(_), Some(_))));
+    assert!(matches!(enqueued[1], (Enqueued::Inserted(_), None)));
+    assert_eq!(
+        enqueued[2],
+        (Enqueued::Existing(held), None),
+        "a merged job is not claimed"
+    );
+    // Nothing is visible before the commit.
+    assert_eq!(
+        q.job(ids[0]).await.unwrap().unwrap().state,
+        JobState::Executing
+    );
+    tx.commit().await.unwrap();
+    assert_eq!(
+        q.job(ids[0]).await.unwrap().unwrap().state,
+        JobState::Completed
+    );
+    assert_eq!(
+        q.job(ids[1]).await.unwrap().unwrap().state,
+        JobState::Retryable
+    );
+    let claimed = q.job(enqueued[0].0.id()).await.unwrap().unwrap();
+    assert_eq!(
+        (
+            claimed.state,
+            claimed.attempt,
+            claimed.attempted_by.as_deref()
+        ),
+        (JobState::Executing, 1, Some("settler"))
+    );
+    let waiting = q.job(enqueued[1].0.id()).await.unwrap().unwrap();
+    assert_eq!(waiting.state, JobState::Available);
+
+    // With no new jobs, only the completion runs.
+    let mut tx = db.pool.begin().await.unwrap();
+    let (none, settled) = q
+        .insert_claiming_and_complete_using(
+            &mut tx,
+            &[],
+            &[],
+            "settler",
+            &[(enqueued[0].0.id(), 1)],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert!(none.is_empty());
+    assert_eq!(settled.completed, [enqueued[0].0.id()]);
+    db.teardown().await;
+}
+
 #[tokio::test]
 async fn cancel_by_predicate_over_args_and_meta() {
     let db = QueueDb::with_connections(4).await;

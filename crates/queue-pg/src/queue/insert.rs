@@ -9,10 +9,11 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ports::{Enqueued, JobId, JobLease, NewJob};
 use serde_json::{Map, Value};
-use sqlx::PgConnection;
 use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
 
 use super::PgQueue;
+use super::settle::Settled;
 use crate::error::Error;
 use crate::job::{check_new_job, states_mask, tags_literal};
 
@@ -20,8 +21,10 @@ use crate::job::{check_new_job, states_mask, tags_literal};
 /// before the insert, so the outcome of every input row is known by id even
 /// when `on conflict do nothing` skips it, and the ids of one batch increase
 /// in input order. `{on_conflict}`, `{returning}` and `{outcome}` differ
-/// between batches with and without unique jobs.
-const INSERT_TEMPLATE: &str = r"with input as materialized (
+/// between batches with and without unique jobs; `{complete}` and
+/// `{completed}` add the fenced completion of other jobs (`$16` ids, `$17`
+/// attempts) to the same statement.
+const INSERT_TEMPLATE: &str = r"with {complete}input as materialized (
     select nextval('{prefix}.hephaestus_jobs_id_seq') as id, t.*
     from unnest($1::text[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[], $6::smallint[],
                 $7::integer[], $8::timestamptz[], $9::text[], $10::smallint[], $13::text[],
@@ -61,11 +64,25 @@ notified as (
 {outcome}
 order by input.ord";
 
+/// The completion CTE of a combined statement: [`super::settle::COMPLETE`]
+/// with `$11` as now.
+const COMPLETE_CTE: &str = r"completed as (
+    update {prefix}.hephaestus_jobs as j
+    set state = 'completed', completed_at = $11::timestamptz, heartbeat_at = null
+    from unnest($16::bigint[], $17::integer[]) as done(id, attempt)
+    where j.id = done.id and j.attempt = done.attempt and j.state = (select 'executing'::text)
+    returning j.id
+),
+";
+
 /// The batch insert (`$1`..`$15`, see `insert_rows`), still holding the
 /// `{prefix}` placeholder. With `unique`, rows whose key is held are skipped
 /// (`on conflict do nothing`) and reported as not inserted; without, every
 /// row is inserted and no conflict arbiter is checked.
-pub(super) fn insert_statement(unique: bool) -> String {
+/// With `complete`, the statement also completes `$16`/`$17`'s leases
+/// (fenced like [`super::settle::COMPLETE`]) and every row carries the ids
+/// completed.
+pub(super) fn insert_statement(unique: bool, complete: bool) -> String {
     let (on_conflict, returning, outcome) = if unique {
         (
             "
@@ -73,21 +90,32 @@ pub(super) fn insert_statement(unique: bool) -> String {
         where unique_key is not null and {prefix}.hephaestus_jobs_unique_held(unique_states, state)
         do nothing",
             "id, queue, state, scheduled_at",
-            "select input.id, inserted.id is not null as inserted, (select n from notified) as notified
+            "select input.id, inserted.id is not null as inserted, (select n from notified) as notified{completed}
 from input left join inserted on inserted.id = input.id",
         )
     } else {
         (
             "",
             "queue, state, scheduled_at",
-            "select input.id, true as inserted, (select n from notified) as notified
+            "select input.id, true as inserted, (select n from notified) as notified{completed}
 from input",
         )
     };
+    let (cte, completed) = if complete {
+        (
+            COMPLETE_CTE,
+            ", (select coalesce(array_agg(id), '{}') from completed) as completed",
+        )
+    } else {
+        ("", "")
+    };
+    // `{complete}` first: the CTE itself holds `{prefix}`.
     INSERT_TEMPLATE
+        .replace("{complete}", cte)
         .replace("{on_conflict}", on_conflict)
         .replace("{returning}", returning)
         .replace("{outcome}", outcome)
+        .replace("{completed}", completed)
 }
 
 /// The jobs holding these unique keys (the rows the unique index covers),
@@ -180,12 +208,41 @@ impl PgQueue {
         claim: &[bool],
         worker: &str,
     ) -> Result<Vec<(Enqueued, Option<JobLease>)>, Error> {
+        Ok(self
+            .insert_claiming_and_complete_using(conn, jobs, claim, worker, &[])
+            .await?
+            .0)
+    }
+
+    /// [`PgQueue::insert_claiming_using`] and
+    /// [`PgQueue::complete_many_using`] of `leases` in ONE statement (one
+    /// round trip): what a worker does when it settles jobs whose
+    /// consequences are new jobs.
+    pub async fn insert_claiming_and_complete_using(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[NewJob],
+        claim: &[bool],
+        worker: &str,
+        leases: &[(JobId, u32)],
+    ) -> Result<(Vec<(Enqueued, Option<JobLease>)>, Settled), Error> {
         for job in jobs {
             check_new_job(job)?;
         }
         if jobs.is_empty() {
-            return Ok(Vec::new());
+            let settled = self.complete_many_using(conn, leases).await?;
+            return Ok((Vec::new(), settled));
         }
+        let lease_ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
+        let lease_attempts: Vec<i32> = leases
+            .iter()
+            .map(|(id, attempt)| {
+                i32::try_from(*attempt)
+                    .map_err(|_| Error::InvalidInput(format!("attempt of job {id} out of range")))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut completing = (!leases.is_empty()).then_some((&lease_ids[..], &lease_attempts[..]));
+        let mut completed: Option<Vec<i64>> = None;
         let now = self.now();
         let mut outcomes: Vec<Option<Enqueued>> = vec![None; jobs.len()];
         let mut pending: Vec<usize> = (0..jobs.len()).collect();
@@ -195,7 +252,13 @@ impl PgQueue {
                 .iter()
                 .map(|&i| claim.get(i).copied().unwrap_or(false))
                 .collect();
-            let rows = self.insert_rows(conn, &batch, &claims, now, worker).await?;
+            // The completion runs with the first round only.
+            let (rows, done) = self
+                .insert_rows(conn, &batch, &claims, now, worker, completing.take())
+                .await?;
+            if done.is_some() {
+                completed = done;
+            }
             let mut conflicted: Vec<usize> = Vec::new();
             for (&index, (id, inserted)) in pending.iter().zip(rows) {
                 if inserted {
@@ -244,7 +307,17 @@ impl PgQueue {
                     "unique keys kept changing hands for {UNIQUE_ROUNDS} rounds"
                 ))
             })?;
-        Ok(outcomes
+        let done: std::collections::HashSet<i64> =
+            completed.unwrap_or_default().into_iter().collect();
+        let (completed, fenced_out) = leases
+            .iter()
+            .map(|(id, _)| *id)
+            .partition(|id| done.contains(&id.0));
+        let settled = Settled {
+            completed,
+            fenced_out,
+        };
+        let enqueued = outcomes
             .into_iter()
             .zip(jobs)
             .enumerate()
@@ -267,10 +340,13 @@ impl PgQueue {
                 };
                 (enqueued, lease)
             })
-            .collect())
+            .collect();
+        Ok((enqueued, settled))
     }
 
-    /// Runs the batch insert; returns `(id, inserted)` per job, in order.
+    /// Runs the batch insert; returns `(id, inserted)` per job, in order,
+    /// and, with `complete` (ids, attempts), the ids it completed.
+    #[allow(clippy::type_complexity)]
     async fn insert_rows(
         &self,
         conn: &mut PgConnection,
@@ -278,7 +354,8 @@ impl PgQueue {
         claims: &[bool],
         now: DateTime<Utc>,
         worker: &str,
-    ) -> Result<Vec<(i64, bool)>, Error> {
+        complete: Option<(&[i64], &[i32])>,
+    ) -> Result<(Vec<(i64, bool)>, Option<Vec<i64>>), Error> {
         let n = jobs.len();
         let mut kinds: Vec<&str> = Vec::with_capacity(n);
         let mut queues: Vec<&str> = Vec::with_capacity(n);
@@ -305,12 +382,14 @@ impl PgQueue {
             unique_states.push(job.unique.as_ref().map_or(0, |u| states_mask(&u.states)));
             groups.push(job.group.as_deref());
         }
-        let sql = if unique_keys.iter().any(Option::is_some) {
-            &self.sql().insert
-        } else {
-            &self.sql().insert_plain
+        let unique = unique_keys.iter().any(Option::is_some);
+        let sql = match (unique, complete.is_some()) {
+            (true, false) => &self.sql().insert,
+            (false, false) => &self.sql().insert_plain,
+            (true, true) => &self.sql().insert_complete,
+            (false, true) => &self.sql().insert_plain_complete,
         };
-        let rows: Vec<(i64, bool, Option<i64>)> = sqlx::query_as(sql)
+        let query = sqlx::query(sql)
             .bind(&kinds)
             .bind(&queues)
             .bind(&args)
@@ -325,15 +404,31 @@ impl PgQueue {
             .bind(self.channel())
             .bind(&groups)
             .bind(claims)
-            .bind(worker)
-            .fetch_all(&mut *conn)
-            .await?;
+            .bind(worker);
+        let query = match complete {
+            Some((ids, attempts)) => query.bind(ids).bind(attempts),
+            None => query,
+        };
+        let rows = query.fetch_all(&mut *conn).await?;
         if rows.len() != n {
             return Err(Error::Corrupt(format!(
                 "an insert of {n} jobs returned {} rows",
                 rows.len()
             )));
         }
-        Ok(rows.into_iter().map(|(id, ins, _)| (id, ins)).collect())
+        let completed = match (complete, rows.first()) {
+            (Some(_), Some(row)) => Some(row.try_get::<Vec<i64>, _>("completed")?),
+            _ => None,
+        };
+        let outcomes = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("id")?,
+                    row.try_get::<bool, _>("inserted")?,
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok((outcomes, completed))
     }
 }

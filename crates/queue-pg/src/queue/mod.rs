@@ -159,6 +159,8 @@ impl Conditions {
 struct Statements {
     insert: String,
     insert_plain: String,
+    insert_complete: String,
+    insert_plain_complete: String,
     find_unique: String,
     fetch: String,
     fetch_any_queue: String,
@@ -192,8 +194,10 @@ impl Statements {
                 .replace("{lease_columns}", crate::job::LEASE_COLUMNS)
         };
         Self {
-            insert: r(&insert::insert_statement(true)),
-            insert_plain: r(&insert::insert_statement(false)),
+            insert: r(&insert::insert_statement(true, false)),
+            insert_plain: r(&insert::insert_statement(false, false)),
+            insert_complete: r(&insert::insert_statement(true, true)),
+            insert_plain_complete: r(&insert::insert_statement(false, true)),
             find_unique: r(insert::FIND_UNIQUE),
             fetch: cols(fetch::FETCH),
             fetch_any_queue: cols(fetch::FETCH_ANY_QUEUE),
