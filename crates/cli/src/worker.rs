@@ -16,6 +16,7 @@
 //! their heartbeats are `--stale-after-ms` old.
 
 use std::io::Read as _;
+use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
@@ -23,7 +24,7 @@ use clap::Args;
 use hephaestus_failure_handler::Reconciler;
 use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_runner::RunnerConfig;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 
 use crate::App;
@@ -76,7 +77,9 @@ impl WorkerCommand {
                     .saturating_add(8),
             )
             .acquire_timeout(Duration::from_secs(30))
-            .connect(&self.database_url)
+            .connect_with(hephaestus_runner::postgres::tuned(
+                PgConnectOptions::from_str(&self.database_url).context("invalid --database-url")?,
+            ))
             .await
             .context("connecting to PostgreSQL")?;
         hephaestus_storage_pg::migrate(&pool, &prefix)

@@ -331,3 +331,27 @@ async fn a_continuation_is_heartbeated_and_not_rescued_while_it_runs() {
     q.shutdown(Duration::from_secs(5)).await;
     h.teardown().await;
 }
+
+/// `postgres::tuned` connections plan the hot-path statements once
+/// (generic plans), where a default session re-plans them at every
+/// execution.
+#[tokio::test]
+async fn tuned_connections_use_generic_plans() {
+    use std::str::FromStr;
+
+    let url = crate::support::db::database_url();
+    let plain = sqlx::postgres::PgConnectOptions::from_str(url).unwrap();
+    let mode = |options: sqlx::postgres::PgConnectOptions| async move {
+        let mut conn = sqlx::ConnectOptions::connect(&options).await.unwrap();
+        let mode: String = sqlx::query_scalar("show plan_cache_mode")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+        mode
+    };
+    assert_eq!(
+        mode(hephaestus_runner::postgres::tuned(plain.clone())).await,
+        "force_generic_plan"
+    );
+    assert_eq!(mode(plain).await, "auto", "the server default is untouched");
+}

@@ -48,9 +48,13 @@ pub fn unique_suffix() -> String {
     simple[..16].to_owned()
 }
 
+/// The test database, with the session settings workers run with
+/// (`hephaestus_runner::postgres::tuned`): what is tested is what runs.
 fn connect_options() -> PgConnectOptions {
-    PgConnectOptions::from_str(database_url())
-        .unwrap_or_else(|e| panic!("DATABASE_URL is not a valid PostgreSQL URL: {e}"))
+    hephaestus_runner::postgres::tuned(
+        PgConnectOptions::from_str(database_url())
+            .unwrap_or_else(|e| panic!("DATABASE_URL is not a valid PostgreSQL URL: {e}")),
+    )
 }
 
 async fn pool(options: PgConnectOptions) -> PgPool {

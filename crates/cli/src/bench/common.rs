@@ -102,7 +102,7 @@ pub async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
         // runner retries the job.
         .test_before_acquire(false)
         .acquire_timeout(Duration::from_secs(30))
-        .connect_with(options.clone())
+        .connect_with(hephaestus_runner::postgres::tuned(options.clone()))
         .await
         .context("connecting to PostgreSQL")
 }
