@@ -19,10 +19,12 @@
 //!   in-process on both backends: each is a clear recorded error, and an
 //!   instance running alongside completes.
 //!
-//! Soak mode: `HEPHAESTUS_SOAK_SECONDS=600 cargo test -p hephaestus-tests --
-//! faults::chaos --nocapture` keeps starting workflows (at the same rate as
-//! the normal run) and injecting faults for that long, restarting PostgreSQL
-//! once halfway, then runs the same checks.
+//! Soak mode: `cargo xtask soak --soak-seconds 600 [--seed S]` (which builds
+//! the release binary and sets `HEPHAESTUS_SOAK_SECONDS=600`,
+//! `HEPHAESTUS_BIN` and `HEPHAESTUS_FAULTS_SEED` for `cargo test -p
+//! hephaestus-tests -- faults::chaos --nocapture`) keeps starting workflows
+//! (at the same rate as the normal run) and injecting faults for that long,
+//! restarting PostgreSQL once halfway, then runs the same checks.
 //!
 //! The `hephaestus` binary: `HEPHAESTUS_BIN` when set (a path), else the test
 //! builds it with `$CARGO build -p hephaestus-cli --bin hephaestus` (printed)

@@ -4,6 +4,8 @@
 //!   migration files; see [`gen_migration`].
 //! - `test [--] [cargo test args...]`: find or start a PostgreSQL for the tests, then run
 //!   `cargo test --workspace`; see [`run_tests`].
+//! - `soak --soak-seconds N [--seed S]`: the fault-injection test's soak mode with the
+//!   release binary; see [`run_tests::soak`].
 
 mod args;
 mod gen_migration;
@@ -16,7 +18,8 @@ use args::Args;
 
 const USAGE: &str = "usage:
   cargo xtask gen-migration [--prefix P] [--out DIR] [--check]
-  cargo xtask test [-- extra cargo test args]";
+  cargo xtask test [-- extra cargo test args]
+  cargo xtask soak --soak-seconds N [--seed S]";
 
 fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
@@ -25,6 +28,7 @@ fn main() -> ExitCode {
     let result = match command.as_deref() {
         Some("gen-migration") => gen_migration::run(Args::new(rest)),
         Some("test") => run_tests::run(rest),
+        Some("soak") => run_tests::soak(Args::new(rest)),
         Some("help" | "--help" | "-h") => {
             println!("{USAGE}");
             Ok(ExitCode::SUCCESS)

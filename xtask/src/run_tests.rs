@@ -33,14 +33,78 @@ pub fn run(mut extra: Vec<String>) -> Result<ExitCode> {
     if extra.first().is_some_and(|a| a == "--") {
         extra.remove(0);
     }
-    let database = choose_database()?;
-    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let mut command = Command::new(cargo);
+    let mut command = cargo();
+    command.arg("test").arg("--workspace");
+    with_database(&mut command)?;
+    command.args(&extra);
+    eprintln!("xtask test: running {command:?}");
+    let status = command.status().context("running cargo test")?;
+    Ok(exit_code(status))
+}
+
+/// `cargo xtask soak --soak-seconds N [--seed S]`: builds the release
+/// `hephaestus` binary, then runs the fault-injection test's soak mode with
+/// it (3 worker processes SIGKILLed and restarted for N seconds of load, a
+/// PostgreSQL restart) against the database `cargo xtask test` would use.
+pub fn soak(mut args: crate::args::Args) -> Result<ExitCode> {
+    let seconds = args
+        .value("--soak-seconds")?
+        .context("--soak-seconds N is required")?;
+    let seconds: u64 = seconds
+        .parse()
+        .ok()
+        .filter(|&s| s > 0)
+        .with_context(|| format!("--soak-seconds: {seconds:?} is not a positive number"))?;
+    let seed = args.value("--seed")?;
+    args.finish()?;
+    let mut build = cargo();
+    build.args(["build", "--release", "-p", "hephaestus-cli"]);
+    eprintln!("xtask soak: running {build:?}");
+    let built = build.status().context("building the release binary")?;
+    if !built.success() {
+        return Ok(exit_code(built));
+    }
+    let binary = crate::repo_root()
+        .join("target")
+        .join("release")
+        .join("hephaestus");
+    let mut command = cargo();
     command
-        .arg("test")
-        .arg("--workspace")
-        .current_dir(crate::repo_root());
-    match database {
+        .args([
+            "test",
+            "-p",
+            "hephaestus-tests",
+            "--",
+            "faults::chaos",
+            "--nocapture",
+        ])
+        .env("HEPHAESTUS_SOAK_SECONDS", seconds.to_string())
+        .env("HEPHAESTUS_BIN", &binary);
+    if let Some(seed) = seed {
+        command.env("HEPHAESTUS_FAULTS_SEED", seed);
+    }
+    with_database(&mut command)?;
+    eprintln!("xtask soak: running {command:?}");
+    let status = command.status().context("running the soak")?;
+    Ok(exit_code(status))
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+    command.current_dir(crate::repo_root());
+    command
+}
+
+fn exit_code(status: std::process::ExitStatus) -> ExitCode {
+    status
+        .code()
+        .and_then(|code| u8::try_from(code).ok())
+        .map_or(ExitCode::FAILURE, ExitCode::from)
+}
+
+/// Points `command` (a `cargo test`) at the database the tests use.
+fn with_database(command: &mut Command) -> Result<()> {
+    match choose_database()? {
         Database::Url(Some(url)) => {
             command.env("DATABASE_URL", url);
         }
@@ -51,13 +115,7 @@ pub fn run(mut extra: Vec<String>) -> Result<ExitCode> {
                 .env_remove("DATABASE_URL");
         }
     }
-    command.args(&extra);
-    eprintln!("xtask test: running {command:?}");
-    let status = command.status().context("running cargo test")?;
-    Ok(status
-        .code()
-        .and_then(|code| u8::try_from(code).ok())
-        .map_or(ExitCode::FAILURE, ExitCode::from))
+    Ok(())
 }
 
 fn choose_database() -> Result<Database> {
