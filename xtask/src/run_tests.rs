@@ -60,9 +60,9 @@ pub fn soak(mut args: crate::args::Args) -> Result<ExitCode> {
     let mut build = cargo();
     build.args(["build", "--release", "-p", "hephaestus-cli"]);
     eprintln!("xtask soak: running {build:?}");
-    let built = build.status().context("building the release binary")?;
-    if !built.success() {
-        return Ok(exit_code(built));
+    let compiled = build.status().context("building the release binary")?;
+    if !compiled.success() {
+        return Ok(exit_code(compiled));
     }
     let binary = crate::repo_root()
         .join("target")
