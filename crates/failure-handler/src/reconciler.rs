@@ -356,6 +356,60 @@ mod tests {
         );
     }
 
+    /// A result waiting in the inbox of a running instance whose advance
+    /// was lost gets an advance, and its activation no replacement
+    /// execution (the result is there; it only needs applying).
+    #[tokio::test]
+    async fn an_unapplied_result_gets_an_advance_not_a_second_execution() {
+        use hephaestus_engine_core::ports::{NewStepResult, ResultPayload, StepResultStore};
+        use hephaestus_engine_core::step::EventName;
+
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(linear())
+            .build()
+            .unwrap();
+        let s = rt
+            .start("linear", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        cancel_all_jobs(&backend, s.id).await;
+        // The step's result was recorded, its advance lost.
+        let mut tx = backend.begin().await.unwrap();
+        backend
+            .record(
+                &mut tx,
+                &NewStepResult {
+                    instance_id: s.id,
+                    step: Some(StepId::new("A").unwrap()),
+                    activation: 1,
+                    payload: ResultPayload::Completed {
+                        event: EventName("done".to_owned()),
+                        output: json!({"from": "inbox"}),
+                        metadata: serde_json::Map::new(),
+                    },
+                },
+            )
+            .await
+            .unwrap();
+        backend.commit(tx).await.unwrap();
+        let report = Reconciler::new(rt.clone()).run_once().await.unwrap();
+        assert_eq!(
+            report.repaired,
+            vec![Repair::Advance {
+                instance_id: s.id,
+                status: InstanceStatus::Running,
+                pending_results: 1
+            }]
+        );
+        rt.drain().await.unwrap();
+        let done = rt.get(s.id).await.unwrap().unwrap();
+        assert_eq!(done.status, InstanceStatus::Completed);
+        assert_eq!(done.context.step("a"), Some(&json!({"from": "inbox"})));
+    }
+
     /// A replacement execution never runs user code for an activation
     /// whose result is already recorded.
     #[tokio::test]
