@@ -262,3 +262,63 @@ async fn a_worker_stops_gracefully_on_sigterm() {
     );
     schema.teardown().await;
 }
+
+/// `bench workflow --json` prints one object with every field the
+/// benchmark promises, consistent with the run it describes, and drops its
+/// schema afterwards.
+#[test]
+fn bench_workflow_prints_one_json_object_with_its_measurements() {
+    let out = hephaestus(&[
+        "bench",
+        "workflow",
+        "--instances",
+        "20",
+        "--shape",
+        "diamond",
+        "--warm-up",
+        "0",
+        "--samples",
+        "2",
+        "--workers",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: Value = serde_json::from_str(&stdout(&out)).expect("one JSON object");
+    assert_eq!(report["bench"], "workflow");
+    assert_eq!(report["shape"], "diamond");
+    assert_eq!(report["backend"], "postgres");
+    assert_eq!(report["instances"], 20);
+    assert_eq!(report["steps"], 200, "10 steps per diamond instance");
+    assert_eq!(report["workers"], 1);
+    let positive = |key: &str| {
+        let value = report[key].as_f64();
+        assert!(value.is_some_and(|v| v > 0.0), "{key}: {report}");
+        value.unwrap()
+    };
+    let seconds = positive("seconds");
+    let steps_per_sec = positive("steps_per_sec");
+    assert!((steps_per_sec * seconds - 200.0).abs() < 1.0, "{report}");
+    assert!((positive("workflows_per_sec") * seconds - 20.0).abs() < 0.1);
+    for key in [
+        "p50_ms",
+        "p99_ms",
+        "step_latency_p50_ms",
+        "commits_per_step",
+        "wal_bytes_per_step",
+    ] {
+        positive(key);
+    }
+    assert!(positive("p99_ms") >= positive("p50_ms"));
+    assert_eq!(report["latency_samples"], 2);
+    // CPU per step, where /proc is readable (Linux): the bench process
+    // always; PostgreSQL when it runs on this machine.
+    if std::path::Path::new("/proc/self/stat").exists() {
+        assert!(
+            report["cpu_us_per_step"]["bench_process"]
+                .as_f64()
+                .is_some_and(|v| v >= 0.0),
+            "{report}"
+        );
+    }
+}

@@ -187,3 +187,131 @@ mod tests {
         assert_eq!(percentile(&[], 500), None);
     }
 }
+
+/// CPU time read from `/proc` (Linux): this process's, and that of every
+/// `postgres` process on this machine, by pid. Wall-clock throughput on a
+/// shared machine moves with the neighbours' load; the CPU time a run
+/// consumed per step moves much less, so the benchmarks report both.
+#[derive(Debug, Clone, Default)]
+pub struct CpuSnapshot {
+    /// This process (user + system), in clock ticks.
+    own: Option<u64>,
+    /// `postgres` processes: pid -> ticks.
+    postgres: std::collections::HashMap<u32, u64>,
+}
+
+/// `/proc` counts CPU time in `USER_HZ` ticks, 100 per second on Linux.
+const TICKS_PER_SECOND: u64 = 100;
+
+impl CpuSnapshot {
+    /// Reads the counters now (empty where `/proc` is not readable).
+    pub fn now() -> Self {
+        let own = std::fs::read_to_string("/proc/self/stat")
+            .ok()
+            .and_then(|stat| ticks_of(&stat).map(|(_, ticks)| ticks));
+        let mut postgres = std::collections::HashMap::new();
+        if let Ok(dir) = std::fs::read_dir("/proc") {
+            for entry in dir.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                    continue;
+                };
+                if let Some((comm, ticks)) = ticks_of(&stat)
+                    && comm == "postgres"
+                {
+                    postgres.insert(pid, ticks);
+                }
+            }
+        }
+        Self { own, postgres }
+    }
+
+    /// Microseconds of CPU per unit of work since `before`: this process's
+    /// and the local PostgreSQL's (`None` when unreadable, or when no
+    /// `postgres` process runs here: a remote server).
+    pub fn per_unit_since(&self, before: &Self, units: usize) -> (Option<f64>, Option<f64>) {
+        let per_unit = |ticks: u64| {
+            let micros = ticks.saturating_mul(1_000_000 / TICKS_PER_SECOND);
+            ratio(
+                usize::try_from(micros).unwrap_or(usize::MAX),
+                units_f64(units),
+            )
+        };
+        let own = self
+            .own
+            .zip(before.own)
+            .map(|(after, before)| per_unit(after.saturating_sub(before)));
+        let postgres = (!self.postgres.is_empty()).then(|| {
+            // A process that started meanwhile counts from zero; one that
+            // ended meanwhile (an autovacuum worker) is missing: a floor.
+            per_unit(
+                self.postgres
+                    .iter()
+                    .map(|(pid, after)| {
+                        after.saturating_sub(*before.postgres.get(pid).unwrap_or(&0))
+                    })
+                    .sum(),
+            )
+        });
+        (own, postgres)
+    }
+}
+
+fn units_f64(units: usize) -> f64 {
+    u32::try_from(units).map_or(f64::from(u32::MAX), f64::from)
+}
+
+/// `(comm, utime + stime)` from a `/proc/<pid>/stat` line.
+fn ticks_of(stat: &str) -> Option<(&str, u64)> {
+    let open = stat.find('(')?;
+    let close = stat.rfind(')')?;
+    let comm = stat.get(open + 1..close)?;
+    // After ") ": state is field 3; utime and stime are fields 14 and 15.
+    let mut fields = stat.get(close + 2..)?.split_ascii_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((comm, utime + stime))
+}
+
+#[cfg(test)]
+mod cpu_tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_lines_give_the_command_and_its_ticks() {
+        let line =
+            "4242 (postgres) S 1 4242 4242 0 -1 4194560 900 0 0 0 37 12 0 0 20 0 1 0 100 0 0";
+        assert_eq!(ticks_of(line), Some(("postgres", 49)));
+        // A command name with spaces and parentheses.
+        let odd = "7 (tokio (rt) w) R 1 7 7 0 -1 0 0 0 0 0 5 6 0 0 20 0 1 0 1 0 0";
+        assert_eq!(ticks_of(odd), Some(("tokio (rt) w", 11)));
+        assert_eq!(ticks_of("garbage"), None);
+    }
+
+    #[test]
+    fn cpu_per_unit_counts_new_processes_from_zero() {
+        let before = CpuSnapshot {
+            own: Some(100),
+            postgres: [(1, 50)].into_iter().collect(),
+        };
+        let after = CpuSnapshot {
+            own: Some(300),
+            postgres: [(1, 150), (2, 100)].into_iter().collect(),
+        };
+        // 200 ticks = 2 s over 1,000 units: 2,000 us each; postgres 200 ticks too.
+        assert_eq!(
+            after.per_unit_since(&before, 1_000),
+            (Some(2_000.0), Some(2_000.0))
+        );
+        assert_eq!(
+            CpuSnapshot::default().per_unit_since(&CpuSnapshot::default(), 10),
+            (None, None)
+        );
+    }
+}

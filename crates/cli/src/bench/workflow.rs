@@ -26,7 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use super::common::{BenchSchema, Components, percentile, pool, ratio, ratio_i64, server_counters};
+use super::common::{
+    BenchSchema, Components, CpuSnapshot, percentile, pool, ratio, ratio_i64, server_counters,
+};
 use anyhow::{Context, Result, bail, ensure};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep};
@@ -191,6 +193,9 @@ struct Report {
     /// Start to completed of the one-at-a-time instances, sorted.
     samples: Vec<Duration>,
     server: String,
+    /// CPU per step of the burn-down: this process (the workers and the
+    /// starters) and the local PostgreSQL, in microseconds.
+    cpu_us_per_step: (Option<f64>, Option<f64>),
 }
 
 /// The worker "processes" of a run.
@@ -270,9 +275,12 @@ impl WorkflowBench {
         // 1. Burn-down, between two readings of the server's counters.
         let before = server_counters(options).await?;
         let workers = self.start_workers(options, prefix, &workflow).await?;
+        let cpu_before = CpuSnapshot::now();
         let burn_down = self
             .burn_down(options, prefix, &workflow, self.instances, "b", self.json)
             .await;
+        let cpu_us_per_step =
+            CpuSnapshot::now().per_unit_since(&cpu_before, self.instances * self.shape.steps());
         workers.stop().await;
         let burn_down = burn_down?;
         let after = server_counters(options).await?;
@@ -315,6 +323,7 @@ impl WorkflowBench {
             p99: p99.map(|s| Duration::from_secs_f64(s.max(0.0))),
             samples,
             server,
+            cpu_us_per_step,
         })
     }
 
@@ -527,6 +536,10 @@ impl WorkflowBench {
             "commits": report.commits,
             "commits_per_step": ratio_i64(report.commits, steps),
             "wal_bytes_per_step": ratio_i64(report.wal_bytes, steps),
+            "cpu_us_per_step": {
+                "bench_process": report.cpu_us_per_step.0,
+                "postgres": report.cpu_us_per_step.1,
+            },
             "checkpoints_during_burn_down": report.checkpoints,
             "latency_samples": report.samples.len(),
             "latency_p50_ms": sample_p50.map(ms),
@@ -564,6 +577,12 @@ impl WorkflowBench {
             num("commits_per_step"),
             num("wal_bytes_per_step")
         );
+        if let (Some(own), postgres) = report.cpu_us_per_step {
+            println!(
+                "  CPU per step: {own:.0} us in this process, {} in PostgreSQL",
+                postgres.map_or_else(|| "not measured".to_owned(), |p| format!("{p:.0} us"))
+            );
+        }
         if !report.samples.is_empty() {
             println!(
                 "  one at a time: start->completed p50 {:.2} ms, p99 {:.2} ms; per step p50 {:.2} ms ({} samples)",
