@@ -12,8 +12,9 @@
 //!
 //! 1. takes the single-writer lock of every instance involved that no other
 //!    writer holds, **without waiting** ([`Backend::try_lock_many`]);
-//! 2. for each locked instance: reads its inbox, applies the inbox and the
-//!    batch's new results with the pure engine ([`Runtime::plan_round`]);
+//! 2. for each locked instance: reads its inbox (only if the lock statement
+//!    saw unprocessed results in it), applies the inbox and the batch's new
+//!    results with the pure engine ([`Runtime::plan_round`]);
 //! 3. records the new results (those of locked instances as already
 //!    processed), marks the inbox processed and writes the instances
 //!    ([`Backend::write_rounds`]), cancels jobs;
@@ -478,18 +479,27 @@ impl<B: Backend> Runtime<B> {
             .collect();
         let locked = b.try_lock_many(&mut tx, &ids).await?;
         let mut instances: BTreeMap<Uuid, (Instance, Workflow)> = BTreeMap::new();
-        for instance in locked {
+        // Locked instances whose inbox may hold results (usually none: a
+        // result is applied as it is recorded when its instance is free).
+        let mut with_inbox: Vec<Uuid> = Vec::new();
+        for (instance, inbox) in locked {
             // A missing definition leaves the instance to the unbatched path
             // (a typed error; the instance stays untouched).
             if let Ok(wf) = self.workflow_of(&instance) {
                 let wf = wf.clone();
+                if inbox {
+                    with_inbox.push(instance.id);
+                }
                 instances.insert(instance.id, (instance, wf));
             }
         }
 
         // 3. Plan every locked instance: its inbox, then the new results.
-        let planned_ids: Vec<Uuid> = instances.keys().copied().collect();
-        let mut pending = b.pending_many(&mut tx, &planned_ids).await?;
+        let mut pending = if with_inbox.is_empty() {
+            HashMap::new()
+        } else {
+            b.pending_many(&mut tx, &with_inbox).await?
+        };
         let mut new_results: HashMap<Uuid, Vec<&NewStepResult>> = HashMap::new();
         for &i in &results {
             if let Settle::Result { result, .. } = &items[i] {

@@ -92,7 +92,11 @@ impl crate::runtime::Backend for PgBackend {
     }
 
     /// One statement; instances held by another writer are skipped at once.
-    async fn try_lock_many(&self, tx: &mut Tx, ids: &[Uuid]) -> Result<Vec<Instance>, PortError> {
+    async fn try_lock_many(
+        &self,
+        tx: &mut Tx,
+        ids: &[Uuid],
+    ) -> Result<Vec<(Instance, bool)>, PortError> {
         self.store.try_lock_many_using(tx, ids).await
     }
 

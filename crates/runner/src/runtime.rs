@@ -55,18 +55,22 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
     /// Takes the single-writer lock of each instance in `ids` that can be had
     /// without waiting for another writer, and returns those (a backend may
     /// also wait and lock them all, in id order). Missing ones are skipped.
+    /// With each, whether its inbox may hold unprocessed results: `false`
+    /// only when none was committed before the lock was taken (a result
+    /// committed later has its own advance job), so the caller can skip
+    /// reading it; the default says `true`.
     async fn try_lock_many(
         &self,
         tx: &mut Self::Tx,
         ids: &[Uuid],
-    ) -> Result<Vec<Instance>, PortError> {
+    ) -> Result<Vec<(Instance, bool)>, PortError> {
         let mut ids = ids.to_vec();
         ids.sort_unstable();
         ids.dedup();
         let mut out = Vec::with_capacity(ids.len());
         for id in ids {
             if let Some(instance) = self.lock(tx, id).await? {
-                out.push(instance);
+                out.push((instance, true));
             }
         }
         Ok(out)

@@ -53,9 +53,19 @@ impl BatchSql {
             // elsewhere is skipped without waiting; the rows of the locked ones are then
             // read `for no key update`, which returns the newest committed version even
             // when the previous holder committed after this statement's snapshot.
+            //
+            // `inbox` says whether unprocessed results were visible when the statement
+            // began (its snapshot predates the lock). `false` is exact for everything
+            // committed before then; a result committed later carries its own advance
+            // job (every inbox row is inserted with one), exactly as a result committed
+            // just after a separate inbox read would. `true` may be stale (the previous
+            // holder applied them meanwhile): the caller then reads the inbox with a
+            // fresh snapshot.
             try_lock: format!(
                 r"select {INSTANCE_COLUMNS},
-    set_config('{held}', coalesce(current_setting('{held}', true), '') || ' ' || i.id::text, true)
+    set_config('{held}', coalesce(current_setting('{held}', true), '') || ' ' || i.id::text, true),
+    exists (select 1 from {results} r where r.instance_id = i.id and r.processed_at is null)
+        as inbox
 from unnest($1::uuid[], $2::bigint[]) as k(id, lock_key)
 join {instances} i on i.id = k.id
 where pg_try_advisory_xact_lock(k.lock_key)
@@ -134,13 +144,16 @@ pub type ExecutionCheck = Option<(Arc<Instance>, bool)>;
 impl PgStore {
     /// Takes the single-writer lock of each instance in `ids` that no other
     /// transaction holds, without waiting, and loads the ones it locked (sorted by
-    /// id). Instances held elsewhere, and missing ones, are not returned. `conn` must
-    /// be inside a transaction: the locks are held until it ends. One statement.
+    /// id), each with whether its inbox may hold unprocessed results (`false`: none
+    /// was committed when the statement began, so reading the inbox can be skipped;
+    /// a later one has its own advance job). Instances held elsewhere, and missing
+    /// ones, are not returned. `conn` must be inside a transaction: the locks are
+    /// held until it ends. One statement.
     pub async fn try_lock_many_using(
         &self,
         conn: &mut PgConnection,
         ids: &[Uuid],
-    ) -> Result<Vec<Instance>, PortError> {
+    ) -> Result<Vec<(Instance, bool)>, PortError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -157,7 +170,12 @@ impl PgStore {
             .fetch_all(conn)
             .await
             .map_err(port_error)?;
-        rows.iter().map(decode_instance).collect()
+        rows.iter()
+            .map(|row| {
+                let inbox: bool = row.try_get("inbox").map_err(port_error)?;
+                Ok((decode_instance(row)?, inbox))
+            })
+            .collect()
     }
 
     /// The unprocessed results of many instances, by instance, each in `seq` order.

@@ -237,3 +237,55 @@ async fn recording_results_never_waits_for_the_single_writer() {
     drop(writer);
     db.teardown().await;
 }
+
+/// The batched try-lock tells, per locked instance, whether its inbox held
+/// unprocessed results when the statement began: true with one waiting,
+/// false once it is processed, false for an instance with none; an instance
+/// another transaction holds is skipped without waiting.
+#[tokio::test]
+async fn the_batched_try_lock_reports_whether_the_inbox_holds_results() {
+    let db = Db::new().await;
+    let busy = pending("order::busy");
+    let quiet = pending("order::quiet");
+    let held = pending("order::held");
+    for instance in [&busy, &quiet, &held] {
+        insert_committed(&db.store, instance).await;
+    }
+    let mut tx = db.store.begin().await.unwrap();
+    let recorded = db
+        .store
+        .record(&mut tx, &completed(busy.id, "Step", 1))
+        .await
+        .unwrap();
+    db.store.commit(tx).await.unwrap();
+    let hephaestus_engine_core::ports::Recorded::Inserted(seq) = recorded else {
+        panic!("{recorded:?}")
+    };
+
+    let mut other = db.store.begin().await.unwrap();
+    assert!(db.store.lock(&mut other, held.id).await.unwrap().is_some());
+
+    let ids = [busy.id, quiet.id, held.id];
+    let mut tx = db.store.begin().await.unwrap();
+    let locked = db.store.try_lock_many_using(&mut tx, &ids).await.unwrap();
+    let flags: Vec<(uuid::Uuid, bool)> = locked.iter().map(|(i, f)| (i.id, *f)).collect();
+    let mut expected = vec![(busy.id, true), (quiet.id, false)];
+    expected.sort_unstable();
+    assert_eq!(flags, expected, "the held one is skipped");
+    db.store
+        .mark_processed(&mut tx, busy.id, &[seq])
+        .await
+        .unwrap();
+    db.store.commit(tx).await.unwrap();
+    db.store.commit(other).await.unwrap();
+
+    let mut tx = db.store.begin().await.unwrap();
+    let locked = db.store.try_lock_many_using(&mut tx, &ids).await.unwrap();
+    assert!(
+        locked.iter().all(|(_, inbox)| !inbox),
+        "nothing left to read: {locked:?}"
+    );
+    assert_eq!(locked.len(), 3);
+    db.store.commit(tx).await.unwrap();
+    db.teardown().await;
+}
