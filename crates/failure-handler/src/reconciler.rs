@@ -314,12 +314,13 @@ mod tests {
         b.commit(tx).await.unwrap();
     }
 
-    #[tokio::test]
-    async fn a_running_instance_that_lost_its_execution_is_repaired_once() {
+    /// A runtime with `linear()` over a fresh backend, and an instance of it
+    /// whose jobs were lost (cancelled) right after its start.
+    async fn lost_linear() -> (MemoryBackend, Runtime<MemoryBackend>, Clock, Uuid) {
         let (_now, clock) = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
-            .clock(clock)
+            .clock(clock.clone())
             .workflow(linear())
             .build()
             .unwrap();
@@ -327,15 +328,21 @@ mod tests {
             .start("linear", "1", json!({}), StartOptions::default())
             .await
             .unwrap();
-        // Simulate a lost job: the start step's execution vanishes.
         cancel_all_jobs(&backend, s.id).await;
+        (backend, rt, clock, s.id)
+    }
+
+    #[tokio::test]
+    async fn a_running_instance_that_lost_its_execution_is_repaired_once() {
+        // A lost job: the start step's execution vanished.
+        let (_backend, rt, _clock, id) = lost_linear().await;
         let reconciler = Reconciler::new(rt.clone());
         let report = reconciler.run_once().await.unwrap();
         assert_eq!(report.scanned, 1);
         assert_eq!(
             report.repaired,
             vec![Repair::Execute {
-                instance_id: s.id,
+                instance_id: id,
                 step: "A".to_owned(),
                 activation: 1,
             }]
@@ -346,7 +353,7 @@ mod tests {
         );
         rt.drain().await.unwrap();
         assert_eq!(
-            rt.get(s.id).await.unwrap().unwrap().status,
+            rt.get(id).await.unwrap().unwrap().status,
             InstanceStatus::Completed
         );
         assert_eq!(
@@ -364,25 +371,14 @@ mod tests {
         use hephaestus_engine_core::ports::{NewStepResult, ResultPayload, StepResultStore};
         use hephaestus_engine_core::step::EventName;
 
-        let (_now, clock) = clock();
-        let backend = MemoryBackend::with_clock(clock.clone());
-        let rt = Runtime::builder(backend.clone())
-            .clock(clock)
-            .workflow(linear())
-            .build()
-            .unwrap();
-        let s = rt
-            .start("linear", "1", json!({}), StartOptions::default())
-            .await
-            .unwrap();
-        cancel_all_jobs(&backend, s.id).await;
+        let (backend, rt, _clock, id) = lost_linear().await;
         // The step's result was recorded, its advance lost.
         let mut tx = backend.begin().await.unwrap();
         backend
             .record(
                 &mut tx,
                 &NewStepResult {
-                    instance_id: s.id,
+                    instance_id: id,
                     step: Some(StepId::new("A").unwrap()),
                     activation: 1,
                     payload: ResultPayload::Completed {
@@ -399,13 +395,13 @@ mod tests {
         assert_eq!(
             report.repaired,
             vec![Repair::Advance {
-                instance_id: s.id,
+                instance_id: id,
                 status: InstanceStatus::Running,
                 pending_results: 1
             }]
         );
         rt.drain().await.unwrap();
-        let done = rt.get(s.id).await.unwrap().unwrap();
+        let done = rt.get(id).await.unwrap().unwrap();
         assert_eq!(done.status, InstanceStatus::Completed);
         assert_eq!(done.context.step("a"), Some(&json!({"from": "inbox"})));
     }
@@ -507,25 +503,14 @@ mod tests {
 
     #[tokio::test]
     async fn periodic_passes_run_only_while_this_process_leads() {
-        let (_now, clock) = clock();
-        let backend = MemoryBackend::with_clock(clock.clone());
-        let rt = Runtime::builder(backend.clone())
-            .clock(clock)
-            .workflow(linear())
-            .build()
-            .unwrap();
-        let s = rt
-            .start("linear", "1", json!({}), StartOptions::default())
-            .await
-            .unwrap();
-        cancel_all_jobs(&backend, s.id).await;
+        let (backend, rt, _clock, id) = lost_linear().await;
         let leads = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reconciler = {
             let leads = Arc::clone(&leads);
             Reconciler::new(rt.clone())
                 .leader_only(move || leads.load(std::sync::atomic::Ordering::SeqCst))
         };
-        let live = || async { backend.live_jobs(&jobs::of_instance(s.id)).await.unwrap() };
+        let live = || async { backend.live_jobs(&jobs::of_instance(id)).await.unwrap() };
         // A follower's loop runs its pass at once (then stops: the shutdown
         // future is ready): nothing is repaired.
         reconciler
@@ -600,28 +585,17 @@ mod tests {
 
     #[tokio::test]
     async fn instances_of_unregistered_workflows_are_reported_not_touched() {
-        let (_now, clock) = clock();
-        let backend = MemoryBackend::with_clock(clock.clone());
-        let rt = Runtime::builder(backend.clone())
-            .clock(clock.clone())
-            .workflow(linear())
-            .build()
-            .unwrap();
-        let s = rt
-            .start("linear", "1", json!({}), StartOptions::default())
-            .await
-            .unwrap();
-        cancel_all_jobs(&backend, s.id).await;
+        let (backend, _rt, clock, id) = lost_linear().await;
         let bare = Runtime::builder(backend.clone())
             .clock(clock)
             .build()
             .unwrap();
         let report = Reconciler::new(bare).run_once().await.unwrap();
-        assert_eq!(report.unregistered, vec![s.id]);
+        assert_eq!(report.unregistered, vec![id]);
         assert!(report.repaired.is_empty());
         assert!(
             backend
-                .live_jobs(&jobs::of_instance(s.id))
+                .live_jobs(&jobs::of_instance(id))
                 .await
                 .unwrap()
                 .is_empty()

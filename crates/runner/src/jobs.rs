@@ -172,12 +172,7 @@ pub fn execute_replacement(
     let mut job = execute(config, workflow, instance_id, step, activation);
     job.unique = Some(UniqueJob {
         key: format!("execute-replacement:{instance_id}:{step}:{activation}"),
-        states: vec![
-            JobState::Available,
-            JobState::Scheduled,
-            JobState::Executing,
-            JobState::Retryable,
-        ],
+        states: LIVE.to_vec(),
     });
     job
 }

@@ -233,14 +233,7 @@ impl PgQueue {
             let settled = self.complete_many_using(conn, leases).await?;
             return Ok((Vec::new(), settled));
         }
-        let lease_ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
-        let lease_attempts: Vec<i32> = leases
-            .iter()
-            .map(|(id, attempt)| {
-                i32::try_from(*attempt)
-                    .map_err(|_| Error::InvalidInput(format!("attempt of job {id} out of range")))
-            })
-            .collect::<Result<_, _>>()?;
+        let (lease_ids, lease_attempts) = super::settle::lease_columns(leases)?;
         let mut completing = (!leases.is_empty()).then_some((&lease_ids[..], &lease_attempts[..]));
         let mut completed: Option<Vec<i64>> = None;
         let now = self.now();

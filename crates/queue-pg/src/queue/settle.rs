@@ -117,6 +117,19 @@ fn record_json(
     }]))
 }
 
+/// The id and attempt columns of a fenced batch update.
+pub(super) fn lease_columns(leases: &[(JobId, u32)]) -> Result<(Vec<i64>, Vec<i32>), Error> {
+    let ids = leases.iter().map(|(id, _)| id.0).collect();
+    let attempts = leases
+        .iter()
+        .map(|(id, attempt)| {
+            i32::try_from(*attempt)
+                .map_err(|_| Error::InvalidInput(format!("attempt of job {id} out of range")))
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((ids, attempts))
+}
+
 fn attempt_i32(lease: &JobLease) -> Result<i32, Error> {
     i32::try_from(lease.attempt)
         .map_err(|_| Error::InvalidInput(format!("attempt {} out of range", lease.attempt)))
@@ -161,14 +174,7 @@ impl PgQueue {
         if leases.is_empty() {
             return Ok(Settled::default());
         }
-        let ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
-        let attempts: Vec<i32> = leases
-            .iter()
-            .map(|(id, attempt)| {
-                i32::try_from(*attempt)
-                    .map_err(|_| Error::InvalidInput(format!("attempt of job {id} out of range")))
-            })
-            .collect::<Result<_, _>>()?;
+        let (ids, attempts) = lease_columns(leases)?;
         let done: Vec<i64> = sqlx::query_scalar(sql)
             .bind(&ids)
             .bind(&attempts)
