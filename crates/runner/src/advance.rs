@@ -320,8 +320,35 @@ impl<B: Backend> Runtime<B> {
                 .await?;
         }
         if round.cancel_all {
-            b.cancel_matching(tx, &jobs::of_instance(instance_id), current_job)
-                .await?;
+            self.close_ended(tx, instance_id, current_job).await?;
+        }
+        Ok(())
+    }
+
+    /// What ends an ended instance's work, in `tx` (its lock held): every
+    /// job of it cancelled (except `current_job`), THEN every result still
+    /// in its inbox marked processed (it can no longer apply). In this
+    /// order, a result recorded concurrently is never stranded: committed
+    /// before the cancel, its advance job is cancelled but the inbox read
+    /// after the cancel sees it; committed later, its advance job survives
+    /// and marks it.
+    pub(crate) async fn close_ended(
+        &self,
+        tx: &mut B::Tx,
+        instance_id: Uuid,
+        current_job: Option<JobId>,
+    ) -> Result<(), RunnerError> {
+        let b = &self.inner.backend;
+        b.cancel_matching(tx, &jobs::of_instance(instance_id), current_job)
+            .await?;
+        let left: Vec<i64> = b
+            .pending(tx, instance_id)
+            .await?
+            .iter()
+            .map(|row| row.seq)
+            .collect();
+        if !left.is_empty() {
+            b.mark_processed(tx, instance_id, &left).await?;
         }
         Ok(())
     }

@@ -682,19 +682,10 @@ impl<B: Backend> Runtime<B> {
         let wf = self.workflow_of(&instance)?;
         let applied = Engine::new(wf).apply(&mut instance, Input::Cancel { reason }, self.now())?;
         b.update(&mut tx, &instance).await?;
-        // Results still in the inbox can no longer apply.
-        let pending: Vec<i64> = b
-            .pending(&mut tx, id)
-            .await?
-            .iter()
-            .map(|r| r.seq)
-            .collect();
-        if !pending.is_empty() {
-            b.mark_processed(&mut tx, id, &pending).await?;
-        }
         if applied.effects.contains(&Effect::CancelJobs) {
-            b.cancel_matching(&mut tx, &jobs::of_instance(id), None)
-                .await?;
+            // Its jobs cancelled, then the results still in the inbox
+            // (they can no longer apply) marked processed.
+            self.close_ended(&mut tx, id, None).await?;
         }
         b.commit(tx).await?;
         self.signal_cancelled(id);

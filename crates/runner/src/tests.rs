@@ -715,3 +715,61 @@ async fn telemetry_durations_read_the_runtime_clock() {
     assert_eq!(step_ms, Some(250), "exactly the virtual time the step took");
     assert_eq!(workflow_ms, Some(250), "start to stop on the virtual clock");
 }
+
+/// An instance that ends must not strand a result recorded meanwhile: its
+/// advance job is cancelled with the instance's other jobs, so closing the
+/// instance marks what is still in the inbox processed (read after the
+/// cancel). Here the result and its advance were committed before the
+/// ending unit of work, which did not read the inbox itself (as a batch
+/// that saw no unprocessed result when it took the lock).
+#[tokio::test]
+async fn closing_an_ended_instance_leaves_no_result_in_its_inbox() {
+    use hephaestus_engine_core::ports::{
+        InstanceStore, ResultPayload, StepResultStore, UnitOfWork,
+    };
+    use hephaestus_engine_core::step::EventName;
+
+    let clock = TestClock::new();
+    let counter = Counter::default();
+    let rt = runtime_with(vec![linear(&counter)], &clock);
+    let b = rt.backend().clone();
+    let s = rt
+        .start("linear", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    let wf = rt
+        .workflow_of(&rt.get(s.id).await.unwrap().unwrap())
+        .unwrap()
+        .clone();
+    let mut tx = b.begin().await.unwrap();
+    rt.record_and_enqueue_advance(
+        &mut tx,
+        &wf,
+        s.id,
+        &hephaestus_engine_core::StepId::new("PassStep").unwrap(),
+        1,
+        ResultPayload::Completed {
+            event: EventName("done".to_owned()),
+            output: json!({}),
+            metadata: serde_json::Map::new(),
+        },
+    )
+    .await
+    .unwrap();
+    b.commit(tx).await.unwrap();
+
+    let mut tx = b.begin().await.unwrap();
+    assert!(b.lock(&mut tx, s.id).await.unwrap().is_some());
+    rt.close_ended(&mut tx, s.id, None).await.unwrap();
+    b.commit(tx).await.unwrap();
+
+    let mut tx = b.begin().await.unwrap();
+    let left = b.pending(&mut tx, s.id).await.unwrap();
+    b.commit(tx).await.unwrap();
+    assert!(left.is_empty(), "stranded: {left:?}");
+    let jobs = rt.jobs_of(s.id).await.unwrap();
+    assert!(
+        jobs.iter().all(|j| j.state == JobState::Cancelled),
+        "{jobs:?}"
+    );
+}

@@ -257,8 +257,7 @@ impl<B: Backend> Runtime<B> {
         instance.revision += 1;
         instance.updated_at = now;
         b.update(tx, &instance).await?;
-        b.cancel_matching(tx, &jobs::of_instance(instance_id), None)
-            .await?;
+        self.close_ended(tx, instance_id, None).await?;
         Ok(true)
     }
 
