@@ -46,17 +46,8 @@ pub fn run(mut extra: Vec<String>) -> Result<ExitCode> {
 /// `hephaestus` binary, then runs the fault-injection test's soak mode with
 /// it (3 worker processes SIGKILLed and restarted for N seconds of load, a
 /// PostgreSQL restart) against the database `cargo xtask test` would use.
-pub fn soak(mut args: crate::args::Args) -> Result<ExitCode> {
-    let seconds = args
-        .value("--soak-seconds")?
-        .context("--soak-seconds N is required")?;
-    let seconds: u64 = seconds
-        .parse()
-        .ok()
-        .filter(|&s| s > 0)
-        .with_context(|| format!("--soak-seconds: {seconds:?} is not a positive number"))?;
-    let seed = args.value("--seed")?;
-    args.finish()?;
+pub fn soak(args: crate::args::Args) -> Result<ExitCode> {
+    let Soak { seconds, seed } = Soak::parse(args)?;
     let mut build = cargo();
     build.args(["build", "--release", "-p", "hephaestus-cli"]);
     eprintln!("xtask soak: running {build:?}");
@@ -87,6 +78,29 @@ pub fn soak(mut args: crate::args::Args) -> Result<ExitCode> {
     eprintln!("xtask soak: running {command:?}");
     let status = command.status().context("running the soak")?;
     Ok(exit_code(status))
+}
+
+/// The options of `cargo xtask soak`.
+#[derive(Debug, PartialEq, Eq)]
+struct Soak {
+    seconds: u64,
+    seed: Option<String>,
+}
+
+impl Soak {
+    fn parse(mut args: crate::args::Args) -> Result<Self> {
+        let seconds = args
+            .value("--soak-seconds")?
+            .context("--soak-seconds N is required")?;
+        let seconds: u64 = seconds
+            .parse()
+            .ok()
+            .filter(|&s| s > 0)
+            .with_context(|| format!("--soak-seconds: {seconds:?} is not a positive number"))?;
+        let seed = args.value("--seed")?;
+        args.finish()?;
+        Ok(Self { seconds, seed })
+    }
 }
 
 fn cargo() -> Command {
@@ -295,4 +309,40 @@ fn succeeds(command: &mut Command) -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Soak;
+    use crate::args::Args;
+
+    fn parse(args: &[&str]) -> anyhow::Result<Soak> {
+        Soak::parse(Args::new(args.iter().map(|a| (*a).to_owned()).collect()))
+    }
+
+    #[test]
+    fn soak_takes_positive_seconds_and_an_optional_seed() {
+        assert_eq!(
+            parse(&["--soak-seconds", "600"]).unwrap(),
+            Soak {
+                seconds: 600,
+                seed: None
+            }
+        );
+        assert_eq!(
+            parse(&["--seed=42", "--soak-seconds=5"]).unwrap(),
+            Soak {
+                seconds: 5,
+                seed: Some("42".to_owned())
+            }
+        );
+        for bad in [
+            &[][..],
+            &["--soak-seconds", "0"][..],
+            &["--soak-seconds", "abc"][..],
+            &["--soak-seconds", "5", "--verbose"][..],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -85,7 +85,8 @@ pub struct RunnerConfig {
     /// runs it right away in the same slot (its heartbeat kept by the
     /// runner), instead of waiting for the queue to deliver it: a chain of
     /// steps costs one commit per step and no queue round trip. Backends
-    /// without [`Backend::enqueue_claiming`](crate::Backend::enqueue_claiming) ignore it.
+    /// that cannot claim in [`Backend::enqueue_and_complete`](crate::Backend::enqueue_and_complete)
+    /// ignore it.
     pub continuations: bool,
 }
 

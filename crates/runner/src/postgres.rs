@@ -125,20 +125,8 @@ impl crate::runtime::Backend for PgBackend {
             .await
     }
 
-    /// One statement (queue-pg's `insert_claiming_using`): claimed jobs are
-    /// inserted executing, with no wake-up sent for them.
-    async fn enqueue_claiming(
-        &self,
-        tx: &mut Tx,
-        jobs: &[NewJob],
-        claim: &[bool],
-    ) -> Result<Vec<(Enqueued, Option<JobLease>)>, PortError> {
-        Ok(self
-            .queue
-            .insert_claiming_using(tx, jobs, claim, CONTINUATION_WORKER)
-            .await?)
-    }
-
+    /// One statement (queue-pg's `insert_claiming_and_complete_using`):
+    /// claimed jobs are inserted executing, with no wake-up sent for them.
     async fn enqueue_and_complete(
         &self,
         tx: &mut Tx,
@@ -156,23 +144,6 @@ impl crate::runtime::Backend for PgBackend {
             .map(|(id, _)| settled.completed.contains(id))
             .collect();
         Ok((enqueued, held))
-    }
-
-    async fn complete_many(
-        &self,
-        tx: &mut Tx,
-        leases: &[&JobLease],
-    ) -> Result<Vec<bool>, PortError> {
-        let pairs: Vec<(JobId, u32)> = leases.iter().map(|l| (l.id, l.attempt)).collect();
-        let settled = self
-            .queue
-            .complete_many_using(tx, &pairs)
-            .await
-            .map_err(PortError::from)?;
-        Ok(pairs
-            .iter()
-            .map(|(id, _)| settled.completed.contains(id))
-            .collect())
     }
 }
 

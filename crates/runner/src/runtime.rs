@@ -122,53 +122,34 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
         Ok(())
     }
 
-    /// Enqueues `jobs` in `tx`; those flagged in `claim` may come back
-    /// claimed by this worker (already executing, attempt 1), to run right
-    /// after the commit. The default claims none: they wait for a fetch.
-    async fn enqueue_claiming(
-        &self,
-        tx: &mut Self::Tx,
-        jobs: &[NewJob],
-        _claim: &[bool],
-    ) -> Result<Vec<(Enqueued, Option<JobLease>)>, PortError> {
-        Ok(self
-            .enqueue(tx, jobs)
-            .await?
-            .into_iter()
-            .map(|enqueued| (enqueued, None))
-            .collect())
-    }
-
-    /// [`Backend::enqueue_claiming`] of `jobs`, then
-    /// [`Backend::complete_many`] of `leases`: what settling a batch ends
-    /// with. PostgreSQL does both in one statement.
+    /// What settling a batch ends with, in `tx`: enqueues `jobs` (those
+    /// flagged in `claim` may come back claimed by this worker, already
+    /// executing at attempt 1, to run right after the commit), then
+    /// completes `leases`, each fenced by its attempt, telling whether each
+    /// held. The default claims none (they wait for a fetch) and completes
+    /// one lease at a time; PostgreSQL claims and does it all in one
+    /// statement.
     async fn enqueue_and_complete(
         &self,
         tx: &mut Self::Tx,
         jobs: &[NewJob],
-        claim: &[bool],
+        _claim: &[bool],
         leases: &[&JobLease],
     ) -> Result<(Vec<(Enqueued, Option<JobLease>)>, Vec<bool>), PortError> {
         let enqueued = if jobs.is_empty() {
             Vec::new()
         } else {
-            self.enqueue_claiming(tx, jobs, claim).await?
+            self.enqueue(tx, jobs)
+                .await?
+                .into_iter()
+                .map(|enqueued| (enqueued, None))
+                .collect()
         };
-        let held = self.complete_many(tx, leases).await?;
-        Ok((enqueued, held))
-    }
-
-    /// Completes many leases (each fenced by its attempt); whether each held.
-    async fn complete_many(
-        &self,
-        tx: &mut Self::Tx,
-        leases: &[&JobLease],
-    ) -> Result<Vec<bool>, PortError> {
-        let mut out = Vec::with_capacity(leases.len());
+        let mut held = Vec::with_capacity(leases.len());
         for lease in leases {
-            out.push(self.complete(tx, lease).await?);
+            held.push(self.complete(tx, lease).await?);
         }
-        Ok(out)
+        Ok((enqueued, held))
     }
 }
 

@@ -238,10 +238,7 @@ impl CpuSnapshot {
     pub fn per_unit_since(&self, before: &Self, units: usize) -> (Option<f64>, Option<f64>) {
         let per_unit = |ticks: u64| {
             let micros = ticks.saturating_mul(1_000_000 / TICKS_PER_SECOND);
-            ratio(
-                usize::try_from(micros).unwrap_or(usize::MAX),
-                units_f64(units),
-            )
+            ratio_i64(i64::try_from(micros).unwrap_or(i64::MAX), units)
         };
         let own = self
             .own
@@ -261,10 +258,6 @@ impl CpuSnapshot {
         });
         (own, postgres)
     }
-}
-
-fn units_f64(units: usize) -> f64 {
-    u32::try_from(units).map_or(f64::from(u32::MAX), f64::from)
 }
 
 /// `(comm, utime + stime)` from a `/proc/<pid>/stat` line.

@@ -249,9 +249,7 @@ impl PgQueue {
             let (rows, done) = self
                 .insert_rows(conn, &batch, &claims, now, worker, completing.take())
                 .await?;
-            if done.is_some() {
-                completed = done;
-            }
+            completed = completed.or(done);
             let mut conflicted: Vec<usize> = Vec::new();
             for (&index, (id, inserted)) in pending.iter().zip(rows) {
                 if inserted {
