@@ -322,3 +322,29 @@ fn bench_workflow_prints_one_json_object_with_its_measurements() {
         );
     }
 }
+
+#[tokio::test]
+async fn system_schemas_are_refused_before_anything_is_created() {
+    let schema = TestSchema::new().await;
+    let count_tables = || async {
+        sqlx::query_scalar::<_, i64>(
+            "select count(*) from pg_tables where tablename like 'hephaestus%' \
+             and schemaname in ('information_schema', 'pg_catalog')",
+        )
+        .fetch_one(&schema.pool)
+        .await
+        .unwrap()
+    };
+    for system in ["information_schema", "pg_catalog", "pg_toast"] {
+        let out = hephaestus(&["migrate", "--schema", system, "up"]);
+        assert!(!out.status.success(), "{system} accepted: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(
+            err.contains("system schema") || err.contains("reserved for PostgreSQL system schemas"),
+            "{system}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert_eq!(count_tables().await, 0, "nothing was created there");
+    schema.teardown().await;
+}

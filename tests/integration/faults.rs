@@ -18,6 +18,11 @@
 //!   longer registered, a panicking step, a resume of a finished instance,
 //!   in-process on both backends: each is a clear recorded error, and an
 //!   instance running alongside completes.
+//! - `boundary`: what enters at the boundary (JSON that is not an object,
+//!   nested too deep or too large; zero delays) is refused with a typed
+//!   error and nothing stored; every value at the limits reads back
+//!   identically; a row the single writer refuses keeps its reason and
+//!   never blocks a valid result. On both backends.
 //!
 //! Soak mode: `cargo xtask soak --soak-seconds 600 [--seed S]` (which builds
 //! the release binary and sets `HEPHAESTUS_SOAK_SECONDS=600`,
@@ -32,6 +37,7 @@
 //! a clean clone and with any target directory.
 
 mod bad_input;
+mod boundary;
 mod chaos;
 #[allow(
     dead_code,

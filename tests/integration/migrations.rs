@@ -215,8 +215,10 @@ async fn full_up_creates_the_storage_schema_and_records_the_version() {
         .index("hephaestus_step_results_activation_uidx")
         .definition;
     assert!(
-        dedupe.ends_with("(instance_id, step_id, activation, kind)"),
-        "{dedupe}"
+        dedupe.ends_with(
+            "(instance_id, step_id, activation, kind, (\nCASE\n    WHEN (refusal IS NULL) THEN (0)::bigint\n    ELSE seq\nEND))"
+        ),
+        "a refused row gives up its slot: {dedupe}"
     );
     assert!(
         catalog
@@ -443,7 +445,7 @@ async fn insert_result(
     let result = sqlx::query(&format!(
         "insert into {} (instance_id, step_id, activation, kind)
          values ($1, $2, $3, $4)
-         on conflict (instance_id, step_id, activation, kind) do nothing",
+         on conflict do nothing",
         db.table("hephaestus_step_results")
     ))
     .bind(instance)

@@ -60,6 +60,7 @@ pub mod context;
 pub mod engine;
 pub mod ids;
 pub mod instance;
+pub mod limits;
 pub mod ports;
 pub mod retry;
 pub mod step;

@@ -12,6 +12,9 @@ pub enum PrefixRule {
     TooLong,
     /// Starts with `pg_`, which PostgreSQL reserves for system schemas.
     Reserved,
+    /// A schema of PostgreSQL's own (`information_schema`): tables created
+    /// there are left out of `pg_dump` backups.
+    System,
 }
 
 impl PrefixRule {
@@ -21,6 +24,9 @@ impl PrefixRule {
             Self::TooLong => " and be at most 63 bytes long",
             Self::Reserved => {
                 " and must not start with pg_ (reserved for PostgreSQL system schemas)"
+            }
+            Self::System => {
+                " and must not be a PostgreSQL system schema (pg_dump does not back up tables created there)"
             }
         }
     }

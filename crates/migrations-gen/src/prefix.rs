@@ -7,6 +7,10 @@ use crate::error::{Error, PrefixRule};
 /// PostgreSQL's identifier limit (`NAMEDATALEN - 1`).
 const MAX_IDENTIFIER_BYTES: usize = 63;
 
+/// PostgreSQL's own schemas that do not start with `pg_` (those that do are
+/// all reserved).
+const SYSTEM_SCHEMAS: [&str; 1] = ["information_schema"];
+
 /// True when `s` matches `^[a-z_][a-z0-9_]*$`.
 pub(crate) fn is_identifier(s: &str) -> bool {
     let mut bytes = s.bytes();
@@ -19,7 +23,8 @@ pub(crate) fn is_identifier(s: &str) -> bool {
 
 /// A PostgreSQL schema name that is safe to interpolate into SQL.
 ///
-/// It matches `^[a-z_][a-z0-9_]*$`, is at most 63 bytes long and does not start with `pg_`.
+/// It matches `^[a-z_][a-z0-9_]*$`, is at most 63 bytes long, does not start with `pg_`
+/// and is not `information_schema` (system schemas are not backed up by `pg_dump`).
 /// It is still always quoted as an identifier (see [`SchemaPrefix::quoted`]), so reserved
 /// words such as `user` or `order` work too.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,6 +49,8 @@ impl SchemaPrefix {
             Some(PrefixRule::TooLong)
         } else if prefix.starts_with("pg_") {
             Some(PrefixRule::Reserved)
+        } else if SYSTEM_SCHEMAS.contains(&prefix) {
+            Some(PrefixRule::System)
         } else {
             None
         };
@@ -178,6 +185,15 @@ mod tests {
             ));
             assert!(err.to_string().contains("pg_"));
         }
+        let err = SchemaPrefix::new("information_schema").unwrap_err();
+        assert!(matches!(
+            err,
+            Error::InvalidPrefix {
+                rule: PrefixRule::System,
+                ..
+            }
+        ));
+        assert!(err.to_string().contains("system schema"), "{err}");
     }
 
     #[test]

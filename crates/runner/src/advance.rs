@@ -58,8 +58,15 @@ pub(crate) struct Round {
     pub status_before: InstanceStatus,
     /// The instance changed and must be written.
     pub changed: bool,
-    /// Stored results the round consumed.
+    /// Stored results the round consumed (refused ones included).
     pub seqs: Vec<i64>,
+    /// Stored results the round refused, with the reason: recorded as
+    /// refused, so they no longer hold their slot (see
+    /// [`Refused`](hephaestus_engine_core::ports::Refused)).
+    pub refused_stored: Vec<(i64, String)>,
+    /// Results applied as they are recorded (inputs without a `seq`) that
+    /// the round refused: the position among those inputs, and the reason.
+    pub refused_new: Vec<(usize, String)>,
     /// Jobs to enqueue (none once the instance ended).
     pub new_jobs: Vec<NewJob>,
     /// Timers of resumed steps to cancel.
@@ -78,6 +85,8 @@ impl Round {
             status_before,
             changed: false,
             seqs: Vec::new(),
+            refused_stored: Vec::new(),
+            refused_new: Vec::new(),
             new_jobs: Vec::new(),
             cancel_timers: Vec::new(),
             cancel_all: false,
@@ -85,6 +94,21 @@ impl Round {
             applied: 0,
             ignored: 0,
             executions: 0,
+        }
+    }
+}
+
+/// Why the engine ignored a result, as kept with a refused row.
+fn ignored_reason(why: &hephaestus_engine_core::Ignored) -> String {
+    use hephaestus_engine_core::Ignored;
+    match why {
+        Ignored::InstanceFinished(status) => format!("the instance is {status}"),
+        Ignored::AlreadyStarted => "the instance was already started".to_owned(),
+        Ignored::StaleActivation { step, activation } => {
+            format!("activation {activation} of step {step} is not active")
+        }
+        Ignored::StaleTimer { step, activation } => {
+            format!("step {step} (activation {activation}) no longer waits on its timer")
         }
     }
 }
@@ -174,8 +198,20 @@ impl<B: Backend> Runtime<B> {
         if round.changed {
             b.update(&mut tx, &instance).await?;
         }
-        if !round.seqs.is_empty() {
+        if round.refused_stored.is_empty() {
             b.mark_processed(&mut tx, instance_id, &round.seqs).await?;
+        } else {
+            // A refusal marks its row processed too, keeping the reason and
+            // freeing the slot (a refused row never blocks a valid result).
+            let applied: Vec<i64> = round
+                .seqs
+                .iter()
+                .copied()
+                .filter(|seq| !round.refused_stored.iter().any(|(r, _)| r == seq))
+                .collect();
+            b.mark_processed(&mut tx, instance_id, &applied).await?;
+            b.refuse(&mut tx, instance_id, &round.refused_stored)
+                .await?;
         }
         self.cancel_round_jobs(&mut tx, instance_id, &round, current_job)
             .await?;
@@ -218,33 +254,47 @@ impl<B: Backend> Runtime<B> {
             round.changed = true;
             effects.extend(applied.effects);
         }
+        let mut new_position = 0;
         for input in inputs {
-            if let Some(seq) = input.seq {
-                round.seqs.push(seq);
-            }
-            let decoded = match input.result.to_input() {
-                Ok(decoded) => decoded,
+            let refusal = match input.result.to_input() {
                 Err(e) => {
-                    tracing::warn!(instance_id = %instance_id, seq = ?input.seq, error = %e, "step result cannot be decoded; skipped");
-                    round.ignored += 1;
-                    continue;
+                    tracing::warn!(instance_id = %instance_id, seq = ?input.seq, error = %e, "step result cannot be decoded; refused");
+                    Some(format!("cannot be decoded: {e}"))
                 }
-            };
-            match engine.apply(instance, decoded, now) {
-                Ok(applied) => match applied.disposition {
-                    Disposition::Applied | Disposition::Deferred => {
-                        round.changed = true;
-                        round.applied += 1;
-                        effects.extend(applied.effects);
-                    }
-                    Disposition::Ignored(why) => {
-                        tracing::debug!(instance_id = %instance_id, seq = ?input.seq, reason = ?why, "step result ignored");
-                        round.ignored += 1;
+                Ok(decoded) => match engine.apply(instance, decoded, now) {
+                    Ok(applied) => match applied.disposition {
+                        Disposition::Applied | Disposition::Deferred => {
+                            round.changed = true;
+                            round.applied += 1;
+                            effects.extend(applied.effects);
+                            None
+                        }
+                        Disposition::Ignored(why) => {
+                            tracing::debug!(instance_id = %instance_id, seq = ?input.seq, reason = ?why, "step result ignored");
+                            Some(ignored_reason(&why))
+                        }
+                    },
+                    Err(e) => {
+                        tracing::warn!(instance_id = %instance_id, seq = ?input.seq, error = %e, "step result refused");
+                        Some(e.to_string())
                     }
                 },
-                Err(e) => {
-                    tracing::warn!(instance_id = %instance_id, seq = ?input.seq, error = %e, "step result rejected");
-                    round.ignored += 1;
+            };
+            if refusal.is_some() {
+                round.ignored += 1;
+            }
+            match (input.seq, refusal) {
+                (Some(seq), refusal) => {
+                    round.seqs.push(seq);
+                    if let Some(reason) = refusal {
+                        round.refused_stored.push((seq, reason));
+                    }
+                }
+                (None, refusal) => {
+                    if let Some(reason) = refusal {
+                        round.refused_new.push((new_position, reason));
+                    }
+                    new_position += 1;
                 }
             }
         }
@@ -341,14 +391,14 @@ impl<B: Backend> Runtime<B> {
         let b = &self.inner.backend;
         b.cancel_matching(tx, &jobs::of_instance(instance_id), current_job)
             .await?;
-        let left: Vec<i64> = b
+        let left: Vec<(i64, String)> = b
             .pending(tx, instance_id)
             .await?
             .iter()
-            .map(|row| row.seq)
+            .map(|row| (row.seq, "arrived after its instance ended".to_owned()))
             .collect();
         if !left.is_empty() {
-            b.mark_processed(tx, instance_id, &left).await?;
+            b.refuse(tx, instance_id, &left).await?;
         }
         Ok(())
     }

@@ -37,7 +37,9 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use hephaestus_engine_core::instance::Instance;
-use hephaestus_engine_core::ports::{JobLease, NewJob, NewStepResult, PortError};
+use hephaestus_engine_core::ports::{
+    Consumed, JobLease, NewJob, NewStepResult, PortError, RoundResult,
+};
 use hephaestus_engine_core::{StepId, Workflow};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 use uuid::Uuid;
@@ -545,11 +547,28 @@ impl<B: Backend> Runtime<B> {
         }
 
         // 4. Write everything, one statement per kind.
-        let records: Vec<(NewStepResult, bool)> = results
+        // The k-th new result of an instance is its round's k-th input
+        // without a `seq` (the same order as `new_results`).
+        let mut positions: HashMap<Uuid, usize> = HashMap::new();
+        let records: Vec<RoundResult> = results
             .iter()
             .filter_map(|&i| match &items[i] {
                 Settle::Result { result, .. } => {
-                    Some((result.clone(), plans.contains_key(&result.instance_id)))
+                    let plan = plans.get(&result.instance_id);
+                    let position = positions.entry(result.instance_id).or_insert(0);
+                    let refusal = plan.and_then(|p| {
+                        p.round
+                            .refused_new
+                            .iter()
+                            .find(|(at, _)| at == position)
+                            .map(|(_, reason)| reason.clone())
+                    });
+                    *position += 1;
+                    Some(RoundResult {
+                        result: result.clone(),
+                        processed: plan.is_some(),
+                        refusal,
+                    })
                 }
                 Settle::Advance { .. } => None,
             })
@@ -559,10 +578,26 @@ impl<B: Backend> Runtime<B> {
             .filter(|p| p.round.changed)
             .map(|p| &p.instance)
             .collect();
-        let seqs: Vec<(Uuid, Vec<i64>)> = plans
+        let seqs: Vec<(Uuid, Vec<Consumed>)> = plans
             .iter()
             .filter(|(_, p)| !p.round.seqs.is_empty())
-            .map(|(id, p)| (*id, p.round.seqs.clone()))
+            .map(|(id, p)| {
+                let rows = p
+                    .round
+                    .seqs
+                    .iter()
+                    .map(|&seq| Consumed {
+                        seq,
+                        refusal: p
+                            .round
+                            .refused_stored
+                            .iter()
+                            .find(|(s, _)| *s == seq)
+                            .map(|(_, reason)| reason.clone()),
+                    })
+                    .collect();
+                (*id, rows)
+            })
             .collect();
         b.write_rounds(&mut tx, &records, &seqs, &changed).await?;
         for (id, plan) in &plans {

@@ -3,6 +3,7 @@
 use hephaestus_engine_core::business_id::BusinessIdError;
 use hephaestus_engine_core::ids::IdError;
 use hephaestus_engine_core::instance::{InstanceStatus, StepStatus};
+use hephaestus_engine_core::limits::InvalidJson;
 use hephaestus_engine_core::ports::PortError;
 use hephaestus_engine_core::workflow::RegistryError;
 use hephaestus_engine_core::{EngineError, Event, StepId};
@@ -68,9 +69,22 @@ pub enum RunnerError {
     /// The timer already fired (or was cancelled) and cannot be cancelled.
     #[error("timer job {0} already fired or was cancelled")]
     TimerAlreadyFinished(i64),
-    /// Invalid input (for example JSON containing U+0000).
+    /// Invalid input.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A JSON value that cannot enter an instance: a start input that is not
+    /// an object, U+0000, nested too deep or too large (see
+    /// [`hephaestus_engine_core::limits`]). Nothing was stored.
+    #[error("invalid input: {0}")]
+    InvalidJson(#[from] InvalidJson),
+    /// A delay that is zero or too large to schedule.
+    #[error("invalid delay {delay:?}: {reason}")]
+    InvalidDelay {
+        /// The delay given.
+        delay: std::time::Duration,
+        /// Why it cannot be used.
+        reason: &'static str,
+    },
     /// The stored instance does not match its definition.
     #[error("corrupt state: {0}")]
     Corrupt(String),
@@ -106,6 +120,7 @@ impl From<EngineError> for RunnerError {
             EngineError::AlreadyResumed(step) => Self::AlreadyResumed(step),
             EngineError::InstanceFinished(status) => Self::Finished(status),
             EngineError::InvalidInput(msg) => Self::InvalidInput(msg),
+            EngineError::InvalidJson(invalid) => Self::InvalidJson(invalid),
             other => Self::Corrupt(other.to_string()),
         }
     }

@@ -2,11 +2,12 @@
 //! instance. Each records its result and enqueues an advance in one commit.
 
 use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{JobLease, NewStepResult, ResultPayload};
 use hephaestus_engine_core::step::{
     CancellationSignal, ErrorKind, StepError, StepInput, StepOutcome,
 };
-use hephaestus_engine_core::{IdempotencyKey, Workflow};
+use hephaestus_engine_core::{IdempotencyKey, StepId, Workflow};
 
 use std::sync::Arc;
 
@@ -34,6 +35,61 @@ fn payload_of(outcome: StepOutcome) -> Result<ResultPayload, StepError> {
         }),
         StepOutcome::Error(e) => Err(e),
     }
+}
+
+/// The longest step error message kept, in bytes; a longer one is cut (at
+/// a character boundary) and marked, so a step cannot wedge its instance by
+/// failing with a message too large to store.
+pub(crate) const MAX_ERROR_MESSAGE_BYTES: usize = 64 * 1024;
+
+/// What user code returned, made storable before anything is recorded: an
+/// output or metadata that cannot be stored and read back (see
+/// [`hephaestus_engine_core::limits`]) fails the step fatally instead (a
+/// retry would return the same), and an error message loses its U+0000
+/// characters and is cut to [`MAX_ERROR_MESSAGE_BYTES`].
+pub(crate) fn storable_outcome(step: &StepId, outcome: StepOutcome) -> StepOutcome {
+    match outcome {
+        StepOutcome::Complete(c) => {
+            match limits::check(JsonRole::StepOutput, &c.output)
+                .and_then(|()| limits::check_map(JsonRole::StepMetadata, &c.metadata))
+            {
+                Ok(()) => StepOutcome::Complete(c),
+                Err(invalid) => StepOutcome::Error(StepError::fatal(format!(
+                    "step {step} returned a value that cannot be stored: {invalid}"
+                ))),
+            }
+        }
+        StepOutcome::Error(mut e) => {
+            let mut message = std::mem::take(&mut e.message);
+            if let Some(details) = &e.details
+                && let Err(invalid) = limits::check(JsonRole::StepOutput, details)
+            {
+                e.details = None;
+                message.push_str(&format!(" (details dropped: {})", invalid.problem));
+            }
+            e.message = storable_message(message);
+            StepOutcome::Error(e)
+        }
+        other @ StepOutcome::Async(_) => other,
+    }
+}
+
+/// `message` without U+0000 and at most [`MAX_ERROR_MESSAGE_BYTES`] long.
+pub(crate) fn storable_message(message: String) -> String {
+    let mut message = if message.contains('\0') {
+        message.replace('\0', "\u{fffd}")
+    } else {
+        message
+    };
+    if message.len() > MAX_ERROR_MESSAGE_BYTES {
+        let mut cut = MAX_ERROR_MESSAGE_BYTES;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" [cut]");
+    }
+    message
 }
 
 impl<B: Backend> Runtime<B> {
@@ -267,6 +323,7 @@ impl<B: Backend> Runtime<B> {
             }
             Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
         };
+        let outcome = storable_outcome(&args.step, outcome);
         let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
         match &outcome {
             StepOutcome::Complete(c) => {

@@ -6,8 +6,9 @@ use chrono::{DateTime, Utc};
 use hephaestus_engine_core::StepId;
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
-    Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue, NewJob,
-    NewStepResult, PortError, Recorded, StepResult, StepResultStore, UnitOfWork,
+    Consumed, Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch,
+    JobQueue, NewJob, NewStepResult, PortError, Recorded, Refused, RoundResult, StepResult,
+    StepResultStore, UnitOfWork,
 };
 use hephaestus_engine_core::step::StepError;
 use std::collections::HashMap;
@@ -112,16 +113,16 @@ impl crate::runtime::Backend for PgBackend {
     async fn write_rounds(
         &self,
         tx: &mut Tx,
-        results: &[(NewStepResult, bool)],
-        consumed: &[(Uuid, Vec<i64>)],
+        results: &[RoundResult],
+        consumed: &[(Uuid, Vec<Consumed>)],
         instances: &[&Instance],
     ) -> Result<(), PortError> {
-        let seqs: Vec<i64> = consumed
+        let rows: Vec<Consumed> = consumed
             .iter()
-            .flat_map(|(_, s)| s.iter().copied())
+            .flat_map(|(_, rows)| rows.iter().cloned())
             .collect();
         self.store
-            .write_rounds_using(tx, results, &seqs, instances)
+            .write_rounds_using(tx, results, &rows, instances)
             .await
     }
 
@@ -200,6 +201,19 @@ impl StepResultStore for PgBackend {
         seqs: &[i64],
     ) -> Result<(), PortError> {
         <PgStore as StepResultStore>::mark_processed(&self.store, tx, instance_id, seqs).await
+    }
+
+    async fn refuse(
+        &self,
+        tx: &mut Tx,
+        instance_id: Uuid,
+        refused: &[(i64, String)],
+    ) -> Result<(), PortError> {
+        <PgStore as StepResultStore>::refuse(&self.store, tx, instance_id, refused).await
+    }
+
+    async fn refused(&self, instance_id: Uuid) -> Result<Vec<Refused>, PortError> {
+        <PgStore as StepResultStore>::refused(&self.store, instance_id).await
     }
 
     async fn is_recorded(

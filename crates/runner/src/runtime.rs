@@ -8,9 +8,10 @@ use std::time::Duration;
 use hephaestus_engine_core::business_id::{BusinessId, Scope};
 use hephaestus_engine_core::engine::{Effect, Engine, Input, NewInstance};
 use hephaestus_engine_core::instance::Instance;
+use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{
-    Enqueued, InstanceFilter, InstanceStore, JobId, JobLease, JobQueue, NewJob, NewStepResult,
-    PortError, Recorded, ResultPayload, StepResult, StepResultStore,
+    Consumed, Enqueued, InstanceFilter, InstanceStore, JobId, JobLease, JobQueue, NewJob,
+    NewStepResult, PortError, Recorded, ResultPayload, RoundResult, StepResult, StepResultStore,
 };
 use hephaestus_engine_core::step::CancellationSignal;
 use hephaestus_engine_core::workflow::{StartSelection, WorkflowFamily, WorkflowRegistry};
@@ -94,27 +95,44 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
 
     /// What a batch of advance rounds writes, in `tx`: the new `results`
     /// in order, idempotently (duplicates and results of missing instances
-    /// are skipped; those flagged `true` are recorded as already processed:
-    /// their instance is locked and applies them in this unit of work), the
-    /// inbox rows the rounds `consumed`, and the locked `instances`.
+    /// are skipped; those flagged `processed` are recorded as already
+    /// processed: their instance is locked and applies, or refuses, them in
+    /// this unit of work), the inbox rows the rounds `consumed` (refused
+    /// ones with their reason), and the locked `instances`.
     async fn write_rounds(
         &self,
         tx: &mut Self::Tx,
-        results: &[(NewStepResult, bool)],
-        consumed: &[(Uuid, Vec<i64>)],
+        results: &[RoundResult],
+        consumed: &[(Uuid, Vec<Consumed>)],
         instances: &[&Instance],
     ) -> Result<(), PortError> {
-        for (result, processed) in results {
+        for round_result in results {
+            let result = &round_result.result;
             match self.record(tx, result).await {
-                Ok(Recorded::Inserted(seq)) if *processed => {
-                    self.mark_processed(tx, result.instance_id, &[seq]).await?;
+                Ok(Recorded::Inserted(seq)) if round_result.processed => {
+                    if let Some(reason) = &round_result.refusal {
+                        self.refuse(tx, result.instance_id, &[(seq, reason.clone())])
+                            .await?;
+                    } else {
+                        self.mark_processed(tx, result.instance_id, &[seq]).await?;
+                    }
                 }
                 Ok(_) | Err(PortError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
         }
-        for (id, seqs) in consumed {
-            self.mark_processed(tx, *id, seqs).await?;
+        for (id, rows) in consumed {
+            let applied: Vec<i64> = rows
+                .iter()
+                .filter(|c| c.refusal.is_none())
+                .map(|c| c.seq)
+                .collect();
+            self.mark_processed(tx, *id, &applied).await?;
+            let refused: Vec<(i64, String)> = rows
+                .iter()
+                .filter_map(|c| c.refusal.clone().map(|reason| (c.seq, reason)))
+                .collect();
+            self.refuse(tx, *id, &refused).await?;
         }
         for instance in instances {
             self.update(tx, instance).await?;
@@ -533,6 +551,9 @@ impl<B: Backend> Runtime<B> {
         event: &str,
         payload: Value,
     ) -> Result<(), RunnerError> {
+        // Refused before anything is recorded: a payload the decoder could
+        // not read back would poison the instance's inbox.
+        limits::check(JsonRole::ResumePayload, &payload)?;
         let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
         let wf = &wf;
         let b = &self.inner.backend;
@@ -606,11 +627,22 @@ impl<B: Backend> Runtime<B> {
         event: &str,
         delay: Duration,
     ) -> Result<JobId, RunnerError> {
+        if delay.is_zero() {
+            return Err(RunnerError::InvalidDelay {
+                delay,
+                reason: "a scheduled resume needs a positive delay (resume now with `resume`)",
+            });
+        }
+        let too_large = RunnerError::InvalidDelay {
+            delay,
+            reason: "too large to schedule",
+        };
+        let at = chrono::Duration::from_std(delay)
+            .ok()
+            .and_then(|d| self.now().checked_add_signed(d))
+            .ok_or(too_large)?;
         let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
         let wf = &wf;
-        let at = self.now()
-            + chrono::Duration::from_std(delay)
-                .map_err(|_| RunnerError::InvalidInput("delay too large".into()))?;
         let args = jobs::ResumeArgs {
             instance_id: id,
             step,

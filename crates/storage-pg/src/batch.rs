@@ -22,7 +22,7 @@ use std::sync::Arc;
 use hephaestus_engine_core::business_id::UniqueClaim;
 use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::instance::Instance;
-use hephaestus_engine_core::ports::{NewStepResult, PortError, StepResult};
+use hephaestus_engine_core::ports::{Consumed, PortError, RoundResult, StepResult};
 use hephaestus_migrations_gen::SchemaPrefix;
 use sqlx::{PgConnection, PgExecutor, Row};
 use uuid::Uuid;
@@ -85,29 +85,30 @@ order by instance_id, seq"
             write: format!(
                 r"with recorded as (
     insert into {results} (instance_id, step_id, activation, kind, event, output, metadata,
-        detail, processed_at)
+        detail, processed_at, refusal)
     select r.instance_id, r.step_id, r.activation, r.kind, r.event, r.output::jsonb,
-           r.metadata::jsonb, r.detail::jsonb, case when r.processed then now() end
+           r.metadata::jsonb, r.detail::jsonb, case when r.processed then now() end, r.refusal
     from unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::text[], $6::text[],
-                $7::text[], $8::text[], $9::boolean[])
+                $7::text[], $8::text[], $9::boolean[], $10::text[])
          with ordinality as r(instance_id, step_id, activation, kind, event, output, metadata,
-                              detail, processed, ord)
+                              detail, processed, refusal, ord)
     where exists (select 1 from {instances} where id = r.instance_id)
     order by r.ord
-    on conflict (instance_id, step_id, activation, kind) do nothing
+    on conflict do nothing
     returning 1
 ),
 marked as (
-    update {results} set processed_at = now()
-    where seq = any($10) and processed_at is null
+    update {results} as m set processed_at = now(), refusal = c.refusal
+    from unnest($11::bigint[], $12::text[]) as c(seq, refusal)
+    where m.seq = c.seq and m.processed_at is null
     returning 1
 ),
 written as (
     update {instances} as i
     set status = u.status, unique_claim = u.unique_claim, state = u.state::jsonb,
         failure = u.failure::jsonb, revision = u.revision, updated_at = u.updated_at
-    from unnest($11::uuid[], $12::text[], $13::text[], $14::text[], $15::text[], $16::bigint[],
-                $17::timestamptz[]) as u(id, status, unique_claim, state, failure, revision,
+    from unnest($13::uuid[], $14::text[], $15::text[], $16::text[], $17::text[], $18::bigint[],
+                $19::timestamptz[]) as u(id, status, unique_claim, state, failure, revision,
                                         updated_at)
     where i.id = u.id
       and coalesce(strpos(current_setting('{held}', true), i.id::text) > 0, false)
@@ -208,10 +209,11 @@ impl PgStore {
     ///
     /// - `results`: new step results, in order (so `seq` follows it), idempotently (a
     ///   result already recorded for its (instance, step, activation, kind), or whose
-    ///   instance does not exist, is skipped); one flagged `true` is recorded as
+    ///   instance does not exist, is skipped); one flagged `processed` is recorded as
     ///   already processed (its instance is locked by this transaction, which applies
-    ///   it);
-    /// - `consumed`: inbox rows (by `seq`, of any instances) to mark processed;
+    ///   it), with its refusal if the round refused it (a refused row holds no slot);
+    /// - `consumed`: inbox rows (by `seq`, of any instances) to mark processed, with
+    ///   their refusal if the round refused them;
     /// - `instances`: their status, claim, state, failure, revision and update time,
     ///   all held by this transaction (locked or inserted in it):
     ///   [`PortError::Conflict`] when any of them is not (nothing is then meant to
@@ -219,8 +221,8 @@ impl PgStore {
     pub async fn write_rounds_using(
         &self,
         conn: &mut PgConnection,
-        results: &[(NewStepResult, bool)],
-        consumed: &[i64],
+        results: &[RoundResult],
+        consumed: &[Consumed],
         instances: &[&Instance],
     ) -> Result<(), PortError> {
         if results.is_empty() && consumed.is_empty() && instances.is_empty() {
@@ -236,8 +238,15 @@ impl PgStore {
         let mut metadata: Vec<Option<String>> = Vec::with_capacity(n);
         let mut details: Vec<Option<String>> = Vec::with_capacity(n);
         let mut processed = Vec::with_capacity(n);
-        for (result, done) in results {
+        let mut refusals: Vec<Option<String>> = Vec::with_capacity(n);
+        for RoundResult {
+            result,
+            processed: done,
+            refusal,
+        } in results
+        {
             processed.push(*done);
+            refusals.push(refusal.as_ref().map(|r| r.replace('\0', "\u{fffd}")));
             let columns = columns_of(&result.payload)?;
             instance_ids.push(result.instance_id);
             steps.push(result.step.as_ref().map_or("", StepId::as_str));
@@ -282,7 +291,14 @@ impl PgStore {
             .bind(&metadata)
             .bind(&details)
             .bind(&processed)
-            .bind(consumed)
+            .bind(&refusals)
+            .bind(consumed.iter().map(|c| c.seq).collect::<Vec<i64>>())
+            .bind(
+                consumed
+                    .iter()
+                    .map(|c| c.refusal.as_ref().map(|r| r.replace('\0', "\u{fffd}")))
+                    .collect::<Vec<Option<String>>>(),
+            )
             .bind(&ids)
             .bind(&statuses)
             .bind(&claims)

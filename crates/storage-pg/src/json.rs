@@ -34,7 +34,49 @@ pub(crate) fn to_jsonb_text<T: Serialize + ?Sized>(
     if has_escaped_nul(&text) {
         return Err(nul_error(what));
     }
+    // The last line of defence (the engine refuses values past its own,
+    // lower, limit where they enter): a document the decoder cannot read
+    // back would make every later read of its row fail.
+    if nesting_of(&text) > MAX_READABLE_NESTING {
+        return Err(PortError::InvalidInput(format!(
+            "{what} is nested deeper than {MAX_READABLE_NESTING} levels, which could not be read back"
+        )));
+    }
     Ok(text)
+}
+
+/// The deepest nesting `serde_json` reads back (its parser stops at 128).
+const MAX_READABLE_NESTING: usize = 127;
+
+/// How deeply arrays and objects nest in JSON text produced by `serde_json`
+/// (brackets inside strings are skipped, as are escaped quotes).
+fn nesting_of(json: &str) -> usize {
+    let mut depth: usize = 0;
+    let mut deepest: usize = 0;
+    let mut in_string = false;
+    let mut escaped = false;
+    for b in json.bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
 }
 
 /// `serde_json`'s formatter, except that floats are written in plain decimal notation
@@ -112,6 +154,19 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
+
+    #[test]
+    fn nesting_skips_strings() {
+        assert_eq!(nesting_of(r#"{"a":[1,{"b":"[[[{"}],"c\\"":"]]"}"#), 3);
+        assert_eq!(nesting_of("1"), 0);
+        let deep = hephaestus_engine_core::limits::nested(128);
+        assert!(to_jsonb_text("state", &deep).is_err());
+        let fine = hephaestus_engine_core::limits::nested(127);
+        assert!(to_jsonb_text("state", &fine).is_ok());
+        let read: serde_json::Value =
+            serde_json::from_str(&to_jsonb_text("state", &fine).unwrap()).unwrap();
+        assert_eq!(read, fine, "the deepest accepted document reads back");
+    }
 
     #[test]
     fn finds_escaped_nuls_only() {

@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ids::{Event, StepId};
 use hephaestus_engine_core::instance::AttemptRecord;
 use hephaestus_engine_core::ports::{
-    NewStepResult, PortError, Recorded, ResultPayload, StepResult,
+    NewStepResult, PortError, Recorded, Refused, ResultKind, ResultPayload, StepResult,
 };
 use hephaestus_engine_core::step::{EventName, StepError};
 use serde::{Deserialize, Serialize};
@@ -290,8 +290,71 @@ impl PgStore {
         Ok(())
     }
 
+    /// Marks unprocessed results of `instance_id` processed as refused, each with its
+    /// reason, in one statement (none for an empty list): they keep their row and no
+    /// longer hold their slot in the dedupe index.
+    pub async fn refuse_using<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        instance_id: Uuid,
+        refused: &[(i64, String)],
+    ) -> Result<(), PortError> {
+        if refused.is_empty() {
+            return Ok(());
+        }
+        let seqs: Vec<i64> = refused.iter().map(|(seq, _)| *seq).collect();
+        let reasons: Vec<String> = refused
+            .iter()
+            .map(|(_, reason)| reason.replace('\0', "\u{fffd}"))
+            .collect();
+        sqlx::query(&self.sql.refuse_results)
+            .bind(instance_id)
+            .bind(&seqs)
+            .bind(&reasons)
+            .execute(executor)
+            .await
+            .map_err(port_error)?;
+        Ok(())
+    }
+
+    /// The refused results of an instance, in arrival order, through any executor.
+    pub async fn refused_using<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        instance_id: Uuid,
+    ) -> Result<Vec<Refused>, PortError> {
+        let rows = sqlx::query(&self.sql.refused_results)
+            .bind(instance_id)
+            .fetch_all(executor)
+            .await
+            .map_err(port_error)?;
+        rows.iter()
+            .map(|row| {
+                let seq: i64 = row.try_get("seq").map_err(port_error)?;
+                let corrupt =
+                    |problem: String| PortError::Corrupt(format!("step result {seq}: {problem}"));
+                let step: String = row.try_get("step_id").map_err(port_error)?;
+                let activation: i32 = row.try_get("activation").map_err(port_error)?;
+                let kind: String = row.try_get("kind").map_err(port_error)?;
+                Ok(Refused {
+                    seq,
+                    step: if step.is_empty() {
+                        None
+                    } else {
+                        Some(StepId::new(&step).map_err(|e| corrupt(format!("step_id: {e}")))?)
+                    },
+                    activation: u32::try_from(activation)
+                        .map_err(|_| corrupt(format!("activation {activation}")))?,
+                    kind: ResultKind::parse(&kind)
+                        .ok_or_else(|| corrupt(format!("unknown kind {kind:?}")))?,
+                    reason: row.try_get("refusal").map_err(port_error)?,
+                })
+            })
+            .collect()
+    }
+
     /// Whether a completion, async marker or failure is recorded for this step
-    /// activation (processed or not), through any executor.
+    /// activation (processed or not, and not refused), through any executor.
     pub async fn is_recorded_using<'e, E: PgExecutor<'e>>(
         &self,
         executor: E,

@@ -24,7 +24,7 @@
 //! | `hephaestus_instances_workflow_idx` | by workflow (and version), and by workflow family prefix (`like 'p%'`, hence `text_pattern_ops`) |
 //! | `hephaestus_instances_active_status_idx` | active instances by status and staleness (runner recovery, reconciler) |
 //! | `hephaestus_instances_inserted_at_idx` / `_updated_at_idx` | operators' time ranges, with keyset pagination on `(time, id)` |
-//! | `hephaestus_step_results_activation_uidx` | idempotent insert, `is_recorded`, the foreign key's cascade |
+//! | `hephaestus_step_results_activation_uidx` | idempotent insert (a refused row gives up its slot: v2), `is_recorded`, the foreign key's cascade |
 //! | `hephaestus_step_results_pending_idx` | the single writer's inbox: unprocessed rows of one instance by `seq` |
 //! | `hephaestus_step_results_processed_at_idx` | pruning processed rows by age |
 //!
@@ -106,13 +106,45 @@ const V1_DOWN: &[&str] = &[
     "drop table if exists {prefix}.hephaestus_instances",
 ];
 
-static VERSIONS: [SchemaVersion; 1] = [SchemaVersion {
-    number: 1,
-    sqlx_version: 20_261_126_000_001,
-    description: "workflow instances and step results",
-    up: V1_UP,
-    down: Down::Statements(V1_DOWN),
-}];
+// Version 2: a result the single writer refuses keeps its row (with the
+// reason) but gives up its slot, so a valid result for the same activation can
+// still be recorded. The dedupe index gains a fifth expression that is 0 for
+// every live row and the row's own `seq` for a refused one; it keeps the name
+// and still leads with `instance_id` (the foreign key's cascade).
+const V2_UP: &[&str] = &[
+    "alter table {prefix}.hephaestus_step_results add column if not exists refusal text",
+    "drop index if exists {prefix}.hephaestus_step_results_activation_uidx",
+    r"create unique index if not exists hephaestus_step_results_activation_uidx
+    on {prefix}.hephaestus_step_results
+    (instance_id, step_id, activation, kind, (case when refusal is null then 0 else seq end))",
+];
+
+const V2_DOWN: &[&str] = &[
+    // Refused rows would collide with the version 1 index: they go (they were
+    // processed, and kept only for operators).
+    "delete from {prefix}.hephaestus_step_results where refusal is not null",
+    "drop index if exists {prefix}.hephaestus_step_results_activation_uidx",
+    r"create unique index if not exists hephaestus_step_results_activation_uidx
+    on {prefix}.hephaestus_step_results (instance_id, step_id, activation, kind)",
+    "alter table {prefix}.hephaestus_step_results drop column if exists refusal",
+];
+
+static VERSIONS: [SchemaVersion; 2] = [
+    SchemaVersion {
+        number: 1,
+        sqlx_version: 20_261_126_000_001,
+        description: "workflow instances and step results",
+        up: V1_UP,
+        down: Down::Statements(V1_DOWN),
+    },
+    SchemaVersion {
+        number: 2,
+        sqlx_version: 20_261_205_000_001,
+        description: "refused step results give up their slot",
+        up: V2_UP,
+        down: Down::Statements(V2_DOWN),
+    },
+];
 
 /// The component's name, the key of its row in `hephaestus_schema_versions`.
 pub const COMPONENT: &str = "storage";
@@ -134,7 +166,7 @@ mod tests {
     fn the_definition_is_valid() {
         let storage = schema();
         assert_eq!(storage.name(), "storage");
-        assert_eq!(storage.latest(), 1);
+        assert_eq!(storage.latest(), 2);
     }
 
     #[test]
@@ -163,7 +195,7 @@ mod tests {
 
     #[test]
     fn sql_is_lower_case_outside_comments() {
-        for statement in V1_UP.iter().chain(V1_DOWN) {
+        for statement in V1_UP.iter().chain(V1_DOWN).chain(V2_UP).chain(V2_DOWN) {
             for line in statement.lines() {
                 let code = line.split("--").next().unwrap_or_default();
                 assert!(

@@ -7,8 +7,8 @@ use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
-    InstanceFilter, InstanceStore, NewStepResult, PortError, Recorded, StepResult, StepResultStore,
-    UnitOfWork,
+    InstanceFilter, InstanceStore, NewStepResult, PortError, Recorded, Refused, StepResult,
+    StepResultStore, UnitOfWork,
 };
 use hephaestus_migrations_gen::SchemaPrefix;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -89,6 +89,8 @@ pub(crate) struct Sql {
     pub(crate) pending_results: String,
     pub(crate) mark_processed: String,
     pub(crate) is_recorded: String,
+    pub(crate) refuse_results: String,
+    pub(crate) refused_results: String,
     pub(crate) prune_processed: String,
     pub(crate) batch: crate::batch::BatchSql,
 }
@@ -172,7 +174,7 @@ select exists (select 1 from target) as found, exists (select 1 from written) as
                 r"insert into {results} (instance_id, step_id, activation, kind, event, output, metadata, detail)
 select $1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8::jsonb
 where exists (select 1 from {instances} where id = $1)
-on conflict (instance_id, step_id, activation, kind) do nothing
+on conflict do nothing
 returning seq"
             ),
             instance_exists: format!("select exists (select 1 from {instances} where id = $1)"),
@@ -190,8 +192,19 @@ where instance_id = $1 and seq = any($2) and processed_at is null"
                 r"select exists (
     select 1 from {results}
     where instance_id = $1 and step_id = $2 and activation = $3
-        and kind in ('completed', 'async', 'failed')
+        and kind in ('completed', 'async', 'failed') and refusal is null
 )"
+            ),
+            refuse_results: format!(
+                r"update {results} as r set processed_at = now(), refusal = x.reason
+from unnest($2::bigint[], $3::text[]) as x(seq, reason)
+where r.instance_id = $1 and r.seq = x.seq and r.processed_at is null"
+            ),
+            refused_results: format!(
+                r"select seq, step_id, activation, kind, refusal
+from {results}
+where instance_id = $1 and refusal is not null
+order by seq"
             ),
             prune_processed: format!(
                 r"delete from {results}
@@ -260,6 +273,19 @@ impl StepResultStore for PgStore {
     ) -> Result<(), PortError> {
         self.mark_processed_using(&mut **tx, instance_id, seqs)
             .await
+    }
+
+    async fn refuse(
+        &self,
+        tx: &mut Tx,
+        instance_id: Uuid,
+        refused: &[(i64, String)],
+    ) -> Result<(), PortError> {
+        self.refuse_using(&mut **tx, instance_id, refused).await
+    }
+
+    async fn refused(&self, instance_id: Uuid) -> Result<Vec<Refused>, PortError> {
+        self.refused_using(&self.pool, instance_id).await
     }
 
     async fn is_recorded(

@@ -37,6 +37,7 @@ macro_rules! on_both_backends {
         )*
     };
 }
+pub(super) use on_both_backends;
 
 on_both_backends!(
     undecodable_job_args_are_discarded_with_the_decode_error,
@@ -48,7 +49,7 @@ on_both_backends!(
 /// Keeps the memory backend's type in use when only the macro names it.
 const _: fn() -> MemoryBackend = MemoryBackend::new;
 
-async fn postgres_backend() -> (PgBackend, TestSchema) {
+pub(super) async fn postgres_backend() -> (PgBackend, TestSchema) {
     let schema = TestSchema::new().await;
     hephaestus_storage_pg::migrate(&schema.pool, &schema.prefix)
         .await
@@ -75,7 +76,7 @@ fn plain(id: &str) -> Workflow {
         .expect("a valid workflow")
 }
 
-fn runtime<B: Backend>(backend: &B, workflows: Vec<Workflow>) -> Runtime<B> {
+pub(super) fn runtime<B: Backend>(backend: &B, workflows: Vec<Workflow>) -> Runtime<B> {
     workflows
         .into_iter()
         .fold(Runtime::builder(backend.clone()), RuntimeBuilder::workflow)

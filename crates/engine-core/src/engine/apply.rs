@@ -8,12 +8,12 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
 use super::{Applied, Disposition, Effect, EngineError, EngineEvent, Ignored, Input};
-use crate::context::contains_nul;
 use crate::ids::{Event, StepId};
 use crate::instance::{
     AttemptRecord, FailureRecord, HistoryEntry, HistoryKind, Instance, InstanceStatus,
     PendingResume, ResumeSource, StepState, StepStatus, StepTimer,
 };
+use crate::limits::{self, JsonRole};
 use crate::step::{AsyncWait, Completion, StepError};
 use crate::workflow::{Route, Workflow};
 
@@ -220,9 +220,10 @@ impl<'a> Run<'a> {
                 return Disposition::Applied;
             }
         };
-        if contains_nul(&c.output) || contains_nul(&Value::Object(c.metadata.clone())) {
-            let msg =
-                format!("step {step} returned output containing U+0000, which cannot be stored");
+        if let Err(invalid) = limits::check(JsonRole::StepOutput, &c.output)
+            .and_then(|()| limits::check_map(JsonRole::StepMetadata, &c.metadata))
+        {
+            let msg = format!("step {step} returned a value that cannot be stored: {invalid}");
             self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
             return Disposition::Applied;
         }
@@ -346,9 +347,9 @@ impl<'a> Run<'a> {
                     };
                     let config = pick.config.or_else(|| decl.config.clone());
                     if let Some(cfg) = &config {
-                        if contains_nul(cfg) {
+                        if let Err(invalid) = limits::check(JsonRole::StepConfig, cfg) {
                             return Err(format!(
-                                "the config picked for {} contains U+0000",
+                                "the config picked for {} cannot be stored: {invalid}",
                                 decl.step
                             ));
                         }
@@ -515,11 +516,7 @@ impl<'a> Run<'a> {
                 current,
             });
         }
-        if contains_nul(&payload) {
-            return Err(EngineError::InvalidInput(
-                "the resume payload contains U+0000, which cannot be stored".to_owned(),
-            ));
-        }
+        limits::check(JsonRole::ResumePayload, &payload)?;
         let Some(state) = self.inst.steps.get_mut(step) else {
             return Err(EngineError::NotWaiting {
                 step: step.clone(),

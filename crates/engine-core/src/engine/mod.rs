@@ -25,9 +25,10 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::business_id::{BusinessId, UniqueClaim};
-use crate::context::{Context, contains_nul};
+use crate::context::Context;
 use crate::ids::{Event, StepId};
 use crate::instance::{AttemptRecord, Instance, InstanceStatus, ResumeSource, StepStatus};
+use crate::limits::{self, InvalidJson, JsonRole};
 use crate::step::{AsyncWait, Completion, StepError, StepOutcome};
 use crate::workflow::Workflow;
 
@@ -329,9 +330,13 @@ pub enum EngineError {
     /// The instance already ended.
     #[error("instance is {0}; nothing can be resumed or cancelled")]
     InstanceFinished(InstanceStatus),
-    /// Invalid input at start (for example U+0000 in JSON).
+    /// Invalid input at start.
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A JSON value that cannot enter an instance (not an object where one
+    /// is needed, U+0000, too deep, too large: see [`crate::limits`]).
+    #[error("invalid input: {0}")]
+    InvalidJson(#[from] InvalidJson),
     /// The stored instance does not match its definition.
     #[error("corrupt instance state: {0}")]
     CorruptState(String),
@@ -369,16 +374,8 @@ impl<'a> Engine<'a> {
 
     /// Builds a pending instance (not started: apply [`Input::Start`]).
     pub fn new_instance(&self, params: NewInstance) -> Result<Instance, EngineError> {
-        if contains_nul(&params.input) {
-            return Err(EngineError::InvalidInput(
-                "the start input contains U+0000, which cannot be stored".to_owned(),
-            ));
-        }
-        if contains_nul(&Value::Object(params.telemetry_metadata.clone())) {
-            return Err(EngineError::InvalidInput(
-                "the telemetry metadata contains U+0000, which cannot be stored".to_owned(),
-            ));
-        }
+        limits::check_object(JsonRole::Input, &params.input)?;
+        limits::check_map(JsonRole::TelemetryMetadata, &params.telemetry_metadata)?;
         let wf = self.workflow;
         Ok(Instance {
             id: params.id,

@@ -1084,7 +1084,84 @@ fn instances_carry_ids_claims_and_reject_nul_input() {
             now: t0(),
         })
         .unwrap_err();
-    assert!(matches!(err, EngineError::InvalidInput(_)));
+    assert!(matches!(
+        err,
+        EngineError::InvalidJson(crate::limits::InvalidJson {
+            role: crate::limits::JsonRole::Input,
+            problem: crate::limits::JsonProblem::ContainsNul,
+        })
+    ));
+}
+
+#[test]
+fn a_start_input_must_be_an_object_storable_and_readable() {
+    let a = step("A", "done", json!({}));
+    let workflow = wf().start(a.clone()).on(a, "done", Done).build().unwrap();
+    let new = |input: Value, metadata: serde_json::Map<String, Value>| {
+        Engine::new(&workflow).new_instance(NewInstance {
+            id: Uuid::from_u128(3),
+            business_id: crate::business_id::BusinessId::parse("order::3").unwrap(),
+            input,
+            telemetry_metadata: metadata,
+            now: t0(),
+        })
+    };
+    for bad in [json!([]), json!("s"), json!(null), json!(1)] {
+        let err = new(bad.clone(), serde_json::Map::new()).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::InvalidJson(j) if j.role == crate::limits::JsonRole::Input
+                && matches!(j.problem, crate::limits::JsonProblem::NotAnObject { .. })),
+            "{bad}: {err:?}"
+        );
+    }
+    let err = new(
+        crate::limits::nested(crate::limits::MAX_DEPTH + 1),
+        serde_json::Map::new(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("nested deeper than 64"), "{err}");
+    let mut deep_meta = serde_json::Map::new();
+    deep_meta.insert("m".into(), crate::limits::nested(crate::limits::MAX_DEPTH));
+    let err = new(json!({}), deep_meta).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::InvalidJson(j) if j.role == crate::limits::JsonRole::TelemetryMetadata),
+        "{err:?}"
+    );
+    assert!(
+        new(
+            crate::limits::nested(crate::limits::MAX_DEPTH),
+            serde_json::Map::new()
+        )
+        .is_ok()
+    );
+}
+
+#[test]
+fn an_output_too_deep_fails_the_step_and_a_payload_too_deep_is_refused() {
+    let deep = crate::limits::nested(crate::limits::MAX_DEPTH + 1);
+    let a = step("A", "done", deep.clone());
+    let workflow = wf().start(a.clone()).on(a, "done", Done).build().unwrap();
+    let mut d = Driver::new(workflow, json!({}));
+    d.run();
+    assert_eq!(d.inst.status, InstanceStatus::Failed);
+    let failure = format!("{:?}", d.inst.failure);
+    assert!(failure.contains("nested deeper than 64"), "{failure}");
+
+    let mut w = waiting_instance();
+    let before = w.inst.clone();
+    let err = w
+        .feed(Input::Resume {
+            step: sid("Hold"),
+            activation: None,
+            event: ev("go"),
+            payload: deep,
+        })
+        .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::InvalidJson(j) if j.role == crate::limits::JsonRole::ResumePayload),
+        "{err:?}"
+    );
+    assert_eq!(w.inst, before);
 }
 
 #[test]

@@ -49,8 +49,8 @@ use uuid::Uuid;
 
 use super::{
     Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue,
-    JobState, NewJob, NewStepResult, PortError, Recorded, ResultKind, StepResult, StepResultStore,
-    UniqueJob, UnitOfWork,
+    JobState, NewJob, NewStepResult, PortError, Recorded, Refused, ResultKind, StepResult,
+    StepResultStore, UniqueJob, UnitOfWork,
 };
 use crate::business_id::UniqueClaim;
 use crate::context::contains_nul;
@@ -161,6 +161,8 @@ struct ResultRow {
     result: NewStepResult,
     inserted_at: DateTime<Utc>,
     processed_at: Option<DateTime<Utc>>,
+    /// Why the writer refused it (see [`Refused`]).
+    refusal: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -314,6 +316,10 @@ enum Op {
     MarkProcessed {
         instance_id: Uuid,
         seqs: Vec<i64>,
+    },
+    Refuse {
+        instance_id: Uuid,
+        refused: Vec<(i64, String)>,
     },
     Enqueue(Box<JobRow>),
     /// A unique job that merged into a committed holder: inserted at commit
@@ -527,6 +533,14 @@ impl State {
                         self.mark_processed(instance_id, seq, now);
                     }
                 }
+                Op::Refuse {
+                    instance_id,
+                    refused,
+                } => {
+                    for (seq, reason) in refused {
+                        self.refuse(instance_id, seq, reason, now);
+                    }
+                }
                 Op::Enqueue(job) | Op::EnqueueIfFree(job) => self.put_job(*job),
                 Op::ChangeJob { id, change } => self.change_job(id, &change, now),
             }
@@ -564,6 +578,7 @@ impl State {
                 result,
                 inserted_at: now,
                 processed_at: None,
+                refusal: None,
             },
         );
     }
@@ -581,6 +596,25 @@ impl State {
             if seqs.is_empty() {
                 self.unprocessed.remove(&instance_id);
             }
+        }
+    }
+
+    /// Marks an unprocessed result processed as refused: it keeps its reason
+    /// and gives up its dedupe key.
+    fn refuse(&mut self, instance_id: Uuid, seq: i64, reason: String, now: DateTime<Utc>) {
+        let Some(row) = self.results.get(&seq) else {
+            return;
+        };
+        if row.result.instance_id != instance_id || row.processed_at.is_some() {
+            return;
+        }
+        let key = ResultKey::of(&row.result);
+        self.mark_processed(instance_id, seq, now);
+        if let Some(row) = self.results.get_mut(&seq) {
+            row.refusal = Some(reason);
+        }
+        if self.result_keys.get(&key) == Some(&seq) {
+            self.result_keys.remove(&key);
         }
     }
 
@@ -919,7 +953,13 @@ impl MemoryBackend {
                 Op::MarkProcessed {
                     instance_id: target,
                     seqs,
-                } if *target == instance_id => Some(seqs.iter().copied()),
+                } if *target == instance_id => Some(seqs.clone()),
+                Op::Refuse {
+                    instance_id: target,
+                    refused,
+                } if *target == instance_id => {
+                    Some(refused.iter().map(|(seq, _)| *seq).collect::<Vec<_>>())
+                }
                 _ => None,
             })
             .flatten()
@@ -1243,6 +1283,40 @@ impl StepResultStore for MemoryBackend {
             });
         }
         Ok(())
+    }
+
+    async fn refuse(
+        &self,
+        tx: &mut MemoryTx,
+        instance_id: Uuid,
+        refused: &[(i64, String)],
+    ) -> Result<(), PortError> {
+        self.check_tx(tx)?;
+        if !refused.is_empty() {
+            tx.ops.push(Op::Refuse {
+                instance_id,
+                refused: refused.to_vec(),
+            });
+        }
+        Ok(())
+    }
+
+    async fn refused(&self, instance_id: Uuid) -> Result<Vec<Refused>, PortError> {
+        let st = self.state();
+        Ok(st
+            .results
+            .iter()
+            .filter(|(_, row)| row.result.instance_id == instance_id)
+            .filter_map(|(seq, row)| {
+                row.refusal.as_ref().map(|reason| Refused {
+                    seq: *seq,
+                    step: row.result.step.clone(),
+                    activation: row.result.activation,
+                    kind: row.result.payload.kind(),
+                    reason: reason.clone(),
+                })
+            })
+            .collect())
     }
 
     async fn is_recorded(

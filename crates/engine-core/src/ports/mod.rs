@@ -137,6 +137,20 @@ pub enum ResultKind {
 }
 
 impl ResultKind {
+    /// The kind stored as `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Self::Completed,
+            Self::Async,
+            Self::Resume,
+            Self::Timer,
+            Self::Failed,
+            Self::Cancel,
+        ]
+        .into_iter()
+        .find(|kind| kind.as_str() == name)
+    }
+
     /// The stored name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -302,6 +316,48 @@ pub struct StepResult {
     pub inserted_at: DateTime<Utc>,
 }
 
+/// A result the single writer refused to apply (an event its step does not
+/// declare, an activation that is not active, a row it cannot decode, ...):
+/// processed, kept with the reason for operators, and no longer holding its
+/// (instance, step, activation, kind) slot, so a valid result for the same
+/// activation can still be recorded and applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Its arrival sequence number.
+    pub seq: i64,
+    /// Its step (`None` for instance-level rows).
+    pub step: Option<StepId>,
+    /// The step activation it named.
+    pub activation: u32,
+    /// Its kind.
+    pub kind: ResultKind,
+    /// Why it was refused.
+    pub reason: String,
+}
+
+/// A step result a batch of advance rounds records (the runner's batched
+/// write).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundResult {
+    /// The result.
+    pub result: NewStepResult,
+    /// Its instance is held by the batch, whose round applied (or refused)
+    /// it: recorded as processed.
+    pub processed: bool,
+    /// Why the round refused it (recorded processed, without holding its
+    /// slot: see [`Refused`]).
+    pub refusal: Option<String>,
+}
+
+/// An inbox row a round consumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Consumed {
+    /// Its sequence number.
+    pub seq: i64,
+    /// Why the round refused it, if it did (see [`Refused`]).
+    pub refusal: Option<String>,
+}
+
 /// Whether an insert recorded a new row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Recorded {
@@ -336,8 +392,23 @@ pub trait StepResultStore: UnitOfWork {
         seqs: &[i64],
     ) -> Result<(), PortError>;
 
+    /// Marks unprocessed results processed as refused, each with its reason
+    /// (see [`Refused`]): they are never returned by `pending` again, and no
+    /// longer hold their slot, so `record` accepts a new result for the same
+    /// (instance, step, activation, kind).
+    async fn refuse(
+        &self,
+        tx: &mut Self::Tx,
+        instance_id: Uuid,
+        refused: &[(i64, String)],
+    ) -> Result<(), PortError>;
+
+    /// The refused results of an instance, in arrival order.
+    async fn refused(&self, instance_id: Uuid) -> Result<Vec<Refused>, PortError>;
+
     /// Whether a completion, async marker or failure is recorded (processed or
-    /// not) for this step activation: its user code must not run again.
+    /// not, and not refused) for this step activation: its user code must not
+    /// run again.
     async fn is_recorded(
         &self,
         instance_id: Uuid,

@@ -57,7 +57,13 @@ impl Wait {
         let duration = config
             .get("duration")
             .and_then(Value::as_u64)
-            .ok_or("Wait config needs \"duration\": a non-negative integer")?;
+            .filter(|d| *d > 0)
+            .ok_or_else(|| match config.get("duration") {
+                Some(other) => {
+                    format!("Wait \"duration\" must be a positive integer, got: {other}")
+                }
+                None => "Wait config needs \"duration\": a positive integer".to_owned(),
+            })?;
         let unit_ms: u64 = match config.get("unit").and_then(Value::as_str) {
             Some("millisecond") => 1,
             Some("second") | None => 1_000,
@@ -111,9 +117,10 @@ impl WaitForEvent {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v
                 .as_u64()
+                .filter(|ms| *ms > 0)
                 .map(|ms| Some(Duration::from_millis(ms)))
                 .ok_or_else(|| {
-                    format!("WaitForEvent \"timeout_ms\" must be a non-negative integer, got: {v}")
+                    format!("WaitForEvent \"timeout_ms\" must be a positive integer, got: {v}")
                 }),
         }
     }
@@ -225,6 +232,9 @@ mod tests {
         for bad in [
             json!({}),
             json!({"duration": -1}),
+            json!({"duration": 0}),
+            json!({"duration": 0, "unit": "day"}),
+            json!({"duration": 1.5}),
             json!({"duration": 1, "unit": "week"}),
             json!("x"),
         ] {
@@ -257,6 +267,13 @@ mod tests {
                 .is_err()
         );
         assert!(WaitForEvent.validate_config(Some(&json!(3))).is_err());
+        for zero in [json!({"timeout_ms": 0}), json!({"timeout_ms": -5})] {
+            assert!(WaitForEvent.validate_config(Some(&zero)).is_err(), "{zero}");
+            assert!(matches!(
+                block_on(run_step(&WaitForEvent, Some(&zero))),
+                StepOutcome::Error(ref e) if !e.is_retryable()
+            ));
+        }
     }
 
     #[test]

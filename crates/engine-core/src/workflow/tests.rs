@@ -459,6 +459,50 @@ fn literal_wait_configs_are_checked_at_build_time() {
             .on(Wait, "timeout", Done),
     );
     assert!(msg.contains("invalid config for hephaestus::Wait"), "{msg}");
+    for bad in [
+        json!({"duration": 0}),
+        json!({"duration": -3, "unit": "second"}),
+        json!({"duration": 5, "unit": "fortnight"}),
+    ] {
+        let msg = messages(
+            base("wf")
+                .start_with(Wait, bad.clone())
+                .on(Wait, "timeout", Done),
+        );
+        assert!(
+            msg.contains("invalid config for hephaestus::Wait"),
+            "{bad}: {msg}"
+        );
+    }
+    let msg = messages(
+        base("wf")
+            .start_with(WaitForEvent, json!({"timeout_ms": 0}))
+            .on(WaitForEvent, "received", Done)
+            .on(WaitForEvent, "timeout", Done),
+    );
+    assert!(
+        msg.contains("invalid config for hephaestus::WaitForEvent"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn literal_configs_too_deep_to_store_are_refused_at_build_time() {
+    let msg = messages(
+        base("wf")
+            .start_with(
+                WaitForEvent,
+                json!({"timeout_ms": 5, "x": crate::limits::nested(crate::limits::MAX_DEPTH)}),
+            )
+            .on(WaitForEvent, "received", Done)
+            .on(WaitForEvent, "timeout", Done),
+    );
+    assert!(msg.contains("nested deeper than 64"), "{msg}");
+    let msg = messages(base("wf").metadata(json!({"m": crate::limits::nested(64)})));
+    assert!(
+        msg.contains("expected :metadata values to be JSON-safe"),
+        "{msg}"
+    );
 }
 
 #[test]

@@ -11,8 +11,8 @@ use super::{
     Definition, DraftRoute, Edge, MetadataDraft, Route, StepDef, StepRef, StepRefKind, Target,
     TargetSpec, WorkflowBuilder, WorkflowError, WorkflowErrors,
 };
-use crate::context::contains_nul;
 use crate::ids::{Event, StepId, WorkflowId};
+use crate::limits::{self, JsonRole};
 use crate::step::Step;
 use crate::steps::DONE_ID;
 
@@ -79,10 +79,8 @@ fn option_errors(b: &WorkflowBuilder, errors: &mut Vec<WorkflowError>) -> Map<St
     let metadata = match &b.metadata {
         MetadataDraft::Unset => Map::new(),
         MetadataDraft::Value(Value::Object(map)) => {
-            if contains_nul(&Value::Object(map.clone())) {
-                errors.push(WorkflowError::MetadataNotJsonSafe(
-                    "a string containing U+0000".to_owned(),
-                ));
+            if let Err(invalid) = limits::check_map(JsonRole::WorkflowMetadata, map) {
+                errors.push(WorkflowError::MetadataNotJsonSafe(invalid.to_string()));
             }
             map.clone()
         }
@@ -236,7 +234,12 @@ pub(super) fn build(b: WorkflowBuilder) -> Result<Definition, WorkflowErrors> {
         .chain(clauses.iter().flat_map(|c| c.route.edge_targets()));
     for t in literal_targets {
         if let (Some(cfg), Some((step, _))) = (&t.config, registry.steps.get(&t.step)) {
-            if let Err(reason) = step.validate_config(Some(cfg)) {
+            if let Err(invalid) = limits::check(JsonRole::StepConfig, cfg) {
+                errors.push(WorkflowError::InvalidConfig {
+                    step: t.step.clone(),
+                    reason: invalid.to_string(),
+                });
+            } else if let Err(reason) = step.validate_config(Some(cfg)) {
                 errors.push(WorkflowError::InvalidConfig {
                     step: t.step.clone(),
                     reason,
