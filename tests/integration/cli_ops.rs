@@ -993,3 +993,96 @@ async fn bad_arguments_and_databases_fail_with_clear_errors() {
     }
     env.teardown().await;
 }
+
+/// One instance whose stored state cannot be decoded (nested past what the
+/// decoder reads, written by hand): listing skips and reports it, `show`
+/// prints what can be read, `cancel` cancels it by its status and jobs, and
+/// every other instance is listed and steered as usual.
+#[tokio::test]
+async fn an_undecodable_instance_is_reported_shown_and_cancelled_without_wedging_the_rest() {
+    let env = Env::new().await;
+    let s = env.name().to_owned();
+    let bad = env.start(fixtures::WAIT, "bad", json!({})).await;
+    let good = env.start(fixtures::WAIT, "good", json!({})).await;
+    for id in [bad, good] {
+        assert_eq!(env.settle(id).await.status, InstanceStatus::Waiting);
+    }
+    let too_deep = format!("{}{}", "[".repeat(300), "]".repeat(300));
+    sqlx::query(&format!(
+        "update {} set state = jsonb_set(state, '{{context,initial}}', $2::jsonb) where id = $1",
+        env.schema.table("hephaestus_instances")
+    ))
+    .bind(bad)
+    .bind(&too_deep)
+    .execute(&env.schema.pool)
+    .await
+    .unwrap();
+    assert!(matches!(
+        env.runtime.get(bad).await,
+        Err(hephaestus_runner::RunnerError::Backend(
+            hephaestus_engine_core::ports::PortError::Corrupt(_)
+        ))
+    ));
+
+    // Listing: the good one is listed, the bad one reported, nothing fails.
+    let listed = run(&s, &["instances", "list", "--json"]).success();
+    let listing: Value = serde_json::from_str(&stdout(&listed)).unwrap();
+    assert_eq!(ids(&listing), vec![good.to_string()]);
+    assert_eq!(listing["undecodable"][0]["id"], json!(bad));
+    assert!(
+        listing["undecodable"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("state"),
+        "{listing}"
+    );
+    assert!(stderr(&listed).contains(&format!("instance {bad} cannot be decoded")));
+    let port_list = env
+        .runtime
+        .list(&hephaestus_engine_core::ports::InstanceFilter::default())
+        .await
+        .expect("the port's list skips it");
+    assert_eq!(port_list.iter().map(|i| i.id).collect::<Vec<_>>(), [good]);
+
+    // Show: what can be read, with the error and the jobs.
+    let shown = ok(&s, &["instances", "show", &bad.to_string()]);
+    assert!(shown.contains("CANNOT BE DECODED"), "{shown}");
+    assert!(
+        shown.contains("waiting") && shown.contains(fixtures::WAIT),
+        "{shown}"
+    );
+    let shown = json_of(&s, &["instances", "show", &bad.to_string(), "--json"]);
+    assert_eq!(shown["status"], "waiting");
+    assert!(shown["decode_error"].as_str().unwrap().contains("state"));
+
+    // Cancel: by status and jobs; its business key is free again.
+    let cancelled = ok(&s, &["instances", "cancel", &bad.to_string()]);
+    assert!(cancelled.contains(&bad.to_string()), "{cancelled}");
+    let status: String = sqlx::query_scalar(&format!(
+        "select status from {} where id = $1",
+        env.schema.table("hephaestus_instances")
+    ))
+    .bind(bad)
+    .fetch_one(&env.schema.pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "cancelled");
+    assert!(
+        env.runtime.jobs_of(bad).await.unwrap().is_empty(),
+        "no live job"
+    );
+    env.start(fixtures::WAIT, "bad", json!({})).await;
+    // The good one is untouched and still steerable.
+    ok(
+        &s,
+        &[
+            "instances",
+            "resume",
+            &good.to_string(),
+            fixtures::WAITING_STEP,
+            fixtures::RESUME_EVENT,
+        ],
+    );
+    assert_eq!(env.settle(good).await.status, InstanceStatus::Completed);
+    env.teardown().await;
+}

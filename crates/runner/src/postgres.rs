@@ -175,6 +175,15 @@ impl InstanceStore for PgBackend {
         <PgStore as InstanceStore>::update(&self.store, tx, instance).await
     }
 
+    async fn cancel_status_only(
+        &self,
+        tx: &mut Tx,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError> {
+        <PgStore as InstanceStore>::cancel_status_only(&self.store, tx, id, now).await
+    }
+
     async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError> {
         <PgStore as InstanceStore>::get(&self.store, id).await
     }

@@ -688,10 +688,31 @@ impl<B: Backend> Runtime<B> {
     /// Cancels an instance now: status cancelled, its jobs cancelled, running
     /// steps signalled; nothing runs after (G14). Serialized with advances by
     /// the instance lock.
+    ///
+    /// An instance whose stored state cannot be decoded is still cancelled,
+    /// by its status and its jobs alone (its state is left as it is for an
+    /// operator to inspect; no history entry can be appended to it).
     pub async fn cancel(&self, id: Uuid, reason: Option<String>) -> Result<(), RunnerError> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
-        let mut instance = self.lock_existing(&mut tx, id).await?;
+        let mut instance = match b.lock(&mut tx, id).await {
+            Ok(Some(instance)) => instance,
+            Ok(None) => return Err(RunnerError::NotFound(id.to_string())),
+            Err(PortError::Corrupt(error)) => {
+                // The lock statement took the lock before decoding failed.
+                if !b.cancel_status_only(&mut tx, id, self.now()).await? {
+                    return Err(RunnerError::Corrupt(format!(
+                        "instance {id} is not active and cannot be decoded: {error}"
+                    )));
+                }
+                self.close_ended(&mut tx, id, None).await?;
+                b.commit(tx).await?;
+                self.signal_cancelled(id);
+                tracing::warn!(target: "hephaestus.workflow.cancel", instance_id = %id, error = %error, "undecodable workflow instance cancelled by its status");
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
         let wf = self.workflow_of(&instance)?;
         let applied = Engine::new(wf).apply(&mut instance, Input::Cancel { reason }, self.now())?;
         b.update(&mut tx, &instance).await?;

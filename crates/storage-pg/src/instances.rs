@@ -317,7 +317,70 @@ impl PgStore {
             limit: filter.limit,
             ..InstanceQuery::default()
         };
-        let (instances, _) = self.run_query(executor, &query, false).await?;
-        Ok(instances)
+        // Rows that cannot be decoded are skipped (and logged by the query).
+        Ok(self.run_query(executor, &query, false).await?.instances)
     }
+
+    /// What can be read of an instance without decoding its state: the plain
+    /// columns, the state and failure documents as JSON text (cut to
+    /// `max_text` characters), and the error decoding it gives, if any. For
+    /// operators looking at an instance that [`PgStore::get_using`] reports
+    /// as [`PortError::Corrupt`].
+    pub async fn get_raw_using<'e, E: PgExecutor<'e>>(
+        &self,
+        executor: E,
+        id: Uuid,
+        max_text: u32,
+    ) -> Result<Option<RawInstance>, PortError> {
+        let Some(row) = sqlx::query(&self.sql.get_raw)
+            .bind(id)
+            .bind(i32::try_from(max_text).unwrap_or(i32::MAX))
+            .fetch_optional(executor)
+            .await
+            .map_err(port_error)?
+        else {
+            return Ok(None);
+        };
+        let version: i32 = row.try_get("workflow_version").map_err(port_error)?;
+        let revision: i64 = row.try_get("revision").map_err(port_error)?;
+        Ok(Some(RawInstance {
+            id: row.try_get("id").map_err(port_error)?,
+            business_id: row.try_get("business_id").map_err(port_error)?,
+            workflow_id: row.try_get("workflow_id").map_err(port_error)?,
+            workflow_version: u32::try_from(version).unwrap_or(0),
+            status: row.try_get("status").map_err(port_error)?,
+            revision: u64::try_from(revision).unwrap_or(0),
+            inserted_at: row.try_get("inserted_at").map_err(port_error)?,
+            updated_at: row.try_get("updated_at").map_err(port_error)?,
+            state: row.try_get("state").map_err(port_error)?,
+            failure: row.try_get("failure").map_err(port_error)?,
+        }))
+    }
+}
+
+/// An instance row read without decoding its state (see
+/// [`PgStore::get_raw_using`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RawInstance {
+    /// The id.
+    pub id: Uuid,
+    /// The business id, as stored.
+    pub business_id: String,
+    /// The workflow id, as stored.
+    pub workflow_id: String,
+    /// The version.
+    pub workflow_version: u32,
+    /// The status, as stored.
+    pub status: String,
+    /// The revision.
+    pub revision: u64,
+    /// When it was created.
+    pub inserted_at: DateTime<Utc>,
+    /// When it was last written.
+    pub updated_at: DateTime<Utc>,
+    /// The state document as JSON text, cut to the length asked for.
+    pub state: String,
+    /// The failure document as JSON text, cut likewise.
+    pub failure: Option<String>,
 }

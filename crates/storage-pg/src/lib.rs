@@ -93,8 +93,9 @@ mod store;
 use hephaestus_engine_core::ports::{InstanceStore, PortError, StepResultStore, UnitOfWork};
 
 pub use batch::ExecutionCheck;
+pub use instances::RawInstance;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
 pub use migrate::{Migrated, migrate};
-pub use query::{Cursor, Direction, InstanceQuery, Order, Page, SortKey, TimeRange};
+pub use query::{Cursor, Direction, InstanceQuery, Order, Page, SortKey, TimeRange, Undecodable};
 pub use schema::{COMPONENT, schema};
 pub use store::{PRUNE_BATCH, PgStore, Tx};

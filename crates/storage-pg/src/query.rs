@@ -6,7 +6,7 @@ use hephaestus_engine_core::business_id::BusinessId;
 use hephaestus_engine_core::ids::WorkflowId;
 use hephaestus_engine_core::instance::{Instance, InstanceStatus};
 use hephaestus_engine_core::ports::PortError;
-use sqlx::{PgExecutor, Postgres, QueryBuilder};
+use sqlx::{PgExecutor, Postgres, QueryBuilder, Row};
 use uuid::Uuid;
 
 use crate::error::port_error;
@@ -121,6 +121,17 @@ impl Cursor {
         }
     }
 
+    /// The id of the row this cursor stands after.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    /// The position of the instance `id` in the order by id (a cursor that
+    /// needs no read, even of an instance that cannot be decoded).
+    pub fn after_id(id: Uuid) -> Self {
+        Self::at_id(SortKey::Id, id)
+    }
+
     pub(crate) fn at_id(key: SortKey, id: Uuid) -> Self {
         Self { key, at: None, id }
     }
@@ -136,8 +147,20 @@ impl Cursor {
 pub struct Page {
     /// The instances, in the query's order.
     pub instances: Vec<Instance>,
+    /// Rows of the page whose stored state cannot be decoded, in the query's
+    /// order: reported and skipped, so one bad row never hides the others.
+    pub undecodable: Vec<Undecodable>,
     /// Where the next page starts; `None` when this is the last page.
     pub next: Option<Cursor>,
+}
+
+/// An instance row that cannot be decoded: its id and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    /// The instance.
+    pub id: Uuid,
+    /// The decoding error (which column, and why).
+    pub error: String,
 }
 
 /// Escapes `%`, `_` and `\` for a `like .. escape '\'` pattern.
@@ -267,40 +290,79 @@ impl PgStore {
         executor: E,
         query: &InstanceQuery,
     ) -> Result<Page, PortError> {
-        let (instances, more) = self.run_query(executor, query, true).await?;
-        let next = if more {
-            instances.last().map(|i| Cursor::after(i, query.order.key))
-        } else {
-            None
-        };
-        Ok(Page { instances, next })
+        let rows = self.run_query(executor, query, true).await?;
+        let next = if rows.more { rows.last } else { None };
+        Ok(Page {
+            instances: rows.instances,
+            undecodable: rows.undecodable,
+            next,
+        })
     }
 
     /// Runs `query`; with `peek`, fetches one extra row and reports whether there was
-    /// one (it is not returned).
+    /// one (it is not returned). A row that cannot be decoded is reported in
+    /// `undecodable` and skipped; the cursor still moves past it.
     pub(crate) async fn run_query<'e, E: PgExecutor<'e>>(
         &self,
         executor: E,
         query: &InstanceQuery,
         peek: bool,
-    ) -> Result<(Vec<Instance>, bool), PortError> {
+    ) -> Result<QueryRows, PortError> {
+        let mut out = QueryRows::default();
         if query.limit == Some(0) {
-            return Ok((Vec::new(), false));
+            return Ok(out);
         }
         let limit = query.limit.map(i64::from);
         let fetch = limit.map(|l| if peek { l + 1 } else { l });
         let mut sql = build(&self.sql.select_instances, query, fetch)?;
-        let rows = sql.build().fetch_all(executor).await.map_err(port_error)?;
-        let mut instances = rows
-            .iter()
-            .map(decode_instance)
-            .collect::<Result<Vec<_>, _>>()?;
-        let more = limit.is_some_and(|l| i64::try_from(instances.len()).is_ok_and(|n| n > l));
-        if more {
-            instances.pop();
+        let mut rows = sql.build().fetch_all(executor).await.map_err(port_error)?;
+        if let Some(limit) = limit.and_then(|l| usize::try_from(l).ok())
+            && rows.len() > limit
+        {
+            out.more = true;
+            rows.truncate(limit);
         }
-        Ok((instances, more))
+        for row in &rows {
+            match decode_instance(row) {
+                Ok(instance) => {
+                    out.last = Some(Cursor::after(&instance, query.order.key));
+                    out.instances.push(instance);
+                }
+                Err(error) => {
+                    let id: Uuid = row.try_get("id").map_err(port_error)?;
+                    let at = match query.order.key {
+                        SortKey::Id => None,
+                        SortKey::InsertedAt => {
+                            Some(row.try_get("inserted_at").map_err(port_error)?)
+                        }
+                        SortKey::UpdatedAt => Some(row.try_get("updated_at").map_err(port_error)?),
+                    };
+                    out.last = Some(Cursor {
+                        key: query.order.key,
+                        at,
+                        id,
+                    });
+                    tracing::warn!(instance_id = %id, error = %error, "instance cannot be decoded; skipped");
+                    out.undecodable.push(Undecodable {
+                        id,
+                        error: error.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(out)
     }
+}
+
+/// What [`PgStore::run_query`] read.
+#[derive(Debug, Default)]
+pub(crate) struct QueryRows {
+    pub(crate) instances: Vec<Instance>,
+    pub(crate) undecodable: Vec<Undecodable>,
+    /// A row beyond the limit exists.
+    pub(crate) more: bool,
+    /// The position of the last row read (decodable or not).
+    pub(crate) last: Option<Cursor>,
 }
 
 #[cfg(test)]

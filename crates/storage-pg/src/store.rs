@@ -89,6 +89,8 @@ pub(crate) struct Sql {
     pub(crate) pending_results: String,
     pub(crate) mark_processed: String,
     pub(crate) is_recorded: String,
+    pub(crate) cancel_status_only: String,
+    pub(crate) get_raw: String,
     pub(crate) refuse_results: String,
     pub(crate) refused_results: String,
     pub(crate) prune_processed: String,
@@ -164,6 +166,16 @@ for no key update of i"
 select exists (select 1 from target) as found, exists (select 1 from written) as written"
             ),
             get_instance: format!("select {INSTANCE_COLUMNS} from {instances} i where i.id = $1"),
+            cancel_status_only: format!(
+                r"update {instances} set status = 'cancelled', updated_at = $2
+where id = $1 and status in {ACTIVE}
+returning id"
+            ),
+            get_raw: format!(
+                r"select id, business_id, workflow_id, workflow_version, status, revision,
+    inserted_at, updated_at, left(state::text, $2) as state, left(failure::text, $2) as failure
+from {instances} where id = $1"
+            ),
             claim_holder: format!(
                 "select id from {instances} where unique_claim = $1 and status in {ACTIVE} and id <> $2 limit 1"
             ),
@@ -244,6 +256,21 @@ impl InstanceStore for PgStore {
 
     async fn update(&self, tx: &mut Tx, instance: &Instance) -> Result<(), PortError> {
         self.update_using(tx, instance).await
+    }
+
+    async fn cancel_status_only(
+        &self,
+        tx: &mut Tx,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError> {
+        let cancelled: Option<Uuid> = sqlx::query_scalar(&self.sql.cancel_status_only)
+            .bind(id)
+            .bind(now)
+            .fetch_optional(&mut **tx)
+            .await
+            .map_err(port_error)?;
+        Ok(cancelled.is_some())
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError> {

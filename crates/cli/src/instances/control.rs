@@ -90,6 +90,30 @@ impl ResumeCommand {
     }
 }
 
+/// What `instances cancel` prints about.
+struct Cancelled {
+    id: uuid::Uuid,
+}
+
+impl CancelCommand {
+    /// The instance id, when `error` came from an instance (given by id)
+    /// whose stored state cannot be decoded.
+    fn undecodable(&self, error: &anyhow::Error) -> Result<Option<uuid::Uuid>> {
+        let corrupt = error.chain().any(|cause| {
+            cause
+                .downcast_ref::<hephaestus_engine_core::ports::PortError>()
+                .is_some_and(|e| matches!(e, hephaestus_engine_core::ports::PortError::Corrupt(_)))
+        });
+        let Ok(id) = uuid::Uuid::parse_str(&self.instance) else {
+            return Ok(None);
+        };
+        if !corrupt {
+            return Ok(None);
+        }
+        Ok(Some(id))
+    }
+}
+
 /// `instances cancel` options.
 #[derive(Debug, Args)]
 pub struct CancelCommand {
@@ -107,12 +131,33 @@ pub struct CancelCommand {
 
 impl CancelCommand {
     pub async fn run(self, app: &App) -> Result<()> {
-        let (instance, runtime) =
-            steer(app, &self.db, &self.instance, NeedsDefinition::Cancel).await?;
-        runtime
-            .cancel(instance.id, self.reason.clone())
-            .await
-            .with_context(|| format!("cannot cancel instance {}", instance.id))?;
+        let id = match steer(app, &self.db, &self.instance, NeedsDefinition::Cancel).await {
+            Ok((instance, runtime)) => {
+                runtime
+                    .cancel(instance.id, self.reason.clone())
+                    .await
+                    .with_context(|| format!("cannot cancel instance {}", instance.id))?;
+                instance.id
+            }
+            Err(error) => {
+                // An instance whose state cannot be decoded is cancelled by its
+                // status and jobs alone (the runner's cancel does that when
+                // the instance does not decode).
+                let Some(id) = self.undecodable(&error)? else {
+                    return Err(error);
+                };
+                let db = Database::open(&self.db, Needs::Both).await?;
+                let runtime = app
+                    .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
+                    .await?;
+                runtime
+                    .cancel(id, self.reason.clone())
+                    .await
+                    .with_context(|| format!("cannot cancel instance {id}"))?;
+                id
+            }
+        };
+        let instance = Cancelled { id };
         if self.json {
             println!(
                 "{}",

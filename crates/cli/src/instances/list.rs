@@ -8,9 +8,8 @@ use chrono::{DateTime, Utc};
 use clap::Args;
 use hephaestus_engine_core::business_id::BusinessId;
 use hephaestus_engine_core::ids::WorkflowId;
-use hephaestus_engine_core::ports::InstanceStore;
 use hephaestus_engine_core::{Instance, InstanceStatus};
-use hephaestus_storage_pg::{Cursor, InstanceQuery, SortKey, TimeRange};
+use hephaestus_storage_pg::{Cursor, InstanceQuery, TimeRange};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -109,8 +108,10 @@ impl ListCommand {
         let after = match self.after {
             None => None,
             Some(id) => {
-                let last = store
-                    .get(id)
+                // Read without decoding: a cursor may be an instance whose
+                // state cannot be decoded.
+                store
+                    .get_raw_using(store.pool(), id, 0)
                     .await
                     .context("reading the cursor's instance")?
                     .ok_or_else(|| {
@@ -119,7 +120,7 @@ impl ListCommand {
                             db.schema()
                         )
                     })?;
-                Some(Cursor::after(&last, SortKey::Id))
+                Some(Cursor::after_id(id))
             }
         };
         let query = InstanceQuery {
@@ -135,13 +136,24 @@ impl ListCommand {
             ..InstanceQuery::default()
         };
         let page = store.query(&query).await.context("listing instances")?;
-        let next = page
-            .next
-            .and_then(|_| page.instances.last())
-            .map(|last| last.id);
+        let next = page.next.as_ref().map(Cursor::id);
+        for bad in &page.undecodable {
+            eprintln!(
+                "hephaestus: warning: instance {} cannot be decoded and is not listed: {} (`hephaestus instances show {}` shows what can be read; `hephaestus instances cancel {}` cancels it)",
+                bad.id, bad.error, bad.id, bad.id
+            );
+        }
         if self.json {
             let instances: Vec<Value> = page.instances.iter().map(summary).collect();
-            println!("{}", json!({"instances": instances, "next": next}));
+            let undecodable: Vec<Value> = page
+                .undecodable
+                .iter()
+                .map(|bad| json!({"id": bad.id, "error": bad.error}))
+                .collect();
+            println!(
+                "{}",
+                json!({"instances": instances, "undecodable": undecodable, "next": next})
+            );
             return Ok(());
         }
         if page.instances.is_empty() {

@@ -19,7 +19,9 @@ use hephaestus_engine_core::step::{ErrorKind, StepError};
 use hephaestus_engine_core::{Instance, StepId, StepStatus, Workflow};
 use hephaestus_queue_pg::{Job, JobFilter};
 use hephaestus_runner::RunnerConfig;
+use hephaestus_storage_pg::RawInstance;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
 use super::{resolve, time};
 use crate::App;
@@ -41,7 +43,24 @@ pub struct ShowCommand {
 impl ShowCommand {
     pub async fn run(self, app: &App) -> Result<()> {
         let db = Database::open(&self.db, Needs::Both).await?;
-        let instance = resolve(&db.store(), &self.instance).await?;
+        let store = db.store();
+        let instance = match resolve(&store, &self.instance).await {
+            Ok(instance) => instance,
+            Err(error) => {
+                // An instance whose state cannot be decoded: show what can be read.
+                if let Ok(id) = Uuid::parse_str(&self.instance)
+                    && let Some(raw) = store
+                        .get_raw_using(store.pool(), id, RAW_STATE_CHARS)
+                        .await
+                        .context("reading the instance's columns")?
+                {
+                    let jobs = instance_jobs(&db, id).await?;
+                    self.print_raw(&raw, &error, &jobs);
+                    return Ok(());
+                }
+                return Err(error);
+            }
+        };
         let definition = match app
             .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
             .await
@@ -58,14 +77,7 @@ impl ShowCommand {
                 None
             }
         };
-        let jobs = db
-            .queue()
-            .jobs(&JobFilter {
-                group: Some(hephaestus_runner::jobs::group(instance.id)),
-                ..JobFilter::default()
-            })
-            .await
-            .context("reading the instance's jobs")?;
+        let jobs = instance_jobs(&db, instance.id).await?;
         let view = View::new(&instance, definition.as_ref(), &jobs);
         if self.json {
             println!("{}", view.json());
@@ -74,6 +86,82 @@ impl ShowCommand {
         }
         Ok(())
     }
+
+    /// What can be read of an instance whose state cannot be decoded.
+    fn print_raw(&self, raw: &RawInstance, error: &anyhow::Error, jobs: &[Job]) {
+        let decode_error = format!("{error:#}");
+        if self.json {
+            println!(
+                "{}",
+                json!({
+                    "id": raw.id,
+                    "status": raw.status,
+                    "business_id": raw.business_id,
+                    "workflow": raw.workflow_id,
+                    "version": raw.workflow_version,
+                    "revision": raw.revision,
+                    "created_at": time(raw.inserted_at),
+                    "updated_at": time(raw.updated_at),
+                    "decode_error": decode_error,
+                    "state_text": raw.state,
+                    "failure_text": raw.failure,
+                    "jobs": jobs.iter().map(job_json).collect::<Vec<_>>(),
+                })
+            );
+            return;
+        }
+        println!("instance {}  (its stored state CANNOT BE DECODED)", raw.id);
+        println!("  error:     {decode_error}");
+        println!("  status:    {}", raw.status);
+        println!("  workflow:  {} v{}", raw.workflow_id, raw.workflow_version);
+        println!("  business:  {}", raw.business_id);
+        println!(
+            "  created:   {}  updated: {}  revision: {}",
+            time(raw.inserted_at),
+            time(raw.updated_at),
+            raw.revision
+        );
+        println!(
+            "  state (first {RAW_STATE_CHARS} characters): {}",
+            raw.state
+        );
+        if let Some(failure) = &raw.failure {
+            println!("  failure: {failure}");
+        }
+        println!("jobs:");
+        if jobs.is_empty() {
+            println!("  none");
+        }
+        for job in jobs {
+            println!(
+                "  {} {} {}{} attempt {}/{}",
+                job.id.0,
+                job.kind,
+                job_step(job).unwrap_or_default(),
+                job.state.as_str(),
+                job.attempt,
+                job.max_attempts
+            );
+        }
+        println!(
+            "`hephaestus instances cancel {}` cancels it by its status and jobs.",
+            raw.id
+        );
+    }
+}
+
+/// How much of an undecodable state document `show` prints.
+const RAW_STATE_CHARS: u32 = 2_000;
+
+/// The instance's jobs, live and finished.
+async fn instance_jobs(db: &Database, id: Uuid) -> Result<Vec<Job>> {
+    db.queue()
+        .jobs(&JobFilter {
+            group: Some(hephaestus_runner::jobs::group(id)),
+            ..JobFilter::default()
+        })
+        .await
+        .context("reading the instance's jobs")
 }
 
 /// A failed attempt of one of the instance's jobs (or of the failure record).

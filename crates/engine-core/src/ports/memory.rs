@@ -1242,6 +1242,34 @@ impl InstanceStore for MemoryBackend {
         self.update_sync(tx, instance)
     }
 
+    async fn cancel_status_only(
+        &self,
+        tx: &mut MemoryTx,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError> {
+        self.check_tx(tx)?;
+        let cancelled = {
+            let st = self.state();
+            match tx_instance(&st, &tx.ops, id) {
+                Some(instance) if instance.status.is_active() => {
+                    let mut cancelled = instance.clone();
+                    cancelled.status = crate::instance::InstanceStatus::Cancelled;
+                    cancelled.updated_at = now;
+                    Some(cancelled)
+                }
+                _ => None,
+            }
+        };
+        Ok(match cancelled {
+            Some(instance) => {
+                tx.ops.push(Op::UpdateInstance(Box::new(instance)));
+                true
+            }
+            None => false,
+        })
+    }
+
     async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError> {
         Ok(self.state().instances.get(&id).cloned())
     }

@@ -93,6 +93,19 @@ pub trait InstanceStore: UnitOfWork {
     /// not exist.
     async fn update(&self, tx: &mut Self::Tx, instance: &Instance) -> Result<(), PortError>;
 
+    /// Cancels an ACTIVE instance by its status alone, without reading or
+    /// writing its state: the last resort for an instance whose stored state
+    /// cannot be decoded (its claim is released with its active status; the
+    /// state stays as it is for an operator to inspect). Call it holding the
+    /// instance's lock (a `lock` whose decoding failed still took it).
+    /// Returns whether the instance was active.
+    async fn cancel_status_only(
+        &self,
+        tx: &mut Self::Tx,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool, PortError>;
+
     /// Reads the committed state of an instance.
     async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError>;
 
