@@ -202,6 +202,17 @@ pub enum ResumeSource {
     Timer,
 }
 
+impl ResumeSource {
+    /// The name telemetry gives it (the original's `source`): `external`
+    /// or `timeout`.
+    pub fn telemetry_name(self) -> &'static str {
+        match self {
+            Self::External => "external",
+            Self::Timer => "timeout",
+        }
+    }
+}
+
 /// One entry of the execution history (the audit trail).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryEntry {

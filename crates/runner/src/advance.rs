@@ -73,6 +73,9 @@ pub(crate) struct Round {
     pub cancel_timers: Vec<(hephaestus_engine_core::StepId, u32)>,
     /// The instance ended: cancel its remaining jobs, signal its steps.
     pub cancel_all: bool,
+    /// `Done` activations the round applied inline (no job ran them): each
+    /// still reports its `step.start` and `step.stop`.
+    pub done: Vec<(hephaestus_engine_core::StepId, u32)>,
     pub events: Vec<EngineEvent>,
     pub applied: usize,
     pub ignored: usize,
@@ -90,6 +93,7 @@ impl Round {
             new_jobs: Vec::new(),
             cancel_timers: Vec::new(),
             cancel_all: false,
+            done: Vec::new(),
             events: Vec::new(),
             applied: 0,
             ignored: 0,
@@ -304,6 +308,7 @@ impl<B: Backend> Runtime<B> {
                 Effect::Execute { step, activation } if step.as_str() == DONE_ID => {
                     // The terminal step has a fixed outcome: apply it here
                     // instead of running a job for it.
+                    round.done.push((step.clone(), activation));
                     let applied = engine.apply(
                         instance,
                         Input::Completed {
@@ -419,12 +424,17 @@ impl<B: Backend> Runtime<B> {
             self.inner.wake.notify_waiters();
         }
         let telemetry = &self.inner.telemetry;
+        for (step, activation) in &round.done {
+            self.emit_inline_done(instance, step, *activation);
+        }
         telemetry.engine_events(instance, &round.events, self.now());
         telemetry.emit(
             crate::telemetry::names::ENGINE_ADVANCE,
             serde_json::json!({
                 "duration": u64::try_from((self.now() - round_started).num_milliseconds()).unwrap_or(0),
                 "active_steps_count": instance.open_steps().count(),
+                // Steps the round itself completed (`Done`, applied inline).
+                "completed_in_advance": round.done.len(),
             }),
             crate::telemetry::instance_metadata(
                 instance,
@@ -440,6 +450,47 @@ impl<B: Backend> Runtime<B> {
                     ("iteration".to_owned(), serde_json::json!(iteration)),
                 ]),
             ),
+        );
+    }
+
+    /// `step.start` and `step.stop` of a `Done` applied inline, as a job
+    /// running it would report them (it takes no time).
+    fn emit_inline_done(
+        &self,
+        instance: &Instance,
+        step: &hephaestus_engine_core::StepId,
+        activation: u32,
+    ) {
+        let key = self
+            .workflow_of(instance)
+            .ok()
+            .and_then(|wf| wf.step(step.as_str()).map(|d| d.key.clone()))
+            .unwrap_or_else(|| step.default_step_key());
+        let meta = crate::telemetry::instance_metadata(
+            instance,
+            serde_json::Map::from_iter([
+                ("step".to_owned(), serde_json::json!(step)),
+                ("step_key".to_owned(), serde_json::json!(key)),
+                ("activation".to_owned(), serde_json::json!(activation)),
+                ("attempt".to_owned(), serde_json::json!(1)),
+                ("active_steps_count".to_owned(), serde_json::json!(1)),
+                ("concurrent".to_owned(), serde_json::json!(false)),
+            ]),
+        );
+        let telemetry = &self.inner.telemetry;
+        telemetry.emit(
+            crate::telemetry::names::STEP_START,
+            serde_json::json!({"system_time": self.now()}),
+            meta.clone(),
+        );
+        let mut meta = meta;
+        meta.insert("event".into(), serde_json::json!("done"));
+        meta.insert("has_context_updates".into(), serde_json::json!(false));
+        meta.insert("has_metadata_updates".into(), serde_json::json!(false));
+        telemetry.emit(
+            crate::telemetry::names::STEP_STOP,
+            serde_json::json!({"duration": 0}),
+            meta,
         );
     }
 }

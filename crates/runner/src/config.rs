@@ -88,6 +88,9 @@ pub struct RunnerConfig {
     /// that cannot claim in [`Backend::enqueue_and_complete`](crate::Backend::enqueue_and_complete)
     /// ignore it.
     pub continuations: bool,
+    /// This runtime's name, reported by `hephaestus.runner.init` (the
+    /// original's `name`): tell workers apart in telemetry.
+    pub name: String,
 }
 
 impl Default for RunnerConfig {
@@ -104,6 +107,7 @@ impl Default for RunnerConfig {
             max_batch: 128,
             batch_flushers: 2,
             continuations: true,
+            name: "hephaestus".to_owned(),
         }
     }
 }

@@ -262,6 +262,11 @@ impl<B: Backend> Runtime<B> {
                     "active_steps_count".to_owned(),
                     serde_json::json!(instance.open_steps().count()),
                 ),
+                // Other steps of the instance are open beside this one.
+                (
+                    "concurrent".to_owned(),
+                    serde_json::json!(instance.open_steps().count() > 1),
+                ),
             ]),
         );
         let telemetry = &self.inner.telemetry;

@@ -312,6 +312,7 @@ impl<B: Backend> RuntimeBuilder<B> {
             crate::telemetry::names::RUNNER_INIT,
             serde_json::json!({"system_time": (runtime.inner.clock)()}),
             match serde_json::json!({
+                "name": runtime.inner.config.name,
                 "runner": "hephaestus-runner",
                 "backend": std::any::type_name::<B>(),
                 "workflows": workflows,

@@ -97,6 +97,15 @@ pub(crate) fn instance_metadata(
     meta
 }
 
+fn completed_steps(instance: &Instance) -> Vec<&str> {
+    instance
+        .steps
+        .iter()
+        .filter(|(_, s)| s.status == StepStatus::Completed)
+        .map(|(id, _)| id.as_str())
+        .collect()
+}
+
 fn obj(v: Value) -> Map<String, Value> {
     match v {
         Value::Object(m) => m,
@@ -184,17 +193,12 @@ impl Telemetry {
                         json!({"system_time": now, "wait_duration": waited}),
                         instance_metadata(
                             instance,
-                            obj(json!({"step": step, "step_key": step.default_step_key(), "resume_event": event, "source": source})),
+                            obj(json!({"step": step, "step_key": step.default_step_key(), "resume_event": event, "source": source.telemetry_name()})),
                         ),
                     );
                 }
                 EngineEvent::WorkflowCompleted => {
-                    let completed: Vec<&str> = instance
-                        .steps
-                        .iter()
-                        .filter(|(_, s)| s.status == StepStatus::Completed)
-                        .map(|(id, _)| id.as_str())
-                        .collect();
+                    let completed = completed_steps(instance);
                     self.emit(
                         names::WORKFLOW_STOP,
                         json!({
@@ -210,7 +214,15 @@ impl Telemetry {
                     json!({"duration": ms_between(instance.created_at, now)}),
                     instance_metadata(
                         instance,
-                        obj(json!({"kind": "error", "reason": message, "failed_step": step, "status": InstanceStatus::Failed})),
+                        obj(json!({
+                            "kind": "error",
+                            "reason": message,
+                            "failed_step": step,
+                            "status": InstanceStatus::Failed,
+                            // As the original: the counts land in metadata.
+                            "step_count": completed_steps(instance).len(),
+                            "advance_count": instance.revision,
+                        })),
                     ),
                 ),
                 EngineEvent::WorkflowStarted { .. }

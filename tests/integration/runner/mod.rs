@@ -4,6 +4,7 @@
 mod harness;
 mod orchestration;
 mod queue_runtime;
+mod telemetry;
 
 use std::time::Duration;
 

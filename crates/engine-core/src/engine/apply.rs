@@ -272,6 +272,8 @@ impl<'a> Run<'a> {
                 return;
             }
         };
+        // A resumed step has one entry, the resume (spec 3.6): it is how the
+        // step completed.
         if let Some(source) = resumed {
             self.history(
                 Some(step),
@@ -286,14 +288,15 @@ impl<'a> Run<'a> {
                 event: event.clone(),
                 source,
             });
+        } else {
+            self.history(
+                Some(step),
+                activation,
+                HistoryKind::Completed {
+                    event: event.clone(),
+                },
+            );
         }
-        self.history(
-            Some(step),
-            activation,
-            HistoryKind::Completed {
-                event: event.clone(),
-            },
-        );
         if let Some(state) = self.inst.steps.get_mut(step) {
             state.status = StepStatus::Completed;
             state.event = Some(event.clone());

@@ -1282,3 +1282,33 @@ fn steps_with_and_open_steps_report_state() {
     assert_eq!(d.inst.open_steps().count(), 1);
     assert!(d.inst.status.is_active());
 }
+
+#[test]
+fn a_resumed_step_has_exactly_one_history_entry_the_resume() {
+    let mut d = waiting_instance();
+    d.feed(Input::Resume {
+        step: sid("Hold"),
+        activation: None,
+        event: ev("go"),
+        payload: json!({}),
+    })
+    .unwrap();
+    let entries: Vec<&HistoryKind> = d
+        .inst
+        .history
+        .iter()
+        .filter(|h| h.step.as_ref().map(StepId::as_str) == Some("Hold"))
+        .map(|h| &h.kind)
+        .filter(|k| !matches!(k, HistoryKind::Async { .. }))
+        .collect();
+    assert!(
+        matches!(
+            entries.as_slice(),
+            [HistoryKind::Resumed {
+                source: crate::instance::ResumeSource::External,
+                ..
+            }]
+        ),
+        "{entries:?}"
+    );
+}
