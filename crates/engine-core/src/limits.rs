@@ -148,7 +148,7 @@ pub fn check_map(role: JsonRole, map: &serde_json::Map<String, Value>) -> Result
             Ok(bound) => {
                 bytes = bytes
                     .saturating_add(bound)
-                    .saturating_add(key.len() * 6 + 4)
+                    .saturating_add(key.len() * 6 + 4);
             }
             Err(p) => {
                 problem = Some(p);

@@ -65,7 +65,7 @@ pub(crate) fn storable_outcome(step: &StepId, outcome: StepOutcome) -> StepOutco
                 && let Err(invalid) = limits::check(JsonRole::StepOutput, details)
             {
                 e.details = None;
-                message.push_str(&format!(" (details dropped: {})", invalid.problem));
+                message = format!("{message} (details dropped: {})", invalid.problem);
             }
             e.message = storable_message(message);
             StepOutcome::Error(e)

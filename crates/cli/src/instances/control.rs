@@ -98,19 +98,14 @@ struct Cancelled {
 impl CancelCommand {
     /// The instance id, when `error` came from an instance (given by id)
     /// whose stored state cannot be decoded.
-    fn undecodable(&self, error: &anyhow::Error) -> Result<Option<uuid::Uuid>> {
+    fn undecodable(&self, error: &anyhow::Error) -> Option<uuid::Uuid> {
         let corrupt = error.chain().any(|cause| {
             cause
                 .downcast_ref::<hephaestus_engine_core::ports::PortError>()
                 .is_some_and(|e| matches!(e, hephaestus_engine_core::ports::PortError::Corrupt(_)))
         });
-        let Ok(id) = uuid::Uuid::parse_str(&self.instance) else {
-            return Ok(None);
-        };
-        if !corrupt {
-            return Ok(None);
-        }
-        Ok(Some(id))
+        let id = uuid::Uuid::parse_str(&self.instance).ok()?;
+        corrupt.then_some(id)
     }
 }
 
@@ -143,7 +138,7 @@ impl CancelCommand {
                 // An instance whose state cannot be decoded is cancelled by its
                 // status and jobs alone (the runner's cancel does that when
                 // the instance does not decode).
-                let Some(id) = self.undecodable(&error)? else {
+                let Some(id) = self.undecodable(&error) else {
                     return Err(error);
                 };
                 let db = Database::open(&self.db, Needs::Both).await?;
