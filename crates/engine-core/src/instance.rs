@@ -293,9 +293,121 @@ pub struct AttemptRecord {
     pub error: StepError,
 }
 
+/// Why an instance failed, whichever process or path failed it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum FailureReason {
+    /// The step kept failing until its attempts ran out (each attempt's
+    /// error is in the record's `attempts`).
+    AttemptsExhausted {
+        /// How many attempts were made.
+        attempts: u32,
+    },
+    /// The step returned a fatal error.
+    StepFatal,
+    /// The step panicked on its last attempt.
+    StepPanicked,
+    /// The step's worker kept dying (its job was rescued until the queue
+    /// gave up on it).
+    WorkerLost,
+    /// The step completed with (or asked for a timer with) an event it does
+    /// not declare.
+    UndeclaredEvent {
+        /// The event.
+        event: String,
+    },
+    /// A dynamic route picked a step that is not among its declared targets.
+    UndeclaredTarget {
+        /// The step picked.
+        target: String,
+    },
+    /// A dynamic route picked no target.
+    NoTarget,
+    /// A config picked at run time is invalid.
+    InvalidConfig,
+    /// The step returned a value that cannot be stored (see
+    /// [`crate::limits`]), or a timer too far in the future.
+    UnstorableValue,
+    /// The instance's stored state does not match its definition.
+    CorruptState,
+    /// The instance's workflow or version is not registered.
+    UnknownWorkflow,
+    /// A job orchestrating the instance (advance, timer, scheduled resume)
+    /// was discarded: what it carried can no longer be delivered.
+    JobDiscarded {
+        /// The job's kind.
+        job: String,
+    },
+    /// A record written before failure reasons were kept.
+    #[default]
+    Unknown,
+}
+
+impl FailureReason {
+    /// The reason's name, as stored (`attempts_exhausted`, ...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::AttemptsExhausted { .. } => "attempts_exhausted",
+            Self::StepFatal => "step_fatal",
+            Self::StepPanicked => "step_panicked",
+            Self::WorkerLost => "worker_lost",
+            Self::UndeclaredEvent { .. } => "undeclared_event",
+            Self::UndeclaredTarget { .. } => "undeclared_target",
+            Self::NoTarget => "no_target",
+            Self::InvalidConfig => "invalid_config",
+            Self::UnstorableValue => "unstorable_value",
+            Self::CorruptState => "corrupt_state",
+            Self::UnknownWorkflow => "unknown_workflow",
+            Self::JobDiscarded { .. } => "job_discarded",
+            Self::Unknown => "unknown",
+        }
+    }
+
+    /// The reason of a step failure whose final error is `error`, after
+    /// `attempts` attempts: the cause the runner named, else fatal or
+    /// exhausted by the error's kind.
+    pub fn of_step_error(error: &StepError, attempts: u32) -> Self {
+        match &error.cause {
+            Some(cause) => cause.clone(),
+            None if error.is_retryable() => Self::AttemptsExhausted { attempts },
+            None => Self::StepFatal,
+        }
+    }
+}
+
+impl fmt::Display for FailureReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AttemptsExhausted { attempts } => {
+                write!(f, "the step failed on all {attempts} attempts")
+            }
+            Self::StepFatal => f.write_str("the step returned a fatal error"),
+            Self::StepPanicked => f.write_str("the step panicked"),
+            Self::WorkerLost => f.write_str("the step's worker kept dying"),
+            Self::UndeclaredEvent { event } => {
+                write!(f, "the step returned the undeclared event :{event}")
+            }
+            Self::UndeclaredTarget { target } => {
+                write!(f, "a dynamic route picked the undeclared target {target}")
+            }
+            Self::NoTarget => f.write_str("a dynamic route picked no target"),
+            Self::InvalidConfig => f.write_str("a config picked at run time is invalid"),
+            Self::UnstorableValue => f.write_str("the step returned a value that cannot be stored"),
+            Self::CorruptState => f.write_str("the stored state does not match its definition"),
+            Self::UnknownWorkflow => f.write_str("the workflow or version is not registered"),
+            Self::JobDiscarded { job } => write!(f, "a {job} job was discarded"),
+            Self::Unknown => f.write_str("unknown (recorded before reasons were kept)"),
+        }
+    }
+}
+
 /// Why an instance failed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FailureRecord {
+    /// The reason, typed.
+    #[serde(default)]
+    pub reason: FailureReason,
     /// The failed step (none for instance-level failures).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<StepId>,

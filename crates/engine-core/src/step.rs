@@ -214,6 +214,12 @@ pub struct StepError {
     /// Optional structured details.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub details: Option<Value>,
+    /// What failed when it was not the step's own error (a panic, a lost
+    /// worker, a value that cannot be stored): the failure reason an
+    /// instance failing on this error records. `None` for errors a step
+    /// returns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cause: Option<crate::instance::FailureReason>,
 }
 
 impl StepError {
@@ -223,6 +229,7 @@ impl StepError {
             kind: ErrorKind::Retryable { after_ms: None },
             message: message.into(),
             details: None,
+            cause: None,
         }
     }
 
@@ -234,6 +241,7 @@ impl StepError {
             },
             message: message.into(),
             details: None,
+            cause: None,
         }
     }
 
@@ -243,7 +251,15 @@ impl StepError {
             kind: ErrorKind::Fatal,
             message: message.into(),
             details: None,
+            cause: None,
         }
+    }
+
+    /// Names what failed (see [`StepError::cause`]).
+    #[must_use]
+    pub fn with_cause(mut self, cause: crate::instance::FailureReason) -> Self {
+        self.cause = Some(cause);
+        self
     }
 
     /// Attaches structured details.

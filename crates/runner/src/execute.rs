@@ -1,7 +1,7 @@
 //! Step execution, timers and scheduled resumes: the jobs that never write the
 //! instance. Each records its result and enqueues an advance in one commit.
 
-use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
 use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{JobLease, NewStepResult, ResultPayload};
 use hephaestus_engine_core::step::{
@@ -54,9 +54,12 @@ pub(crate) fn storable_outcome(step: &StepId, outcome: StepOutcome) -> StepOutco
                 .and_then(|()| limits::check_map(JsonRole::StepMetadata, &c.metadata))
             {
                 Ok(()) => StepOutcome::Complete(c),
-                Err(invalid) => StepOutcome::Error(StepError::fatal(format!(
-                    "step {step} returned a value that cannot be stored: {invalid}"
-                ))),
+                Err(invalid) => StepOutcome::Error(
+                    StepError::fatal(format!(
+                        "step {step} returned a value that cannot be stored: {invalid}"
+                    ))
+                    .with_cause(FailureReason::UnstorableValue),
+                ),
             }
         }
         StepOutcome::Error(mut e) => {
@@ -324,7 +327,10 @@ impl<B: Backend> Runtime<B> {
                     .map(ToString::to_string)
                     .or_else(|| msg.downcast_ref::<String>().cloned())
                     .unwrap_or_else(|| "non-string panic payload".to_owned());
-                StepOutcome::Error(StepError::retryable(format!("step panicked: {text}")))
+                StepOutcome::Error(
+                    StepError::retryable(format!("step panicked: {text}"))
+                        .with_cause(FailureReason::StepPanicked),
+                )
             }
             Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
         };

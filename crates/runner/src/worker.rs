@@ -5,7 +5,7 @@ use std::future::Future;
 
 use std::collections::HashMap;
 
-use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
 use hephaestus_engine_core::ports::{JobId, JobLease, ResultPayload};
 use hephaestus_engine_core::retry::{Backoff, RetryPolicy};
 use hephaestus_engine_core::step::StepError;
@@ -170,6 +170,12 @@ impl<B: Backend> Runtime<B> {
             RunnerError::InvalidInput(_) => StepError::fatal(error.to_string()),
             _ => StepError::retryable(error.to_string()),
         };
+        // What the failure handler records if this discards the job.
+        let step_error = match error {
+            RunnerError::Corrupt(_) => step_error.with_cause(FailureReason::CorruptState),
+            RunnerError::Registry(_) => step_error.with_cause(FailureReason::UnknownWorkflow),
+            _ => step_error,
+        };
         let now = self.now();
         let b = &self.inner.backend;
         let attempt = async {
@@ -219,6 +225,7 @@ impl<B: Backend> Runtime<B> {
         tx: &mut B::Tx,
         instance_id: uuid::Uuid,
         message: &str,
+        reason: FailureReason,
     ) -> Result<bool, RunnerError> {
         use hephaestus_engine_core::instance::{
             FailureRecord, HistoryEntry, HistoryKind, InstanceStatus, StepStatus,
@@ -248,6 +255,7 @@ impl<B: Backend> Runtime<B> {
             },
         });
         instance.failure = Some(FailureRecord {
+            reason,
             step: None,
             activation: 0,
             error,
@@ -284,8 +292,19 @@ impl<B: Backend> Runtime<B> {
             "{} job {} was discarded after {} attempts: {}",
             lease.kind, lease.id, lease.attempt, error.message
         );
+        let reason = error
+            .cause
+            .clone()
+            .unwrap_or_else(|| FailureReason::JobDiscarded {
+                job: lease.kind.clone(),
+            });
         let (instance_id, message) = match lease.kind.as_str() {
             jobs::EXECUTE => {
+                // Discarded by the queue itself: its workers kept dying.
+                let error = match &error.cause {
+                    Some(_) => error.clone(),
+                    None => error.clone().with_cause(FailureReason::WorkerLost),
+                };
                 let args: ExecuteArgs = decode(lease)?;
                 let Some(instance) = self.get(args.instance_id).await? else {
                     return Ok(());
@@ -296,7 +315,8 @@ impl<B: Backend> Runtime<B> {
                 let Ok(wf) = self.workflow_of(&instance).cloned() else {
                     // No definition here to apply the failure with.
                     let message = format!("step {} failed: {discarded}", args.step);
-                    self.fail_instance_in(tx, args.instance_id, &message)
+                    let reason = error.cause.clone().unwrap_or(FailureReason::WorkerLost);
+                    self.fail_instance_in(tx, args.instance_id, &message, reason)
                         .await?;
                     return Ok(());
                 };
@@ -347,7 +367,8 @@ impl<B: Backend> Runtime<B> {
             _ => return Ok(()),
         };
         tracing::error!(instance_id = %instance_id, job_id = %lease.id, kind = %lease.kind, error = %error.message, "failing the instance of a discarded job");
-        self.fail_instance_in(tx, instance_id, &message).await?;
+        self.fail_instance_in(tx, instance_id, &message, reason)
+            .await?;
         Ok(())
     }
 
@@ -369,7 +390,8 @@ impl<B: Backend> Runtime<B> {
             let error = StepError::retryable(format!(
                 "the worker running attempt {} stopped heartbeating; rescued",
                 lease.attempt
-            ));
+            ))
+            .with_cause(FailureReason::WorkerLost);
             let outcome = if lease.kind == jobs::EXECUTE {
                 match self.rescue_execute(&lease, error.clone()).await {
                     Ok(outcome) => outcome,

@@ -252,6 +252,10 @@ async fn a_panicking_step_fails_its_instance_with_the_panic_recorded<B: Backend>
     let failed = rt.get(doomed.id).await.unwrap().unwrap();
     assert_eq!(failed.status, InstanceStatus::Failed);
     let failure = failed.failure.expect("a failure record");
+    assert_eq!(
+        failure.reason,
+        hephaestus_engine_core::instance::FailureReason::StepPanicked
+    );
     assert_eq!(failure.step.as_ref().map(StepId::as_str), Some("Explode"));
     assert!(
         failure.error.message.contains("panicked") && failure.error.message.contains("exploded"),

@@ -20,6 +20,7 @@ on_both_backends!(
     every_value_at_the_limits_reads_back_identically,
     a_scheduled_resume_needs_a_positive_delay,
     a_refused_row_keeps_its_reason_and_does_not_block_a_valid_resume,
+    each_failure_path_records_its_typed_reason,
 );
 
 fn approval() -> Workflow {
@@ -186,6 +187,10 @@ async fn json_too_deep_or_too_large_is_refused_where_it_enters<B: Backend>(backe
         failure.error.message.contains("nested deeper than 64"),
         "{failure:?}"
     );
+    assert_eq!(
+        failure.reason,
+        hephaestus_engine_core::instance::FailureReason::UnstorableValue
+    );
     assert_eq!(rt.list(&InstanceFilter::default()).await.unwrap().len(), 2);
     rt.start("deep", "1", json!({"depth": 3}), StartOptions::default())
         .await
@@ -329,4 +334,68 @@ async fn a_refused_row_keeps_its_reason_and_does_not_block_a_valid_resume<B: Bac
     assert_eq!(done.status, InstanceStatus::Completed);
     assert_eq!(done.context.steps["wait_for_event"], json!({"ok": 1}));
     assert_eq!(backend.refused(s.id).await.unwrap().len(), 1);
+}
+
+async fn each_failure_path_records_its_typed_reason<B: Backend>(backend: B) {
+    use hephaestus_engine_core::instance::FailureReason;
+    use hephaestus_engine_core::workflow::{Pick, target};
+
+    let fatal = FnStep::new("Fatal", ["done"], |_| StepOutcome::fatal("card declined"));
+    let liar = FnStep::new("Liar", ["done"], |_| StepOutcome::complete("surprise"));
+    let picker = FnStep::new("Picker", ["done"], |input| {
+        StepOutcome::complete_with("done", input.context.initial.clone())
+    });
+    let next = FnStep::new("Next", ["done"], |_| StepOutcome::complete("done"));
+    let single = |id: &str, step: FnStep| {
+        Workflow::builder(id)
+            .unique("run", Scope::Workflow)
+            .start(step.clone())
+            .on(step, "done", Done)
+            .build()
+            .unwrap()
+    };
+    let routed = Workflow::builder("routed")
+        .unique("run", Scope::Workflow)
+        .start(picker.clone())
+        .route(picker, "done", [target(next.clone())], |ctx| {
+            ctx.step("picker")
+                .and_then(|o| o["pick"].as_str())
+                .map(|p| vec![Pick::step(p)])
+                .unwrap_or_default()
+        })
+        .on(next, "done", Done)
+        .build()
+        .unwrap();
+    let rt = runtime(
+        &backend,
+        vec![single("fatal", fatal), single("liar", liar), routed],
+    );
+    let cases = [
+        ("fatal", json!({}), FailureReason::StepFatal),
+        (
+            "liar",
+            json!({}),
+            FailureReason::UndeclaredEvent {
+                event: "surprise".to_owned(),
+            },
+        ),
+        ("routed", json!({}), FailureReason::NoTarget),
+        (
+            "routed",
+            json!({"pick": "Ghost"}),
+            FailureReason::UndeclaredTarget {
+                target: "Ghost".to_owned(),
+            },
+        ),
+    ];
+    for (n, (workflow, input, reason)) in cases.into_iter().enumerate() {
+        let s = rt
+            .start(workflow, &n.to_string(), input, StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        let failed = rt.get(s.id).await.unwrap().unwrap();
+        assert_eq!(failed.status, InstanceStatus::Failed, "{workflow}");
+        assert_eq!(failed.failure.unwrap().reason, reason, "{workflow}");
+    }
 }

@@ -8,7 +8,7 @@ mod telemetry;
 
 use std::time::Duration;
 
-use hephaestus_engine_core::instance::{InstanceStatus, StepStatus};
+use hephaestus_engine_core::instance::{FailureReason, InstanceStatus, StepStatus};
 use hephaestus_engine_core::ports::JobState;
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep, WAIT_FOR_EVENT_ID, Wait, WaitForEvent};
@@ -422,6 +422,10 @@ async fn retry_then_fail_cancels_other_jobs<B: Backend>(h: &Harness<B>) {
     let inst = rt.get(s.id).await.unwrap().unwrap();
     assert_eq!(inst.status, InstanceStatus::Failed);
     let failure = inst.failure.clone().unwrap();
+    assert_eq!(
+        failure.reason,
+        FailureReason::AttemptsExhausted { attempts: 2 }
+    );
     assert_eq!(failure.step.unwrap().as_str(), "Charge");
     assert_eq!(failure.attempts.len(), 2, "every attempt's error is kept");
     assert_eq!(inst.steps["Other"].status, StepStatus::Cancelled);
@@ -619,6 +623,12 @@ async fn an_undeliverable_scheduled_resume_fails_its_instance<B: Backend>(h: &Ha
         "{failure:?}"
     );
     assert!(failure.error.message.contains("the worker died again"));
+    assert_eq!(
+        failure.reason,
+        FailureReason::JobDiscarded {
+            job: jobs::RESUME.to_owned()
+        }
+    );
     assert!(
         rt.jobs_of(s.id).await.unwrap().is_empty(),
         "nothing left to run"
@@ -925,6 +935,7 @@ async fn a_dead_workers_last_attempt_fails_the_instance<B: Backend>(h: &Harness<
         failure.error.message.contains("stopped heartbeating"),
         "{failure:?}"
     );
+    assert_eq!(failure.reason, FailureReason::WorkerLost);
     assert_eq!(step.runs(), 0);
 }
 
@@ -995,6 +1006,7 @@ async fn a_corrupt_instance_fails_after_retries_with_the_reason<B: Backend>(h: &
         failure.error.message.contains("Ghost"),
         "the reason names the problem: {failure:?}"
     );
+    assert_eq!(failure.reason, FailureReason::CorruptState);
     assert!(rt.jobs_of(s.id).await.unwrap().is_empty());
 }
 

@@ -174,6 +174,11 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
         "{failure:?}"
     );
     assert_eq!(failure.attempts.len(), 1, "{failure:?}");
+    assert_eq!(
+        failure.reason,
+        hephaestus_engine_core::instance::FailureReason::WorkerLost,
+        "the discard hook in the worker process records the same reason"
+    );
     assert_eq!(inst.step("Charge").unwrap().status, StepStatus::Failed);
     assert_eq!(charge.runs(), 0, "the dead worker never ran user code here");
     let job = h.backend.job(claimed[0].id).await.unwrap().unwrap();

@@ -428,6 +428,12 @@ impl<'a> View<'a> {
                 failure.error.message,
                 error_kind(&failure.error)
             );
+            let _ = writeln!(
+                out,
+                "reason       {} ({})",
+                failure.reason.as_str(),
+                failure.reason
+            );
         }
         let _ = writeln!(out);
         if self.definition.is_some() {

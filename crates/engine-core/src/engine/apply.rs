@@ -10,12 +10,15 @@ use serde_json::{Map, Value};
 use super::{Applied, Disposition, Effect, EngineError, EngineEvent, Ignored, Input};
 use crate::ids::{Event, StepId};
 use crate::instance::{
-    AttemptRecord, FailureRecord, HistoryEntry, HistoryKind, Instance, InstanceStatus,
-    PendingResume, ResumeSource, StepState, StepStatus, StepTimer,
+    AttemptRecord, FailureReason, FailureRecord, HistoryEntry, HistoryKind, Instance,
+    InstanceStatus, PendingResume, ResumeSource, StepState, StepStatus, StepTimer,
 };
 use crate::limits::{self, JsonRole};
 use crate::step::{AsyncWait, Completion, StepError};
 use crate::workflow::{Route, Workflow};
+
+/// Why a route failed the instance, and the message.
+type RouteError = (FailureReason, String);
 
 pub(super) struct Run<'a> {
     wf: &'a Workflow,
@@ -216,7 +219,10 @@ impl<'a> Run<'a> {
                         .collect::<Vec<_>>()
                         .join(", ")
                 );
-                self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
+                let reason = FailureReason::UndeclaredEvent {
+                    event: c.event.as_str().to_owned(),
+                };
+                self.fail_fatally(Some(step), activation, msg, reason);
                 return Disposition::Applied;
             }
         };
@@ -224,7 +230,7 @@ impl<'a> Run<'a> {
             .and_then(|()| limits::check_map(JsonRole::StepMetadata, &c.metadata))
         {
             let msg = format!("step {step} returned a value that cannot be stored: {invalid}");
-            self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
+            self.fail_fatally(Some(step), activation, msg, FailureReason::UnstorableValue);
             return Disposition::Applied;
         }
         if let Some(state) = self.inst.steps.get_mut(step)
@@ -267,8 +273,8 @@ impl<'a> Run<'a> {
         }
         let targets = match self.route(step, event) {
             Ok(t) => t,
-            Err(msg) => {
-                self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
+            Err((reason, msg)) => {
+                self.fail_fatally(Some(step), activation, msg, reason);
                 return;
             }
         };
@@ -318,7 +324,11 @@ impl<'a> Run<'a> {
     }
 
     /// The targets `step` routes to on `event`, validated (G26).
-    fn route(&self, step: &StepId, event: &Event) -> Result<Vec<(StepId, Option<Value>)>, String> {
+    fn route(
+        &self,
+        step: &StepId,
+        event: &Event,
+    ) -> Result<Vec<(StepId, Option<Value>)>, RouteError> {
         let Some(route) = self.wf.transition(step.as_str(), event.as_str()) else {
             // No transition (Done): the branch ends here.
             return Ok(Vec::new());
@@ -331,35 +341,50 @@ impl<'a> Run<'a> {
             Route::Dynamic { declared, route } => {
                 let picks = route(&self.inst.context);
                 if picks.is_empty() {
-                    return Err(format!(
-                        "NoTarget: the dynamic route from {step} on :{event} returned no target"
+                    return Err((
+                        FailureReason::NoTarget,
+                        format!(
+                            "NoTarget: the dynamic route from {step} on :{event} returned no target"
+                        ),
                     ));
                 }
                 let mut out: Vec<(StepId, Option<Value>)> = Vec::new();
                 for pick in picks {
                     let Some(decl) = declared.iter().find(|t| t.step.as_str() == pick.step) else {
-                        return Err(format!(
-                            "the dynamic route from {step} on :{event} returned {:?}, which is not among its declared targets ({})",
-                            pick.step,
-                            declared
-                                .iter()
-                                .map(|t| t.step.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", ")
+                        let reason = FailureReason::UndeclaredTarget {
+                            target: pick.step.clone(),
+                        };
+                        return Err((
+                            reason,
+                            format!(
+                                "the dynamic route from {step} on :{event} returned {:?}, which is not among its declared targets ({})",
+                                pick.step,
+                                declared
+                                    .iter()
+                                    .map(|t| t.step.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
                         ));
                     };
                     let config = pick.config.or_else(|| decl.config.clone());
                     if let Some(cfg) = &config {
                         if let Err(invalid) = limits::check(JsonRole::StepConfig, cfg) {
-                            return Err(format!(
-                                "the config picked for {} cannot be stored: {invalid}",
-                                decl.step
+                            return Err((
+                                FailureReason::InvalidConfig,
+                                format!(
+                                    "the config picked for {} cannot be stored: {invalid}",
+                                    decl.step
+                                ),
                             ));
                         }
                         if let Some(def) = self.wf.step(decl.step.as_str())
                             && let Err(reason) = def.step.validate_config(Some(cfg))
                         {
-                            return Err(format!("invalid config for {}: {reason}", decl.step));
+                            return Err((
+                                FailureReason::InvalidConfig,
+                                format!("invalid config for {}: {reason}", decl.step),
+                            ));
                         }
                     }
                     if !out.iter().any(|(s, _)| *s == decl.step) {
@@ -446,7 +471,10 @@ impl<'a> Run<'a> {
                             "step {step} asked for a timer with undeclared event {:?}",
                             spec.event.as_str()
                         );
-                        self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
+                        let reason = FailureReason::UndeclaredEvent {
+                            event: spec.event.as_str().to_owned(),
+                        };
+                        self.fail_fatally(Some(step), activation, msg, reason);
                         return Disposition::Applied;
                     }
                 };
@@ -455,7 +483,7 @@ impl<'a> Run<'a> {
                     .and_then(|d| self.now.checked_add_signed(d))
                 else {
                     let msg = format!("step {step} asked for a timer too far in the future");
-                    self.fail(Some(step), activation, StepError::fatal(msg), Vec::new());
+                    self.fail_fatally(Some(step), activation, msg, FailureReason::UnstorableValue);
                     return Disposition::Applied;
                 };
                 Some(StepTimer { fire_at, event })
@@ -593,8 +621,22 @@ impl<'a> Run<'a> {
         if let Some(d) = self.finished() {
             return d;
         }
-        self.fail(step, activation, error, attempts);
+        let tries = u32::try_from(attempts.len()).unwrap_or(u32::MAX).max(1);
+        let reason = FailureReason::of_step_error(&error, tries);
+        self.fail(step, activation, error, attempts, reason);
         Disposition::Applied
+    }
+
+    /// Fails the instance on a fatal error the engine itself found.
+    fn fail_fatally(
+        &mut self,
+        step: Option<&StepId>,
+        activation: u32,
+        message: String,
+        reason: FailureReason,
+    ) {
+        let error = StepError::fatal(message).with_cause(reason.clone());
+        self.fail(step, activation, error, Vec::new(), reason);
     }
 
     fn fail(
@@ -603,6 +645,7 @@ impl<'a> Run<'a> {
         activation: u32,
         error: StepError,
         attempts: Vec<AttemptRecord>,
+        reason: FailureReason,
     ) {
         for (id, state) in &mut self.inst.steps {
             if matches!(state.status, StepStatus::Active | StepStatus::Waiting) {
@@ -629,6 +672,7 @@ impl<'a> Run<'a> {
             message: error.message.clone(),
         });
         self.inst.failure = Some(FailureRecord {
+            reason,
             step: step.cloned(),
             activation,
             error,

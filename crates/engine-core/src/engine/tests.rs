@@ -1312,3 +1312,43 @@ fn a_resumed_step_has_exactly_one_history_entry_the_resume() {
         "{entries:?}"
     );
 }
+
+#[test]
+fn failure_reasons_are_stored_typed_and_old_records_still_read() {
+    use crate::instance::{FailureReason, FailureRecord};
+    let record = FailureRecord {
+        reason: FailureReason::UndeclaredTarget {
+            target: "Ghost".to_owned(),
+        },
+        step: Some(sid("Pick")),
+        activation: 1,
+        error: StepError::fatal("x"),
+        attempts: Vec::new(),
+        at: t0(),
+    };
+    let stored = serde_json::to_value(&record).unwrap();
+    assert_eq!(
+        stored["reason"],
+        json!({"kind": "undeclared_target", "target": "Ghost"})
+    );
+    assert_eq!(
+        serde_json::from_value::<FailureRecord>(stored.clone()).unwrap(),
+        record
+    );
+    let mut old = stored;
+    old.as_object_mut().unwrap().remove("reason");
+    assert_eq!(
+        serde_json::from_value::<FailureRecord>(old).unwrap().reason,
+        FailureReason::Unknown,
+        "a record written before reasons were kept"
+    );
+    let panicked = StepError::retryable("boom").with_cause(FailureReason::StepPanicked);
+    assert_eq!(
+        FailureReason::of_step_error(&panicked, 3),
+        FailureReason::StepPanicked
+    );
+    assert_eq!(
+        FailureReason::of_step_error(&StepError::retryable("x"), 3),
+        FailureReason::AttemptsExhausted { attempts: 3 }
+    );
+}

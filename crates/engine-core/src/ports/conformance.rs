@@ -623,6 +623,9 @@ fn rich_instance(id: Uuid) -> Instance {
         steps,
         history,
         failure: Some(FailureRecord {
+            reason: crate::instance::FailureReason::UndeclaredTarget {
+                target: "refund".to_owned(),
+            },
             step: Some(sid("charge")),
             activation: 2,
             error,
