@@ -371,7 +371,20 @@ impl<B: Backend> Runtime<B> {
                     meta,
                 );
             }
-            StepOutcome::Async(_) => {}
+            StepOutcome::Async(_) => {
+                // As the original: the attempt's duration, and the status an
+                // instance whose only open step went async takes.
+                let mut meta = step_meta;
+                meta.insert(
+                    "instance_status".into(),
+                    serde_json::json!(hephaestus_engine_core::InstanceStatus::Waiting),
+                );
+                telemetry.emit(
+                    crate::telemetry::names::STEP_ASYNC,
+                    serde_json::json!({"duration": duration}),
+                    meta,
+                );
+            }
         }
         match payload_of(outcome) {
             Ok(payload) => {

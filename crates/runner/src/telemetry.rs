@@ -169,14 +169,7 @@ impl Telemetry {
                         obj(json!({"from_step": from, "event": event, "targets": targets, "fan_out": targets.len() > 1})),
                     ),
                 ),
-                EngineEvent::StepAsync { step } => self.emit(
-                    names::STEP_ASYNC,
-                    json!({}),
-                    instance_metadata(
-                        instance,
-                        obj(json!({"step": step, "step_key": step.default_step_key(), "instance_status": instance.status})),
-                    ),
-                ),
+
                 EngineEvent::StepResumed { step, event, source } => {
                     // Waited since the step went async (its last async entry).
                     let waited = instance
@@ -225,7 +218,10 @@ impl Telemetry {
                         })),
                     ),
                 ),
+                // `step.async` is emitted by the step's execution, which
+                // knows the attempt's duration.
                 EngineEvent::WorkflowStarted { .. }
+                | EngineEvent::StepAsync { .. }
                 | EngineEvent::StepsDead { .. }
                 | EngineEvent::ResumeDropped { .. }
                 | EngineEvent::WorkflowCancelled { .. } => {

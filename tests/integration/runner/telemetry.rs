@@ -85,7 +85,10 @@ fn table() -> BTreeMap<&'static str, (&'static [&'static str], &'static [&'stati
         ),
         (
             names::STEP_ASYNC,
-            (&[][..], &["step", "step_key", "instance_status"][..]),
+            (
+                &["duration"][..],
+                &["step", "step_key", "instance_status"][..],
+            ),
         ),
         (
             names::STEP_RESUME,
