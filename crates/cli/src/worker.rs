@@ -4,18 +4,26 @@
 //! `QueueRuntime` with the failure handler's discard hook, and a leader-only
 //! reconciler.
 //!
-//! It migrates storage and queue into `--schema` (a no-op when they are up to
+//! It installs its SIGTERM and Ctrl-C handlers first, connects (failing
+//! within 5 s with the cause when the server cannot be reached), refuses a
+//! schema migrated by a newer version and a pool too small to run jobs,
+//! migrates storage and queue into `--schema` (a no-op when they are up to
 //! date), registers the workflows (for the fixtures: creates their execution
 //! table), starts, and prints one line starting with `hephaestus worker
-//! ready` on stdout. With
-//! `--exit-on-stdin-close` it shuts down gracefully (stop fetching, let
-//! running jobs finish within `--grace-ms`, stop the services) when its
-//! standard input reaches end of file: how a supervising process (the
-//! fault-injection tests) stops it. Any other end (SIGTERM, Ctrl-C, SIGKILL)
-//! is a crash, which the design tolerates: its running jobs are rescued once
-//! their heartbeats are `--stale-after-ms` old.
+//! ready` on stdout.
+//!
+//! SIGTERM, Ctrl-C, or (with `--exit-on-stdin-close`) its standard input
+//! reaching end of file shut it down gracefully: stop fetching and
+//! reconciling at once, let running jobs finish within `--grace-ms`, hand
+//! the ones that did not back to the queue, stop the services, and print a
+//! `hephaestus worker stopped` line. SIGKILL is a crash, which the design
+//! tolerates: its running jobs are rescued once their heartbeats are
+//! `--stale-after-ms` old.
+//!
+//! Logs (failed claims, rescues, leadership changes, reconciler repairs) go
+//! to stderr, filtered by `RUST_LOG` (see [`crate::logging`]).
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::str::FromStr as _;
 use std::time::Duration;
 
@@ -24,7 +32,8 @@ use clap::Args;
 use hephaestus_failure_handler::Reconciler;
 use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_runner::RunnerConfig;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use tokio::sync::watch;
 
 use crate::App;
@@ -56,6 +65,19 @@ pub struct WorkerCommand {
     /// How often the leader's reconciler looks for stuck instances, in ms.
     #[arg(long, default_value_t = 10_000)]
     reconcile_ms: u64,
+    /// How often the leader renews its lease and followers try to take it,
+    /// in ms.
+    #[arg(long, default_value_t = 5_000)]
+    elect_ms: u64,
+    /// How long the leader's lease lasts without a renewal, in ms: a
+    /// stopped leader is replaced after this.
+    #[arg(long, default_value_t = 15_000)]
+    leader_ttl_ms: u64,
+    /// Connections in the pool (default: concurrency + 8). The queue
+    /// runtime refuses a pool that cannot hold its LISTEN connection plus
+    /// one more.
+    #[arg(long)]
+    max_connections: Option<u32>,
     /// How long a graceful shutdown waits for running jobs, in ms.
     #[arg(long, default_value_t = 5_000)]
     grace_ms: u64,
@@ -66,22 +88,29 @@ pub struct WorkerCommand {
 
 impl WorkerCommand {
     pub async fn run(self, app: &App) -> Result<()> {
+        // Before anything that takes time: a SIGTERM from now on is a
+        // graceful stop, never the default (immediate) death.
+        let signals = Signals::install();
         let prefix = SchemaPrefix::new(&self.schema)
             .with_context(|| format!("invalid --schema {:?}", self.schema))?;
-        let pool = PgPoolOptions::new()
+        let options = hephaestus_runner::postgres::tuned(
+            PgConnectOptions::from_str(&self.database_url).context("invalid --database-url")?,
+        );
+        probe(&options).await?;
+        let max_connections = self.max_connections.unwrap_or_else(|| {
             // Every job slot may hold a connection, plus the recorder, the
             // reconciler and the queue's services.
-            .max_connections(
-                u32::try_from(self.concurrency)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(8),
-            )
-            .acquire_timeout(Duration::from_secs(30))
-            .connect_with(hephaestus_runner::postgres::tuned(
-                PgConnectOptions::from_str(&self.database_url).context("invalid --database-url")?,
-            ))
+            u32::try_from(self.concurrency)
+                .unwrap_or(u32::MAX)
+                .saturating_add(8)
+        });
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(CONNECT_TIMEOUT)
+            .connect_with(options)
             .await
             .context("connecting to PostgreSQL")?;
+        crate::migrate::refuse_ahead(&pool, &prefix).await?;
         hephaestus_storage_pg::migrate(&pool, &prefix)
             .await
             .context("migrating the storage tables")?;
@@ -99,6 +128,10 @@ impl WorkerCommand {
         let runtime = app.runtime(&pool, &prefix, config, true).await?;
         let queue = runtime
             .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+            .election(
+                Duration::from_millis(self.elect_ms),
+                Duration::from_millis(self.leader_ttl_ms),
+            )
             .start()
             .await
             .context("starting the queue runtime")?;
@@ -119,62 +152,127 @@ impl WorkerCommand {
             }
         });
 
-        println!(
+        say(&format!(
             "hephaestus worker ready: pid {}, schema {}, worker {}, concurrency {}",
             std::process::id(),
             prefix.as_str(),
             queue.worker_id(),
             self.concurrency.max(1),
-        );
+        ));
 
-        shutdown_requested(self.exit_on_stdin_close).await;
+        tokio::select! {
+            () = signals.received() => {}
+            () = stdin_closed(self.exit_on_stdin_close) => {}
+        }
         eprintln!("hephaestus worker: shutting down");
         let _ = stop.send(true);
         let report = queue.shutdown(Duration::from_millis(self.grace_ms)).await;
-        // The reconciler stops at its next await point; a panic in it was
-        // already reported by the task.
+        // The reconciler's pass was dropped at its await point when the
+        // stop was sent; a panic in it was already reported by the task.
         let _ = reconciling.await;
         pool.close().await;
-        println!(
-            "hephaestus worker stopped: finished in grace {}, stop requested {}, aborted {}",
+        say(&format!(
+            "hephaestus worker stopped: finished in grace {}, stop requested {}, aborted {}, handed back {}",
             report.finished_in_grace,
             report.stop_requested.len(),
-            report.aborted.len()
-        );
+            report.aborted.len(),
+            report.handed_back.len()
+        ));
         Ok(())
     }
 }
 
-/// Resolves when a graceful shutdown is asked for: SIGTERM or Ctrl-C, or
-/// standard input closed (with `on_stdin_close`).
-async fn shutdown_requested(on_stdin_close: bool) {
-    tokio::select! {
-        () = signalled() => {}
-        () = stdin_closed(on_stdin_close) => {}
+/// How long connecting may take before the worker gives up (as the other
+/// commands do).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection attempt, so that an unreachable server fails the start
+/// within [`CONNECT_TIMEOUT`] with its cause ("connection refused", a bad
+/// password, an unknown database) instead of a pool timeout.
+async fn probe(options: &PgConnectOptions) -> Result<()> {
+    let target = format!(
+        "PostgreSQL at {}:{}, database {}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default)")
+    );
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => {
+            // Closing says goodbye to the server; failing to is harmless.
+            let _ = conn.close().await;
+            Ok(())
+        }
+        Ok(Err(error)) => Err(anyhow::Error::new(error).context(format!(
+            "cannot connect to {target}: is the server running and the URL right? (set --database-url or DATABASE_URL)"
+        ))),
+        Err(_) => anyhow::bail!(
+            "cannot connect to {target}: no answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ),
     }
 }
 
-/// SIGTERM (what process managers send) or Ctrl-C.
-async fn signalled() {
+/// Prints a line on stdout; a closed stdout (the supervisor went away) is
+/// not a reason to fail a worker.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// The shutdown signals, listened for from [`Signals::install`] on: SIGTERM
+/// (what process managers send) and SIGINT (Ctrl-C). A signal that arrives
+/// before [`Signals::received`] is awaited is kept, not lost.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    eprintln!("hephaestus worker: cannot listen for {name} ({e})");
+                    None
                 }
-            }
-            Err(e) => {
-                eprintln!("hephaestus worker: cannot listen for SIGTERM ({e}); Ctrl-C still works");
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            Self {
+                terminate: listen(SignalKind::terminate(), "SIGTERM"),
+                interrupt: listen(SignalKind::interrupt(), "SIGINT"),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves at the first shutdown signal.
+    async fn received(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(stream: Option<&mut tokio::signal::unix::Signal>) {
+                match stream {
+                    Some(stream) => {
+                        stream.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(self.terminate.as_mut()) => {}
+                () = next(self.interrupt.as_mut()) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

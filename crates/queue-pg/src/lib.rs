@@ -122,6 +122,7 @@ pub use events::{EventCounts, Events, JobEvent, JobEventKind};
 pub use hook::{DiscardHook, DiscardedJob};
 pub use job::Job;
 pub use queue::{CancelFilter, JobFilter, PgQueue, QueueDepth, Settled, StaleJob};
-pub use runtime::{QueueRuntime, RescueReport, RuntimeBuilder, RuntimeConfig, ShutdownReport};
+pub use runtime::{
+    QueueRuntime, RescueReport, connections_held, RuntimeBuilder, RuntimeConfig, ShutdownReport};
 pub use schema::{migrate, schema};
 pub use worker::{AdoptedJob, Adopter, DynWorker, JobContext, JobError, Worker, Workers};

@@ -76,6 +76,115 @@ impl PgBackend {
 
 type Tx = Transaction<'static, Postgres>;
 
+/// The reconciler's page: `$1` ids below (nullable), `$2` page size, `$3`
+/// to `$5` the advance, execute and timer job kinds, `$6` the `Done` step.
+///
+/// The one statement that reads both components' tables (storage's
+/// instances and step results, the queue's jobs), the same database in the
+/// PostgreSQL backend: it finds the instances that may need a repair by the
+/// rules of the reconciler's check (a pending instance without any live
+/// job; unprocessed results without a live advance; an active step without
+/// a live execution or an unprocessed result of its activation; a waiting
+/// step with a timer but no live timer job), without decoding any state.
+/// Malformed JSON is treated as "nothing to check" there: a row that cannot
+/// be decoded is reported by the check that reads it, never fails the page.
+const RECONCILE_PAGE: &str = r"with page as (
+    select i.id, i.status,
+           case when jsonb_typeof(i.state -> 'steps') = 'object'
+                then i.state -> 'steps' else '{}'::jsonb end as steps
+    from {prefix}.hephaestus_instances as i
+    where i.status in ('pending', 'running', 'waiting')
+      and ($1::uuid is null or i.id < $1::uuid)
+    order by i.id desc
+    limit $2
+),
+live as (
+    select j.group_key, j.kind, j.args
+    from {prefix}.hephaestus_jobs as j
+    where j.group_key in (select p.id::text from page as p)
+      and j.state in ('available', 'scheduled', 'retryable')
+    union all
+    select j.group_key, j.kind, j.args
+    from {prefix}.hephaestus_jobs as j
+    where j.heartbeat_at is not null and j.state = 'executing'
+      and j.group_key in (select p.id::text from page as p)
+)
+select p.id,
+    case when p.status = 'pending' then
+        not exists (select 1 from live as l where l.group_key = p.id::text)
+    else
+        (exists (select 1 from {prefix}.hephaestus_step_results as r
+                 where r.instance_id = p.id and r.processed_at is null)
+         and not exists (select 1 from live as l
+                         where l.group_key = p.id::text and l.kind = $3))
+        or exists (
+            select 1 from jsonb_each(p.steps) as s(step, st)
+            where jsonb_typeof(s.st) = 'object' and s.step <> $6
+              and ((s.st ->> 'status' = 'active'
+                    and not exists (
+                        select 1 from live as l
+                        where l.group_key = p.id::text and l.kind = $4
+                          and l.args -> 'step' = to_jsonb(s.step)
+                          and l.args -> 'activation' = s.st -> 'activation')
+                    and not exists (
+                        select 1 from {prefix}.hephaestus_step_results as r
+                        where r.instance_id = p.id and r.step_id = s.step
+                          and r.processed_at is null
+                          and to_jsonb(r.activation) = s.st -> 'activation'))
+                or (s.st ->> 'status' = 'waiting'
+                    and jsonb_typeof(s.st -> 'timer') = 'object'
+                    and not exists (
+                        select 1 from live as l
+                        where l.group_key = p.id::text and l.kind = $5
+                          and l.args -> 'step' = to_jsonb(s.step)
+                          and l.args -> 'activation' = s.st -> 'activation'))))
+    end
+from page as p
+order by p.id desc";
+
+/// What one [`PgBackend::prune_instances`] call deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InstanceRetention {
+    /// Finished instances deleted.
+    pub instances: u64,
+    /// Their step results.
+    pub step_results: u64,
+    /// Their jobs.
+    pub jobs: u64,
+}
+
+impl PgBackend {
+    /// Instance retention: deletes the finished instances (completed,
+    /// failed, cancelled) that ended before `before`, with their step
+    /// results and their jobs, `batch` instances per transaction, until none
+    /// is left. Never an active instance (see storage-pg's
+    /// `prune_finished_instances_using`).
+    pub async fn prune_instances(
+        &self,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> Result<InstanceRetention, PortError> {
+        let mut total = InstanceRetention::default();
+        loop {
+            let mut tx = <PgStore as UnitOfWork>::begin(&self.store).await?;
+            let pruned = self
+                .store
+                .prune_finished_instances_using(&mut *tx, before, batch)
+                .await?;
+            let groups: Vec<String> = pruned.instances.iter().map(|id| jobs::group(*id)).collect();
+            let deleted_jobs = self.queue.delete_groups_using(&mut *tx, &groups).await?;
+            <PgStore as UnitOfWork>::commit(&self.store, tx).await?;
+            let n = u64::try_from(pruned.instances.len()).unwrap_or(u64::MAX);
+            total.instances += n;
+            total.step_results += pruned.step_results;
+            total.jobs += deleted_jobs;
+            if n < u64::from(batch.max(1)) {
+                return Ok(total);
+            }
+        }
+    }
+}
+
 /// `attempted_by` of the jobs a runner claims to continue a chain of steps.
 const CONTINUATION_WORKER: &str = "hephaestus-runner (continuation)";
 
@@ -123,6 +232,25 @@ impl crate::runtime::Backend for PgBackend {
         self.store
             .write_rounds_using(tx, results, &seqs, instances)
             .await
+    }
+
+    /// One statement per page (see [`RECONCILE_PAGE`]).
+    async fn reconcile_page(
+        &self,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, bool)>, PortError> {
+        let sql = RECONCILE_PAGE.replace("{prefix}", &self.store.prefix().quoted());
+        sqlx::query_as(&sql)
+            .bind(before)
+            .bind(i64::from(limit.max(1)))
+            .bind(jobs::ADVANCE)
+            .bind(jobs::EXECUTE)
+            .bind(jobs::TIMER)
+            .bind(hephaestus_engine_core::steps::DONE_ID)
+            .fetch_all(self.store.pool())
+            .await
+            .map_err(|e| PortError::from(hephaestus_queue_pg::Error::from(e)))
     }
 
     /// One statement (queue-pg's `insert_claiming_and_complete_using`):

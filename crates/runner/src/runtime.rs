@@ -122,6 +122,29 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
         Ok(())
     }
 
+    /// One page of the reconciler's scan: the active instances (pending,
+    /// running, waiting) with ids below `before` (from the newest when
+    /// `None`), newest first, at most `limit`, each with whether it may need
+    /// a repair (no live job for work it has). Only the flagged ones are
+    /// read and checked one by one, so a pass over many healthy instances
+    /// costs a statement per page. The default flags every one; PostgreSQL
+    /// decides in the statement, without decoding any instance.
+    async fn reconcile_page(
+        &self,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<(Uuid, bool)>, PortError> {
+        let page = self
+            .list(&InstanceFilter {
+                statuses: hephaestus_engine_core::instance::InstanceStatus::ACTIVE.to_vec(),
+                before_id: before,
+                limit: Some(limit),
+                ..InstanceFilter::default()
+            })
+            .await?;
+        Ok(page.into_iter().map(|i| (i.id, true)).collect())
+    }
+
     /// What settling a batch ends with, in `tx`: enqueues `jobs` (those
     /// flagged in `claim` may come back claimed by this worker, already
     /// executing at attempt 1, to run right after the commit), then
