@@ -74,7 +74,9 @@ impl Database {
                 );
             }
             if database > latest {
-                bail!(crate::migrate::ahead_message(schema, name, database, latest));
+                bail!(crate::migrate::ahead_message(
+                    schema, name, database, latest
+                ));
             }
         }
         tx.rollback().await.context("ending the check")?;

@@ -29,7 +29,9 @@ impl LogOptions {
     /// The options from the environment (`RUST_LOG`).
     pub fn from_env() -> Self {
         Self {
-            filter: std::env::var(FILTER_ENV).ok().filter(|f| !f.trim().is_empty()),
+            filter: std::env::var(FILTER_ENV)
+                .ok()
+                .filter(|f| !f.trim().is_empty()),
         }
     }
 
@@ -72,7 +74,10 @@ mod tests {
         let options = LogOptions {
             filter: Some("debug,sqlx=error".to_owned()),
         };
-        assert_eq!(options.env_filter().unwrap().to_string(), "debug,sqlx=error");
+        assert_eq!(
+            options.env_filter().unwrap().to_string(),
+            "debug,sqlx=error"
+        );
         let bad = LogOptions {
             filter: Some("hephaestus_queue=loud".to_owned()),
         };

@@ -189,7 +189,9 @@ impl AtStake {
             users.push(format!("{} instances are active", self.active_instances));
         }
         if let Some(leader) = &self.leader {
-            users.push(format!("worker {leader} is alive (it holds the maintenance lease)"));
+            users.push(format!(
+                "worker {leader} is alive (it holds the maintenance lease)"
+            ));
         }
         if self.executing_jobs > 0 {
             users.push(format!("{} jobs are executing", self.executing_jobs));

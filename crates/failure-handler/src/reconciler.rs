@@ -114,7 +114,11 @@ impl<B: Backend> Reconciler<B> {
         let mut report = RepairReport::default();
         let mut before = None;
         loop {
-            let page = self.runtime.backend().reconcile_page(before, self.page).await?;
+            let page = self
+                .runtime
+                .backend()
+                .reconcile_page(before, self.page)
+                .await?;
             let Some((last, _)) = page.last() else { break };
             before = Some(*last);
             let full = u32::try_from(page.len()).unwrap_or(u32::MAX) >= self.page;

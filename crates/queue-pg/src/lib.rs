@@ -123,6 +123,7 @@ pub use hook::{DiscardHook, DiscardedJob};
 pub use job::Job;
 pub use queue::{CancelFilter, JobFilter, PgQueue, QueueDepth, Settled, StaleJob};
 pub use runtime::{
-    QueueRuntime, RescueReport, connections_held, RuntimeBuilder, RuntimeConfig, ShutdownReport};
+    QueueRuntime, RescueReport, RuntimeBuilder, RuntimeConfig, ShutdownReport, connections_held,
+};
 pub use schema::{migrate, schema};
 pub use worker::{AdoptedJob, Adopter, DynWorker, JobContext, JobError, Worker, Workers};
