@@ -234,7 +234,8 @@ impl crate::runtime::Backend for PgBackend {
             .await
     }
 
-    /// One statement per page (see [`RECONCILE_PAGE`]).
+    /// One statement per page: it reads the step states as JSON and the
+    /// live jobs by group, and decodes no instance.
     async fn reconcile_page(
         &self,
         before: Option<Uuid>,

@@ -480,14 +480,14 @@ async fn a_lapsed_lease_is_taken_over_and_its_old_holder_stops_leading() {
     // takes it at its next attempt, and the old leader's next renewal finds
     // it gone and stops leading.
     sqlx::query(&format!(
-        "update {} set expires_at = clock_timestamp() - interval '1 second'",
-        format!("{}.hephaestus_leases", db.queue.prefix().quoted())
+        "update {}.hephaestus_leases set expires_at = clock_timestamp() - interval '1 second'",
+        db.queue.prefix().quoted()
     ))
     .execute(&db.pool)
     .await
     .unwrap();
     let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while !(second.is_leader() && !first.is_leader()) {
+    while !second.is_leader() || first.is_leader() {
         assert!(tokio::time::Instant::now() < deadline, "no takeover");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
