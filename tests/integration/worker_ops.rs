@@ -674,12 +674,15 @@ async fn the_reconciler_finds_candidates_in_one_page_and_skips_an_undecodable_in
         env.table("hephaestus_instances")
     ))
     .await;
-    let mut page = env
+    let mut page: Vec<(Uuid, bool)> = env
         .runtime
         .backend()
         .reconcile_page(None, 100)
         .await
-        .unwrap();
+        .unwrap()
+        .into_iter()
+        .map(|row| (row.id, row.candidate))
+        .collect();
     page.sort();
     let mut expected = vec![(healthy, false), (lost, true), (corrupt, true)];
     expected.sort();

@@ -119,12 +119,22 @@ impl<B: Backend> Reconciler<B> {
                 .backend()
                 .reconcile_page(before, self.page)
                 .await?;
-            let Some((last, _)) = page.last() else { break };
-            before = Some(*last);
+            let Some(last) = page.last() else { break };
+            before = Some(last.id);
             let full = u32::try_from(page.len()).unwrap_or(u32::MAX) >= self.page;
             report.scanned += page.len();
-            for (id, candidate) in page {
-                if !candidate {
+            for row in page {
+                let id = row.id;
+                if self
+                    .runtime
+                    .registry()
+                    .get(&row.workflow_id, row.workflow_version)
+                    .is_err()
+                {
+                    report.unregistered.push(id);
+                    continue;
+                }
+                if !row.candidate {
                     continue;
                 }
                 let instance = match self.runtime.backend().get(id).await {

@@ -89,7 +89,7 @@ type Tx = Transaction<'static, Postgres>;
 /// Malformed JSON is treated as "nothing to check" there: a row that cannot
 /// be decoded is reported by the check that reads it, never fails the page.
 const RECONCILE_PAGE: &str = r"with page as (
-    select i.id, i.status,
+    select i.id, i.status, i.workflow_id, i.workflow_version,
            case when jsonb_typeof(i.state -> 'steps') = 'object'
                 then i.state -> 'steps' else '{}'::jsonb end as steps
     from {prefix}.hephaestus_instances as i
@@ -109,7 +109,7 @@ live as (
     where j.heartbeat_at is not null and j.state = 'executing'
       and j.group_key in (select p.id::text from page as p)
 )
-select p.id,
+select p.id, p.workflow_id, p.workflow_version,
     case when p.status = 'pending' then
         not exists (select 1 from live as l where l.group_key = p.id::text)
     else
@@ -240,9 +240,9 @@ impl crate::runtime::Backend for PgBackend {
         &self,
         before: Option<Uuid>,
         limit: u32,
-    ) -> Result<Vec<(Uuid, bool)>, PortError> {
+    ) -> Result<Vec<crate::ReconcileRow>, PortError> {
         let sql = RECONCILE_PAGE.replace("{prefix}", &self.store.prefix().quoted());
-        sqlx::query_as(&sql)
+        let rows: Vec<(Uuid, String, i32, bool)> = sqlx::query_as(&sql)
             .bind(before)
             .bind(i64::from(limit.max(1)))
             .bind(jobs::ADVANCE)
@@ -251,7 +251,19 @@ impl crate::runtime::Backend for PgBackend {
             .bind(hephaestus_engine_core::steps::DONE_ID)
             .fetch_all(self.store.pool())
             .await
-            .map_err(|e| PortError::from(hephaestus_queue_pg::Error::from(e)))
+            .map_err(|e| PortError::from(hephaestus_queue_pg::Error::from(e)))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, workflow_id, version, candidate)| crate::ReconcileRow {
+                    id,
+                    workflow_id,
+                    // The column's check keeps it positive.
+                    workflow_version: u32::try_from(version).unwrap_or(0),
+                    candidate,
+                },
+            )
+            .collect())
     }
 
     /// One statement (queue-pg's `insert_claiming_and_complete_using`):
