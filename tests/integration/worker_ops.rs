@@ -718,3 +718,30 @@ async fn the_reconciler_finds_candidates_in_one_page_and_skips_an_undecodable_in
     );
     env.teardown().await;
 }
+
+/// What PgBouncer's transaction mode allows: no LISTEN, no session lock.
+/// A poll-only worker still leads (the lease is plain statements) and runs
+/// the work.
+#[tokio::test]
+async fn a_poll_only_worker_leads_and_runs_instances() {
+    let env = Env::new().await;
+    let worker = Worker::spawn(env.name(), &["--poll-only", "--poll-ms", "50"]);
+    eventually("the poll-only worker to lead", || async {
+        env.leader().await.as_deref() == Some(worker.id.as_str())
+    })
+    .await;
+    let id = env.start("polled", json!({})).await;
+    eventually("the instance to complete", || async {
+        env.runtime.get(id).await.unwrap().unwrap().status == InstanceStatus::Completed
+    })
+    .await;
+    worker.signal("TERM");
+    let (rest, success, stderr) = worker.wait();
+    assert!(success, "{rest:?} {stderr}");
+    assert_eq!(
+        env.leader().await,
+        None,
+        "the lease was given up on the way out"
+    );
+    env.teardown().await;
+}

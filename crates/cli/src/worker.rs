@@ -81,6 +81,11 @@ pub struct WorkerCommand {
     /// How long a graceful shutdown waits for running jobs, in ms.
     #[arg(long, default_value_t = 5_000)]
     grace_ms: u64,
+    /// Poll for jobs instead of listening for notifications (no LISTEN
+    /// connection): for PgBouncer in transaction mode. Leader election
+    /// needs no session state either way.
+    #[arg(long)]
+    poll_only: bool,
     /// Shut down gracefully when standard input is closed.
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -132,6 +137,7 @@ impl WorkerCommand {
                 Duration::from_millis(self.elect_ms),
                 Duration::from_millis(self.leader_ttl_ms),
             )
+            .poll_only(self.poll_only)
             .start()
             .await
             .context("starting the queue runtime")?;
@@ -164,7 +170,7 @@ impl WorkerCommand {
             () = signals.received() => {}
             () = stdin_closed(self.exit_on_stdin_close) => {}
         }
-        eprintln!("hephaestus worker: shutting down");
+        note("hephaestus worker: shutting down");
         let _ = stop.send(true);
         let report = queue.shutdown(Duration::from_millis(self.grace_ms)).await;
         // The reconciler's pass was dropped at its await point when the
@@ -219,6 +225,11 @@ fn say(line: &str) {
     let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
+/// [`say`] on stderr.
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
 /// The shutdown signals, listened for from [`Signals::install`] on: SIGTERM
 /// (what process managers send) and SIGINT (Ctrl-C). A signal that arrives
 /// before [`Signals::received`] is awaited is kept, not lost.
@@ -237,7 +248,9 @@ impl Signals {
             let listen = |kind: SignalKind, name: &str| match signal(kind) {
                 Ok(stream) => Some(stream),
                 Err(e) => {
-                    eprintln!("hephaestus worker: cannot listen for {name} ({e})");
+                    note(&format!(
+                        "hephaestus worker: cannot listen for {name} ({e})"
+                    ));
                     None
                 }
             };
@@ -297,7 +310,9 @@ async fn stdin_closed(on_stdin_close: bool) {
             let _ = on_closed.await;
         }
         Err(e) => {
-            eprintln!("hephaestus worker: cannot watch stdin ({e}); stop it with a signal");
+            note(&format!(
+                "hephaestus worker: cannot watch stdin ({e}); stop it with a signal"
+            ));
             std::future::pending::<()>().await;
         }
     }

@@ -34,7 +34,10 @@ use crate::queue::PgQueue;
 pub(crate) const MAINTENANCE: &str = "maintenance";
 
 /// `$1` name, `$2` holder, `$3` ttl in ms. Takes the lease when nobody
-/// holds it or its holder let it lapse; returns a row when this holder got it.
+/// holds it, its holder let it lapse, or this holder has it already (a
+/// leader whose local deadline passed while the lease still ran takes it
+/// back at once instead of leaving a gap); returns a row when this holder
+/// got it.
 const ACQUIRE: &str = r"insert into {prefix}.hephaestus_leases as l
     (name, holder, acquired_at, renewed_at, expires_at)
 values ($1, $2, clock_timestamp(), clock_timestamp(),
@@ -42,7 +45,7 @@ values ($1, $2, clock_timestamp(), clock_timestamp(),
 on conflict (name) do update
 set holder = excluded.holder, acquired_at = excluded.acquired_at,
     renewed_at = excluded.renewed_at, expires_at = excluded.expires_at
-where l.expires_at < clock_timestamp()
+where l.expires_at < clock_timestamp() or l.holder = excluded.holder
 returning l.holder";
 
 /// `$1` name, `$2` holder, `$3` ttl in ms. Holds only while this holder
