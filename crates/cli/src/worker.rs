@@ -66,13 +66,15 @@ pub struct WorkerCommand {
     #[arg(long, default_value_t = 10_000)]
     reconcile_ms: u64,
     /// How often the leader renews its lease and followers try to take it,
-    /// in ms.
-    #[arg(long, default_value_t = 5_000)]
-    elect_ms: u64,
+    /// in ms (default: a third of the lease).
+    #[arg(long)]
+    elect_ms: Option<u64>,
     /// How long the leader's lease lasts without a renewal, in ms: a
-    /// stopped leader is replaced after this.
-    #[arg(long, default_value_t = 15_000)]
-    leader_ttl_ms: u64,
+    /// stopped or killed leader is replaced after this (default: half of
+    /// --stale-after-ms, at most 15 s, so a dead leader is replaced before
+    /// its jobs are due for rescue).
+    #[arg(long)]
+    leader_ttl_ms: Option<u64>,
     /// Connections in the pool (default: concurrency + 8). The queue
     /// runtime refuses a pool that cannot hold its LISTEN connection plus
     /// one more.
@@ -133,10 +135,7 @@ impl WorkerCommand {
         let runtime = app.runtime(&pool, &prefix, config, true).await?;
         let queue = runtime
             .queue_runtime(hephaestus_failure_handler::workers(&runtime))
-            .election(
-                Duration::from_millis(self.elect_ms),
-                Duration::from_millis(self.leader_ttl_ms),
-            )
+            .election(self.elect_interval(), self.leader_ttl())
             .poll_only(self.poll_only)
             .start()
             .await
@@ -185,6 +184,23 @@ impl WorkerCommand {
             report.handed_back.len()
         ));
         Ok(())
+    }
+}
+
+impl WorkerCommand {
+    /// `--leader-ttl-ms`, or half of `--stale-after-ms` between 300 ms and
+    /// 15 s.
+    fn leader_ttl(&self) -> Duration {
+        Duration::from_millis(
+            self.leader_ttl_ms
+                .unwrap_or_else(|| (self.stale_after_ms / 2).clamp(300, 15_000)),
+        )
+    }
+
+    /// `--elect-ms`, or a third of the lease.
+    fn elect_interval(&self) -> Duration {
+        self.elect_ms
+            .map_or_else(|| self.leader_ttl() / 3, Duration::from_millis)
     }
 }
 
@@ -315,5 +331,38 @@ async fn stdin_closed(on_stdin_close: bool) {
             ));
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args as _, FromArgMatches as _};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> WorkerCommand {
+        let command = WorkerCommand::augment_args(clap::Command::new("worker"));
+        let matches = command
+            .try_get_matches_from(
+                ["worker", "--database-url", "postgres://h/db"]
+                    .into_iter()
+                    .chain(args.iter().copied()),
+            )
+            .unwrap();
+        WorkerCommand::from_arg_matches(&matches).unwrap()
+    }
+
+    #[test]
+    fn the_lease_follows_stale_after_unless_given() {
+        let default = parse(&[]);
+        assert_eq!(default.leader_ttl(), Duration::from_secs(15));
+        assert_eq!(default.elect_interval(), Duration::from_secs(5));
+        // A dead leader is replaced before its jobs are due for rescue.
+        let fast = parse(&["--stale-after-ms", "1000"]);
+        assert_eq!(fast.leader_ttl(), Duration::from_millis(500));
+        assert!(fast.elect_interval() * 2 < fast.leader_ttl());
+        let given = parse(&["--leader-ttl-ms", "2000", "--elect-ms", "100"]);
+        assert_eq!(given.leader_ttl(), Duration::from_secs(2));
+        assert_eq!(given.elect_interval(), Duration::from_millis(100));
     }
 }
