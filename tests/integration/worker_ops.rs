@@ -745,3 +745,92 @@ async fn a_poll_only_worker_leads_and_runs_instances() {
     );
     env.teardown().await;
 }
+
+/// The page query applies every rule of the reconciler's check on
+/// PostgreSQL: a lost timer, and a recorded result whose advance was lost
+/// (an advance, not a second execution).
+#[tokio::test]
+async fn the_reconciler_page_query_finds_lost_timers_and_unapplied_results() {
+    use hephaestus_engine_core::ports::{
+        NewStepResult, ResultPayload, StepResultStore as _, UnitOfWork as _,
+    };
+    use hephaestus_engine_core::step::EventName;
+    use hephaestus_failure_handler::Repair;
+
+    let env = Env::new().await;
+    let timed = env
+        .runtime
+        .start(fixtures::TIMER, "timed", json!({}), StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    env.runtime.drain().await.unwrap();
+    let waiting = env.runtime.get(timed).await.unwrap().unwrap();
+    let (timer_step, timer_state) = waiting
+        .steps
+        .iter()
+        .find(|(_, state)| state.timer.is_some())
+        .expect("a step waits on its timer");
+    let (timer_step, timer_activation) = (timer_step.to_string(), timer_state.activation);
+    let unapplied = env.start("unapplied", json!({})).await;
+    let step = env
+        .runtime
+        .get(unapplied)
+        .await
+        .unwrap()
+        .unwrap()
+        .steps
+        .iter()
+        .find(|(_, state)| state.status == StepStatus::Active)
+        .map(|(step, _)| step.clone())
+        .unwrap();
+    let backend = env.runtime.backend();
+    let mut tx = backend.begin().await.unwrap();
+    backend
+        .record(
+            &mut tx,
+            &NewStepResult {
+                instance_id: unapplied,
+                step: Some(step),
+                activation: 1,
+                payload: ResultPayload::Completed {
+                    event: EventName("done".to_owned()),
+                    output: json!({}),
+                    metadata: serde_json::Map::new(),
+                },
+            },
+        )
+        .await
+        .unwrap();
+    backend.commit(tx).await.unwrap();
+    // Both lose every job.
+    env.execute(&format!(
+        "delete from {} where group_key in ('{timed}', '{unapplied}')",
+        env.table("hephaestus_jobs")
+    ))
+    .await;
+
+    let mut report = Reconciler::new(env.runtime.clone())
+        .run_once()
+        .await
+        .unwrap();
+    report.repaired.sort_by_key(|r| format!("{r:?}"));
+    let mut expected = vec![
+        Repair::Advance {
+            instance_id: unapplied,
+            status: InstanceStatus::Running,
+            pending_results: 1,
+        },
+        Repair::Timer {
+            instance_id: timed,
+            step: timer_step,
+            activation: timer_activation,
+        },
+    ];
+    expected.sort_by_key(|r| format!("{r:?}"));
+    assert_eq!(report.repaired, expected);
+    // Repaired: nothing is flagged any more.
+    let page = backend.reconcile_page(None, 100).await.unwrap();
+    assert!(page.iter().all(|row| !row.candidate), "{page:?}");
+    env.teardown().await;
+}

@@ -108,38 +108,41 @@ live as (
     from {prefix}.hephaestus_jobs as j
     where j.heartbeat_at is not null and j.state = 'executing'
       and j.group_key in (select p.id::text from page as p)
+),
+live_by_instance as (
+    select group_key,
+           bool_or(kind = $3) as has_advance,
+           array_agg(kind || ':' || coalesce(args #>> '{step}', '') || ':'
+                     || coalesce(args #>> '{activation}', '')) as keys
+    from live
+    group by group_key
+),
+inbox as (
+    select r.instance_id, array_agg(r.step_id || ':' || r.activation) as keys
+    from {prefix}.hephaestus_step_results as r
+    where r.instance_id in (select p.id from page as p) and r.processed_at is null
+    group by r.instance_id
 )
 select p.id, p.workflow_id, p.workflow_version,
-    case when p.status = 'pending' then
-        not exists (select 1 from live as l where l.group_key = p.id::text)
+    case when p.status = 'pending' then l.group_key is null
     else
-        (exists (select 1 from {prefix}.hephaestus_step_results as r
-                 where r.instance_id = p.id and r.processed_at is null)
-         and not exists (select 1 from live as l
-                         where l.group_key = p.id::text and l.kind = $3))
+        (b.instance_id is not null and not coalesce(l.has_advance, false))
         or exists (
             select 1 from jsonb_each(p.steps) as s(step, st)
             where jsonb_typeof(s.st) = 'object' and s.step <> $6
               and ((s.st ->> 'status' = 'active'
-                    and not exists (
-                        select 1 from live as l
-                        where l.group_key = p.id::text and l.kind = $4
-                          and l.args -> 'step' = to_jsonb(s.step)
-                          and l.args -> 'activation' = s.st -> 'activation')
-                    and not exists (
-                        select 1 from {prefix}.hephaestus_step_results as r
-                        where r.instance_id = p.id and r.step_id = s.step
-                          and r.processed_at is null
-                          and to_jsonb(r.activation) = s.st -> 'activation'))
+                    and not coalesce(l.keys, '{}')
+                        @> array[$4 || ':' || s.step || ':' || coalesce(s.st ->> 'activation', '')]
+                    and not coalesce(b.keys, '{}')
+                        @> array[s.step || ':' || coalesce(s.st ->> 'activation', '')])
                 or (s.st ->> 'status' = 'waiting'
                     and jsonb_typeof(s.st -> 'timer') = 'object'
-                    and not exists (
-                        select 1 from live as l
-                        where l.group_key = p.id::text and l.kind = $5
-                          and l.args -> 'step' = to_jsonb(s.step)
-                          and l.args -> 'activation' = s.st -> 'activation'))))
+                    and not coalesce(l.keys, '{}')
+                        @> array[$5 || ':' || s.step || ':' || coalesce(s.st ->> 'activation', '')])))
     end
 from page as p
+left join live_by_instance as l on l.group_key = p.id::text
+left join inbox as b on b.instance_id = p.id
 order by p.id desc";
 
 /// What one [`PgBackend::prune_instances`] call deleted.
