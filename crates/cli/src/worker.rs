@@ -113,7 +113,9 @@ impl WorkerCommand {
         });
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
-            .acquire_timeout(CONNECT_TIMEOUT)
+            // Every acquire under load waits this long, not only the first:
+            // the probe above already failed fast on an unreachable server.
+            .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await
             .context("connecting to PostgreSQL")?;

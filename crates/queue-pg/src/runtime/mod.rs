@@ -90,8 +90,9 @@ pub struct RuntimeConfig {
     pub cancel_wait: Duration,
     /// Events kept for a lagging subscriber. Default 1024.
     pub events_capacity: usize,
-    /// This process in `attempted_by` (default: host, pid and a random
-    /// suffix).
+    /// This process in `attempted_by`, and the holder named in the
+    /// leadership lease: unique per runtime (default: host, pid and a
+    /// random suffix).
     pub worker_id: Option<String>,
 }
 
@@ -697,6 +698,14 @@ mod tests {
             ..RuntimeConfig::default()
         };
         assert!(zero.validate(&[]).is_err());
+        let short_lease = RuntimeConfig {
+            leader_ttl: Duration::from_secs(10),
+            ..RuntimeConfig::default()
+        };
+        assert!(
+            short_lease.validate(&[]).is_err(),
+            "a lease must outlast two renewal intervals"
+        );
     }
 
     #[test]
