@@ -9,7 +9,9 @@
 //! retry`, `jobs`, `prune`, `graph`, `worker`, `demo`, `bench queue` and
 //! `bench workflow` (`hephaestus --help` says more). Reads take `--json` and
 //! print one JSON object on stdout; errors go to stderr with a non-zero exit
-//! code and say what is wrong and what to run.
+//! code and say what is wrong and what to run. Logs go to stderr, filtered
+//! by `RUST_LOG` ([`logging`]); a command whose stdout is closed early
+//! (`| head`) ends quietly.
 //!
 //! Which commands need the workflow definitions: `instances list`,
 //! `instances show`, `jobs`, `prune` and `migrate` work for any instance in
