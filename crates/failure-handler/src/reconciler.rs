@@ -111,6 +111,14 @@ impl<B: Backend> Reconciler<B> {
     /// [`Reconciler::run_every`] does at shutdown): every repair is its own
     /// commit, so nothing is left half done.
     pub async fn run_once(&self) -> Result<RepairReport, RunnerError> {
+        self.pass(false).await
+    }
+
+    /// [`Reconciler::run_once`]; with `while_leading`, the pass stops as
+    /// soon as this process no longer leads (checked before each repair):
+    /// a leader that was stopped mid-pass and comes back after losing its
+    /// lease repairs nothing more.
+    async fn pass(&self, while_leading: bool) -> Result<RepairReport, RunnerError> {
         let mut report = RepairReport::default();
         let mut before = None;
         loop {
@@ -136,6 +144,14 @@ impl<B: Backend> Reconciler<B> {
                 }
                 if !row.candidate {
                     continue;
+                }
+                if while_leading && !self.leads() {
+                    tracing::warn!(
+                        scanned = report.scanned,
+                        repaired = report.repaired.len(),
+                        "reconciler: this process no longer leads; pass abandoned"
+                    );
+                    return Ok(report);
                 }
                 let instance = match self.runtime.backend().get(id).await {
                     Ok(Some(instance)) => instance,
@@ -182,7 +198,7 @@ impl<B: Backend> Reconciler<B> {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => return,
-                    outcome = self.run_once() => {
+                    outcome = self.pass(true) => {
                         if let Err(e) = outcome {
                             tracing::error!(error = %e, "reconciler pass failed");
                         }
@@ -572,6 +588,43 @@ mod tests {
         let repaired = live().await;
         assert_eq!(repaired.len(), 1, "{repaired:?}");
         assert_eq!(repaired[0].kind, jobs::EXECUTE);
+    }
+
+    /// A periodic pass stops repairing once this process no longer leads.
+    #[tokio::test(start_paused = true)]
+    async fn a_periodic_pass_stops_when_the_leadership_is_lost() {
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(linear())
+            .build()
+            .unwrap();
+        for value in ["1", "2"] {
+            let s = rt
+                .start("linear", value, json!({}), StartOptions::default())
+                .await
+                .unwrap();
+            cancel_all_jobs(&backend, s.id).await;
+        }
+        // Leads for the pass's start and its first repair, then loses it.
+        let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reconciler = {
+            let checks = Arc::clone(&checks);
+            Reconciler::new(rt.clone())
+                .leader_only(move || checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2)
+        };
+        reconciler
+            .run_every(
+                std::time::Duration::from_secs(60),
+                tokio::time::sleep(std::time::Duration::from_secs(30)),
+            )
+            .await;
+        let live = backend
+            .live_jobs(&hephaestus_engine_core::ports::JobMatch::args(json!({})))
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 1, "one repair, then it stopped: {live:?}");
     }
 
     #[tokio::test]
