@@ -322,11 +322,13 @@ async fn sigterm_during_a_reconciler_pass_over_a_large_backlog_stops_within_the_
 #[tokio::test]
 async fn a_stopped_leader_is_replaced_and_rescue_goes_on_and_it_does_not_lead_when_back() {
     let env = Env::new().await;
+    // A lease of 3 s renewed every 200 ms: short for the test, long enough
+    // that a healthy leader on a busy machine keeps it.
     let fast = [
         "--elect-ms",
-        "100",
+        "200",
         "--leader-ttl-ms",
-        "1000",
+        "3000",
         "--heartbeat-ms",
         "200",
         "--stale-after-ms",
