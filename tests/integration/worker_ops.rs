@@ -454,6 +454,21 @@ async fn a_worker_refuses_what_cannot_work_at_start() {
             && stderr.contains("refused"),
         "{stderr}"
     );
+    // The other commands too.
+    let started = Instant::now();
+    let listed = hephaestus(&[
+        "instances",
+        "list",
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/nowhere",
+    ]);
+    assert!(!listed.status.success());
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(
+        text(&listed.stderr).contains("Connection refused"),
+        "{}",
+        text(&listed.stderr)
+    );
     // A schema a newer version migrated.
     env.execute(&format!(
         "update {} set version = 99 where component = 'queue'",

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use hephaestus_migrations_gen::files::{check_dir, render_files, write_dir};
@@ -14,7 +16,8 @@ use hephaestus_migrations_gen::{
     versions_table_exists_sql,
 };
 use serde_json::json;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
 /// Every component, in dependency order (storage before queue).
@@ -71,11 +74,46 @@ enum MigrateAction {
     Status,
 }
 
-/// Connects with a message that says what is wrong and what to do.
+/// How long connecting may take before the worker gives up (as the other
+/// commands do).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection attempt, so that an unreachable server fails the start
+/// within [`CONNECT_TIMEOUT`] with its cause ("connection refused", a bad
+/// password, an unknown database) instead of a pool timeout.
+pub(crate) async fn probe(options: &PgConnectOptions) -> Result<()> {
+    let target = format!(
+        "PostgreSQL at {}:{}, database {}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default)")
+    );
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => {
+            // Closing says goodbye to the server; failing to is harmless.
+            let _ = conn.close().await;
+            Ok(())
+        }
+        // The error's text already ends with its cause ("error
+        // communicating with database: Connection refused"): kept as text,
+        // so the chain does not repeat it.
+        Ok(Err(error)) => Err(anyhow::anyhow!("{error}").context(format!(
+            "cannot connect to {target}: is the server running and the URL right? (set --database-url or DATABASE_URL)"
+        ))),
+        Err(_) => anyhow::bail!(
+            "cannot connect to {target}: no answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// Connects with a message that says what is wrong (the server's or the
+/// network's own words) and what to do.
 pub async fn connect(url: &str) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url).with_context(|| {
         "the database URL is not a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE)"
     })?;
+    probe(&options).await?;
     let (host, port, db) = (
         options.get_host().to_owned(),
         options.get_port(),
@@ -83,7 +121,7 @@ pub async fn connect(url: &str) -> Result<PgPool> {
     );
     PgPoolOptions::new()
         .max_connections(2)
-        .acquire_timeout(std::time::Duration::from_secs(5))
+        .acquire_timeout(CONNECT_TIMEOUT)
         .connect_with(options)
         .await
         .with_context(|| {

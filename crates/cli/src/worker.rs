@@ -32,8 +32,7 @@ use clap::Args;
 use hephaestus_failure_handler::Reconciler;
 use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_runner::RunnerConfig;
-use sqlx::Connection as _;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 
 use crate::App;
@@ -103,7 +102,7 @@ impl WorkerCommand {
         let options = hephaestus_runner::postgres::tuned(
             PgConnectOptions::from_str(&self.database_url).context("invalid --database-url")?,
         );
-        probe(&options).await?;
+        crate::migrate::probe(&options).await?;
         let max_connections = self.max_connections.unwrap_or_else(|| {
             // Every job slot may hold a connection, plus the recorder, the
             // reconciler and the queue's services.
@@ -203,36 +202,6 @@ impl WorkerCommand {
     fn elect_interval(&self) -> Duration {
         self.elect_ms
             .map_or_else(|| self.leader_ttl() / 3, Duration::from_millis)
-    }
-}
-
-/// How long connecting may take before the worker gives up (as the other
-/// commands do).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One connection attempt, so that an unreachable server fails the start
-/// within [`CONNECT_TIMEOUT`] with its cause ("connection refused", a bad
-/// password, an unknown database) instead of a pool timeout.
-async fn probe(options: &PgConnectOptions) -> Result<()> {
-    let target = format!(
-        "PostgreSQL at {}:{}, database {}",
-        options.get_host(),
-        options.get_port(),
-        options.get_database().unwrap_or("(default)")
-    );
-    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
-        Ok(Ok(conn)) => {
-            // Closing says goodbye to the server; failing to is harmless.
-            let _ = conn.close().await;
-            Ok(())
-        }
-        Ok(Err(error)) => Err(anyhow::Error::new(error).context(format!(
-            "cannot connect to {target}: is the server running and the URL right? (set --database-url or DATABASE_URL)"
-        ))),
-        Err(_) => anyhow::bail!(
-            "cannot connect to {target}: no answer within {} s",
-            CONNECT_TIMEOUT.as_secs()
-        ),
     }
 }
 
