@@ -12,3 +12,4 @@ mod runner;
 mod storage_pg;
 mod support;
 mod tidy;
+mod worker_ops;

@@ -74,9 +74,9 @@ impl Database {
                 );
             }
             if database > latest {
-                bail!(
-                    "schema {schema} is ahead of this build ({name} is at version {database}, this build knows {latest}): use a newer hephaestus"
-                );
+                bail!(crate::migrate::ahead_message(
+                    schema, name, database, latest
+                ));
             }
         }
         tx.rollback().await.context("ending the check")?;

@@ -9,7 +9,9 @@
 //! retry`, `jobs`, `prune`, `graph`, `worker`, `demo`, `bench queue` and
 //! `bench workflow` (`hephaestus --help` says more). Reads take `--json` and
 //! print one JSON object on stdout; errors go to stderr with a non-zero exit
-//! code and say what is wrong and what to run.
+//! code and say what is wrong and what to run. Logs go to stderr, filtered
+//! by `RUST_LOG` ([`logging`]); a command whose stdout is closed early
+//! (`| head`) ends quietly.
 //!
 //! Which commands need the workflow definitions: `instances list`,
 //! `instances show`, `jobs`, `prune` and `migrate` work for any instance in
@@ -67,6 +69,7 @@ mod fixtures;
 mod graph;
 mod instances;
 mod jobs;
+pub mod logging;
 mod migrate;
 mod prune;
 mod worker;
@@ -95,7 +98,8 @@ enum Command {
     /// Shows the job queue: jobs by queue and state, the oldest waiting job
     /// per queue, recent errors.
     Jobs(jobs::JobsCommand),
-    /// Deletes finished jobs and processed step results older than a duration.
+    /// Deletes finished jobs and processed step results older than a
+    /// duration (with --instances, finished instances too).
     Prune(prune::PruneCommand),
     /// Prints a registered workflow's DAG (terminal drawing, or DOT with --dot).
     Graph(graph::GraphCommand),
@@ -124,6 +128,17 @@ impl App {
         T: Into<OsString> + Clone,
     {
         let cli = Cli::parse_from(args);
+        if !matches!(cli.command, Command::Worker(_)) {
+            // A command printing into a closed pipe (`| head`) ends quietly
+            // like any Unix tool, instead of panicking on the write. A
+            // worker keeps ignoring SIGPIPE: its supervisor closing stdout
+            // must not kill it without a graceful stop.
+            sigpipe::reset();
+        }
+        if let Err(error) = logging::init(&logging::LogOptions::from_env()) {
+            eprintln!("hephaestus: {error}");
+            return ExitCode::FAILURE;
+        }
         let runtime = match tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -6,6 +6,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use std::time::Duration;
+
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use hephaestus_migrations_gen::files::{check_dir, render_files, write_dir};
@@ -14,7 +16,8 @@ use hephaestus_migrations_gen::{
     versions_table_exists_sql,
 };
 use serde_json::json;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::Connection as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Transaction};
 
 /// Every component, in dependency order (storage before queue).
@@ -53,7 +56,8 @@ enum MigrateAction {
         to: Option<u32>,
     },
     /// Migrates down to version --to (0 drops the component's tables):
-    /// every component (queue first) or one.
+    /// every component (queue first) or one. Refused while instances are
+    /// active or workers are alive, unless --force.
     Down {
         /// Only this component (`storage` or `queue`).
         #[arg(long)]
@@ -61,16 +65,55 @@ enum MigrateAction {
         /// The version to go down to.
         #[arg(long)]
         to: u32,
+        /// Migrate down even while instances are active or workers run:
+        /// what the dropped tables and columns hold is lost.
+        #[arg(long)]
+        force: bool,
     },
     /// Shows each component's version in the database and in this build.
     Status,
 }
 
-/// Connects with a message that says what is wrong and what to do.
+/// How long connecting may take before the worker gives up (as the other
+/// commands do).
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One connection attempt, so that an unreachable server fails the start
+/// within [`CONNECT_TIMEOUT`] with its cause ("connection refused", a bad
+/// password, an unknown database) instead of a pool timeout.
+pub(crate) async fn probe(options: &PgConnectOptions) -> Result<()> {
+    let target = format!(
+        "PostgreSQL at {}:{}, database {}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or("(default)")
+    );
+    match tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(Ok(conn)) => {
+            // Closing says goodbye to the server; failing to is harmless.
+            let _ = conn.close().await;
+            Ok(())
+        }
+        // The error's text already ends with its cause ("error
+        // communicating with database: Connection refused"): kept as text,
+        // so the chain does not repeat it.
+        Ok(Err(error)) => Err(anyhow::anyhow!("{error}").context(format!(
+            "cannot connect to {target}: is the server running and the URL right? (set --database-url or DATABASE_URL)"
+        ))),
+        Err(_) => anyhow::bail!(
+            "cannot connect to {target}: no answer within {} s",
+            CONNECT_TIMEOUT.as_secs()
+        ),
+    }
+}
+
+/// Connects with a message that says what is wrong (the server's or the
+/// network's own words) and what to do.
 pub async fn connect(url: &str) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url).with_context(|| {
         "the database URL is not a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE)"
     })?;
+    probe(&options).await?;
     let (host, port, db) = (
         options.get_host().to_owned(),
         options.get_port(),
@@ -78,7 +121,7 @@ pub async fn connect(url: &str) -> Result<PgPool> {
     );
     PgPoolOptions::new()
         .max_connections(2)
-        .acquire_timeout(std::time::Duration::from_secs(5))
+        .acquire_timeout(CONNECT_TIMEOUT)
         .connect_with(options)
         .await
         .with_context(|| {
@@ -86,6 +129,124 @@ pub async fn connect(url: &str) -> Result<PgPool> {
                 "cannot connect to PostgreSQL at {host}:{port}, database {db}: is the server running and the URL right? (set --database-url or DATABASE_URL)"
             )
         })
+}
+
+/// The error for a schema a newer build migrated: the same advice from
+/// every command (this build cannot read it, nor migrate it down: it does
+/// not know the newer versions' down scripts).
+pub(crate) fn ahead_message(schema: &str, component: &str, database: u32, latest: u32) -> String {
+    format!(
+        "schema {schema} is ahead of this build ({component} is at version {database}, this build knows {latest}): a newer hephaestus migrated it; use that version (its `hephaestus migrate --schema {schema} down --to {latest}` goes back to this build's schema)"
+    )
+}
+
+/// Refuses a schema that a newer build migrated (a worker of this build
+/// would start and claim nothing it understands).
+pub(crate) async fn refuse_ahead(pool: &PgPool, prefix: &SchemaPrefix) -> Result<()> {
+    let registry = registry()?;
+    let mut tx = pool.begin().await.context("starting a transaction")?;
+    for component in registry.components() {
+        let database = current(&mut tx, prefix, component).await?;
+        if database > component.latest() {
+            bail!(ahead_message(
+                prefix.as_str(),
+                component.name(),
+                database,
+                component.latest()
+            ));
+        }
+    }
+    tx.rollback().await.context("ending the check")?;
+    Ok(())
+}
+
+/// What a down migration would destroy and who is using the schema.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+struct AtStake {
+    instances: i64,
+    active_instances: i64,
+    step_results: i64,
+    jobs: i64,
+    unfinished_jobs: i64,
+    executing_jobs: i64,
+    leader: Option<String>,
+}
+
+impl AtStake {
+    /// Reads it; only the tables of components at `storage` / `queue`
+    /// versions above 0 exist (the lease table from queue version 3).
+    async fn read(
+        tx: &mut Transaction<'_, Postgres>,
+        prefix: &SchemaPrefix,
+        storage: u32,
+        queue: u32,
+    ) -> Result<Self> {
+        let p = prefix.quoted();
+        let mut stake = Self::default();
+        if storage > 0 {
+            (stake.instances, stake.active_instances) = sqlx::query_as(&format!(
+                "select count(*), count(*) filter (where status in ('pending', 'running', 'waiting'))
+                 from {p}.hephaestus_instances"
+            ))
+            .fetch_one(&mut **tx)
+            .await
+            .context("counting instances")?;
+            stake.step_results =
+                sqlx::query_scalar(&format!("select count(*) from {p}.hephaestus_step_results"))
+                    .fetch_one(&mut **tx)
+                    .await
+                    .context("counting step results")?;
+        }
+        if queue > 0 {
+            (stake.jobs, stake.unfinished_jobs, stake.executing_jobs) = sqlx::query_as(&format!(
+                "select count(*),
+                        count(*) filter (where state in ('available', 'scheduled', 'executing', 'retryable')),
+                        count(*) filter (where state = 'executing')
+                 from {p}.hephaestus_jobs"
+            ))
+            .fetch_one(&mut **tx)
+            .await
+            .context("counting jobs")?;
+        }
+        if queue >= 3 {
+            stake.leader = sqlx::query_scalar(&format!(
+                "select holder from {p}.hephaestus_leases
+                 where name = 'maintenance' and expires_at >= clock_timestamp()"
+            ))
+            .fetch_optional(&mut **tx)
+            .await
+            .context("reading the maintenance lease")?;
+        }
+        Ok(stake)
+    }
+
+    /// Why a down migration must not run now, if it must not.
+    fn objection(&self) -> Option<String> {
+        let mut users = Vec::new();
+        if self.active_instances > 0 {
+            users.push(format!("{} instances are active", self.active_instances));
+        }
+        if let Some(leader) = &self.leader {
+            users.push(format!(
+                "worker {leader} is alive (it holds the maintenance lease)"
+            ));
+        }
+        if self.executing_jobs > 0 {
+            users.push(format!("{} jobs are executing", self.executing_jobs));
+        }
+        if users.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "{}; the schema holds {} instances ({} active), {} step results and {} jobs ({} unfinished)",
+            users.join(", "),
+            self.instances,
+            self.active_instances,
+            self.step_results,
+            self.jobs,
+            self.unfinished_jobs
+        ))
+    }
 }
 
 /// A component's version in the database (0 when never migrated).
@@ -138,7 +299,38 @@ impl MigrateCommand {
                 self.print_moves(&report);
                 Ok(())
             }
-            MigrateAction::Down { component, to } => {
+            MigrateAction::Down {
+                component,
+                to,
+                force,
+            } => {
+                let moving = chosen(component)?;
+                let mut tx = pool.begin().await?;
+                let mut versions = (0, 0);
+                let mut moves = false;
+                for c in registry.components() {
+                    let v = current(&mut tx, &prefix, c).await?;
+                    if v > c.latest() {
+                        bail!(ahead_message(prefix.as_str(), c.name(), v, c.latest()));
+                    }
+                    if moving.iter().any(|m| m.name() == c.name()) && v > *to {
+                        moves = true;
+                    }
+                    match c.name() {
+                        "storage" => versions.0 = v,
+                        _ => versions.1 = v,
+                    }
+                }
+                if moves && !force {
+                    let stake = AtStake::read(&mut tx, &prefix, versions.0, versions.1).await?;
+                    if let Some(objection) = stake.objection() {
+                        bail!(
+                            "refusing to migrate schema {} down: {objection}. A down migration drops tables or columns and what they hold. Stop the workers and let the instances finish (or cancel them) first, or pass --force to lose it",
+                            prefix.as_str()
+                        );
+                    }
+                }
+                tx.rollback().await?;
                 let mut report = Vec::new();
                 // Dependents first: the queue before the storage.
                 for c in chosen(component)?.into_iter().rev() {
@@ -164,6 +356,14 @@ impl MigrateCommand {
     ) -> Result<(String, u32, u32)> {
         let mut tx = pool.begin().await?;
         let from = current(&mut tx, prefix, component).await?;
+        if from > component.latest() {
+            bail!(ahead_message(
+                prefix.as_str(),
+                component.name(),
+                from,
+                component.latest()
+            ));
+        }
         let script = if up {
             if target < from {
                 bail!(
@@ -249,9 +449,10 @@ impl MigrateCommand {
                         self.schema
                     )
                 }
-                std::cmp::Ordering::Greater => {
-                    "ahead of this build (a newer Hephaestus migrated it)".to_owned()
-                }
+                std::cmp::Ordering::Greater => format!(
+                    "ahead of this build: a newer hephaestus migrated it; use that version (its `migrate --schema {} down --to {latest}` goes back to this build's schema)",
+                    self.schema
+                ),
             };
             println!("  {c:<8} database v{db}, this build v{latest}: {state}");
         }

@@ -1,14 +1,18 @@
-//! `hephaestus prune [--older-than DURATION]`: deletes the jobs that
-//! finished (completed, discarded, cancelled) and the step results that were
-//! processed more than DURATION ago, in short batches (queue-pg's
+//! `hephaestus prune [--older-than DURATION] [--instances]`: deletes the jobs
+//! that finished (completed, discarded, cancelled) and the step results that
+//! were processed more than DURATION ago, in short batches (queue-pg's
 //! `PgQueue::prune`, storage-pg's `PgStore::prune_processed_in_batches`), and
-//! prints how many. Instances are history and are never pruned.
+//! prints how many. With `--instances` it also deletes the instances that
+//! finished (completed, failed, cancelled) more than DURATION ago, with their
+//! step results and jobs (the runner's `PgBackend::prune_instances`); an
+//! active instance is never deleted.
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
 use chrono::Utc;
 use clap::Args;
+use hephaestus_runner::postgres::PgBackend;
 use serde_json::json;
 
 use crate::database::{Database, DatabaseArgs, Needs};
@@ -16,6 +20,9 @@ use crate::instances::time;
 
 /// Step results deleted per statement.
 const RESULTS_BATCH: u32 = 1_000;
+
+/// Finished instances deleted per transaction (with their results and jobs).
+const INSTANCES_BATCH: u32 = 500;
 
 /// `prune` options.
 #[derive(Debug, Args)]
@@ -26,7 +33,12 @@ pub struct PruneCommand {
     /// s, m, h or d (e.g. 30m, 24h, 7d).
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     older_than: Duration,
-    /// Print JSON: `{"before": TIME, "jobs": N, "step_results": N}`.
+    /// Also delete the instances that finished before the cut-off, with
+    /// their step results and jobs (never an active instance).
+    #[arg(long)]
+    instances: bool,
+    /// Print JSON: `{"before": TIME, "jobs": N, "step_results": N}`, plus
+    /// `"instances": N` with --instances.
     #[arg(long)]
     json: bool,
 }
@@ -63,6 +75,17 @@ impl PruneCommand {
             .with_context(|| format!("--older-than {:?} is too long", self.older_than))?;
         let db = Database::open(&self.db, Needs::Both).await?;
         let before = Utc::now() - age;
+        let retention = if self.instances {
+            let backend = PgBackend::new(db.store(), db.queue());
+            Some(
+                backend
+                    .prune_instances(before, INSTANCES_BATCH)
+                    .await
+                    .context("pruning finished instances")?,
+            )
+        } else {
+            None
+        };
         let jobs = db
             .queue()
             .prune(before)
@@ -73,10 +96,21 @@ impl PruneCommand {
             .prune_processed_in_batches(before, RESULTS_BATCH)
             .await
             .context("pruning processed step results")?;
+        let (jobs, results) = match &retention {
+            Some(r) => (jobs + r.jobs, results + r.step_results),
+            None => (jobs, results),
+        };
         if self.json {
+            let mut out = json!({"before": time(before), "jobs": jobs, "step_results": results});
+            if let Some(r) = &retention {
+                out["instances"] = json!(r.instances);
+            }
+            println!("{out}");
+        } else if let Some(r) = &retention {
             println!(
-                "{}",
-                json!({"before": time(before), "jobs": jobs, "step_results": results})
+                "pruned {} finished instances, {jobs} jobs and {results} step results (finished before {})",
+                r.instances,
+                time(before)
             );
         } else {
             println!(

@@ -4,18 +4,26 @@
 //! `QueueRuntime` with the failure handler's discard hook, and a leader-only
 //! reconciler.
 //!
-//! It migrates storage and queue into `--schema` (a no-op when they are up to
+//! It installs its SIGTERM and Ctrl-C handlers first, connects (failing
+//! within 5 s with the cause when the server cannot be reached), refuses a
+//! schema migrated by a newer version and a pool too small to run jobs,
+//! migrates storage and queue into `--schema` (a no-op when they are up to
 //! date), registers the workflows (for the fixtures: creates their execution
 //! table), starts, and prints one line starting with `hephaestus worker
-//! ready` on stdout. With
-//! `--exit-on-stdin-close` it shuts down gracefully (stop fetching, let
-//! running jobs finish within `--grace-ms`, stop the services) when its
-//! standard input reaches end of file: how a supervising process (the
-//! fault-injection tests) stops it. Any other end (SIGTERM, Ctrl-C, SIGKILL)
-//! is a crash, which the design tolerates: its running jobs are rescued once
-//! their heartbeats are `--stale-after-ms` old.
+//! ready` on stdout.
+//!
+//! SIGTERM, Ctrl-C, or (with `--exit-on-stdin-close`) its standard input
+//! reaching end of file shut it down gracefully: stop fetching and
+//! reconciling at once, let running jobs finish within `--grace-ms`, hand
+//! the ones that did not back to the queue, stop the services, and print a
+//! `hephaestus worker stopped` line. SIGKILL is a crash, which the design
+//! tolerates: its running jobs are rescued once their heartbeats are
+//! `--stale-after-ms` old.
+//!
+//! Logs (failed claims, rescues, leadership changes, reconciler repairs) go
+//! to stderr, filtered by `RUST_LOG` (see [`crate::logging`]).
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
 use std::str::FromStr as _;
 use std::time::Duration;
 
@@ -56,9 +64,29 @@ pub struct WorkerCommand {
     /// How often the leader's reconciler looks for stuck instances, in ms.
     #[arg(long, default_value_t = 10_000)]
     reconcile_ms: u64,
+    /// How often the leader renews its lease and followers try to take it,
+    /// in ms (default: a third of the lease).
+    #[arg(long)]
+    elect_ms: Option<u64>,
+    /// How long the leader's lease lasts without a renewal, in ms: a
+    /// stopped or killed leader is replaced after this (default: half of
+    /// --stale-after-ms, at most 15 s, so a dead leader is replaced before
+    /// its jobs are due for rescue).
+    #[arg(long)]
+    leader_ttl_ms: Option<u64>,
+    /// Connections in the pool (default: concurrency + 8). The queue
+    /// runtime refuses a pool that cannot hold its LISTEN connection plus
+    /// one more.
+    #[arg(long)]
+    max_connections: Option<u32>,
     /// How long a graceful shutdown waits for running jobs, in ms.
     #[arg(long, default_value_t = 5_000)]
     grace_ms: u64,
+    /// Poll for jobs instead of listening for notifications (no LISTEN
+    /// connection): for PgBouncer in transaction mode. Leader election
+    /// needs no session state either way.
+    #[arg(long)]
+    poll_only: bool,
     /// Shut down gracefully when standard input is closed.
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -66,22 +94,31 @@ pub struct WorkerCommand {
 
 impl WorkerCommand {
     pub async fn run(self, app: &App) -> Result<()> {
+        // Before anything that takes time: a SIGTERM from now on is a
+        // graceful stop, never the default (immediate) death.
+        let signals = Signals::install();
         let prefix = SchemaPrefix::new(&self.schema)
             .with_context(|| format!("invalid --schema {:?}", self.schema))?;
-        let pool = PgPoolOptions::new()
+        let options = hephaestus_runner::postgres::tuned(
+            PgConnectOptions::from_str(&self.database_url).context("invalid --database-url")?,
+        );
+        crate::migrate::probe(&options).await?;
+        let max_connections = self.max_connections.unwrap_or_else(|| {
             // Every job slot may hold a connection, plus the recorder, the
             // reconciler and the queue's services.
-            .max_connections(
-                u32::try_from(self.concurrency)
-                    .unwrap_or(u32::MAX)
-                    .saturating_add(8),
-            )
+            u32::try_from(self.concurrency)
+                .unwrap_or(u32::MAX)
+                .saturating_add(8)
+        });
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            // Every acquire under load waits this long, not only the first:
+            // the probe above already failed fast on an unreachable server.
             .acquire_timeout(Duration::from_secs(30))
-            .connect_with(hephaestus_runner::postgres::tuned(
-                PgConnectOptions::from_str(&self.database_url).context("invalid --database-url")?,
-            ))
+            .connect_with(options)
             .await
             .context("connecting to PostgreSQL")?;
+        crate::migrate::refuse_ahead(&pool, &prefix).await?;
         hephaestus_storage_pg::migrate(&pool, &prefix)
             .await
             .context("migrating the storage tables")?;
@@ -99,6 +136,8 @@ impl WorkerCommand {
         let runtime = app.runtime(&pool, &prefix, config, true).await?;
         let queue = runtime
             .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+            .election(self.elect_interval(), self.leader_ttl())
+            .poll_only(self.poll_only)
             .start()
             .await
             .context("starting the queue runtime")?;
@@ -119,62 +158,121 @@ impl WorkerCommand {
             }
         });
 
-        println!(
+        say(&format!(
             "hephaestus worker ready: pid {}, schema {}, worker {}, concurrency {}",
             std::process::id(),
             prefix.as_str(),
             queue.worker_id(),
             self.concurrency.max(1),
-        );
+        ));
 
-        shutdown_requested(self.exit_on_stdin_close).await;
-        eprintln!("hephaestus worker: shutting down");
+        tokio::select! {
+            () = signals.received() => {}
+            () = stdin_closed(self.exit_on_stdin_close) => {}
+        }
+        note("hephaestus worker: shutting down");
         let _ = stop.send(true);
         let report = queue.shutdown(Duration::from_millis(self.grace_ms)).await;
-        // The reconciler stops at its next await point; a panic in it was
-        // already reported by the task.
+        // The reconciler's pass was dropped at its await point when the
+        // stop was sent; a panic in it was already reported by the task.
         let _ = reconciling.await;
         pool.close().await;
-        println!(
-            "hephaestus worker stopped: finished in grace {}, stop requested {}, aborted {}",
+        say(&format!(
+            "hephaestus worker stopped: finished in grace {}, stop requested {}, aborted {}, handed back {}",
             report.finished_in_grace,
             report.stop_requested.len(),
-            report.aborted.len()
-        );
+            report.aborted.len(),
+            report.handed_back.len()
+        ));
         Ok(())
     }
 }
 
-/// Resolves when a graceful shutdown is asked for: SIGTERM or Ctrl-C, or
-/// standard input closed (with `on_stdin_close`).
-async fn shutdown_requested(on_stdin_close: bool) {
-    tokio::select! {
-        () = signalled() => {}
-        () = stdin_closed(on_stdin_close) => {}
+impl WorkerCommand {
+    /// `--leader-ttl-ms`, or half of `--stale-after-ms` between 300 ms and
+    /// 15 s.
+    fn leader_ttl(&self) -> Duration {
+        Duration::from_millis(
+            self.leader_ttl_ms
+                .unwrap_or_else(|| (self.stale_after_ms / 2).clamp(300, 15_000)),
+        )
+    }
+
+    /// `--elect-ms`, or a third of the lease.
+    fn elect_interval(&self) -> Duration {
+        self.elect_ms
+            .map_or_else(|| self.leader_ttl() / 3, Duration::from_millis)
     }
 }
 
-/// SIGTERM (what process managers send) or Ctrl-C.
-async fn signalled() {
+/// Prints a line on stdout; a closed stdout (the supervisor went away) is
+/// not a reason to fail a worker.
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+}
+
+/// [`say`] on stderr.
+fn note(line: &str) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
+}
+
+/// The shutdown signals, listened for from [`Signals::install`] on: SIGTERM
+/// (what process managers send) and SIGINT (Ctrl-C). A signal that arrives
+/// before [`Signals::received`] is awaited is kept, not lost.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut terminate) => {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let listen = |kind: SignalKind, name: &str| match signal(kind) {
+                Ok(stream) => Some(stream),
+                Err(e) => {
+                    note(&format!(
+                        "hephaestus worker: cannot listen for {name} ({e})"
+                    ));
+                    None
                 }
-            }
-            Err(e) => {
-                eprintln!("hephaestus worker: cannot listen for SIGTERM ({e}); Ctrl-C still works");
-                let _ = tokio::signal::ctrl_c().await;
+            };
+            Self {
+                terminate: listen(SignalKind::terminate(), "SIGTERM"),
+                interrupt: listen(SignalKind::interrupt(), "SIGINT"),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Self {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves at the first shutdown signal.
+    async fn received(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(stream: Option<&mut tokio::signal::unix::Signal>) {
+                match stream {
+                    Some(stream) => {
+                        stream.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(self.terminate.as_mut()) => {}
+                () = next(self.interrupt.as_mut()) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -199,8 +297,43 @@ async fn stdin_closed(on_stdin_close: bool) {
             let _ = on_closed.await;
         }
         Err(e) => {
-            eprintln!("hephaestus worker: cannot watch stdin ({e}); stop it with a signal");
+            note(&format!(
+                "hephaestus worker: cannot watch stdin ({e}); stop it with a signal"
+            ));
             std::future::pending::<()>().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::{Args as _, FromArgMatches as _};
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> WorkerCommand {
+        let command = WorkerCommand::augment_args(clap::Command::new("worker"));
+        let matches = command
+            .try_get_matches_from(
+                ["worker", "--database-url", "postgres://h/db"]
+                    .into_iter()
+                    .chain(args.iter().copied()),
+            )
+            .unwrap();
+        WorkerCommand::from_arg_matches(&matches).unwrap()
+    }
+
+    #[test]
+    fn the_lease_follows_stale_after_unless_given() {
+        let default = parse(&[]);
+        assert_eq!(default.leader_ttl(), Duration::from_secs(15));
+        assert_eq!(default.elect_interval(), Duration::from_secs(5));
+        // A dead leader is replaced before its jobs are due for rescue.
+        let fast = parse(&["--stale-after-ms", "1000"]);
+        assert_eq!(fast.leader_ttl(), Duration::from_millis(500));
+        assert!(fast.elect_interval() * 2 < fast.leader_ttl());
+        let given = parse(&["--leader-ttl-ms", "2000", "--elect-ms", "100"]);
+        assert_eq!(given.leader_ttl(), Duration::from_secs(2));
+        assert_eq!(given.elect_interval(), Duration::from_millis(100));
     }
 }

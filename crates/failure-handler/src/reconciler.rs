@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hephaestus_engine_core::instance::{Instance, InstanceStatus, StepStatus};
-use hephaestus_engine_core::ports::{InstanceFilter, NewJob, PortError};
+use hephaestus_engine_core::ports::{NewJob, PortError};
 use hephaestus_engine_core::steps::DONE_ID;
 use hephaestus_runner::{Backend, RunnerError, Runtime, jobs};
 use uuid::Uuid;
@@ -51,6 +51,9 @@ pub struct RepairReport {
     pub repaired: Vec<Repair>,
     /// Instances whose workflow is not registered here (left untouched).
     pub unregistered: Vec<Uuid>,
+    /// Instances whose stored state cannot be read, with the error (left
+    /// untouched; the pass goes on with the others).
+    pub undecodable: Vec<(Uuid, String)>,
 }
 
 /// Whether this process leads the deployment's maintenance.
@@ -79,7 +82,7 @@ impl<B: Backend> Reconciler<B> {
     pub fn new(runtime: Runtime<B>) -> Self {
         Self {
             runtime,
-            page: 500,
+            page: 1_000,
             leader: None,
         }
     }
@@ -99,34 +102,85 @@ impl<B: Backend> Reconciler<B> {
         self.leader.as_ref().is_none_or(|is_leader| is_leader())
     }
 
-    /// One pass over every active instance.
+    /// One pass over every active instance: a statement per page finds
+    /// those that may need a repair ([`Backend::reconcile_page`]), and
+    /// only those are read and checked. An instance that cannot be read is
+    /// reported in [`RepairReport::undecodable`] and skipped.
+    ///
+    /// Dropping the future stops the pass at its next await (what
+    /// [`Reconciler::run_every`] does at shutdown): every repair is its own
+    /// commit, so nothing is left half done.
     pub async fn run_once(&self) -> Result<RepairReport, RunnerError> {
+        self.pass(false).await
+    }
+
+    /// [`Reconciler::run_once`]; with `while_leading`, the pass stops as
+    /// soon as this process no longer leads (checked before each repair):
+    /// a leader that was stopped mid-pass and comes back after losing its
+    /// lease repairs nothing more.
+    async fn pass(&self, while_leading: bool) -> Result<RepairReport, RunnerError> {
         let mut report = RepairReport::default();
         let mut before = None;
         loop {
             let page = self
                 .runtime
-                .list(&InstanceFilter {
-                    statuses: InstanceStatus::ACTIVE.to_vec(),
-                    before_id: before,
-                    limit: Some(self.page),
-                    ..InstanceFilter::default()
-                })
+                .backend()
+                .reconcile_page(before, self.page)
                 .await?;
             let Some(last) = page.last() else { break };
             before = Some(last.id);
             let full = u32::try_from(page.len()).unwrap_or(u32::MAX) >= self.page;
-            for instance in page {
-                report.scanned += 1;
+            report.scanned += page.len();
+            for row in page {
+                let id = row.id;
+                if self
+                    .runtime
+                    .registry()
+                    .get(&row.workflow_id, row.workflow_version)
+                    .is_err()
+                {
+                    report.unregistered.push(id);
+                    continue;
+                }
+                if !row.candidate {
+                    continue;
+                }
+                if while_leading && !self.leads() {
+                    tracing::warn!(
+                        scanned = report.scanned,
+                        repaired = report.repaired.len(),
+                        "reconciler: this process no longer leads; pass abandoned"
+                    );
+                    return Ok(report);
+                }
+                let instance = match self.runtime.backend().get(id).await {
+                    Ok(Some(instance)) => instance,
+                    // Finished and pruned since the page was read.
+                    Ok(None) => continue,
+                    Err(PortError::Corrupt(error)) => {
+                        tracing::error!(
+                            instance = %id,
+                            %error,
+                            "reconciler: cannot decode the instance; skipping it"
+                        );
+                        report.undecodable.push((id, error));
+                        continue;
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if !instance.status.is_active() {
+                    continue;
+                }
                 self.check(&instance, &mut report).await?;
             }
             if !full {
                 break;
             }
         }
-        if !report.repaired.is_empty() {
+        if !report.repaired.is_empty() || !report.undecodable.is_empty() {
             tracing::warn!(
                 repaired = report.repaired.len(),
+                undecodable = report.undecodable.len(),
                 scanned = report.scanned,
                 "reconciler repaired instances"
             );
@@ -136,13 +190,20 @@ impl<B: Backend> Reconciler<B> {
 
     /// Runs a pass every `interval` until `shutdown` resolves (skipping
     /// passes while another process leads, see [`Reconciler::leader_only`]).
+    /// A pass in progress when `shutdown` resolves is abandoned at once.
     pub async fn run_every(&self, interval: Duration, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            if self.leads()
-                && let Err(e) = self.run_once().await
-            {
-                tracing::error!(error = %e, "reconciler pass failed");
+            if self.leads() {
+                tokio::select! {
+                    biased;
+                    () = &mut shutdown => return,
+                    outcome = self.pass(true) => {
+                        if let Err(e) = outcome {
+                            tracing::error!(error = %e, "reconciler pass failed");
+                        }
+                    }
+                }
             }
             tokio::select! {
                 () = &mut shutdown => return,
@@ -501,7 +562,7 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn periodic_passes_run_only_while_this_process_leads() {
         let (backend, rt, _clock, id) = lost_linear().await;
         let leads = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -511,20 +572,59 @@ mod tests {
                 .leader_only(move || leads.load(std::sync::atomic::Ordering::SeqCst))
         };
         let live = || async { backend.live_jobs(&jobs::of_instance(id)).await.unwrap() };
-        // A follower's loop runs its pass at once (then stops: the shutdown
-        // future is ready): nothing is repaired.
+        // A follower's loop would run its pass at once, then wait for the
+        // next interval (60 s) and stop at the shutdown (30 s, paused
+        // clock): nothing is repaired.
+        let half_an_interval = || tokio::time::sleep(std::time::Duration::from_secs(30));
         reconciler
-            .run_every(std::time::Duration::from_secs(60), std::future::ready(()))
+            .run_every(std::time::Duration::from_secs(60), half_an_interval())
             .await;
         assert!(live().await.is_empty(), "a follower repairs nothing");
         // Once it leads, its pass repairs the instance.
         leads.store(true, std::sync::atomic::Ordering::SeqCst);
         reconciler
-            .run_every(std::time::Duration::from_secs(60), std::future::ready(()))
+            .run_every(std::time::Duration::from_secs(60), half_an_interval())
             .await;
         let repaired = live().await;
         assert_eq!(repaired.len(), 1, "{repaired:?}");
         assert_eq!(repaired[0].kind, jobs::EXECUTE);
+    }
+
+    /// A periodic pass stops repairing once this process no longer leads.
+    #[tokio::test(start_paused = true)]
+    async fn a_periodic_pass_stops_when_the_leadership_is_lost() {
+        let (_now, clock) = clock();
+        let backend = MemoryBackend::with_clock(clock.clone());
+        let rt = Runtime::builder(backend.clone())
+            .clock(clock)
+            .workflow(linear())
+            .build()
+            .unwrap();
+        for value in ["1", "2"] {
+            let s = rt
+                .start("linear", value, json!({}), StartOptions::default())
+                .await
+                .unwrap();
+            cancel_all_jobs(&backend, s.id).await;
+        }
+        // Leads for the pass's start and its first repair, then loses it.
+        let checks = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reconciler = {
+            let checks = Arc::clone(&checks);
+            Reconciler::new(rt.clone())
+                .leader_only(move || checks.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 2)
+        };
+        reconciler
+            .run_every(
+                std::time::Duration::from_secs(60),
+                tokio::time::sleep(std::time::Duration::from_secs(30)),
+            )
+            .await;
+        let live = backend
+            .live_jobs(&hephaestus_engine_core::ports::JobMatch::args(json!({})))
+            .await
+            .unwrap();
+        assert_eq!(live.len(), 1, "one repair, then it stopped: {live:?}");
     }
 
     #[tokio::test]

@@ -122,6 +122,8 @@ pub use events::{EventCounts, Events, JobEvent, JobEventKind};
 pub use hook::{DiscardHook, DiscardedJob};
 pub use job::Job;
 pub use queue::{CancelFilter, JobFilter, PgQueue, QueueDepth, Settled, StaleJob};
-pub use runtime::{QueueRuntime, RescueReport, RuntimeBuilder, RuntimeConfig, ShutdownReport};
+pub use runtime::{
+    QueueRuntime, RescueReport, RuntimeBuilder, RuntimeConfig, ShutdownReport, connections_held,
+};
 pub use schema::{migrate, schema};
 pub use worker::{AdoptedJob, Adopter, DynWorker, JobContext, JobError, Worker, Workers};

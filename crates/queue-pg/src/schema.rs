@@ -142,7 +142,24 @@ const V2_DOWN: &[&str] = &[
     "alter table {prefix}.hephaestus_jobs drop column if exists group_key",
 ];
 
-static VERSIONS: [SchemaVersion; 2] = [
+/// Version 3: leadership as a lease. One row per elected role (today
+/// `maintenance`): who holds it and until when, in the database's clock.
+/// The leader renews it; anyone may take it once it has lapsed. Unlike the
+/// session advisory lock it replaces, a stopped leader (SIGSTOP, a frozen
+/// VM) loses it when it stops renewing, and every statement is a plain
+/// autocommit statement, so it works through PgBouncer's transaction mode.
+const V3_UP: &[&str] = &[r"create table if not exists {prefix}.hephaestus_leases (
+    name text primary key
+        constraint hephaestus_leases_name_check check (char_length(name) between 1 and 64),
+    holder text not null,
+    acquired_at timestamptz not null,
+    renewed_at timestamptz not null,
+    expires_at timestamptz not null
+)"];
+
+const V3_DOWN: &[&str] = &["drop table if exists {prefix}.hephaestus_leases"];
+
+static VERSIONS: [SchemaVersion; 3] = [
     SchemaVersion {
         number: 1,
         sqlx_version: 20_261_126_000_101,
@@ -156,6 +173,13 @@ static VERSIONS: [SchemaVersion; 2] = [
         description: "job groups: an indexed group key replaces the args index",
         up: V2_UP,
         down: Down::Statements(V2_DOWN),
+    },
+    SchemaVersion {
+        number: 3,
+        sqlx_version: 20_261_205_000_103,
+        description: "leadership leases: a leader that stops renewing loses it",
+        up: V3_UP,
+        down: Down::Statements(V3_DOWN),
     },
 ];
 
@@ -202,7 +226,7 @@ mod tests {
     fn queue_definition_is_valid() {
         let queue = schema();
         assert_eq!(queue.name(), "queue");
-        assert_eq!(queue.latest(), 2);
+        assert_eq!(queue.latest(), 3);
         // After storage's first version, so registries may list it second.
         assert!(queue.versions()[0].sqlx_version > 20_261_126_000_001);
     }

@@ -74,7 +74,7 @@ pub use advance::AdvanceReport;
 pub use config::{Clock, QueueNames, RunnerConfig, system_clock};
 pub use error::RunnerError;
 pub use facade::WorkflowHandle;
-pub use runtime::{Backend, Runtime, RuntimeBuilder, StartOptions, Started};
+pub use runtime::{Backend, ReconcileRow, Runtime, RuntimeBuilder, StartOptions, Started};
 pub use telemetry::TelemetryEvent;
 pub use worker::{DrainReport, JobOutcome};
 

@@ -140,6 +140,38 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
         Ok(())
     }
 
+    /// One page of the reconciler's scan: the active instances (pending,
+    /// running, waiting) with ids below `before` (from the newest when
+    /// `None`), newest first, at most `limit`, each with its workflow and
+    /// whether it may need a repair (no live job for work it has). Only the
+    /// flagged ones are read and checked one by one, so a pass over many
+    /// healthy instances costs a statement per page. The default flags
+    /// every one; PostgreSQL decides in the statement, without decoding any
+    /// instance.
+    async fn reconcile_page(
+        &self,
+        before: Option<Uuid>,
+        limit: u32,
+    ) -> Result<Vec<ReconcileRow>, PortError> {
+        let page = self
+            .list(&InstanceFilter {
+                statuses: hephaestus_engine_core::instance::InstanceStatus::ACTIVE.to_vec(),
+                before_id: before,
+                limit: Some(limit),
+                ..InstanceFilter::default()
+            })
+            .await?;
+        Ok(page
+            .into_iter()
+            .map(|i| ReconcileRow {
+                id: i.id,
+                workflow_id: i.workflow_id.as_str().to_owned(),
+                workflow_version: i.workflow_version,
+                candidate: true,
+            })
+            .collect())
+    }
+
     /// What settling a batch ends with, in `tx`: enqueues `jobs` (those
     /// flagged in `claim` may come back claimed by this worker, already
     /// executing at attempt 1, to run right after the commit), then
@@ -172,6 +204,19 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
 }
 
 impl Backend for hephaestus_engine_core::ports::memory::MemoryBackend {}
+
+/// An active instance as the reconciler's page query sees it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ReconcileRow {
+    /// The instance.
+    pub id: Uuid,
+    /// Its workflow.
+    pub workflow_id: String,
+    /// Its workflow version.
+    pub workflow_version: u32,
+    /// Whether it may need a repair (it is then read and checked).
+    pub candidate: bool,
+}
 
 /// Options of a start.
 #[derive(Debug, Clone, Default)]

@@ -86,6 +86,7 @@ mod lock;
 mod migrate;
 mod query;
 mod results;
+mod retention;
 mod schema;
 mod store;
 
@@ -97,5 +98,6 @@ pub use instances::RawInstance;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
 pub use migrate::{Migrated, migrate};
 pub use query::{Cursor, Direction, InstanceQuery, Order, Page, SortKey, TimeRange, Undecodable};
+pub use retention::PrunedInstances;
 pub use schema::{COMPONENT, schema};
 pub use store::{PRUNE_BATCH, PgStore, Tx};

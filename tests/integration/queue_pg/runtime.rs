@@ -412,11 +412,98 @@ async fn after_the_grace_period_jobs_are_told_to_stop_then_aborted() {
         db.queue.job(polite).await.unwrap().unwrap().state,
         JobState::Completed
     );
-    // The aborted one stays executing until a rescuer returns it.
+    // The aborted one is handed back at once (not left executing until a
+    // rescuer's `rescue_after`): available, its attempt not counted, the
+    // interruption recorded.
+    assert_eq!(report.handed_back, [stubborn]);
+    let back = db.queue.job(stubborn).await.unwrap().unwrap();
+    assert_eq!(back.state, JobState::Available);
+    assert_eq!(back.attempt, 1, "the attempt number stays the fence");
     assert_eq!(
-        db.queue.job(stubborn).await.unwrap().unwrap().state,
-        JobState::Executing
+        back.max_attempts,
+        probe_job(Mode::Hang).max_attempts + 1,
+        "the interrupted attempt does not count"
     );
+    assert!(
+        back.errors
+            .last()
+            .is_some_and(|e| e.error.message.contains("interrupted")),
+        "{:?}",
+        back.errors
+    );
+    // Another runtime runs it right away.
+    let next = runtime(&db, &probe).start().await.unwrap();
+    let deadline = tokio::time::Instant::now() + SAFETY_NET;
+    while db.queue.job(stubborn).await.unwrap().unwrap().attempt < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "not run again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    next.abort().await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn a_pool_too_small_for_the_runtime_is_refused_at_start() {
+    let db = QueueDb::with_connections(1).await;
+    let probe = Probe::default();
+    let error = runtime(&db, &probe).start().await.unwrap_err();
+    let message = error.to_string();
+    assert!(
+        message.contains("allows 1 connection(s)") && message.contains("at least 2"),
+        "{message}"
+    );
+    // Poll-only holds no connection: one is enough.
+    let rt = runtime(&db, &probe).poll_only(true).start().await.unwrap();
+    rt.shutdown(Duration::from_secs(5)).await;
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_taken_over_and_its_old_holder_stops_leading() {
+    let db = QueueDb::new().await;
+    let probe = Probe::default();
+    let config = |b: RuntimeBuilder| {
+        let config = hephaestus_queue_pg::RuntimeConfig {
+            elect_interval: Duration::from_millis(50),
+            leader_ttl: Duration::from_secs(30),
+            depth_interval: None,
+            ..hephaestus_queue_pg::RuntimeConfig::default()
+        };
+        b.config(config)
+    };
+    let first = config(runtime(&db, &probe)).start().await.unwrap();
+    let second = config(runtime(&db, &probe)).start().await.unwrap();
+    assert!(first.is_leader() && !second.is_leader());
+    let (holder, _) = db.queue.maintenance_leader().await.unwrap().unwrap();
+    assert_eq!(holder, first.worker_id());
+    // The leader's lease lapses (as when it stops renewing): the follower
+    // takes it at its next attempt, and the old leader's next renewal finds
+    // it gone and stops leading.
+    sqlx::query(&format!(
+        "update {}.hephaestus_leases set expires_at = clock_timestamp() - interval '1 second'",
+        db.queue.prefix().quoted()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + SAFETY_NET;
+    while !second.is_leader() || first.is_leader() {
+        assert!(tokio::time::Instant::now() < deadline, "no takeover");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (holder, _) = db.queue.maintenance_leader().await.unwrap().unwrap();
+    assert_eq!(holder, second.worker_id());
+    // A graceful stop gives the lease up at once.
+    second.shutdown(Duration::from_secs(5)).await;
+    while !first.is_leader() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease was not given up"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    first.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(db.queue.maintenance_leader().await.unwrap(), None);
     db.teardown().await;
 }
 

@@ -38,6 +38,25 @@ where j.id = rescued.id
   and j.heartbeat_at < $5
 returning j.id, j.queue";
 
+/// `$1` ids, `$2` attempts, `$3` error records (JSON arrays), `$4` now.
+/// Jobs a graceful shutdown cut off: available again at once. The attempt
+/// is not counted against the job's budget (`max_attempts` grows by one,
+/// as for a snooze), because the attempt number must stay monotonic: it
+/// fences every later update of the job.
+pub(super) const RELEASE: &str = r"update {prefix}.hephaestus_jobs as j
+set state = 'available', scheduled_at = $4, max_attempts = j.max_attempts + 1,
+    errors = j.errors || released.record, heartbeat_at = null
+from unnest($1::bigint[], $2::integer[], $3::jsonb[]) as released(id, attempt, record)
+where j.id = released.id
+  and j.attempt = released.attempt
+  and j.state = (select 'executing'::text)
+returning j.id, j.queue";
+
+/// `$1` lease name. The holder of an unexpired lease and its deadline.
+pub(super) const LEASE_HOLDER: &str = r"select holder, expires_at
+from {prefix}.hephaestus_leases
+where name = $1 and expires_at >= clock_timestamp()";
+
 /// `$1` finished before, `$2` batch size.
 pub(super) const PRUNE: &str = r"with doomed as (
     select id
@@ -50,6 +69,12 @@ pub(super) const PRUNE: &str = r"with doomed as (
 delete from {prefix}.hephaestus_jobs as j
 using doomed
 where j.id = doomed.id";
+
+/// `$1` groups. Every job of the groups, whatever its state: waiting jobs
+/// through the group index, the others (finished jobs the pruner has not
+/// deleted yet, executing ones) by a scan of the rest.
+pub(super) const DELETE_GROUPS: &str = r"delete from {prefix}.hephaestus_jobs
+where group_key = any($1::text[])";
 
 /// `$1` channel, `$2` queues.
 pub(super) const NOTIFY_QUEUES: &str =
@@ -157,6 +182,69 @@ impl PgQueue {
         Ok(rescued.into_iter().map(|(id, _)| JobId(id)).collect())
     }
 
+    /// Hands executing jobs back to the queue (a graceful shutdown ran out
+    /// of time for them): available again now, the interruption recorded in
+    /// their errors, and their attempt not counted (`max_attempts` grows by
+    /// one; the attempt number stays the fence). Fenced by attempt: a job
+    /// settled or rescued meanwhile is left alone. Wakes their queues.
+    /// Returns the ids handed back.
+    pub async fn release_interrupted(
+        &self,
+        leases: &[(JobId, u32)],
+        worker: &str,
+    ) -> Result<Vec<JobId>, Error> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = self.now();
+        let ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
+        let attempts: Vec<i32> = leases
+            .iter()
+            .map(|(_, a)| i32::try_from(*a).unwrap_or(i32::MAX))
+            .collect();
+        let records: Vec<Json<[AttemptRecord; 1]>> = leases
+            .iter()
+            .map(|(_, attempt)| {
+                Json([AttemptRecord {
+                    attempt: *attempt,
+                    at: now,
+                    error: hephaestus_engine_core::step::StepError::retryable(format!(
+                        "interrupted: worker {worker} shut down before the job finished; handed back (the attempt does not count)"
+                    )),
+                }])
+            })
+            .collect();
+        let mut tx = self.pool().begin().await?;
+        let released: Vec<(i64, String)> = sqlx::query_as(&self.sql().release)
+            .bind(&ids)
+            .bind(&attempts)
+            .bind(&records)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+        let mut queues: Vec<&str> = released.iter().map(|(_, q)| q.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        if !queues.is_empty() {
+            sqlx::query(&self.sql().notify_queues)
+                .bind(self.channel())
+                .bind(&queues)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(released.into_iter().map(|(id, _)| JobId(id)).collect())
+    }
+
+    /// The runtime holding the maintenance lease (its worker id) and until
+    /// when, or `None` when no runtime leads (the lease is free or lapsed).
+    pub async fn maintenance_leader(&self) -> Result<Option<(String, DateTime<Utc>)>, Error> {
+        Ok(sqlx::query_as(&self.sql().lease_holder)
+            .bind("maintenance")
+            .fetch_optional(self.pool())
+            .await?)
+    }
+
     /// Deletes jobs that finished before `before`, in batches; returns how
     /// many.
     pub async fn prune(&self, before: DateTime<Utc>) -> Result<u64, Error> {
@@ -173,6 +261,25 @@ impl PgQueue {
                 return Ok(total);
             }
         }
+    }
+
+    /// Deletes every job of `groups` (any state) through `executor`;
+    /// returns how many. For retention of what the jobs belonged to (the
+    /// runner groups an instance's jobs under its id): run it in the
+    /// transaction that deletes the instances.
+    pub async fn delete_groups_using<'e, E: sqlx::PgExecutor<'e>>(
+        &self,
+        executor: E,
+        groups: &[String],
+    ) -> Result<u64, Error> {
+        if groups.is_empty() {
+            return Ok(0);
+        }
+        Ok(sqlx::query(&self.sql().delete_groups)
+            .bind(groups)
+            .execute(executor)
+            .await?
+            .rows_affected())
     }
 
     /// Wakes the producers of `queues` (at commit when run in a

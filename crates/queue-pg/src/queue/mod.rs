@@ -183,6 +183,9 @@ struct Statements {
     heartbeat: String,
     stale: String,
     rescue: String,
+    release: String,
+    lease_holder: String,
+    delete_groups: String,
     prune: String,
 }
 
@@ -220,6 +223,9 @@ impl Statements {
             heartbeat: r(maintenance::HEARTBEAT),
             stale: cols(maintenance::STALE),
             rescue: r(maintenance::RESCUE),
+            release: r(maintenance::RELEASE),
+            lease_holder: r(maintenance::LEASE_HOLDER),
+            delete_groups: r(maintenance::DELETE_GROUPS),
             prune: r(maintenance::PRUNE),
         }
     }

@@ -4,9 +4,9 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use super::elector::Leadership;
 use super::service::{Service, sleep_or_stop};
 use crate::queue::PgQueue;
 
@@ -17,11 +17,11 @@ pub(crate) struct DepthReporter {
 }
 
 impl DepthReporter {
-    pub(crate) fn start(queue: PgQueue, interval: Duration, leader: Arc<AtomicBool>) -> Self {
+    pub(crate) fn start(queue: PgQueue, interval: Duration, leader: Arc<Leadership>) -> Self {
         let service = Service::spawn("depth", move |stop| async move {
             let mut seen: HashSet<(String, &'static str)> = HashSet::new();
             while !sleep_or_stop(&stop, interval).await {
-                if !leader.load(Ordering::SeqCst) {
+                if !leader.is_leader() {
                     continue;
                 }
                 match queue.depth().await {

@@ -69,8 +69,14 @@ pub struct RuntimeConfig {
     /// Whether this runtime campaigns for leadership of the maintenance
     /// services. Default true.
     pub maintenance: bool,
-    /// How often a follower tries to become leader. Default 5 s.
+    /// How often a follower tries to become leader, and the leader renews
+    /// its lease. Default 5 s.
     pub elect_interval: Duration,
+    /// How long a leader's lease lasts without a renewal: a leader that
+    /// stops renewing (stopped, frozen, cut off) is replaced this long after
+    /// its last renewal at most, and itself stops acting as leader then.
+    /// Must exceed twice `elect_interval`. Default 15 s.
+    pub leader_ttl: Duration,
     /// Most completions in one statement. Default 1000.
     pub completion_batch: usize,
     /// Delete completed jobs in the completing statement instead of keeping
@@ -84,8 +90,9 @@ pub struct RuntimeConfig {
     pub cancel_wait: Duration,
     /// Events kept for a lagging subscriber. Default 1024.
     pub events_capacity: usize,
-    /// This process in `attempted_by` (default: host, pid and a random
-    /// suffix).
+    /// This process in `attempted_by`, and the holder named in the
+    /// leadership lease: unique per runtime (default: host, pid and a
+    /// random suffix).
     pub worker_id: Option<String>,
 }
 
@@ -102,6 +109,7 @@ impl Default for RuntimeConfig {
             depth_interval: Some(Duration::from_secs(15)),
             maintenance: true,
             elect_interval: Duration::from_secs(5),
+            leader_ttl: Duration::from_secs(15),
             completion_batch: 1000,
             delete_completed: false,
             cancel_wait: Duration::from_secs(1),
@@ -142,6 +150,12 @@ impl RuntimeConfig {
             return bad(format!(
                 "rescue_after ({:?}) must exceed twice the heartbeat interval ({:?})",
                 self.rescue_after, self.heartbeat_interval
+            ));
+        }
+        if self.leader_ttl <= self.elect_interval * 2 {
+            return bad(format!(
+                "leader_ttl ({:?}) must exceed twice the election interval ({:?})",
+                self.leader_ttl, self.elect_interval
             ));
         }
         if self.completion_batch == 0 {
@@ -234,6 +248,15 @@ impl RuntimeBuilder {
         self
     }
 
+    /// See [`RuntimeConfig::elect_interval`] and
+    /// [`RuntimeConfig::leader_ttl`].
+    #[must_use]
+    pub fn election(mut self, interval: Duration, ttl: Duration) -> Self {
+        self.config.elect_interval = interval;
+        self.config.leader_ttl = ttl;
+        self
+    }
+
     /// See [`RuntimeConfig::maintenance`].
     #[must_use]
     pub fn maintenance(mut self, maintenance: bool) -> Self {
@@ -251,6 +274,7 @@ impl RuntimeBuilder {
             config,
         } = self;
         config.validate(&queues)?;
+        check_pool(&queue, &config)?;
         let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
         let events = Events::new(config.events_capacity);
         let running = Running::new();
@@ -306,8 +330,14 @@ impl RuntimeBuilder {
             }
         }
         if config.maintenance {
-            let elector = Elector::start(queue.clone(), config.elect_interval).await;
-            let leader = elector.flag();
+            let elector = Elector::start(
+                queue.clone(),
+                shared.worker_id.clone(),
+                config.elect_interval,
+                config.leader_ttl,
+            )
+            .await;
+            let leader = elector.leadership();
             services.rescuer = Some(Rescuer::start(Arc::clone(&shared), Arc::clone(&leader)));
             if let Some(retention) = config.retention {
                 services.pruner = Some(Pruner::start(
@@ -427,9 +457,14 @@ pub struct ShutdownReport {
     pub finished_in_grace: bool,
     /// Jobs told to stop when the grace period ran out.
     pub stop_requested: Vec<JobId>,
-    /// Jobs whose tasks were aborted because they did not stop in time
-    /// (they stay `executing` and are rescued later).
+    /// Jobs whose tasks were aborted because they did not stop in time.
     pub aborted: Vec<JobId>,
+    /// Of the aborted jobs, those handed back to the queue: available again
+    /// at once, the attempt not counted (see
+    /// [`PgQueue::release_interrupted`]). An aborted job missing here was
+    /// settled meanwhile, or could not be handed back (the database was
+    /// unreachable): the rescuer reclaims it after `rescue_after`.
+    pub handed_back: Vec<JobId>,
 }
 
 /// A running queue runtime: cheap to clone; [`QueueRuntime::shutdown`]
@@ -545,9 +580,29 @@ impl QueueRuntime {
             }
             report.stop_requested.sort_unstable();
             if !shared.running.wait_idle(shared.config.cancel_wait).await {
-                report.aborted = shared.running.abort_all();
+                let aborted = shared.running.abort_all();
+                report.aborted = aborted.iter().map(|(id, _)| *id).collect();
                 // Aborted tasks end at their next await; settlements finish.
                 shared.running.wait_idle(shared.config.cancel_wait).await;
+                // What they did not settle goes back to the queue now,
+                // instead of waiting for the rescuer.
+                match shared
+                    .queue
+                    .release_interrupted(&aborted, &shared.worker_id)
+                    .await
+                {
+                    Ok(mut released) => {
+                        released.sort_unstable();
+                        report.handed_back = released;
+                    }
+                    Err(error) => tracing::error!(
+                        target: "hephaestus_queue",
+                        worker = %shared.worker_id,
+                        %error,
+                        jobs = aborted.len(),
+                        "could not hand interrupted jobs back; the rescuer will reclaim them"
+                    ),
+                }
             }
         }
         services.stop_all().await;
@@ -556,6 +611,7 @@ impl QueueRuntime {
             worker = %shared.worker_id,
             finished_in_grace = report.finished_in_grace,
             aborted = report.aborted.len(),
+            handed_back = report.handed_back.len(),
             "queue runtime stopped"
         );
         *done = Some(report.clone());
@@ -567,16 +623,46 @@ impl QueueRuntime {
     /// `executing` until rescued). For fault-injection tests.
     pub async fn abort(&self) -> Vec<JobId> {
         let mut done = self.inner.shutdown.lock().await;
-        let aborted = self.inner.shared.running.abort_all();
+        let aborted: Vec<JobId> = self
+            .inner
+            .shared
+            .running
+            .abort_all()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
         self.inner.services.signal_stop_all();
         self.inner.services.stop_all().await;
         *done = Some(ShutdownReport {
             finished_in_grace: false,
             stop_requested: Vec::new(),
             aborted: aborted.clone(),
+            handed_back: Vec::new(),
         });
         aborted
     }
+}
+
+/// Connections a runtime keeps for itself: the LISTEN connection (none in
+/// poll-only mode). Leader election and every other service borrow one
+/// per statement.
+pub fn connections_held(config: &RuntimeConfig) -> u32 {
+    u32::from(!config.poll_only)
+}
+
+/// Refuses a pool too small to run anything: it must hold what the runtime
+/// keeps for itself plus one for jobs and services, or every job would wait
+/// the pool's acquire timeout.
+fn check_pool(queue: &PgQueue, config: &RuntimeConfig) -> Result<(), Error> {
+    let max = queue.pool().options().get_max_connections();
+    let needed = connections_held(config) + 1;
+    if max < needed {
+        return Err(Error::Config(format!(
+            "the connection pool allows {max} connection(s); the queue runtime holds {} for itself (its LISTEN connection) and needs at least one more: use a pool of at least {needed} (concurrency + 4 recommended)",
+            connections_held(config)
+        )));
+    }
+    Ok(())
 }
 
 /// `<host>-<pid>-<8 hex>`.
@@ -612,6 +698,14 @@ mod tests {
             ..RuntimeConfig::default()
         };
         assert!(zero.validate(&[]).is_err());
+        let short_lease = RuntimeConfig {
+            leader_ttl: Duration::from_secs(10),
+            ..RuntimeConfig::default()
+        };
+        assert!(
+            short_lease.validate(&[]).is_err(),
+            "a lease must outlast two renewal intervals"
+        );
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! discarded, cancelled) longer than the retention ago, in batches.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::TimeDelta;
 
+use super::elector::Leadership;
 use super::service::{Service, sleep_or_stop};
 use crate::error::Error;
 use crate::queue::PgQueue;
@@ -22,11 +22,11 @@ impl Pruner {
         queue: PgQueue,
         retention: Duration,
         interval: Duration,
-        leader: Arc<AtomicBool>,
+        leader: Arc<Leadership>,
     ) -> Self {
         let service = Service::spawn("pruner", move |stop| async move {
             while !sleep_or_stop(&stop, interval).await {
-                if leader.load(Ordering::SeqCst) {
+                if leader.is_leader() {
                     match prune_once(&queue, retention).await {
                         Ok(0) => {}
                         Ok(n) => {

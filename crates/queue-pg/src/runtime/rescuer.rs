@@ -5,11 +5,11 @@
 //! attempt is fenced off either way.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::TimeDelta;
 
 use super::Shared;
+use super::elector::Leadership;
 use super::service::{Service, sleep_or_stop};
 use crate::error::Error;
 use crate::events::JobEventKind;
@@ -35,11 +35,11 @@ pub struct RescueReport {
 }
 
 impl Rescuer {
-    pub(crate) fn start(shared: Arc<Shared>, leader: Arc<AtomicBool>) -> Self {
+    pub(crate) fn start(shared: Arc<Shared>, leader: Arc<Leadership>) -> Self {
         let interval = shared.config.rescue_interval;
         let service = Service::spawn("rescuer", move |stop| async move {
             while !sleep_or_stop(&stop, interval).await {
-                if leader.load(Ordering::SeqCst)
+                if leader.is_leader()
                     && let Err(error) = rescue_once(&shared).await
                 {
                     tracing::warn!(target: "hephaestus_queue", %error, "rescue pass failed");

@@ -138,18 +138,19 @@ impl Running {
             .collect()
     }
 
-    /// Aborts the tasks still running user code; returns their ids.
-    pub(crate) fn abort_all(&self) -> Vec<JobId> {
+    /// Aborts the tasks still running user code; returns their leases
+    /// (id and attempt), by id.
+    pub(crate) fn abort_all(&self) -> Vec<(JobId, u32)> {
         let mut jobs = lock_ignoring_poison(&self.jobs);
-        let mut ids = Vec::with_capacity(jobs.len());
+        let mut leases = Vec::with_capacity(jobs.len());
         for (id, entry) in jobs.drain() {
             if let Some(abort) = entry.abort {
                 abort.abort();
             }
-            ids.push(id);
+            leases.push((id, entry.job.attempt()));
         }
-        ids.sort_unstable();
-        ids
+        leases.sort_unstable();
+        leases
     }
 
     /// Waits until no job task is in flight, up to `limit`; returns
