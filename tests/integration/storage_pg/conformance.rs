@@ -55,12 +55,12 @@ impl Cases {
 async fn instance_store_conforms() {
     let cases = Cases::new().await;
     let report = conformance::instance_store(|| cases.fresh()).await;
-    cases.finish(&report, 14).await;
+    cases.finish(&report, 15).await;
 }
 
 #[tokio::test]
 async fn step_result_store_conforms() {
     let cases = Cases::new().await;
     let report = conformance::step_result_store(|| cases.fresh()).await;
-    cases.finish(&report, 10).await;
+    cases.finish(&report, 11).await;
 }

@@ -45,7 +45,7 @@ use uuid::Uuid;
 
 use super::{
     Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue,
-    JobState, NewJob, NewStepResult, PortError, Recorded, ResultKind, ResultPayload,
+    JobState, NewJob, NewStepResult, PortError, Recorded, Refused, ResultKind, ResultPayload,
     StepResultStore, UniqueJob,
 };
 use crate::business_id::{BusinessId, Scope, UniqueClaim};
@@ -721,6 +721,7 @@ where
             update_of_missing_instance_is_an_error,
             nul_characters_are_rejected,
             list_filters_and_pages_newest_first,
+            cancel_status_only_ends_an_active_instance_and_frees_its_claim,
         ]
     );
     report
@@ -892,6 +893,40 @@ async fn active_claim_conflicts_with_holder_id<B: InstanceStore>(b: &B) -> Resul
         ),
     )
     .await
+}
+
+async fn cancel_status_only_ends_an_active_instance_and_frees_its_claim<B: InstanceStore>(
+    b: &B,
+) -> Result<(), String> {
+    let original = active(one_id(), "order::9");
+    insert_committed(b, &original).await?;
+    let at = base_time() + secs(60);
+    let mut tx = b.begin().await.check("begin")?;
+    b.lock(&mut tx, original.id).await.check("lock")?;
+    let cancelled = b
+        .cancel_status_only(&mut tx, original.id, at)
+        .await
+        .check("cancel_status_only")?;
+    ensure!(cancelled, "an active instance must be cancelled");
+    b.commit(tx).await.check("commit")?;
+    let got = b
+        .get(original.id)
+        .await
+        .check("get")?
+        .ok_or("the instance is gone")?;
+    ensure_eq!(got.status, InstanceStatus::Cancelled, "its status");
+    ensure_eq!(got.context, original.context, "its state is left as it was");
+    // Its claim is free: a new active instance with it inserts.
+    insert_committed(b, &active(one_id(), "order::9")).await?;
+    // A finished instance is left alone.
+    let mut tx = b.begin().await.check("begin")?;
+    let again = b
+        .cancel_status_only(&mut tx, original.id, at)
+        .await
+        .check("cancel_status_only again")?;
+    ensure!(!again, "a finished instance is not cancelled again");
+    drop(tx);
+    Ok(())
 }
 
 async fn claim_is_freed_when_the_holder_ends<B: InstanceStore>(b: &B) -> Result<(), String> {
@@ -1468,6 +1503,7 @@ where
             dropped_unit_of_work_drops_results,
             prune_deletes_only_old_processed_results,
             nul_characters_in_results_are_rejected,
+            a_refused_result_keeps_its_reason_and_gives_up_its_slot,
         ]
     );
     report
@@ -1602,6 +1638,68 @@ async fn record_returns_increasing_seqs<B: InstanceStore + StepResultStore>(
             row.inserted_at
         );
     }
+    Ok(())
+}
+
+async fn a_refused_result_keeps_its_reason_and_gives_up_its_slot<
+    B: InstanceStore + StepResultStore,
+>(
+    b: &B,
+) -> Result<(), String> {
+    let id = new_instance(b, "order::1").await?;
+    let bogus = completed(id, "a", 1);
+    let seq = inserted(record_committed(b, &bogus).await?, "bogus")?;
+    ensure!(
+        b.is_recorded(id, &sid("a"), 1).await.check("is_recorded")?,
+        "a live completion is recorded"
+    );
+    let mut tx = b.begin().await.check("begin")?;
+    b.refuse(&mut tx, id, &[(seq, "not declared".to_owned())])
+        .await
+        .check("refuse")?;
+    ensure_eq!(
+        b.pending(&mut tx, id).await.check("pending in tx")?,
+        Vec::new(),
+        "a refused row is processed inside its unit of work"
+    );
+    b.commit(tx).await.check("commit")?;
+    ensure_eq!(
+        pending_of(b, id).await?,
+        Vec::new(),
+        "refused rows are processed"
+    );
+    let refused = b.refused(id).await.check("refused")?;
+    ensure_eq!(
+        refused,
+        vec![Refused {
+            seq,
+            step: Some(sid("a")),
+            activation: 1,
+            kind: ResultKind::Completed,
+            reason: "not declared".to_owned(),
+        }],
+        "the refusal is kept with its reason"
+    );
+    ensure!(
+        !b.is_recorded(id, &sid("a"), 1).await.check("is_recorded")?,
+        "a refused completion does not count as recorded"
+    );
+    // The slot is free: the valid result of the same activation records.
+    let valid = inserted(record_committed(b, &bogus).await?, "valid")?;
+    ensure!(valid > seq, "a new row");
+    ensure_eq!(
+        record_committed(b, &bogus).await?,
+        Recorded::Duplicate,
+        "the live row holds the slot again"
+    );
+    // Refusing an already processed row changes nothing.
+    mark_committed(b, id, &[valid]).await?;
+    let mut tx = b.begin().await.check("begin")?;
+    b.refuse(&mut tx, id, &[(valid, "late".to_owned())])
+        .await
+        .check("refuse processed")?;
+    b.commit(tx).await.check("commit")?;
+    ensure_eq!(b.refused(id).await.check("refused")?.len(), 1, "unchanged");
     Ok(())
 }
 
