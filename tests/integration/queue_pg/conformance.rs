@@ -1,23 +1,37 @@
-//! The engine-core `JobQueue` conformance suite on PostgreSQL.
+//! The engine-core `JobQueue` conformance suite on PostgreSQL: one test per
+//! case, each on a fresh schema that is dropped after it.
 
-use std::sync::Mutex;
-
-use hephaestus_engine_core::ports::conformance;
+use hephaestus_queue_pg::PgQueue;
 
 use super::QueueDb;
 
-#[tokio::test]
-async fn pg_queue_passes_the_job_queue_conformance_suite() {
-    let made: Mutex<Vec<QueueDb>> = Mutex::new(Vec::new());
-    let report = conformance::job_queue(|| async {
-        let db = QueueDb::new().await;
-        let queue = db.queue.clone();
-        made.lock().unwrap().push(db);
-        queue
-    })
-    .await;
-    for db in made.into_inner().unwrap() {
-        db.teardown().await;
-    }
-    report.assert_ok();
+async fn fresh() -> PgQueue {
+    QueueDb::new().await.queue.clone()
+}
+
+/// Drops the case's schema.
+async fn drop_schema(queue: PgQueue) {
+    sqlx::raw_sql(&format!("drop schema {} cascade", queue.prefix().quoted()))
+        .execute(queue.pool())
+        .await
+        .expect("drop the case's schema");
+    queue.pool().close().await;
+}
+
+fn run<F: std::future::Future>(case: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(case)
+}
+
+mod job_queue {
+    hephaestus_engine_core::conformance_tests!(
+        job_queue,
+        make: super::fresh,
+        run: super::run,
+        cleanup: super::drop_schema,
+    );
 }

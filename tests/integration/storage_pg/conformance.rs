@@ -1,66 +1,49 @@
-//! The engine-core conformance suites, each case on a fresh schema.
+//! The engine-core conformance suites on PostgreSQL: one test per case,
+//! each on a fresh, migrated schema that is dropped after it.
 
-use std::sync::Mutex;
-
-use hephaestus_engine_core::ports::conformance::{self, Report};
-use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_storage_pg::PgStore;
 
 use super::Db;
 
-/// Fresh, migrated schemas for the cases of one suite, all on one pool.
-struct Cases {
-    db: Db,
-    created: Mutex<Vec<SchemaPrefix>>,
+/// A store over a fresh schema, on a pool large enough for the concurrency
+/// cases.
+async fn fresh() -> PgStore {
+    let db = Db::new().await;
+    db.store.clone()
 }
 
-impl Cases {
-    async fn new() -> Self {
-        Self {
-            db: Db::new().await,
-            created: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// A store over a new schema (`PgStore::migrate` creates it).
-    async fn fresh(&self) -> PgStore {
-        let prefix = {
-            let mut created = self.created.lock().unwrap();
-            let name = format!("{}_c{}", self.db.prefix(), created.len());
-            let prefix = SchemaPrefix::new(&name).unwrap();
-            created.push(prefix.clone());
-            prefix
-        };
-        let store = PgStore::new(self.db.pool.clone(), prefix);
-        store.migrate().await.expect("migrate a case schema");
-        store
-    }
-
-    async fn finish(self, report: &Report, cases: usize) {
-        assert!(report.is_ok(), "{report}");
-        assert_eq!(report.passed.len(), cases, "{report}");
-        let created = std::mem::take(&mut *self.created.lock().unwrap());
-        assert_eq!(created.len(), cases, "one schema per case");
-        for prefix in created {
-            sqlx::raw_sql(&format!("drop schema {} cascade", prefix.quoted()))
-                .execute(&self.db.pool)
-                .await
-                .unwrap();
-        }
-        self.db.teardown().await;
-    }
+/// Drops the case's schema.
+async fn drop_schema(store: PgStore) {
+    sqlx::raw_sql(&format!("drop schema {} cascade", store.prefix().quoted()))
+        .execute(store.pool())
+        .await
+        .expect("drop the case's schema");
+    store.pool().close().await;
 }
 
-#[tokio::test]
-async fn instance_store_conforms() {
-    let cases = Cases::new().await;
-    let report = conformance::instance_store(|| cases.fresh()).await;
-    cases.finish(&report, 15).await;
+fn run<F: std::future::Future>(case: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(case)
 }
 
-#[tokio::test]
-async fn step_result_store_conforms() {
-    let cases = Cases::new().await;
-    let report = conformance::step_result_store(|| cases.fresh()).await;
-    cases.finish(&report, 11).await;
+mod instance_store {
+    hephaestus_engine_core::conformance_tests!(
+        instance_store,
+        make: super::fresh,
+        run: super::run,
+        cleanup: super::drop_schema,
+    );
+}
+
+mod step_result_store {
+    hephaestus_engine_core::conformance_tests!(
+        step_result_store,
+        make: super::fresh,
+        run: super::run,
+        cleanup: super::drop_schema,
+    );
 }

@@ -1,6 +1,13 @@
 //! Conformance suites for the port traits, written once and run against every
 //! backend: [`instance_store`], [`step_result_store`] and [`job_queue`].
 //!
+//! A backend's tests run them with
+//! [`conformance_tests!`](crate::conformance_tests), which generates one
+//! `#[test]` per case named after it (`cargo test <case>` runs one, and a
+//! failure names its case); the functions below run a whole suite into a
+//! [`Report`] instead. The case lists are written once, in
+//! `__conformance_cases!`, for both.
+//!
 //! ```
 //! use hephaestus_engine_core::ports::conformance;
 //! use hephaestus_engine_core::ports::memory::MemoryBackend;
@@ -87,7 +94,8 @@ pub struct Failure {
 }
 
 impl Report {
-    fn new(suite: &'static str) -> Self {
+    #[doc(hidden)]
+    pub fn new(suite: &'static str) -> Self {
         Self {
             suite,
             passed: Vec::new(),
@@ -95,7 +103,8 @@ impl Report {
         }
     }
 
-    fn record(&mut self, case: &'static str, outcome: Result<(), String>) {
+    #[doc(hidden)]
+    pub fn record(&mut self, case: &'static str, outcome: Result<(), String>) {
         match outcome {
             Ok(()) => self.passed.push(case),
             Err(message) => self.failures.push(Failure { case, message }),
@@ -281,12 +290,163 @@ impl<F: Future<Output = Result<(), String>>> Future for Guarded<F> {
     }
 }
 
-macro_rules! run_cases {
-    ($report:ident, $make:ident, [$($case:ident),* $(,)?]) => {
+/// Runs one case the way every suite does: a panic is caught and a case
+/// still running after [`CASE_LIMIT`] is stopped, both as failures.
+#[doc(hidden)]
+pub async fn guarded<F: Future<Output = Result<(), String>>>(case: F) -> Result<(), String> {
+    Guarded::new(case).await
+}
+
+/// Runs one case of `suite` on `backend` and panics with the case's message
+/// if it fails: what the tests [`conformance_tests!`](crate::conformance_tests)
+/// generates run.
+#[doc(hidden)]
+pub async fn assert_case<F: Future<Output = Result<(), String>>>(
+    suite: &str,
+    case: &str,
+    outcome: F,
+) {
+    if let Err(message) = guarded(outcome).await {
+        panic!("conformance suite {suite}, case {case}: {message}");
+    }
+}
+
+/// The cases of each suite, listed once: hands `suite [case, ...]` to the
+/// macro `$then` with its arguments.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    (instance_store, $then:ident { $($args:tt)* }) => {
+        $crate::$then! { $($args)* ; instance_store [
+                insert_then_get_round_trips_every_field,
+                duplicate_id_is_already_exists,
+                active_claim_conflicts_with_holder_id,
+                claim_is_freed_when_the_holder_ends,
+                instances_without_claim_never_conflict,
+                concurrent_inserts_with_one_claim_commit_once,
+                dropped_unit_of_work_leaves_nothing,
+                lock_serializes_writers,
+                locks_on_different_instances_do_not_block,
+                lock_of_missing_instance_is_none,
+                update_is_visible_after_commit_only,
+                update_of_missing_instance_is_an_error,
+                nul_characters_are_rejected,
+                list_filters_and_pages_newest_first,
+                cancel_status_only_ends_an_active_instance_and_frees_its_claim,
+        ] }
+    };
+    (step_result_store, $then:ident { $($args:tt)* }) => {
+        $crate::$then! { $($args)* ; step_result_store [
+                record_returns_increasing_seqs,
+                duplicates_are_detected_per_activation_and_kind,
+                pending_is_in_seq_order_and_excludes_processed,
+                is_recorded_counts_completions_markers_and_failures,
+                result_for_missing_instance_is_not_found,
+                concurrent_records_all_arrive,
+                concurrent_duplicates_are_stored_once,
+                dropped_unit_of_work_drops_results,
+                prune_deletes_only_old_processed_results,
+                nul_characters_in_results_are_rejected,
+                a_refused_result_keeps_its_reason_and_gives_up_its_slot,
+        ] }
+    };
+    (job_queue, $then:ident { $($args:tt)* }) => {
+        $crate::$then! { $($args)* ; job_queue [
+                enqueue_fetch_complete,
+                scheduled_jobs_wait_until_due,
+                fetch_orders_by_priority_then_time_then_id,
+                fetch_honours_limit_and_queue,
+                unique_jobs_return_the_existing_job,
+                a_merged_unique_job_is_not_lost_to_a_claim_before_commit,
+                stale_lease_is_fenced_off,
+                retry_records_the_error_and_bumps_the_attempt,
+                discard_records_the_error_and_stops,
+                cancel_stops_unfinished_jobs,
+                cancel_matching_uses_json_containment,
+                cancel_matching_by_group,
+                concurrent_fetchers_never_share_a_job,
+                dropped_unit_of_work_enqueues_nothing,
+                nul_characters_in_jobs_are_rejected,
+                job_info_reports_what_was_enqueued,
+                prune_removes_only_finished_jobs,
+                heartbeats_keep_a_job_fresh_and_silence_makes_it_stale,
+        ] }
+    };
+}
+
+/// Runs every case of a suite into a [`Report`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_report {
+    ($report:ident, $make:ident ; $suite:ident [$($case:ident),* $(,)?]) => {
         $(
             let backend = $make().await;
-            let outcome = Guarded::new($case(&backend)).await;
+            let outcome = $crate::ports::conformance::guarded(
+                $crate::ports::conformance::$case(&backend),
+            )
+            .await;
             $report.record(stringify!($case), outcome);
+        )*
+    };
+}
+
+/// Generates one `#[test]` per case of a conformance suite, each named after
+/// its case, so `cargo test <case>` runs one case and a failure names it.
+///
+/// - `make`: an expression giving a closure that returns a future of a
+///   fresh, empty backend (called once per case);
+/// - `run`: a function that runs a future to completion on the backend's
+///   runtime (`block_on` for a runtime-free backend, a Tokio runtime's
+///   `block_on` for a database);
+/// - `cleanup` (optional): a closure given the backend after its case, which
+///   returns a future (drop the case's schema, ...).
+///
+/// Put each suite in a module of its own: the tests are named after the
+/// cases.
+///
+/// ```ignore
+/// mod instance_store {
+///     hephaestus_engine_core::conformance_tests!(
+///         instance_store,
+///         make: || async { MyBackend::fresh().await },
+///         run: my_runtime_block_on,
+///     );
+/// }
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($suite:ident, make: $make:expr, run: $run:expr $(,)?) => {
+        $crate::conformance_tests!(
+            $suite,
+            make: $make,
+            run: $run,
+            cleanup: |_backend| async {},
+        );
+    };
+    ($suite:ident, make: $make:expr, run: $run:expr, cleanup: $cleanup:expr $(,)?) => {
+        $crate::__conformance_cases!($suite, __conformance_test_fns { $make, $run, $cleanup });
+    };
+}
+
+/// The `#[test]` functions of [`conformance_tests!`](crate::conformance_tests).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_test_fns {
+    ($make:expr, $run:expr, $cleanup:expr ; $suite:ident [$($case:ident),* $(,)?]) => {
+        $(
+            #[test]
+            fn $case() {
+                $run(async {
+                    let backend = ($make)().await;
+                    $crate::ports::conformance::assert_case(
+                        stringify!($suite),
+                        stringify!($case),
+                        $crate::ports::conformance::$case(&backend),
+                    )
+                    .await;
+                    ($cleanup)(backend).await;
+                });
+            }
         )*
     };
 }
@@ -703,31 +863,15 @@ where
     Fut: Future<Output = B>,
 {
     let mut report = Report::new("instance_store");
-    run_cases!(
-        report,
-        make,
-        [
-            insert_then_get_round_trips_every_field,
-            duplicate_id_is_already_exists,
-            active_claim_conflicts_with_holder_id,
-            claim_is_freed_when_the_holder_ends,
-            instances_without_claim_never_conflict,
-            concurrent_inserts_with_one_claim_commit_once,
-            dropped_unit_of_work_leaves_nothing,
-            lock_serializes_writers,
-            locks_on_different_instances_do_not_block,
-            lock_of_missing_instance_is_none,
-            update_is_visible_after_commit_only,
-            update_of_missing_instance_is_an_error,
-            nul_characters_are_rejected,
-            list_filters_and_pages_newest_first,
-            cancel_status_only_ends_an_active_instance_and_frees_its_claim,
-        ]
-    );
+    crate::__conformance_cases!(instance_store, __conformance_report { report, make });
     report
 }
 
-async fn insert_then_get_round_trips_every_field<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: insert then get round trips every field.
+#[doc(hidden)]
+pub async fn insert_then_get_round_trips_every_field<B: InstanceStore>(
+    b: &B,
+) -> Result<(), String> {
     let original = rich_instance(one_id());
     let mut tx = b.begin().await.check("begin")?;
     b.insert(&mut tx, &original).await.check("insert")?;
@@ -761,7 +905,9 @@ async fn insert_then_get_round_trips_every_field<B: InstanceStore>(b: &B) -> Res
     Ok(())
 }
 
-async fn duplicate_id_is_already_exists<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: duplicate id is already exists.
+#[doc(hidden)]
+pub async fn duplicate_id_is_already_exists<B: InstanceStore>(b: &B) -> Result<(), String> {
     let id = one_id();
     insert_committed(
         b,
@@ -830,7 +976,9 @@ async fn duplicate_id_is_already_exists<B: InstanceStore>(b: &B) -> Result<(), S
     Ok(())
 }
 
-async fn active_claim_conflicts_with_holder_id<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: active claim conflicts with holder id.
+#[doc(hidden)]
+pub async fn active_claim_conflicts_with_holder_id<B: InstanceStore>(b: &B) -> Result<(), String> {
     // Every active status holds the claim.
     for (n, status) in InstanceStatus::ACTIVE.into_iter().enumerate() {
         let business = format!("order::{n}");
@@ -895,7 +1043,9 @@ async fn active_claim_conflicts_with_holder_id<B: InstanceStore>(b: &B) -> Resul
     .await
 }
 
-async fn cancel_status_only_ends_an_active_instance_and_frees_its_claim<B: InstanceStore>(
+/// Conformance case of `instance_store`: cancel status only ends an active instance and frees its claim.
+#[doc(hidden)]
+pub async fn cancel_status_only_ends_an_active_instance_and_frees_its_claim<B: InstanceStore>(
     b: &B,
 ) -> Result<(), String> {
     let original = active(one_id(), "order::9");
@@ -929,7 +1079,9 @@ async fn cancel_status_only_ends_an_active_instance_and_frees_its_claim<B: Insta
     Ok(())
 }
 
-async fn claim_is_freed_when_the_holder_ends<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: claim is freed when the holder ends.
+#[doc(hidden)]
+pub async fn claim_is_freed_when_the_holder_ends<B: InstanceStore>(b: &B) -> Result<(), String> {
     let ids = ids(3);
     let mut first = active(ids[0], "order::1");
     insert_committed(b, &first).await?;
@@ -975,7 +1127,9 @@ async fn claim_is_freed_when_the_holder_ends<B: InstanceStore>(b: &B) -> Result<
     )
 }
 
-async fn instances_without_claim_never_conflict<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: instances without claim never conflict.
+#[doc(hidden)]
+pub async fn instances_without_claim_never_conflict<B: InstanceStore>(b: &B) -> Result<(), String> {
     let ids = ids(3);
     let a = instance(
         ids[0],
@@ -1007,7 +1161,9 @@ async fn instances_without_claim_never_conflict<B: InstanceStore>(b: &B) -> Resu
     Ok(())
 }
 
-async fn concurrent_inserts_with_one_claim_commit_once<B: InstanceStore>(
+/// Conformance case of `instance_store`: concurrent inserts with one claim commit once.
+#[doc(hidden)]
+pub async fn concurrent_inserts_with_one_claim_commit_once<B: InstanceStore>(
     b: &B,
 ) -> Result<(), String> {
     let ids = ids(CONCURRENCY);
@@ -1057,7 +1213,9 @@ async fn concurrent_inserts_with_one_claim_commit_once<B: InstanceStore>(
     Ok(())
 }
 
-async fn dropped_unit_of_work_leaves_nothing<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: dropped unit of work leaves nothing.
+#[doc(hidden)]
+pub async fn dropped_unit_of_work_leaves_nothing<B: InstanceStore>(b: &B) -> Result<(), String> {
     let ids = ids(2);
     let mut tx = b.begin().await.check("begin")?;
     b.insert(&mut tx, &active(ids[0], "order::1"))
@@ -1095,7 +1253,9 @@ async fn dropped_unit_of_work_leaves_nothing<B: InstanceStore>(b: &B) -> Result<
     update_committed(b, &changed).await
 }
 
-async fn lock_serializes_writers<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: lock serializes writers.
+#[doc(hidden)]
+pub async fn lock_serializes_writers<B: InstanceStore>(b: &B) -> Result<(), String> {
     let original = active(one_id(), "order::1");
     insert_committed(b, &original).await?;
     let id = original.id;
@@ -1152,7 +1312,11 @@ async fn lock_serializes_writers<B: InstanceStore>(b: &B) -> Result<(), String> 
     Ok(())
 }
 
-async fn locks_on_different_instances_do_not_block<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: locks on different instances do not block.
+#[doc(hidden)]
+pub async fn locks_on_different_instances_do_not_block<B: InstanceStore>(
+    b: &B,
+) -> Result<(), String> {
     let ids = ids(2);
     insert_committed(b, &active(ids[0], "order::1")).await?;
     insert_committed(b, &active(ids[1], "order::2")).await?;
@@ -1183,14 +1347,18 @@ async fn locks_on_different_instances_do_not_block<B: InstanceStore>(b: &B) -> R
     Ok(())
 }
 
-async fn lock_of_missing_instance_is_none<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: lock of missing instance is none.
+#[doc(hidden)]
+pub async fn lock_of_missing_instance_is_none<B: InstanceStore>(b: &B) -> Result<(), String> {
     let mut tx = b.begin().await.check("begin")?;
     let found = b.lock(&mut tx, one_id()).await.check("lock")?;
     ensure_eq!(found, None, "locking a missing instance");
     b.commit(tx).await.check("commit")
 }
 
-async fn update_is_visible_after_commit_only<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: update is visible after commit only.
+#[doc(hidden)]
+pub async fn update_is_visible_after_commit_only<B: InstanceStore>(b: &B) -> Result<(), String> {
     let original = active(one_id(), "order::1");
     insert_committed(b, &original).await?;
     let mut tx = b.begin().await.check("begin")?;
@@ -1248,7 +1416,9 @@ async fn update_is_visible_after_commit_only<B: InstanceStore>(b: &B) -> Result<
     Ok(())
 }
 
-async fn update_of_missing_instance_is_an_error<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: update of missing instance is an error.
+#[doc(hidden)]
+pub async fn update_of_missing_instance_is_an_error<B: InstanceStore>(b: &B) -> Result<(), String> {
     let ghost = active(one_id(), "order::1");
     let mut tx = b.begin().await.check("begin")?;
     let outcome = match b.update(&mut tx, &ghost).await {
@@ -1267,7 +1437,9 @@ async fn update_of_missing_instance_is_an_error<B: InstanceStore>(b: &B) -> Resu
     Ok(())
 }
 
-async fn nul_characters_are_rejected<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: nul characters are rejected.
+#[doc(hidden)]
+pub async fn nul_characters_are_rejected<B: InstanceStore>(b: &B) -> Result<(), String> {
     let ids = ids(4);
     let mut in_value = active(ids[0], "order::1");
     in_value.context = Context::new(json!({"name": "a\u{0}b"}));
@@ -1316,7 +1488,9 @@ async fn nul_characters_are_rejected<B: InstanceStore>(b: &B) -> Result<(), Stri
     Ok(())
 }
 
-async fn list_filters_and_pages_newest_first<B: InstanceStore>(b: &B) -> Result<(), String> {
+/// Conformance case of `instance_store`: list filters and pages newest first.
+#[doc(hidden)]
+pub async fn list_filters_and_pages_newest_first<B: InstanceStore>(b: &B) -> Result<(), String> {
     use InstanceStatus::{Cancelled, Completed, Failed, Pending, Running, Waiting};
     let i = ids(6);
     let all = [
@@ -1489,23 +1663,7 @@ where
     Fut: Future<Output = B>,
 {
     let mut report = Report::new("step_result_store");
-    run_cases!(
-        report,
-        make,
-        [
-            record_returns_increasing_seqs,
-            duplicates_are_detected_per_activation_and_kind,
-            pending_is_in_seq_order_and_excludes_processed,
-            is_recorded_counts_completions_markers_and_failures,
-            result_for_missing_instance_is_not_found,
-            concurrent_records_all_arrive,
-            concurrent_duplicates_are_stored_once,
-            dropped_unit_of_work_drops_results,
-            prune_deletes_only_old_processed_results,
-            nul_characters_in_results_are_rejected,
-            a_refused_result_keeps_its_reason_and_gives_up_its_slot,
-        ]
-    );
+    crate::__conformance_cases!(step_result_store, __conformance_report { report, make });
     report
 }
 
@@ -1605,7 +1763,9 @@ async fn mark_committed<B: StepResultStore>(
     b.commit(tx).await.check("commit")
 }
 
-async fn record_returns_increasing_seqs<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: record returns increasing seqs.
+#[doc(hidden)]
+pub async fn record_returns_increasing_seqs<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -1641,7 +1801,9 @@ async fn record_returns_increasing_seqs<B: InstanceStore + StepResultStore>(
     Ok(())
 }
 
-async fn a_refused_result_keeps_its_reason_and_gives_up_its_slot<
+/// Conformance case of `step_result_store`: a refused result keeps its reason and gives up its slot.
+#[doc(hidden)]
+pub async fn a_refused_result_keeps_its_reason_and_gives_up_its_slot<
     B: InstanceStore + StepResultStore,
 >(
     b: &B,
@@ -1703,7 +1865,9 @@ async fn a_refused_result_keeps_its_reason_and_gives_up_its_slot<
     Ok(())
 }
 
-async fn duplicates_are_detected_per_activation_and_kind<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: duplicates are detected per activation and kind.
+#[doc(hidden)]
+pub async fn duplicates_are_detected_per_activation_and_kind<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -1782,7 +1946,9 @@ async fn duplicates_are_detected_per_activation_and_kind<B: InstanceStore + Step
     Ok(())
 }
 
-async fn pending_is_in_seq_order_and_excludes_processed<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: pending is in seq order and excludes processed.
+#[doc(hidden)]
+pub async fn pending_is_in_seq_order_and_excludes_processed<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let a = new_instance(b, "order::1").await?;
@@ -1861,7 +2027,11 @@ async fn pending_is_in_seq_order_and_excludes_processed<B: InstanceStore + StepR
     Ok(())
 }
 
-async fn is_recorded_counts_completions_markers_and_failures<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: is recorded counts completions markers and failures.
+#[doc(hidden)]
+pub async fn is_recorded_counts_completions_markers_and_failures<
+    B: InstanceStore + StepResultStore,
+>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -1950,7 +2120,9 @@ async fn is_recorded_counts_completions_markers_and_failures<B: InstanceStore + 
     Ok(())
 }
 
-async fn result_for_missing_instance_is_not_found<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: result for missing instance is not found.
+#[doc(hidden)]
+pub async fn result_for_missing_instance_is_not_found<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let ghost = one_id();
@@ -1991,7 +2163,9 @@ async fn result_for_missing_instance_is_not_found<B: InstanceStore + StepResultS
     Ok(())
 }
 
-async fn concurrent_records_all_arrive<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: concurrent records all arrive.
+#[doc(hidden)]
+pub async fn concurrent_records_all_arrive<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -2039,7 +2213,9 @@ async fn concurrent_records_all_arrive<B: InstanceStore + StepResultStore>(
     Ok(())
 }
 
-async fn concurrent_duplicates_are_stored_once<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: concurrent duplicates are stored once.
+#[doc(hidden)]
+pub async fn concurrent_duplicates_are_stored_once<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -2078,7 +2254,9 @@ async fn concurrent_duplicates_are_stored_once<B: InstanceStore + StepResultStor
     Ok(())
 }
 
-async fn dropped_unit_of_work_drops_results<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: dropped unit of work drops results.
+#[doc(hidden)]
+pub async fn dropped_unit_of_work_drops_results<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -2106,7 +2284,9 @@ async fn dropped_unit_of_work_drops_results<B: InstanceStore + StepResultStore>(
     Ok(())
 }
 
-async fn prune_deletes_only_old_processed_results<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: prune deletes only old processed results.
+#[doc(hidden)]
+pub async fn prune_deletes_only_old_processed_results<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -2147,7 +2327,9 @@ async fn prune_deletes_only_old_processed_results<B: InstanceStore + StepResultS
     Ok(())
 }
 
-async fn nul_characters_in_results_are_rejected<B: InstanceStore + StepResultStore>(
+/// Conformance case of `step_result_store`: nul characters in results are rejected.
+#[doc(hidden)]
+pub async fn nul_characters_in_results_are_rejected<B: InstanceStore + StepResultStore>(
     b: &B,
 ) -> Result<(), String> {
     let id = new_instance(b, "order::1").await?;
@@ -2186,30 +2368,7 @@ where
     Fut: Future<Output = B>,
 {
     let mut report = Report::new("job_queue");
-    run_cases!(
-        report,
-        make,
-        [
-            enqueue_fetch_complete,
-            scheduled_jobs_wait_until_due,
-            fetch_orders_by_priority_then_time_then_id,
-            fetch_honours_limit_and_queue,
-            unique_jobs_return_the_existing_job,
-            a_merged_unique_job_is_not_lost_to_a_claim_before_commit,
-            stale_lease_is_fenced_off,
-            retry_records_the_error_and_bumps_the_attempt,
-            discard_records_the_error_and_stops,
-            cancel_stops_unfinished_jobs,
-            cancel_matching_uses_json_containment,
-            cancel_matching_by_group,
-            concurrent_fetchers_never_share_a_job,
-            dropped_unit_of_work_enqueues_nothing,
-            nul_characters_in_jobs_are_rejected,
-            job_info_reports_what_was_enqueued,
-            prune_removes_only_finished_jobs,
-            heartbeats_keep_a_job_fresh_and_silence_makes_it_stale,
-        ]
-    );
+    crate::__conformance_cases!(job_queue, __conformance_report { report, make });
     report
 }
 
@@ -2277,7 +2436,9 @@ async fn complete_committed<B: JobQueue>(b: &B, lease: &JobLease) -> Result<bool
     .await
 }
 
-async fn enqueue_fetch_complete<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: enqueue fetch complete.
+#[doc(hidden)]
+pub async fn enqueue_fetch_complete<B: JobQueue>(b: &B) -> Result<(), String> {
     let mut job = new_job(
         "default",
         json!({"instance": "x", "n": 1, "ü": [true, null]}),
@@ -2395,7 +2556,9 @@ async fn enqueue_fetch_complete<B: JobQueue>(b: &B) -> Result<(), String> {
     Ok(())
 }
 
-async fn scheduled_jobs_wait_until_due<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: scheduled jobs wait until due.
+#[doc(hidden)]
+pub async fn scheduled_jobs_wait_until_due<B: JobQueue>(b: &B) -> Result<(), String> {
     let due_at = now_micros() + TimeDelta::hours(1);
     let mut later = new_job("q", json!({"n": "later"}));
     later.scheduled_at = Some(due_at);
@@ -2437,7 +2600,9 @@ async fn scheduled_jobs_wait_until_due<B: JobQueue>(b: &B) -> Result<(), String>
     Ok(())
 }
 
-async fn fetch_orders_by_priority_then_time_then_id<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: fetch orders by priority then time then id.
+#[doc(hidden)]
+pub async fn fetch_orders_by_priority_then_time_then_id<B: JobQueue>(b: &B) -> Result<(), String> {
     let base = now_micros() - TimeDelta::hours(1);
     let spec: [(&str, i16, Option<DateTime<Utc>>); 6] = [
         ("a", 2, Some(base + secs(1))),
@@ -2478,7 +2643,9 @@ async fn fetch_orders_by_priority_then_time_then_id<B: JobQueue>(b: &B) -> Resul
     Ok(())
 }
 
-async fn fetch_honours_limit_and_queue<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: fetch honours limit and queue.
+#[doc(hidden)]
+pub async fn fetch_honours_limit_and_queue<B: JobQueue>(b: &B) -> Result<(), String> {
     let jobs: Vec<NewJob> = (0..5).map(|n| new_job("q", json!({"n": n}))).collect();
     let ids: Vec<JobId> = enqueue_committed(b, &jobs)
         .await?
@@ -2523,7 +2690,9 @@ async fn fetch_honours_limit_and_queue<B: JobQueue>(b: &B) -> Result<(), String>
 /// either keep the holder from being claimed until the commit (PostgreSQL
 /// locks it) or enqueue the merged job at commit (memory). Either way, a
 /// job with the key is claimed after the commit.
-async fn a_merged_unique_job_is_not_lost_to_a_claim_before_commit<B: JobQueue>(
+/// Conformance case of `job_queue`: a merged unique job is not lost to a claim before commit.
+#[doc(hidden)]
+pub async fn a_merged_unique_job_is_not_lost_to_a_claim_before_commit<B: JobQueue>(
     b: &B,
 ) -> Result<(), String> {
     let job = {
@@ -2579,7 +2748,9 @@ async fn a_merged_unique_job_is_not_lost_to_a_claim_before_commit<B: JobQueue>(
     Ok(())
 }
 
-async fn unique_jobs_return_the_existing_job<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: unique jobs return the existing job.
+#[doc(hidden)]
+pub async fn unique_jobs_return_the_existing_job<B: JobQueue>(b: &B) -> Result<(), String> {
     let live = vec![
         JobState::Available,
         JobState::Scheduled,
@@ -2677,7 +2848,9 @@ async fn unique_jobs_return_the_existing_job<B: JobQueue>(b: &B) -> Result<(), S
     Ok(())
 }
 
-async fn stale_lease_is_fenced_off<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: stale lease is fenced off.
+#[doc(hidden)]
+pub async fn stale_lease_is_fenced_off<B: JobQueue>(b: &B) -> Result<(), String> {
     let id = enqueue_one(b, new_job("q", json!({"n": 1}))).await?;
     let first = fetch_one(b, "q", soon()).await?;
     let first = &first;
@@ -2742,7 +2915,11 @@ async fn stale_lease_is_fenced_off<B: JobQueue>(b: &B) -> Result<(), String> {
     Ok(())
 }
 
-async fn retry_records_the_error_and_bumps_the_attempt<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: retry records the error and bumps the attempt.
+#[doc(hidden)]
+pub async fn retry_records_the_error_and_bumps_the_attempt<B: JobQueue>(
+    b: &B,
+) -> Result<(), String> {
     let id = enqueue_one(b, new_job("q", json!({"n": 1}))).await?;
     let lease = fetch_one(b, "q", soon()).await?;
     let now = now_micros();
@@ -2788,7 +2965,9 @@ async fn retry_records_the_error_and_bumps_the_attempt<B: JobQueue>(b: &B) -> Re
     Ok(())
 }
 
-async fn discard_records_the_error_and_stops<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: discard records the error and stops.
+#[doc(hidden)]
+pub async fn discard_records_the_error_and_stops<B: JobQueue>(b: &B) -> Result<(), String> {
     let id = enqueue_one(b, new_job("q", json!({"n": 1}))).await?;
     let lease = fetch_one(b, "q", soon()).await?;
     let now = now_micros();
@@ -2831,7 +3010,9 @@ async fn discard_records_the_error_and_stops<B: JobQueue>(b: &B) -> Result<(), S
     Ok(())
 }
 
-async fn cancel_stops_unfinished_jobs<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: cancel stops unfinished jobs.
+#[doc(hidden)]
+pub async fn cancel_stops_unfinished_jobs<B: JobQueue>(b: &B) -> Result<(), String> {
     let available = enqueue_one(b, new_job("a", json!({"n": "available"}))).await?;
     let executing = enqueue_one(b, new_job("e", json!({"n": "executing"}))).await?;
     let lease = fetch_one(b, "e", soon()).await?;
@@ -2907,7 +3088,9 @@ async fn cancel_stops_unfinished_jobs<B: JobQueue>(b: &B) -> Result<(), String> 
     Ok(())
 }
 
-async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: cancel matching uses json containment.
+#[doc(hidden)]
+pub async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(), String> {
     let j1 = enqueue_one(b, new_job("avail", json!({"instance": "i1", "step": "a"}))).await?;
     let j2 = enqueue_one(
         b,
@@ -3029,7 +3212,9 @@ async fn cancel_matching_uses_json_containment<B: JobQueue>(b: &B) -> Result<(),
     Ok(())
 }
 
-async fn cancel_matching_by_group<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: cancel matching by group.
+#[doc(hidden)]
+pub async fn cancel_matching_by_group<B: JobQueue>(b: &B) -> Result<(), String> {
     let grouped = |queue: &str, group: &str, args: Value| new_job(queue, args).in_group(group);
     let g1 = enqueue_one(b, grouped("avail", "g1", json!({"step": "a"}))).await?;
     let g1_exec = enqueue_one(b, grouped("exec", "g1", json!({"step": "b"}))).await?;
@@ -3113,7 +3298,9 @@ async fn cancel_matching_by_group<B: JobQueue>(b: &B) -> Result<(), String> {
     Ok(())
 }
 
-async fn concurrent_fetchers_never_share_a_job<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: concurrent fetchers never share a job.
+#[doc(hidden)]
+pub async fn concurrent_fetchers_never_share_a_job<B: JobQueue>(b: &B) -> Result<(), String> {
     const JOBS: usize = 24;
     let jobs: Vec<NewJob> = (0..JOBS).map(|n| new_job("q", json!({"n": n}))).collect();
     let ids: BTreeSet<JobId> = enqueue_committed(b, &jobs)
@@ -3151,7 +3338,9 @@ async fn concurrent_fetchers_never_share_a_job<B: JobQueue>(b: &B) -> Result<(),
     Ok(())
 }
 
-async fn dropped_unit_of_work_enqueues_nothing<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: dropped unit of work enqueues nothing.
+#[doc(hidden)]
+pub async fn dropped_unit_of_work_enqueues_nothing<B: JobQueue>(b: &B) -> Result<(), String> {
     let mut tx = b.begin().await.check("begin")?;
     let out = b
         .enqueue(
@@ -3183,7 +3372,9 @@ async fn dropped_unit_of_work_enqueues_nothing<B: JobQueue>(b: &B) -> Result<(),
     Ok(())
 }
 
-async fn nul_characters_in_jobs_are_rejected<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: nul characters in jobs are rejected.
+#[doc(hidden)]
+pub async fn nul_characters_in_jobs_are_rejected<B: JobQueue>(b: &B) -> Result<(), String> {
     let mut tx = b.begin().await.check("begin")?;
     let outcome = match b
         .enqueue(
@@ -3210,7 +3401,9 @@ async fn nul_characters_in_jobs_are_rejected<B: JobQueue>(b: &B) -> Result<(), S
     Ok(())
 }
 
-async fn job_info_reports_what_was_enqueued<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: job info reports what was enqueued.
+#[doc(hidden)]
+pub async fn job_info_reports_what_was_enqueued<B: JobQueue>(b: &B) -> Result<(), String> {
     let mut job = new_job("q", json!({"n": 1}));
     job.meta.insert("instance_id".into(), json!("abc"));
     job.tags = vec!["billing".into(), "eu".into()];
@@ -3251,7 +3444,9 @@ async fn job_info_reports_what_was_enqueued<B: JobQueue>(b: &B) -> Result<(), St
     Ok(())
 }
 
-async fn prune_removes_only_finished_jobs<B: JobQueue>(b: &B) -> Result<(), String> {
+/// Conformance case of `job_queue`: prune removes only finished jobs.
+#[doc(hidden)]
+pub async fn prune_removes_only_finished_jobs<B: JobQueue>(b: &B) -> Result<(), String> {
     let done = enqueue_one(b, new_job("q", json!({"n": 1}))).await?;
     let live = enqueue_one(b, new_job("other", json!({"n": 2}))).await?;
     let lease = fetch_one(b, "q", soon()).await?;
@@ -3279,7 +3474,9 @@ async fn prune_removes_only_finished_jobs<B: JobQueue>(b: &B) -> Result<(), Stri
     Ok(())
 }
 
-async fn heartbeats_keep_a_job_fresh_and_silence_makes_it_stale<B: JobQueue>(
+/// Conformance case of `job_queue`: heartbeats keep a job fresh and silence makes it stale.
+#[doc(hidden)]
+pub async fn heartbeats_keep_a_job_fresh_and_silence_makes_it_stale<B: JobQueue>(
     b: &B,
 ) -> Result<(), String> {
     let id = enqueue_one(b, new_job("q", json!({"n": 1}))).await?;

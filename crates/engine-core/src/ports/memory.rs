@@ -1543,25 +1543,38 @@ mod tests {
     use crate::step::EventName;
     use crate::test_support::block_on;
 
-    #[test]
-    fn instance_store_conformance() {
-        block_on(conformance::instance_store(|| async {
-            MemoryBackend::new()
-        }))
-        .assert_ok();
+    /// Every conformance case, one `#[test]` each, on a fresh backend.
+    mod conformance_instance_store {
+        crate::conformance_tests!(
+            instance_store,
+            make: || async { super::MemoryBackend::new() },
+            run: crate::test_support::block_on,
+        );
+    }
+
+    mod conformance_step_result_store {
+        crate::conformance_tests!(
+            step_result_store,
+            make: || async { super::MemoryBackend::new() },
+            run: crate::test_support::block_on,
+        );
+    }
+
+    mod conformance_job_queue {
+        crate::conformance_tests!(
+            job_queue,
+            make: || async { super::MemoryBackend::new() },
+            run: crate::test_support::block_on,
+        );
     }
 
     #[test]
-    fn step_result_store_conformance() {
-        block_on(conformance::step_result_store(|| async {
+    fn the_report_form_runs_every_case() {
+        let report = block_on(conformance::instance_store(|| async {
             MemoryBackend::new()
-        }))
-        .assert_ok();
-    }
-
-    #[test]
-    fn job_queue_conformance() {
-        block_on(conformance::job_queue(|| async { MemoryBackend::new() })).assert_ok();
+        }));
+        report.assert_ok();
+        assert_eq!(report.passed.len(), 15, "{report}");
     }
 
     /// Counts wake-ups.
