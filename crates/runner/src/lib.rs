@@ -52,6 +52,8 @@
 mod advance;
 mod batch;
 pub mod config;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 mod error;
 mod execute;
 mod facade;

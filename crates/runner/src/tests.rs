@@ -773,3 +773,20 @@ async fn closing_an_ended_instance_leaves_no_result_in_its_inbox() {
         "{jobs:?}"
     );
 }
+
+/// The batched `Backend` suite on the in-memory backend (the ports'
+/// defaults), one test per case.
+mod backend_conformance {
+    fn run<F: std::future::Future>(case: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(case)
+    }
+
+    crate::backend_conformance_tests!(
+        make: || async { hephaestus_engine_core::ports::memory::MemoryBackend::new() },
+        run: run,
+    );
+}
