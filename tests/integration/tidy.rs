@@ -1,4 +1,4 @@
-//! Architecture rules checked on the dependency graph.
+//! Architecture rules checked on the dependency graph and the sources.
 //!
 //! `hephaestus-engine-core` is the pure engine: it must not depend (normally, directly or
 //! transitively, with default features) on a database driver or an async runtime, so that
@@ -170,4 +170,204 @@ sqlparser v0.51.0
 uuid v1.11.0
 ";
     assert!(violations(tree).is_empty(), "{:?}", violations(tree));
+}
+
+/// Words engine-core's non-test code must not contain: it reads no clock and
+/// starts no thread or task (time and randomness are arguments).
+const IMPURE: &[(&str, &str)] = &[
+    ("Utc::now", "reads the wall clock"),
+    ("Local::now", "reads the wall clock"),
+    ("SystemTime::now", "reads the wall clock"),
+    ("Instant::now", "reads the monotonic clock"),
+    ("thread::spawn", "starts a thread"),
+    ("thread::sleep", "blocks on time"),
+    ("tokio::", "uses an async runtime"),
+    ("spawn_blocking", "starts a task"),
+];
+
+/// The code of a source file that is not test code: comments dropped, and
+/// everything from its `#[cfg(test)]` module on.
+fn non_test_code(source: &str) -> String {
+    source
+        .lines()
+        .take_while(|line| line.trim() != "#[cfg(test)]")
+        .map(|line| line.split("//").next().unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn impurities(file: &str, source: &str) -> Vec<String> {
+    let code = non_test_code(source);
+    IMPURE
+        .iter()
+        .filter(|(word, _)| code.contains(word))
+        .map(|(word, why)| format!("{file}: `{word}` {why}"))
+        .collect()
+}
+
+fn rust_files(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("read a source directory") {
+        let path = entry.expect("a directory entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+#[test]
+fn engine_core_reads_no_clock_and_starts_no_thread_or_task() {
+    let src = repo_root().join("crates/engine-core/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    assert!(files.len() > 10, "engine-core's sources were not found");
+    let mut found = Vec::new();
+    for path in files {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        // Test-only modules (declared under `#[cfg(test)]`).
+        if matches!(name, "tests.rs" | "proptests.rs" | "test_support.rs") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).expect("read a source file");
+        let shown = path
+            .strip_prefix(repo_root())
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        found.extend(impurities(&shown, &source));
+    }
+    assert!(
+        found.is_empty(),
+        "engine-core must stay pure (time and randomness are arguments):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_purity_check_sees_code_and_skips_comments_and_tests() {
+    let source = "\
+fn now() -> DateTime<Utc> { Utc::now() }
+// Instant::now in a comment is fine
+#[cfg(test)]
+mod tests { fn t() { std::thread::spawn(|| ()); } }
+";
+    assert_eq!(
+        impurities("f.rs", source),
+        vec!["f.rs: `Utc::now` reads the wall clock".to_owned()]
+    );
+}
+
+/// Each workspace crate's layer: a crate may depend (normally) only on
+/// crates of lower layers, so dependencies point one way.
+const LAYERS: &[(&str, u8)] = &[
+    ("hephaestus-engine-core", 0),
+    ("hephaestus-migrations-gen", 0),
+    ("hephaestus-memory", 1),
+    ("hephaestus-storage-pg", 1),
+    ("hephaestus-queue-pg", 1),
+    ("hephaestus-runner", 2),
+    ("hephaestus-failure-handler", 3),
+    ("hephaestus-conformance", 3),
+    ("order-flow", 4),
+    ("hephaestus-cli", 5),
+    ("xtask", 6),
+    ("hephaestus-tests", 6),
+];
+
+fn layer(name: &str) -> Option<u8> {
+    LAYERS.iter().find(|(n, _)| *n == name).map(|(_, l)| *l)
+}
+
+/// The violations among `(crate, its normal workspace dependencies)`.
+fn upward_edges(crates: &[(String, Vec<String>)]) -> Vec<String> {
+    let mut found = Vec::new();
+    for (name, deps) in crates {
+        let Some(own) = layer(name) else {
+            found.push(format!("{name} has no layer: add it to LAYERS in tidy.rs"));
+            continue;
+        };
+        for dep in deps {
+            match layer(dep) {
+                Some(theirs) if theirs < own => {}
+                Some(theirs) => found.push(format!(
+                    "{name} (layer {own}) depends on {dep} (layer {theirs}): dependencies must point down"
+                )),
+                None => found.push(format!("{dep} has no layer: add it to LAYERS in tidy.rs")),
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn workspace_dependencies_point_down_the_layers() {
+    let output = cargo()
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        output.status.success(),
+        "cargo metadata failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let metadata: serde_json::Value =
+        serde_json::from_slice(&output.stdout).expect("cargo metadata prints JSON");
+    let members: Vec<String> = metadata["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .filter_map(|p| p["name"].as_str().map(ToOwned::to_owned))
+        .collect();
+    let crates: Vec<(String, Vec<String>)> = metadata["packages"]
+        .as_array()
+        .expect("packages")
+        .iter()
+        .map(|p| {
+            let deps = p["dependencies"]
+                .as_array()
+                .expect("dependencies")
+                .iter()
+                // Normal dependencies (dev and build ones have a kind).
+                .filter(|d| d["kind"].is_null())
+                .filter_map(|d| d["name"].as_str())
+                .filter(|d| members.iter().any(|m| m == d))
+                .map(ToOwned::to_owned)
+                .collect();
+            (p["name"].as_str().unwrap_or_default().to_owned(), deps)
+        })
+        .collect();
+    assert!(crates.len() >= 10, "the workspace was not read: {crates:?}");
+    let found = upward_edges(&crates);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}
+
+#[test]
+fn the_layer_check_finds_an_upward_edge() {
+    let crates = vec![
+        (
+            "hephaestus-engine-core".to_owned(),
+            vec!["hephaestus-runner".to_owned()],
+        ),
+        (
+            "hephaestus-runner".to_owned(),
+            vec!["hephaestus-memory".to_owned()],
+        ),
+    ];
+    assert_eq!(
+        upward_edges(&crates),
+        vec![
+            "hephaestus-engine-core (layer 0) depends on hephaestus-runner (layer 2): dependencies must point down"
+                .to_owned()
+        ]
+    );
 }

@@ -358,9 +358,10 @@ impl Future for Cancelled<'_> {
     }
 }
 
-/// Locks a mutex, recovering the data if a panicking thread poisoned it: the
-/// guarded data in this crate is always left consistent between statements.
-pub(crate) fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: for
+/// data that is always left consistent between statements (the one such
+/// helper of the workspace; the in-memory backend and the runner use it).
+pub fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 

@@ -20,7 +20,7 @@
 //!   timer jobs are unique.
 //!
 //! ```
-//! use hephaestus_engine_core::ports::memory::MemoryBackend;
+//! use hephaestus_memory::MemoryBackend;
 //! use hephaestus_failure_handler::Reconciler;
 //! use hephaestus_runner::Runtime;
 //!

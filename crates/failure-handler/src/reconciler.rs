@@ -331,10 +331,10 @@ mod tests {
     use std::sync::{Arc, Mutex};
 
     use chrono::{DateTime, TimeZone, Utc};
-    use hephaestus_engine_core::ports::memory::MemoryBackend;
     use hephaestus_engine_core::ports::{InstanceStore, JobQueue, UnitOfWork};
     use hephaestus_engine_core::prelude::*;
     use hephaestus_engine_core::steps::{Done, FnStep, Wait};
+    use hephaestus_memory::MemoryBackend;
     use hephaestus_runner::{Clock, StartOptions};
     use serde_json::json;
 

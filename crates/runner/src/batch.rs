@@ -948,8 +948,8 @@ mod tests {
     /// Two instances of a one-step workflow, each with its execute job
     /// fetched (leases in the order of `ids`).
     struct TwoRunning {
-        backend: hephaestus_engine_core::ports::memory::MemoryBackend,
-        rt: crate::Runtime<hephaestus_engine_core::ports::memory::MemoryBackend>,
+        backend: hephaestus_memory::MemoryBackend,
+        rt: crate::Runtime<hephaestus_memory::MemoryBackend>,
         wf: hephaestus_engine_core::Workflow,
         ids: Vec<uuid::Uuid>,
         leases: Vec<hephaestus_engine_core::ports::JobLease>,
@@ -957,9 +957,9 @@ mod tests {
 
     async fn two_running() -> TwoRunning {
         use hephaestus_engine_core::ports::JobQueue;
-        use hephaestus_engine_core::ports::memory::MemoryBackend;
         use hephaestus_engine_core::prelude::*;
         use hephaestus_engine_core::steps::{Done, FnStep};
+        use hephaestus_memory::MemoryBackend;
         use serde_json::json;
 
         use crate::{Runtime, StartOptions};

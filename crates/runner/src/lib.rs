@@ -25,7 +25,7 @@
 //! ```
 //! # tokio_test_block_on();
 //! # fn tokio_test_block_on() {
-//! use hephaestus_engine_core::ports::memory::MemoryBackend;
+//! use hephaestus_memory::MemoryBackend;
 //! use hephaestus_engine_core::prelude::*;
 //! use hephaestus_engine_core::steps::{Done, FnStep};
 //! use hephaestus_runner::{Runtime, StartOptions};
@@ -52,8 +52,6 @@
 mod advance;
 mod batch;
 pub mod config;
-#[cfg(any(test, feature = "conformance"))]
-pub mod conformance;
 mod error;
 mod execute;
 mod facade;

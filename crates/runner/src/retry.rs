@@ -94,9 +94,9 @@ mod tests {
 
     use hephaestus_engine_core::instance::{HistoryKind, StepStatus};
     use hephaestus_engine_core::ports::JobState;
-    use hephaestus_engine_core::ports::memory::MemoryBackend;
     use hephaestus_engine_core::prelude::*;
     use hephaestus_engine_core::steps::{Done, FnStep, WaitForEvent};
+    use hephaestus_memory::MemoryBackend;
     use serde_json::json;
 
     use crate::{RunnerError, Runtime, StartOptions};

@@ -203,7 +203,7 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
     }
 }
 
-impl Backend for hephaestus_engine_core::ports::memory::MemoryBackend {}
+impl Backend for hephaestus_memory::MemoryBackend {}
 
 /// An active instance as the reconciler's page query sees it.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

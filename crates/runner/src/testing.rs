@@ -15,7 +15,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use hephaestus_engine_core::ports::memory::MemoryBackend;
+//! use hephaestus_memory::MemoryBackend;
 //! use hephaestus_engine_core::prelude::*;
 //! use hephaestus_engine_core::steps::Done;
 //! use hephaestus_runner::testing::{ScriptedStep, VirtualClock};

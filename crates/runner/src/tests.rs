@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::memory::MemoryBackend;
 use hephaestus_engine_core::ports::{JobQueue, JobState};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep};
+use hephaestus_memory::MemoryBackend;
 use serde_json::{Value, json};
 
 use crate::{RunnerConfig, RunnerError, Runtime, StartOptions};
@@ -771,22 +771,5 @@ async fn closing_an_ended_instance_leaves_no_result_in_its_inbox() {
     assert!(
         jobs.iter().all(|j| j.state == JobState::Cancelled),
         "{jobs:?}"
-    );
-}
-
-/// The batched `Backend` suite on the in-memory backend (the ports'
-/// defaults), one test per case.
-mod backend_conformance {
-    fn run<F: std::future::Future>(case: F) -> F::Output {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("a runtime")
-            .block_on(case)
-    }
-
-    crate::backend_conformance_tests!(
-        make: || async { hephaestus_engine_core::ports::memory::MemoryBackend::new() },
-        run: run,
     );
 }

@@ -11,9 +11,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hephaestus_engine_core::ports::memory::MemoryBackend;
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep, Wait, WaitForEvent};
+use hephaestus_memory::MemoryBackend;
 use hephaestus_runner::telemetry::names;
 use hephaestus_runner::{RunnerConfig, Runtime};
 use serde_json::json;

@@ -3,11 +3,11 @@
 //! `RunnerError`), and an instance running alongside completes.
 
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::memory::MemoryBackend;
 use hephaestus_engine_core::ports::{JobQueue, JobState, NewJob};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep, WAIT_FOR_EVENT_ID, WaitForEvent};
 use hephaestus_failure_handler::{Reconciler, Repair};
+use hephaestus_memory::MemoryBackend;
 use hephaestus_queue_pg::PgQueue;
 use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::{Backend, RunnerError, Runtime, RuntimeBuilder, StartOptions, jobs};
@@ -24,7 +24,7 @@ macro_rules! on_both_backends {
             mod $name {
                 #[tokio::test]
                 async fn memory() {
-                    super::$name(hephaestus_engine_core::ports::memory::MemoryBackend::new()).await;
+                    super::$name(hephaestus_memory::MemoryBackend::new()).await;
                 }
 
                 #[tokio::test]

@@ -28,7 +28,7 @@ fn run<F: std::future::Future>(case: F) -> F::Output {
 }
 
 mod job_queue {
-    hephaestus_engine_core::conformance_tests!(
+    hephaestus_conformance::conformance_tests!(
         job_queue,
         make: super::fresh,
         run: super::run,

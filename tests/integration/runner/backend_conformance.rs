@@ -41,7 +41,7 @@ fn run<F: std::future::Future>(case: F) -> F::Output {
         .block_on(case)
 }
 
-hephaestus_runner::backend_conformance_tests!(
+hephaestus_conformance::backend_conformance_tests!(
     make: fresh,
     run: run,
     cleanup: drop_schema,

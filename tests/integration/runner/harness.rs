@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use hephaestus_engine_core::Workflow;
-use hephaestus_engine_core::ports::memory::MemoryBackend;
 use hephaestus_engine_core::workflow::WorkflowFamily;
+use hephaestus_memory::MemoryBackend;
 use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::testing::{ScriptedStep, VirtualClock};
 use hephaestus_runner::{Backend, RunnerConfig, Runtime};

@@ -31,7 +31,7 @@ fn run<F: std::future::Future>(case: F) -> F::Output {
 }
 
 mod instance_store {
-    hephaestus_engine_core::conformance_tests!(
+    hephaestus_conformance::conformance_tests!(
         instance_store,
         make: super::fresh,
         run: super::run,
@@ -40,7 +40,7 @@ mod instance_store {
 }
 
 mod step_result_store {
-    hephaestus_engine_core::conformance_tests!(
+    hephaestus_conformance::conformance_tests!(
         step_result_store,
         make: super::fresh,
         run: super::run,

@@ -5,15 +5,15 @@
 //! work, so "apply results + persist instance + mark processed + enqueue next
 //! jobs" and "insert step result + enqueue advance" are each ONE atomic
 //! commit. Postgres backends use a database transaction as the unit of work;
-//! [`memory`] uses a journal applied under one lock at commit.
+//! the in-memory backend (crate `hephaestus-memory`) a journal applied under
+//! one lock at commit.
 //!
-//! Every backend must pass the conformance suites in `conformance` (feature
-//! `conformance`), written once and generic over these traits.
+//! Every backend must pass the conformance suites of crate
+//! `hephaestus-conformance`, written once and generic over these traits.
 
-pub mod memory;
+mod containment;
 
-#[cfg(any(test, feature = "conformance"))]
-pub mod conformance;
+pub use containment::json_contains;
 
 use std::fmt;
 
@@ -599,10 +599,7 @@ impl JobMatch {
     /// Whether a job with `group` and `args` matches.
     pub fn matches(&self, group: Option<&str>, args: &Value) -> bool {
         self.group.as_deref().is_none_or(|g| group == Some(g))
-            && self
-                .args
-                .as_ref()
-                .is_none_or(|a| memory::json_contains(args, a))
+            && self.args.as_ref().is_none_or(|a| json_contains(args, a))
     }
 }
 

@@ -1,18 +1,26 @@
 //! The conformance suite of the runner's batched [`Backend`] operations:
 //! what the hot path asks of a backend beyond the engine-core ports (whose
-//! own suites are in `hephaestus_engine_core::ports::conformance`).
+//! own suites are in [`crate::ports`]).
 //!
 //! A backend's tests run it with
 //! [`backend_conformance_tests!`](crate::backend_conformance_tests), one
 //! `#[test]` per case named after it, on a fresh backend each:
 //!
-//! ```ignore
+//! ```
+//! fn run<F: std::future::Future>(case: F) -> F::Output {
+//!     tokio::runtime::Builder::new_current_thread()
+//!         .build()
+//!         .unwrap()
+//!         .block_on(case)
+//! }
+//!
 //! mod backend {
-//!     hephaestus_runner::backend_conformance_tests!(
-//!         make: || async { MyBackend::fresh().await },
-//!         run: my_runtime_block_on,
+//!     hephaestus_conformance::backend_conformance_tests!(
+//!         make: || async { hephaestus_memory::MemoryBackend::new() },
+//!         run: super::run,
 //!     );
 //! }
+//! # fn main() {}
 //! ```
 //!
 //! Each case returns `Err(message)` instead of panicking; the generated test
@@ -35,7 +43,7 @@ use hephaestus_engine_core::{Scope, StepId};
 use serde_json::{Map, json};
 use uuid::Uuid;
 
-use crate::runtime::Backend;
+use hephaestus_runner::Backend;
 
 /// The cases, listed once: hands `[case, ...]` to the macro `$then`.
 #[doc(hidden)]
@@ -55,7 +63,7 @@ macro_rules! __backend_conformance_cases {
 }
 
 /// Generates one `#[test]` per case of the batched [`Backend`] suite (see
-/// the [module docs](crate::conformance)): `make` gives a closure returning
+/// the [module docs](crate::backend)): `make` gives a closure returning
 /// a future of a fresh backend, `run` runs a future to completion, and the
 /// optional `cleanup` gets the backend after its case.
 #[macro_export]
@@ -78,10 +86,10 @@ macro_rules! __backend_conformance_fns {
             fn $case() {
                 $run(async {
                     let backend = ($make)().await;
-                    hephaestus_engine_core::ports::conformance::assert_case(
+                    $crate::ports::assert_case(
                         "backend",
                         stringify!($case),
-                        $crate::conformance::$case(&backend),
+                        $crate::backend::$case(&backend),
                     )
                     .await;
                     ($cleanup)(backend).await;

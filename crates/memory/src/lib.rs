@@ -1,5 +1,10 @@
+//! # hephaestus-memory
+//!
 //! The in-memory backend: the embedded default (no database needed) and the
-//! fast, deterministic test backend.
+//! fast, deterministic test backend. It implements the engine-core ports
+//! (`InstanceStore`, `StepResultStore`, `JobQueue` over one unit of work)
+//! and passes their conformance suites (crate `hephaestus-conformance`).
+//! It lives outside engine-core, which does no I/O and reads no clock.
 //!
 //! One state sits under a `std::sync::Mutex` that is never held across an
 //! `.await`; cloned [`MemoryBackend`] handles share it, so a handle kept
@@ -44,19 +49,19 @@ use std::task::{Context as TaskContext, Poll, Waker};
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Number, Value};
+use serde_json::Value;
 use uuid::Uuid;
 
-use super::{
+use hephaestus_engine_core::business_id::UniqueClaim;
+use hephaestus_engine_core::context::contains_nul;
+use hephaestus_engine_core::ids::StepId;
+use hephaestus_engine_core::instance::{AttemptRecord, Instance};
+use hephaestus_engine_core::ports::{
     Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue,
     JobState, NewJob, NewStepResult, PortError, Recorded, Refused, ResultKind, StepResult,
     StepResultStore, UniqueJob, UnitOfWork,
 };
-use crate::business_id::UniqueClaim;
-use crate::context::contains_nul;
-use crate::ids::StepId;
-use crate::instance::{AttemptRecord, Instance};
-use crate::step::{StepError, lock_ignoring_poison};
+use hephaestus_engine_core::step::{StepError, lock_ignoring_poison};
 
 /// Where the backend reads the current time.
 pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
@@ -1254,7 +1259,7 @@ impl InstanceStore for MemoryBackend {
             match tx_instance(&st, &tx.ops, id) {
                 Some(instance) if instance.status.is_active() => {
                     let mut cancelled = instance.clone();
-                    cancelled.status = crate::instance::InstanceStatus::Cancelled;
+                    cancelled.status = hephaestus_engine_core::instance::InstanceStatus::Cancelled;
                     cancelled.updated_at = now;
                     Some(cancelled)
                 }
@@ -1472,59 +1477,6 @@ impl JobQueue for MemoryBackend {
     }
 }
 
-/// JSON containment with PostgreSQL's `jsonb @>` semantics: an object
-/// contains an object when every key of the needle is present with a
-/// contained value; an array contains an array when every needle element is
-/// contained in some element; scalars contain equal scalars (numbers compare
-/// numerically). At the top level only, an array also contains a scalar it
-/// has as an element.
-pub fn json_contains(haystack: &Value, needle: &Value) -> bool {
-    match (haystack, needle) {
-        (
-            Value::Array(items),
-            Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_),
-        ) => items.iter().any(|item| scalars_equal(item, needle)),
-        _ => contains(haystack, needle),
-    }
-}
-
-fn contains(haystack: &Value, needle: &Value) -> bool {
-    match (haystack, needle) {
-        (Value::Object(h), Value::Object(n)) => n
-            .iter()
-            .all(|(key, value)| h.get(key).is_some_and(|hv| contains(hv, value))),
-        (Value::Array(h), Value::Array(n)) => {
-            n.iter().all(|nv| h.iter().any(|hv| contains(hv, nv)))
-        }
-        (Value::Object(_) | Value::Array(_), _) | (_, Value::Object(_) | Value::Array(_)) => false,
-        _ => scalars_equal(haystack, needle),
-    }
-}
-
-fn scalars_equal(a: &Value, b: &Value) -> bool {
-    match (a, b) {
-        (Value::Null, Value::Null) => true,
-        (Value::Bool(x), Value::Bool(y)) => x == y,
-        (Value::String(x), Value::String(y)) => x == y,
-        (Value::Number(x), Value::Number(y)) => numbers_equal(x, y),
-        _ => false,
-    }
-}
-
-#[allow(clippy::float_cmp, reason = "jsonb compares numbers by value: 1 = 1.0")]
-fn numbers_equal(a: &Number, b: &Number) -> bool {
-    if let (Some(x), Some(y)) = (a.as_i64(), b.as_i64()) {
-        return x == y;
-    }
-    if let (Some(x), Some(y)) = (a.as_u64(), b.as_u64()) {
-        return x == y;
-    }
-    match (a.as_f64(), b.as_f64()) {
-        (Some(x), Some(y)) => x == y,
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -1533,48 +1485,21 @@ mod tests {
     use chrono::TimeDelta;
     use serde_json::json;
 
+    use hephaestus_engine_core::business_id::{BusinessId, Scope};
+    use hephaestus_engine_core::context::Context;
+    use hephaestus_engine_core::ids::WorkflowId;
+    use hephaestus_engine_core::instance::InstanceStatus;
+    use hephaestus_engine_core::ports::{ResultPayload, StepResultStore};
+    use hephaestus_engine_core::step::EventName;
+
     use super::*;
-    use crate::business_id::{BusinessId, Scope};
-    use crate::context::Context;
-    use crate::ids::WorkflowId;
-    use crate::instance::InstanceStatus;
-    use crate::ports::conformance;
-    use crate::ports::{ResultPayload, StepResultStore};
-    use crate::step::EventName;
-    use crate::test_support::block_on;
 
-    /// Every conformance case, one `#[test]` each, on a fresh backend.
-    mod conformance_instance_store {
-        crate::conformance_tests!(
-            instance_store,
-            make: || async { super::MemoryBackend::new() },
-            run: crate::test_support::block_on,
-        );
-    }
-
-    mod conformance_step_result_store {
-        crate::conformance_tests!(
-            step_result_store,
-            make: || async { super::MemoryBackend::new() },
-            run: crate::test_support::block_on,
-        );
-    }
-
-    mod conformance_job_queue {
-        crate::conformance_tests!(
-            job_queue,
-            make: || async { super::MemoryBackend::new() },
-            run: crate::test_support::block_on,
-        );
-    }
-
-    #[test]
-    fn the_report_form_runs_every_case() {
-        let report = block_on(conformance::instance_store(|| async {
-            MemoryBackend::new()
-        }));
-        report.assert_ok();
-        assert_eq!(report.passed.len(), 15, "{report}");
+    /// Runs a future to completion on a fresh current-thread runtime.
+    fn block_on<F: Future>(future: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime")
+            .block_on(future)
     }
 
     /// Counts wake-ups.
@@ -1996,45 +1921,5 @@ mod tests {
         );
         assert_eq!(b.due_count(Utc::now() + TimeDelta::minutes(1)), 1);
         assert_eq!(format!("{b:?}"), "MemoryBackend { .. }");
-    }
-
-    #[test]
-    fn json_containment_follows_jsonb() {
-        let yes = [
-            (json!({"a": 1, "b": 2}), json!({"a": 1})),
-            (json!({"a": 1}), json!({})),
-            (json!({"a": {"b": 1, "c": 2}}), json!({"a": {"b": 1}})),
-            (json!([1, 2, 3]), json!([3, 1])),
-            (json!([1, 2, 3]), json!([1, 1])),
-            (json!([1, [2, 3]]), json!([[3]])),
-            (json!([{"a": 1, "b": 2}]), json!([{"a": 1}])),
-            (json!(["foo", "bar"]), json!("bar")),
-            (json!({"n": 1}), json!({"n": 1.0})),
-            (json!("x"), json!("x")),
-            (json!(null), json!(null)),
-            (json!([]), json!([])),
-        ];
-        for (haystack, needle) in yes {
-            assert!(json_contains(&haystack, &needle), "{haystack} @> {needle}");
-        }
-        let no = [
-            (json!({"a": 1}), json!({"a": 2})),
-            (json!({"a": 1}), json!({"b": 1})),
-            (json!({"foo": {"bar": "baz"}}), json!({"bar": "baz"})),
-            (json!([1, [2, 3]]), json!([2])),
-            (json!([1, 2]), json!({"0": 1})),
-            (json!("foo"), json!(["foo"])),
-            (json!({"tags": ["x", "y"]}), json!({"tags": "y"})),
-            (json!({"n": 1}), json!({"n": "1"})),
-            (json!({"n": -1}), json!({"n": u64::MAX})),
-            (json!([[1]]), json!(1)),
-            (json!(true), json!(1)),
-        ];
-        for (haystack, needle) in no {
-            assert!(
-                !json_contains(&haystack, &needle),
-                "not {haystack} @> {needle}"
-            );
-        }
     }
 }

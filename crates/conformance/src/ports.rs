@@ -1,5 +1,5 @@
-//! Conformance suites for the port traits, written once and run against every
-//! backend: [`instance_store`], [`step_result_store`] and [`job_queue`].
+//! The port suites: [`instance_store`], [`step_result_store`] and
+//! [`job_queue`], written once and run against every backend.
 //!
 //! A backend's tests run them with
 //! [`conformance_tests!`](crate::conformance_tests), which generates one
@@ -9,8 +9,8 @@
 //! `__conformance_cases!`, for both.
 //!
 //! ```
-//! use hephaestus_engine_core::ports::conformance;
-//! use hephaestus_engine_core::ports::memory::MemoryBackend;
+//! use hephaestus_conformance::ports as conformance;
+//! use hephaestus_memory::MemoryBackend;
 //!
 //! // In a backend crate's test, with its runtime and a fresh schema per case.
 //! async fn memory_backend_conforms() {
@@ -50,19 +50,19 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
-use super::{
+use hephaestus_engine_core::business_id::{BusinessId, Scope, UniqueClaim};
+use hephaestus_engine_core::context::Context;
+use hephaestus_engine_core::ids::{Event, StepId, WorkflowId};
+use hephaestus_engine_core::instance::{
+    AttemptRecord, FailureRecord, HistoryEntry, HistoryKind, Instance, InstanceStatus,
+    PendingResume, ResumeSource, StepState, StepStatus, StepTimer,
+};
+use hephaestus_engine_core::ports::{
     Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch, JobQueue,
     JobState, NewJob, NewStepResult, PortError, Recorded, Refused, ResultKind, ResultPayload,
     StepResultStore, UniqueJob,
 };
-use crate::business_id::{BusinessId, Scope, UniqueClaim};
-use crate::context::Context;
-use crate::ids::{Event, StepId, WorkflowId};
-use crate::instance::{
-    AttemptRecord, FailureRecord, HistoryEntry, HistoryKind, Instance, InstanceStatus,
-    PendingResume, ResumeSource, StepState, StepStatus, StepTimer,
-};
-use crate::step::{EventName, StepError, lock_ignoring_poison};
+use hephaestus_engine_core::step::{EventName, StepError, lock_ignoring_poison};
 
 /// How many units of work the concurrency cases run at once.
 pub const CONCURRENCY: usize = 8;
@@ -381,8 +381,8 @@ macro_rules! __conformance_report {
     ($report:ident, $make:ident ; $suite:ident [$($case:ident),* $(,)?]) => {
         $(
             let backend = $make().await;
-            let outcome = $crate::ports::conformance::guarded(
-                $crate::ports::conformance::$case(&backend),
+            let outcome = $crate::ports::guarded(
+                $crate::ports::$case(&backend),
             )
             .await;
             $report.record(stringify!($case), outcome);
@@ -404,14 +404,22 @@ macro_rules! __conformance_report {
 /// Put each suite in a module of its own: the tests are named after the
 /// cases.
 ///
-/// ```ignore
+/// ```
+/// fn run<F: std::future::Future>(case: F) -> F::Output {
+///     tokio::runtime::Builder::new_current_thread()
+///         .build()
+///         .unwrap()
+///         .block_on(case)
+/// }
+///
 /// mod instance_store {
-///     hephaestus_engine_core::conformance_tests!(
+///     hephaestus_conformance::conformance_tests!(
 ///         instance_store,
-///         make: || async { MyBackend::fresh().await },
-///         run: my_runtime_block_on,
+///         make: || async { hephaestus_memory::MemoryBackend::new() },
+///         run: super::run,
 ///     );
 /// }
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
@@ -438,10 +446,10 @@ macro_rules! __conformance_test_fns {
             fn $case() {
                 $run(async {
                     let backend = ($make)().await;
-                    $crate::ports::conformance::assert_case(
+                    $crate::ports::assert_case(
                         stringify!($suite),
                         stringify!($case),
-                        $crate::ports::conformance::$case(&backend),
+                        $crate::ports::$case(&backend),
                     )
                     .await;
                     ($cleanup)(backend).await;
@@ -783,7 +791,7 @@ fn rich_instance(id: Uuid) -> Instance {
         steps,
         history,
         failure: Some(FailureRecord {
-            reason: crate::instance::FailureReason::UndeclaredTarget {
+            reason: hephaestus_engine_core::instance::FailureReason::UndeclaredTarget {
                 target: "refund".to_owned(),
             },
             step: Some(sid("charge")),
