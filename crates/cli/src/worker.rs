@@ -155,7 +155,7 @@ async fn shutdown_requested(on_stdin_close: bool) {
 }
 
 /// SIGTERM (what process managers send) or Ctrl-C.
-async fn signalled() {
+pub(crate) async fn signalled() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -95,6 +95,6 @@ use hephaestus_engine_core::ports::{InstanceStore, PortError, StepResultStore, U
 pub use batch::ExecutionCheck;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
 pub use migrate::{Migrated, migrate};
-pub use query::{Cursor, Direction, InstanceQuery, Order, Page, SortKey, TimeRange};
+pub use query::{Cursor, Direction, InstanceCount, InstanceQuery, Order, Page, SortKey, TimeRange};
 pub use schema::{COMPONENT, schema};
 pub use store::{PRUNE_BATCH, PgStore, Tx};
