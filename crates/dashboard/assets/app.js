@@ -5,6 +5,10 @@
 
 (function () {
   var selectedStep = null;
+  // The main part as last served: a refresh replaces the page only when
+  // the server's HTML changed (the script's own changes, a shown step or
+  // an open JSON node, are not changes).
+  var lastServed = null;
 
   function showStep(step) {
     selectedStep = step;
@@ -107,6 +111,11 @@
         .then(function (text) {
           var next = new DOMParser().parseFromString(text, "text/html").getElementById("main");
           if (!next) { throw new Error("no main"); }
+          if (next.innerHTML === lastServed) {
+            schedule();
+            return;
+          }
+          lastServed = next.innerHTML;
           var wasOpen = openDetails(main);
           main.innerHTML = next.innerHTML;
           var refresh = next.getAttribute("data-refresh-ms");
@@ -126,6 +135,10 @@
   }
 
   document.addEventListener("DOMContentLoaded", function () {
+    var main = document.getElementById("main");
+    if (main) {
+      lastServed = new DOMParser().parseFromString(document.documentElement.outerHTML, "text/html").getElementById("main").innerHTML;
+    }
     var first = document.querySelector(".step-detail");
     var problem = document.querySelector("svg.dag g.node.state-failed, svg.dag g.node.state-waiting");
     if (problem) {

@@ -131,8 +131,8 @@ impl PageError {
             | RunnerError::AlreadyResumed(_)
             | RunnerError::Finished(_)
             | RunnerError::TimerAlreadyFinished(_) => Self::Conflict(text),
-            RunnerError::Registry(_)
-            | RunnerError::BusinessId(_)
+            RunnerError::Registry(_) => Self::NotFound(text),
+            RunnerError::BusinessId(_)
             | RunnerError::Id(_)
             | RunnerError::UnknownStep(_)
             | RunnerError::UndeclaredEvent { .. }

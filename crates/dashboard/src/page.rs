@@ -254,7 +254,7 @@ pub(crate) fn layout_with(
                     a.brand href=(ctx.url("/")) { "Hephaestus" }
                     nav {
                         @for (key, path, label) in nav {
-                            a class=@if key == active { "active" } href=(ctx.url(path)) { (label) }
+                            a class=[(key == active).then_some("active")] href=(ctx.url(path)) { (label) }
                         }
                     }
                     @if !ctx.actions { span.badge { "read-only" } }

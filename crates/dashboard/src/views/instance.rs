@@ -323,7 +323,7 @@ fn resume_form(
         return html! {};
     }
     let Some(def) = definition.and_then(|wf| wf.step(step)) else {
-        return html! { p.note { "Resuming needs the workflow's definition, which this dashboard does not register." } };
+        return html! { p.note { "Resuming needs the definition of this workflow, which this dashboard does not register." } };
     };
     html! {
         form.resume method="post" action=(ctx.url(&format!("/instances/{}/resume", instance.id))) data-step=(step) {
