@@ -124,14 +124,13 @@ impl PageError {
     pub fn runner(what: &str, error: &RunnerError) -> Self {
         let text = format!("{what}: {error}");
         match error {
-            RunnerError::NotFound(_) => Self::NotFound(text),
+            RunnerError::NotFound(_) | RunnerError::Registry(_) => Self::NotFound(text),
             RunnerError::NotFailed { .. }
             | RunnerError::AlreadyRunning { .. }
             | RunnerError::NotWaiting { .. }
             | RunnerError::AlreadyResumed(_)
             | RunnerError::Finished(_)
             | RunnerError::TimerAlreadyFinished(_) => Self::Conflict(text),
-            RunnerError::Registry(_) => Self::NotFound(text),
             RunnerError::BusinessId(_)
             | RunnerError::Id(_)
             | RunnerError::UnknownStep(_)

@@ -92,7 +92,12 @@ fn container(
     let _ = write!(
         out,
         r#"{open}<span class="json-count">{len} {}</span>{close}</summary><div class="json-children">"#,
-        if open == '{' { "keys" } else { "items" }
+        match (open, len) {
+            ('{', 1) => "key",
+            ('{', _) => "keys",
+            (_, 1) => "item",
+            _ => "items",
+        }
     );
     children(out);
     if len > MAX_CHILDREN {

@@ -107,7 +107,7 @@ pub(crate) fn render(
         h = layout.height,
         title = escape(&dag.title),
     );
-    out.push_str(r#"<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>"#);
+    out.push_str(r#"<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerUnits="userSpaceOnUse" markerWidth="9" markerHeight="9" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>"#);
     out.push_str(r#"<g class="edges">"#);
     let labelled = dag.edges.len() <= LABELLED_EDGES;
     for edge in &dag.edges {

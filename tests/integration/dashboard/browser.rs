@@ -53,9 +53,15 @@ async fn start_driver() -> Driver {
         .kill_on_drop(true)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}"));
-    eventually(Duration::from_secs(30), "chromedriver to listen", || async move {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
-    })
+    eventually(
+        Duration::from_secs(30),
+        "chromedriver to listen",
+        || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        },
+    )
     .await;
     Driver {
         _child: child,
@@ -93,11 +99,23 @@ async fn browser(driver: &Driver, profile: &Path) -> Client {
 }
 
 async fn attr(client: &Client, css: &str, name: &str) -> Option<String> {
-    client.find(Locator::Css(css)).await.unwrap().attr(name).await.unwrap()
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .attr(name)
+        .await
+        .unwrap()
 }
 
 async fn text(client: &Client, css: &str) -> String {
-    client.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
 }
 
 fn target_dir() -> PathBuf {
@@ -152,7 +170,11 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         .click()
         .await
         .unwrap();
-    client.wait().for_element(Locator::Css("section.cards")).await.unwrap();
+    client
+        .wait()
+        .for_element(Locator::Css("section.cards"))
+        .await
+        .unwrap();
     assert_eq!(text(&client, "main h1").await, "Overview");
     assert_eq!(
         text(&client, r#"a.card[data-status="waiting"] .count"#).await,
@@ -161,7 +183,10 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
 
     // Filter the instances by workflow.
     client.goto(&format!("{base}/instances")).await.unwrap();
-    let rows = client.find_all(Locator::Css("table.instances tbody tr")).await.unwrap();
+    let rows = client
+        .find_all(Locator::Css("table.instances tbody tr"))
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 3);
     client
         .find(Locator::Css("form.filters input[name=workflow]"))
@@ -179,12 +204,22 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         .unwrap();
     client
         .wait()
-        .for_url(&format!("{base}/instances?workflow={FANOUT}&status=&business_id=&since=&until=").parse().unwrap())
+        .for_url(
+            &format!("{base}/instances?workflow={FANOUT}&status=&business_id=&since=&until=")
+                .parse()
+                .unwrap(),
+        )
         .await
         .unwrap();
-    let rows = client.find_all(Locator::Css("table.instances tbody tr")).await.unwrap();
+    let rows = client
+        .find_all(Locator::Css("table.instances tbody tr"))
+        .await
+        .unwrap();
     assert_eq!(rows.len(), 1, "only the fan-out instance");
-    assert_eq!(rows[0].attr("data-id").await.unwrap(), Some(fan.to_string()));
+    assert_eq!(
+        rows[0].attr("data-id").await.unwrap(),
+        Some(fan.to_string())
+    );
     let _ = (done, failed);
 
     // Open it: the SVG has its nodes in the right states.
@@ -195,7 +230,11 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         .click()
         .await
         .unwrap();
-    client.wait().for_element(Locator::Css("svg.dag")).await.unwrap();
+    client
+        .wait()
+        .for_element(Locator::Css("svg.dag"))
+        .await
+        .unwrap();
     for (step, state) in [
         ("Split", "done"),
         ("Work", "done"),
@@ -204,7 +243,12 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         ("hephaestus::Done", "pending"),
     ] {
         assert_eq!(
-            attr(&client, &format!(r#"svg.dag g.node[data-step="{step}"]"#), "data-state").await,
+            attr(
+                &client,
+                &format!(r#"svg.dag g.node[data-step="{step}"]"#),
+                "data-state"
+            )
+            .await,
             Some(state.to_owned()),
             "{step}"
         );
@@ -222,9 +266,15 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         .await
         .unwrap();
     assert!(work.is_displayed().await.unwrap());
-    assert!(work.text().await.unwrap().contains("worked: 42"), "{}", work.text().await.unwrap());
+    assert!(
+        work.text().await.unwrap().contains("worked: 42"),
+        "{}",
+        work.text().await.unwrap()
+    );
     client
-        .find(Locator::Css(&format!(r#"svg.dag g.node[data-step="{WAIT_FOR_EVENT_ID}"]"#)))
+        .find(Locator::Css(&format!(
+            r#"svg.dag g.node[data-step="{WAIT_FOR_EVENT_ID}"]"#
+        )))
         .await
         .unwrap()
         .click()
@@ -234,23 +284,36 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
     let form = client.find(Locator::Css(&form_css)).await.unwrap();
     assert!(form.is_displayed().await.unwrap());
     assert!(!work.is_displayed().await.unwrap());
+    let shot = client.screenshot().await.unwrap();
+    std::fs::write(target_dir().join("dashboard-instance.png"), &shot).unwrap();
 
     // A payload that is not JSON is refused by the page's script.
-    let payload = form.find(Locator::Css("textarea[name=payload]")).await.unwrap();
+    let payload = form
+        .find(Locator::Css("textarea[name=payload]"))
+        .await
+        .unwrap();
     payload.send_keys("{not json").await.unwrap();
-    form.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     let message = form.find(Locator::Css(".json-error")).await.unwrap();
     assert!(message.is_displayed().await.unwrap());
     assert!(message.text().await.unwrap().contains("not valid JSON"));
     assert_eq!(env.instance(fan).await.status, InstanceStatus::Waiting);
-    let shot = client.screenshot().await.unwrap();
-    std::fs::write(target_dir().join("dashboard-instance.png"), &shot).unwrap();
 
     // A valid one resumes the step; a worker runs the rest; the page
     // refreshes itself to `completed`.
     payload.clear().await.unwrap();
     payload.send_keys(r#"{"approved": true}"#).await.unwrap();
-    form.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+    form.find(Locator::Css("button[type=submit]"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
     // The form's POST records the resume; a worker (this test's drain)
     // applies it and runs the rest.
     eventually(Duration::from_secs(30), "the instance to complete", || {
@@ -280,11 +343,19 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         attr(&client, r#"svg.dag g.node[data-step="Join"]"#, "data-state").await,
         Some("done".to_owned())
     );
-    assert_eq!(attr(&client, "main", "data-refresh-ms").await, None, "a finished instance stops refreshing");
+    assert_eq!(
+        attr(&client, "main", "data-refresh-ms").await,
+        None,
+        "a finished instance stops refreshing"
+    );
     let shot = client.screenshot().await.unwrap();
     let path = target_dir().join("dashboard-e2e.png");
     std::fs::write(&path, &shot).unwrap();
-    assert!(shot.starts_with(b"\x89PNG"), "a PNG screenshot at {}", path.display());
+    assert!(
+        shot.starts_with(b"\x89PNG"),
+        "a PNG screenshot at {}",
+        path.display()
+    );
 
     client.close().await.unwrap();
     drop(driver);

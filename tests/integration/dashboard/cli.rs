@@ -52,7 +52,9 @@ async fn serve(schema: &str, args: &[&str]) -> Served {
 /// A plain HTTP/1.0 GET: the status code and the whole response.
 async fn get(address: &str, path: &str, bearer: Option<&str>) -> (u16, String) {
     let mut stream = TcpStream::connect(address).await.unwrap();
-    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let auth = bearer
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     stream
         .write_all(format!("GET {path} HTTP/1.0\r\nHost: {address}\r\n{auth}\r\n").as_bytes())
         .await
@@ -83,7 +85,10 @@ async fn hephaestus_dashboard_serves_read_only_or_behind_a_token_and_refuses_bad
     assert_eq!(status, 200);
     served.child.kill().await.unwrap();
 
-    let dir = std::env::temp_dir().join(format!("hephaestus-dash-{}", crate::support::db::unique_suffix()));
+    let dir = std::env::temp_dir().join(format!(
+        "hephaestus-dash-{}",
+        crate::support::db::unique_suffix()
+    ));
     std::fs::create_dir_all(&dir).unwrap();
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
@@ -96,7 +101,10 @@ async fn hephaestus_dashboard_serves_read_only_or_behind_a_token_and_refuses_bad
     served.child.kill().await.unwrap();
 
     let no_token = refuse(&schema, &[]).await;
-    assert!(no_token.contains("need a token: give --token-file FILE"), "{no_token}");
+    assert!(
+        no_token.contains("need a token: give --token-file FILE"),
+        "{no_token}"
+    );
     let empty = dir.join("empty");
     std::fs::write(&empty, "\n").unwrap();
     let empty_token = refuse(&schema, &["--token-file", empty.to_str().unwrap()]).await;

@@ -10,8 +10,8 @@ use hephaestus_dashboard::{Dashboard, DashboardConfig, Error};
 use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::steps::WAIT_FOR_EVENT_ID;
 use hephaestus_queue_pg::{JobFilter, PgQueue};
-use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::Runtime;
+use hephaestus_runner::postgres::PgBackend;
 use hephaestus_storage_pg::PgStore;
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
@@ -57,7 +57,9 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
         .has(&format!(r#"href="/instances/{failed}""#))
         .has("Store: scripted fatal failure");
     assert!(
-        !overview.body.contains(&format!(r#"href="/instances/{done}""#)),
+        !overview
+            .body
+            .contains(&format!(r#"href="/instances/{done}""#)),
         "a completed instance is not a recent failure"
     );
 
@@ -68,17 +70,30 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
         all.has(&row(id, status));
     }
     let linear = client.get("/instances?workflow=fixture_linear").await;
-    linear.expect(StatusCode::OK).has(&row(done, "completed")).lacks(&fan.to_string());
+    linear
+        .expect(StatusCode::OK)
+        .has(&row(done, "completed"))
+        .lacks(&fan.to_string());
     let failures = client.get("/instances?status=failed").await;
-    failures.has(&row(failed, "failed")).lacks(&row(done, "completed"));
-    let two = client.get("/instances?status=failed&status=completed").await;
-    two.has(&row(failed, "failed")).has(&row(done, "completed")).lacks(&fan.to_string());
+    failures
+        .has(&row(failed, "failed"))
+        .lacks(&row(done, "completed"));
+    let two = client
+        .get("/instances?status=failed&status=completed")
+        .await;
+    two.has(&row(failed, "failed"))
+        .has(&row(done, "completed"))
+        .lacks(&fan.to_string());
     let fan_business = env.instance(fan).await.business_id.to_string();
     let by_business = client
         .get(&format!("/instances?business_id={}", encode(&fan_business)))
         .await;
-    by_business.has(&row(fan, "waiting")).lacks(&done.to_string());
-    let searched = client.get(&format!("/instances?q={}", encode(&fan_business))).await;
+    by_business
+        .has(&row(fan, "waiting"))
+        .lacks(&done.to_string());
+    let searched = client
+        .get(&format!("/instances?q={}", encode(&fan_business)))
+        .await;
     searched.has(&row(fan, "waiting")).lacks(&done.to_string());
     let jump = client.get(&format!("/instances?q={fan}")).await;
     jump.expect(StatusCode::SEE_OTHER);
@@ -93,8 +108,12 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
     let next = format!("/instances?limit=1&amp;after={fan}");
     first.has(&next);
     let second = client.get(&format!("/instances?limit=1&after={fan}")).await;
-    second.has(&row(failed, "failed")).lacks(&row(fan, "waiting"));
-    let last = client.get(&format!("/instances?limit=1&after={failed}")).await;
+    second
+        .has(&row(failed, "failed"))
+        .lacks(&row(fan, "waiting"));
+    let last = client
+        .get(&format!("/instances?limit=1&after={failed}"))
+        .await;
     last.has(&row(done, "completed")).has("No more.");
 
     // An instance with a fan-out: the DAG with each step's state.
@@ -112,7 +131,9 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
         // Step details: output, timing, and the resume form of the waiting step.
         .has(r#"<span class="json-key">worked</span>: <span class="json-number">42</span>"#)
         .has("<dt>Took</dt>")
-        .has(&format!(r#"action="/instances/{fan}/resume" data-step="{WAIT_FOR_EVENT_ID}""#))
+        .has(&format!(
+            r#"action="/instances/{fan}/resume" data-step="{WAIT_FOR_EVENT_ID}""#
+        ))
         .has(r#"<option value="received">received</option>"#)
         // The context: the input.
         .has(r#"<span class="json-key">order</span>: <span class="json-number">7</span>"#)
@@ -154,7 +175,9 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
 
     // Jobs: by queue and state, and one job.
     let jobs = client.get("/jobs").await;
-    jobs.expect(StatusCode::OK).has("Recent errors").has("hephaestus.execute");
+    jobs.expect(StatusCode::OK)
+        .has("Recent errors")
+        .has("hephaestus.execute");
     let job = PgQueue::new(env.schema.pool.clone(), env.schema.prefix.clone())
         .jobs(&JobFilter {
             group: Some(hephaestus_runner::jobs::group(failed)),
@@ -191,12 +214,14 @@ async fn an_unregistered_workflow_is_drawn_from_its_stored_step_states() {
         .has(&node("hephaestus::WaitForEvent", "waiting"))
         .has("Resuming needs the definition of this workflow");
     // Not registered here: steering it is the runner's typed error.
-    let refused = client
-        .post(&format!("/instances/{id}/cancel"), &[])
-        .await;
-    refused.expect(StatusCode::NOT_FOUND).has("is not registered");
+    let refused = client.post(&format!("/instances/{id}/cancel"), &[]).await;
+    refused
+        .expect(StatusCode::NOT_FOUND)
+        .has("is not registered");
     let workflows = client.get("/workflows").await;
-    workflows.has("Instances of workflows this dashboard does not register").has(super::HIDDEN);
+    workflows
+        .has("Instances of workflows this dashboard does not register")
+        .has(super::HIDDEN);
     env.teardown().await;
 }
 
@@ -210,33 +235,56 @@ async fn actions_resume_cancel_retry_and_start_through_the_runner() {
         .await;
     env.drain().await;
     let client = Client::new(env.router());
-    client.get(&format!("/instances/{fan}")).await.expect(StatusCode::OK);
+    client
+        .get(&format!("/instances/{fan}"))
+        .await
+        .expect(StatusCode::OK);
     let resume = format!("/instances/{fan}/resume");
 
     // Resume: the event is checked against the step, the payload is JSON.
     let undeclared = client
-        .post(&resume, &[("step", WAIT_FOR_EVENT_ID), ("event", "shipped")])
+        .post(
+            &resume,
+            &[("step", WAIT_FOR_EVENT_ID), ("event", "shipped")],
+        )
         .await;
-    undeclared.expect(StatusCode::BAD_REQUEST).has("does not declare event :shipped");
+    undeclared
+        .expect(StatusCode::BAD_REQUEST)
+        .has("does not declare event :shipped");
     let bad_json = client
         .post(
             &resume,
-            &[("step", WAIT_FOR_EVENT_ID), ("event", "received"), ("payload", "{oops")],
+            &[
+                ("step", WAIT_FOR_EVENT_ID),
+                ("event", "received"),
+                ("payload", "{oops"),
+            ],
         )
         .await;
-    bad_json.expect(StatusCode::BAD_REQUEST).has("payload=").has("not valid JSON");
+    bad_json
+        .expect(StatusCode::BAD_REQUEST)
+        .has("payload=")
+        .has("not valid JSON");
     let not_waiting = client
         .post(&resume, &[("step", "Work"), ("event", "done")])
         .await;
-    not_waiting.expect(StatusCode::CONFLICT).has("is not waiting");
+    not_waiting
+        .expect(StatusCode::CONFLICT)
+        .has("is not waiting");
     let unknown = client
         .post(&resume, &[("step", "Nope"), ("event", "done")])
         .await;
-    unknown.expect(StatusCode::BAD_REQUEST).has("Nope is not part of this workflow");
+    unknown
+        .expect(StatusCode::BAD_REQUEST)
+        .has("Nope is not part of this workflow");
     let resumed = client
         .post(
             &resume,
-            &[("step", WAIT_FOR_EVENT_ID), ("event", "received"), ("payload", r#"{"approved": true}"#)],
+            &[
+                ("step", WAIT_FOR_EVENT_ID),
+                ("event", "received"),
+                ("payload", r#"{"approved": true}"#),
+            ],
         )
         .await;
     resumed.expect(StatusCode::SEE_OTHER);
@@ -245,18 +293,28 @@ async fn actions_resume_cancel_retry_and_start_through_the_runner() {
     let instance = env.instance(fan).await;
     assert_eq!(instance.status, InstanceStatus::Completed);
     assert!(
-        instance.context.steps.values().any(|v| *v == json!({"approved": true})),
+        instance
+            .context
+            .steps
+            .values()
+            .any(|v| *v == json!({"approved": true})),
         "{:?}",
         instance.context.steps
     );
     let again = client
-        .post(&resume, &[("step", WAIT_FOR_EVENT_ID), ("event", "received")])
+        .post(
+            &resume,
+            &[("step", WAIT_FOR_EVENT_ID), ("event", "received")],
+        )
         .await;
     again.expect(StatusCode::CONFLICT);
 
     // Cancel, with a reason kept in the history; a second cancel is refused.
     let cancelled = client
-        .post(&format!("/instances/{wait}/cancel"), &[("reason", "ops: duplicate order")])
+        .post(
+            &format!("/instances/{wait}/cancel"),
+            &[("reason", "ops: duplicate order")],
+        )
         .await;
     cancelled.expect(StatusCode::SEE_OTHER);
     assert_eq!(env.instance(wait).await.status, InstanceStatus::Cancelled);
@@ -288,7 +346,11 @@ async fn actions_resume_cancel_retry_and_start_through_the_runner() {
     let started = client
         .post(
             "/workflows/fixture_wait/start",
-            &[("business_value", "new1"), ("input", r#"{"from": "dashboard"}"#), ("version", "1")],
+            &[
+                ("business_value", "new1"),
+                ("input", r#"{"from": "dashboard"}"#),
+                ("version", "1"),
+            ],
         )
         .await;
     started.expect(StatusCode::SEE_OTHER);
@@ -301,18 +363,27 @@ async fn actions_resume_cancel_retry_and_start_through_the_runner() {
     let instance = env.instance(id).await;
     assert_eq!(instance.context.initial, json!({"from": "dashboard"}));
     let duplicate = client
-        .post("/workflows/fixture_wait/start", &[("business_value", "new1")])
+        .post(
+            "/workflows/fixture_wait/start",
+            &[("business_value", "new1")],
+        )
         .await;
     duplicate
         .expect(StatusCode::CONFLICT)
         .has(&format!("is already running as instance {id}"));
     client
-        .post("/workflows/fixture_wait/start", &[("business_value", "new2"), ("input", "[1,")])
+        .post(
+            "/workflows/fixture_wait/start",
+            &[("business_value", "new2"), ("input", "[1,")],
+        )
         .await
         .expect(StatusCode::BAD_REQUEST)
         .has("input=");
     client
-        .post("/workflows/no_such_workflow/start", &[("business_value", "x")])
+        .post(
+            "/workflows/no_such_workflow/start",
+            &[("business_value", "x")],
+        )
         .await
         .expect(StatusCode::NOT_FOUND);
     client
@@ -327,13 +398,20 @@ async fn bulk_actions_confirm_the_count_and_refuse_a_changed_selection() {
     let env = Env::new().await;
     let mut waiting = Vec::new();
     for i in 0..3 {
-        waiting.push(env.start(fixtures::WAIT, &format!("bulk{i}"), json!({})).await);
+        waiting.push(
+            env.start(fixtures::WAIT, &format!("bulk{i}"), json!({}))
+                .await,
+        );
     }
     let mut failed = Vec::new();
     for i in 0..2 {
         failed.push(
-            env.start(fixtures::LINEAR, &format!("bulkf{i}"), json!({"fatal": "Store"}))
-                .await,
+            env.start(
+                fixtures::LINEAR,
+                &format!("bulkf{i}"),
+                json!({"fatal": "Store"}),
+            )
+            .await,
         );
     }
     let other = env.start(fixtures::LINEAR, "bulkok", json!({})).await;
@@ -342,7 +420,9 @@ async fn bulk_actions_confirm_the_count_and_refuse_a_changed_selection() {
 
     let instances = client.get("/instances?workflow=fixture_wait").await;
     instances.has("/instances/bulk?action=cancel&amp;workflow=fixture_wait");
-    let confirm = client.get("/instances/bulk?action=cancel&workflow=fixture_wait").await;
+    let confirm = client
+        .get("/instances/bulk?action=cancel&workflow=fixture_wait")
+        .await;
     confirm
         .expect(StatusCode::OK)
         .has(r#"data-count="3""#)
@@ -353,17 +433,27 @@ async fn bulk_actions_confirm_the_count_and_refuse_a_changed_selection() {
     let stale = client
         .post(
             "/instances/bulk",
-            &[("action", "cancel"), ("workflow", "fixture_wait"), ("expected", "3")],
+            &[
+                ("action", "cancel"),
+                ("workflow", "fixture_wait"),
+                ("expected", "3"),
+            ],
         )
         .await;
-    stale.expect(StatusCode::CONFLICT).has("4 instances match now, 3 were confirmed");
+    stale
+        .expect(StatusCode::CONFLICT)
+        .has("4 instances match now, 3 were confirmed");
     for id in &waiting {
         assert_eq!(env.instance(*id).await.status, InstanceStatus::Waiting);
     }
     let done = client
         .post(
             "/instances/bulk",
-            &[("action", "cancel"), ("workflow", "fixture_wait"), ("expected", "4")],
+            &[
+                ("action", "cancel"),
+                ("workflow", "fixture_wait"),
+                ("expected", "4"),
+            ],
         )
         .await;
     done.expect(StatusCode::OK)
@@ -375,7 +465,9 @@ async fn bulk_actions_confirm_the_count_and_refuse_a_changed_selection() {
     // Retry applies to failed instances only, whatever else the filter selects.
     let confirm = client.get("/instances/bulk?action=retry").await;
     confirm.has("This will retry 2 instances.");
-    let none = client.get("/instances/bulk?action=retry&status=completed").await;
+    let none = client
+        .get("/instances/bulk?action=retry&status=completed")
+        .await;
     none.has(r#"data-count="0""#).lacks(r#"name="expected""#);
     client
         .post("/instances/bulk", &[("action", "retry"), ("expected", "2")])
@@ -395,6 +487,9 @@ async fn bulk_actions_confirm_the_count_and_refuse_a_changed_selection() {
     env.teardown().await;
 }
 
+/// A POST of a bad-parameter case: the path, the fields, what the page says.
+type Post<'a> = (String, Vec<(&'a str, &'a str)>, &'a str);
+
 #[tokio::test]
 async fn every_bad_parameter_is_a_400_page_that_says_what_is_wrong() {
     let env = Env::new().await;
@@ -403,53 +498,200 @@ async fn every_bad_parameter_is_a_400_page_that_says_what_is_wrong() {
     let client = Client::new(env.router());
     let absent = Uuid::now_v7();
     let cases: Vec<(String, StatusCode, &str)> = vec![
-        ("/?x=1".into(), StatusCode::BAD_REQUEST, "unknown parameter &quot;x&quot;"),
-        ("/instances?status=bogus".into(), StatusCode::BAD_REQUEST, "status=&quot;bogus&quot;"),
-        ("/instances?business_id=nokey".into(), StatusCode::BAD_REQUEST, "key::value"),
-        ("/instances?since=yesterday".into(), StatusCode::BAD_REQUEST, "since=&quot;yesterday&quot;: not a time"),
-        ("/instances?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00".into(), StatusCode::BAD_REQUEST, "is not before until"),
-        ("/instances?limit=0".into(), StatusCode::BAD_REQUEST, "limit=&quot;0&quot;: a page size is a whole number from 1 to 500"),
-        ("/instances?limit=many".into(), StatusCode::BAD_REQUEST, "a page size"),
-        ("/instances?limit=1&limit=2".into(), StatusCode::BAD_REQUEST, "limit is given 2 times"),
-        ("/instances?after=last".into(), StatusCode::BAD_REQUEST, "after=&quot;last&quot;: not a UUID"),
-        (format!("/instances?after={absent}"), StatusCode::BAD_REQUEST, "no such instance"),
-        ("/instances?q=%25%27%3B+drop+table".into(), StatusCode::BAD_REQUEST, "is neither an instance id"),
-        ("/instances?workflow=%00".into(), StatusCode::BAD_REQUEST, "workflow="),
-        ("/instances/not-a-uuid".into(), StatusCode::BAD_REQUEST, "is not an instance id"),
-        (format!("/instances/{id}?tab=x"), StatusCode::BAD_REQUEST, "unknown parameter"),
-        (format!("/instances/{absent}"), StatusCode::NOT_FOUND, "no instance"),
-        ("/instances/bulk".into(), StatusCode::BAD_REQUEST, "action is missing"),
-        ("/instances/bulk?action=explode".into(), StatusCode::BAD_REQUEST, "the action is cancel or retry"),
-        ("/jobs?state=sleeping".into(), StatusCode::BAD_REQUEST, "not a job state"),
-        ("/jobs?after=-1".into(), StatusCode::BAD_REQUEST, "a job id is a positive whole number"),
+        (
+            "/?x=1".into(),
+            StatusCode::BAD_REQUEST,
+            "unknown parameter &quot;x&quot;",
+        ),
+        (
+            "/instances?status=bogus".into(),
+            StatusCode::BAD_REQUEST,
+            "status=&quot;bogus&quot;",
+        ),
+        (
+            "/instances?business_id=nokey".into(),
+            StatusCode::BAD_REQUEST,
+            "key::value",
+        ),
+        (
+            "/instances?since=yesterday".into(),
+            StatusCode::BAD_REQUEST,
+            "since=&quot;yesterday&quot;: not a time",
+        ),
+        (
+            "/instances?since=2026-02-01T00:00:00Z&until=2026-01-01T00:00".into(),
+            StatusCode::BAD_REQUEST,
+            "is not before until",
+        ),
+        (
+            "/instances?limit=0".into(),
+            StatusCode::BAD_REQUEST,
+            "limit=&quot;0&quot;: a page size is a whole number from 1 to 500",
+        ),
+        (
+            "/instances?limit=many".into(),
+            StatusCode::BAD_REQUEST,
+            "a page size",
+        ),
+        (
+            "/instances?limit=1&limit=2".into(),
+            StatusCode::BAD_REQUEST,
+            "limit is given 2 times",
+        ),
+        (
+            "/instances?after=last".into(),
+            StatusCode::BAD_REQUEST,
+            "after=&quot;last&quot;: not a UUID",
+        ),
+        (
+            format!("/instances?after={absent}"),
+            StatusCode::BAD_REQUEST,
+            "no such instance",
+        ),
+        (
+            "/instances?q=%25%27%3B+drop+table".into(),
+            StatusCode::BAD_REQUEST,
+            "is neither an instance id",
+        ),
+        (
+            "/instances?workflow=%00".into(),
+            StatusCode::BAD_REQUEST,
+            "workflow=",
+        ),
+        (
+            "/instances/not-a-uuid".into(),
+            StatusCode::BAD_REQUEST,
+            "is not an instance id",
+        ),
+        (
+            format!("/instances/{id}?tab=x"),
+            StatusCode::BAD_REQUEST,
+            "unknown parameter",
+        ),
+        (
+            format!("/instances/{absent}"),
+            StatusCode::NOT_FOUND,
+            "no instance",
+        ),
+        (
+            "/instances/bulk".into(),
+            StatusCode::BAD_REQUEST,
+            "action is missing",
+        ),
+        (
+            "/instances/bulk?action=explode".into(),
+            StatusCode::BAD_REQUEST,
+            "the action is cancel or retry",
+        ),
+        (
+            "/jobs?state=sleeping".into(),
+            StatusCode::BAD_REQUEST,
+            "not a job state",
+        ),
+        (
+            "/jobs?after=-1".into(),
+            StatusCode::BAD_REQUEST,
+            "a job id is a positive whole number",
+        ),
         ("/jobs/abc".into(), StatusCode::BAD_REQUEST, "a job id"),
-        ("/jobs/999999999".into(), StatusCode::NOT_FOUND, "no job #999999999"),
-        ("/workflows/fixture_wait?version=two".into(), StatusCode::BAD_REQUEST, "a version is a whole number"),
-        ("/workflows/fixture_wait?version=9".into(), StatusCode::NOT_FOUND, "has no version 9"),
-        ("/workflows/nope".into(), StatusCode::NOT_FOUND, "no workflow"),
-        ("/no/such/page".into(), StatusCode::NOT_FOUND, "no page GET /no/such/page"),
+        (
+            "/jobs/999999999".into(),
+            StatusCode::NOT_FOUND,
+            "no job #999999999",
+        ),
+        (
+            "/workflows/fixture_wait?version=two".into(),
+            StatusCode::BAD_REQUEST,
+            "a version is a whole number",
+        ),
+        (
+            "/workflows/fixture_wait?version=9".into(),
+            StatusCode::NOT_FOUND,
+            "has no version 9",
+        ),
+        (
+            "/workflows/nope".into(),
+            StatusCode::NOT_FOUND,
+            "no workflow",
+        ),
+        (
+            "/no/such/page".into(),
+            StatusCode::NOT_FOUND,
+            "no page GET /no/such/page",
+        ),
     ];
     for (path, status, says) in &cases {
         let reply = client.get(path).await;
         assert_eq!(reply.status, *status, "{path}: {}", reply.body);
-        assert!(reply.body.contains(says), "{path}: missing {says:?} in\n{}", reply.body);
-        assert!(reply.body.contains(r#"<section class="error""#), "{path}: not an error page");
+        assert!(
+            reply.body.contains(says),
+            "{path}: missing {says:?} in\n{}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains(r#"<section class="error""#),
+            "{path}: not an error page"
+        );
     }
-    client.get(&format!("/instances/{id}")).await.expect(StatusCode::OK);
-    let posts: Vec<(String, Vec<(&str, &str)>, &str)> = vec![
-        (format!("/instances/{id}/resume"), vec![("event", "received")], "step is missing"),
-        (format!("/instances/{id}/resume"), vec![("step", "X"), ("event", "y"), ("extra", "1")], "unknown parameter &quot;extra&quot;"),
-        (format!("/instances/{id}/resume"), vec![("step", "X"), ("step", "Y"), ("event", "y")], "step is given 2 times"),
-        ("/instances/zzz/cancel".into(), vec![], "is not an instance id"),
-        ("/workflows/fixture_wait/start".into(), vec![("business_value", "v"), ("version", "two")], "a version is a whole number"),
-        ("/workflows/fixture_wait/start".into(), vec![("input", "{}")], "business_value is missing"),
-        ("/instances/bulk".into(), vec![("action", "cancel"), ("expected", "many")], "expected is the count confirmed"),
-        ("/instances/bulk".into(), vec![("action", "cancel"), ("expected", "1"), ("status", "nope")], "status=&quot;nope&quot;"),
+    client
+        .get(&format!("/instances/{id}"))
+        .await
+        .expect(StatusCode::OK);
+    let posts: Vec<Post<'_>> = vec![
+        (
+            format!("/instances/{id}/resume"),
+            vec![("event", "received")],
+            "step is missing",
+        ),
+        (
+            format!("/instances/{id}/resume"),
+            vec![("step", "X"), ("event", "y"), ("extra", "1")],
+            "unknown parameter &quot;extra&quot;",
+        ),
+        (
+            format!("/instances/{id}/resume"),
+            vec![("step", "X"), ("step", "Y"), ("event", "y")],
+            "step is given 2 times",
+        ),
+        (
+            "/instances/zzz/cancel".into(),
+            vec![],
+            "is not an instance id",
+        ),
+        (
+            "/workflows/fixture_wait/start".into(),
+            vec![("business_value", "v"), ("version", "two")],
+            "a version is a whole number",
+        ),
+        (
+            "/workflows/fixture_wait/start".into(),
+            vec![("input", "{}")],
+            "business_value is missing",
+        ),
+        (
+            "/instances/bulk".into(),
+            vec![("action", "cancel"), ("expected", "many")],
+            "expected is the count confirmed",
+        ),
+        (
+            "/instances/bulk".into(),
+            vec![("action", "cancel"), ("expected", "1"), ("status", "nope")],
+            "status=&quot;nope&quot;",
+        ),
     ];
     for (path, fields, says) in &posts {
         let reply = client.post(path, fields).await;
-        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{path}: {}", reply.body);
-        assert!(reply.body.contains(says), "{path}: missing {says:?} in\n{}", reply.body);
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{path}: {}",
+            reply.body
+        );
+        assert!(
+            reply.body.contains(says),
+            "{path}: missing {says:?} in\n{}",
+            reply.body
+        );
     }
     assert_eq!(env.instance(id).await.status, InstanceStatus::Waiting);
     env.teardown().await;
@@ -468,14 +710,19 @@ async fn a_read_only_dashboard_serves_no_action() {
         .router(),
     );
     let overview = client.get("/").await;
-    overview.expect(StatusCode::OK).has(r#"<span class="badge">read-only</span>"#);
+    overview
+        .expect(StatusCode::OK)
+        .has(r#"<span class="badge">read-only</span>"#);
     let page = client.get(&format!("/instances/{id}")).await;
     page.expect(StatusCode::OK)
         .has(&node(WAIT_FOR_EVENT_ID, "waiting"))
         .lacks(r#"method="post""#)
         .lacks("Cancel instance");
     client.get("/instances").await.lacks("Bulk actions");
-    client.get("/workflows/dash_fanout").await.lacks("Start an instance");
+    client
+        .get("/workflows/dash_fanout")
+        .await
+        .lacks("Start an instance");
     client
         .get("/instances/bulk?action=cancel")
         .await
@@ -504,7 +751,10 @@ async fn a_read_only_dashboard_serves_no_action() {
             ..DashboardConfig::default()
         })
         .router();
-    Client::anonymous(guarded.clone()).get("/").await.expect(StatusCode::UNAUTHORIZED);
+    Client::anonymous(guarded.clone())
+        .get("/")
+        .await
+        .expect(StatusCode::UNAUTHORIZED);
     Client::new(guarded).get("/").await.expect(StatusCode::OK);
 
     // Actions without a token are refused when building the dashboard.
@@ -552,17 +802,31 @@ async fn a_token_guards_every_page_and_a_csrf_token_every_post() {
         .has(&format!(r#"name="next" value="/instances/{id}""#))
         .lacks(&id.to_string().replace('-', "_"));
     assert!(refused.headers.contains_key("www-authenticate"));
-    assert!(!refused.body.contains("data-step"), "nothing of the instance is shown");
+    assert!(
+        !refused.body.contains("data-step"),
+        "nothing of the instance is shown"
+    );
     anonymous
         .post(&format!("/instances/{id}/cancel"), &[])
         .await
         .expect(StatusCode::UNAUTHORIZED);
     let mut wrong = Client::new(router.clone());
     wrong.bearer = Some("not-the-token-at-all".to_owned());
-    wrong.get("/").await.expect(StatusCode::UNAUTHORIZED).has("the bearer token is wrong");
-    Client::new(router.clone()).get("/").await.expect(StatusCode::OK);
+    wrong
+        .get("/")
+        .await
+        .expect(StatusCode::UNAUTHORIZED)
+        .has("the bearer token is wrong");
+    Client::new(router.clone())
+        .get("/")
+        .await
+        .expect(StatusCode::OK);
     // The assets need no token (the sign-in page uses them).
-    anonymous.get("/assets/app.js").await.expect(StatusCode::OK).has("showStep");
+    anonymous
+        .get("/assets/app.js")
+        .await
+        .expect(StatusCode::OK)
+        .has("showStep");
 
     // Signing in: a wrong token, then the right one sets the session cookie.
     let browser = Client::anonymous(router.clone());
@@ -573,7 +837,10 @@ async fn a_token_guards_every_page_and_a_csrf_token_every_post() {
         .expect(StatusCode::UNAUTHORIZED)
         .has("That is not the token.");
     let signed_in = browser
-        .post("/login", &[("token", TOKEN), ("next", &format!("/instances/{id}"))])
+        .post(
+            "/login",
+            &[("token", TOKEN), ("next", &format!("/instances/{id}"))],
+        )
         .await;
     signed_in.expect(StatusCode::SEE_OTHER);
     assert_eq!(signed_in.location(), format!("/instances/{id}"));
@@ -584,8 +851,15 @@ async fn a_token_guards_every_page_and_a_csrf_token_every_post() {
         .to_str()
         .unwrap()
         .to_owned();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"), "{cookie}");
-    browser.get(&format!("/instances/{id}")).await.expect(StatusCode::OK).has("Sign out");
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    browser
+        .get(&format!("/instances/{id}"))
+        .await
+        .expect(StatusCode::OK)
+        .has("Sign out");
     // An open redirect is not followed.
     let elsewhere = browser
         .post("/login", &[("token", TOKEN), ("next", "//evil.example/")])
@@ -600,13 +874,19 @@ async fn a_token_guards_every_page_and_a_csrf_token_every_post() {
         .unwrap();
     forged.send(request).await.expect(StatusCode::UNAUTHORIZED);
     // Signing out ends the session.
-    browser.post("/logout", &[]).await.expect(StatusCode::SEE_OTHER);
+    browser
+        .post("/logout", &[])
+        .await
+        .expect(StatusCode::SEE_OTHER);
     browser.get("/").await.expect(StatusCode::UNAUTHORIZED);
 
     // CSRF: a POST without the field, with a wrong one, or with another
     // client's is refused, even with the right bearer token.
     let client = Client::new(router.clone());
-    client.get(&format!("/instances/{id}")).await.expect(StatusCode::OK);
+    client
+        .get(&format!("/instances/{id}"))
+        .await
+        .expect(StatusCode::OK);
     let cancel = format!("/instances/{id}/cancel");
     client
         .post_raw(&cancel, &[])
@@ -629,7 +909,10 @@ async fn a_token_guards_every_page_and_a_csrf_token_every_post() {
         .await
         .expect(StatusCode::FORBIDDEN);
     assert_eq!(env.instance(id).await.status, InstanceStatus::Waiting);
-    client.post(&cancel, &[]).await.expect(StatusCode::SEE_OTHER);
+    client
+        .post(&cancel, &[])
+        .await
+        .expect(StatusCode::SEE_OTHER);
     assert_eq!(env.instance(id).await.status, InstanceStatus::Cancelled);
     env.teardown().await;
 }
@@ -715,10 +998,18 @@ async fn a_database_that_goes_away_is_a_503_page_and_the_dashboard_recovers() {
     )
     .unwrap();
     let client = Client::new(dashboard.router());
-    client.get(&format!("/instances/{id}")).await.expect(StatusCode::OK);
+    client
+        .get(&format!("/instances/{id}"))
+        .await
+        .expect(StatusCode::OK);
 
     proxy.cut();
-    for path in ["/".to_owned(), format!("/instances/{id}"), "/instances".to_owned(), "/jobs".to_owned()] {
+    for path in [
+        "/".to_owned(),
+        format!("/instances/{id}"),
+        "/instances".to_owned(),
+        "/jobs".to_owned(),
+    ] {
         let down = client.get(&path).await;
         down.expect(StatusCode::SERVICE_UNAVAILABLE)
             .has("Database unavailable")
@@ -748,7 +1039,11 @@ async fn a_500_way_fan_out_with_a_1_mb_context_renders_in_well_under_a_second() 
     let env = Env::new().await;
     let blob = "x".repeat(1_000_000);
     let id = env
-        .start(WIDE, "wide1", json!({"blob": blob, "items": (0..2_000).collect::<Vec<_>>()}))
+        .start(
+            WIDE,
+            "wide1",
+            json!({"blob": blob, "items": (0..2_000).collect::<Vec<_>>()}),
+        )
         .await;
     env.drain().await;
     let instance = env.instance(id).await;
@@ -756,7 +1051,10 @@ async fn a_500_way_fan_out_with_a_1_mb_context_renders_in_well_under_a_second() 
     assert_eq!(instance.steps.len(), WIDE_BRANCHES + 3);
     let client = Client::new(env.router());
     // Warm up the pool and the caches, then time the page.
-    client.get(&format!("/instances/{id}")).await.expect(StatusCode::OK);
+    client
+        .get(&format!("/instances/{id}"))
+        .await
+        .expect(StatusCode::OK);
     let mut times = Vec::new();
     let mut size = 0;
     for _ in 0..5 {
@@ -765,8 +1063,14 @@ async fn a_500_way_fan_out_with_a_1_mb_context_renders_in_well_under_a_second() 
         times.push(began.elapsed());
         page.expect(StatusCode::OK);
         size = page.body.len();
-        assert_eq!(page.body.matches(r#"data-state="done""#).count(), WIDE_BRANCHES + 3);
-        assert!(page.body.contains(r#"data-step="Branch499" data-state="done""#));
+        assert_eq!(
+            page.body.matches(r#"data-state="done""#).count(),
+            WIDE_BRANCHES + 3
+        );
+        assert!(
+            page.body
+                .contains(r#"data-step="Branch499" data-state="done""#)
+        );
     }
     times.sort();
     let median = times[times.len() / 2];
@@ -778,7 +1082,7 @@ async fn a_500_way_fan_out_with_a_1_mb_context_renders_in_well_under_a_second() 
         times[times.len() - 1].as_secs_f64() * 1e3,
         size / 1024
     );
-    assert!(median < Duration::from_millis(1_000), "median {median:?}");
+    assert!(median < Duration::from_secs(1), "median {median:?}");
     env.teardown().await;
 }
 
@@ -801,7 +1105,12 @@ async fn mounted_under_a_path_every_link_and_cookie_carries_it() {
         .expect(StatusCode::OK)
         .has(r#"href="/ops/heph/instances""#)
         .has(r#"src="/ops/heph/assets/app.js"#);
-    let cookie = overview.headers.get("set-cookie").unwrap().to_str().unwrap();
+    let cookie = overview
+        .headers
+        .get("set-cookie")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(cookie.contains("Path=/ops/heph"), "{cookie}");
     client
         .get(&format!("/ops/heph/instances/{id}"))

@@ -13,6 +13,7 @@ mod browser;
 mod cli;
 mod handlers;
 
+use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -220,14 +221,22 @@ impl Reply {
     /// Asserts the body contains `text`.
     #[track_caller]
     pub fn has(&self, text: &str) -> &Self {
-        assert!(self.body.contains(text), "missing {text:?} in:\n{}", self.body);
+        assert!(
+            self.body.contains(text),
+            "missing {text:?} in:\n{}",
+            self.body
+        );
         self
     }
 
     /// Asserts the body does not contain `text`.
     #[track_caller]
     pub fn lacks(&self, text: &str) -> &Self {
-        assert!(!self.body.contains(text), "unexpected {text:?} in:\n{}", self.body);
+        assert!(
+            !self.body.contains(text),
+            "unexpected {text:?} in:\n{}",
+            self.body
+        );
         self
     }
 }
@@ -348,7 +357,7 @@ pub fn encode(text: &str) -> String {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
             out.push(char::from(b));
         } else {
-            out.push_str(&format!("%{b:02X}"));
+            let _ = write!(out, "%{b:02X}");
         }
     }
     out
@@ -372,7 +381,10 @@ where
         if check().await {
             return;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
