@@ -41,9 +41,21 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
     assert_eq!(env.instance(done).await.status, InstanceStatus::Completed);
     assert_eq!(env.instance(failed).await.status, InstanceStatus::Failed);
     assert_eq!(env.instance(fan).await.status, InstanceStatus::Waiting);
+    // A job waiting in a queue no worker serves.
+    let queue = PgQueue::new(env.schema.pool.clone(), env.schema.prefix.clone());
+    let report = queue
+        .insert(&hephaestus_engine_core::ports::NewJob::new(
+            "reports.daily",
+            "reports",
+            json!({"day": "2026-12-01"}),
+        ))
+        .await
+        .unwrap()
+        .id();
     let client = Client::new(env.router());
 
-    // Overview: counts by status and workflow, queues, throughput, failures.
+    // Overview: counts by status and workflow, queues (with the oldest
+    // waiting job), throughput, failures.
     let overview = client.get("/").await;
     overview
         .expect(StatusCode::OK)
@@ -55,7 +67,12 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
         .has("Jobs finished per minute, last hour")
         .has(r#"<rect class="bar completed""#)
         .has(&format!(r#"href="/instances/{failed}""#))
-        .has("Store: scripted fatal failure");
+        .has("Store: scripted fatal failure")
+        .has(&format!(
+            r#"<a href="/jobs/{}">#{} reports.daily</a> due "#,
+            report.0, report.0
+        ))
+        .has(r#"href="/jobs?queue=reports&amp;state=available">1</a>"#);
     assert!(
         !overview
             .body
@@ -178,7 +195,7 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
     jobs.expect(StatusCode::OK)
         .has("Recent errors")
         .has("hephaestus.execute");
-    let job = PgQueue::new(env.schema.pool.clone(), env.schema.prefix.clone())
+    let job = queue
         .jobs(&JobFilter {
             group: Some(hephaestus_runner::jobs::group(failed)),
             ..JobFilter::default()
@@ -1034,21 +1051,66 @@ async fn a_database_that_goes_away_is_a_503_page_and_the_dashboard_recovers() {
     env.teardown().await;
 }
 
+/// Runs an instance of `WIDE` to its end with the pure engine, every step
+/// completing with its one event and a small output, and stores it: the
+/// same instance the runner would produce, without running 500 jobs (which
+/// takes minutes in a debug build).
+async fn wide_instance(env: &Env, input: serde_json::Value) -> Uuid {
+    use hephaestus_engine_core::ports::{InstanceStore as _, UnitOfWork as _};
+    use hephaestus_engine_core::{BusinessId, Completion, Engine, Input, NewInstance, StepId};
+
+    let workflow = env.runtime.registry().get(WIDE, 1).unwrap().clone();
+    let engine = Engine::new(&workflow);
+    let now = chrono::Utc::now();
+    let mut instance = engine
+        .new_instance(NewInstance {
+            id: Uuid::now_v7(),
+            business_id: BusinessId::parse("batch::wide1").unwrap(),
+            input,
+            telemetry_metadata: serde_json::Map::new(),
+            now,
+        })
+        .unwrap();
+    let started = engine.apply(&mut instance, Input::Start, now).unwrap();
+    let mut pending: Vec<(StepId, u32)> =
+        started.executions().map(|(s, a)| (s.clone(), a)).collect();
+    while let Some((step, activation)) = pending.pop() {
+        let event = workflow.step(step.as_str()).unwrap().events[0].to_string();
+        let applied = engine
+            .apply(
+                &mut instance,
+                Input::Completed {
+                    completion: Completion::new(event)
+                        .with_output(json!({"step": step.as_str(), "ok": true})),
+                    step,
+                    activation,
+                },
+                now,
+            )
+            .unwrap();
+        pending.extend(applied.executions().map(|(s, a)| (s.clone(), a)));
+    }
+    assert_eq!(instance.status, InstanceStatus::Completed);
+    let store = PgStore::new(env.schema.pool.clone(), env.schema.prefix.clone());
+    let mut tx = store.begin().await.unwrap();
+    store.insert(&mut tx, &instance).await.unwrap();
+    store.commit(tx).await.unwrap();
+    instance.id
+}
+
 #[tokio::test]
 async fn a_500_way_fan_out_with_a_1_mb_context_renders_in_well_under_a_second() {
     let env = Env::new().await;
     let blob = "x".repeat(1_000_000);
-    let id = env
-        .start(
-            WIDE,
-            "wide1",
-            json!({"blob": blob, "items": (0..2_000).collect::<Vec<_>>()}),
-        )
-        .await;
-    env.drain().await;
+    let id = wide_instance(
+        &env,
+        json!({"blob": blob, "items": (0..2_000).collect::<Vec<_>>()}),
+    )
+    .await;
     let instance = env.instance(id).await;
     assert_eq!(instance.status, InstanceStatus::Completed);
     assert_eq!(instance.steps.len(), WIDE_BRANCHES + 3);
+    assert!(serde_json::to_string(&instance.context).unwrap().len() > 1_000_000);
     let client = Client::new(env.router());
     // Warm up the pool and the caches, then time the page.
     client
