@@ -1,10 +1,12 @@
 //! The DAG as an SVG, laid out on the server: engine-core's [`Dag`] layers
 //! from top to bottom (a step below every step that leads to it), the steps
 //! of a layer side by side, a wide layer (a fan-out) wrapped into rows of
-//! [`ROW`] steps. Each node is a `<g class="node state-NAME"
-//! data-step="ID" data-state="NAME">`; the page's script shows the step's
-//! details when one is clicked. Taken edges are drawn solid and dark,
-//! others faint, dynamic routes dashed.
+//! [`ROW`] steps and framed as a group: the edges into and out of a group
+//! are drawn once per step outside it (a 500-way fan-out is two edges, not
+//! a thousand). Each node is a `<g class="node state-NAME" data-step="ID"
+//! data-state="NAME">`; the page's script shows the step's details when one
+//! is clicked. Taken edges are drawn solid and dark, others faint, dynamic
+//! routes dashed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -36,9 +38,18 @@ pub(crate) struct At {
 #[derive(Debug)]
 pub(crate) struct Layout {
     at: BTreeMap<String, At>,
+    /// Step → its group, for steps of a wrapped layer.
+    group_of: BTreeMap<String, usize>,
+    /// Each group's frame: top-left, bottom-right, and how many steps.
+    groups: Vec<(At, At, usize)>,
     width: usize,
     height: usize,
 }
+
+/// Space between a group's frame and its nodes.
+const FRAME: usize = 10;
+/// Room for a group's label above its nodes.
+const LABEL: usize = 14;
 
 /// Places every step of `dag`.
 pub(crate) fn layout(dag: &Dag) -> Layout {
@@ -46,8 +57,26 @@ pub(crate) fn layout(dag: &Dag) -> Layout {
     let widest = layers.iter().map(|l| l.len().min(ROW)).max().unwrap_or(1);
     let width = MARGIN * 2 + widest * NODE_W + widest.saturating_sub(1) * GAP_X;
     let mut at = BTreeMap::new();
+    let mut group_of = BTreeMap::new();
+    let mut groups = Vec::new();
     let mut y = MARGIN;
     for layer in &layers {
+        let wrapped = layer.len() > ROW;
+        if wrapped {
+            y += FRAME + LABEL;
+            let frame_x = (width - (ROW * NODE_W + (ROW - 1) * GAP_X)) / 2 - FRAME;
+            groups.push((
+                At {
+                    x: frame_x,
+                    y: y - FRAME - LABEL,
+                },
+                At { x: 0, y: 0 },
+                layer.len(),
+            ));
+            for step in layer {
+                group_of.insert(step.clone(), groups.len() - 1);
+            }
+        }
         for row in layer.chunks(ROW) {
             let row_width = row.len() * NODE_W + (row.len() - 1) * GAP_X;
             let mut x = (width - row_width) / 2;
@@ -57,12 +86,25 @@ pub(crate) fn layout(dag: &Dag) -> Layout {
             }
             y += NODE_H + GAP_ROW;
         }
+        if wrapped && let Some(group) = groups.last_mut() {
+            group.1 = At {
+                x: width - group.0.x,
+                y: y - GAP_ROW + FRAME,
+            };
+            y += FRAME;
+        }
         y += GAP_LAYER - GAP_ROW;
     }
     let height = (y + MARGIN)
         .saturating_sub(GAP_LAYER)
         .max(NODE_H + 2 * MARGIN);
-    Layout { at, width, height }
+    Layout {
+        at,
+        group_of,
+        groups,
+        width,
+        height,
+    }
 }
 
 fn escape(text: &str) -> String {
@@ -90,6 +132,17 @@ fn label(step: &str) -> String {
     format!("{cut}…")
 }
 
+/// An edge as drawn (possibly several edges of the DAG merged at a group).
+struct Drawn {
+    from: String,
+    to: String,
+    event: String,
+    start: (usize, usize),
+    end: (usize, usize),
+    taken: bool,
+    dynamic: bool,
+}
+
 /// The SVG of `dag`: each step in the state `state_of` gives it (`None`
 /// for a definition drawn without an instance), edges taken per `taken`
 /// ((step, event) → targets).
@@ -109,7 +162,9 @@ pub(crate) fn render(
     );
     out.push_str(r#"<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerUnits="userSpaceOnUse" markerWidth="9" markerHeight="9" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>"#);
     out.push_str(r#"<g class="edges">"#);
-    let labelled = dag.edges.len() <= LABELLED_EDGES;
+    // Edges into or out of a group are merged per outside step.
+    let mut drawn: Vec<Drawn> = Vec::new();
+    let mut merged: BTreeMap<(String, String, String), usize> = BTreeMap::new();
     for edge in &dag.edges {
         let (Some(from), Some(to)) = (layout.at.get(&edge.from), layout.at.get(&edge.to)) else {
             continue;
@@ -117,12 +172,52 @@ pub(crate) fn render(
         let was_taken = taken
             .get(&(edge.from.clone(), edge.event.clone()))
             .is_some_and(|t| t.contains(&edge.to));
-        let (x1, y1) = (from.x + NODE_W / 2, from.y + NODE_H);
-        let (x2, y2) = (to.x + NODE_W / 2, to.y);
+        let group_from = layout.group_of.get(&edge.from).copied();
+        let group_to = layout.group_of.get(&edge.to).copied();
+        let (start, from_name) = match group_from {
+            Some(g) if group_from != group_to => {
+                let (top_left, bottom_right, n) = layout.groups[g];
+                (
+                    (usize::midpoint(top_left.x, bottom_right.x), bottom_right.y),
+                    format!("{n} steps"),
+                )
+            }
+            _ => ((from.x + NODE_W / 2, from.y + NODE_H), edge.from.clone()),
+        };
+        let (end, to_name) = match group_to {
+            Some(g) if group_from != group_to => {
+                let (top_left, bottom_right, n) = layout.groups[g];
+                (
+                    (usize::midpoint(top_left.x, bottom_right.x), top_left.y),
+                    format!("{n} steps"),
+                )
+            }
+            _ => ((to.x + NODE_W / 2, to.y), edge.to.clone()),
+        };
+        let key = (from_name.clone(), edge.event.clone(), to_name.clone());
+        if let Some(&i) = merged.get(&key) {
+            drawn[i].taken |= was_taken;
+            drawn[i].dynamic |= edge.dynamic;
+            continue;
+        }
+        merged.insert(key, drawn.len());
+        drawn.push(Drawn {
+            from: from_name,
+            to: to_name,
+            event: edge.event.clone(),
+            start,
+            end,
+            taken: was_taken,
+            dynamic: edge.dynamic,
+        });
+    }
+    let labelled = drawn.len() <= LABELLED_EDGES;
+    for edge in &drawn {
+        let ((x1, y1), (x2, y2)) = (edge.start, edge.end);
         let mid = usize::midpoint(y1, y2);
         let class = format!(
             "edge{}{}",
-            if was_taken { " taken" } else { "" },
+            if edge.taken { " taken" } else { "" },
             if edge.dynamic { " dynamic" } else { "" }
         );
         let _ = write!(
@@ -141,6 +236,19 @@ pub(crate) fn render(
                 e = escape(&edge.event),
             );
         }
+    }
+    out.push_str("</g><g class=\"groups\">");
+    for (top_left, bottom_right, n) in &layout.groups {
+        let _ = write!(
+            out,
+            r#"<rect class="group" x="{x}" y="{y}" width="{w}" height="{h}" rx="8"/><text class="group-label" x="{lx}" y="{ly}">{n} steps</text>"#,
+            x = top_left.x,
+            y = top_left.y,
+            w = bottom_right.x - top_left.x,
+            h = bottom_right.y - top_left.y,
+            lx = top_left.x + 6,
+            ly = top_left.y + 4,
+        );
     }
     out.push_str("</g><g class=\"nodes\">");
     for (step, at) in &layout.at {
@@ -217,6 +325,16 @@ mod tests {
             .collect();
         assert_eq!(rows.len(), 3, "25 branches in rows of {ROW}");
         assert!(layout.width <= MARGIN * 2 + ROW * (NODE_W + GAP_X));
+        assert_eq!(layout.groups.len(), 1);
+        let (top_left, bottom_right, n) = layout.groups[0];
+        assert_eq!(n, 25);
+        for i in 0..25 {
+            let at = layout.at[&format!("Branch{i:03}")];
+            assert!(top_left.x < at.x && at.x + NODE_W < bottom_right.x);
+            assert!(top_left.y < at.y && at.y + NODE_H < bottom_right.y);
+        }
+        assert!(bottom_right.y < layout.at["Join"].y);
+        assert!(layout.at["Split"].y + NODE_H < top_left.y);
         // No two nodes overlap.
         let mut seen = BTreeSet::new();
         for at in layout.at.values() {
@@ -238,5 +356,21 @@ mod tests {
         assert!(svg.contains(r#"class="node state-definition" data-step="Join""#));
         assert!(svg.contains(r#"class="edge taken" data-from="Split" data-to="Branch000""#));
         assert!(svg.contains(r#"class="edge" data-from="Split" data-to="Branch001""#));
+        assert!(!svg.contains("class=\"group\""), "two branches do not wrap");
+    }
+
+    #[test]
+    fn edges_into_and_out_of_a_wrapped_layer_are_drawn_once() {
+        let dag = fan_out(500);
+        let taken = BTreeMap::from([(
+            ("Split".to_owned(), "done".to_owned()),
+            BTreeSet::from(["Branch007".to_owned()]),
+        )]);
+        let svg = render(&dag, &|_| Some("running"), &taken).into_string();
+        assert_eq!(svg.matches("<path class=\"edge").count(), 2, "{svg}");
+        assert!(svg.contains(r#"class="edge taken" data-from="Split" data-to="500 steps""#));
+        assert!(svg.contains(r#"class="edge" data-from="500 steps" data-to="Join""#));
+        assert_eq!(svg.matches("class=\"node state-running\"").count(), 502);
+        assert!(svg.contains(">500 steps</text>"));
     }
 }

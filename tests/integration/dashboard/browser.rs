@@ -180,6 +180,26 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         text(&client, r#"a.card[data-status="waiting"] .count"#).await,
         "1"
     );
+    std::fs::write(
+        target_dir().join("dashboard-overview.png"),
+        client.screenshot().await.unwrap(),
+    )
+    .unwrap();
+    // A 500-way fan-out's definition: its layer wraps into rows.
+    client
+        .goto(&format!("{base}/workflows/{}", super::WIDE))
+        .await
+        .unwrap();
+    let nodes = client
+        .find_all(Locator::Css("svg.dag g.node"))
+        .await
+        .unwrap();
+    assert_eq!(nodes.len(), super::WIDE_BRANCHES + 3);
+    std::fs::write(
+        target_dir().join("dashboard-wide.png"),
+        client.screenshot().await.unwrap(),
+    )
+    .unwrap();
 
     // Filter the instances by workflow.
     client.goto(&format!("{base}/instances")).await.unwrap();

@@ -144,7 +144,7 @@ pub(crate) async fn page(
             thead { tr { @for s in InstanceStatus::ALL { th { (badge(s.as_str())) } } } }
             tbody { tr { (count_cells(&ctx, &id, counts.get(&(id.clone(), version)))) } }
         }
-        section.graph {
+        section.graph.plain {
             h2 { "DAG" }
             div.dag-scroll { (svg) }
             p.note { "Steps: " (dag.steps.len()) ", edges: " (dag.edges.len()) "." }
