@@ -28,7 +28,7 @@ pub enum Error {
 
 /// A request that cannot be served: the page says why.
 #[derive(Debug)]
-pub enum PageError {
+pub(crate) enum PageError {
     /// A parameter is missing or invalid (400); each line names one.
     BadRequest(Vec<String>),
     /// Authentication is needed or failed (401).
@@ -38,6 +38,8 @@ pub enum PageError {
     Forbidden(String),
     /// No such instance, job, workflow or page (404).
     NotFound(String),
+    /// The page exists, not with this method (405).
+    MethodNotAllowed(String),
     /// The action does not apply in the current state (409).
     Conflict(String),
     /// The database cannot be reached (503): the page says the dashboard
@@ -60,6 +62,7 @@ impl PageError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -73,6 +76,7 @@ impl PageError {
             Self::Unauthorized(_) => "Sign in",
             Self::Forbidden(_) => "Refused",
             Self::NotFound(_) => "Not found",
+            Self::MethodNotAllowed(_) => "Method not allowed",
             Self::Conflict(_) => "Not possible now",
             Self::Unavailable(_) => "Database unavailable",
             Self::Internal(_) => "Internal error",
@@ -86,6 +90,7 @@ impl PageError {
             Self::Unauthorized(line)
             | Self::Forbidden(line)
             | Self::NotFound(line)
+            | Self::MethodNotAllowed(line)
             | Self::Conflict(line)
             | Self::Internal(line) => vec![line.clone()],
             Self::Unavailable(line) => vec![

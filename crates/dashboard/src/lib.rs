@@ -67,7 +67,7 @@ use axum::routing::{get, post};
 use hephaestus_runner::Runtime;
 use hephaestus_runner::postgres::PgBackend;
 
-pub use error::{Error, PageError};
+pub use error::Error;
 
 /// How a dashboard is served.
 #[derive(Clone)]
@@ -199,6 +199,7 @@ impl Dashboard {
         }
         let routes = routes
             .fallback(page::not_found)
+            .method_not_allowed_fallback(page::method_not_allowed)
             .layer(axum::middleware::from_fn_with_state(
                 Arc::clone(&shared),
                 page::guard,

@@ -195,6 +195,7 @@ impl Clone for PageError {
             Self::Unauthorized(l) => Self::Unauthorized(l.clone()),
             Self::Forbidden(l) => Self::Forbidden(l.clone()),
             Self::NotFound(l) => Self::NotFound(l.clone()),
+            Self::MethodNotAllowed(l) => Self::MethodNotAllowed(l.clone()),
             Self::Conflict(l) => Self::Conflict(l.clone()),
             Self::Unavailable(l) => Self::Unavailable(l.clone()),
             Self::Internal(l) => Self::Internal(l.clone()),
@@ -419,6 +420,17 @@ pub(crate) async fn not_found(request: Request) -> PageError {
         request.method(),
         request.uri().path()
     ))
+}
+
+/// A known path with another method.
+pub(crate) async fn method_not_allowed(request: Request) -> PageError {
+    let path = request.uri().path();
+    let hint = if request.method() == Method::GET {
+        "it is an action: send it with its form (POST)"
+    } else {
+        "it is a page: open it (GET)"
+    };
+    PageError::MethodNotAllowed(format!("{} {path} is not served: {hint}", request.method()))
 }
 
 /// A 303 to `location`.

@@ -636,6 +636,11 @@ async fn every_bad_parameter_is_a_400_page_that_says_what_is_wrong() {
             StatusCode::NOT_FOUND,
             "no page GET /no/such/page",
         ),
+        (
+            format!("/instances/{id}/cancel"),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "is not served: it is an action: send it with its form (POST)",
+        ),
     ];
     for (path, status, says) in &cases {
         let reply = client.get(path).await;
@@ -710,6 +715,11 @@ async fn every_bad_parameter_is_a_400_page_that_says_what_is_wrong() {
             reply.body
         );
     }
+    client
+        .post("/instances", &[])
+        .await
+        .expect(StatusCode::METHOD_NOT_ALLOWED)
+        .has("POST /instances is not served: it is a page: open it (GET)");
     assert_eq!(env.instance(id).await.status, InstanceStatus::Waiting);
     env.teardown().await;
 }
