@@ -208,6 +208,11 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         .await
         .unwrap();
     assert_eq!(rows.len(), 3);
+    std::fs::write(
+        target_dir().join("dashboard-instances.png"),
+        client.screenshot().await.unwrap(),
+    )
+    .unwrap();
     client
         .find(Locator::Css("form.filters input[name=workflow]"))
         .await
@@ -240,7 +245,7 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         rows[0].attr("data-id").await.unwrap(),
         Some(fan.to_string())
     );
-    let _ = (done, failed);
+    let _ = done;
 
     // Open it: the SVG has its nodes in the right states.
     client
@@ -376,6 +381,31 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
         "a PNG screenshot at {}",
         path.display()
     );
+
+    // A failed instance: its failure record and the failed node.
+    client
+        .goto(&format!("{base}/instances/{failed}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        attr(
+            &client,
+            r#"svg.dag g.node[data-step="Store"]"#,
+            "data-state"
+        )
+        .await,
+        Some("failed".to_owned())
+    );
+    assert!(
+        text(&client, "section.failure")
+            .await
+            .contains("Store: scripted fatal failure")
+    );
+    std::fs::write(
+        target_dir().join("dashboard-failed.png"),
+        client.screenshot().await.unwrap(),
+    )
+    .unwrap();
 
     client.close().await.unwrap();
     drop(driver);

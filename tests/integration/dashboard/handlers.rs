@@ -637,6 +637,11 @@ async fn every_bad_parameter_is_a_400_page_that_says_what_is_wrong() {
             "no page GET /no/such/page",
         ),
         (
+            "/instances/%FF%FE".into(),
+            StatusCode::BAD_REQUEST,
+            "the instance id in the path",
+        ),
+        (
             format!("/instances/{id}/cancel"),
             StatusCode::METHOD_NOT_ALLOWED,
             "is not served: it is an action: send it with its form (POST)",
