@@ -155,7 +155,7 @@ pub(crate) async fn page(
                 form.start method="post" action=(ctx.url(&format!("/workflows/{}/start", params::segment(&id)))) {
                     (ctx.csrf_field())
                     input type="hidden" name="version" value=(version);
-                    label { "Business value " input name="business_value" required placeholder="e.g. order-42"; }
+                    label { "Business value " input name="business_value" required placeholder="lower-case letters and digits, e.g. 42"; }
                     label.payload { "Input (JSON) " textarea name="input" data-json rows="4" { "{}" } }
                     p.json-error hidden {}
                     button type="submit" { "Start " (id) " v" (version) }
