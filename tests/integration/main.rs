@@ -5,6 +5,7 @@
 
 mod cli;
 mod cli_ops;
+mod dashboard;
 mod faults;
 mod migrations;
 mod queue_pg;

@@ -272,6 +272,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hephaestus-runner", 2),
     ("hephaestus-failure-handler", 3),
     ("hephaestus-conformance", 3),
+    ("hephaestus-dashboard", 4),
     ("order-flow", 4),
     ("hephaestus-cli", 5),
     ("xtask", 6),

@@ -3,14 +3,15 @@
 //! transitions) or as Graphviz DOT. The drawing is shared with `instances
 //! show`, which marks each step with its state and each taken edge, and
 //! draws from an instance's stored step states when the workflow is not
-//! registered.
+//! registered. The DAG itself (steps, edges, layers) is engine-core's
+//! [`Dag`], shared with the dashboard's SVG.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
 use clap::Args;
-use hephaestus_engine_core::{Instance, StepStatus, Workflow};
+pub use hephaestus_engine_core::dag::Dag;
 
 use crate::App;
 
@@ -100,113 +101,6 @@ impl GraphCommand {
             print!("{}", ascii(&dag, &Marks::default()));
         }
         Ok(())
-    }
-}
-
-/// One edge: `from` routes to `to` when it completes with `event`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct DagEdge {
-    /// The source step.
-    pub from: String,
-    /// The event.
-    pub event: String,
-    /// The target step.
-    pub to: String,
-    /// A dynamic route: `to` is one of the targets it may pick.
-    pub dynamic: bool,
-}
-
-/// A DAG to draw: a title, the steps and the edges.
-#[derive(Debug, Clone, Default)]
-pub struct Dag {
-    /// The first line of the drawing.
-    pub title: String,
-    /// Every step.
-    pub steps: BTreeSet<String>,
-    /// Every edge, sorted.
-    pub edges: Vec<DagEdge>,
-}
-
-impl Dag {
-    /// The DAG of a definition.
-    pub fn of_workflow(workflow: &Workflow) -> Self {
-        let mut edges: Vec<DagEdge> = workflow
-            .edges()
-            .into_iter()
-            .map(|e| DagEdge {
-                from: e.from.to_string(),
-                event: e.event.to_string(),
-                to: e.to.to_string(),
-                dynamic: e.dynamic,
-            })
-            .collect();
-        edges.sort();
-        Self {
-            title: format!("{} v{}", workflow.id(), workflow.version()),
-            steps: workflow.steps().keys().map(ToString::to_string).collect(),
-            edges,
-        }
-    }
-
-    /// What an instance's stored state tells of its DAG, without the
-    /// definition: every step it reached, and the edges its completed steps
-    /// took (steps not reached and edges not taken are unknown).
-    pub fn of_instance(instance: &Instance) -> Self {
-        let mut steps = BTreeSet::new();
-        let mut edges = Vec::new();
-        for (id, state) in &instance.steps {
-            steps.insert(id.to_string());
-            if state.status != StepStatus::Completed {
-                continue;
-            }
-            let Some(event) = &state.event else { continue };
-            for target in &state.targets {
-                steps.insert(target.to_string());
-                edges.push(DagEdge {
-                    from: id.to_string(),
-                    event: event.to_string(),
-                    to: target.to_string(),
-                    dynamic: false,
-                });
-            }
-        }
-        edges.sort();
-        Self {
-            title: format!("{} v{}", instance.workflow_id, instance.workflow_version),
-            steps,
-            edges,
-        }
-    }
-
-    /// The steps by layer: a step's layer is the length of the longest path
-    /// from a root to it, so every edge points to a later layer.
-    pub fn layers(&self) -> Vec<Vec<String>> {
-        let mut depth: BTreeMap<&str, usize> = self.steps.iter().map(|s| (s.as_str(), 0)).collect();
-        // Relax edges until nothing changes; the graph is acyclic (a
-        // validated definition, or edges taken in activation order), so
-        // this ends after at most as many passes as there are steps.
-        for _ in 0..=self.steps.len() {
-            let mut changed = false;
-            for edge in &self.edges {
-                let from = depth.get(edge.from.as_str()).copied().unwrap_or(0);
-                let to = depth.entry(edge.to.as_str()).or_insert(0);
-                if *to < from + 1 {
-                    *to = from + 1;
-                    changed = true;
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
-        let mut out: Vec<Vec<String>> = Vec::new();
-        for (step, d) in depth {
-            if out.len() <= d {
-                out.resize_with(d + 1, Vec::new);
-            }
-            out[d].push(step.to_owned());
-        }
-        out
     }
 }
 
@@ -348,40 +242,6 @@ mod tests {
                 "diamond v1\n[0]\n  A  [done]\n      :done -> B, C [taken]\n[1]\n  B  [failed]\n      error: boom\n      :done -> D\n  C\n"
             ),
             "{drawn}"
-        );
-    }
-
-    #[test]
-    fn an_instance_alone_draws_the_steps_it_reached_and_the_edges_it_took() {
-        let wf = diamond();
-        let engine = Engine::new(&wf);
-        let mut instance = engine
-            .new_instance(NewInstance {
-                id: uuid::Uuid::now_v7(),
-                business_id: BusinessId::parse("k::1").unwrap(),
-                input: serde_json::json!({}),
-                telemetry_metadata: serde_json::Map::new(),
-                now: chrono::Utc::now(),
-            })
-            .unwrap();
-        let now = chrono::Utc::now();
-        engine.apply(&mut instance, Input::Start, now).unwrap();
-        engine
-            .apply(
-                &mut instance,
-                Input::Completed {
-                    step: StepId::new("A").unwrap(),
-                    activation: 1,
-                    completion: Completion::new("done"),
-                },
-                now,
-            )
-            .unwrap();
-        let dag = Dag::of_instance(&instance);
-        assert_eq!(dag.layers(), vec![vec!["A"], vec!["B", "C"]]);
-        assert_eq!(
-            ascii(&dag, &Marks::default()),
-            "diamond v1\n[0]\n  A\n      :done -> B, C\n[1]\n  B\n  C\n"
         );
     }
 

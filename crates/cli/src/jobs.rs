@@ -3,7 +3,7 @@
 //! available job of each queue has been due, and the most recent errors
 //! (job id, kind, attempt, message).
 //!
-//! Recent errors are read from the jobs that are not completed (available,
+//! Recent errors ([`hephaestus_queue_pg::PgQueue::recent_errors`]) are read from the jobs that are not completed (available,
 //! scheduled, executing, retryable, discarded, cancelled), page by page; a
 //! job that ended well is not a problem, and completed jobs are most of the
 //! table.
@@ -14,14 +14,11 @@ use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use clap::Args;
 use hephaestus_engine_core::ports::JobState;
-use hephaestus_queue_pg::{JobFilter, PgQueue};
+use hephaestus_queue_pg::{JobFilter, RecentError};
 use serde_json::{Value, json};
 
 use crate::database::{Database, DatabaseArgs, Needs};
 use crate::instances::time;
-
-/// Jobs read per statement while looking for errors.
-const PAGE: u32 = 500;
 
 /// `jobs` options.
 #[derive(Debug, Args)]
@@ -42,18 +39,6 @@ struct QueueView {
     counts: BTreeMap<&'static str, u64>,
     /// (job id, kind, due at) of the oldest available job.
     oldest: Option<(i64, String, DateTime<Utc>)>,
-}
-
-/// One recorded error.
-#[derive(Debug)]
-struct RecentError {
-    job_id: i64,
-    kind: String,
-    queue: String,
-    state: JobState,
-    attempt: u32,
-    at: DateTime<Utc>,
-    message: String,
 }
 
 impl JobsCommand {
@@ -93,7 +78,10 @@ impl JobsCommand {
                 .next()
                 .map(|job| (job.id.0, job.kind, job.scheduled_at));
         }
-        let errors = recent_errors(&queue, self.errors).await?;
+        let errors = queue
+            .recent_errors(self.errors)
+            .await
+            .context("reading jobs with errors")?;
         if self.json {
             println!("{}", json_report(&queues, &errors, now));
         } else {
@@ -101,51 +89,6 @@ impl JobsCommand {
         }
         Ok(())
     }
-}
-
-/// The `limit` most recent errors of the jobs that are not completed.
-async fn recent_errors(queue: &PgQueue, limit: usize) -> Result<Vec<RecentError>> {
-    let mut found: Vec<RecentError> = Vec::new();
-    if limit == 0 {
-        return Ok(found);
-    }
-    let mut filter = JobFilter {
-        states: JobState::ALL
-            .into_iter()
-            .filter(|s| *s != JobState::Completed)
-            .collect(),
-        limit: Some(PAGE),
-        ..JobFilter::default()
-    };
-    loop {
-        let page = queue
-            .jobs(&filter)
-            .await
-            .context("reading jobs with errors")?;
-        let Some(last) = page.last() else { break };
-        filter.after = Some(last.id);
-        let full = page.len() == usize::try_from(PAGE).unwrap_or(usize::MAX);
-        for job in page {
-            for record in &job.errors {
-                found.push(RecentError {
-                    job_id: job.id.0,
-                    kind: job.kind.clone(),
-                    queue: job.queue.clone(),
-                    state: job.state,
-                    attempt: record.attempt,
-                    at: record.at,
-                    message: record.error.message.clone(),
-                });
-            }
-        }
-        // Keep only the newest `limit` between pages.
-        found.sort_by(|a, b| b.at.cmp(&a.at).then(b.job_id.cmp(&a.job_id)));
-        found.truncate(limit);
-        if !full {
-            break;
-        }
-    }
-    Ok(found)
 }
 
 fn age_seconds(now: DateTime<Utc>, due: DateTime<Utc>) -> f64 {
@@ -177,7 +120,7 @@ fn json_report(
         .iter()
         .map(|e| {
             json!({
-                "job_id": e.job_id,
+                "job_id": e.job_id.0,
                 "kind": e.kind,
                 "queue": e.queue,
                 "state": e.state.as_str(),
@@ -225,7 +168,7 @@ fn text_report(
                 out,
                 "  {}  job #{} {} ({}, {}) attempt {}: {}",
                 time(e.at),
-                e.job_id,
+                e.job_id.0,
                 e.kind,
                 e.queue,
                 e.state.as_str(),

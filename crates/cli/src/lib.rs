@@ -6,8 +6,8 @@
 //!
 //! Commands: `migrate up|down|status`, `gen-migration`, `instances list`,
 //! `instances show`, `instances resume`, `instances cancel`, `instances
-//! retry`, `jobs`, `prune`, `graph`, `worker`, `demo`, `bench queue` and
-//! `bench workflow` (`hephaestus --help` says more). Reads take `--json` and
+//! retry`, `jobs`, `prune`, `graph`, `dashboard`, `worker`, `demo`, `bench
+//! queue` and `bench workflow` (`hephaestus --help` says more). Reads take `--json` and
 //! print one JSON object on stdout; errors go to stderr with a non-zero exit
 //! code and say what is wrong and what to run. Logs go to stderr, filtered
 //! by `RUST_LOG` ([`logging`]); a command whose stdout is closed early
@@ -63,6 +63,7 @@ use clap::{Parser, Subcommand};
 
 mod app;
 mod bench;
+mod dashboard;
 mod database;
 mod demo;
 mod fixtures;
@@ -101,6 +102,9 @@ enum Command {
     /// Deletes finished jobs and processed step results older than a
     /// duration (with --instances, finished instances too).
     Prune(prune::PruneCommand),
+    /// Serves the web dashboard: instances, their DAG, jobs and workflows,
+    /// with resume, cancel, retry and start (behind a token) or read-only.
+    Dashboard(dashboard::DashboardCommand),
     /// Prints a registered workflow's DAG (terminal drawing, or DOT with --dot).
     Graph(graph::GraphCommand),
     /// Runs a worker process for the registered workflows on PostgreSQL.
@@ -156,6 +160,7 @@ impl App {
                 Command::Instances { command } => command.run(&self).await,
                 Command::Jobs(jobs) => jobs.run().await,
                 Command::Prune(prune) => prune.run().await,
+                Command::Dashboard(dashboard) => dashboard.run(&self).await,
                 Command::Graph(graph) => graph.run(&self).await,
                 Command::Worker(worker) => worker.run(&self).await,
                 Command::Demo(demo) => demo.run().await,

@@ -220,7 +220,7 @@ fn note(line: &str) {
 /// The shutdown signals, listened for from [`Signals::install`] on: SIGTERM
 /// (what process managers send) and SIGINT (Ctrl-C). A signal that arrives
 /// before [`Signals::received`] is awaited is kept, not lost.
-struct Signals {
+pub(crate) struct Signals {
     #[cfg(unix)]
     terminate: Option<tokio::signal::unix::Signal>,
     #[cfg(unix)]
@@ -228,7 +228,7 @@ struct Signals {
 }
 
 impl Signals {
-    fn install() -> Self {
+    pub(crate) fn install() -> Self {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
@@ -253,7 +253,7 @@ impl Signals {
     }
 
     /// Resolves at the first shutdown signal.
-    async fn received(mut self) {
+    pub(crate) async fn received(mut self) {
         #[cfg(unix)]
         {
             async fn next(stream: Option<&mut tokio::signal::unix::Signal>) {

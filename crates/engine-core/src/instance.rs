@@ -282,6 +282,49 @@ pub enum HistoryKind {
     },
 }
 
+impl fmt::Display for HistoryKind {
+    /// What happened, as operators read it (`completed with :done`,
+    /// `resumed with :received (external)`, `retried: restarted B`); times
+    /// in RFC 3339, UTC, milliseconds.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Started => f.write_str("started"),
+            Self::Completed { event } => write!(f, "completed with :{event}"),
+            Self::Async { timer_at: None } => f.write_str("went async"),
+            Self::Async { timer_at: Some(at) } => write!(
+                f,
+                "went async, timer at {}",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+            ),
+            Self::Resumed { event, source } => write!(
+                f,
+                "resumed with :{event} ({})",
+                match source {
+                    ResumeSource::External => "external",
+                    ResumeSource::Timer => "timer",
+                }
+            ),
+            Self::ResumeDropped { event } => {
+                write!(f, "resume :{event} dropped (the step completed first)")
+            }
+            Self::Failed { message } => write!(f, "failed: {message}"),
+            Self::Cancelled { reason: None } => f.write_str("cancelled"),
+            Self::Cancelled {
+                reason: Some(reason),
+            } => write!(f, "cancelled: {reason}"),
+            Self::Finished => f.write_str("instance completed"),
+            Self::Retried { failure, steps } => {
+                let steps: Vec<&str> = steps.iter().map(StepId::as_str).collect();
+                write!(f, "retried: restarted {}", steps.join(", "))?;
+                match failure {
+                    Some(failure) => write!(f, " (the failure was: {})", failure.error.message),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+}
+
 /// One failed attempt of a step activation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AttemptRecord {

@@ -57,6 +57,7 @@
 
 pub mod business_id;
 pub mod context;
+pub mod dag;
 pub mod engine;
 pub mod ids;
 pub mod instance;

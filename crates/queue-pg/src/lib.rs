@@ -121,7 +121,9 @@ pub use error::{BoxError, Error};
 pub use events::{EventCounts, Events, JobEvent, JobEventKind};
 pub use hook::{DiscardHook, DiscardedJob};
 pub use job::Job;
-pub use queue::{CancelFilter, JobFilter, PgQueue, QueueDepth, Settled, StaleJob};
+pub use queue::{
+    CancelFilter, FinishedCount, JobFilter, PgQueue, QueueDepth, RecentError, Settled, StaleJob,
+};
 pub use runtime::{
     QueueRuntime, RescueReport, RuntimeBuilder, RuntimeConfig, ShutdownReport, connections_held,
 };

@@ -97,7 +97,9 @@ pub use batch::ExecutionCheck;
 pub use instances::RawInstance;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
 pub use migrate::{Migrated, migrate};
-pub use query::{Cursor, Direction, InstanceQuery, Order, Page, SortKey, TimeRange, Undecodable};
+pub use query::{
+    Cursor, Direction, InstanceCount, InstanceQuery, Order, Page, SortKey, TimeRange, Undecodable,
+};
 pub use retention::PrunedInstances;
 pub use schema::{COMPONENT, schema};
 pub use store::{PRUNE_BATCH, PgStore, Tx};

@@ -163,6 +163,19 @@ pub struct Undecodable {
     pub error: String,
 }
 
+/// How many instances of a workflow version are in a status ([`PgStore::counts`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceCount {
+    /// The workflow id.
+    pub workflow_id: String,
+    /// The version.
+    pub workflow_version: u32,
+    /// The status.
+    pub status: InstanceStatus,
+    /// How many.
+    pub count: u64,
+}
+
 /// Escapes `%`, `_` and `\` for a `like .. escape '\'` pattern.
 pub(crate) fn like_prefix(prefix: &str) -> String {
     let mut pattern = String::with_capacity(prefix.len() + 1);
@@ -297,6 +310,42 @@ impl PgStore {
             undecodable: rows.undecodable,
             next,
         })
+    }
+
+    /// How many instances match `query`'s filters (its `after` cursor included,
+    /// its `limit` ignored): what a bulk action over a filter would touch.
+    pub async fn count(&self, query: &InstanceQuery) -> Result<u64, PortError> {
+        let mut sql = build(&self.sql.count_instances, query, None)?;
+        sql.push(") counted");
+        let count: i64 = sql
+            .build_query_scalar()
+            .fetch_one(&self.pool)
+            .await
+            .map_err(port_error)?;
+        u64::try_from(count).map_err(|_| PortError::Corrupt(format!("negative count {count}")))
+    }
+
+    /// How many instances each workflow version has in each status (statuses with
+    /// none left out), by workflow, version and status.
+    pub async fn counts(&self) -> Result<Vec<InstanceCount>, PortError> {
+        let rows: Vec<(String, i32, String, i64)> = sqlx::query_as(&self.sql.instance_counts)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(port_error)?;
+        rows.into_iter()
+            .map(|(workflow_id, version, status, count)| {
+                Ok(InstanceCount {
+                    workflow_id,
+                    workflow_version: u32::try_from(version)
+                        .map_err(|_| PortError::Corrupt(format!("workflow version {version}")))?,
+                    status: status
+                        .parse()
+                        .map_err(|e| PortError::Corrupt(format!("instance status: {e}")))?,
+                    count: u64::try_from(count)
+                        .map_err(|_| PortError::Corrupt(format!("negative count {count}")))?,
+                })
+            })
+            .collect()
     }
 
     /// Runs `query`; with `peek`, fetches one extra row and reports whether there was

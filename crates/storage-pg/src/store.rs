@@ -84,6 +84,8 @@ pub(crate) struct Sql {
     pub(crate) get_instance: String,
     pub(crate) claim_holder: String,
     pub(crate) select_instances: String,
+    pub(crate) count_instances: String,
+    pub(crate) instance_counts: String,
     pub(crate) record_result: String,
     pub(crate) instance_exists: String,
     pub(crate) pending_results: String,
@@ -180,6 +182,13 @@ from {instances} where id = $1"
                 "select id from {instances} where unique_claim = $1 and status in {ACTIVE} and id <> $2 limit 1"
             ),
             select_instances: format!("select {INSTANCE_COLUMNS} from {instances} i"),
+            // `build` appends its conditions and order; the count wraps them.
+            count_instances: format!("select count(*) from (select i.id from {instances} i"),
+            instance_counts: format!(
+                "select workflow_id, workflow_version, status, count(*) from {instances} \
+                 group by workflow_id, workflow_version, status \
+                 order by workflow_id, workflow_version, status"
+            ),
             // Inserting through `select .. where exists` instead of relying on the foreign
             // key keeps the caller's transaction usable when the instance is missing.
             record_result: format!(

@@ -535,3 +535,58 @@ async fn cancel_by_predicate_over_args_and_meta() {
     drop(listener);
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn finished_jobs_are_counted_per_minute_and_state() {
+    use hephaestus_queue_pg::FinishedCount;
+
+    let db = QueueDb::with_connections(3).await;
+    let clock = ManualClock::new(t0() + TimeDelta::seconds(5));
+    let q = db.queue.with_clock(clock.clone());
+    let ids: Vec<JobId> = q
+        .insert_many(&[job(1), job(2), job(3), job(4), job(5)])
+        .await
+        .unwrap()
+        .into_iter()
+        .map(Enqueued::id)
+        .collect();
+    let leases = q.fetch("q", 5, q.now(), "w1").await.unwrap();
+    let lease = |id: JobId| {
+        let l = leases.iter().find(|l| l.id == id).unwrap();
+        (l.id, l.attempt)
+    };
+    // Two complete in the first minute, one in the third; one is cancelled
+    // in the third; one is still executing.
+    q.complete_many(&[lease(ids[0]), lease(ids[1])])
+        .await
+        .unwrap();
+    clock.advance(TimeDelta::minutes(2));
+    q.complete_many(&[lease(ids[2])]).await.unwrap();
+    assert!(q.cancel(ids[3]).await.unwrap());
+    let minute = |m: i64, state: JobState, count: u64| FinishedCount {
+        minute: t0() + TimeDelta::minutes(m),
+        state,
+        count,
+    };
+    assert_eq!(
+        q.finished_per_minute(t0() - TimeDelta::hours(1))
+            .await
+            .unwrap(),
+        vec![
+            minute(0, JobState::Completed, 2),
+            minute(2, JobState::Cancelled, 1),
+            minute(2, JobState::Completed, 1),
+        ]
+    );
+    assert_eq!(
+        q.finished_per_minute(t0() + TimeDelta::minutes(1))
+            .await
+            .unwrap(),
+        vec![
+            minute(2, JobState::Cancelled, 1),
+            minute(2, JobState::Completed, 1),
+        ],
+        "only what finished since"
+    );
+    db.teardown().await;
+}

@@ -4,7 +4,9 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use hephaestus_engine_core::business_id::Scope;
 use hephaestus_engine_core::instance::{Instance, InstanceStatus};
-use hephaestus_storage_pg::{Cursor, Direction, InstanceQuery, Order, PgStore, SortKey, TimeRange};
+use hephaestus_storage_pg::{
+    Cursor, Direction, InstanceCount, InstanceQuery, Order, PgStore, SortKey, TimeRange,
+};
 use uuid::Uuid;
 
 use super::{Db, bid, insert_committed, instance, t0, wid};
@@ -238,6 +240,103 @@ async fn filters_are_pushed_into_sql() {
         .await
         .unwrap();
     assert_eq!(one.instances, vec![fx[4].clone()], "every field comes back");
+    db.teardown().await;
+}
+
+#[tokio::test]
+async fn count_counts_what_a_query_selects_and_counts_groups_by_workflow_and_status() {
+    use InstanceStatus::{Cancelled, Completed, Failed, Pending, Running, Waiting};
+    let db = Db::new().await;
+    let fx = fixture();
+    for i in &fx {
+        insert_committed(&db.store, i).await;
+    }
+    let count = |query: InstanceQuery| {
+        let store = db.store.clone();
+        async move { store.count(&query).await.unwrap() }
+    };
+    assert_eq!(count(InstanceQuery::default()).await, 12);
+    assert_eq!(
+        count(InstanceQuery {
+            statuses: InstanceStatus::ACTIVE.to_vec(),
+            ..Default::default()
+        })
+        .await,
+        6
+    );
+    assert_eq!(
+        count(InstanceQuery {
+            workflow_id: Some(wid("signup")),
+            statuses: vec![Failed, Completed],
+            ..Default::default()
+        })
+        .await,
+        2
+    );
+    // The limit does not cut the count; a cursor does.
+    assert_eq!(
+        count(InstanceQuery {
+            limit: Some(1),
+            ..Default::default()
+        })
+        .await,
+        12
+    );
+    assert_eq!(
+        count(InstanceQuery {
+            after: Some(Cursor::after(&fx[3], SortKey::Id)),
+            ..Default::default()
+        })
+        .await,
+        3,
+        "newest first: fx[0..3] come after fx[3]"
+    );
+    assert_eq!(
+        count(InstanceQuery {
+            inserted: TimeRange {
+                from: Some(at(3)),
+                until: Some(at(7)),
+            },
+            ..Default::default()
+        })
+        .await,
+        4
+    );
+
+    // (Ordered by the database's collation; compared here in Rust's order.)
+    let mut counts = db.store.counts().await.unwrap();
+    counts.sort_by(|a, b| {
+        (&a.workflow_id, a.workflow_version, a.status).cmp(&(
+            &b.workflow_id,
+            b.workflow_version,
+            b.status,
+        ))
+    });
+    let c = |workflow: &str, version: u32, status: InstanceStatus, count: u64| InstanceCount {
+        workflow_id: workflow.to_owned(),
+        workflow_version: version,
+        status,
+        count,
+    };
+    assert_eq!(
+        counts,
+        vec![
+            c("TestXWild", 1, Running, 1),
+            c("Test_Wild", 1, Running, 1),
+            c("shop.orders", 1, Completed, 2),
+            c("shop.orders", 2, Running, 1),
+            c("shop.orders", 3, Pending, 1),
+            c("shop.orders.v2", 1, Failed, 1),
+            c("shop.ordersx", 1, Waiting, 1),
+            c("shop.refunds", 1, Cancelled, 1),
+            c("signup", 1, Pending, 1),
+            c("signup", 2, Completed, 1),
+            c("signup", 2, Failed, 1),
+        ]
+    );
+    let empty = Db::new().await;
+    assert_eq!(empty.store.counts().await.unwrap(), Vec::new());
+    empty.teardown().await;
     db.teardown().await;
 }
 

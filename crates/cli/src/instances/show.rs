@@ -14,9 +14,9 @@ use std::collections::BTreeMap;
 use anyhow::{Context as _, Result};
 use chrono::{DateTime, Utc};
 use clap::Args;
-use hephaestus_engine_core::instance::{HistoryEntry, HistoryKind, ResumeSource, StepState};
+use hephaestus_engine_core::instance::{HistoryEntry, StepState};
 use hephaestus_engine_core::step::{ErrorKind, StepError};
-use hephaestus_engine_core::{Instance, StepId, StepStatus, Workflow};
+use hephaestus_engine_core::{Instance, StepId, Workflow};
 use hephaestus_queue_pg::{Job, JobFilter};
 use hephaestus_runner::RunnerConfig;
 use hephaestus_storage_pg::RawInstance;
@@ -27,6 +27,7 @@ use super::{resolve, time};
 use crate::App;
 use crate::database::{Database, DatabaseArgs, Needs};
 use crate::graph::{Dag, Marks, ascii};
+use hephaestus_engine_core::dag::state_name;
 
 /// `instances show` options.
 #[derive(Debug, Args)]
@@ -214,19 +215,6 @@ fn error_kind(error: &StepError) -> &'static str {
     }
 }
 
-/// A step's state as operators name it.
-pub(crate) fn state_name(state: Option<&StepState>) -> &'static str {
-    match state.map(|s| s.status) {
-        None => "pending",
-        Some(StepStatus::Active) => "running",
-        Some(StepStatus::Waiting) => "waiting",
-        Some(StepStatus::Completed) => "done",
-        Some(StepStatus::Dead) => "dead",
-        Some(StepStatus::Failed) => "failed",
-        Some(StepStatus::Cancelled) => "cancelled",
-    }
-}
-
 /// Everything `show` prints, gathered once for text and JSON.
 struct View<'a> {
     instance: &'a Instance,
@@ -327,19 +315,7 @@ impl<'a> View<'a> {
     }
 
     fn taken(&self) -> BTreeMap<(String, String), std::collections::BTreeSet<String>> {
-        let mut taken = BTreeMap::new();
-        for (id, state) in &self.instance.steps {
-            if state.status != StepStatus::Completed {
-                continue;
-            }
-            if let Some(event) = &state.event {
-                taken.insert(
-                    (id.to_string(), event.to_string()),
-                    state.targets.iter().map(ToString::to_string).collect(),
-                );
-            }
-        }
-        taken
+        Dag::taken(self.instance)
     }
 
     fn json(&self) -> Value {
@@ -549,36 +525,7 @@ fn job_json(job: &Job) -> Value {
 
 /// One history entry as a line: time, step and activation, what happened.
 fn history_line(entry: &HistoryEntry) -> String {
-    let what = match &entry.kind {
-        HistoryKind::Started => "started".to_owned(),
-        HistoryKind::Completed { event } => format!("completed with :{event}"),
-        HistoryKind::Async { timer_at: None } => "went async".to_owned(),
-        HistoryKind::Async { timer_at: Some(at) } => format!("went async, timer at {}", time(*at)),
-        HistoryKind::Resumed { event, source } => format!(
-            "resumed with :{event} ({})",
-            match source {
-                ResumeSource::External => "external",
-                ResumeSource::Timer => "timer",
-            }
-        ),
-        HistoryKind::ResumeDropped { event } => {
-            format!("resume :{event} dropped (the step completed first)")
-        }
-        HistoryKind::Failed { message } => format!("failed: {message}"),
-        HistoryKind::Cancelled { reason: None } => "cancelled".to_owned(),
-        HistoryKind::Cancelled {
-            reason: Some(reason),
-        } => format!("cancelled: {reason}"),
-        HistoryKind::Finished => "instance completed".to_owned(),
-        HistoryKind::Retried { failure, steps } => {
-            let steps: Vec<&str> = steps.iter().map(StepId::as_str).collect();
-            let was = failure
-                .as_ref()
-                .map(|f| format!(" (the failure was: {})", f.error.message))
-                .unwrap_or_default();
-            format!("retried: restarted {}{was}", steps.join(", "))
-        }
-    };
+    let what = &entry.kind;
     match &entry.step {
         Some(step) => format!("{}  {step}#{}  {what}", time(entry.at), entry.activation),
         None => format!("{}  {what}", time(entry.at)),

@@ -2,6 +2,8 @@
 
 use std::fmt::Write as _;
 
+use chrono::{DateTime, Utc};
+
 use hephaestus_engine_core::ports::{JobId, JobMatch, JobState};
 use serde_json::Value;
 
@@ -32,6 +34,15 @@ from {prefix}.hephaestus_jobs
 where state in ('available', 'scheduled', 'executing', 'retryable')
   and ($1::jsonb is null or args @> $1::jsonb)
 order by id";
+
+/// `$1` since: finished jobs per minute and state, through the prune index.
+pub(super) const FINISHED_PER_MINUTE: &str = r"select date_trunc('minute', coalesce(completed_at, discarded_at, cancelled_at)) as minute,
+       state, count(*)
+from {prefix}.hephaestus_jobs
+where state in ('completed', 'discarded', 'cancelled')
+  and coalesce(completed_at, discarded_at, cancelled_at) >= $1
+group by 1, 2
+order by 1, 2";
 
 pub(super) const DEPTH: &str = r"select queue, state, count(*)
 from {prefix}.hephaestus_jobs
@@ -69,6 +80,39 @@ pub struct QueueDepth {
     /// How many.
     pub count: u64,
 }
+
+/// How many jobs finished (completed, discarded or cancelled) in one minute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinishedCount {
+    /// The start of the minute.
+    pub minute: DateTime<Utc>,
+    /// How they finished: completed, discarded or cancelled.
+    pub state: JobState,
+    /// How many.
+    pub count: u64,
+}
+
+/// One recorded error of a job ([`PgQueue::recent_errors`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecentError {
+    /// The job.
+    pub job_id: JobId,
+    /// Its kind.
+    pub kind: String,
+    /// Its queue.
+    pub queue: String,
+    /// Its state now.
+    pub state: JobState,
+    /// The attempt that failed.
+    pub attempt: u32,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The error's message.
+    pub message: String,
+}
+
+/// Jobs read per statement while looking for errors.
+const ERROR_PAGE: u32 = 500;
 
 impl PgQueue {
     /// One job with every column.
@@ -160,6 +204,74 @@ impl PgQueue {
             }
         };
         rows.iter().map(decode_job).collect()
+    }
+
+    /// How many jobs finished in each minute since `since`, by minute and
+    /// state (minutes and states with none left out). Pruned jobs are not
+    /// counted.
+    pub async fn finished_per_minute(
+        &self,
+        since: DateTime<Utc>,
+    ) -> Result<Vec<FinishedCount>, Error> {
+        let rows: Vec<(DateTime<Utc>, String, i64)> =
+            sqlx::query_as(&self.sql().finished_per_minute)
+                .bind(since)
+                .fetch_all(self.pool())
+                .await?;
+        rows.into_iter()
+            .map(|(minute, state, count)| {
+                Ok(FinishedCount {
+                    minute,
+                    state: parse_state(&state)?,
+                    count: u64::try_from(count)
+                        .map_err(|_| Error::Corrupt(format!("negative count {count}")))?,
+                })
+            })
+            .collect()
+    }
+
+    /// The `limit` most recent recorded errors of the jobs that are not
+    /// completed (a job that ended well is not a problem, and completed jobs
+    /// are most of the table), newest first. Reads those jobs page by page.
+    pub async fn recent_errors(&self, limit: usize) -> Result<Vec<RecentError>, Error> {
+        let mut found: Vec<RecentError> = Vec::new();
+        if limit == 0 {
+            return Ok(found);
+        }
+        let mut filter = JobFilter {
+            states: JobState::ALL
+                .into_iter()
+                .filter(|s| *s != JobState::Completed)
+                .collect(),
+            limit: Some(ERROR_PAGE),
+            ..JobFilter::default()
+        };
+        loop {
+            let page = self.jobs(&filter).await?;
+            let Some(last) = page.last() else { break };
+            filter.after = Some(last.id);
+            let full = page.len() == usize::try_from(ERROR_PAGE).unwrap_or(usize::MAX);
+            for job in page {
+                for record in &job.errors {
+                    found.push(RecentError {
+                        job_id: job.id,
+                        kind: job.kind.clone(),
+                        queue: job.queue.clone(),
+                        state: job.state,
+                        attempt: record.attempt,
+                        at: record.at,
+                        message: record.error.message.clone(),
+                    });
+                }
+            }
+            // Keep only the newest `limit` between pages.
+            found.sort_by(|a, b| b.at.cmp(&a.at).then(b.job_id.0.cmp(&a.job_id.0)));
+            found.truncate(limit);
+            if !full {
+                break;
+            }
+        }
+        Ok(found)
     }
 
     /// How many jobs each queue has in each state (states with no job are

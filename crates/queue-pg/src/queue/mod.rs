@@ -18,7 +18,7 @@ use sqlx::PgPool;
 use crate::clock::{Clock, SystemClock};
 
 pub use cancel::CancelFilter;
-pub use inspect::{JobFilter, QueueDepth};
+pub use inspect::{FinishedCount, JobFilter, QueueDepth, RecentError};
 pub use maintenance::StaleJob;
 pub(crate) use maintenance::rescue_error;
 pub use settle::Settled;
@@ -180,6 +180,7 @@ struct Statements {
     live_by_args: String,
     live_by_group: String,
     depth: String,
+    finished_per_minute: String,
     heartbeat: String,
     stale: String,
     rescue: String,
@@ -220,6 +221,7 @@ impl Statements {
             live_by_args: cols(inspect::LIVE_BY_ARGS),
             live_by_group: cols(inspect::LIVE_BY_GROUP),
             depth: r(inspect::DEPTH),
+            finished_per_minute: r(inspect::FINISHED_PER_MINUTE),
             heartbeat: r(maintenance::HEARTBEAT),
             stale: cols(maintenance::STALE),
             rescue: r(maintenance::RESCUE),
