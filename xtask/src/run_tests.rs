@@ -65,8 +65,9 @@ pub fn soak(args: crate::args::Args) -> Result<ExitCode> {
             "test",
             "-p",
             "hephaestus-tests",
+            "--test",
+            "chaos",
             "--",
-            "faults::chaos",
             "--nocapture",
         ])
         .env("HEPHAESTUS_SOAK_SECONDS", seconds.to_string())

@@ -78,13 +78,10 @@ async fn pool_of(options: PgConnectOptions, max_connections: u32) -> PgPool {
 pub struct TestSchema {
     pub pool: PgPool,
     pub prefix: SchemaPrefix,
-    /// Keeps disruptive tests (a server restart) out while this schema lives.
-    _shared: super::exclusive::Shared,
 }
 
 impl TestSchema {
     pub async fn new() -> Self {
-        let shared = super::exclusive::shared().await;
         let prefix = SchemaPrefix::new(&format!("t_{}", unique_suffix()))
             .expect("t_<hex> is a valid prefix");
         let pool =
@@ -93,11 +90,7 @@ impl TestSchema {
             .execute(&pool)
             .await
             .expect("create the test schema");
-        Self {
-            pool,
-            prefix,
-            _shared: shared,
-        }
+        Self { pool, prefix }
     }
 
     /// Another pool on the same server, with up to `max_connections` (for
@@ -130,13 +123,10 @@ impl TestSchema {
 pub struct TestDatabase {
     pub pool: PgPool,
     pub name: String,
-    /// Keeps disruptive tests (a server restart) out while this database lives.
-    _shared: super::exclusive::Shared,
 }
 
 impl TestDatabase {
     pub async fn new() -> Self {
-        let shared = super::exclusive::shared().await;
         let name = format!("hephaestus_t_{}", unique_suffix());
         let admin = pool(connect_options()).await;
         sqlx::raw_sql(&format!("create database {name}"))
@@ -147,11 +137,7 @@ impl TestDatabase {
             });
         admin.close().await;
         let pool = pool(connect_options().database(&name)).await;
-        Self {
-            pool,
-            name,
-            _shared: shared,
-        }
+        Self { pool, name }
     }
 
     pub async fn teardown(self) {

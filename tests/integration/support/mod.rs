@@ -1,8 +1,8 @@
 //! Shared test helpers.
 
+pub mod bin;
 pub mod catalog;
 pub mod db;
-pub mod exclusive;
 
 use std::path::PathBuf;
 

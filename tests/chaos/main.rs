@@ -1,5 +1,44 @@
-//! Worker processes SIGKILLed and restarted and PostgreSQL restarted under
-//! load: nothing is lost, stuck or applied twice (see `faults.rs`).
+//! The fault-injection test, a test target of its own: worker processes
+//! SIGKILLed and restarted and PostgreSQL restarted under load; nothing is
+//! lost, stuck or applied twice.
+//!
+//! Three `hephaestus worker` processes run the fixture workflows
+//! (`crates/cli/src/fixtures.rs`, compiled in here too) while the test
+//! SIGKILLs and restarts a random one every few hundred milliseconds,
+//! restarts PostgreSQL once in the middle, and resumes waiting instances;
+//! then it checks that every instance ended as its script says, that every
+//! step result was applied exactly once, and that user code ran at least
+//! once and at most `max_attempts` times per activation. The seed is
+//! printed; `HEPHAESTUS_FAULTS_SEED=<n>` replays a run's scripts and fault
+//! schedule (timing still varies). The restart needs a local Debian cluster
+//! (`pg_ctlcluster`) serving `DATABASE_URL` and the permission to restart
+//! it; otherwise that part is skipped with a printed reason
+//! (`HEPHAESTUS_FAULTS_NO_PG_RESTART=1` skips it on purpose).
+//!
+//! Being its own test binary is what keeps the restart away from every other
+//! test: `cargo test` runs test binaries one after another, so no guard
+//! around the server is needed.
+//!
+//! Soak mode: `cargo xtask soak --soak-seconds 600 [--seed S]` (which builds
+//! the release binary and sets `HEPHAESTUS_SOAK_SECONDS=600`,
+//! `HEPHAESTUS_BIN` and `HEPHAESTUS_FAULTS_SEED` for `cargo test -p
+//! hephaestus-tests --test chaos -- --nocapture`) keeps starting workflows
+//! (at the same rate as the normal run) and injecting faults for that long,
+//! restarting PostgreSQL once halfway, then runs the same checks.
+
+#[allow(
+    dead_code,
+    reason = "helpers shared with the integration binary; this one uses a few"
+)]
+#[path = "../integration/support/mod.rs"]
+mod support;
+
+#[allow(
+    dead_code,
+    reason = "the worker's half of the fixture (its CLI) does not run in the tests"
+)]
+#[path = "../../crates/cli/src/fixtures.rs"]
+mod fixtures;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead as _, BufReader};
@@ -23,9 +62,9 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
-use super::fixtures::{self, Script};
+use crate::fixtures::Script;
+use crate::support::bin::hephaestus_bin;
 use crate::support::db::{database_url, unique_suffix};
-use crate::support::exclusive;
 
 /// Instances of a normal run.
 const INSTANCES: usize = 500;
@@ -41,11 +80,6 @@ const CHAOS_AFTER_LOAD: Duration = Duration::from_secs(3);
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twice() {
     let began = Instant::now();
-    let _alone = exclusive::exclusive().await;
-    eprintln!(
-        "faults::chaos: holding the server alone after {:?}",
-        began.elapsed()
-    );
     let soak = std::env::var("HEPHAESTUS_SOAK_SECONDS")
         .ok()
         .and_then(|s| s.parse::<u64>().ok())
@@ -66,18 +100,18 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
             .saturating_mul(STARTS_PER_SECOND)
     });
     eprintln!(
-        "faults::chaos: seed {seed} (replay the scripts and faults with HEPHAESTUS_FAULTS_SEED={seed}), \
+        "chaos: seed {seed} (replay the scripts and faults with HEPHAESTUS_FAULTS_SEED={seed}), \
          {total} instances, {WORKERS} workers{}",
         soak.map_or(String::new(), |d| format!(", soak for {d:?}"))
     );
     let restart = match pg_restart_plan() {
         Ok(cluster) => Some(cluster),
         Err(reason) => {
-            eprintln!("faults::chaos: SKIPPING the PostgreSQL restart: {reason}");
+            eprintln!("chaos: SKIPPING the PostgreSQL restart: {reason}");
             None
         }
     };
-    let bin = tokio::task::spawn_blocking(super::hephaestus_bin)
+    let bin = tokio::task::spawn_blocking(hephaestus_bin)
         .await
         .expect("locating the binary");
 
@@ -130,7 +164,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
         started.fetch_add(chunk.len(), Ordering::SeqCst);
     }
     let load = load_began.elapsed();
-    eprintln!("faults::chaos: {total} instances started in {load:?}");
+    eprintln!("chaos: {total} instances started in {load:?}");
     tokio::time::sleep(CHAOS_AFTER_LOAD).await;
     stop_chaos.store(true, Ordering::SeqCst);
     let (workers, report) = tokio::task::spawn_blocking(move || chaos.join())
@@ -138,7 +172,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
         .expect("joining the chaos thread")
         .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
     eprintln!(
-        "faults::chaos: {} workers killed and restarted; PostgreSQL restart: {}",
+        "chaos: {} workers killed and restarted; PostgreSQL restart: {}",
         report.kills,
         report.restart.as_deref().unwrap_or("not done")
     );
@@ -156,7 +190,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
             break;
         }
         if last_report.elapsed() > Duration::from_secs(5) {
-            eprintln!("faults::chaos: settling, {counts:?}");
+            eprintln!("chaos: settling, {counts:?}");
             last_report = Instant::now();
         }
         if settle_began.elapsed() > SETTLE_LIMIT {
@@ -172,7 +206,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
     stop_resumer.store(true, Ordering::SeqCst);
     let sent = resumer.await.expect("the resumer task");
     eprintln!(
-        "faults::chaos: every instance finished {settle:?} after the load; {} resumes sent, {} transient resume errors",
+        "chaos: every instance finished {settle:?} after the load; {} resumes sent, {} transient resume errors",
         sent.sent, sent.transient
     );
 
@@ -205,7 +239,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
     );
     let live = env.live_jobs().await;
     eprintln!(
-        "faults::chaos: checks passed; unfinished jobs left (kind, state, count): {live:?}; total {:?}",
+        "chaos: checks passed; unfinished jobs left (kind, state, count): {live:?}; total {:?}",
         began.elapsed()
     );
     env.teardown().await;
@@ -475,7 +509,7 @@ impl Chaos {
                     Ok(()) => format!("restarted {} in {:?}", cluster.name(), began.elapsed()),
                     Err(reason) => format!("SKIPPED, the restart failed: {reason}"),
                 };
-                eprintln!("faults::chaos: PostgreSQL {line}");
+                eprintln!("chaos: PostgreSQL {line}");
                 report.restart = Some(line);
             }
         }
@@ -576,8 +610,8 @@ struct Env {
 }
 
 impl Env {
-    /// A fresh schema, migrated, with the fixture's table. Not a
-    /// `TestSchema`: that would wait for this test's own exclusive guard.
+    /// A fresh schema, migrated, with the fixture's table (its own pools, so
+    /// a server restart does not break a pool a helper holds).
     async fn new() -> Self {
         let options = PgConnectOptions::from_str(database_url())
             .expect("DATABASE_URL is a valid PostgreSQL URL")
@@ -743,7 +777,7 @@ impl Env {
         let mut attempts = 0;
         while let Err(e) = sqlx::raw_sql(&sql).execute(&self.pool).await {
             attempts += 1;
-            eprintln!("faults::chaos: dropping the schema failed ({e}), retrying");
+            eprintln!("chaos: dropping the schema failed ({e}), retrying");
             assert!(attempts < 10, "cannot drop the test schema: {e}");
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
