@@ -68,6 +68,7 @@ mod graph;
 mod instances;
 mod jobs;
 mod migrate;
+pub mod observe;
 mod prune;
 mod worker;
 

@@ -62,10 +62,18 @@ pub struct WorkerCommand {
     /// Shut down gracefully when standard input is closed.
     #[arg(long)]
     exit_on_stdin_close: bool,
+    #[command(flatten)]
+    observe: crate::observe::ObserveArgs,
 }
 
 impl WorkerCommand {
     pub async fn run(self, app: &App) -> Result<()> {
+        let _telemetry = crate::observe::init_logs(self.observe.log_format)?;
+        let metrics = self
+            .observe
+            .metrics_addr
+            .map(|addr| crate::observe::install_recorder().map(|handle| (addr, handle)))
+            .transpose()?;
         let prefix = SchemaPrefix::new(&self.schema)
             .with_context(|| format!("invalid --schema {:?}", self.schema))?;
         let pool = PgPoolOptions::new()
@@ -103,6 +111,20 @@ impl WorkerCommand {
             .await
             .context("starting the queue runtime")?;
 
+        let readiness = crate::observe::Readiness::new(pool.clone(), prefix.clone());
+        readiness.set_running(true);
+        let _server = match metrics {
+            Some((addr, handle)) => {
+                let server = crate::observe::serve(addr, handle, readiness.clone()).await?;
+                println!(
+                    "hephaestus worker metrics: http://{}/metrics",
+                    server.addr()
+                );
+                Some(server)
+            }
+            None => None,
+        };
+
         let (stop, stopped) = watch::channel(false);
         let leader = queue.clone();
         let reconciler = Reconciler::new(runtime.clone()).leader_only(move || leader.is_leader());
@@ -129,6 +151,7 @@ impl WorkerCommand {
 
         shutdown_requested(self.exit_on_stdin_close).await;
         eprintln!("hephaestus worker: shutting down");
+        readiness.set_running(false);
         let _ = stop.send(true);
         let report = queue.shutdown(Duration::from_millis(self.grace_ms)).await;
         // The reconciler stops at its next await point; a panic in it was

@@ -17,6 +17,7 @@ use crate::error::RunnerError;
 use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
 use crate::runtime::{Backend, Runtime};
 use crate::worker::JobOutcome;
+use tracing::Instrument as _;
 
 fn payload_of(outcome: StepOutcome) -> Result<ResultPayload, StepError> {
     match outcome {
@@ -177,7 +178,7 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// Runs user code for an activation that passed its checks, then
-    /// settles the outcome.
+    /// settles the outcome, in the span of this step attempt.
     async fn run_step(
         &self,
         lease: &JobLease,
@@ -186,6 +187,23 @@ impl<B: Backend> Runtime<B> {
         instance: Arc<Instance>,
         stop: Option<&CancellationSignal>,
         chain: bool,
+    ) -> Result<Settled, RunnerError> {
+        let span = crate::observe::step_span(lease, &instance, &args.step, args.activation);
+        self.run_step_in(lease, wf, args, instance, stop, chain, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step_in(
+        &self,
+        lease: &JobLease,
+        wf: Workflow,
+        args: ExecuteArgs,
+        instance: Arc<Instance>,
+        stop: Option<&CancellationSignal>,
+        chain: bool,
+        span: &tracing::Span,
     ) -> Result<Settled, RunnerError> {
         let Some(def) = wf.step(args.step.as_str()) else {
             return Err(RunnerError::Corrupt(format!(
@@ -248,7 +266,7 @@ impl<B: Backend> Runtime<B> {
                 cancellation: task_signal,
             };
             step_impl.execute(input).await
-        });
+        }.instrument(span.clone()));
         let joined = handle.await;
         if let Some(link) = link {
             link.abort();
@@ -268,6 +286,7 @@ impl<B: Backend> Runtime<B> {
             Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
         };
         let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
+        crate::observe::record_step(span, &outcome);
         match &outcome {
             StepOutcome::Complete(c) => {
                 let mut meta = step_meta;
@@ -317,6 +336,7 @@ impl<B: Backend> Runtime<B> {
                         payload,
                     },
                     chain: chain && self.inner.config.continuations,
+                    origin: span.clone(),
                 })
                 .await
             }
@@ -355,6 +375,7 @@ impl<B: Backend> Runtime<B> {
             &step,
             result.activation,
             result.payload,
+            &lease.meta,
         )
         .await?;
         Ok(JobOutcome::Succeeded)
@@ -412,6 +433,7 @@ impl<B: Backend> Runtime<B> {
             &args.step,
             args.activation,
             ResultPayload::Failed { error, attempts },
+            &lease.meta,
         )
         .await?;
         Ok(JobOutcome::Discarded)
@@ -459,14 +481,16 @@ impl<B: Backend> Runtime<B> {
         if !b.complete(&mut tx, lease).await? {
             return Ok(JobOutcome::Fenced);
         }
-        self.record_and_advance(tx, &wf, instance_id, &step, activation, payload)
+        self.record_and_advance(tx, &wf, instance_id, &step, activation, payload, &lease.meta)
             .await?;
         Ok(JobOutcome::Succeeded)
     }
 
     /// Records a result of `step`'s `activation`, enqueues the instance's
-    /// advance and commits `tx`: the one commit every result-producing job
-    /// ends with.
+    /// advance (carrying the trace context of `trace`, the meta of the job
+    /// producing the result) and commits `tx`: the one commit every
+    /// result-producing job ends with.
+    #[allow(clippy::too_many_arguments)]
     async fn record_and_advance(
         &self,
         mut tx: B::Tx,
@@ -475,15 +499,25 @@ impl<B: Backend> Runtime<B> {
         step: &hephaestus_engine_core::StepId,
         activation: u32,
         payload: ResultPayload,
+        trace: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), RunnerError> {
-        self.record_and_enqueue_advance(&mut tx, wf, instance_id, step, activation, payload)
-            .await?;
+        self.record_and_enqueue_advance(
+            &mut tx,
+            wf,
+            instance_id,
+            step,
+            activation,
+            payload,
+            trace,
+        )
+        .await?;
         self.inner.backend.commit(tx).await?;
         self.inner.wake.notify_waiters();
         Ok(())
     }
 
     /// [`Self::record_and_advance`] without the commit.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn record_and_enqueue_advance(
         &self,
         tx: &mut B::Tx,
@@ -492,6 +526,7 @@ impl<B: Backend> Runtime<B> {
         step: &hephaestus_engine_core::StepId,
         activation: u32,
         payload: ResultPayload,
+        trace: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), RunnerError> {
         let b = &self.inner.backend;
         b.record(
@@ -506,11 +541,9 @@ impl<B: Backend> Runtime<B> {
         .await?;
         b.enqueue(
             tx,
-            &[jobs::advance(
-                &self.inner.config,
-                wf,
-                instance_id,
-                Some(step),
+            &[crate::observe::carried(
+                jobs::advance(&self.inner.config, wf, instance_id, Some(step)),
+                trace,
             )],
         )
         .await?;

@@ -16,6 +16,7 @@ use hephaestus_engine_core::step::CancellationSignal;
 use hephaestus_engine_core::workflow::{StartSelection, WorkflowFamily, WorkflowRegistry};
 use hephaestus_engine_core::{Event, StepId, Workflow};
 use serde_json::{Map, Value};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::{Clock, RunnerConfig, system_clock};
@@ -364,16 +365,28 @@ impl<B: Backend> Runtime<B> {
         input: Value,
         options: StartOptions,
     ) -> Result<Started, RunnerError> {
-        let b = &self.inner.backend;
-        let began = self.now();
-        let mut tx = b.begin().await?;
-        let (started, instance, round) = self
-            .start_inner(&mut tx, workflow, business_value, input, options)
-            .await?;
-        b.commit(tx).await?;
-        self.emit_start(&instance);
-        self.after_round(&instance, &round, began, 1);
-        Ok(started)
+        #[cfg(feature = "otel")]
+        let options = {
+            let mut options = options;
+            crate::observe::otel::begin(&mut options.telemetry_metadata);
+            options
+        };
+        let span = crate::observe::start_span(workflow, &options.telemetry_metadata);
+        async move {
+            let b = &self.inner.backend;
+            let began = self.now();
+            let mut tx = b.begin().await?;
+            let (started, instance, round) = self
+                .start_inner(&mut tx, workflow, business_value, input, options)
+                .await?;
+            crate::observe::record_started(&tracing::Span::current(), &instance);
+            b.commit(tx).await?;
+            self.emit_start(&instance);
+            self.after_round(&instance, &round, began, 1);
+            Ok(started)
+        }
+        .instrument(span)
+        .await
     }
 
     /// [`Runtime::start`] inside the caller's unit of work: the instance exists
@@ -386,14 +399,26 @@ impl<B: Backend> Runtime<B> {
         input: Value,
         options: StartOptions,
     ) -> Result<Started, RunnerError> {
-        let began = self.now();
-        let (started, instance, round) = self
-            .start_inner(tx, workflow, business_value, input, options)
-            .await?;
-        // Emitted now: the caller's commit is not observable from here.
-        self.emit_start(&instance);
-        self.after_round(&instance, &round, began, 1);
-        Ok(started)
+        #[cfg(feature = "otel")]
+        let options = {
+            let mut options = options;
+            crate::observe::otel::begin(&mut options.telemetry_metadata);
+            options
+        };
+        let span = crate::observe::start_span(workflow, &options.telemetry_metadata);
+        async move {
+            let began = self.now();
+            let (started, instance, round) = self
+                .start_inner(tx, workflow, business_value, input, options)
+                .await?;
+            crate::observe::record_started(&tracing::Span::current(), &instance);
+            // Emitted now: the caller's commit is not observable from here.
+            self.emit_start(&instance);
+            self.after_round(&instance, &round, began, 1);
+            Ok(started)
+        }
+        .instrument(span)
+        .await
     }
 
     fn emit_start(&self, instance: &Instance) {
@@ -533,7 +558,7 @@ impl<B: Backend> Runtime<B> {
         event: &str,
         payload: Value,
     ) -> Result<(), RunnerError> {
-        let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
+        let (wf, step, event, activation, telemetry) = self.resume_target(id, step, event).await?;
         let wf = &wf;
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
@@ -551,9 +576,10 @@ impl<B: Backend> Runtime<B> {
         if recorded == Recorded::Duplicate {
             return Err(RunnerError::AlreadyResumed(step));
         }
+        let advance = jobs::advance(&self.inner.config, wf, id, Some(&step));
         b.enqueue(
             &mut tx,
-            &[jobs::advance(&self.inner.config, wf, id, Some(&step))],
+            &[crate::observe::carried(advance, &telemetry)],
         )
         .await?;
         b.commit(tx).await?;
@@ -569,7 +595,7 @@ impl<B: Backend> Runtime<B> {
         id: Uuid,
         step: &str,
         event: &str,
-    ) -> Result<(Workflow, StepId, Event, u32), RunnerError> {
+    ) -> Result<(Workflow, StepId, Event, u32, Map<String, Value>), RunnerError> {
         let instance = self
             .get(id)
             .await?
@@ -578,7 +604,7 @@ impl<B: Backend> Runtime<B> {
         let step = StepId::new(step)?;
         let event = Event::new(event)?;
         let activation = Engine::new(&wf).check_resume(&instance, &step, &event)?;
-        Ok((wf, step, event, activation))
+        Ok((wf, step, event, activation, instance.telemetry_metadata))
     }
 
     /// [`Runtime::resume`] addressing the active instance of `workflow` for
@@ -606,7 +632,7 @@ impl<B: Backend> Runtime<B> {
         event: &str,
         delay: Duration,
     ) -> Result<JobId, RunnerError> {
-        let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
+        let (wf, step, event, activation, telemetry) = self.resume_target(id, step, event).await?;
         let wf = &wf;
         let at = self.now()
             + chrono::Duration::from_std(delay)
@@ -621,7 +647,13 @@ impl<B: Backend> Runtime<B> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
         let job = b
-            .enqueue(&mut tx, &[jobs::resume(&self.inner.config, wf, &args, at)])
+            .enqueue(
+                &mut tx,
+                &[crate::observe::carried(
+                    jobs::resume(&self.inner.config, wf, &args, at),
+                    &telemetry,
+                )],
+            )
             .await?;
         b.commit(tx).await?;
         Ok(job[0].id())
@@ -670,6 +702,9 @@ impl<B: Backend> Runtime<B> {
         }
         b.commit(tx).await?;
         self.signal_cancelled(id);
+        if applied.effects.contains(&Effect::CancelJobs) {
+            crate::observe::instance_ended(&instance, self.now());
+        }
         tracing::info!(target: "hephaestus.workflow.cancel", instance_id = %id, "Workflow cancelled");
         Ok(())
     }
