@@ -7,6 +7,7 @@ mod cli;
 mod cli_ops;
 mod faults;
 mod migrations;
+mod observe;
 mod queue_pg;
 mod runner;
 mod storage_pg;

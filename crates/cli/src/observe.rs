@@ -46,6 +46,10 @@ pub struct ObserveArgs {
     /// Log format on stderr; `RUST_LOG` filters (default `info`).
     #[arg(long, value_enum, default_value_t = LogFormat::Pretty)]
     pub log_format: LogFormat,
+    /// How often the leader refreshes the queue-depth gauge
+    /// (`hephaestus_queue_jobs` by queue and state), in ms.
+    #[arg(long, default_value_t = 15_000)]
+    pub depth_ms: u64,
 }
 
 /// Keeps the log subscriber's exporters alive; flushes traces when dropped.

@@ -107,6 +107,7 @@ impl WorkerCommand {
         let runtime = app.runtime(&pool, &prefix, config, true).await?;
         let queue = runtime
             .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+            .depth_interval(Some(Duration::from_millis(self.observe.depth_ms.max(1))))
             .start()
             .await
             .context("starting the queue runtime")?;

@@ -123,7 +123,7 @@ pub(crate) fn step_span(
         otel.name = %format_args!("process {step}"),
         otel.kind = "consumer",
         otel.status_code = Empty,
-        otel.status_message = Empty,
+        otel.status_description = Empty,
         "messaging.system" = SYSTEM,
         "messaging.operation.type" = "process",
         "messaging.operation.name" = "execute",
@@ -169,7 +169,7 @@ pub(crate) fn record_step(span: &Span, outcome: &hephaestus_engine_core::step::S
             span.record("hephaestus.outcome", kind);
             span.record("error.type", kind);
             span.record("otel.status_code", "error");
-            span.record("otel.status_message", e.message.as_str());
+            span.record("otel.status_description", e.message.as_str());
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The runner end to end, every scenario on both backends (memory and
 //! PostgreSQL): the spec's ★ behaviours, with user-code executions counted.
 
-mod harness;
+pub(crate) mod harness;
 mod orchestration;
 mod queue_runtime;
 
