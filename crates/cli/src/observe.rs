@@ -149,7 +149,7 @@ mod otel {
     use opentelemetry_otlp::WithExportConfig as _;
     use opentelemetry_sdk::trace::SdkTracerProvider;
     use tracing_subscriber::Layer;
-    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
 
     /// The tracer provider, or `None` when the variables turn traces off.
     pub(super) fn provider() -> Result<Option<SdkTracerProvider>> {
@@ -189,9 +189,16 @@ mod otel {
     where
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
+        // queue-pg's `hephaestus.job` span knows no instance: exported, it
+        // would be a trace of its own per job. The runner's spans inside it
+        // cover the job in the instance's trace.
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("hephaestus"))
-            .with_filter(LevelFilter::INFO)
+            .with_filter(
+                Targets::new()
+                    .with_default(LevelFilter::INFO)
+                    .with_target("hephaestus_queue", LevelFilter::OFF),
+            )
     }
 }
 

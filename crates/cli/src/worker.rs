@@ -151,7 +151,7 @@ impl WorkerCommand {
         );
 
         shutdown_requested(self.exit_on_stdin_close).await;
-        eprintln!("hephaestus worker: shutting down");
+        tracing::info!("hephaestus worker: shutting down");
         readiness.set_running(false);
         let _ = stop.send(true);
         let report = queue.shutdown(Duration::from_millis(self.grace_ms)).await;

@@ -74,7 +74,8 @@ fn join_trace(span: &Span, meta: &Map<String, Value>) {
 }
 
 /// The span of a start (a producer: it creates the instance and its first
-/// jobs), in the instance's trace.
+/// jobs): a child of the caller's current span when there is one (beside
+/// the instance's root span), else of the instance's root span.
 pub(crate) fn start_span(workflow: &str, meta: &Map<String, Value>) -> Span {
     let span = tracing::info_span!(
         target: TARGET,
@@ -89,7 +90,9 @@ pub(crate) fn start_span(workflow: &str, meta: &Map<String, Value>) -> Span {
         "hephaestus.business_id" = Empty,
         "hephaestus.workflow.version" = Empty,
     );
-    join_trace(&span, meta);
+    if Span::current().is_none() {
+        join_trace(&span, meta);
+    }
     span
 }
 

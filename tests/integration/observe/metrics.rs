@@ -164,9 +164,27 @@ fn value(line: &str) -> f64 {
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
-struct Worker {
+/// A runtime with the fixture workflows that starts instances and runs
+/// none (the API side of an application).
+pub(super) async fn api_runtime(schema: &TestSchema) -> Runtime<PgBackend> {
+    let recorder = fixtures::Recorder::new(schema.pool.clone(), &schema.prefix)
+        .await
+        .unwrap();
+    let backend = PgBackend::new(
+        PgStore::new(schema.pool.clone(), schema.prefix.clone()),
+        PgQueue::new(schema.pool.clone(), schema.prefix.clone()),
+    );
+    let mut builder = Runtime::builder(backend);
+    for workflow in fixtures::workflows(&recorder).unwrap() {
+        builder = builder.workflow(workflow);
+    }
+    builder.build().unwrap()
+}
+
+/// A `hephaestus worker` process.
+pub(super) struct Worker {
     child: Child,
-    addr: SocketAddr,
+    pub(super) addr: SocketAddr,
     /// Its stderr (logs), shown when it fails.
     log: std::path::PathBuf,
     /// Its stdout, read to the end when it stops.
@@ -174,7 +192,9 @@ struct Worker {
 }
 
 impl Worker {
-    fn spawn(url: &str, schema: &str) -> Self {
+    /// Starts `hephaestus worker` with a metrics listener, `extra` options
+    /// and `RUST_LOG=rust_log`; returns once it is ready.
+    pub(super) fn spawn(url: &str, schema: &str, extra: &[&str], rust_log: &str) -> Self {
         let log = std::env::temp_dir().join(format!("hephaestus-metrics-{schema}.log"));
         let stderr = std::fs::File::create(&log).unwrap();
         let mut child = Command::new(hephaestus_bin())
@@ -192,8 +212,9 @@ impl Worker {
                 "50",
                 "--exit-on-stdin-close",
             ])
+            .args(extra)
             .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", rust_log)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -217,7 +238,8 @@ impl Worker {
         }
     }
 
-    fn stop(mut self) {
+    /// Stops it gracefully (stdin closed) and returns its logs.
+    pub(super) fn stop(mut self) -> String {
         drop(self.child.stdin.take());
         let rest: Vec<String> = self.stdout.by_ref().map_while(Result::ok).collect();
         assert!(
@@ -228,6 +250,7 @@ impl Worker {
         let log = std::fs::read_to_string(&self.log).unwrap_or_default();
         assert!(status.success(), "{status:?}: {log}");
         let _ = std::fs::remove_file(&self.log);
+        log
     }
 }
 
@@ -244,25 +267,14 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
     let unused: SocketAddr = "127.0.0.1:1".parse().unwrap();
     let proxy = Proxy::start(through(unused).1).await;
     let (url, _) = through(proxy.addr);
-    let worker = Worker::spawn(&url, schema.prefix.as_str());
+    let worker = Worker::spawn(&url, schema.prefix.as_str(), &[], "warn");
     let addr = worker.addr;
     assert_eq!(get(addr, "/healthz"), (200, "ok\n".to_owned()));
     until_status(addr, "/readyz", 200).await;
     assert_eq!(get(addr, "/nope").0, 404);
 
     // Instances started here (the API side); the worker runs them.
-    let recorder = fixtures::Recorder::new(schema.pool.clone(), &schema.prefix)
-        .await
-        .unwrap();
-    let backend = PgBackend::new(
-        PgStore::new(schema.pool.clone(), schema.prefix.clone()),
-        PgQueue::new(schema.pool.clone(), schema.prefix.clone()),
-    );
-    let mut builder = Runtime::builder(backend);
-    for workflow in fixtures::workflows(&recorder).unwrap() {
-        builder = builder.workflow(workflow);
-    }
-    let api = builder.build().unwrap();
+    let api = api_runtime(&schema).await;
     let slow = fixtures::Script {
         sleep_ms: 20,
         ..fixtures::Script::default()
@@ -368,4 +380,47 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
 
     worker.stop();
     schema.teardown().await;
+}
+
+/// Every metric the Grafana dashboard queries is one docs/operations.md
+/// documents (a histogram by its `_bucket`, `_sum` or `_count` series), and
+/// the dashboard is valid JSON with a query per panel.
+#[test]
+fn the_dashboard_queries_only_documented_metrics() {
+    let root = crate::support::repo_root();
+    let read = |path: &str| std::fs::read_to_string(root.join(path)).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&read("docs/grafana-dashboard.json")).expect("valid JSON");
+    let docs = read("docs/operations.md");
+    let mut names = std::collections::BTreeSet::new();
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10, "{}", panels.len());
+    for panel in panels {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{panel}");
+        for target in targets {
+            let expr = target["expr"].as_str().expect("a query");
+            let mut rest = expr;
+            while let Some(at) = rest.find("hephaestus_") {
+                let name: String = rest[at..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                rest = &rest[at + name.len()..];
+                names.insert(name);
+            }
+        }
+    }
+    assert!(names.len() >= 15, "{names:?}");
+    for name in names {
+        let documented = |n: &str| docs.contains(&format!("`{n}`"));
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+            .filter(|base| !documented(&name) && documented(base));
+        assert!(
+            documented(&name) || base.is_some(),
+            "{name} is queried by the dashboard but not documented in docs/operations.md"
+        );
+    }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::ports::JobState;
 use hephaestus_engine_core::prelude::*;
-use hephaestus_engine_core::step::StepError;
 use hephaestus_engine_core::steps::Done;
 use hephaestus_queue_pg::QueueRuntime;
 use hephaestus_runner::observe::TRACEPARENT;
@@ -42,7 +41,13 @@ fn exporter() -> &'static InMemorySpanExporter {
             .with(
                 tracing_opentelemetry::layer()
                     .with_tracer(provider.tracer("tests"))
-                    .with_filter(tracing_subscriber::filter::LevelFilter::INFO),
+                    // As `hephaestus worker` does: queue-pg's per-job span
+                    // (no instance) stays out of the traces.
+                    .with_filter(
+                        tracing_subscriber::filter::Targets::new()
+                            .with_default(tracing_subscriber::filter::LevelFilter::INFO)
+                            .with_target("hephaestus_queue", tracing_subscriber::filter::LevelFilter::OFF),
+                    ),
             )
             .try_init()
             .expect("no other global subscriber in the test binary");
@@ -244,7 +249,7 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
     // One span per step attempt, each a child of the root span.
     let mut attempts: Vec<(String, i64, String)> = spans
         .iter()
-        .filter(|s| s.name.starts_with("process ") && attr(s, "hephaestus.step").is_some())
+        .filter(|s| attr_str(s, "messaging.operation.name") == "execute")
         .map(|s| {
             assert_eq!(s.parent_span_id, root.span_id(), "{}: {}", s.name, describe());
             assert_eq!(attr_str(s, "messaging.system"), "hephaestus");
@@ -305,12 +310,12 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
             describe()
         );
     }
-    // The start: a producer span in the trace, under the root span.
+    // The start: a producer span in the caller's process, under its span.
     let start = spans
         .iter()
         .find(|s| s.name == "create traced")
         .expect("the start's span");
-    assert_eq!(start.parent_span_id, root.span_id());
+    assert_eq!(start.parent_span_id, caller_context.span_id());
     assert_eq!(attr_str(start, "messaging.operation.type"), "create");
     h.teardown().await;
 }
@@ -346,13 +351,205 @@ async fn a_failed_instance_has_an_error_root_span() {
     assert_eq!(attr_str(root_span, "hephaestus.status"), "failed");
     assert_eq!(attr_str(root_span, "hephaestus.failed_step"), "Right");
     assert_eq!(attr_str(root_span, "error.type"), "fatal");
-    // No caller span: the instance's trace starts at its root span.
+    // No caller span: the instance's trace starts at its root span, and the
+    // start's span is its child.
     assert_eq!(root_span.parent_span_id, SpanId::INVALID);
+    let start = spans
+        .iter()
+        .find(|s| s.name == "create traced")
+        .expect("the start's span");
+    assert_eq!(start.parent_span_id, root.span_id());
     let failed = spans
         .iter()
         .find(|s| attr_str(s, "hephaestus.step") == "Right")
         .expect("the failed attempt's span");
     assert_eq!(attr_str(failed, "hephaestus.outcome"), "fatal");
     assert_eq!(failed.parent_span_id, root.span_id());
+    h.teardown().await;
+}
+
+/// A step that sleeps `ms`, then completes with `done`.
+#[derive(Clone)]
+struct Sleepy {
+    id: &'static str,
+    ms: u64,
+}
+
+#[async_trait::async_trait]
+impl Step for Sleepy {
+    fn id(&self) -> StepId {
+        StepId::new(self.id).expect("a valid step id")
+    }
+
+    fn events(&self, _config: Option<&serde_json::Value>) -> Vec<Event> {
+        vec![Event::new("done").expect("a valid event")]
+    }
+
+    async fn execute(&self, _input: hephaestus_engine_core::step::StepInput<'_>) -> StepOutcome {
+        tokio::time::sleep(Duration::from_millis(self.ms)).await;
+        StepOutcome::complete("done")
+    }
+}
+
+/// Draws a trace as an SVG waterfall: one row per span, depth-first from
+/// the spans whose parent is not in the trace, children by start time; a
+/// bar from start to end on a common time axis; error spans in red.
+pub fn waterfall(spans: &[SpanData]) -> String {
+    use std::fmt::Write as _;
+    use std::time::UNIX_EPOCH;
+    let micros = |t: std::time::SystemTime| {
+        t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+    };
+    let ids: std::collections::HashSet<SpanId> =
+        spans.iter().map(|s| s.span_context.span_id()).collect();
+    let mut rows: Vec<(usize, &SpanData)> = Vec::new();
+    let mut stack: Vec<(usize, &SpanData)> = {
+        let mut tops: Vec<&SpanData> = spans.iter().filter(|s| !ids.contains(&s.parent_span_id)).collect();
+        tops.sort_by(|a, b| b.start_time.cmp(&a.start_time));
+        tops.into_iter().map(|s| (0, s)).collect()
+    };
+    while let Some((depth, span)) = stack.pop() {
+        rows.push((depth, span));
+        let mut children: Vec<&SpanData> = spans
+            .iter()
+            .filter(|c| c.parent_span_id == span.span_context.span_id())
+            .collect();
+        children.sort_by(|a, b| b.start_time.cmp(&a.start_time));
+        stack.extend(children.into_iter().map(|c| (depth + 1, c)));
+    }
+    let t0 = spans.iter().map(|s| micros(s.start_time)).fold(f64::MAX, f64::min);
+    let t1 = spans.iter().map(|s| micros(s.end_time)).fold(f64::MIN, f64::max);
+    let total = (t1 - t0).max(1.0);
+    let (label_w, bar_w, row_h, top) = (330.0, 600.0, 20.0, 30.0);
+    let height = top + row_h * rows.len() as f64 + 10.0;
+    let mut svg = String::new();
+    let _ = write!(
+        svg,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="monospace" font-size="11">
+<rect width="100%" height="100%" fill="#ffffff"/>
+<text x="4" y="18" font-weight="bold">one trace: {n} spans, {ms:.1} ms</text>
+"##,
+        w = label_w + bar_w + 90.0,
+        n = rows.len(),
+        ms = total / 1000.0
+    );
+    for (i, (depth, span)) in rows.iter().enumerate() {
+        let y = top + row_h * i as f64;
+        let start = micros(span.start_time) - t0;
+        let length = (micros(span.end_time) - micros(span.start_time)).max(0.0);
+        let x = label_w + bar_w * start / total;
+        let w = (bar_w * length / total).max(1.5);
+        let color = if matches!(span.status, Status::Error { .. }) {
+            "#d9534f"
+        } else if span.name.starts_with("workflow ") {
+            "#1f4e79"
+        } else if span.name.starts_with("process ") {
+            "#4a9d5b"
+        } else if span.name == "settle" {
+            "#e39b2d"
+        } else if span.name == "commit" {
+            "#8c8c8c"
+        } else {
+            "#7b5ea7"
+        };
+        let step = attr_str(span, "hephaestus.step");
+        let attempt = attr_i64(span, "hephaestus.attempt");
+        let mut label = span.name.to_string();
+        if !step.is_empty() && !span.name.contains(&step) {
+            let _ = write!(label, " [{step}]");
+        }
+        if let (Some(attempt), true) = (attempt, span.name.starts_with("process ")) {
+            let _ = write!(label, " #{attempt}");
+        }
+        let _ = writeln!(
+            svg,
+            r##"<text x="{lx}" y="{ty}">{label}</text><rect x="{x:.1}" y="{ry}" width="{w:.1}" height="{rh}" fill="{color}"/><text x="{dx:.1}" y="{ty}" fill="#555">{d:.2} ms</text>"##,
+            lx = 4.0 + 12.0 * *depth as f64,
+            ty = y + 14.0,
+            ry = y + 4.0,
+            rh = row_h - 6.0,
+            dx = x + w + 4.0,
+            d = length / 1000.0,
+            label = label.replace('&', "&amp;").replace('<', "&lt;"),
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
+
+/// The picture in the docs: a diamond run (with the caller's span above the
+/// instance), exported and drawn as a waterfall. With
+/// `HEPHAESTUS_TRACE_SVG=path` the SVG is written there
+/// (`docs/observability-diamond-trace.svg`).
+#[tokio::test]
+async fn a_diamond_trace_renders_as_a_waterfall() {
+    exporter();
+    let h = Harness::postgres().await;
+    let [split, left, right, merge] = [("Split", 5), ("Left", 30), ("Right", 15), ("Merge", 5)]
+        .map(|(id, ms)| Sleepy { id, ms });
+    let wf = Workflow::builder("diamond")
+        .unique("order", Scope::Workflow)
+        .start(split.clone())
+        .fan_out(split, "done", vec![target(left.clone()), target(right.clone())])
+        .on(left, "done", merge.clone())
+        .on(right, "done", merge.clone())
+        .on(merge, "done", Done)
+        .build()
+        .expect("a valid diamond");
+    // The system clock: the root span's times are the instance's.
+    let rt = Runtime::builder(h.backend.clone())
+        .config(config())
+        .workflow(wf)
+        .build()
+        .unwrap();
+    let worker = start_worker(&rt).await;
+    let caller = tracing::info_span!("POST /orders", otel.kind = "server");
+    let started = {
+        use tracing::Instrument as _;
+        rt.start("diamond", "42", json!({}), StartOptions::default())
+            .instrument(caller.clone())
+            .await
+            .unwrap()
+    };
+    drop(caller);
+    let root = root_of(&rt, started.id).await;
+    until("the diamond completes", || async {
+        rt.get(started.id).await.unwrap().unwrap().status == InstanceStatus::Completed
+    })
+    .await;
+    worker.shutdown(Duration::from_secs(5)).await;
+    let spans = spans_of(root.trace_id());
+    let svg = waterfall(&spans);
+    assert_eq!(svg.matches("<rect x=").count(), spans.len(), "one bar per span");
+    for label in [
+        "POST /orders",
+        "workflow diamond",
+        "create diamond",
+        "process Split",
+        "process Left",
+        "process Right",
+        "process Merge",
+        "settle",
+        "commit",
+    ] {
+        assert!(svg.contains(label), "{label} in the picture:\n{svg}");
+    }
+    // The root span starts with the instance, before its steps, and ends
+    // after the first step.
+    let root_span = spans
+        .iter()
+        .find(|s| s.span_context.span_id() == root.span_id())
+        .unwrap();
+    let steps: Vec<&SpanData> = spans
+        .iter()
+        .filter(|s| attr_str(s, "messaging.operation.name") == "execute")
+        .collect();
+    assert_eq!(steps.len(), 4);
+    for step in steps {
+        assert!(step.start_time >= root_span.start_time, "{}", step.name);
+    }
+    if let Some(path) = std::env::var_os("HEPHAESTUS_TRACE_SVG") {
+        std::fs::write(&path, &svg).expect("writing the picture");
+    }
     h.teardown().await;
 }
