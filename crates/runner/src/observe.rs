@@ -65,7 +65,6 @@ pub(crate) fn spans_enabled() -> bool {
 /// Parents `span` into the instance trace named by `meta` (a job's meta or
 /// an instance's telemetry metadata). Without the `otel` feature the span
 /// keeps its `tracing` parent.
-#[allow(clippy::needless_pass_by_value)]
 fn join_trace(span: &Span, meta: &Map<String, Value>) {
     #[cfg(feature = "otel")]
     otel::set_parent(span, meta);
