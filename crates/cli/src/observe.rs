@@ -153,7 +153,11 @@ mod otel {
 
     /// The tracer provider, or `None` when the variables turn traces off.
     pub(super) fn provider() -> Result<Option<SdkTracerProvider>> {
-        let var = |name: &str| std::env::var(name).ok().map(|v| v.trim().to_ascii_lowercase());
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .map(|v| v.trim().to_ascii_lowercase())
+        };
         if var("OTEL_SDK_DISABLED").as_deref() == Some("true") {
             return Ok(None);
         }
@@ -218,7 +222,9 @@ const BATCH_BUCKETS: [f64; 9] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 25
 pub fn install_recorder() -> Result<PrometheusHandle> {
     PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Suffix("duration".to_owned()), &MS_BUCKETS)
-        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("seconds".to_owned()), &SECONDS_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Suffix("seconds".to_owned()), &SECONDS_BUCKETS)
+        })
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("size".to_owned()), &BATCH_BUCKETS))
         .context("configuring histogram buckets")?
         .install_recorder()
@@ -382,7 +388,11 @@ async fn answer(
                 format!("not ready: {why}\n"),
             ),
         },
-        ("GET", _) => ("404 Not Found", "text/plain; charset=utf-8", "not found\n".to_owned()),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "not found\n".to_owned(),
+        ),
         _ => (
             "405 Method Not Allowed",
             "text/plain; charset=utf-8",

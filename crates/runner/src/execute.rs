@@ -250,23 +250,26 @@ impl<B: Backend> Runtime<B> {
         let task_signal = signal.clone();
         let step_id = args.step.clone();
         let activation = args.activation;
-        let handle = tokio::spawn(async move {
-            let input = StepInput {
-                context: &instance.context,
-                config: instance.step_configs.get(&step_id),
-                instance_id: instance.id,
-                business_id: instance.business_id.as_str(),
-                activation,
-                attempt,
-                idempotency_key: IdempotencyKey {
+        let handle = tokio::spawn(
+            async move {
+                let input = StepInput {
+                    context: &instance.context,
+                    config: instance.step_configs.get(&step_id),
                     instance_id: instance.id,
-                    step: step_id.clone(),
+                    business_id: instance.business_id.as_str(),
                     activation,
-                },
-                cancellation: task_signal,
-            };
-            step_impl.execute(input).await
-        }.instrument(span.clone()));
+                    attempt,
+                    idempotency_key: IdempotencyKey {
+                        instance_id: instance.id,
+                        step: step_id.clone(),
+                        activation,
+                    },
+                    cancellation: task_signal,
+                };
+                step_impl.execute(input).await
+            }
+            .instrument(span.clone()),
+        );
         let joined = handle.await;
         if let Some(link) = link {
             link.abort();
@@ -481,8 +484,16 @@ impl<B: Backend> Runtime<B> {
         if !b.complete(&mut tx, lease).await? {
             return Ok(JobOutcome::Fenced);
         }
-        self.record_and_advance(tx, &wf, instance_id, &step, activation, payload, &lease.meta)
-            .await?;
+        self.record_and_advance(
+            tx,
+            &wf,
+            instance_id,
+            &step,
+            activation,
+            payload,
+            &lease.meta,
+        )
+        .await?;
         Ok(JobOutcome::Succeeded)
     }
 
@@ -501,16 +512,8 @@ impl<B: Backend> Runtime<B> {
         payload: ResultPayload,
         trace: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), RunnerError> {
-        self.record_and_enqueue_advance(
-            &mut tx,
-            wf,
-            instance_id,
-            step,
-            activation,
-            payload,
-            trace,
-        )
-        .await?;
+        self.record_and_enqueue_advance(&mut tx, wf, instance_id, step, activation, payload, trace)
+            .await?;
         self.inner.backend.commit(tx).await?;
         self.inner.wake.notify_waiters();
         Ok(())

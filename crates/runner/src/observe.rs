@@ -386,7 +386,9 @@ pub mod otel {
     }
 
     fn stored(meta: &Map<String, Value>, key: &str) -> Option<SpanContext> {
-        meta.get(key).and_then(Value::as_str).and_then(parse_traceparent)
+        meta.get(key)
+            .and_then(Value::as_str)
+            .and_then(parse_traceparent)
     }
 
     /// Makes `span` a child of the instance's root span named by `meta`.

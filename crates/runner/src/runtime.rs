@@ -577,11 +577,8 @@ impl<B: Backend> Runtime<B> {
             return Err(RunnerError::AlreadyResumed(step));
         }
         let advance = jobs::advance(&self.inner.config, wf, id, Some(&step));
-        b.enqueue(
-            &mut tx,
-            &[crate::observe::carried(advance, &telemetry)],
-        )
-        .await?;
+        b.enqueue(&mut tx, &[crate::observe::carried(advance, &telemetry)])
+            .await?;
         b.commit(tx).await?;
         self.inner.wake.notify_waiters();
         Ok(())

@@ -35,22 +35,24 @@ async fn json_logs_carry_the_instance_and_the_step_of_each_event() {
         .unwrap();
     let deadline = tokio::time::Instant::now() + SAFETY_NET;
     while api.get(started.id).await.unwrap().unwrap().status != InstanceStatus::Completed {
-        assert!(tokio::time::Instant::now() < deadline, "the instance did not complete");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the instance did not complete"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let log = worker.stop();
 
     let events: Vec<Value> = log
         .lines()
-        .map(|line| {
-            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-        })
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
         .collect();
     // RUST_LOG kept the queue's info events out.
     assert!(
-        events
-            .iter()
-            .all(|e| e["level"] != "INFO" || e["target"].as_str().is_some_and(|t| t.starts_with("hephaestus_runner"))),
+        events.iter().all(|e| e["level"] != "INFO"
+            || e["target"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("hephaestus_runner"))),
         "{log}"
     );
     // Every step's start and stop event sits in the step's span, which names
@@ -66,17 +68,21 @@ async fn json_logs_carry_the_instance_and_the_step_of_each_event() {
         let span = &event["span"];
         assert_eq!(span["name"], "hephaestus.step", "{event}");
         assert_eq!(span["hephaestus.instance_id"], id.as_str(), "{event}");
-        let step = span["hephaestus.step"].as_str().expect("the step").to_owned();
+        let step = span["hephaestus.step"]
+            .as_str()
+            .expect("the step")
+            .to_owned();
         seen.push((step, name.to_owned()));
     }
     seen.sort();
-    let mut expected: Vec<(String, String)> = fixtures::path(fixtures::DIAMOND, &fixtures::Script::default())
-        .iter()
-        .flat_map(|step| {
-            ["hephaestus.step.start", "hephaestus.step.stop"]
-                .map(|n| ((*step).to_owned(), n.to_owned()))
-        })
-        .collect();
+    let mut expected: Vec<(String, String)> =
+        fixtures::path(fixtures::DIAMOND, &fixtures::Script::default())
+            .iter()
+            .flat_map(|step| {
+                ["hephaestus.step.start", "hephaestus.step.stop"]
+                    .map(|n| ((*step).to_owned(), n.to_owned()))
+            })
+            .collect();
     expected.sort();
     assert_eq!(seen, expected, "{log}");
     schema.teardown().await;

@@ -96,7 +96,9 @@ impl Drop for Proxy {
 /// original host:port.
 fn through(addr: SocketAddr) -> (String, String) {
     let url = database_url();
-    let at = url.rfind('@').map_or_else(|| url.find("//").unwrap() + 2, |i| i + 1);
+    let at = url
+        .rfind('@')
+        .map_or_else(|| url.find("//").unwrap() + 2, |i| i + 1);
     let end = url[at..].find('/').map_or(url.len(), |i| at + i);
     let target = url[at..end].to_owned();
     let target = if target.contains(':') {
@@ -243,7 +245,8 @@ impl Worker {
         drop(self.child.stdin.take());
         let rest: Vec<String> = self.stdout.by_ref().map_while(Result::ok).collect();
         assert!(
-            rest.iter().any(|l| l.starts_with("hephaestus worker stopped")),
+            rest.iter()
+                .any(|l| l.starts_with("hephaestus worker stopped")),
             "{rest:?}"
         );
         let status = self.child.wait().unwrap();
@@ -282,7 +285,12 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
     let mut ids = Vec::new();
     for i in 0..20 {
         let started = api
-            .start(fixtures::DIAMOND, &format!("m{i}"), slow.to_input(), StartOptions::default())
+            .start(
+                fixtures::DIAMOND,
+                &format!("m{i}"),
+                slow.to_input(),
+                StartOptions::default(),
+            )
             .await
             .unwrap();
         ids.push(started.id);
@@ -300,11 +308,17 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
         .iter()
         .map(|l| value(l))
         .sum::<f64>();
-    assert!(done_during < 20.0, "scraped during the run: {done_during} done");
+    assert!(
+        done_during < 20.0,
+        "scraped during the run: {done_during} done"
+    );
     for id in &ids {
         let deadline = tokio::time::Instant::now() + SAFETY_NET;
         while api.get(*id).await.unwrap().unwrap().status != InstanceStatus::Completed {
-            assert!(tokio::time::Instant::now() < deadline, "{id} did not complete");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{id} did not complete"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -313,8 +327,16 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
     let text = until_status(addr, "/metrics", 200).await;
     let stops = series(&text, "hephaestus_workflow_stop_count");
     assert_eq!(stops.len(), 1, "{text}");
-    assert!(stops[0].contains("workflow=\"fixture_diamond\""), "{}", stops[0]);
-    assert!((value(stops[0]) - 20.0).abs() < f64::EPSILON, "{}", stops[0]);
+    assert!(
+        stops[0].contains("workflow=\"fixture_diamond\""),
+        "{}",
+        stops[0]
+    );
+    assert!(
+        (value(stops[0]) - 20.0).abs() < f64::EPSILON,
+        "{}",
+        stops[0]
+    );
     let ends = series(&text, "hephaestus_workflow_end_count");
     assert!(
         ends.iter().any(|l| l.contains("status=\"completed\"")
@@ -334,23 +356,29 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
         let buckets = series(&text, &format!("{histogram}_bucket"));
         assert!(!buckets.is_empty(), "{histogram} has buckets: {text}");
         assert!(
-            buckets.iter().any(|l| !l.contains("le=\"+Inf\"") && value(l) > 0.0),
+            buckets
+                .iter()
+                .any(|l| !l.contains("le=\"+Inf\"") && value(l) > 0.0),
             "{histogram}'s finite buckets filled: {buckets:?}"
         );
         assert!(!series(&text, &format!("{histogram}_count")).is_empty());
         assert!(!series(&text, &format!("{histogram}_sum")).is_empty());
     }
-    let steps = series(&text, "hephaestus_step_stop_duration_count");
+    let step_series = series(&text, "hephaestus_step_stop_duration_count");
     for step in ["Split", "Merge"] {
         assert!(
-            steps.iter().any(|l| l.contains(&format!("step=\"{step}\""))
-                && l.contains("workflow=\"fixture_diamond\"")),
-            "step {step}: {steps:?}"
+            step_series
+                .iter()
+                .any(|l| l.contains(&format!("step=\"{step}\""))
+                    && l.contains("workflow=\"fixture_diamond\"")),
+            "step {step}: {step_series:?}"
         );
     }
     let finished = series(&text, "hephaestus_queue_jobs_finished_total");
     assert!(
-        finished.iter().any(|l| l.contains("outcome=\"") && l.contains("queue=\"") && l.contains("kind=\"")),
+        finished
+            .iter()
+            .any(|l| l.contains("outcome=\"") && l.contains("queue=\"") && l.contains("kind=\"")),
         "{finished:?}"
     );
     let depth_text = loop {
@@ -362,7 +390,9 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
     };
     let depth = series(&depth_text, "hephaestus_queue_jobs");
     assert!(
-        depth.iter().all(|l| l.contains("queue=\"") && l.contains("state=\"")),
+        depth
+            .iter()
+            .all(|l| l.contains("queue=\"") && l.contains("state=\"")),
         "{depth:?}"
     );
     // Never an instance-level label.

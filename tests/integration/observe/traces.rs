@@ -15,8 +15,8 @@ use hephaestus_runner::observe::otel::{InstanceIdGenerator, parse_traceparent};
 use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::testing::{JobExpectation, ScriptedStep};
 use hephaestus_runner::{RunnerConfig, Runtime, StartOptions, jobs};
-use opentelemetry::trace::{SpanContext, SpanId, Status, TraceId, TracerProvider as _};
 use opentelemetry::Value;
+use opentelemetry::trace::{SpanContext, SpanId, Status, TraceId, TracerProvider as _};
 use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
 use serde_json::json;
 use tracing_subscriber::Layer as _;
@@ -46,7 +46,10 @@ fn exporter() -> &'static InMemorySpanExporter {
                     .with_filter(
                         tracing_subscriber::filter::Targets::new()
                             .with_default(tracing_subscriber::filter::LevelFilter::INFO)
-                            .with_target("hephaestus_queue", tracing_subscriber::filter::LevelFilter::OFF),
+                            .with_target(
+                                "hephaestus_queue",
+                                tracing_subscriber::filter::LevelFilter::OFF,
+                            ),
                     ),
             )
             .try_init()
@@ -73,7 +76,10 @@ fn attr<'a>(span: &'a SpanData, key: &str) -> Option<&'a Value> {
 }
 
 fn attr_str(span: &SpanData, key: &str) -> String {
-    attr(span, key).map(Value::as_str).map(|s| s.into_owned()).unwrap_or_default()
+    attr(span, key)
+        .map(Value::as_str)
+        .map(std::borrow::Cow::into_owned)
+        .unwrap_or_default()
 }
 
 fn attr_i64(span: &SpanData, key: &str) -> Option<i64> {
@@ -162,11 +168,14 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
     // The caller's span: the instance's root span becomes its child.
     let caller = tracing::info_span!("caller");
     let caller_context = {
-        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
         use opentelemetry::trace::TraceContextExt as _;
+        use tracing_opentelemetry::OpenTelemetrySpanExt as _;
         caller.context().span().span_context().clone()
     };
-    assert!(caller_context.is_valid(), "the bridge gives the caller a context");
+    assert!(
+        caller_context.is_valid(),
+        "the bridge gives the caller a context"
+    );
     let started = {
         use tracing::Instrument as _;
         a.start("traced", "1", json!({}), StartOptions::default())
@@ -177,7 +186,11 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
     drop(caller);
     let id = started.id;
     let root = root_of(&a, id).await;
-    assert_eq!(root.trace_id(), caller_context.trace_id(), "the caller's trace");
+    assert_eq!(
+        root.trace_id(),
+        caller_context.trace_id(),
+        "the caller's trace"
+    );
 
     // Worker A runs until Right's first attempt failed and Left completed.
     let qa = start_worker(&a).await;
@@ -210,7 +223,14 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
     let describe = || {
         spans
             .iter()
-            .map(|s| format!("{} {} <- {}", s.name, s.span_context.span_id(), s.parent_span_id))
+            .map(|s| {
+                format!(
+                    "{} {} <- {}",
+                    s.name,
+                    s.span_context.span_id(),
+                    s.parent_span_id
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     };
@@ -224,7 +244,10 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
                 && s.span_context.trace_id() != root.trace_id()
         })
         .collect();
-    assert!(elsewhere.is_empty(), "spans outside the trace: {elsewhere:?}");
+    assert!(
+        elsewhere.is_empty(),
+        "spans outside the trace: {elsewhere:?}"
+    );
 
     // The root span: the instance, under the caller's span, exported once.
     let roots: Vec<&SpanData> = spans
@@ -238,7 +261,10 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
     assert_eq!(root_span.status, Status::Ok);
     assert_eq!(attr_str(root_span, "hephaestus.status"), "completed");
     assert_eq!(attr_str(root_span, "hephaestus.workflow"), "traced");
-    assert_eq!(attr_str(root_span, "hephaestus.instance_id"), id.to_string());
+    assert_eq!(
+        attr_str(root_span, "hephaestus.instance_id"),
+        id.to_string()
+    );
     assert_eq!(
         attr_str(root_span, "hephaestus.business_id"),
         started.business_id.to_string()
@@ -251,7 +277,13 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
         .iter()
         .filter(|s| attr_str(s, "messaging.operation.name") == "execute")
         .map(|s| {
-            assert_eq!(s.parent_span_id, root.span_id(), "{}: {}", s.name, describe());
+            assert_eq!(
+                s.parent_span_id,
+                root.span_id(),
+                "{}: {}",
+                s.name,
+                describe()
+            );
             assert_eq!(attr_str(s, "messaging.system"), "hephaestus");
             assert_eq!(attr_str(s, "messaging.operation.type"), "process");
             assert_eq!(attr_str(s, "messaging.destination.name"), "hephaestus");
@@ -287,7 +319,9 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
         .find(|s| attr_str(s, "hephaestus.outcome") == "retryable")
         .unwrap();
     assert_eq!(attr_str(failed_attempt, "error.type"), "retryable");
-    assert!(matches!(&failed_attempt.status, Status::Error { description } if description.contains("flaky")));
+    assert!(
+        matches!(&failed_attempt.status, Status::Error { description } if description.contains("flaky"))
+    );
 
     // The settling units of work: each settle span hangs under a span of
     // the trace (a step attempt or a job), each commit under a settle span.
@@ -397,15 +431,21 @@ impl Step for Sleepy {
 pub fn waterfall(spans: &[SpanData]) -> String {
     use std::fmt::Write as _;
     use std::time::UNIX_EPOCH;
+    // Rows and depths are small counts.
+    let count = |n: usize| f64::from(u32::try_from(n).unwrap_or(u32::MAX));
     let micros = |t: std::time::SystemTime| {
-        t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        t.duration_since(UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
     };
     let ids: std::collections::HashSet<SpanId> =
         spans.iter().map(|s| s.span_context.span_id()).collect();
     let mut rows: Vec<(usize, &SpanData)> = Vec::new();
     let mut stack: Vec<(usize, &SpanData)> = {
-        let mut tops: Vec<&SpanData> = spans.iter().filter(|s| !ids.contains(&s.parent_span_id)).collect();
-        tops.sort_by(|a, b| b.start_time.cmp(&a.start_time));
+        let mut tops: Vec<&SpanData> = spans
+            .iter()
+            .filter(|s| !ids.contains(&s.parent_span_id))
+            .collect();
+        tops.sort_by_key(|s| std::cmp::Reverse(s.start_time));
         tops.into_iter().map(|s| (0, s)).collect()
     };
     while let Some((depth, span)) = stack.pop() {
@@ -414,14 +454,20 @@ pub fn waterfall(spans: &[SpanData]) -> String {
             .iter()
             .filter(|c| c.parent_span_id == span.span_context.span_id())
             .collect();
-        children.sort_by(|a, b| b.start_time.cmp(&a.start_time));
+        children.sort_by_key(|s| std::cmp::Reverse(s.start_time));
         stack.extend(children.into_iter().map(|c| (depth + 1, c)));
     }
-    let t0 = spans.iter().map(|s| micros(s.start_time)).fold(f64::MAX, f64::min);
-    let t1 = spans.iter().map(|s| micros(s.end_time)).fold(f64::MIN, f64::max);
+    let t0 = spans
+        .iter()
+        .map(|s| micros(s.start_time))
+        .fold(f64::MAX, f64::min);
+    let t1 = spans
+        .iter()
+        .map(|s| micros(s.end_time))
+        .fold(f64::MIN, f64::max);
     let total = (t1 - t0).max(1.0);
     let (label_w, bar_w, row_h, top) = (330.0, 600.0, 20.0, 30.0);
-    let height = top + row_h * rows.len() as f64 + 10.0;
+    let height = top + row_h * count(rows.len()) + 10.0;
     let mut svg = String::new();
     let _ = write!(
         svg,
@@ -434,7 +480,7 @@ pub fn waterfall(spans: &[SpanData]) -> String {
         ms = total / 1000.0
     );
     for (i, (depth, span)) in rows.iter().enumerate() {
-        let y = top + row_h * i as f64;
+        let y = top + row_h * count(i);
         let start = micros(span.start_time) - t0;
         let length = (micros(span.end_time) - micros(span.start_time)).max(0.0);
         let x = label_w + bar_w * start / total;
@@ -464,7 +510,7 @@ pub fn waterfall(spans: &[SpanData]) -> String {
         let _ = writeln!(
             svg,
             r##"<text x="{lx}" y="{ty}">{label}</text><rect x="{x:.1}" y="{ry}" width="{w:.1}" height="{rh}" fill="{color}"/><text x="{dx:.1}" y="{ty}" fill="#555">{d:.2} ms</text>"##,
-            lx = 4.0 + 12.0 * *depth as f64,
+            lx = 4.0 + 12.0 * count(*depth),
             ty = y + 14.0,
             ry = y + 4.0,
             rh = row_h - 6.0,
@@ -485,12 +531,16 @@ pub fn waterfall(spans: &[SpanData]) -> String {
 async fn a_diamond_trace_renders_as_a_waterfall() {
     exporter();
     let h = Harness::postgres().await;
-    let [split, left, right, merge] = [("Split", 5), ("Left", 30), ("Right", 15), ("Merge", 5)]
-        .map(|(id, ms)| Sleepy { id, ms });
+    let [split, left, right, merge] =
+        [("Split", 5), ("Left", 30), ("Right", 15), ("Merge", 5)].map(|(id, ms)| Sleepy { id, ms });
     let wf = Workflow::builder("diamond")
         .unique("order", Scope::Workflow)
         .start(split.clone())
-        .fan_out(split, "done", vec![target(left.clone()), target(right.clone())])
+        .fan_out(
+            split,
+            "done",
+            vec![target(left.clone()), target(right.clone())],
+        )
         .on(left, "done", merge.clone())
         .on(right, "done", merge.clone())
         .on(merge, "done", Done)
@@ -520,7 +570,11 @@ async fn a_diamond_trace_renders_as_a_waterfall() {
     worker.shutdown(Duration::from_secs(5)).await;
     let spans = spans_of(root.trace_id());
     let svg = waterfall(&spans);
-    assert_eq!(svg.matches("<rect x=").count(), spans.len(), "one bar per span");
+    assert_eq!(
+        svg.matches("<rect x=").count(),
+        spans.len(),
+        "one bar per span"
+    );
     for label in [
         "POST /orders",
         "workflow diamond",
