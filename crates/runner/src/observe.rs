@@ -325,7 +325,7 @@ pub mod otel {
     thread_local! {
         /// The ids the next span built on this thread takes (the root span
         /// being exported), consumed by [`InstanceIdGenerator`].
-        static NEXT_IDS: Cell<(Option<TraceId>, Option<SpanId>)> = const { Cell::new((None, None)) };
+        pub(crate) static NEXT_IDS: Cell<(Option<TraceId>, Option<SpanId>)> = const { Cell::new((None, None)) };
     }
 
     /// The id generator of a tracer provider that exports instance traces:
@@ -510,5 +510,117 @@ pub mod otel {
             span.set_status(Status::Ok);
         }
         span.end_with_timestamp(std::time::SystemTime::from(now));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use hephaestus_engine_core::ports::NewJob;
+    use serde_json::{Map, Value, json};
+
+    use super::{TRACEPARENT, carry};
+
+    #[test]
+    fn a_job_carries_the_trace_context_it_is_given_and_nothing_else() {
+        let mut with = Map::new();
+        with.insert(TRACEPARENT.to_owned(), json!("00-ab-cd-01"));
+        with.insert("tenant".to_owned(), json!("acme"));
+        let mut job = NewJob::new("k", "q", json!({}));
+        carry(&mut job, &with);
+        assert_eq!(job.meta.get(TRACEPARENT), Some(&json!("00-ab-cd-01")));
+        assert_eq!(job.meta.get("tenant"), None);
+        let mut job = NewJob::new("k", "q", json!({}));
+        carry(&mut job, &Map::<String, Value>::new());
+        assert!(job.meta.is_empty());
+    }
+
+    #[cfg(feature = "otel")]
+    mod otel {
+        use opentelemetry::trace::{SpanId, TraceFlags, TraceId};
+        use opentelemetry_sdk::trace::IdGenerator as _;
+        use serde_json::{Map, Value, json};
+
+        use super::super::otel::{
+            InstanceIdGenerator, NEXT_IDS, begin, format_traceparent, parse_traceparent,
+        };
+        use super::super::{TRACE_CALLER, TRACEPARENT};
+
+        const VALID: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+        #[test]
+        fn traceparents_round_trip_and_malformed_ones_are_refused() {
+            let context = parse_traceparent(VALID).expect("valid");
+            assert_eq!(
+                context.trace_id(),
+                TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+            );
+            assert_eq!(
+                context.span_id(),
+                SpanId::from_hex("00f067aa0ba902b7").unwrap()
+            );
+            assert_eq!(context.trace_flags(), TraceFlags::SAMPLED);
+            assert!(context.is_remote());
+            assert_eq!(format_traceparent(&context), VALID);
+            for bad in [
+                "",
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b-01",
+                "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-zz",
+                "00-xyz92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ] {
+                assert!(parse_traceparent(bad).is_none(), "{bad:?}");
+            }
+        }
+
+        fn stored(meta: &Map<String, Value>, key: &str) -> opentelemetry::trace::SpanContext {
+            parse_traceparent(meta[key].as_str().unwrap()).unwrap()
+        }
+
+        #[test]
+        fn a_start_without_a_caller_begins_a_new_sampled_trace() {
+            let mut meta = Map::new();
+            begin(&mut meta);
+            let root = stored(&meta, TRACEPARENT);
+            assert!(root.is_sampled());
+            assert!(!meta.contains_key(TRACE_CALLER));
+            let mut again = Map::new();
+            begin(&mut again);
+            assert_ne!(stored(&again, TRACEPARENT).trace_id(), root.trace_id());
+        }
+
+        #[test]
+        fn a_start_joins_the_trace_the_caller_put_in_the_metadata() {
+            let mut meta = Map::new();
+            meta.insert(TRACEPARENT.to_owned(), json!(VALID));
+            begin(&mut meta);
+            let caller = parse_traceparent(VALID).unwrap();
+            let root = stored(&meta, TRACEPARENT);
+            assert_eq!(root.trace_id(), caller.trace_id());
+            assert_ne!(root.span_id(), caller.span_id());
+            assert_eq!(meta[TRACE_CALLER], json!(VALID));
+            // A malformed one is replaced by a new trace.
+            let mut meta = Map::new();
+            meta.insert(TRACEPARENT.to_owned(), json!("not a traceparent"));
+            meta.insert(TRACE_CALLER.to_owned(), json!("stale"));
+            begin(&mut meta);
+            assert!(parse_traceparent(meta[TRACEPARENT].as_str().unwrap()).is_some());
+            assert!(!meta.contains_key(TRACE_CALLER));
+        }
+
+        #[test]
+        fn the_id_generator_hands_out_the_stored_ids_once() {
+            let ids = InstanceIdGenerator::default();
+            let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+            let span = SpanId::from_hex("00f067aa0ba902b7").unwrap();
+            NEXT_IDS.with(|next| next.set((Some(trace), Some(span))));
+            assert_eq!(ids.new_span_id(), span);
+            assert_eq!(ids.new_trace_id(), trace);
+            assert_ne!(ids.new_span_id(), span);
+            assert_ne!(ids.new_trace_id(), trace);
+        }
     }
 }

@@ -87,3 +87,20 @@ async fn json_logs_carry_the_instance_and_the_step_of_each_event() {
     assert_eq!(seen, expected, "{log}");
     schema.teardown().await;
 }
+
+#[test]
+fn a_worker_refuses_an_invalid_log_filter() {
+    let out = std::process::Command::new(crate::faults::hephaestus_bin())
+        .args(["worker", "--log-format", "json"])
+        .env("DATABASE_URL", database_url())
+        .env("RUST_LOG", "hephaestus=loud")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the binary runs");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("invalid RUST_LOG \"hephaestus=loud\""),
+        "{stderr}"
+    );
+}
