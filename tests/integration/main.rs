@@ -8,6 +8,7 @@ mod cli_ops;
 mod dashboard;
 mod faults;
 mod migrations;
+mod observe;
 mod queue_pg;
 mod runner;
 mod storage_pg;

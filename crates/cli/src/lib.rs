@@ -72,6 +72,7 @@ mod instances;
 mod jobs;
 pub mod logging;
 mod migrate;
+pub mod observe;
 mod prune;
 mod worker;
 
@@ -139,7 +140,12 @@ impl App {
             // must not kill it without a graceful stop.
             sigpipe::reset();
         }
-        if let Err(error) = logging::init(&logging::LogOptions::from_env()) {
+        // The worker installs its own subscriber (its log format, the trace
+        // exporter) and the benchmarks only the exporter: their output is
+        // their report.
+        if !matches!(cli.command, Command::Worker(_) | Command::Bench { .. })
+            && let Err(error) = logging::init(&logging::LogOptions::from_env())
+        {
             eprintln!("hephaestus: {error}");
             return ExitCode::FAILURE;
         }

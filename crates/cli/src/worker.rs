@@ -90,6 +90,8 @@ pub struct WorkerCommand {
     /// Shut down gracefully when standard input is closed.
     #[arg(long)]
     exit_on_stdin_close: bool,
+    #[command(flatten)]
+    observe: crate::observe::ObserveArgs,
 }
 
 impl WorkerCommand {
@@ -97,6 +99,12 @@ impl WorkerCommand {
         // Before anything that takes time: a SIGTERM from now on is a
         // graceful stop, never the default (immediate) death.
         let signals = Signals::install();
+        let _telemetry = crate::observe::init_logs(self.observe.log_format)?;
+        let metrics = self
+            .observe
+            .metrics_addr
+            .map(|addr| crate::observe::install_recorder().map(|handle| (addr, handle)))
+            .transpose()?;
         let prefix = SchemaPrefix::new(&self.schema)
             .with_context(|| format!("invalid --schema {:?}", self.schema))?;
         let options = hephaestus_runner::postgres::tuned(
@@ -138,9 +146,24 @@ impl WorkerCommand {
             .queue_runtime(hephaestus_failure_handler::workers(&runtime))
             .election(self.elect_interval(), self.leader_ttl())
             .poll_only(self.poll_only)
+            .depth_interval(Some(Duration::from_millis(self.observe.depth_ms.max(1))))
             .start()
             .await
             .context("starting the queue runtime")?;
+
+        let readiness = crate::observe::Readiness::new(pool.clone(), prefix.clone());
+        readiness.set_running(true);
+        let _server = match metrics {
+            Some((addr, handle)) => {
+                let server = crate::observe::serve(addr, handle, readiness.clone()).await?;
+                println!(
+                    "hephaestus worker metrics: http://{}/metrics",
+                    server.addr()
+                );
+                Some(server)
+            }
+            None => None,
+        };
 
         let (stop, stopped) = watch::channel(false);
         let leader = queue.clone();
@@ -170,7 +193,8 @@ impl WorkerCommand {
             () = signals.received() => {}
             () = stdin_closed(self.exit_on_stdin_close) => {}
         }
-        note("hephaestus worker: shutting down");
+        tracing::info!("hephaestus worker: shutting down");
+        readiness.set_running(false);
         let _ = stop.send(true);
         let report = queue.shutdown(Duration::from_millis(self.grace_ms)).await;
         // The reconciler's pass was dropped at its await point when the

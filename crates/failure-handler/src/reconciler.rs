@@ -316,11 +316,25 @@ impl<B: Backend> Reconciler<B> {
             return Ok(());
         }
         let mut tx = b.begin().await?;
-        let jobs: Vec<NewJob> = repairs.iter().map(|(j, _)| j.clone()).collect();
+        // Each replacement carries the instance's trace context.
+        let jobs: Vec<NewJob> = repairs
+            .iter()
+            .map(|(j, _)| {
+                hephaestus_runner::observe::carried(j.clone(), &instance.telemetry_metadata)
+            })
+            .collect();
         b.enqueue(&mut tx, &jobs).await?;
         b.commit(tx)
             .await
             .map_err(|e: PortError| RunnerError::from(e))?;
+        for (_, repair) in &repairs {
+            let kind = match repair {
+                Repair::Advance { .. } => "advance",
+                Repair::Execute { .. } => "execute",
+                Repair::Timer { .. } => "timer",
+            };
+            metrics::counter!("hephaestus.reconciler.repair.count", "repair" => kind).increment(1);
+        }
         report.repaired.extend(repairs.into_iter().map(|(_, r)| r));
         Ok(())
     }

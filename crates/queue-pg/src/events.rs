@@ -199,6 +199,17 @@ impl Events {
     ) {
         let (job, queue, worker, attempt) = (lease.id, &lease.queue, &lease.kind, lease.attempt);
         self.counts.0[Counters::slot(&kind)].fetch_add(1, Ordering::Relaxed);
+        match kind {
+            JobEventKind::Rescued => {
+                metrics::counter!("hephaestus_queue_jobs_rescued_total", "queue" => queue.clone())
+                    .increment(1);
+            }
+            JobEventKind::Fenced => {
+                metrics::counter!("hephaestus_queue_jobs_fenced_total", "queue" => queue.clone())
+                    .increment(1);
+            }
+            _ => {}
+        }
         if let Some(error) = &error {
             tracing::info!(
                 target: "hephaestus_queue",

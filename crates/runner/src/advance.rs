@@ -20,6 +20,7 @@ use hephaestus_engine_core::instance::{Instance, InstanceStatus};
 use hephaestus_engine_core::ports::{JobId, JobLease, NewJob, NewStepResult};
 use hephaestus_engine_core::step::Completion;
 use hephaestus_engine_core::steps::DONE_ID;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::error::RunnerError;
@@ -172,6 +173,19 @@ impl<B: Backend> Runtime<B> {
         lease: Option<&JobLease>,
         report: &mut AdvanceReport,
     ) -> Result<bool, RunnerError> {
+        let span = crate::observe::round_span(instance_id, lease.map(|l| &l.meta));
+        self.advance_round_in(instance_id, current_job, lease, report)
+            .instrument(span)
+            .await
+    }
+
+    async fn advance_round_in(
+        &self,
+        instance_id: Uuid,
+        current_job: Option<JobId>,
+        lease: Option<&JobLease>,
+        report: &mut AdvanceReport,
+    ) -> Result<bool, RunnerError> {
         let b = &self.inner.backend;
         let round_started = self.now();
         let mut tx = b.begin().await?;
@@ -228,7 +242,11 @@ impl<B: Backend> Runtime<B> {
             // and the rescued attempt will find nothing left to do.
             report.job_completed = b.complete(&mut tx, lease).await?;
         }
-        b.commit(tx).await?;
+        let settle = tracing::Span::current();
+        crate::observe::record_round(&settle, instance.status);
+        b.commit(tx)
+            .instrument(crate::observe::commit_span(&settle, 1))
+            .await?;
         self.after_round(&instance, &round, round_started, report.rounds);
         report.status = Some(instance.status);
         Ok(true)
@@ -327,24 +345,21 @@ impl<B: Backend> Runtime<B> {
                 }
                 Effect::Execute { step, activation } => {
                     round.executions += 1;
-                    round
-                        .new_jobs
-                        .push(jobs::execute(config, wf, instance_id, &step, activation));
+                    let mut job = jobs::execute(config, wf, instance_id, &step, activation);
+                    crate::observe::carry(&mut job, &instance.telemetry_metadata);
+                    round.new_jobs.push(job);
                 }
                 Effect::ScheduleTimer {
                     step,
                     activation,
                     fire_at,
                     event,
-                } => round.new_jobs.push(jobs::timer(
-                    config,
-                    wf,
-                    instance_id,
-                    &step,
-                    activation,
-                    &event,
-                    fire_at,
-                )),
+                } => {
+                    let mut job =
+                        jobs::timer(config, wf, instance_id, &step, activation, &event, fire_at);
+                    crate::observe::carry(&mut job, &instance.telemetry_metadata);
+                    round.new_jobs.push(job);
+                }
                 Effect::CancelTimer { step, activation } => {
                     round.cancel_timers.push((step, activation));
                 }
@@ -422,6 +437,9 @@ impl<B: Backend> Runtime<B> {
         }
         if !round.new_jobs.is_empty() {
             self.inner.wake.notify_waiters();
+        }
+        if instance.status.is_terminal() && !round.status_before.is_terminal() {
+            crate::observe::instance_ended(instance, self.now());
         }
         let telemetry = &self.inner.telemetry;
         for (step, activation) in &round.done {

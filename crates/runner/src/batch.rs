@@ -214,6 +214,8 @@ pub(crate) enum Settle {
         result: NewStepResult,
         /// The caller can run a continuation.
         chain: bool,
+        /// The span of the job being settled (its step attempt).
+        origin: tracing::Span,
     },
     /// An advance job.
     Advance {
@@ -221,6 +223,8 @@ pub(crate) enum Settle {
         instance_id: Uuid,
         /// The caller can run a continuation.
         chain: bool,
+        /// The span of the job being settled.
+        origin: tracing::Span,
     },
 }
 
@@ -241,6 +245,12 @@ impl Settle {
     fn chain(&self) -> bool {
         match self {
             Self::Result { chain, .. } | Self::Advance { chain, .. } => *chain,
+        }
+    }
+
+    fn origin(&self) -> &tracing::Span {
+        match self {
+            Self::Result { origin, .. } | Self::Advance { origin, .. } => origin,
         }
     }
 }
@@ -460,6 +470,24 @@ impl<B: Backend> Runtime<B> {
     async fn settle_together(&self, items: &[Settle]) -> Result<Decided, BatchFailed> {
         let b = &self.inner.backend;
         let started = self.now();
+        crate::observe::record_batch(items.len());
+        // Each job's share of this unit of work, in its instance's trace
+        // (nothing is built when no subscriber wants the spans).
+        let spans: Vec<tracing::Span> = if crate::observe::spans_enabled() {
+            items
+                .iter()
+                .map(|item| {
+                    crate::observe::settle_span(
+                        item.origin(),
+                        item.lease(),
+                        item.instance_id(),
+                        items.len(),
+                    )
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         let mut decided: Decided = items.iter().map(|_| None).collect();
         let mut tx = b.begin().await?;
 
@@ -615,21 +643,23 @@ impl<B: Backend> Runtime<B> {
         // Results of instances not advanced here wait in the inbox for their
         // advance job (one per instance, in id order so concurrent batches
         // take the unique keys in one order).
-        let mut waiting: BTreeMap<Uuid, (&Workflow, &StepId)> = BTreeMap::new();
+        let mut waiting: BTreeMap<Uuid, (&Workflow, &StepId, &JobLease)> = BTreeMap::new();
         for &i in &results {
-            if let Settle::Result { wf, result, .. } = &items[i]
+            if let Settle::Result {
+                wf, result, lease, ..
+            } = &items[i]
                 && !plans.contains_key(&result.instance_id)
                 && let Some(step) = &result.step
             {
-                waiting.entry(result.instance_id).or_insert((wf, step));
+                waiting
+                    .entry(result.instance_id)
+                    .or_insert((wf, step, lease));
             }
         }
         let config = &self.inner.config;
-        new_jobs.extend(
-            waiting
-                .iter()
-                .map(|(id, (wf, step))| jobs::advance(config, wf, *id, Some(step))),
-        );
+        new_jobs.extend(waiting.iter().map(|(id, (wf, step, lease))| {
+            crate::observe::carried(jobs::advance(config, wf, *id, Some(step)), &lease.meta)
+        }));
         // Continuations: each caller that can run one takes an execute job
         // its instance's round just enqueued (at most one per caller, so a
         // slot never runs more than one step at a time).
@@ -698,7 +728,18 @@ impl<B: Backend> Runtime<B> {
             return Err(BatchFailed::Fenced);
         }
         let held = held.split_off(results.len());
+        let commits: Vec<tracing::Span> = spans
+            .iter()
+            .zip(items)
+            .map(|(span, item)| {
+                if let Some(plan) = plans.get(&item.instance_id()) {
+                    crate::observe::record_round(span, plan.instance.status);
+                }
+                crate::observe::commit_span(span, items.len())
+            })
+            .collect();
         b.commit(tx).await?;
+        drop(commits);
 
         // 5. After the commit.
         for &i in &results {
@@ -1025,6 +1066,7 @@ mod tests {
                 },
             },
             chain: false,
+            origin: tracing::Span::none(),
         }
     }
 

@@ -18,6 +18,7 @@ use crate::error::RunnerError;
 use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
 use crate::runtime::{Backend, Runtime};
 use crate::worker::JobOutcome;
+use tracing::Instrument as _;
 
 fn payload_of(outcome: StepOutcome) -> Result<ResultPayload, StepError> {
     match outcome {
@@ -236,7 +237,7 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// Runs user code for an activation that passed its checks, then
-    /// settles the outcome.
+    /// settles the outcome, in the span of this step attempt.
     async fn run_step(
         &self,
         lease: &JobLease,
@@ -245,6 +246,23 @@ impl<B: Backend> Runtime<B> {
         instance: Arc<Instance>,
         stop: Option<&CancellationSignal>,
         chain: bool,
+    ) -> Result<Settled, RunnerError> {
+        let span = crate::observe::step_span(lease, &instance, &args.step, args.activation);
+        self.run_step_in(lease, wf, args, instance, stop, chain, &span)
+            .instrument(span.clone())
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn run_step_in(
+        &self,
+        lease: &JobLease,
+        wf: Workflow,
+        args: ExecuteArgs,
+        instance: Arc<Instance>,
+        stop: Option<&CancellationSignal>,
+        chain: bool,
+        span: &tracing::Span,
     ) -> Result<Settled, RunnerError> {
         let Some(def) = wf.step(args.step.as_str()) else {
             return Err(RunnerError::Corrupt(format!(
@@ -296,23 +314,26 @@ impl<B: Backend> Runtime<B> {
         let task_signal = signal.clone();
         let step_id = args.step.clone();
         let activation = args.activation;
-        let handle = tokio::spawn(async move {
-            let input = StepInput {
-                context: &instance.context,
-                config: instance.step_configs.get(&step_id),
-                instance_id: instance.id,
-                business_id: instance.business_id.as_str(),
-                activation,
-                attempt,
-                idempotency_key: IdempotencyKey {
+        let handle = tokio::spawn(
+            async move {
+                let input = StepInput {
+                    context: &instance.context,
+                    config: instance.step_configs.get(&step_id),
                     instance_id: instance.id,
-                    step: step_id.clone(),
+                    business_id: instance.business_id.as_str(),
                     activation,
-                },
-                cancellation: task_signal,
-            };
-            step_impl.execute(input).await
-        });
+                    attempt,
+                    idempotency_key: IdempotencyKey {
+                        instance_id: instance.id,
+                        step: step_id.clone(),
+                        activation,
+                    },
+                    cancellation: task_signal,
+                };
+                step_impl.execute(input).await
+            }
+            .instrument(span.clone()),
+        );
         let joined = handle.await;
         if let Some(link) = link {
             link.abort();
@@ -336,6 +357,7 @@ impl<B: Backend> Runtime<B> {
         };
         let outcome = storable_outcome(&args.step, outcome);
         let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
+        crate::observe::record_step(span, &outcome);
         match &outcome {
             StepOutcome::Complete(c) => {
                 let mut meta = step_meta;
@@ -398,6 +420,7 @@ impl<B: Backend> Runtime<B> {
                         payload,
                     },
                     chain: chain && self.inner.config.continuations,
+                    origin: span.clone(),
                 })
                 .await
             }
@@ -436,6 +459,7 @@ impl<B: Backend> Runtime<B> {
             &step,
             result.activation,
             result.payload,
+            &lease.meta,
         )
         .await?;
         Ok(JobOutcome::Succeeded)
@@ -493,6 +517,7 @@ impl<B: Backend> Runtime<B> {
             &args.step,
             args.activation,
             ResultPayload::Failed { error, attempts },
+            &lease.meta,
         )
         .await?;
         Ok(JobOutcome::Discarded)
@@ -540,14 +565,24 @@ impl<B: Backend> Runtime<B> {
         if !b.complete(&mut tx, lease).await? {
             return Ok(JobOutcome::Fenced);
         }
-        self.record_and_advance(tx, &wf, instance_id, &step, activation, payload)
-            .await?;
+        self.record_and_advance(
+            tx,
+            &wf,
+            instance_id,
+            &step,
+            activation,
+            payload,
+            &lease.meta,
+        )
+        .await?;
         Ok(JobOutcome::Succeeded)
     }
 
     /// Records a result of `step`'s `activation`, enqueues the instance's
-    /// advance and commits `tx`: the one commit every result-producing job
-    /// ends with.
+    /// advance (carrying the trace context of `trace`, the meta of the job
+    /// producing the result) and commits `tx`: the one commit every
+    /// result-producing job ends with.
+    #[allow(clippy::too_many_arguments)]
     async fn record_and_advance(
         &self,
         mut tx: B::Tx,
@@ -556,8 +591,9 @@ impl<B: Backend> Runtime<B> {
         step: &hephaestus_engine_core::StepId,
         activation: u32,
         payload: ResultPayload,
+        trace: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), RunnerError> {
-        self.record_and_enqueue_advance(&mut tx, wf, instance_id, step, activation, payload)
+        self.record_and_enqueue_advance(&mut tx, wf, instance_id, step, activation, payload, trace)
             .await?;
         self.inner.backend.commit(tx).await?;
         self.inner.wake.notify_waiters();
@@ -565,6 +601,7 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// [`Self::record_and_advance`] without the commit.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn record_and_enqueue_advance(
         &self,
         tx: &mut B::Tx,
@@ -573,6 +610,7 @@ impl<B: Backend> Runtime<B> {
         step: &hephaestus_engine_core::StepId,
         activation: u32,
         payload: ResultPayload,
+        trace: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), RunnerError> {
         let b = &self.inner.backend;
         b.record(
@@ -587,11 +625,9 @@ impl<B: Backend> Runtime<B> {
         .await?;
         b.enqueue(
             tx,
-            &[jobs::advance(
-                &self.inner.config,
-                wf,
-                instance_id,
-                Some(step),
+            &[crate::observe::carried(
+                jobs::advance(&self.inner.config, wf, instance_id, Some(step)),
+                trace,
             )],
         )
         .await?;

@@ -56,6 +56,7 @@ mod error;
 mod execute;
 mod facade;
 pub mod jobs;
+pub mod observe;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod retry;

@@ -60,7 +60,10 @@ impl<B: Backend> Runtime<B> {
         for effect in applied.effects {
             match effect {
                 Effect::Execute { step, activation } => {
-                    new_jobs.push(jobs::execute(config, &wf, id, &step, activation));
+                    new_jobs.push(crate::observe::carried(
+                        jobs::execute(config, &wf, id, &step, activation),
+                        &instance.telemetry_metadata,
+                    ));
                     steps.push((step, activation));
                 }
                 Effect::Emit(event) => events.push(event),

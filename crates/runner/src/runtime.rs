@@ -17,6 +17,7 @@ use hephaestus_engine_core::step::CancellationSignal;
 use hephaestus_engine_core::workflow::{StartSelection, WorkflowFamily, WorkflowRegistry};
 use hephaestus_engine_core::{Event, StepId, Workflow};
 use serde_json::{Map, Value};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::config::{Clock, RunnerConfig, system_clock};
@@ -428,16 +429,28 @@ impl<B: Backend> Runtime<B> {
         input: Value,
         options: StartOptions,
     ) -> Result<Started, RunnerError> {
-        let b = &self.inner.backend;
-        let began = self.now();
-        let mut tx = b.begin().await?;
-        let (started, instance, round) = self
-            .start_inner(&mut tx, workflow, business_value, input, options)
-            .await?;
-        b.commit(tx).await?;
-        self.emit_start(&instance);
-        self.after_round(&instance, &round, began, 1);
-        Ok(started)
+        #[cfg(feature = "otel")]
+        let options = {
+            let mut options = options;
+            crate::observe::otel::begin(&mut options.telemetry_metadata);
+            options
+        };
+        let span = crate::observe::start_span(workflow, &options.telemetry_metadata);
+        async move {
+            let b = &self.inner.backend;
+            let began = self.now();
+            let mut tx = b.begin().await?;
+            let (started, instance, round) = self
+                .start_inner(&mut tx, workflow, business_value, input, options)
+                .await?;
+            crate::observe::record_started(&tracing::Span::current(), &instance);
+            b.commit(tx).await?;
+            self.emit_start(&instance);
+            self.after_round(&instance, &round, began, 1);
+            Ok(started)
+        }
+        .instrument(span)
+        .await
     }
 
     /// [`Runtime::start`] inside the caller's unit of work: the instance exists
@@ -450,14 +463,26 @@ impl<B: Backend> Runtime<B> {
         input: Value,
         options: StartOptions,
     ) -> Result<Started, RunnerError> {
-        let began = self.now();
-        let (started, instance, round) = self
-            .start_inner(tx, workflow, business_value, input, options)
-            .await?;
-        // Emitted now: the caller's commit is not observable from here.
-        self.emit_start(&instance);
-        self.after_round(&instance, &round, began, 1);
-        Ok(started)
+        #[cfg(feature = "otel")]
+        let options = {
+            let mut options = options;
+            crate::observe::otel::begin(&mut options.telemetry_metadata);
+            options
+        };
+        let span = crate::observe::start_span(workflow, &options.telemetry_metadata);
+        async move {
+            let began = self.now();
+            let (started, instance, round) = self
+                .start_inner(tx, workflow, business_value, input, options)
+                .await?;
+            crate::observe::record_started(&tracing::Span::current(), &instance);
+            // Emitted now: the caller's commit is not observable from here.
+            self.emit_start(&instance);
+            self.after_round(&instance, &round, began, 1);
+            Ok(started)
+        }
+        .instrument(span)
+        .await
     }
 
     fn emit_start(&self, instance: &Instance) {
@@ -600,7 +625,7 @@ impl<B: Backend> Runtime<B> {
         // Refused before anything is recorded: a payload the decoder could
         // not read back would poison the instance's inbox.
         limits::check(JsonRole::ResumePayload, &payload)?;
-        let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
+        let (wf, step, event, activation, telemetry) = self.resume_target(id, step, event).await?;
         let wf = &wf;
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
@@ -618,11 +643,9 @@ impl<B: Backend> Runtime<B> {
         if recorded == Recorded::Duplicate {
             return Err(RunnerError::AlreadyResumed(step));
         }
-        b.enqueue(
-            &mut tx,
-            &[jobs::advance(&self.inner.config, wf, id, Some(&step))],
-        )
-        .await?;
+        let advance = jobs::advance(&self.inner.config, wf, id, Some(&step));
+        b.enqueue(&mut tx, &[crate::observe::carried(advance, &telemetry)])
+            .await?;
         b.commit(tx).await?;
         self.inner.wake.notify_waiters();
         Ok(())
@@ -636,7 +659,7 @@ impl<B: Backend> Runtime<B> {
         id: Uuid,
         step: &str,
         event: &str,
-    ) -> Result<(Workflow, StepId, Event, u32), RunnerError> {
+    ) -> Result<(Workflow, StepId, Event, u32, Map<String, Value>), RunnerError> {
         let instance = self
             .get(id)
             .await?
@@ -645,7 +668,7 @@ impl<B: Backend> Runtime<B> {
         let step = StepId::new(step)?;
         let event = Event::new(event)?;
         let activation = Engine::new(&wf).check_resume(&instance, &step, &event)?;
-        Ok((wf, step, event, activation))
+        Ok((wf, step, event, activation, instance.telemetry_metadata))
     }
 
     /// [`Runtime::resume`] addressing the active instance of `workflow` for
@@ -687,7 +710,7 @@ impl<B: Backend> Runtime<B> {
             .ok()
             .and_then(|d| self.now().checked_add_signed(d))
             .ok_or(too_large)?;
-        let (wf, step, event, activation) = self.resume_target(id, step, event).await?;
+        let (wf, step, event, activation, telemetry) = self.resume_target(id, step, event).await?;
         let wf = &wf;
         let args = jobs::ResumeArgs {
             instance_id: id,
@@ -699,7 +722,13 @@ impl<B: Backend> Runtime<B> {
         let b = &self.inner.backend;
         let mut tx = b.begin().await?;
         let job = b
-            .enqueue(&mut tx, &[jobs::resume(&self.inner.config, wf, &args, at)])
+            .enqueue(
+                &mut tx,
+                &[crate::observe::carried(
+                    jobs::resume(&self.inner.config, wf, &args, at),
+                    &telemetry,
+                )],
+            )
             .await?;
         b.commit(tx).await?;
         Ok(job[0].id())
@@ -769,6 +798,9 @@ impl<B: Backend> Runtime<B> {
         }
         b.commit(tx).await?;
         self.signal_cancelled(id);
+        if applied.effects.contains(&Effect::CancelJobs) {
+            crate::observe::instance_ended(&instance, self.now());
+        }
         tracing::info!(target: "hephaestus.workflow.cancel", instance_id = %id, "Workflow cancelled");
         Ok(())
     }

@@ -293,6 +293,10 @@ fn record_metrics(event: &TelemetryEvent) {
             }
         }
         names::ENGINE_ADVANCE => {
+            if let Some(ms) = number(event, "duration") {
+                metrics::histogram!("hephaestus.engine.advance.duration", "workflow" => workflow.clone())
+                    .record(ms);
+            }
             if let Some(n) = number(event, "active_steps_count") {
                 metrics::gauge!("hephaestus.engine.advance.active_steps_count", "workflow" => workflow).set(n);
             }

@@ -753,6 +753,7 @@ async fn closing_an_ended_instance_leaves_no_result_in_its_inbox() {
             output: json!({}),
             metadata: serde_json::Map::new(),
         },
+        &serde_json::Map::new(),
     )
     .await
     .unwrap();

@@ -10,6 +10,7 @@ use hephaestus_engine_core::ports::{JobId, JobLease, ResultPayload};
 use hephaestus_engine_core::retry::{Backoff, RetryPolicy};
 use hephaestus_engine_core::step::StepError;
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::error::RunnerError;
 use crate::jobs::{self, AdvanceArgs, ExecuteArgs, ResumeArgs, TimerArgs};
@@ -118,12 +119,15 @@ impl<B: Backend> Runtime<B> {
         let result = match lease.kind.as_str() {
             jobs::ADVANCE => match decode::<AdvanceArgs>(&lease) {
                 Ok(args) => {
+                    let span = crate::observe::job_span(&lease);
                     let settled = self
                         .settle(crate::batch::Settle::Advance {
                             lease: lease.clone(),
                             instance_id: args.instance_id,
                             chain,
+                            origin: span.clone(),
                         })
+                        .instrument(span)
                         .await;
                     match settled {
                         Ok(settled) => {
@@ -141,11 +145,19 @@ impl<B: Backend> Runtime<B> {
                 Err(e) => Err(e),
             },
             jobs::TIMER => match decode::<TimerArgs>(&lease) {
-                Ok(args) => self.perform_timer(&lease, args).await,
+                Ok(args) => {
+                    self.perform_timer(&lease, args)
+                        .instrument(crate::observe::job_span(&lease))
+                        .await
+                }
                 Err(e) => Err(e),
             },
             jobs::RESUME => match decode::<ResumeArgs>(&lease) {
-                Ok(args) => self.perform_resume(&lease, args).await,
+                Ok(args) => {
+                    self.perform_resume(&lease, args)
+                        .instrument(crate::observe::job_span(&lease))
+                        .await
+                }
                 Err(e) => Err(e),
             },
             other => Err(RunnerError::InvalidInput(format!(
@@ -336,6 +348,7 @@ impl<B: Backend> Runtime<B> {
                         error: error.clone(),
                         attempts,
                     },
+                    &lease.meta,
                 )
                 .await?;
                 return Ok(());

@@ -2,7 +2,7 @@
 //! PostgreSQL): the spec's ★ behaviours, with user-code executions counted.
 
 mod backend_conformance;
-mod harness;
+pub(crate) mod harness;
 mod orchestration;
 mod queue_runtime;
 mod telemetry;

@@ -19,6 +19,9 @@ pub enum Bench {
 
 impl Bench {
     pub async fn run(self) -> anyhow::Result<()> {
+        // With the `otel` feature and the `OTEL_*` variables asking for it,
+        // the benchmark's workers export their traces (to measure the cost).
+        let _traces = crate::observe::init_traces()?;
         match self {
             Self::Queue(bench) => bench.run().await,
             Self::Workflow(bench) => bench.run().await,

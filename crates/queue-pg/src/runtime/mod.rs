@@ -257,6 +257,13 @@ impl RuntimeBuilder {
         self
     }
 
+    /// See [`RuntimeConfig::depth_interval`].
+    #[must_use]
+    pub fn depth_interval(mut self, interval: Option<Duration>) -> Self {
+        self.config.depth_interval = interval;
+        self
+    }
+
     /// See [`RuntimeConfig::maintenance`].
     #[must_use]
     pub fn maintenance(mut self, maintenance: bool) -> Self {
