@@ -495,6 +495,13 @@ impl<B: Backend> Runtime<B> {
                 ("concurrent".to_owned(), serde_json::json!(false)),
             ]),
         );
+        let span = crate::observe::inline_done_span(
+            instance,
+            step,
+            activation,
+            &self.inner.config.queues.execute,
+        );
+        let _in_span = span.enter();
         let telemetry = &self.inner.telemetry;
         telemetry.emit(
             crate::telemetry::names::STEP_START,

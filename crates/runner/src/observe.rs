@@ -146,6 +146,39 @@ pub(crate) fn step_span(
     span
 }
 
+/// The span of a `Done` the orchestrator applied inline (no job runs it), a
+/// step of the instance's trace like any other, so its `step.start` and
+/// `step.stop` events name the step.
+pub(crate) fn inline_done_span(
+    instance: &Instance,
+    step: &hephaestus_engine_core::StepId,
+    activation: u32,
+    queue: &str,
+) -> Span {
+    let span = tracing::info_span!(
+        target: TARGET,
+        "hephaestus.step",
+        otel.name = %format_args!("process {step}"),
+        otel.kind = "internal",
+        "messaging.system" = SYSTEM,
+        "messaging.operation.type" = "process",
+        "messaging.operation.name" = "execute",
+        "messaging.destination.name" = queue,
+        "hephaestus.workflow" = %instance.workflow_id,
+        "hephaestus.workflow.version" = instance.workflow_version,
+        "hephaestus.business_id" = %instance.business_id,
+        "hephaestus.instance_id" = %instance.id,
+        "hephaestus.step" = %step,
+        "hephaestus.activation" = activation,
+        "hephaestus.attempt" = 1_u32,
+        "hephaestus.outcome" = "completed",
+        "hephaestus.event" = "done",
+    );
+    // A child of the instance's root span, like every step attempt.
+    join_trace(&span, &instance.telemetry_metadata);
+    span
+}
+
 /// How a step attempt ended, on its span: `outcome` (completed, async,
 /// retryable, fatal), the event it completed with, and for an error its
 /// kind and message with error status.

@@ -75,9 +75,12 @@ async fn json_logs_carry_the_instance_and_the_step_of_each_event() {
         seen.push((step, name.to_owned()));
     }
     seen.sort();
+    // `Done`, applied inline by the orchestrator, reports its start and
+    // stop in a step span of its own like any step.
     let mut expected: Vec<(String, String)> =
         fixtures::path(fixtures::DIAMOND, &fixtures::Script::default())
             .iter()
+            .chain(&[hephaestus_engine_core::steps::DONE_ID])
             .flat_map(|step| {
                 ["hephaestus.step.start", "hephaestus.step.stop"]
                     .map(|n| ((*step).to_owned(), n.to_owned()))

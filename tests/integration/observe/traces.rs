@@ -311,6 +311,8 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
             ("Left".to_owned(), 1, "completed".to_owned()),
             ("Right".to_owned(), 1, "retryable".to_owned()),
             ("Right".to_owned(), 2, "completed".to_owned()),
+            // `Done`, applied inline by the orchestrator: a step all the same.
+            ("hephaestus::Done".to_owned(), 1, "completed".to_owned()),
         ],
         "{}",
         describe()
@@ -599,7 +601,8 @@ async fn a_diamond_trace_renders_as_a_waterfall() {
         .iter()
         .filter(|s| attr_str(s, "messaging.operation.name") == "execute")
         .collect();
-    assert_eq!(steps.len(), 4);
+    // The four steps and `Done` (applied inline, a step all the same).
+    assert_eq!(steps.len(), 5);
     for step in steps {
         assert!(step.start_time >= root_span.start_time, "{}", step.name);
     }
