@@ -84,8 +84,12 @@ fn env_filter() -> Result<EnvFilter> {
 /// exporter) and returns what keeps it running. Fails when `RUST_LOG` is
 /// not a valid filter or a subscriber is already installed.
 pub fn init_logs(format: LogFormat) -> Result<TelemetryGuard> {
+    use std::io::IsTerminal as _;
     use tracing_subscriber::Layer as _;
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal, not in a log file.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let logs = match format {
         LogFormat::Pretty => fmt.boxed(),
         LogFormat::Json => fmt

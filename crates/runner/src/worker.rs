@@ -278,6 +278,19 @@ impl<B: Backend> Runtime<B> {
         instance.updated_at = now;
         b.update(tx, &instance).await?;
         self.close_ended(tx, instance_id, None).await?;
+        // The same telemetry as a failure the engine applies: the
+        // exception event, and the instance's root span ended with error
+        // status (written in the discarding transaction, which the queue
+        // commits next).
+        self.inner.telemetry.engine_events(
+            &instance,
+            &[hephaestus_engine_core::EngineEvent::WorkflowFailed {
+                step: None,
+                message: message.to_owned(),
+            }],
+            now,
+        );
+        crate::observe::instance_ended(&instance, now);
         Ok(true)
     }
 

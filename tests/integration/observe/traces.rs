@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::JobState;
+use hephaestus_engine_core::ports::{JobQueue as _, JobState, UnitOfWork as _};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::Done;
 use hephaestus_queue_pg::QueueRuntime;
@@ -402,6 +402,80 @@ async fn a_failed_instance_has_an_error_root_span() {
         .expect("the failed attempt's span");
     assert_eq!(attr_str(failed, "hephaestus.outcome"), "fatal");
     assert_eq!(failed.parent_span_id, root.span_id());
+    h.teardown().await;
+}
+
+/// An instance failed by the failure handler (a scheduled resume that could
+/// not be delivered was discarded), not by a step: its root span is
+/// exported all the same, with error status.
+#[tokio::test]
+async fn an_instance_failed_by_a_discarded_job_has_an_error_root_span() {
+    exporter();
+    let h = Harness::postgres().await;
+    let begin = ScriptedStep::new("Begin", ["done"]);
+    let wf = Workflow::builder("awaited")
+        .unique("order", Scope::Workflow)
+        .start(begin.clone())
+        .on(begin, "done", hephaestus_engine_core::steps::WaitForEvent)
+        .on(
+            hephaestus_engine_core::steps::WaitForEvent,
+            "received",
+            Done,
+        )
+        .build()
+        .unwrap();
+    let rt = h.runtime_with(config(), vec![wf], Vec::new());
+    let started = rt
+        .start("awaited", "3", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    let root = root_of(&rt, started.id).await;
+    rt.drain().await.unwrap();
+    assert_eq!(
+        rt.get(started.id).await.unwrap().unwrap().status,
+        InstanceStatus::Waiting
+    );
+    rt.schedule_resume(
+        started.id,
+        hephaestus_engine_core::steps::WAIT_FOR_EVENT_ID,
+        "received",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap();
+    h.clock.advance(Duration::from_secs(31));
+    let b = rt.backend();
+    let leases = b
+        .fetch(&rt.config().queues.timer, 10, h.clock.now())
+        .await
+        .unwrap();
+    let [lease] = leases.as_slice() else {
+        panic!("one due resume job: {leases:?}")
+    };
+    let error = hephaestus_engine_core::step::StepError::retryable("the worker died again");
+    let mut tx = b.begin().await.unwrap();
+    assert!(
+        b.discard(&mut tx, lease, &error, h.clock.now())
+            .await
+            .unwrap()
+    );
+    rt.handle_discarded(&mut tx, lease, &error).await.unwrap();
+    b.commit(tx).await.unwrap();
+    assert_eq!(
+        rt.get(started.id).await.unwrap().unwrap().status,
+        InstanceStatus::Failed
+    );
+    let spans = spans_of(root.trace_id());
+    let root_span = spans
+        .iter()
+        .find(|s| s.span_context.span_id() == root.span_id())
+        .expect("the root span is exported when the failure handler fails the instance");
+    assert!(
+        matches!(&root_span.status, Status::Error { description } if description.contains("could not be delivered")),
+        "{:?}",
+        root_span.status
+    );
+    assert_eq!(attr_str(root_span, "hephaestus.status"), "failed");
     h.teardown().await;
 }
 
