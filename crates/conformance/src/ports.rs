@@ -279,11 +279,7 @@ impl<F: Future<Output = Result<(), String>>> Future for Guarded<F> {
         match std::panic::catch_unwind(AssertUnwindSafe(|| case.poll(cx))) {
             Ok(poll) => poll,
             Err(panic) => {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| (*s).to_owned())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a non-string panic".to_owned());
+                let message = hephaestus_engine_core::step::panic_message(panic.as_ref());
                 Poll::Ready(Err(format!("panicked: {message}")))
             }
         }

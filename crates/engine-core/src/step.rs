@@ -358,6 +358,17 @@ impl Future for Cancelled<'_> {
     }
 }
 
+/// The message of a caught panic (`panic!("...")` payloads are a `&str` or a
+/// `String`); the one such helper of the workspace (the runner, queue-pg
+/// and the conformance suites use it).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string panic payload".to_owned())
+}
+
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: for
 /// data that is always left consistent between statements (the one such
 /// helper of the workspace; the in-memory backend and the runner use it).
@@ -369,6 +380,19 @@ pub fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 mod tests {
     use super::*;
     use crate::test_support::block_on;
+
+    #[test]
+    fn panic_messages_are_read_from_str_and_string_payloads() {
+        let payload = std::panic::catch_unwind(|| panic!("plain")).unwrap_err();
+        assert_eq!(panic_message(payload.as_ref()), "plain");
+        let payload = std::panic::catch_unwind(|| panic!("formatted {}", 7)).unwrap_err();
+        assert_eq!(panic_message(payload.as_ref()), "formatted 7");
+        let payload = std::panic::catch_unwind(|| std::panic::panic_any(7_u8)).unwrap_err();
+        assert_eq!(
+            panic_message(payload.as_ref()),
+            "a non-string panic payload"
+        );
+    }
 
     #[test]
     fn outcome_constructors() {

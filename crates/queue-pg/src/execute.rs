@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use chrono::TimeDelta;
 use hephaestus_engine_core::ports::JobLease;
 use hephaestus_engine_core::retry::RetryPolicy;
-use hephaestus_engine_core::step::{ErrorKind, StepError};
+use hephaestus_engine_core::step::{ErrorKind, StepError, panic_message};
 use serde_json::json;
 
 use crate::error::Error;
@@ -307,14 +307,6 @@ fn to_delta(delay: Duration) -> TimeDelta {
 fn jitter_sample() -> u32 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
-}
-
-fn panic_message(panic: &(dyn Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string panic payload".to_owned())
 }
 
 /// Polls a future, turning a panic into an error.

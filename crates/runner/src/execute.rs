@@ -5,7 +5,7 @@ use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
 use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{JobLease, NewStepResult, ResultPayload};
 use hephaestus_engine_core::step::{
-    CancellationSignal, ErrorKind, StepError, StepInput, StepOutcome,
+    CancellationSignal, ErrorKind, StepError, StepInput, StepOutcome, panic_message,
 };
 use hephaestus_engine_core::{IdempotencyKey, StepId, Workflow};
 
@@ -342,12 +342,7 @@ impl<B: Backend> Runtime<B> {
         let outcome = match joined {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => {
-                let msg = e.into_panic();
-                let text = msg
-                    .downcast_ref::<&str>()
-                    .map(ToString::to_string)
-                    .or_else(|| msg.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "non-string panic payload".to_owned());
+                let text = panic_message(e.into_panic().as_ref());
                 StepOutcome::Error(
                     StepError::retryable(format!("step panicked: {text}"))
                         .with_cause(FailureReason::StepPanicked),
