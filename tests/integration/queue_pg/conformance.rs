@@ -11,27 +11,14 @@ async fn fresh() -> PgQueue {
 
 /// Drops the case's schema.
 async fn drop_schema(queue: PgQueue) {
-    sqlx::raw_sql(&format!("drop schema {} cascade", queue.prefix().quoted()))
-        .execute(queue.pool())
-        .await
-        .expect("drop the case's schema");
-    queue.pool().close().await;
-}
-
-fn run<F: std::future::Future>(case: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(case)
+    crate::support::conformance::drop_schema(queue.pool(), queue.prefix()).await;
 }
 
 mod job_queue {
     hephaestus_conformance::conformance_tests!(
         job_queue,
         make: super::fresh,
-        run: super::run,
+        run: crate::support::conformance::run,
         cleanup: super::drop_schema,
     );
 }

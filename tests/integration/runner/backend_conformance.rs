@@ -23,26 +23,14 @@ async fn fresh() -> PgBackend {
     )
 }
 
+/// Drops the case's schema.
 async fn drop_schema(backend: PgBackend) {
     let store = backend.store();
-    sqlx::raw_sql(&format!("drop schema {} cascade", store.prefix().quoted()))
-        .execute(store.pool())
-        .await
-        .expect("drop the case's schema");
-    store.pool().close().await;
-}
-
-fn run<F: std::future::Future>(case: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(case)
+    crate::support::conformance::drop_schema(store.pool(), store.prefix()).await;
 }
 
 hephaestus_conformance::backend_conformance_tests!(
     make: fresh,
-    run: run,
+    run: crate::support::conformance::run,
     cleanup: drop_schema,
 );

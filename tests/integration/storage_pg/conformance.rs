@@ -14,27 +14,14 @@ async fn fresh() -> PgStore {
 
 /// Drops the case's schema.
 async fn drop_schema(store: PgStore) {
-    sqlx::raw_sql(&format!("drop schema {} cascade", store.prefix().quoted()))
-        .execute(store.pool())
-        .await
-        .expect("drop the case's schema");
-    store.pool().close().await;
-}
-
-fn run<F: std::future::Future>(case: F) -> F::Output {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("a runtime")
-        .block_on(case)
+    crate::support::conformance::drop_schema(store.pool(), store.prefix()).await;
 }
 
 mod instance_store {
     hephaestus_conformance::conformance_tests!(
         instance_store,
         make: super::fresh,
-        run: super::run,
+        run: crate::support::conformance::run,
         cleanup: super::drop_schema,
     );
 }
@@ -43,7 +30,7 @@ mod step_result_store {
     hephaestus_conformance::conformance_tests!(
         step_result_store,
         make: super::fresh,
-        run: super::run,
+        run: crate::support::conformance::run,
         cleanup: super::drop_schema,
     );
 }

@@ -2,6 +2,7 @@
 
 pub mod bin;
 pub mod catalog;
+pub mod conformance;
 pub mod db;
 
 use std::path::PathBuf;
