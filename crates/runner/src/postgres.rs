@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use hephaestus_engine_core::retry::RetryPolicy;
+use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_queue_pg::{
     DynWorker, JobContext, JobError, PgQueue, QueueRuntime, RuntimeBuilder, Workers,
 };
@@ -62,6 +63,53 @@ impl PgBackend {
     /// Combines a store and a queue on the same database.
     pub fn new(store: PgStore, queue: PgQueue) -> Self {
         Self { store, queue }
+    }
+
+    /// Instances, step results and jobs in schema `prefix` of `pool`'s
+    /// database (the pool is shared by the store and the queue).
+    pub fn on_pool(pool: sqlx::PgPool, prefix: SchemaPrefix) -> Self {
+        Self::new(
+            PgStore::new(pool.clone(), prefix.clone()),
+            PgQueue::new(pool, prefix),
+        )
+    }
+
+    /// Connects to the database at `url` with the hot path's connection
+    /// options ([`tuned`]) and a pool of at most `max_connections`, for
+    /// schema `prefix`. A URL that does not parse is
+    /// [`PortError::InvalidInput`]; a server that cannot be reached is
+    /// [`PortError::Unavailable`] with its cause.
+    pub async fn connect(
+        url: &str,
+        prefix: SchemaPrefix,
+        max_connections: u32,
+    ) -> Result<Self, PortError> {
+        use sqlx::Connection as _;
+        let options: sqlx::postgres::PgConnectOptions = url
+            .parse()
+            .map_err(|e| PortError::InvalidInput(format!("not a PostgreSQL URL: {e}")))?;
+        let options = tuned(options);
+        // One direct attempt first: an unreachable server fails at once with
+        // its cause ("connection refused"), not after a pool's wait.
+        let probe = sqlx::PgConnection::connect_with(&options)
+            .await
+            .map_err(|e| PortError::Unavailable(Box::new(e)))?;
+        let _ = probe.close().await;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options)
+            .await
+            .map_err(|e| PortError::Unavailable(Box::new(e)))?;
+        Ok(Self::on_pool(pool, prefix))
+    }
+
+    /// Migrates both components this backend uses (storage, then the
+    /// queue) to this build's versions; idempotent, and serialized with
+    /// other migrators by an advisory lock.
+    pub async fn migrate(&self) -> Result<(), PortError> {
+        hephaestus_storage_pg::migrate(self.store.pool(), self.store.prefix()).await?;
+        hephaestus_queue_pg::migrate(self.queue.pool(), self.queue.prefix()).await?;
+        Ok(())
     }
 
     /// The instance store.

@@ -1084,3 +1084,55 @@ async fn uniqueness_scopes_through_the_api<B: Backend>(h: &Harness<B>) {
         Err(RunnerError::NotFound(_))
     ));
 }
+
+/// Getting started on PostgreSQL in three lines: connect, migrate (twice is
+/// harmless), build the runtime; bad URLs and unreachable servers are typed
+/// errors.
+#[tokio::test]
+async fn a_postgres_backend_connects_migrates_and_runs_in_three_lines() {
+    use hephaestus_engine_core::ports::PortError;
+    use hephaestus_runner::postgres::PgBackend;
+
+    let schema = crate::support::db::TestSchema::new().await;
+    let url = crate::support::db::database_url();
+    let backend = PgBackend::connect(url, schema.prefix.clone(), 4)
+        .await
+        .unwrap();
+    backend.migrate().await.unwrap();
+    backend
+        .migrate()
+        .await
+        .expect("migrating again changes nothing");
+    let a = done_step("A", "done");
+    let wf = Workflow::builder("three_lines")
+        .unique("run", Scope::Workflow)
+        .start(a.clone())
+        .on(a.clone(), "done", Done)
+        .build()
+        .unwrap();
+    let rt = hephaestus_runner::Runtime::builder(backend)
+        .workflow(wf)
+        .build()
+        .unwrap();
+    let s = rt
+        .start("three_lines", "1", json!({}), opts())
+        .await
+        .unwrap();
+    rt.drain().await.unwrap();
+    assert_eq!(status(&rt, s.id).await, InstanceStatus::Completed);
+    assert_eq!(a.runs(), 1);
+
+    let prefix = schema.prefix.clone();
+    assert!(matches!(
+        PgBackend::connect("not a url", prefix.clone(), 1).await,
+        Err(PortError::InvalidInput(_))
+    ));
+    match PgBackend::connect("postgres://postgres@127.0.0.1:1/nowhere", prefix, 1).await {
+        Err(PortError::Unavailable(cause)) => assert!(
+            cause.to_string().to_lowercase().contains("refused"),
+            "the cause is kept: {cause}"
+        ),
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    schema.teardown().await;
+}
