@@ -88,7 +88,7 @@ pub use engine::{
 };
 pub use ids::{Event, IdError, IdempotencyKey, StepId, WorkflowId};
 pub use instance::{Instance, InstanceStatus, StepState, StepStatus};
-pub use retry::{Backoff, RetryPolicy};
+pub use retry::{Backoff, RetryDecision, RetryPolicy};
 pub use step::{
     AsyncWait, CancellationSignal, Completion, ErrorKind, Step, StepError, StepInput, StepOutcome,
 };

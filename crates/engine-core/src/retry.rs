@@ -6,6 +6,15 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// What follows a failed attempt ([`RetryPolicy::decide`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryDecision {
+    /// Try again after this delay.
+    RetryAfter(Duration),
+    /// Give up: the error is fatal, or no attempt is left.
+    Discard,
+}
+
 /// How the delay grows with the attempt number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -123,6 +132,31 @@ impl RetryPolicy {
         attempt < self.max_attempts
     }
 
+    /// What follows the failed `attempt` (1-based) of a job allowed
+    /// `max_attempts` attempts, that failed with `error`: the one retry
+    /// decision the queue and the runner both make. A fatal error, or the
+    /// last attempt, discards; otherwise the error's own delay wins, else
+    /// this policy's backoff with jitter from `sample` (a uniformly random
+    /// number from the caller: the engine reads no randomness).
+    pub fn decide(
+        &self,
+        attempt: u32,
+        max_attempts: u32,
+        error: &crate::step::StepError,
+        sample: u32,
+    ) -> RetryDecision {
+        match error.kind {
+            crate::step::ErrorKind::Fatal => RetryDecision::Discard,
+            _ if attempt >= max_attempts => RetryDecision::Discard,
+            crate::step::ErrorKind::Retryable {
+                after_ms: Some(after),
+            } => RetryDecision::RetryAfter(Duration::from_millis(after)),
+            crate::step::ErrorKind::Retryable { after_ms: None } => {
+                RetryDecision::RetryAfter(self.delay(attempt, sample))
+            }
+        }
+    }
+
     /// The delay before the attempt after the failed `attempt` (1-based),
     /// without jitter: the strategy's value clamped to `max_backoff`.
     pub fn base_delay(&self, attempt: u32) -> Duration {
@@ -168,6 +202,53 @@ fn duration_ms(d: Duration) -> u64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn decide_discards_fatal_and_last_attempts_and_prefers_explicit_delays() {
+        use crate::step::StepError;
+        let policy = RetryPolicy::new(
+            5,
+            Backoff::Linear,
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        )
+        .unwrap()
+        .with_jitter_per_mille(0)
+        .unwrap();
+        assert_eq!(
+            policy.decide(1, 5, &StepError::fatal("x"), 0),
+            RetryDecision::Discard
+        );
+        assert_eq!(
+            policy.decide(3, 5, &StepError::retryable("x"), 0),
+            RetryDecision::RetryAfter(Duration::from_secs(6))
+        );
+        assert_eq!(
+            policy.decide(
+                3,
+                5,
+                &StepError::retry_after("x", Duration::from_millis(1500)),
+                0
+            ),
+            RetryDecision::RetryAfter(Duration::from_millis(1500))
+        );
+        assert_eq!(
+            policy.decide(5, 5, &StepError::retryable("x"), 0),
+            RetryDecision::Discard,
+            "the last attempt"
+        );
+        assert_eq!(
+            policy.decide(
+                2,
+                2,
+                &StepError::retry_after("x", Duration::from_secs(1)),
+                0
+            ),
+            RetryDecision::Discard,
+            "an explicit delay does not add an attempt"
+        );
+    }
+
     use super::*;
     use proptest::prelude::*;
 

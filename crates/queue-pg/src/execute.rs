@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
 use hephaestus_engine_core::ports::JobLease;
-use hephaestus_engine_core::retry::RetryPolicy;
-use hephaestus_engine_core::step::{ErrorKind, StepError, panic_message};
+use hephaestus_engine_core::retry::{RetryDecision, RetryPolicy};
+use hephaestus_engine_core::step::{StepError, panic_message};
 use serde_json::json;
 
 use crate::error::Error;
@@ -130,10 +130,15 @@ impl Settler<'_> {
                 return Ok(Settlement::SettledByWorker);
             }
             Attempt::Failed(error)
-                if error.is_retryable() && lease.attempt < lease.max_attempts =>
+                if let RetryDecision::RetryAfter(delay) = ran.policy.decide(
+                    lease.attempt,
+                    lease.max_attempts,
+                    error,
+                    jitter_sample(),
+                ) =>
             {
                 outcome_name = "retried";
-                let retry_at = now + retry_delay(&ran.policy, lease.attempt, error);
+                let retry_at = now + to_delta(delay);
                 let mut conn = queue.pool().acquire().await?;
                 if queue
                     .retry_using(&mut conn, lease, error, retry_at, now)
@@ -287,16 +292,16 @@ pub(crate) fn fenced(events: &Events, lease: &JobLease, run_time: Duration) {
     events.emit(lease, JobEventKind::Fenced, None, Some(run_time));
 }
 
-/// The delay before the next attempt after the failed `attempt`: the
-/// error's explicit delay, else the policy's backoff with jitter.
+/// The delay before the next attempt after the failed `attempt`, whatever
+/// the attempts left (a discard hook that failed is retried even on the
+/// last attempt): [`RetryPolicy::decide`] with no limit, so the error's
+/// explicit delay wins, else the policy's backoff with jitter.
 pub(crate) fn retry_delay(policy: &RetryPolicy, attempt: u32, error: &StepError) -> TimeDelta {
-    let delay = match error.kind {
-        ErrorKind::Retryable {
-            after_ms: Some(after),
-        } => Duration::from_millis(after),
-        _ => policy.delay(attempt, jitter_sample()),
-    };
-    to_delta(delay)
+    match policy.decide(attempt, u32::MAX, error, jitter_sample()) {
+        RetryDecision::RetryAfter(delay) => to_delta(delay),
+        // A fatal error has no delay of its own: the policy's backoff.
+        RetryDecision::Discard => to_delta(policy.delay(attempt, jitter_sample())),
+    }
 }
 
 fn to_delta(delay: Duration) -> TimeDelta {

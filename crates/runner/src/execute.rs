@@ -4,8 +4,9 @@
 use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
 use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{JobLease, NewStepResult, ResultPayload};
+use hephaestus_engine_core::retry::RetryDecision;
 use hephaestus_engine_core::step::{
-    CancellationSignal, ErrorKind, StepError, StepInput, StepOutcome, panic_message,
+    CancellationSignal, StepError, StepInput, StepOutcome, panic_message,
 };
 use hephaestus_engine_core::{IdempotencyKey, StepId, Workflow};
 
@@ -474,21 +475,10 @@ impl<B: Backend> Runtime<B> {
         let now = self.now();
         let policy = wf.retry_policy_for(args.step.as_str());
         let mut tx = b.begin().await?;
-        let retry_after = match error.kind {
-            ErrorKind::Retryable { .. }
-                if lease.attempt >= lease.max_attempts.min(policy.max_attempts) =>
-            {
-                None
-            }
-            ErrorKind::Retryable { after_ms: Some(ms) } => {
-                Some(std::time::Duration::from_millis(ms))
-            }
-            ErrorKind::Retryable { after_ms: None } => {
-                Some(policy.delay(lease.attempt, Self::jitter_sample()))
-            }
-            ErrorKind::Fatal => None,
-        };
-        if let Some(after) = retry_after {
+        // The job's own limit (a snooze may have raised it) and the policy's.
+        let max_attempts = lease.max_attempts.min(policy.max_attempts);
+        let decision = policy.decide(lease.attempt, max_attempts, &error, Self::jitter_sample());
+        if let RetryDecision::RetryAfter(after) = decision {
             let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
             if !b.retry(&mut tx, lease, &error, at, now).await? {
                 return Ok(JobOutcome::Fenced);

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
 use hephaestus_engine_core::ports::{JobId, JobLease, ResultPayload};
-use hephaestus_engine_core::retry::{Backoff, RetryPolicy};
+use hephaestus_engine_core::retry::{Backoff, RetryDecision, RetryPolicy};
 use hephaestus_engine_core::step::StepError;
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
@@ -192,8 +192,13 @@ impl<B: Backend> Runtime<B> {
         let b = &self.inner.backend;
         let attempt = async {
             let mut tx = b.begin().await?;
-            let outcome = if step_error.is_retryable() && policy.should_retry(lease.attempt) {
-                let after = policy.delay(lease.attempt, Self::jitter_sample());
+            let decision = policy.decide(
+                lease.attempt,
+                policy.max_attempts,
+                &step_error,
+                Self::jitter_sample(),
+            );
+            let outcome = if let RetryDecision::RetryAfter(after) = decision {
                 let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
                 if b.retry(&mut tx, lease, &step_error, at, now).await? {
                     JobOutcome::Retried
