@@ -381,17 +381,9 @@ impl<B: Backend> Runtime<B> {
                 async move {
                     match rt.inner.backend.load_for_execution_many(&batch).await {
                         Ok(checks) => checks.into_iter().map(Ok).collect(),
-                        Err(e) => {
-                            let message = e.to_string();
-                            batch
-                                .iter()
-                                .map(|_| {
-                                    Err(RunnerError::Backend(PortError::Unavailable(
-                                        message.clone().into(),
-                                    )))
-                                })
-                                .collect()
-                        }
+                        // Every caller gets the error's own kind (a
+                        // NotFound stays NotFound).
+                        Err(e) => batch.iter().map(|_| Err(e.same_kind().into())).collect(),
                     }
                 }
             })

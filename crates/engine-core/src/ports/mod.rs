@@ -60,6 +60,30 @@ pub enum PortError {
     Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
+impl PortError {
+    /// An error of the same kind and message, for answering several callers
+    /// of one failed batched operation (the source of an `Unavailable` is
+    /// kept as its message).
+    #[must_use]
+    pub fn same_kind(&self) -> Self {
+        match self {
+            Self::AlreadyRunning {
+                business_id,
+                instance_id,
+            } => Self::AlreadyRunning {
+                business_id: business_id.clone(),
+                instance_id: *instance_id,
+            },
+            Self::AlreadyExists(m) => Self::AlreadyExists(m.clone()),
+            Self::NotFound(m) => Self::NotFound(m.clone()),
+            Self::Conflict(m) => Self::Conflict(m.clone()),
+            Self::InvalidInput(m) => Self::InvalidInput(m.clone()),
+            Self::Corrupt(m) => Self::Corrupt(m.clone()),
+            Self::Unavailable(source) => Self::Unavailable(source.to_string().into()),
+        }
+    }
+}
+
 /// Begin and commit a unit of work. Dropping a unit of work without
 /// committing rolls it back (and releases its instance locks).
 #[async_trait::async_trait]
@@ -754,6 +778,25 @@ pub trait JobQueue: UnitOfWork {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn same_kind_keeps_the_kind_and_the_message() {
+        let errors = [
+            PortError::NotFound("instance 1".into()),
+            PortError::Conflict("held".into()),
+            PortError::Corrupt("state".into()),
+            PortError::Unavailable("connection refused".into()),
+        ];
+        for error in errors {
+            let copy = error.same_kind();
+            assert_eq!(
+                std::mem::discriminant(&copy),
+                std::mem::discriminant(&error)
+            );
+            assert_eq!(copy.to_string(), error.to_string());
+        }
+    }
+
     use std::time::Duration;
 
     use serde_json::json;
