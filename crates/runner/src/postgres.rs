@@ -584,3 +584,74 @@ impl Runtime<PgBackend> {
             .rescue_interval(config.rescue_interval)
     }
 }
+
+/// One recorded failed attempt of a step, as operators see it: from one of
+/// its jobs' error records or, once the jobs are pruned, from the instance's
+/// failure record.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct StepAttempt {
+    /// The job that made it (`None`: from the failure record).
+    pub job_id: Option<i64>,
+    /// That job's kind.
+    pub job_kind: String,
+    /// The step activation it ran.
+    pub activation: Option<u32>,
+    /// The attempt number.
+    pub number: u32,
+    /// When it failed.
+    pub at: DateTime<Utc>,
+    /// How.
+    pub error: StepError,
+}
+
+/// Each step's recorded failed attempts, oldest first, from the instance's
+/// jobs (`jobs`, as queue-pg lists them) and its failure record, which keeps
+/// the failed activation's attempts after its jobs are pruned. What
+/// `hephaestus instances show` and the dashboard show.
+pub fn failed_attempts(
+    instance: &Instance,
+    jobs: &[hephaestus_queue_pg::Job],
+) -> std::collections::BTreeMap<String, Vec<StepAttempt>> {
+    let mut out: std::collections::BTreeMap<String, Vec<StepAttempt>> =
+        std::collections::BTreeMap::new();
+    for job in jobs {
+        let Some(step) = job.args.get("step").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        let activation = job
+            .args
+            .get("activation")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|a| u32::try_from(a).ok());
+        for record in &job.errors {
+            out.entry(step.to_owned()).or_default().push(StepAttempt {
+                job_id: Some(job.id.0),
+                job_kind: job.kind.clone(),
+                activation,
+                number: record.attempt,
+                at: record.at,
+                error: record.error.clone(),
+            });
+        }
+    }
+    if let Some(failure) = &instance.failure
+        && let Some(step) = &failure.step
+    {
+        let entry = out.entry(step.to_string()).or_default();
+        if entry.is_empty() {
+            entry.extend(failure.attempts.iter().map(|record| StepAttempt {
+                job_id: None,
+                job_kind: jobs::EXECUTE.to_owned(),
+                activation: Some(failure.activation),
+                number: record.attempt,
+                at: record.at,
+                error: record.error.clone(),
+            }));
+        }
+    }
+    for list in out.values_mut() {
+        list.sort_by_key(|a| a.at);
+    }
+    out
+}

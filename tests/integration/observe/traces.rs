@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::{JobQueue as _, JobState, UnitOfWork as _};
+use hephaestus_engine_core::ports::JobState;
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::Done;
 use hephaestus_queue_pg::QueueRuntime;
@@ -435,32 +435,13 @@ async fn an_instance_failed_by_a_discarded_job_has_an_error_root_span() {
         rt.get(started.id).await.unwrap().unwrap().status,
         InstanceStatus::Waiting
     );
-    rt.schedule_resume(
+    h.discard_a_due_resume(
+        &rt,
         started.id,
         hephaestus_engine_core::steps::WAIT_FOR_EVENT_ID,
         "received",
-        Duration::from_secs(30),
     )
-    .await
-    .unwrap();
-    h.clock.advance(Duration::from_secs(31));
-    let b = rt.backend();
-    let leases = b
-        .fetch(&rt.config().queues.timer, 10, h.clock.now())
-        .await
-        .unwrap();
-    let [lease] = leases.as_slice() else {
-        panic!("one due resume job: {leases:?}")
-    };
-    let error = hephaestus_engine_core::step::StepError::retryable("the worker died again");
-    let mut tx = b.begin().await.unwrap();
-    assert!(
-        b.discard(&mut tx, lease, &error, h.clock.now())
-            .await
-            .unwrap()
-    );
-    rt.handle_discarded(&mut tx, lease, &error).await.unwrap();
-    b.commit(tx).await.unwrap();
+    .await;
     assert_eq!(
         rt.get(started.id).await.unwrap().unwrap().status,
         InstanceStatus::Failed

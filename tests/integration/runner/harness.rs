@@ -93,6 +93,42 @@ impl<B: Backend> Harness<B> {
         b.build().expect("a valid runtime")
     }
 
+    /// Schedules a resume of `step` with `event` 30 s ahead, lets it come
+    /// due, then discards its job as the queue would after its worker kept
+    /// dying, with the failure handler's consequences in the discarding
+    /// unit of work.
+    pub async fn discard_a_due_resume(
+        &self,
+        rt: &Runtime<B>,
+        instance: uuid::Uuid,
+        step: &str,
+        event: &str,
+    ) {
+        use hephaestus_runner::jobs;
+        rt.schedule_resume(instance, step, event, std::time::Duration::from_secs(30))
+            .await
+            .unwrap();
+        self.clock.advance(std::time::Duration::from_secs(31));
+        let b = rt.backend();
+        let leases = b
+            .fetch(&rt.config().queues.timer, 10, self.clock.now())
+            .await
+            .unwrap();
+        let [lease] = leases.as_slice() else {
+            panic!("one due resume job: {leases:?}")
+        };
+        assert_eq!(lease.kind, jobs::RESUME);
+        let error = hephaestus_engine_core::step::StepError::retryable("the worker died again");
+        let mut tx = b.begin().await.unwrap();
+        assert!(
+            b.discard(&mut tx, lease, &error, self.clock.now())
+                .await
+                .unwrap()
+        );
+        rt.handle_discarded(&mut tx, lease, &error).await.unwrap();
+        b.commit(tx).await.unwrap();
+    }
+
     pub async fn teardown(self) {
         if let Some(schema) = self.schema {
             schema.teardown().await;

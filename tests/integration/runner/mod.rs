@@ -590,28 +590,7 @@ async fn an_undeliverable_scheduled_resume_fails_its_instance<B: Backend>(h: &Ha
     let rt = h.runtime(vec![wf]);
     let s = rt.start("approval", "1", json!({}), opts()).await.unwrap();
     rt.drain().await.unwrap();
-    rt.schedule_resume(s.id, "Hold", "approved", Duration::from_secs(30))
-        .await
-        .unwrap();
-    h.clock.advance(Duration::from_secs(31));
-    let b = rt.backend();
-    let leases = b
-        .fetch(&rt.config().queues.timer, 10, h.clock.now())
-        .await
-        .unwrap();
-    let [lease] = leases.as_slice() else {
-        panic!("one due resume job: {leases:?}")
-    };
-    assert_eq!(lease.kind, jobs::RESUME);
-    let error = hephaestus_engine_core::step::StepError::retryable("the worker died again");
-    let mut tx = b.begin().await.unwrap();
-    assert!(
-        b.discard(&mut tx, lease, &error, h.clock.now())
-            .await
-            .unwrap()
-    );
-    rt.handle_discarded(&mut tx, lease, &error).await.unwrap();
-    b.commit(tx).await.unwrap();
+    h.discard_a_due_resume(&rt, s.id, "Hold", "approved").await;
     let inst = rt.get(s.id).await.unwrap().unwrap();
     assert_eq!(inst.status, InstanceStatus::Failed);
     assert_eq!(inst.step("Hold").unwrap().status, StepStatus::Cancelled);

@@ -12,13 +12,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, Result};
-use chrono::{DateTime, Utc};
 use clap::Args;
 use hephaestus_engine_core::instance::{HistoryEntry, StepState};
 use hephaestus_engine_core::step::{ErrorKind, StepError};
 use hephaestus_engine_core::{Instance, StepId, Workflow};
 use hephaestus_queue_pg::{Job, JobFilter};
 use hephaestus_runner::RunnerConfig;
+use hephaestus_runner::postgres::{StepAttempt, failed_attempts};
 use hephaestus_storage_pg::RawInstance;
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -165,47 +165,36 @@ async fn instance_jobs(db: &Database, id: Uuid) -> Result<Vec<Job>> {
         .context("reading the instance's jobs")
 }
 
-/// A failed attempt of one of the instance's jobs (or of the failure record).
-#[derive(Debug, Clone)]
-struct Attempt {
-    job_id: Option<i64>,
-    kind: String,
-    activation: Option<u32>,
-    number: u32,
-    at: DateTime<Utc>,
-    error: StepError,
+/// A failed attempt as JSON.
+fn attempt_json(attempt: &StepAttempt) -> Value {
+    json!({
+        "job_id": attempt.job_id,
+        "job_kind": attempt.job_kind,
+        "activation": attempt.activation,
+        "attempt": attempt.number,
+        "at": time(attempt.at),
+        "error_kind": error_kind(&attempt.error),
+        "message": attempt.error.message,
+    })
 }
 
-impl Attempt {
-    fn json(&self) -> Value {
-        json!({
-            "job_id": self.job_id,
-            "job_kind": self.kind,
-            "activation": self.activation,
-            "attempt": self.number,
-            "at": time(self.at),
-            "error_kind": error_kind(&self.error),
-            "message": self.error.message,
-        })
+/// A failed attempt as a line of text.
+fn attempt_line(attempt: &StepAttempt) -> String {
+    let mut where_ = Vec::new();
+    if let Some(a) = attempt.activation {
+        where_.push(format!("activation {a}"));
     }
-
-    fn line(&self) -> String {
-        let mut where_ = Vec::new();
-        if let Some(a) = self.activation {
-            where_.push(format!("activation {a}"));
-        }
-        if let Some(id) = self.job_id {
-            where_.push(format!("job #{id}"));
-        }
-        format!(
-            "attempt {} ({}) at {}: {} [{}]",
-            self.number,
-            where_.join(", "),
-            time(self.at),
-            self.error.message,
-            error_kind(&self.error)
-        )
+    if let Some(id) = attempt.job_id {
+        where_.push(format!("job #{id}"));
     }
+    format!(
+        "attempt {} ({}) at {}: {} [{}]",
+        attempt.number,
+        where_.join(", "),
+        time(attempt.at),
+        attempt.error.message,
+        error_kind(&attempt.error)
+    )
 }
 
 fn error_kind(error: &StepError) -> &'static str {
@@ -222,53 +211,13 @@ struct View<'a> {
     dag: Dag,
     jobs: &'a [Job],
     /// Step → its recorded failed attempts, oldest first.
-    attempts: BTreeMap<String, Vec<Attempt>>,
+    attempts: BTreeMap<String, Vec<StepAttempt>>,
 }
 
 impl<'a> View<'a> {
     fn new(instance: &'a Instance, definition: Option<&'a Workflow>, jobs: &'a [Job]) -> Self {
         let dag = definition.map_or_else(|| Dag::of_instance(instance), Dag::of_workflow);
-        let mut attempts: BTreeMap<String, Vec<Attempt>> = BTreeMap::new();
-        for job in jobs {
-            let Some(step) = job.args.get("step").and_then(Value::as_str) else {
-                continue;
-            };
-            let activation = job
-                .args
-                .get("activation")
-                .and_then(Value::as_u64)
-                .and_then(|a| u32::try_from(a).ok());
-            for record in &job.errors {
-                attempts.entry(step.to_owned()).or_default().push(Attempt {
-                    job_id: Some(job.id.0),
-                    kind: job.kind.clone(),
-                    activation,
-                    number: record.attempt,
-                    at: record.at,
-                    error: record.error.clone(),
-                });
-            }
-        }
-        // Jobs are pruned after a while; the failure record keeps the
-        // failed activation's attempts.
-        if let Some(failure) = &instance.failure
-            && let Some(step) = &failure.step
-        {
-            let entry = attempts.entry(step.to_string()).or_default();
-            if entry.is_empty() {
-                entry.extend(failure.attempts.iter().map(|record| Attempt {
-                    job_id: None,
-                    kind: hephaestus_runner::jobs::EXECUTE.to_owned(),
-                    activation: Some(failure.activation),
-                    number: record.attempt,
-                    at: record.at,
-                    error: record.error.clone(),
-                }));
-            }
-        }
-        for list in attempts.values_mut() {
-            list.sort_by_key(|a| a.at);
-        }
+        let attempts = failed_attempts(instance, jobs);
         Self {
             instance,
             definition,
@@ -349,7 +298,7 @@ impl<'a> View<'a> {
                     "activated_at": state.and_then(|s| s.activated_at).map(time),
                     "updated_at": state.and_then(|s| s.updated_at).map(time),
                     "error": self.failed_with(step).map(|e| e.message.clone()),
-                    "attempts": self.attempts.get(step.as_str()).map(|a| a.iter().map(Attempt::json).collect::<Vec<_>>()).unwrap_or_default(),
+                    "attempts": self.attempts.get(step.as_str()).map(|a| a.iter().map(attempt_json).collect::<Vec<_>>()).unwrap_or_default(),
                 })
             })
             .collect();
@@ -451,7 +400,7 @@ impl<'a> View<'a> {
                 details.push(format!("error: {} [{}]", error.message, error_kind(error)));
             }
             for attempt in self.attempts.get(&step).into_iter().flatten() {
-                details.push(attempt.line());
+                details.push(attempt_line(attempt));
             }
             marks.labels.insert(step.clone(), label);
             marks.details.insert(step, details);

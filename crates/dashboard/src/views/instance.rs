@@ -7,7 +7,6 @@
 //! the instance's jobs with their errors, and the history as a timeline.
 //! While the instance is active the page refreshes itself.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::Extension;
@@ -48,58 +47,6 @@ fn kind(error: &StepError) -> &'static str {
         ErrorKind::Retryable { .. } => "retryable",
         ErrorKind::Fatal => "fatal",
     }
-}
-
-/// One failed attempt of a step.
-struct Attempt {
-    job: Option<i64>,
-    activation: Option<u32>,
-    number: u32,
-    at: chrono::DateTime<chrono::Utc>,
-    error: StepError,
-}
-
-/// Step → its failed attempts, from its jobs' error records and (jobs are
-/// pruned after a while) the failure record.
-fn attempts(instance: &Instance, jobs: &[Job]) -> BTreeMap<String, Vec<Attempt>> {
-    let mut out: BTreeMap<String, Vec<Attempt>> = BTreeMap::new();
-    for job in jobs {
-        let Some(step) = job.args.get("step").and_then(Value::as_str) else {
-            continue;
-        };
-        let activation = job
-            .args
-            .get("activation")
-            .and_then(Value::as_u64)
-            .and_then(|a| u32::try_from(a).ok());
-        for record in &job.errors {
-            out.entry(step.to_owned()).or_default().push(Attempt {
-                job: Some(job.id.0),
-                activation,
-                number: record.attempt,
-                at: record.at,
-                error: record.error.clone(),
-            });
-        }
-    }
-    if let Some(failure) = &instance.failure
-        && let Some(step) = &failure.step
-    {
-        let entry = out.entry(step.to_string()).or_default();
-        if entry.is_empty() {
-            entry.extend(failure.attempts.iter().map(|r| Attempt {
-                job: None,
-                activation: Some(failure.activation),
-                number: r.attempt,
-                at: r.at,
-                error: r.error.clone(),
-            }));
-        }
-    }
-    for list in out.values_mut() {
-        list.sort_by_key(|a| a.at);
-    }
-    out
 }
 
 /// The instance page.
@@ -149,7 +96,7 @@ pub(crate) fn render(
     let taken = Dag::taken(instance);
     let state_of = |step: &str| Some(state_name(instance.steps.get(step)));
     let svg = crate::svg::render(&dag, &state_of, &taken);
-    let attempts = attempts(instance, jobs);
+    let attempts = hephaestus_runner::postgres::failed_attempts(instance, jobs);
     let steps: Vec<String> = dag.layers().into_iter().flatten().collect();
     let output = |step: &str| -> Option<&Value> {
         let key = definition
@@ -247,7 +194,7 @@ pub(crate) fn render(
                                     li {
                                         "attempt " (a.number)
                                         @if let Some(act) = a.activation { " (activation " (act) ")" }
-                                        @if let Some(job) = a.job { " job " a href=(ctx.url(&format!("/jobs/{job}"))) { "#" (job) } }
+                                        @if let Some(job) = a.job_id { " job " a href=(ctx.url(&format!("/jobs/{job}"))) { "#" (job) } }
                                         " at " (when(a.at)) ": " (a.error.message) " [" (kind(&a.error)) "]"
                                     }
                                 }

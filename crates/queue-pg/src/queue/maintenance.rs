@@ -168,7 +168,17 @@ impl PgQueue {
             .bind(before)
             .fetch_all(&mut *tx)
             .await?;
-        let mut queues: Vec<&str> = rescued.iter().map(|(_, q)| q.as_str()).collect();
+        self.wake_and_commit(tx, rescued).await
+    }
+
+    /// Wakes the queues of the jobs a statement made available again
+    /// (`(id, queue)` rows), commits, and returns their ids.
+    async fn wake_and_commit(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        rows: Vec<(i64, String)>,
+    ) -> Result<Vec<JobId>, Error> {
+        let mut queues: Vec<&str> = rows.iter().map(|(_, q)| q.as_str()).collect();
         queues.sort_unstable();
         queues.dedup();
         if !queues.is_empty() {
@@ -179,7 +189,7 @@ impl PgQueue {
                 .await?;
         }
         tx.commit().await?;
-        Ok(rescued.into_iter().map(|(id, _)| JobId(id)).collect())
+        Ok(rows.into_iter().map(|(id, _)| JobId(id)).collect())
     }
 
     /// Hands executing jobs back to the queue (a graceful shutdown ran out
@@ -197,11 +207,7 @@ impl PgQueue {
             return Ok(Vec::new());
         }
         let now = self.now();
-        let ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
-        let attempts: Vec<i32> = leases
-            .iter()
-            .map(|(_, a)| i32::try_from(*a).unwrap_or(i32::MAX))
-            .collect();
+        let (ids, attempts) = super::settle::lease_columns(leases)?;
         let records: Vec<Json<[AttemptRecord; 1]>> = leases
             .iter()
             .map(|(_, attempt)| {
@@ -222,18 +228,7 @@ impl PgQueue {
             .bind(now)
             .fetch_all(&mut *tx)
             .await?;
-        let mut queues: Vec<&str> = released.iter().map(|(_, q)| q.as_str()).collect();
-        queues.sort_unstable();
-        queues.dedup();
-        if !queues.is_empty() {
-            sqlx::query(&self.sql().notify_queues)
-                .bind(self.channel())
-                .bind(&queues)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(released.into_iter().map(|(id, _)| JobId(id)).collect())
+        self.wake_and_commit(tx, released).await
     }
 
     /// The runtime holding the maintenance lease (its worker id) and until
