@@ -132,21 +132,23 @@ impl Telemetry {
             metadata,
         };
         record_metrics(&event);
-        let fields = serde_json::to_string(&event.metadata).unwrap_or_default();
-        let numbers = serde_json::to_string(&event.measurements).unwrap_or_default();
+        // The fields are serialized only when a subscriber takes the event:
+        // telemetry runs several times per step, mostly with nobody
+        // logging it.
+        macro_rules! log_at {
+            ($level:expr) => {
+                if tracing::enabled!($level) {
+                    let fields = serde_json::to_string(&event.metadata).unwrap_or_default();
+                    let numbers = serde_json::to_string(&event.measurements).unwrap_or_default();
+                    tracing::event!($level, telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
+                }
+            };
+        }
         match name {
-            names::WORKFLOW_EXCEPTION | names::STEP_EXCEPTION => {
-                tracing::error!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
-            }
-            names::STEP_ASYNC => {
-                tracing::warn!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
-            }
-            names::WORKFLOW_TRANSITION | names::ENGINE_ADVANCE => {
-                tracing::debug!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
-            }
-            _ => {
-                tracing::info!(telemetry = name, measurements = %numbers, metadata = %fields, "{name}");
-            }
+            names::WORKFLOW_EXCEPTION | names::STEP_EXCEPTION => log_at!(tracing::Level::ERROR),
+            names::STEP_ASYNC => log_at!(tracing::Level::WARN),
+            names::WORKFLOW_TRANSITION | names::ENGINE_ADVANCE => log_at!(tracing::Level::DEBUG),
+            _ => log_at!(tracing::Level::INFO),
         }
         // No subscriber is not an error.
         let _ = self.sender.send(event);
