@@ -43,10 +43,37 @@ pub struct SchemaVersion {
     pub down: Down,
 }
 
+/// The SQL dialect a component's statements are written in: it decides the scaffolding
+/// [`crate::render_up`] and [`crate::render_down`] put around them (the migrators' lock,
+/// the schema, the versions table and how a version is recorded).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Dialect {
+    /// PostgreSQL: tables in a schema (`{prefix}`), concurrent migrators serialized by a
+    /// transaction-scoped advisory lock.
+    #[default]
+    Postgres,
+    /// SQLite: a database file is one namespace, so templates name tables without a
+    /// `{prefix}` (the prefix passed to the renderers is ignored); concurrent migrators
+    /// are serialized by SQLite's own write lock (run a script in a `begin immediate`
+    /// transaction).
+    Sqlite,
+}
+
+impl Dialect {
+    /// `postgres` or `sqlite`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Postgres => "postgres",
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
+
 /// A named, ordered list of schema versions for tables that one crate owns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Component {
     name: &'static str,
+    dialect: Dialect,
     versions: &'static [SchemaVersion],
 }
 
@@ -60,6 +87,17 @@ impl Component {
     /// no placeholder other than `{prefix}`, no trailing `;`, no `concurrently` and no
     /// transaction control.
     pub fn new(name: &'static str, versions: &'static [SchemaVersion]) -> Result<Self, Error> {
+        Self::with_dialect(name, Dialect::Postgres, versions)
+    }
+
+    /// Validates and builds a component whose statements are written in `dialect`, with
+    /// the rules of [`Component::new`]; a [`Dialect::Sqlite`] template must not contain
+    /// `{prefix}` (a SQLite file has no schemas).
+    pub fn with_dialect(
+        name: &'static str,
+        dialect: Dialect,
+        versions: &'static [SchemaVersion],
+    ) -> Result<Self, Error> {
         let invalid = |problem: String| Error::InvalidComponent {
             component: name.to_owned(),
             problem,
@@ -91,12 +129,13 @@ impl Component {
                 return Err(invalid(format!("v{expected} has no up statements")));
             }
             for statement in version.up {
-                check_template(statement).map_err(|p| invalid(format!("v{expected} up: {p}")))?;
+                check_template(statement, dialect)
+                    .map_err(|p| invalid(format!("v{expected} up: {p}")))?;
             }
             match version.down {
                 Down::Statements(statements) => {
                     for statement in statements {
-                        check_template(statement)
+                        check_template(statement, dialect)
                             .map_err(|p| invalid(format!("v{expected} down: {p}")))?;
                     }
                 }
@@ -106,7 +145,16 @@ impl Component {
                 }
             }
         }
-        Ok(Self { name, versions })
+        Ok(Self {
+            name,
+            dialect,
+            versions,
+        })
+    }
+
+    /// The dialect its statements are written in.
+    pub fn dialect(&self) -> Dialect {
+        self.dialect
     }
 
     /// The component name, e.g. `storage`.
@@ -144,10 +192,15 @@ fn check_text(text: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn check_template(template: &str) -> Result<(), String> {
+fn check_template(template: &str, dialect: Dialect) -> Result<(), String> {
     let trimmed = template.trim();
     if trimmed.is_empty() {
         return Err("empty statement".to_owned());
+    }
+    if dialect == Dialect::Sqlite && template.contains("{prefix") {
+        return Err(format!(
+            "a SQLite statement names its tables without {{prefix}} (a SQLite file has no schemas): {trimmed}"
+        ));
     }
     if trimmed.ends_with(';') {
         return Err(format!(
@@ -245,6 +298,26 @@ mod tests {
         assert!(problem(Component::new("c", &GAP)).contains("numbered 3"));
         assert!(problem(Component::new("c", &SAME)).contains("not greater"));
         assert!(problem(Component::new("c", &ZERO)).contains("not greater"));
+    }
+
+    #[test]
+    fn sqlite_templates_have_no_prefix() {
+        static PREFIXED: [SchemaVersion; 1] = [version(1, 1)];
+        static PLAIN: [SchemaVersion; 1] = [SchemaVersion {
+            up: &["create table if not exists t (id integer)"],
+            down: Down::Statements(&["drop table if exists t"]),
+            ..version(1, 1)
+        }];
+        assert!(
+            problem(Component::with_dialect("c", Dialect::Sqlite, &PREFIXED))
+                .contains("without {prefix}")
+        );
+        let plain = Component::with_dialect("c", Dialect::Sqlite, &PLAIN).unwrap();
+        assert_eq!(plain.dialect(), Dialect::Sqlite);
+        assert_eq!(
+            Component::new("c", &PREFIXED).unwrap().dialect(),
+            Dialect::Postgres
+        );
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Versioned, idempotent PostgreSQL DDL for the Hephaestus tables.
+//! Versioned, idempotent DDL for the Hephaestus tables, in PostgreSQL's dialect or in
+//! SQLite's ([`Dialect`]).
 //!
 //! A [`Component`] is a set of tables owned by one crate (for example `storage`, the
 //! workflow instances and their step results, defined by `hephaestus_storage_pg::schema()`)
@@ -6,6 +7,9 @@
 //! [`SchemaPrefix`] (a PostgreSQL schema, default `public`), the SQL that migrates a
 //! component between ANY two versions, and the sqlx-compatible files that
 //! `cargo xtask gen-migration` writes into `migrations/` for a [`Registry`] of components.
+//! A component written for SQLite ([`Component::with_dialect`] with [`Dialect::Sqlite`])
+//! renders the same way without schemas or advisory locks: a SQLite file is one namespace,
+//! and SQLite serializes migrators with its own write lock.
 //! It depends on no other crate of the workspace and knows no table of its own.
 //! It does no I/O against a database and has no async code: runtime crates embed the
 //! rendered text and run it themselves.
@@ -70,11 +74,12 @@ mod prefix;
 mod registry;
 mod render;
 
-pub use component::{Component, Down, PREFIX_PLACEHOLDER, SchemaVersion};
+pub use component::{Component, Dialect, Down, PREFIX_PLACEHOLDER, SchemaVersion};
 pub use error::{Error, PrefixRule};
 pub use prefix::SchemaPrefix;
 pub use registry::Registry;
 pub use render::{
     Direction, Script, VERSIONS_TABLE, current_version_sql, down_versions, render_down, render_up,
-    up_versions, versions_table_exists_sql,
+    sqlite_current_version_sql, sqlite_versions_table_exists_sql, up_versions,
+    versions_table_exists_sql,
 };

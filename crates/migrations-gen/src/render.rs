@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use crate::component::{Component, Down, PREFIX_PLACEHOLDER};
+use crate::component::{Component, Dialect, Down, PREFIX_PLACEHOLDER};
 use crate::error::Error;
 use crate::prefix::SchemaPrefix;
 
@@ -33,6 +33,7 @@ impl Direction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Script {
     component: &'static str,
+    dialect: Dialect,
     prefix: SchemaPrefix,
     direction: Direction,
     from: u32,
@@ -85,20 +86,26 @@ impl Script {
     pub fn to_sql(&self) -> String {
         let mut sql = String::new();
         // Writing to a String cannot fail.
+        let target = match self.dialect {
+            Dialect::Postgres => format!("schema {}", self.prefix.quoted()),
+            Dialect::Sqlite => "SQLite".to_owned(),
+        };
         let _ = writeln!(
             sql,
-            "-- hephaestus {}: {} from v{} to v{}, schema {}",
+            "-- hephaestus {}: {} from v{} to v{}, {target}",
             self.component,
             self.direction.as_str(),
             self.from,
             self.to,
-            self.prefix.quoted()
         );
         if self.is_empty() {
             sql.push_str("-- nothing to do\n");
             return sql;
         }
-        sql.push_str("-- idempotent; run inside one transaction (sqlx wraps each migration file in one; with psql use --single-transaction)\n");
+        sql.push_str(match self.dialect {
+            Dialect::Postgres => "-- idempotent; run inside one transaction (sqlx wraps each migration file in one; with psql use --single-transaction)\n",
+            Dialect::Sqlite => "-- idempotent; run inside one `begin immediate` transaction (sqlx wraps each migration file in one)\n",
+        });
         for statement in &self.statements {
             sql.push('\n');
             sql.push_str(statement.trim());
@@ -175,11 +182,14 @@ pub fn render_up(
     to: u32,
 ) -> Result<Script, Error> {
     let versions = up_versions(component, from, to)?;
+    let dialect = component.dialect();
     let mut statements = Vec::new();
     if !versions.is_empty() {
-        statements.push(lock_statement(prefix));
-        statements.push(format!("create schema if not exists {}", prefix.quoted()));
-        statements.push(create_versions_table(prefix));
+        if dialect == Dialect::Postgres {
+            statements.push(lock_statement(prefix));
+            statements.push(format!("create schema if not exists {}", prefix.quoted()));
+        }
+        statements.push(create_versions_table(dialect, prefix));
         for number in &versions {
             let version = known(component, *number);
             statements.extend(version.up.iter().map(|t| fill(t, prefix)));
@@ -188,6 +198,7 @@ pub fn render_up(
     }
     Ok(Script {
         component: component.name(),
+        dialect,
         prefix: prefix.clone(),
         direction: Direction::Up,
         from,
@@ -212,9 +223,12 @@ pub fn render_down(
     to: u32,
 ) -> Result<Script, Error> {
     let versions = down_versions(component, from, to)?;
+    let dialect = component.dialect();
     let mut statements = Vec::new();
     if !versions.is_empty() {
-        statements.push(lock_statement(prefix));
+        if dialect == Dialect::Postgres {
+            statements.push(lock_statement(prefix));
+        }
         for number in &versions {
             match known(component, *number).down {
                 Down::Statements(templates) => {
@@ -233,6 +247,7 @@ pub fn render_down(
     }
     Ok(Script {
         component: component.name(),
+        dialect,
         prefix: prefix.clone(),
         direction: Direction::Down,
         from,
@@ -245,6 +260,14 @@ pub fn render_down(
 /// A statement that aborts the transaction: the down script of an irreversible version.
 pub(crate) fn irreversible_statement(component: &Component, number: u32, reason: &str) -> String {
     // `reason` has no quotes, `$`, `%` or backslashes: checked by `Component::new`.
+    if component.dialect() == Dialect::Sqlite {
+        // SQLite has no procedural blocks: `raise` outside a trigger is an error, so the
+        // script stops here, with the reason in the statement the error names.
+        return format!(
+            "select raise(abort, 'hephaestus {} v{number} is irreversible: {reason}')",
+            component.name()
+        );
+    }
     format!(
         "do $$\nbegin\n    raise exception 'hephaestus {} v{number} is irreversible: {reason}';\nend\n$$",
         component.name()
@@ -279,6 +302,22 @@ fn known(component: &Component, number: u32) -> &'static crate::SchemaVersion {
         .expect("planned versions are known")
 }
 
+/// SQL that tells whether the versions table exists in a SQLite database; returns one
+/// integer (1 or 0).
+pub fn sqlite_versions_table_exists_sql() -> String {
+    format!(
+        "select exists (select 1 from sqlite_master where type = 'table' and name = '{VERSIONS_TABLE}')"
+    )
+}
+
+/// SQL that reads the applied version of one component in a SQLite database; bind the
+/// component name as `?1`. Returns one integer row: the recorded version, or 0.
+pub fn sqlite_current_version_sql() -> String {
+    format!(
+        "select coalesce(max(version), 0) as version from {VERSIONS_TABLE} where component = ?1"
+    )
+}
+
 fn fill(template: &str, prefix: &SchemaPrefix) -> String {
     template
         .trim()
@@ -292,7 +331,16 @@ fn lock_statement(prefix: &SchemaPrefix) -> String {
     )
 }
 
-fn create_versions_table(prefix: &SchemaPrefix) -> String {
+fn create_versions_table(dialect: Dialect, prefix: &SchemaPrefix) -> String {
+    if dialect == Dialect::Sqlite {
+        return format!(
+            "create table if not exists {VERSIONS_TABLE} (
+    component text primary key,
+    version integer not null check (version >= 0),
+    applied_at text not null
+) strict"
+        );
+    }
     format!(
         "create table if not exists {}.{VERSIONS_TABLE} (
     component text primary key,
@@ -305,6 +353,17 @@ fn create_versions_table(prefix: &SchemaPrefix) -> String {
 
 fn record_up(component: &Component, prefix: &SchemaPrefix, to: u32) -> String {
     // The component name matches ^[a-z_][a-z0-9_]*$ (checked by `Component::new`).
+    if component.dialect() == Dialect::Sqlite {
+        // `applied_at` is for operators only: nothing decides on it.
+        return format!(
+            "insert into {VERSIONS_TABLE} (component, version, applied_at)
+values ('{c}', {to}, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+on conflict (component) do update
+    set version = excluded.version, applied_at = excluded.applied_at
+    where {VERSIONS_TABLE}.version < excluded.version",
+            c = component.name(),
+        );
+    }
     format!(
         "insert into {p}.{VERSIONS_TABLE} as v (component, version)
 values ('{c}', {to})
@@ -317,8 +376,18 @@ on conflict (component) do update
 }
 
 fn record_down(component: &Component, prefix: &SchemaPrefix, to: u32) -> String {
-    let table = format!("{}.{VERSIONS_TABLE}", prefix.quoted());
     let c = component.name();
+    if component.dialect() == Dialect::Sqlite {
+        // The up script created the versions table: no existence check is needed.
+        return if to == 0 {
+            format!("delete from {VERSIONS_TABLE} where component = '{c}'")
+        } else {
+            format!(
+                "update {VERSIONS_TABLE} set version = {to}, applied_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') where component = '{c}' and version > {to}"
+            )
+        };
+    }
+    let table = format!("{}.{VERSIONS_TABLE}", prefix.quoted());
     let change = if to == 0 {
         format!("delete from {table} where component = '{c}';")
     } else {
