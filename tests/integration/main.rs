@@ -11,6 +11,7 @@ mod migrations;
 mod observe;
 mod queue_pg;
 mod runner;
+mod sqlite;
 mod storage_pg;
 mod support;
 mod tidy;

@@ -269,6 +269,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("hephaestus-memory", 1),
     ("hephaestus-storage-pg", 1),
     ("hephaestus-queue-pg", 1),
+    ("hephaestus-sqlite", 1),
     ("hephaestus-runner", 2),
     ("hephaestus-failure-handler", 3),
     ("hephaestus-conformance", 3),

@@ -61,6 +61,8 @@ pub mod observe;
 pub mod postgres;
 pub mod retry;
 mod runtime;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -1,5 +1,6 @@
-//! Runs one scenario on both backends: the in-memory backend and PostgreSQL
-//! (storage-pg + queue-pg in a fresh schema), with one virtual clock.
+//! Runs one scenario on every backend: the in-memory backend, PostgreSQL
+//! (storage-pg + queue-pg in a fresh schema) and SQLite (a fresh file), with
+//! one virtual clock.
 
 use std::sync::Arc;
 
@@ -9,14 +10,17 @@ use hephaestus_memory::MemoryBackend;
 use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::testing::{ScriptedStep, VirtualClock};
 use hephaestus_runner::{Backend, RunnerConfig, Runtime};
+use hephaestus_sqlite::SqliteBackend;
 
 use crate::support::db::TestSchema;
+use crate::support::sqlite::TempDir;
 
 /// A backend and the clock every component reads.
 pub struct Harness<B> {
     pub backend: B,
     pub clock: VirtualClock,
     schema: Option<TestSchema>,
+    dir: Option<TempDir>,
 }
 
 impl Harness<MemoryBackend> {
@@ -26,6 +30,22 @@ impl Harness<MemoryBackend> {
             backend: MemoryBackend::with_clock(clock.clock()),
             clock,
             schema: None,
+            dir: None,
+        }
+    }
+}
+
+impl Harness<SqliteBackend> {
+    /// A fresh migrated SQLite file, read through the virtual clock.
+    pub async fn sqlite() -> Self {
+        let clock = VirtualClock::default();
+        let dir = TempDir::new("runner-sqlite");
+        let backend = crate::support::sqlite::fresh(&dir, Some(clock.clock())).await;
+        Self {
+            backend,
+            clock,
+            schema: None,
+            dir: Some(dir),
         }
     }
 }
@@ -65,6 +85,7 @@ impl Harness<PgBackend> {
             backend: PgBackend::new(store, queue),
             clock,
             schema: Some(schema),
+            dir: None,
         }
     }
 }
@@ -133,6 +154,10 @@ impl<B: Backend> Harness<B> {
         if let Some(schema) = self.schema {
             schema.teardown().await;
         }
+        // The SQLite file goes with its directory (after the backend's
+        // last handle here is dropped).
+        drop(self.backend);
+        drop(self.dir);
     }
 }
 
@@ -179,8 +204,8 @@ impl FanOut {
     }
 }
 
-/// Generates `<name>::memory` and `<name>::postgres` tests running the
-/// scenario `<name>` on each backend.
+/// Generates `<name>::memory`, `<name>::postgres` and `<name>::sqlite`
+/// tests running the scenario `<name>` on each backend.
 macro_rules! on_both_backends {
     ($($name:ident),* $(,)?) => {
         $(
@@ -197,6 +222,13 @@ macro_rules! on_both_backends {
                 #[tokio::test]
                 async fn postgres() {
                     let h = Harness::postgres().await;
+                    super::$name(&h).await;
+                    h.teardown().await;
+                }
+
+                #[tokio::test]
+                async fn sqlite() {
+                    let h = Harness::sqlite().await;
                     super::$name(&h).await;
                     h.teardown().await;
                 }

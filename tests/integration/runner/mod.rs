@@ -1,5 +1,5 @@
-//! The runner end to end, every scenario on both backends (memory and
-//! PostgreSQL): the spec's ★ behaviours, with user-code executions counted.
+//! The runner end to end, every scenario on every backend (memory, PostgreSQL and
+//! SQLite): the spec's ★ behaviours, with user-code executions counted.
 
 mod backend_conformance;
 pub(crate) mod harness;
