@@ -19,7 +19,7 @@ use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep, WaitForEvent};
 use hephaestus_queue_pg::PgQueue;
 use hephaestus_runner::postgres::PgBackend;
-use hephaestus_runner::testing::VirtualClock;
+use hephaestus_runner::testing::ManualClock;
 use hephaestus_runner::{Runtime, StartOptions};
 use hephaestus_storage_pg::PgStore;
 use serde_json::{Value, json};
@@ -55,7 +55,7 @@ fn unknown_workflows() -> Vec<Workflow> {
 struct Env {
     schema: TestSchema,
     runtime: Runtime<PgBackend>,
-    clock: Option<VirtualClock>,
+    clock: Option<ManualClock>,
 }
 
 impl Env {
@@ -66,7 +66,7 @@ impl Env {
 
     /// With `clock` as the queue's and the runtime's clock (retry delays
     /// pass when the test says so).
-    async fn with_clock(clock: Option<VirtualClock>) -> Self {
+    async fn with_clock(clock: Option<ManualClock>) -> Self {
         let schema = TestSchema::new().await;
         hephaestus_storage_pg::migrate(&schema.pool, &schema.prefix)
             .await
@@ -77,17 +77,16 @@ impl Env {
         let recorder = fixtures::Recorder::new(schema.pool.clone(), &schema.prefix)
             .await
             .unwrap();
-        let mut queue = PgQueue::new(schema.pool.clone(), schema.prefix.clone());
-        if let Some(clock) = &clock {
-            queue = queue.with_clock(clock.clone());
-        }
-        let backend = PgBackend::new(
+        let mut backend = PgBackend::new(
             PgStore::new(schema.pool.clone(), schema.prefix.clone()),
-            queue,
+            PgQueue::new(schema.pool.clone(), schema.prefix.clone()),
         );
+        if let Some(clock) = &clock {
+            backend = backend.with_clock(clock.clone());
+        }
         let mut builder = Runtime::builder(backend);
         if let Some(clock) = &clock {
-            builder = builder.clock(clock.clock());
+            builder = builder.clock(clock.clone());
         }
         for workflow in fixtures::workflows(&recorder)
             .unwrap()
@@ -371,7 +370,7 @@ async fn instances_list_filters_by_workflow_status_business_id_and_time_and_page
 
 #[tokio::test]
 async fn instances_show_draws_the_dag_with_states_attempts_jobs_and_history() {
-    let clock = VirtualClock::at(Utc::now());
+    let clock = ManualClock::new(Utc::now());
     let env = Env::with_clock(Some(clock)).await;
     let s = env.name().to_owned();
     // Transform fails twice (retryable) then completes; Store fails for good.

@@ -238,7 +238,24 @@ fn engine_core_reads_no_clock_and_starts_no_thread_or_task() {
             .unwrap_or(&path)
             .display()
             .to_string();
-        found.extend(impurities(&shown, &source));
+        // `clock.rs` holds `SystemClock`, the one sanctioned wall-clock
+        // read: the crates above call it; the engine takes time as an
+        // argument. It may read the wall clock once and do nothing else.
+        let found_here = impurities(&shown, &source);
+        if name == "clock.rs" {
+            assert_eq!(
+                non_test_code(&source).matches("Utc::now").count(),
+                1,
+                "{shown} reads the wall clock in exactly one place"
+            );
+            found.extend(
+                found_here
+                    .into_iter()
+                    .filter(|v| !v.ends_with("`Utc::now` reads the wall clock")),
+            );
+            continue;
+        }
+        found.extend(found_here);
     }
     assert!(
         found.is_empty(),

@@ -56,6 +56,7 @@
 //! ```
 
 pub mod business_id;
+pub mod clock;
 pub mod context;
 pub mod dag;
 pub mod engine;

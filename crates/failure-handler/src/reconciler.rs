@@ -342,24 +342,20 @@ impl<B: Backend> Reconciler<B> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
 
-    use chrono::{DateTime, TimeZone, Utc};
+    use chrono::{TimeZone, Utc};
     use hephaestus_engine_core::ports::{InstanceStore, JobQueue, UnitOfWork};
     use hephaestus_engine_core::prelude::*;
     use hephaestus_engine_core::steps::{Done, FnStep, Wait};
     use hephaestus_memory::MemoryBackend;
-    use hephaestus_runner::{Clock, StartOptions};
+    use hephaestus_runner::{ManualClock, StartOptions};
     use serde_json::json;
 
     use super::*;
 
-    fn clock() -> (Arc<Mutex<DateTime<Utc>>>, Clock) {
-        let now = Arc::new(Mutex::new(
-            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
-        ));
-        let c = now.clone();
-        (now, Arc::new(move || *c.lock().unwrap()))
+    fn clock() -> ManualClock {
+        ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap())
     }
 
     fn linear() -> Workflow {
@@ -391,8 +387,8 @@ mod tests {
 
     /// A runtime with `linear()` over a fresh backend, and an instance of it
     /// whose jobs were lost (cancelled) right after its start.
-    async fn lost_linear() -> (MemoryBackend, Runtime<MemoryBackend>, Clock, Uuid) {
-        let (_now, clock) = clock();
+    async fn lost_linear() -> (MemoryBackend, Runtime<MemoryBackend>, ManualClock, Uuid) {
+        let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
             .clock(clock.clone())
@@ -485,7 +481,7 @@ mod tests {
     /// whose result is already recorded.
     #[tokio::test]
     async fn a_replacement_execution_skips_a_recorded_activation() {
-        let (_now, clock) = clock();
+        let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = {
@@ -502,7 +498,7 @@ mod tests {
             .build()
             .unwrap();
         let rt = Runtime::builder(backend.clone())
-            .clock(clock)
+            .clock(clock.clone())
             .workflow(wf.clone())
             .build()
             .unwrap();
@@ -538,10 +534,10 @@ mod tests {
     /// its first advance job) whose advance was lost gets one.
     #[tokio::test]
     async fn a_pending_instance_that_lost_its_advance_is_repaired() {
-        let (now, clock) = clock();
+        let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
-            .clock(clock)
+            .clock(clock.clone())
             .workflow(linear())
             .build()
             .unwrap();
@@ -553,7 +549,7 @@ mod tests {
                 business_id: wf.unique().business_id("1", [0; 4]).unwrap(),
                 input: json!({}),
                 telemetry_metadata: serde_json::Map::new(),
-                now: *now.lock().unwrap(),
+                now: clock.now(),
             })
             .unwrap();
         assert_eq!(instance.status, InstanceStatus::Pending);
@@ -607,10 +603,10 @@ mod tests {
     /// A periodic pass stops repairing once this process no longer leads.
     #[tokio::test(start_paused = true)]
     async fn a_periodic_pass_stops_when_the_leadership_is_lost() {
-        let (_now, clock) = clock();
+        let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
-            .clock(clock)
+            .clock(clock.clone())
             .workflow(linear())
             .build()
             .unwrap();
@@ -643,10 +639,10 @@ mod tests {
 
     #[tokio::test]
     async fn healthy_instances_are_left_alone() {
-        let (_now, clock) = clock();
+        let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend)
-            .clock(clock)
+            .clock(clock.clone())
             .workflow(linear())
             .workflow(pause())
             .build()
@@ -668,10 +664,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_lost_timer_is_rescheduled_and_fires() {
-        let (now, clock) = clock();
+        let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
-            .clock(clock)
+            .clock(clock.clone())
             .workflow(pause())
             .build()
             .unwrap();
@@ -689,7 +685,7 @@ mod tests {
             ),
             "{report:?}"
         );
-        *now.lock().unwrap() += chrono::Duration::seconds(11);
+        clock.advance(std::time::Duration::from_secs(11));
         rt.drain().await.unwrap();
         assert_eq!(
             rt.get(s.id).await.unwrap().unwrap().status,
@@ -701,7 +697,7 @@ mod tests {
     async fn instances_of_unregistered_workflows_are_reported_not_touched() {
         let (backend, _rt, clock, id) = lost_linear().await;
         let bare = Runtime::builder(backend.clone())
-            .clock(clock)
+            .clock(clock.clone())
             .build()
             .unwrap();
         let report = Reconciler::new(bare).run_once().await.unwrap();

@@ -53,6 +53,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use hephaestus_engine_core::business_id::UniqueClaim;
+use hephaestus_engine_core::clock::{Clock, SharedClock, SystemClock};
 use hephaestus_engine_core::context::contains_nul;
 use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::instance::{AttemptRecord, Instance};
@@ -62,9 +63,6 @@ use hephaestus_engine_core::ports::{
     StepResultStore, UniqueJob, UnitOfWork,
 };
 use hephaestus_engine_core::step::{StepError, lock_ignoring_poison};
-
-/// Where the backend reads the current time.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
 
 /// The in-memory backend. A cheap handle: clones share one state.
 #[derive(Clone)]
@@ -120,7 +118,7 @@ impl Drop for MemoryTx {
 
 struct Shared {
     state: Mutex<State>,
-    clock: Clock,
+    clock: SharedClock,
     next_tx: AtomicU64,
 }
 
@@ -130,7 +128,7 @@ impl Shared {
     }
 
     fn now(&self) -> DateTime<Utc> {
-        (self.clock)()
+        self.clock.now()
     }
 }
 
@@ -744,15 +742,16 @@ impl Drop for LockWait {
 impl MemoryBackend {
     /// An empty backend reading the wall clock.
     pub fn new() -> Self {
-        Self::with_clock(Arc::new(Utc::now))
+        Self::with_clock(SystemClock)
     }
 
-    /// An empty backend reading time from `clock`.
-    pub fn with_clock(clock: Clock) -> Self {
+    /// An empty backend reading time from `clock` (give the runtime the same
+    /// one).
+    pub fn with_clock(clock: impl Clock) -> Self {
         Self {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::default()),
-                clock,
+                clock: Arc::new(clock),
                 next_tx: AtomicU64::new(1),
             }),
         }
@@ -1486,6 +1485,7 @@ mod tests {
     use serde_json::json;
 
     use hephaestus_engine_core::business_id::{BusinessId, Scope};
+    use hephaestus_engine_core::clock::ManualClock;
     use hephaestus_engine_core::context::Context;
     use hephaestus_engine_core::ids::WorkflowId;
     use hephaestus_engine_core::instance::InstanceStatus;
@@ -1573,11 +1573,9 @@ mod tests {
     }
 
     /// A backend whose clock the test sets.
-    fn clocked() -> (MemoryBackend, Arc<Mutex<DateTime<Utc>>>) {
-        let time = Arc::new(Mutex::new(at(0)));
-        let read = Arc::clone(&time);
-        let backend = MemoryBackend::with_clock(Arc::new(move || *read.lock().unwrap()));
-        (backend, time)
+    fn clocked() -> (MemoryBackend, ManualClock) {
+        let time = ManualClock::new(at(0));
+        (MemoryBackend::with_clock(time.clone()), time)
     }
 
     #[test]
@@ -1739,13 +1737,13 @@ mod tests {
         else {
             panic!("expected a new row");
         };
-        *time.lock().unwrap() = at(10);
+        time.set(at(10));
         block_on(b.commit(tx)).unwrap();
         let mut tx = block_on(b.begin()).unwrap();
         let pending = block_on(b.pending(&mut tx, inst.id)).unwrap();
         assert_eq!(pending[0].inserted_at, at(10), "recorded at commit time");
         block_on(b.mark_processed(&mut tx, inst.id, &[seq])).unwrap();
-        *time.lock().unwrap() = at(20);
+        time.set(at(20));
         block_on(b.commit(tx)).unwrap();
         assert_eq!(
             block_on(b.prune_processed(at(20))).unwrap(),
@@ -1779,7 +1777,7 @@ mod tests {
         for lease in &leases {
             assert!(block_on(b.complete(&mut tx, lease)).unwrap());
         }
-        *time.lock().unwrap() = at(30);
+        time.set(at(30));
         block_on(b.commit(tx)).unwrap();
         assert_eq!(b.prune_finished_jobs(at(30)), 0);
         assert_eq!(b.prune_finished_jobs(at(31)), 2);

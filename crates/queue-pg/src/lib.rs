@@ -102,7 +102,6 @@
 //! [`JobQueue`]: hephaestus_engine_core::ports::JobQueue
 //! [`RetryPolicy`]: hephaestus_engine_core::retry::RetryPolicy
 
-mod clock;
 mod drain;
 mod error;
 mod events;
@@ -115,10 +114,10 @@ mod runtime;
 pub mod schema;
 mod worker;
 
-pub use clock::{Clock, ManualClock, SystemClock};
 pub use drain::{DrainOptions, DrainReport, drain, drain_with_events};
 pub use error::{BoxError, Error};
 pub use events::{EventCounts, Events, JobEvent, JobEventKind};
+pub use hephaestus_engine_core::clock::{Clock, ManualClock, SystemClock};
 pub use hook::{DiscardHook, DiscardedJob};
 pub use job::Job;
 pub use queue::{

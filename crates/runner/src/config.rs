@@ -1,17 +1,6 @@
 //! Runner configuration.
 
-use std::sync::Arc;
 use std::time::Duration;
-
-use chrono::{DateTime, Utc};
-
-/// Where the runner reads the time (inject a virtual clock in tests).
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
-
-/// The wall clock.
-pub fn system_clock() -> Clock {
-    Arc::new(Utc::now)
-}
 
 /// Queue names per job kind. One shared queue by default.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -74,9 +74,10 @@ pub struct TestingGuide;
 mod worker;
 
 pub use advance::AdvanceReport;
-pub use config::{Clock, QueueNames, RunnerConfig, system_clock};
+pub use config::{QueueNames, RunnerConfig};
 pub use error::RunnerError;
 pub use facade::WorkflowHandle;
+pub use hephaestus_engine_core::clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use runtime::{Backend, ReconcileRow, Runtime, RuntimeBuilder, StartOptions, Started};
 pub use telemetry::TelemetryEvent;
 pub use worker::{DrainReport, JobOutcome};

@@ -112,6 +112,17 @@ impl PgBackend {
         Ok(())
     }
 
+    /// The same backend with another clock for both components (the times
+    /// the store writes, every due, retry and rescue time of the queue).
+    /// Give the runtime the same clock.
+    #[must_use]
+    pub fn with_clock(self, clock: impl hephaestus_engine_core::clock::Clock + Clone) -> Self {
+        Self {
+            store: self.store.with_clock(clock.clone()),
+            queue: self.queue.with_clock(clock),
+        }
+    }
+
     /// The instance store.
     pub fn store(&self) -> &PgStore {
         &self.store

@@ -20,9 +20,10 @@ use serde_json::{Map, Value};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::config::{Clock, RunnerConfig, system_clock};
+use crate::config::RunnerConfig;
 use crate::error::RunnerError;
 use crate::jobs;
+use hephaestus_engine_core::clock::{self, Clock, SharedClock};
 
 /// What a runtime needs from a backend: the three ports over one unit of
 /// work, plus reads the runner makes often enough that a backend may answer
@@ -245,7 +246,7 @@ pub(crate) struct Inner<B> {
     pub(crate) backend: B,
     pub(crate) registry: WorkflowRegistry,
     pub(crate) config: RunnerConfig,
-    pub(crate) clock: Clock,
+    pub(crate) clock: SharedClock,
     /// Cancellation signals of step executions running in this process.
     running: Mutex<HashMap<Uuid, Vec<CancellationSignal>>>,
     pub(crate) wake: tokio::sync::Notify,
@@ -281,7 +282,7 @@ pub struct RuntimeBuilder<B> {
     backend: B,
     registry: WorkflowRegistry,
     config: RunnerConfig,
-    clock: Clock,
+    clock: SharedClock,
     errors: Vec<RunnerError>,
     telemetry: crate::telemetry::Telemetry,
 }
@@ -318,10 +319,11 @@ impl<B: Backend> RuntimeBuilder<B> {
         self
     }
 
-    /// Sets the clock (a virtual clock in tests).
+    /// Sets the clock (a [`ManualClock`](hephaestus_engine_core::clock::ManualClock)
+    /// in tests; give the backend the same one).
     #[must_use]
-    pub fn clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
         self
     }
 
@@ -356,7 +358,7 @@ impl<B: Backend> RuntimeBuilder<B> {
             .collect();
         runtime.inner.telemetry.emit(
             crate::telemetry::names::RUNNER_INIT,
-            serde_json::json!({"system_time": (runtime.inner.clock)()}),
+            serde_json::json!({"system_time": runtime.inner.clock.now()}),
             match serde_json::json!({
                 "name": runtime.inner.config.name,
                 "runner": "hephaestus-runner",
@@ -383,7 +385,7 @@ impl<B: Backend> Runtime<B> {
             backend,
             registry: WorkflowRegistry::new(),
             config: RunnerConfig::default(),
-            clock: system_clock(),
+            clock: clock::system(),
             errors: Vec::new(),
             telemetry: crate::telemetry::Telemetry::default(),
         }
@@ -405,7 +407,7 @@ impl<B: Backend> Runtime<B> {
     }
 
     pub(crate) fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        (self.inner.clock)()
+        self.inner.clock.now()
     }
 
     pub(crate) fn jitter_sample() -> u32 {

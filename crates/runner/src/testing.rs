@@ -1,8 +1,8 @@
 //! Tools to test workflows deterministically, on either backend (feature
 //! `testing`).
 //!
-//! - [`VirtualClock`]: inject it into the runtime (and the backend); move it
-//!   with [`VirtualClock::advance`] to make timers and retries due, with no
+//! - [`ManualClock`]: inject it into the runtime (and the backend); move it
+//!   with [`ManualClock::advance`] to make timers and retries due, with no
 //!   sleeping.
 //! - [`ScriptedStep`]: a step whose outcome is scripted per attempt; it
 //!   records every execution (attempt, activation, idempotency key) and can
@@ -18,11 +18,11 @@
 //! use hephaestus_memory::MemoryBackend;
 //! use hephaestus_engine_core::prelude::*;
 //! use hephaestus_engine_core::steps::Done;
-//! use hephaestus_runner::testing::{ScriptedStep, VirtualClock};
+//! use hephaestus_runner::testing::{ScriptedStep, ManualClock};
 //! use hephaestus_runner::{Runtime, StartOptions};
 //! use serde_json::json;
 //!
-//! let clock = VirtualClock::default();
+//! let clock = ManualClock::default();
 //! let charge = ScriptedStep::new("charge", ["charged"])
 //!     .on_attempt(1, StepOutcome::retry("card network down"))
 //!     .otherwise(StepOutcome::complete("charged"))
@@ -31,8 +31,8 @@
 //!     .start(charge.clone()).on(charge.clone(), "charged", Done).build().unwrap();
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 //! rt.block_on(async {
-//!     let runtime = Runtime::builder(MemoryBackend::with_clock(clock.clock()))
-//!         .clock(clock.clock()).workflow(wf).build().unwrap();
+//!     let runtime = Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+//!         .clock(clock.clone()).workflow(wf).build().unwrap();
 //!     let s = runtime.start("pay", "1", json!({}), StartOptions::default()).await.unwrap();
 //!     assert_eq!(runtime.drain().await.unwrap().retried, 1);
 //!     clock.advance(Duration::from_secs(30));
@@ -47,7 +47,7 @@ use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ports::{JobInfo, NewJob};
 use hephaestus_engine_core::retry::RetryPolicy;
 use hephaestus_engine_core::step::{Step, StepInput, StepOutcome};
@@ -55,66 +55,14 @@ use hephaestus_engine_core::{Event, StepId};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::config::Clock;
 use crate::error::RunnerError;
 use crate::jobs;
 use crate::runtime::{Backend, Runtime};
 use crate::worker::{DrainReport, JobOutcome};
+pub use hephaestus_engine_core::clock::ManualClock;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// A clock that moves only when the test says so. Clones share the time.
-#[derive(Clone)]
-pub struct VirtualClock {
-    now: Arc<Mutex<DateTime<Utc>>>,
-}
-
-impl fmt::Debug for VirtualClock {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("VirtualClock")
-            .field("now", &self.now())
-            .finish()
-    }
-}
-
-impl Default for VirtualClock {
-    /// Starts at 2030-01-01T00:00:00Z.
-    fn default() -> Self {
-        Self::at(
-            Utc.with_ymd_and_hms(2030, 1, 1, 0, 0, 0)
-                .single()
-                .unwrap_or_default(),
-        )
-    }
-}
-
-impl VirtualClock {
-    /// A clock stopped at `now`.
-    pub fn at(now: DateTime<Utc>) -> Self {
-        Self {
-            now: Arc::new(Mutex::new(now)),
-        }
-    }
-
-    /// The current virtual time.
-    pub fn now(&self) -> DateTime<Utc> {
-        *lock(&self.now)
-    }
-
-    /// Moves time forward.
-    pub fn advance(&self, by: Duration) {
-        let delta = chrono::Duration::from_std(by).unwrap_or(chrono::Duration::MAX);
-        let mut now = lock(&self.now);
-        *now = now.checked_add_signed(delta).unwrap_or(*now);
-    }
-
-    /// The clock as the runtime and the memory backend take it.
-    pub fn clock(&self) -> Clock {
-        let me = self.clone();
-        Arc::new(move || me.now())
-    }
 }
 
 /// A latch: steps wait on it until the test releases it.
@@ -614,13 +562,6 @@ impl<B: Backend> Runtime<B> {
     }
 }
 
-#[cfg(feature = "postgres")]
-impl hephaestus_queue_pg::Clock for VirtualClock {
-    fn now(&self) -> DateTime<Utc> {
-        VirtualClock::now(self)
-    }
-}
-
 /// A PostgreSQL schema of its own for one test (features `testing` and
 /// `postgres`): created with a random, validated name, migrated (storage
 /// and queue), and dropped by [`PgTestSchema::drop`], so suites run in
@@ -628,12 +569,12 @@ impl hephaestus_queue_pg::Clock for VirtualClock {
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), hephaestus_runner::RunnerError> {
-/// use hephaestus_runner::testing::{PgTestSchema, VirtualClock};
+/// use hephaestus_runner::testing::{PgTestSchema, ManualClock};
 ///
 /// let schema = PgTestSchema::new("postgres://postgres@127.0.0.1:5432/test").await?;
-/// let clock = VirtualClock::default();
+/// let clock = ManualClock::default();
 /// let backend = schema.backend(&clock); // reads time from the virtual clock
-/// // ... build a Runtime over `backend` with `.clock(clock.clock())` ...
+/// // ... build a Runtime over `backend` with `.clock(clock.clone())` ...
 /// schema.drop().await?;
 /// # Ok(()) }
 /// ```
@@ -687,9 +628,10 @@ impl PgTestSchema {
     /// A backend over the schema whose queue reads time from `clock`. Build
     /// as many as you like (a restart is a new runtime over a new backend
     /// on the same schema).
-    pub fn backend(&self, clock: &VirtualClock) -> crate::postgres::PgBackend {
+    pub fn backend(&self, clock: &ManualClock) -> crate::postgres::PgBackend {
         crate::postgres::PgBackend::new(
-            hephaestus_storage_pg::PgStore::new(self.pool.clone(), self.prefix.clone()),
+            hephaestus_storage_pg::PgStore::new(self.pool.clone(), self.prefix.clone())
+                .with_clock(clock.clone()),
             hephaestus_queue_pg::PgQueue::new(self.pool.clone(), self.prefix.clone())
                 .with_clock(clock.clone()),
         )

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{TimeZone, Utc};
 use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::ports::{JobQueue, JobState};
 use hephaestus_engine_core::prelude::*;
@@ -11,28 +11,11 @@ use hephaestus_engine_core::steps::{Done, FnStep};
 use hephaestus_memory::MemoryBackend;
 use serde_json::{Value, json};
 
-use crate::{RunnerConfig, RunnerError, Runtime, StartOptions};
+use crate::{ManualClock, RunnerConfig, RunnerError, Runtime, StartOptions};
 
-/// A virtual clock tests move by hand.
-#[derive(Clone)]
-struct TestClock(Arc<Mutex<DateTime<Utc>>>);
-
-impl TestClock {
-    fn new() -> Self {
-        Self(Arc::new(Mutex::new(
-            Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap(),
-        )))
-    }
-    fn now(&self) -> DateTime<Utc> {
-        *self.0.lock().unwrap()
-    }
-    fn advance(&self, d: Duration) {
-        *self.0.lock().unwrap() += chrono::Duration::from_std(d).unwrap();
-    }
-    fn as_clock(&self) -> crate::Clock {
-        let me = self.clone();
-        Arc::new(move || me.now())
-    }
+/// A virtual clock tests move by hand, stopped at 2026-01-01.
+fn test_clock() -> ManualClock {
+    ManualClock::new(Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap())
 }
 
 /// Counts executions per step id.
@@ -56,9 +39,9 @@ fn counting(counter: &Counter, id: &'static str, event: &'static str, output: Va
     })
 }
 
-fn runtime_with(workflows: Vec<Workflow>, clock: &TestClock) -> Runtime<MemoryBackend> {
-    let backend = MemoryBackend::with_clock(clock.as_clock());
-    let mut b = Runtime::builder(backend).clock(clock.as_clock());
+fn runtime_with(workflows: Vec<Workflow>, clock: &ManualClock) -> Runtime<MemoryBackend> {
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let mut b = Runtime::builder(backend).clock(clock.clone());
     for wf in workflows {
         b = b.workflow(wf);
     }
@@ -100,16 +83,16 @@ fn fan_out(counter: &Counter, width: usize) -> Workflow {
 
 #[tokio::test]
 async fn parallel_workers_run_a_wide_fan_out_once_per_step() {
-    let clock = TestClock::new();
+    let clock = test_clock();
     let counter = Counter::default();
     let config = RunnerConfig {
         concurrency: 8,
         poll_interval: Duration::from_millis(5),
         ..RunnerConfig::default()
     };
-    let backend = MemoryBackend::with_clock(clock.as_clock());
+    let backend = MemoryBackend::with_clock(clock.clone());
     let rt = Runtime::builder(backend)
-        .clock(clock.as_clock())
+        .clock(clock.clone())
         .config(config)
         .workflow(fan_out(&counter, 50))
         .build()
@@ -186,7 +169,7 @@ fn approval() -> Workflow {
 
 #[tokio::test]
 async fn cancel_really_stops_the_instance() {
-    let clock = TestClock::new();
+    let clock = test_clock();
     let rt = runtime_with(vec![approval()], &clock);
     let s = rt
         .start("approval", "1", json!({}), StartOptions::default())
@@ -218,7 +201,7 @@ async fn cancel_really_stops_the_instance() {
 
 #[tokio::test]
 async fn a_step_result_after_cancel_is_ignored() {
-    let clock = TestClock::new();
+    let clock = test_clock();
     let counter = Counter::default();
     let rt = runtime_with(vec![linear(&counter)], &clock);
     let s = rt
@@ -250,7 +233,7 @@ async fn a_step_result_after_cancel_is_ignored() {
 
 #[tokio::test]
 async fn panicking_steps_are_retried_as_errors() {
-    let clock = TestClock::new();
+    let clock = test_clock();
     let step = FnStep::new("Boom", ["done"], |_| panic!("kaboom"))
         .with_retry_policy(RetryPolicy::no_retries());
     let wf = Workflow::builder("boom")
@@ -272,10 +255,10 @@ async fn panicking_steps_are_retried_as_errors() {
 
 #[tokio::test]
 async fn an_unregistered_workflow_leaves_the_instance_untouched() {
-    let clock = TestClock::new();
-    let backend = MemoryBackend::with_clock(clock.as_clock());
+    let clock = test_clock();
+    let backend = MemoryBackend::with_clock(clock.clone());
     let rt = Runtime::builder(backend.clone())
-        .clock(clock.as_clock())
+        .clock(clock.clone())
         .workflow(approval())
         .build()
         .unwrap();
@@ -284,7 +267,7 @@ async fn an_unregistered_workflow_leaves_the_instance_untouched() {
         .await
         .unwrap();
     let other = Runtime::builder(backend.clone())
-        .clock(clock.as_clock())
+        .clock(clock.clone())
         .build()
         .unwrap();
     let report = other.drain().await.unwrap();
@@ -312,7 +295,7 @@ async fn the_typed_facade_addresses_instances_by_business_value() {
     struct Request {
         amount: u32,
     }
-    let clock = TestClock::new();
+    let clock = test_clock();
     let rt = runtime_with(vec![approval()], &clock);
     assert!(matches!(rt.workflow("nope"), Err(RunnerError::Registry(_))));
     let approvals = rt.workflow("approval").unwrap();
@@ -355,10 +338,10 @@ fn telemetry_emits_the_original_events_with_protected_fields_and_metrics() {
             .build()
             .unwrap();
         rt.block_on(async {
-            let clock = TestClock::new();
+            let clock = test_clock();
             let counter = Counter::default();
-            let builder = Runtime::builder(MemoryBackend::with_clock(clock.as_clock()))
-                .clock(clock.as_clock())
+            let builder = Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+                .clock(clock.clone())
                 .workflow(linear(&counter))
                 .workflow(approval());
             let mut events = builder.subscribe();
@@ -477,7 +460,7 @@ fn telemetry_emits_the_original_events_with_protected_fields_and_metrics() {
 
 #[tokio::test]
 async fn failures_emit_exceptions() {
-    let clock = TestClock::new();
+    let clock = test_clock();
     let step = FnStep::new("Bad", ["done"], |_| StepOutcome::fatal("nope"));
     let wf = Workflow::builder("bad")
         .unique("b", Scope::Workflow)
@@ -510,11 +493,11 @@ async fn failures_emit_exceptions() {
 mod testing_tools {
     use super::*;
     use crate::QueueNames;
-    use crate::testing::{DrainOptions, Gate, ScriptedStep, VirtualClock};
+    use crate::testing::{DrainOptions, Gate, ManualClock, ScriptedStep};
 
-    fn rt_with(wf: Workflow, clock: &VirtualClock, queues: QueueNames) -> Runtime<MemoryBackend> {
-        Runtime::builder(MemoryBackend::with_clock(clock.clock()))
-            .clock(clock.clock())
+    fn rt_with(wf: Workflow, clock: &ManualClock, queues: QueueNames) -> Runtime<MemoryBackend> {
+        Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+            .clock(clock.clone())
             .config(RunnerConfig {
                 queues,
                 ..RunnerConfig::default()
@@ -526,7 +509,7 @@ mod testing_tools {
 
     #[tokio::test]
     async fn scripted_steps_see_attempts_and_a_stable_idempotency_key() {
-        let clock = VirtualClock::default();
+        let clock = ManualClock::default();
         let step = ScriptedStep::new("charge", ["charged"])
             .on_attempt(1, StepOutcome::retry("down"))
             .on_attempt(2, StepOutcome::retry("still down"))
@@ -571,7 +554,7 @@ mod testing_tools {
 
     #[tokio::test]
     async fn drains_report_gated_jobs_in_flight_and_filter_by_kind() {
-        let clock = VirtualClock::default();
+        let clock = ManualClock::default();
         let gate = Gate::new();
         let step = ScriptedStep::new("slow", ["done"]).gated(&gate);
         let wf = Workflow::builder("slow")
@@ -641,7 +624,7 @@ mod testing_tools {
 
     #[tokio::test]
     async fn corrupt_jobs_are_recorded_errors_and_nothing_else_is_affected() {
-        let clock = VirtualClock::default();
+        let clock = ManualClock::default();
         let rt = rt_with(approval(), &clock, QueueNames::default());
         let s = rt
             .start("approval", "1", json!({}), StartOptions::default())
@@ -679,7 +662,7 @@ mod testing_tools {
 
 #[tokio::test]
 async fn telemetry_durations_read_the_runtime_clock() {
-    let clock = TestClock::new();
+    let clock = test_clock();
     let during = clock.clone();
     // The step takes 250 ms of the runtime's (virtual) time.
     let slow = FnStep::new("Slow", ["done"], move |_| {
@@ -692,8 +675,8 @@ async fn telemetry_durations_read_the_runtime_clock() {
         .on(slow, "done", Done)
         .build()
         .unwrap();
-    let rt = Runtime::builder(MemoryBackend::with_clock(clock.as_clock()))
-        .clock(clock.as_clock())
+    let rt = Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+        .clock(clock.clone())
         .workflow(wf)
         .build()
         .unwrap();
@@ -729,7 +712,7 @@ async fn closing_an_ended_instance_leaves_no_result_in_its_inbox() {
     };
     use hephaestus_engine_core::step::EventName;
 
-    let clock = TestClock::new();
+    let clock = test_clock();
     let counter = Counter::default();
     let rt = runtime_with(vec![linear(&counter)], &clock);
     let b = rt.backend().clone();

@@ -85,9 +85,9 @@ order by instance_id, seq"
             write: format!(
                 r"with recorded as (
     insert into {results} (instance_id, step_id, activation, kind, event, output, metadata,
-        detail, processed_at, refusal)
+        detail, inserted_at, processed_at, refusal)
     select r.instance_id, r.step_id, r.activation, r.kind, r.event, r.output::jsonb,
-           r.metadata::jsonb, r.detail::jsonb, case when r.processed then now() end, r.refusal
+           r.metadata::jsonb, r.detail::jsonb, $20::timestamptz, case when r.processed then $20::timestamptz end, r.refusal
     from unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], $5::text[], $6::text[],
                 $7::text[], $8::text[], $9::boolean[], $10::text[])
          with ordinality as r(instance_id, step_id, activation, kind, event, output, metadata,
@@ -98,7 +98,7 @@ order by instance_id, seq"
     returning 1
 ),
 marked as (
-    update {results} as m set processed_at = now(), refusal = c.refusal
+    update {results} as m set processed_at = $20::timestamptz, refusal = c.refusal
     from unnest($11::bigint[], $12::text[]) as c(seq, refusal)
     where m.seq = c.seq and m.processed_at is null
     returning 1
@@ -306,6 +306,7 @@ impl PgStore {
             .bind(&failures)
             .bind(&revisions)
             .bind(&updated)
+            .bind(self.clock.now())
             .fetch_one(conn)
             .await
             .map_err(port_error)?;

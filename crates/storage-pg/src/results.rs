@@ -233,6 +233,7 @@ impl PgStore {
             .bind(columns.output.as_deref())
             .bind(columns.metadata.as_deref())
             .bind(columns.detail.as_deref())
+            .bind(self.clock.now())
             .fetch_optional(&mut *conn)
             .await
             .map_err(port_error)?;
@@ -284,6 +285,7 @@ impl PgStore {
         sqlx::query(&self.sql.mark_processed)
             .bind(instance_id)
             .bind(seqs)
+            .bind(self.clock.now())
             .execute(executor)
             .await
             .map_err(port_error)?;
@@ -311,6 +313,7 @@ impl PgStore {
             .bind(instance_id)
             .bind(&seqs)
             .bind(&reasons)
+            .bind(self.clock.now())
             .execute(executor)
             .await
             .map_err(port_error)?;

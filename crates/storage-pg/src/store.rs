@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::Arc;
 
+use hephaestus_engine_core::clock::{self, Clock, SharedClock};
+
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::instance::Instance;
@@ -36,6 +38,7 @@ pub struct PgStore {
     pub(crate) pool: PgPool,
     pub(crate) prefix: SchemaPrefix,
     pub(crate) sql: Arc<Sql>,
+    pub(crate) clock: SharedClock,
 }
 
 impl fmt::Debug for PgStore {
@@ -52,7 +55,27 @@ impl PgStore {
     /// them). The pool needs as many connections as units of work run at once.
     pub fn new(pool: PgPool, prefix: SchemaPrefix) -> Self {
         let sql = Arc::new(Sql::render(&prefix));
-        Self { pool, prefix, sql }
+        Self {
+            pool,
+            prefix,
+            sql,
+            clock: clock::system(),
+        }
+    }
+
+    /// The same store with another clock: the times it writes (when a step
+    /// result arrived, when it was processed) come from `clock`, never from
+    /// the server, so a [`ManualClock`](hephaestus_engine_core::clock::ManualClock)
+    /// governs them in tests.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The current time of the store's clock.
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
     }
 
     /// Creates or upgrades this store's tables to the latest version, in one transaction
@@ -192,8 +215,9 @@ from {instances} where id = $1"
             // Inserting through `select .. where exists` instead of relying on the foreign
             // key keeps the caller's transaction usable when the instance is missing.
             record_result: format!(
-                r"insert into {results} (instance_id, step_id, activation, kind, event, output, metadata, detail)
-select $1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8::jsonb
+                r"insert into {results} (instance_id, step_id, activation, kind, event, output, metadata, detail,
+    inserted_at)
+select $1, $2, $3, $4, $5, $6::jsonb, $7::jsonb, $8::jsonb, $9::timestamptz
 where exists (select 1 from {instances} where id = $1)
 on conflict do nothing
 returning seq"
@@ -206,7 +230,7 @@ where instance_id = $1 and processed_at is null
 order by seq"
             ),
             mark_processed: format!(
-                r"update {results} set processed_at = now()
+                r"update {results} set processed_at = $3::timestamptz
 where instance_id = $1 and seq = any($2) and processed_at is null"
             ),
             is_recorded: format!(
@@ -217,7 +241,7 @@ where instance_id = $1 and seq = any($2) and processed_at is null"
 )"
             ),
             refuse_results: format!(
-                r"update {results} as r set processed_at = now(), refusal = x.reason
+                r"update {results} as r set processed_at = $4::timestamptz, refusal = x.reason
 from unnest($2::bigint[], $3::text[]) as x(seq, reason)
 where r.instance_id = $1 and r.seq = x.seq and r.processed_at is null"
             ),

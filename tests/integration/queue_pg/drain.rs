@@ -130,11 +130,11 @@ async fn retries_follow_the_configured_backoff_on_the_injected_clock() {
     assert_eq!(job.errors[0].at, t0());
     assert_eq!(job.errors[0].error.message, "flaky 1");
 
-    clock.advance(TimeDelta::seconds(9));
+    clock.advance(Duration::from_secs(9));
     let early = drain(&queue, &workers, &DrainOptions::all()).await.unwrap();
     assert_eq!(early.total(), 0, "not due one second early");
 
-    clock.advance(TimeDelta::seconds(1));
+    clock.advance(Duration::from_secs(1));
     let second = drain(&queue, &workers, &DrainOptions::all()).await.unwrap();
     assert_eq!(second.failed, 1);
     let job = queue.job(id).await.unwrap().unwrap();
@@ -142,7 +142,7 @@ async fn retries_follow_the_configured_backoff_on_the_injected_clock() {
     assert_eq!(job.scheduled_at, t0() + TimeDelta::seconds(30));
     assert_eq!(job.attempt, 2);
 
-    clock.advance(TimeDelta::seconds(20));
+    clock.advance(Duration::from_secs(20));
     let third = drain(&queue, &workers, &DrainOptions::all()).await.unwrap();
     assert_eq!(third.succeeded, 1);
     let job = queue.job(id).await.unwrap().unwrap();
@@ -298,7 +298,7 @@ async fn exhausted_jobs_are_discarded_with_the_hook_in_the_same_transaction() {
             .failed,
         1
     );
-    clock.advance(TimeDelta::seconds(5));
+    clock.advance(Duration::from_secs(5));
     let report = drain(&queue, &workers, &DrainOptions::queue("default"))
         .await
         .unwrap();
@@ -384,7 +384,7 @@ async fn a_failing_discard_hook_rolls_the_discard_back() {
     );
 
     // Next time the hook works: discard and hook commit together.
-    clock.advance(TimeDelta::seconds(5));
+    clock.advance(Duration::from_secs(5));
     let report = drain(&queue, &workers, &DrainOptions::queue("default"))
         .await
         .unwrap();

@@ -5,6 +5,8 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
+use std::time::Duration;
+
 use chrono::{TimeDelta, TimeZone, Utc};
 use hephaestus_engine_core::ports::{Enqueued, JobId, JobMatch, JobState, NewJob, UniqueJob};
 use hephaestus_engine_core::step::StepError;
@@ -54,7 +56,7 @@ async fn every_state_transition_records_its_time() {
     assert_eq!(scheduled.state, JobState::Scheduled);
 
     // available -> executing -> retryable -> executing -> completed
-    clock.advance(TimeDelta::seconds(1));
+    clock.advance(Duration::from_secs(1));
     let leases = q.fetch("q", 3, q.now(), "w1").await.unwrap();
     assert_eq!(
         leases.iter().map(|l| l.id).collect::<Vec<_>>(),
@@ -302,7 +304,7 @@ async fn a_stale_worker_cannot_complete_a_rescued_job() {
     assert_eq!(stale.len(), 1);
 
     // The worker stops heartbeating; 31 s later the rescuer finds it.
-    clock.advance(TimeDelta::seconds(31));
+    clock.advance(Duration::from_secs(31));
     let cutoff = q.now() - TimeDelta::seconds(30);
     let found = q.stale_jobs(cutoff, 10).await.unwrap();
     assert_eq!(found.len(), 1);
@@ -370,7 +372,7 @@ async fn insert_and_complete_in_one_statement_fences_each_lease() {
     let leases = q.fetch("q", 2, q.now(), "w").await.unwrap();
     assert_eq!(leases.len(), 2);
     // The second lease goes stale and is rescued (retryable again).
-    clock.advance(TimeDelta::seconds(31));
+    clock.advance(Duration::from_secs(31));
     let cutoff = q.now() - TimeDelta::seconds(30);
     let stale = q.stale_jobs(cutoff, 10).await.unwrap();
     let second = stale.iter().find(|s| s.lease.id == ids[1]).unwrap().clone();
@@ -560,7 +562,7 @@ async fn finished_jobs_are_counted_per_minute_and_state() {
     q.complete_many(&[lease(ids[0]), lease(ids[1])])
         .await
         .unwrap();
-    clock.advance(TimeDelta::minutes(2));
+    clock.advance(Duration::from_secs(2 * 60));
     q.complete_many(&[lease(ids[2])]).await.unwrap();
     assert!(q.cancel(ids[3]).await.unwrap());
     let minute = |m: i64, state: JobState, count: u64| FinishedCount {

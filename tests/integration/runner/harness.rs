@@ -2,13 +2,11 @@
 //! (storage-pg + queue-pg in a fresh schema) and SQLite (a fresh file), with
 //! one virtual clock.
 
-use std::sync::Arc;
-
 use hephaestus_engine_core::Workflow;
 use hephaestus_engine_core::workflow::WorkflowFamily;
 use hephaestus_memory::MemoryBackend;
 use hephaestus_runner::postgres::PgBackend;
-use hephaestus_runner::testing::{ScriptedStep, VirtualClock};
+use hephaestus_runner::testing::{ManualClock, ScriptedStep};
 use hephaestus_runner::{Backend, RunnerConfig, Runtime};
 use hephaestus_sqlite::SqliteBackend;
 
@@ -18,16 +16,16 @@ use crate::support::sqlite::TempDir;
 /// A backend and the clock every component reads.
 pub struct Harness<B> {
     pub backend: B,
-    pub clock: VirtualClock,
+    pub clock: ManualClock,
     schema: Option<TestSchema>,
     dir: Option<TempDir>,
 }
 
 impl Harness<MemoryBackend> {
     pub fn memory() -> Self {
-        let clock = VirtualClock::default();
+        let clock = ManualClock::default();
         Self {
-            backend: MemoryBackend::with_clock(clock.clock()),
+            backend: MemoryBackend::with_clock(clock.clone()),
             clock,
             schema: None,
             dir: None,
@@ -51,21 +49,6 @@ impl Harness<SqliteBackend> {
 }
 
 /// queue-pg reads time through its own trait; this adapts the virtual clock.
-#[derive(Clone)]
-struct QueueClock(VirtualClock);
-
-impl std::fmt::Debug for QueueClock {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl hephaestus_queue_pg::Clock for QueueClock {
-    fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        self.0.now()
-    }
-}
-
 impl Harness<PgBackend> {
     pub async fn postgres() -> Self {
         let schema = TestSchema::new().await;
@@ -75,12 +58,13 @@ impl Harness<PgBackend> {
         hephaestus_queue_pg::migrate(&schema.pool, &schema.prefix)
             .await
             .expect("migrate the queue");
-        let clock = VirtualClock::default();
+        let clock = ManualClock::default();
         // Workers run many transactions at once: give them a pool of their own.
         let pool = schema.pool_with(24).await;
-        let store = hephaestus_storage_pg::PgStore::new(pool.clone(), schema.prefix.clone());
+        let store = hephaestus_storage_pg::PgStore::new(pool.clone(), schema.prefix.clone())
+            .with_clock(clock.clone());
         let queue = hephaestus_queue_pg::PgQueue::new(pool, schema.prefix.clone())
-            .with_clock(QueueClock(clock.clone()));
+            .with_clock(clock.clone());
         Self {
             backend: PgBackend::new(store, queue),
             clock,
@@ -103,7 +87,7 @@ impl<B: Backend> Harness<B> {
         families: Vec<WorkflowFamily>,
     ) -> Runtime<B> {
         let mut b = Runtime::builder(self.backend.clone())
-            .clock(Arc::clone(&self.clock.clock()))
+            .clock(self.clock.clone())
             .config(config);
         for wf in workflows {
             b = b.workflow(wf);

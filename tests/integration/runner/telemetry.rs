@@ -3,7 +3,6 @@
 //! field by field, and `Done` reports its step start and stop like any step.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use hephaestus_engine_core::prelude::*;
@@ -139,7 +138,7 @@ async fn every_event_carries_every_field_of_the_original<B: Backend>(h: &Harness
         .build()
         .unwrap();
     let builder = Runtime::builder(h.backend.clone())
-        .clock(Arc::clone(&h.clock.clock()))
+        .clock(h.clock.clone())
         .config(RunnerConfig {
             name: "worker-7".to_owned(),
             ..RunnerConfig::default()

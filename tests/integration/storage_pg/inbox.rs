@@ -457,3 +457,73 @@ async fn a_workflow_starts_inside_the_callers_transaction() {
     );
     db.teardown().await;
 }
+
+/// The store writes the injected clock's time, never the server's: a result
+/// recorded and processed in 2030 (on a virtual clock) is pruned by a 2030
+/// cut-off, and its arrival time reads back exactly.
+#[tokio::test]
+async fn arrival_and_processing_times_come_from_the_injected_clock() {
+    use hephaestus_engine_core::clock::ManualClock;
+    use hephaestus_engine_core::ports::RoundResult;
+
+    let db = Db::new().await;
+    let clock = ManualClock::default();
+    let store = db.store.clone().with_clock(clock.clone());
+    let inst = pending("order::clocked");
+    insert_committed(&store, &inst).await;
+    let arrived = clock.now();
+    let mut tx = store.begin().await.unwrap();
+    let Recorded::Inserted(first) = store
+        .record(&mut tx, &completed(inst.id, "a", 1))
+        .await
+        .unwrap()
+    else {
+        unreachable!("a new result")
+    };
+    store.commit(tx).await.unwrap();
+
+    clock.advance(Duration::from_secs(60));
+    let mut tx = store.begin().await.unwrap();
+    let rows = store.pending(&mut tx, inst.id).await.unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].inserted_at, arrived, "arrival is the clock's time");
+    store
+        .mark_processed(&mut tx, inst.id, &[first])
+        .await
+        .unwrap();
+    // The batched write stamps its rows with the clock too.
+    store
+        .write_rounds_using(
+            &mut tx,
+            &[RoundResult {
+                result: completed(inst.id, "b", 1),
+                processed: true,
+                refusal: None,
+            }],
+            &[],
+            &[],
+        )
+        .await
+        .unwrap();
+    store.commit(tx).await.unwrap();
+
+    // Processed one minute into 2030: a cut-off one second earlier keeps
+    // both rows, one second later removes them (the server's clock, years
+    // away, decides nothing).
+    let processed = clock.now();
+    assert_eq!(
+        store
+            .prune_processed(processed - TimeDelta::seconds(1))
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .prune_processed(processed + TimeDelta::seconds(1))
+            .await
+            .unwrap(),
+        2
+    );
+    db.teardown().await;
+}

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use hephaestus_migrations_gen::SchemaPrefix;
 use sqlx::PgPool;
 
-use crate::clock::{Clock, SystemClock};
+use hephaestus_engine_core::clock::{Clock, SystemClock};
 
 pub use cancel::CancelFilter;
 pub use inspect::{FinishedCount, JobFilter, QueueDepth, RecentError};
