@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use hephaestus_engine_core::clock::{Clock, SharedClock, SystemClock};
 use hephaestus_engine_core::ports::PortError;
 use hephaestus_migrations_gen::{
     SchemaPrefix, render_up, sqlite_current_version_sql, sqlite_versions_table_exists_sql,
@@ -20,16 +21,6 @@ use tokio::sync::Notify;
 use crate::error::{Error, code, primary_code};
 use crate::locks::{Locks, Resource};
 use crate::schema::{COMPONENT, schema};
-
-/// Where the backend reads the current time: every time the engine or the
-/// queue decides on (due times, heartbeats, rescue and prune cut-offs, when
-/// a result was recorded) is bound from it, never read from SQLite.
-pub type Clock = Arc<dyn Fn() -> DateTime<Utc> + Send + Sync>;
-
-/// The wall clock.
-pub fn system_clock() -> Clock {
-    Arc::new(Utc::now)
-}
 
 /// How durable a commit is (SQLite's `synchronous` pragma, in WAL mode).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -58,8 +49,11 @@ pub struct SqliteOptions {
     /// Connections in the pool: units of work that write use one each while
     /// they write, readers one per statement.
     pub max_connections: u32,
-    /// The clock.
-    pub clock: Clock,
+    /// Where the backend reads the current time: every time the engine or
+    /// the queue decides on (due times, heartbeats, rescue and prune
+    /// cut-offs, when a result was recorded) is bound from it, never read
+    /// from SQLite. Give the runtime the same one.
+    pub clock: SharedClock,
 }
 
 impl fmt::Debug for SqliteOptions {
@@ -82,7 +76,7 @@ impl SqliteOptions {
             durability: Durability::Full,
             busy_timeout: Duration::from_secs(5),
             max_connections: 16,
-            clock: system_clock(),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -112,8 +106,8 @@ impl SqliteOptions {
 
     /// The same options with `clock`.
     #[must_use]
-    pub fn with_clock(mut self, clock: Clock) -> Self {
-        self.clock = clock;
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
         self
     }
 
@@ -130,7 +124,7 @@ pub(crate) struct Shared {
     pub(crate) pool: SqlitePool,
     pub(crate) path: PathBuf,
     pub(crate) locks: Arc<Locks>,
-    pub(crate) clock: Clock,
+    pub(crate) clock: SharedClock,
     pub(crate) busy_timeout: Duration,
     /// Woken when a commit enqueued jobs.
     pub(crate) enqueued: Notify,
@@ -138,7 +132,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn now(&self) -> DateTime<Utc> {
-        (self.clock)()
+        self.clock.now()
     }
 
     /// Takes this process's write lock for `owner`, then SQLite's

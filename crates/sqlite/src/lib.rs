@@ -83,7 +83,7 @@ mod time;
 mod tx;
 pub mod worker;
 
-pub use backend::{Clock, Durability, Migrated, SqliteBackend, SqliteOptions, system_clock};
+pub use backend::{Durability, Migrated, SqliteBackend, SqliteOptions};
 pub use error::Error;
 pub use maintenance::InstanceRetention;
 pub use schema::schema;

@@ -36,9 +36,9 @@ impl Harness<MemoryBackend> {
 impl Harness<SqliteBackend> {
     /// A fresh migrated SQLite file, read through the virtual clock.
     pub async fn sqlite() -> Self {
-        let clock = VirtualClock::default();
+        let clock = ManualClock::default();
         let dir = TempDir::new("runner-sqlite");
-        let backend = crate::support::sqlite::fresh(&dir, Some(clock.clock())).await;
+        let backend = crate::support::sqlite::fresh(&dir, Some(clock.clone())).await;
         Self {
             backend,
             clock,

@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use hephaestus_sqlite::{Clock, SqliteBackend, SqliteOptions};
+use hephaestus_engine_core::clock::Clock;
+use hephaestus_sqlite::{SqliteBackend, SqliteOptions};
 
 /// A temporary directory, removed when dropped.
 #[derive(Debug)]
@@ -36,7 +37,7 @@ impl Drop for TempDir {
 /// A migrated database in a fresh file of its own (`<dir>/test.db`), with
 /// `clock` if given; enough connections for the conformance suites' eight
 /// concurrent units of work.
-pub async fn fresh(dir: &TempDir, clock: Option<Clock>) -> SqliteBackend {
+pub async fn fresh(dir: &TempDir, clock: Option<impl Clock>) -> SqliteBackend {
     let mut options = SqliteOptions::new(dir.join("test.db"));
     options.max_connections = 20;
     if let Some(clock) = clock {
@@ -51,7 +52,7 @@ pub async fn fresh(dir: &TempDir, clock: Option<Clock>) -> SqliteBackend {
 /// [`remove`] deletes.
 pub async fn fresh_alone() -> SqliteBackend {
     let dir = TempDir::new("sqlite");
-    let backend = fresh(&dir, None).await;
+    let backend = fresh(&dir, None::<hephaestus_engine_core::clock::SystemClock>).await;
     // The directory is removed by `remove`, after the case.
     std::mem::forget(dir);
     backend
