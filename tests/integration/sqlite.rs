@@ -2,4 +2,6 @@
 //! batched-operations suite on a SQLite file (no PostgreSQL needed), then
 //! what the suites cannot see: bad input, processes, migrations.
 
+mod bad_input;
 mod conformance;
+mod schema;
