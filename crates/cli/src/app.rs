@@ -27,6 +27,9 @@ pub struct Setup {
     /// drawn) and no step executes here: a registration may skip building
     /// what its steps need to run.
     pub runs_steps: bool,
+    /// The SQLite database file, when the command runs on one
+    /// (`--database-url sqlite://FILE`): `pool` then never connects.
+    pub sqlite: Option<std::path::PathBuf>,
 }
 
 /// Registers workflows on the runtime a command builds. A function
@@ -77,7 +80,10 @@ impl Workflows for FixtureWorkflows {
         mut builder: RuntimeBuilder<PgBackend>,
         setup: &Setup,
     ) -> Result<RuntimeBuilder<PgBackend>> {
-        let recorder = if setup.runs_steps {
+        let recorder = if let (true, Some(database)) = (setup.runs_steps, &setup.sqlite) {
+            fixtures::Recorder::sqlite(database)
+                .context("creating the fixture's executions file")?
+        } else if setup.runs_steps {
             fixtures::Recorder::new(setup.pool.clone(), &setup.schema)
                 .await
                 .context("creating the fixture's execution table")?
@@ -136,6 +142,7 @@ impl App {
             pool: pool.clone(),
             schema: schema.clone(),
             runs_steps,
+            sqlite: None,
         };
         let builder = Runtime::builder(backend).config(config);
         let builder = self
@@ -146,18 +153,65 @@ impl App {
         builder.build().context("building the runtime")
     }
 
+    /// A runtime over the SQLite `backend` with the registered workflows:
+    /// the registration runs on a builder that never connects, and its
+    /// workflows and families are taken over as they are (a registration
+    /// is written once, for any backend).
+    pub(crate) async fn sqlite_runtime(
+        &self,
+        backend: hephaestus_sqlite::SqliteBackend,
+        config: RunnerConfig,
+        runs_steps: bool,
+    ) -> Result<Runtime<hephaestus_sqlite::SqliteBackend>> {
+        let setup = Setup {
+            pool: detached_pool(),
+            schema: SchemaPrefix::new(SchemaPrefix::DEFAULT).context("the default schema")?,
+            runs_steps,
+            sqlite: Some(backend.path().to_owned()),
+        };
+        let registry = self.registered(&setup).await?;
+        let mut builder = Runtime::builder(backend).config(config);
+        for family in registry.families() {
+            builder = builder.family(family.clone());
+        }
+        builder.build().context("building the runtime")
+    }
+
+    /// What the registration registers, for `setup`.
+    async fn registered(&self, setup: &Setup) -> Result<WorkflowRegistry> {
+        let backend = PgBackend::new(
+            PgStore::new(setup.pool.clone(), setup.schema.clone()),
+            PgQueue::new(setup.pool.clone(), setup.schema.clone()),
+        );
+        let builder = self
+            .workflows
+            .register(Runtime::builder(backend), setup)
+            .await
+            .context("registering the workflows")?;
+        Ok(builder
+            .build()
+            .context("building the runtime")?
+            .registry()
+            .clone())
+    }
+
     /// The registered workflows, for commands that only look at them
     /// (`graph`: no database is touched).
     pub(crate) async fn registry(&self) -> Result<WorkflowRegistry> {
-        let pool = sqlx::postgres::PgPoolOptions::new()
-            .max_connections(1)
-            .connect_lazy_with(sqlx::postgres::PgConnectOptions::new());
+        let pool = detached_pool();
         let schema = SchemaPrefix::new(SchemaPrefix::DEFAULT).context("the default schema")?;
         let runtime = self
             .runtime(&pool, &schema, RunnerConfig::default(), false)
             .await?;
         Ok(runtime.registry().clone())
     }
+}
+
+/// A pool that never connects (nothing is ever run on it).
+fn detached_pool() -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_lazy_with(sqlx::postgres::PgConnectOptions::new())
 }
 
 #[cfg(test)]

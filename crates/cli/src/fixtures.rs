@@ -206,11 +206,33 @@ pub fn path(workflow: &str, script: &Script) -> Vec<&'static str> {
     }
 }
 
-/// Records step executions in `<schema>.fixture_executions`.
+/// Records step executions in `<schema>.fixture_executions` (PostgreSQL),
+/// or, on SQLite, as JSON lines appended to a file beside the database
+/// ([`Recorder::file_of`]): a SQLite file has one writer at a time, and
+/// user code writing into it would queue behind the worker's own commits.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     pool: PgPool,
     insert: String,
+    /// The JSON-lines file, for a worker on SQLite.
+    file: Option<std::path::PathBuf>,
+}
+
+/// One recorded execution, as a line of the SQLite fixture's file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Execution {
+    /// The instance.
+    pub instance_id: uuid::Uuid,
+    /// The step.
+    pub step: String,
+    /// Its activation.
+    pub activation: u32,
+    /// The attempt.
+    pub attempt: u32,
+    /// The worker process.
+    pub worker_pid: u32,
+    /// What the script made it do.
+    pub outcome: String,
 }
 
 impl Recorder {
@@ -238,7 +260,47 @@ impl Recorder {
                 (instance_id, step, activation, attempt, idempotency_key, worker_pid, outcome)
               values ($1, $2, $3, $4, $5, $6, $7)"
         );
-        Ok(Self { pool, insert })
+        Ok(Self {
+            pool,
+            insert,
+            file: None,
+        })
+    }
+
+    /// A recorder appending to the executions file of the SQLite database
+    /// `database` ([`Recorder::file_of`]), created if missing.
+    pub fn sqlite(database: &std::path::Path) -> std::io::Result<Self> {
+        let file = Self::file_of(database);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&file)?;
+        Ok(Self {
+            file: Some(file),
+            ..Self::detached()
+        })
+    }
+
+    /// The executions file of the SQLite database `database`:
+    /// `<database>-fixture-executions.jsonl`, one JSON [`Execution`] a line.
+    pub fn file_of(database: &std::path::Path) -> std::path::PathBuf {
+        let mut name = database.as_os_str().to_owned();
+        name.push("-fixture-executions.jsonl");
+        std::path::PathBuf::from(name)
+    }
+
+    /// The executions recorded for the SQLite database `database` (a line
+    /// cut short by a killed process is skipped).
+    #[allow(
+        dead_code,
+        reason = "used by the integration tests, which include this file"
+    )]
+    pub fn read_file(database: &std::path::Path) -> std::io::Result<Vec<Execution>> {
+        let text = std::fs::read_to_string(Self::file_of(database))?;
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect())
     }
 
     /// A recorder that is never connected: for looking at the definitions
@@ -249,6 +311,7 @@ impl Recorder {
                 .max_connections(1)
                 .connect_lazy_with(sqlx::postgres::PgConnectOptions::new()),
             insert: String::new(),
+            file: None,
         }
     }
 
@@ -258,6 +321,27 @@ impl Recorder {
     }
 
     async fn record(&self, input: &StepInput<'_>, outcome: Planned) -> Result<(), sqlx::Error> {
+        if let Some(file) = &self.file {
+            let line = serde_json::to_string(&Execution {
+                instance_id: input.instance_id,
+                step: input.idempotency_key.step.as_str().to_owned(),
+                activation: input.activation,
+                attempt: input.attempt,
+                worker_pid: std::process::id(),
+                outcome: outcome.as_str().to_owned(),
+            })
+            .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+            // One `write` of a whole line to a file opened for appending:
+            // lines of concurrent steps never interleave, and a line written
+            // survives the process being killed (it is in the page cache).
+            let appended = std::fs::OpenOptions::new()
+                .append(true)
+                .open(file)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes())
+                });
+            return appended.map_err(sqlx::Error::Io);
+        }
         sqlx::query(&self.insert)
             .bind(input.instance_id)
             .bind(input.idempotency_key.step.as_str())

@@ -31,7 +31,8 @@ pub(crate) fn registry() -> Result<Registry> {
 /// `hephaestus migrate`.
 #[derive(Debug, Args)]
 pub struct MigrateCommand {
-    /// PostgreSQL URL.
+    /// PostgreSQL URL, or `sqlite://FILE` (a SQLite database file, created
+    /// if missing; it has one component, `sqlite`, and no schema).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// The schema (prefix) holding Hephaestus's tables.
@@ -42,6 +43,73 @@ pub struct MigrateCommand {
     json: bool,
     #[command(subcommand)]
     action: MigrateAction,
+}
+
+impl MigrateCommand {
+    /// `migrate` on a SQLite file: its one component, `sqlite`.
+    async fn run_sqlite(&self) -> Result<()> {
+        use hephaestus_sqlite::{SqliteBackend, SqliteOptions};
+        let component = hephaestus_sqlite::schema();
+        let name = component.name();
+        let check_component = |given: &Option<String>| -> Result<()> {
+            match given {
+                Some(c) if c != name => {
+                    bail!("unknown component {c:?} (a SQLite file has one: {name})")
+                }
+                _ => Ok(()),
+            }
+        };
+        let options = SqliteOptions::from_url(&self.database_url)?;
+        let file = options.path.display().to_string();
+        let backend = SqliteBackend::open(options).await?;
+        let outcome = match &self.action {
+            MigrateAction::Status => {
+                let db = backend.schema_version().await?;
+                let latest = component.latest();
+                if self.json {
+                    println!(
+                        "{}",
+                        json!({"sqlite": file, "components": [{"component": name, "database": db, "latest": latest, "up_to_date": db == latest}]})
+                    );
+                } else {
+                    let state = if db == latest {
+                        "up to date".to_owned()
+                    } else if db == 0 {
+                        "not migrated: run `hephaestus migrate up`".to_owned()
+                    } else {
+                        format!("behind: run `hephaestus migrate up` to reach {latest}")
+                    };
+                    println!("sqlite {file}");
+                    println!("  {name}: database {db}, this build {latest} ({state})");
+                }
+                Ok(())
+            }
+            MigrateAction::Up { component: c, to } => {
+                check_component(c)?;
+                if to.is_some_and(|to| to != component.latest()) {
+                    bail!(
+                        "a SQLite file migrates up to the latest version ({}) only",
+                        component.latest()
+                    );
+                }
+                let moved = backend.migrate().await?;
+                self.print_moves(&[(name.to_owned(), moved.from, moved.to)]);
+                Ok(())
+            }
+            MigrateAction::Down {
+                component: c,
+                to,
+                force,
+            } => {
+                check_component(c)?;
+                let moved = backend.migrate_down(*to, *force).await?;
+                self.print_moves(&[(name.to_owned(), moved.from, moved.to)]);
+                Ok(())
+            }
+        };
+        backend.close().await;
+        outcome
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +338,9 @@ pub(crate) async fn current(
 
 impl MigrateCommand {
     pub async fn run(self) -> Result<()> {
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.database_url) {
+            return self.run_sqlite().await;
+        }
         let prefix = SchemaPrefix::new(&self.schema).context("--schema")?;
         let registry = registry()?;
         let chosen = |name: &Option<String>| -> Result<Vec<&Component>> {

@@ -22,6 +22,12 @@
 //!
 //! Logs (failed claims, rescues, leadership changes, reconciler repairs) go
 //! to stderr, filtered by `RUST_LOG` (see [`crate::logging`]).
+//!
+//! On SQLite (`--database-url sqlite://FILE`) the worker runs the runner's
+//! own loop (`Runtime::run`: in-process wake-ups, polling for another
+//! process's jobs, heartbeats, rescue) and the reconciler, after taking the
+//! file's worker lock: one worker per file, a second one exits with an error
+//! saying so. Jobs a killed worker left running are rescued at start.
 
 use std::io::{Read as _, Write as _};
 use std::str::FromStr as _;
@@ -40,7 +46,8 @@ use crate::App;
 /// Worker options.
 #[derive(Debug, Args)]
 pub struct WorkerCommand {
-    /// PostgreSQL URL.
+    /// PostgreSQL URL, or `sqlite://FILE` for a SQLite database file
+    /// (created and migrated if needed).
     #[arg(long, env = "DATABASE_URL")]
     database_url: String,
     /// The schema (prefix) of the tables; migrated on start.
@@ -105,6 +112,9 @@ impl WorkerCommand {
             .metrics_addr
             .map(|addr| crate::observe::install_recorder().map(|handle| (addr, handle)))
             .transpose()?;
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.database_url) {
+            return self.run_sqlite(app, signals).await;
+        }
         let prefix = SchemaPrefix::new(&self.schema)
             .with_context(|| format!("invalid --schema {:?}", self.schema))?;
         let options = hephaestus_runner::postgres::tuned(
@@ -133,15 +143,7 @@ impl WorkerCommand {
         hephaestus_queue_pg::migrate(&pool, &prefix)
             .await
             .context("migrating the queue tables")?;
-        let config = RunnerConfig {
-            concurrency: self.concurrency.max(1),
-            poll_interval: Duration::from_millis(self.poll_ms),
-            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
-            stale_after: Duration::from_millis(self.stale_after_ms),
-            rescue_interval: Duration::from_millis(self.rescue_interval_ms),
-            ..RunnerConfig::default()
-        };
-        let runtime = app.runtime(&pool, &prefix, config, true).await?;
+        let runtime = app.runtime(&pool, &prefix, self.config(), true).await?;
         let queue = runtime
             .queue_runtime(hephaestus_failure_handler::workers(&runtime))
             .election(self.elect_interval(), self.leader_ttl())
@@ -213,6 +215,74 @@ impl WorkerCommand {
 }
 
 impl WorkerCommand {
+    fn config(&self) -> RunnerConfig {
+        RunnerConfig {
+            concurrency: self.concurrency.max(1),
+            poll_interval: Duration::from_millis(self.poll_ms),
+            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
+            stale_after: Duration::from_millis(self.stale_after_ms),
+            rescue_interval: Duration::from_millis(self.rescue_interval_ms),
+            ..RunnerConfig::default()
+        }
+    }
+
+    /// The worker on a SQLite file (see the module docs).
+    async fn run_sqlite(self, app: &App, signals: Signals) -> Result<()> {
+        let mut options = hephaestus_sqlite::SqliteOptions::from_url(&self.database_url)?;
+        options.max_connections = self.max_connections.unwrap_or_else(|| {
+            u32::try_from(self.concurrency)
+                .unwrap_or(u32::MAX)
+                .saturating_add(8)
+        });
+        let path = options.path.clone();
+        let backend = hephaestus_sqlite::SqliteBackend::open_migrated(options).await?;
+        let lock = backend.lock_worker().await?;
+        let runtime = app
+            .sqlite_runtime(backend.clone(), self.config(), true)
+            .await?;
+        let (stop, stopped) = watch::channel(false);
+        let reconciler = Reconciler::new(runtime.clone());
+        let reconcile_every = Duration::from_millis(self.reconcile_ms);
+        let reconciling = tokio::spawn({
+            let mut stopped = stopped.clone();
+            async move {
+                reconciler
+                    .run_every(reconcile_every, async move {
+                        let _ = stopped.wait_for(|stop| *stop).await;
+                    })
+                    .await;
+            }
+        });
+        say(&format!(
+            "hephaestus worker ready: pid {}, sqlite {}, concurrency {}",
+            std::process::id(),
+            path.display(),
+            self.concurrency.max(1),
+        ));
+        let exit_on_stdin_close = self.exit_on_stdin_close;
+        let report = runtime
+            .run(async move {
+                tokio::select! {
+                    () = signals.received() => {}
+                    () = stdin_closed(exit_on_stdin_close) => {}
+                }
+                tracing::info!("hephaestus worker: shutting down");
+            })
+            .await?;
+        let _ = stop.send(true);
+        let _ = reconciling.await;
+        lock.release().await;
+        backend.close().await;
+        say(&format!(
+            "hephaestus worker stopped: ran {} jobs ({} succeeded, {} retried, {} discarded)",
+            report.total(),
+            report.succeeded,
+            report.retried,
+            report.discarded
+        ));
+        Ok(())
+    }
+
     /// `--leader-ttl-ms`, or half of `--stale-after-ms` between 300 ms and
     /// 15 s.
     fn leader_ttl(&self) -> Duration {

@@ -426,6 +426,59 @@ impl SqliteBackend {
         Ok(Migrated { from, to: latest })
     }
 
+    /// Takes the tables down to version `to` (0 drops them: what they hold
+    /// is lost), in one `begin immediate` transaction. Refused with
+    /// [`Error::InUse`] while instances are active, unless `force`.
+    pub async fn migrate_down(&self, to: u32, force: bool) -> Result<Migrated, Error> {
+        let component = schema();
+        let path = &self.shared.path;
+        let from = self.schema_version().await?;
+        if from > component.latest() {
+            return Err(Error::NewerSchema {
+                path: path.clone(),
+                component: COMPONENT,
+                found: from,
+                supported: component.latest(),
+            });
+        }
+        let script = hephaestus_migrations_gen::render_down(
+            &component,
+            &SchemaPrefix::default(),
+            from,
+            to.min(from),
+        )?;
+        if script.is_empty() {
+            return Ok(Migrated { from, to: from });
+        }
+        let sqlite = |e: PortError| Error::Sqlite {
+            path: path.clone(),
+            source: sqlx::Error::Protocol(e.to_string()),
+        };
+        let mut tx = self.shared.own_write().await.map_err(sqlite)?;
+        if !force {
+            let active: i64 = sqlx::query_scalar(
+                "select count(*) from hephaestus_instances where status in ('pending', 'running', 'waiting')",
+            )
+            .fetch_one(tx.conn())
+            .await
+            .map_err(|e| open_error(path, e))?;
+            if active > 0 {
+                return Err(Error::InUse {
+                    path: path.clone(),
+                    active: u64::try_from(active).unwrap_or_default(),
+                });
+            }
+        }
+        for statement in script.statements() {
+            sqlx::query(statement)
+                .execute(tx.conn())
+                .await
+                .map_err(|e| open_error(path, e))?;
+        }
+        tx.commit().await.map_err(|e| open_error(path, e))?;
+        Ok(Migrated { from, to })
+    }
+
     /// Closes the pool (waits for connections in use to come back).
     pub async fn close(&self) {
         self.shared.pool.close().await;

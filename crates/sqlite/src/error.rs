@@ -81,6 +81,17 @@ pub enum Error {
         /// The lock file the other worker holds.
         lock_path: PathBuf,
     },
+    /// A down migration was refused: active instances would lose their
+    /// tables.
+    #[error(
+        "refusing to migrate {path} down: {active} instances are active (a down migration drops tables and what they hold); let them finish or cancel them, or pass --force"
+    )]
+    InUse {
+        /// The file.
+        path: PathBuf,
+        /// Active instances.
+        active: u64,
+    },
     /// A rendered migration could not be planned.
     #[error(transparent)]
     Migration(#[from] hephaestus_migrations_gen::Error),
@@ -105,7 +116,9 @@ impl From<Error> for PortError {
             Error::NewerSchema { .. } | Error::NotMigrated { .. } => {
                 PortError::Unavailable(Box::new(error))
             }
-            Error::WorkerRunning { .. } => PortError::Conflict(error.to_string()),
+            Error::WorkerRunning { .. } | Error::InUse { .. } => {
+                PortError::Conflict(error.to_string())
+            }
             Error::Migration(e) => PortError::InvalidInput(e.to_string()),
             Error::Sqlite { source, .. } => port_error(source),
         }

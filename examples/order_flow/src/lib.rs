@@ -218,6 +218,140 @@ pub async fn demo<B: hephaestus_runner::Backend>(suffix: &str, runtime: &Runtime
     Ok(())
 }
 
+/// [`demo`] made durable, for a backend that outlives the process (SQLite):
+/// the orders `1001` and `1002` are started unless a run before this one
+/// started them, and driven to their end. Steps whose results were
+/// recorded before a crash do not run again: only what is left runs, and is
+/// printed. The delivery wait is resumed whenever it is found waiting (a
+/// resume that a killed run recorded already is not repeated). The
+/// runtime's own worker loop runs the jobs meanwhile.
+pub async fn run_durable<B: hephaestus_runner::Backend>(runtime: &Runtime<B>) -> Result<()> {
+    use hephaestus_engine_core::instance::StepStatus;
+    let mut events = runtime.subscribe();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let worker = {
+        let rt = runtime.clone();
+        tokio::spawn(async move {
+            rt.run(async {
+                stopped.await.ok();
+            })
+            .await
+        })
+    };
+    let orders = runtime.workflow("orders::Checkout")?;
+    let mut ids = Vec::new();
+    for (order, input) in [
+        ("1001", json!({ "total": 42, "weight_kg": 3 })),
+        ("1002", json!({ "total": 0 })),
+    ] {
+        if let Some(found) = orders.get(order).await? {
+            let recorded: Vec<String> = found
+                .steps
+                .iter()
+                .filter(|(_, st)| matches!(st.status, StepStatus::Completed | StepStatus::Failed))
+                .map(|(s, _)| s.to_string())
+                .collect();
+            println!(
+                "found {} ({}) {}; recorded before: {}",
+                found.business_id,
+                found.id,
+                found.status,
+                if recorded.is_empty() {
+                    "nothing".to_owned()
+                } else {
+                    recorded.join(", ")
+                }
+            );
+            ids.push(found.id);
+        } else {
+            let started = orders.start(order, input).await?;
+            println!("started {} ({})", started.business_id, started.id);
+            ids.push(started.id);
+        }
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut finished = 0;
+        for id in &ids {
+            let instance = runtime.get(*id).await?.context("instance exists")?;
+            if instance.status.is_terminal() {
+                finished += 1;
+            } else if instance
+                .step("hephaestus::WaitForEvent")
+                .is_some_and(|st| st.status == StepStatus::Waiting)
+            {
+                match runtime
+                    .resume(
+                        *id,
+                        "hephaestus::WaitForEvent",
+                        "received",
+                        json!({ "signed_by": "R. Costa" }),
+                    )
+                    .await
+                {
+                    Ok(()) => {
+                        println!("  [{}] the courier confirms delivery", instance.business_id);
+                    }
+                    // Recorded already (by a run before this one, say).
+                    Err(hephaestus_runner::RunnerError::AlreadyResumed(_)) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        if finished == ids.len() {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the demo stalled");
+        // Print what runs here while waiting (or look again shortly).
+        if let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(100), events.recv()).await
+        {
+            print_event(&event);
+        }
+    }
+    while let Ok(event) = events.try_recv() {
+        print_event(&event);
+    }
+    stop.send(()).ok();
+    worker.await??;
+    for id in ids {
+        let instance = runtime.get(id).await?.context("instance exists")?;
+        let steps: Vec<String> = instance
+            .steps
+            .iter()
+            .map(|(s, st)| format!("{s}={}", st.status))
+            .collect();
+        println!(
+            "\n{} is {}; steps: {}",
+            instance.business_id,
+            instance.status,
+            steps.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A line for a telemetry event of [`run_durable`] (steps run, waits, ends).
+fn print_event(event: &hephaestus_runner::TelemetryEvent) {
+    let instance = event
+        .metadata
+        .get("business_id")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    match event.name {
+        names::STEP_STOP => println!(
+            "  [{instance}] ran {} -> :{}",
+            field(event, "step"),
+            field(event, "event")
+        ),
+        names::STEP_ASYNC => println!("  [{instance}] {} waits", field(event, "step")),
+        names::WORKFLOW_STOP => println!("  [{instance}] completed"),
+        names::WORKFLOW_EXCEPTION => {
+            println!("  [{instance}] failed: {}", field(event, "reason"));
+        }
+        _ => {}
+    }
+}
+
 /// A text field of a telemetry event's metadata (empty when absent).
 fn field<'a>(event: &'a hephaestus_runner::TelemetryEvent, key: &str) -> &'a str {
     event
