@@ -6,3 +6,4 @@ mod bad_input;
 mod conformance;
 mod processes;
 mod schema;
+mod crash;

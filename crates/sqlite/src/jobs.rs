@@ -29,7 +29,7 @@ const WAITING: &str = "('available', 'scheduled', 'retryable')";
 const LIVE: &str = "('available', 'scheduled', 'executing', 'retryable')";
 
 /// The columns [`decode_lease`] and [`decode_info`] read.
-const JOB_COLUMNS: &str = "id, kind, queue, args, meta, tags, priority, state, attempt, \
+pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, meta, tags, priority, state, attempt, \
      max_attempts, scheduled_at, errors, group_key";
 
 /// The bit of `state` in a unique-states mask, as the unique index reads it.
@@ -120,7 +120,7 @@ fn lease_of(info: JobInfo) -> JobLease {
     }
 }
 
-fn decode_info(row: &SqliteRow) -> Result<JobInfo, PortError> {
+pub(crate) fn decode_info(row: &SqliteRow) -> Result<JobInfo, PortError> {
     let id: i64 = row.try_get("id").map_err(port_error)?;
     let get = |column: &'static str| {
         move |e: sqlx::Error| PortError::Corrupt(format!("job {id}, column {column}: {e}"))

@@ -73,6 +73,7 @@
 
 mod backend;
 pub mod error;
+mod inspect;
 mod instances;
 mod jobs;
 mod locks;
@@ -85,6 +86,7 @@ pub mod worker;
 
 pub use backend::{Durability, Migrated, SqliteBackend, SqliteOptions};
 pub use error::Error;
+pub use inspect::{JobError, JobRecord, QueueDepth};
 pub use maintenance::InstanceRetention;
 pub use schema::schema;
 pub use tx::SqliteTx;

@@ -1,0 +1,590 @@
+//! The crash test on SQLite, with real processes and no PostgreSQL: one
+//! `hephaestus worker` on a SQLite file is SIGKILLed and started again every
+//! few hundred milliseconds while 200 scripted workflows (the fixture
+//! workflows of `crates/cli/src/fixtures.rs`) are started and their waiting
+//! steps resumed from this process. Then: every instance ended as its
+//! script says, every step result was recorded once and applied, and user
+//! code ran at least once and at most `max_attempts` times per activation,
+//! each attempt once, each doing what the script says.
+//!
+//! The seed is printed; `HEPHAESTUS_FAULTS_SEED=<n>` replays the scripts and
+//! the kill schedule (timing still varies).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead as _, BufReader};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use hephaestus_engine_core::instance::{HistoryKind, Instance, InstanceStatus, ResumeSource};
+use hephaestus_engine_core::ports::InstanceFilter;
+use hephaestus_engine_core::{StepId, WorkflowId};
+use hephaestus_runner::{RunnerError, Runtime, StartOptions};
+use hephaestus_sqlite::{SqliteBackend, SqliteOptions};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::faults::fixtures::{self, Execution, Recorder, Script};
+use crate::support::bin::hephaestus_bin;
+use crate::support::sqlite::TempDir;
+
+/// Workflows started.
+const INSTANCES: usize = 200;
+/// Started per tenth of a second.
+const PER_TICK: usize = 5;
+/// How long every instance may take to finish once the load stopped.
+const SETTLE_LIMIT: Duration = Duration::from_secs(120);
+/// Kills go on this long after the last start.
+const KILLS_AFTER_LOAD: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice() {
+    let seed = std::env::var("HEPHAESTUS_FAULTS_SEED")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or_else(|| {
+            let bytes = Uuid::new_v4().into_bytes();
+            u64::from_le_bytes([
+                bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+            ])
+        });
+    eprintln!(
+        "sqlite crash: seed {seed} (replay with HEPHAESTUS_FAULTS_SEED={seed}), {INSTANCES} instances"
+    );
+    let bin = tokio::task::spawn_blocking(hephaestus_bin)
+        .await
+        .expect("locating the binary");
+    let dir = TempDir::new("sqlite-crash");
+    let file = dir.join("crash.db");
+    let backend = SqliteBackend::open_migrated(SqliteOptions::new(&file))
+        .await
+        .expect("a migrated file");
+    let mut builder = Runtime::builder(backend.clone());
+    for workflow in fixtures::workflows(&Recorder::detached()).expect("the fixture workflows") {
+        builder = builder.workflow(workflow);
+    }
+    let runtime = builder.build().expect("a runtime");
+
+    let mut rng = Rng(seed);
+    let plans: Vec<Plan> = (0..INSTANCES).map(|i| Plan::random(&mut rng, i)).collect();
+    let killer_seed = rng.next();
+
+    let stop_kills = Arc::new(AtomicBool::new(false));
+    let killer = std::thread::spawn({
+        let (bin, file, stop) = (bin.clone(), file.clone(), Arc::clone(&stop_kills));
+        move || {
+            let mut rng = Rng(killer_seed);
+            let mut worker = WorkerProc::spawn(&bin, &file);
+            let mut kills = 0_usize;
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(150 + rng.below(450)));
+                worker.kill();
+                kills += 1;
+                worker = WorkerProc::spawn(&bin, &file);
+            }
+            (worker, kills)
+        }
+    });
+    let stop_resumer = Arc::new(AtomicBool::new(false));
+    let resumer = tokio::spawn(resume_waiting(runtime.clone(), Arc::clone(&stop_resumer)));
+
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for chunk in plans.chunks(PER_TICK) {
+        tick.tick().await;
+        for plan in chunk {
+            start(&runtime, plan).await;
+        }
+    }
+    tokio::time::sleep(KILLS_AFTER_LOAD).await;
+    stop_kills.store(true, Ordering::SeqCst);
+    let (worker, kills) = tokio::task::spawn_blocking(move || killer.join())
+        .await
+        .expect("joining the killer")
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+    eprintln!("sqlite crash: the worker was killed {kills} times");
+    assert!(kills >= 5, "the worker was killed {kills} times only");
+
+    let settle_began = Instant::now();
+    loop {
+        let active = runtime
+            .list(&InstanceFilter {
+                statuses: InstanceStatus::ACTIVE.to_vec(),
+                ..InstanceFilter::default()
+            })
+            .await
+            .expect("list the active instances");
+        if active.is_empty() {
+            break;
+        }
+        assert!(
+            settle_began.elapsed() < SETTLE_LIMIT,
+            "{} instances still active {SETTLE_LIMIT:?} after the load (seed {seed}), e.g. {:?}",
+            active.len(),
+            active
+                .iter()
+                .take(5)
+                .map(|i| (i.id, i.workflow_id.as_str(), i.status, &i.steps))
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "sqlite crash: every instance finished {:?} after the load",
+        settle_began.elapsed()
+    );
+    stop_resumer.store(true, Ordering::SeqCst);
+    resumer.await.expect("the resumer");
+    let status = tokio::task::spawn_blocking(move || worker.stop())
+        .await
+        .expect("stopping the worker");
+    assert!(
+        status.as_ref().is_ok_and(std::process::ExitStatus::success),
+        "the last worker did not stop gracefully: {status:?}"
+    );
+
+    let executions = executions(&file);
+    let beyond_script: usize = plans
+        .iter()
+        .map(|plan| {
+            executions.get(&plan.id).map_or(0, |runs| {
+                runs.iter()
+                    .filter(|e| e.attempt > plan.script.fail.get(&e.step).copied().unwrap_or(0) + 1)
+                    .count()
+            })
+        })
+        .sum();
+    eprintln!(
+        "sqlite crash: {beyond_script} step attempts beyond the scripted ones (attempts the kills cut short)"
+    );
+    let results = results(&backend).await;
+    let mut problems = Vec::new();
+    for plan in &plans {
+        let instance = runtime
+            .get(plan.id)
+            .await
+            .expect("read an instance")
+            .unwrap_or_else(|| panic!("instance {} is missing", plan.id));
+        check_instance(
+            plan,
+            &instance,
+            executions.get(&plan.id).map_or(&[][..], Vec::as_slice),
+            &results.get(&plan.id).cloned().unwrap_or_default(),
+            &mut problems,
+        );
+    }
+    assert!(
+        problems.is_empty(),
+        "seed {seed}: {} problems, first ones:\n{}",
+        problems.len(),
+        problems.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+    );
+    backend.close().await;
+}
+
+/// Starts `plan`'s instance; a start whose commit raced a busy file is
+/// retried, and found by its id if it did commit.
+async fn start(rt: &Runtime<SqliteBackend>, plan: &Plan) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let options = StartOptions {
+            id: Some(plan.id),
+            ..StartOptions::default()
+        };
+        let outcome = rt
+            .start(
+                plan.workflow,
+                &plan.business_value,
+                plan.script.to_input(),
+                options,
+            )
+            .await;
+        let Err(error) = outcome else { return };
+        if let Ok(Some(_)) = rt.get(plan.id).await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "cannot start instance {}: {error}",
+            plan.id
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Resumes the waiting instances of `fixture_wait` until told to stop.
+async fn resume_waiting(rt: Runtime<SqliteBackend>, stop: Arc<AtomicBool>) {
+    let filter = InstanceFilter {
+        workflow_id: Some(WorkflowId::new(fixtures::WAIT).expect("a valid workflow id")),
+        statuses: vec![InstanceStatus::Waiting],
+        ..InstanceFilter::default()
+    };
+    while !stop.load(Ordering::SeqCst) {
+        if let Ok(waiting) = rt.list(&filter).await {
+            for instance in waiting {
+                match rt
+                    .resume(
+                        instance.id,
+                        fixtures::WAITING_STEP,
+                        fixtures::RESUME_EVENT,
+                        json!({"resumed_by": "sqlite crash test"}),
+                    )
+                    .await
+                {
+                    // Sent; raced another resume or the end; or the file was
+                    // busy (tried again next round).
+                    Ok(())
+                    | Err(
+                        RunnerError::NotWaiting { .. }
+                        | RunnerError::AlreadyResumed(_)
+                        | RunnerError::Finished(_)
+                        | RunnerError::Backend(_),
+                    ) => {}
+                    Err(e) => panic!("resuming {}: {e}", instance.id),
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The recorded executions, by instance.
+fn executions(file: &Path) -> HashMap<Uuid, Vec<Execution>> {
+    let mut out: HashMap<Uuid, Vec<Execution>> = HashMap::new();
+    for execution in Recorder::read_file(file).expect("read the executions file") {
+        out.entry(execution.instance_id)
+            .or_default()
+            .push(execution);
+    }
+    out
+}
+
+/// Step results by instance: (step, activation, kind) → (rows, processed).
+async fn results(
+    backend: &SqliteBackend,
+) -> HashMap<Uuid, BTreeMap<(String, i64, String), (i64, i64)>> {
+    let rows: Vec<(String, String, i64, String, i64, i64)> = sqlx::query_as(
+        "select instance_id, step_id, activation, kind, count(*), count(processed_at)
+         from hephaestus_step_results group by 1, 2, 3, 4",
+    )
+    .fetch_all(backend.pool())
+    .await
+    .expect("read the step results");
+    let mut out: HashMap<Uuid, BTreeMap<_, _>> = HashMap::new();
+    for (instance, step, activation, kind, n, processed) in rows {
+        let id = Uuid::parse_str(&instance).expect("an instance id");
+        out.entry(id)
+            .or_default()
+            .insert((step, activation, kind), (n, processed));
+    }
+    out
+}
+
+/// A `hephaestus worker` process on the file.
+struct WorkerProc {
+    child: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl WorkerProc {
+    /// Starts a worker; it is either ready or refused (the killed one's
+    /// lock is free at once, so a refusal is a failure).
+    fn spawn(bin: &Path, file: &Path) -> Self {
+        let mut child = Command::new(bin)
+            .args([
+                "worker",
+                "--database-url",
+                &format!("sqlite://{}", file.display()),
+                "--concurrency",
+                "6",
+                "--heartbeat-ms",
+                "100",
+                "--stale-after-ms",
+                "1000",
+                "--rescue-interval-ms",
+                "200",
+                "--poll-ms",
+                "50",
+                "--reconcile-ms",
+                "1000",
+                "--exit-on-stdin-close",
+            ])
+            // The scripted failures would fill the output with their logs.
+            .env("RUST_LOG", "off")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start a worker");
+        let stdout = child.stdout.take().expect("a piped stdout");
+        let stdin = child.stdin.take();
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .any(|line| line.starts_with("hephaestus worker ready"));
+        assert!(ready, "the worker did not start");
+        // Keep draining its stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+        Self { child, stdin }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Closes stdin (a graceful stop) and waits for the exit.
+    fn stop(mut self) -> Result<std::process::ExitStatus, String> {
+        drop(self.stdin.take());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => return Ok(status),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(None) => {
+                    self.kill();
+                    return Err("no exit within 30 s of closing stdin".to_owned());
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    }
+}
+
+impl Drop for WorkerProc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
+    }
+}
+
+/// What the test expects of one instance.
+#[derive(Debug, Clone)]
+struct Plan {
+    id: Uuid,
+    business_value: String,
+    workflow: &'static str,
+    script: Script,
+}
+
+impl Plan {
+    fn random(rng: &mut Rng, index: usize) -> Self {
+        let workflow = fixtures::SHAPES[rng.pick(fixtures::SHAPES.len())];
+        let mut script = Script {
+            sleep_ms: rng.below(15),
+            ..Script::default()
+        };
+        if workflow == fixtures::BRANCH {
+            script.branch = Some(if rng.chance(50) { "right" } else { "left" }.to_owned());
+        }
+        let path = fixtures::path(workflow, &script);
+        for step in &path {
+            if rng.chance(20) {
+                script
+                    .fail
+                    .insert((*step).to_owned(), 1 + u32::from(rng.chance(50)));
+            }
+        }
+        if rng.chance(8) {
+            script.fatal = Some(path[rng.pick(path.len())].to_owned());
+        }
+        Self {
+            id: Uuid::now_v7(),
+            business_value: index.to_string(),
+            workflow,
+            script,
+        }
+    }
+
+    fn path(&self) -> Vec<&'static str> {
+        fixtures::path(self.workflow, &self.script)
+    }
+
+    /// The step the instance fails at, if it does.
+    fn fails_at(&self) -> Option<&str> {
+        let fatal = self.script.fatal.as_deref()?;
+        self.path().contains(&fatal).then_some(fatal)
+    }
+}
+
+fn check_instance(
+    plan: &Plan,
+    instance: &Instance,
+    execs: &[Execution],
+    results: &BTreeMap<(String, i64, String), (i64, i64)>,
+    problems: &mut Vec<String>,
+) {
+    let id = plan.id;
+    let mut problem = |text: String| problems.push(format!("{id} ({}): {text}", plan.workflow));
+    let path = plan.path();
+
+    // The end the script says.
+    match plan.fails_at() {
+        Some(step) => {
+            let failed_at = instance
+                .failure
+                .as_ref()
+                .and_then(|f| f.step.as_ref())
+                .map(|s| s.as_str().to_owned());
+            if instance.status != InstanceStatus::Failed || failed_at.as_deref() != Some(step) {
+                problem(format!(
+                    "expected failed at {step}, got {:?} {:?}",
+                    instance.status, instance.failure
+                ));
+            }
+        }
+        None if instance.status != InstanceStatus::Completed => problem(format!(
+            "expected completed, got {:?} {:?}",
+            instance.status, instance.failure
+        )),
+        None => {}
+    }
+
+    // Every result recorded once and applied.
+    for ((step, activation, kind), (n, processed)) in results {
+        if *n != 1 || processed != n {
+            problem(format!(
+                "result {step}#{activation} {kind}: {n} rows, {processed} processed"
+            ));
+        }
+        if *activation > 1 {
+            problem(format!("{step} was activated {activation} times"));
+        }
+    }
+
+    // User code: at most max_attempts per activation, each attempt once,
+    // each doing what the script says, never off the path.
+    let mut by_step: BTreeMap<&str, Vec<&Execution>> = BTreeMap::new();
+    for exec in execs {
+        by_step.entry(exec.step.as_str()).or_default().push(exec);
+        if !path.contains(&exec.step.as_str()) {
+            problem(format!("{} ran but is not on the path {path:?}", exec.step));
+        }
+        if exec.activation != 1 {
+            problem(format!("{} ran activation {}", exec.step, exec.activation));
+        }
+        let scripted = plan.script.outcome(&exec.step, exec.attempt).as_str();
+        if exec.outcome != scripted {
+            problem(format!(
+                "{} attempt {} did {}, the script says {scripted}",
+                exec.step, exec.attempt, exec.outcome
+            ));
+        }
+    }
+    for (step, runs) in &by_step {
+        let attempts: BTreeSet<u32> = runs.iter().map(|e| e.attempt).collect();
+        if attempts.len() != runs.len() {
+            problem(format!("{step}: an attempt ran twice: {runs:?}"));
+        }
+        if runs.len() > usize::try_from(fixtures::MAX_ATTEMPTS).unwrap_or(usize::MAX) {
+            problem(format!("{step} ran {} times", runs.len()));
+        }
+    }
+    // The steps that must have run: all of a completed path; before a fatal
+    // step, its predecessors (in the diamond, a failing branch may cancel
+    // its sibling before that one starts).
+    let reached: Vec<&str> = match plan.fails_at() {
+        Some(fatal) => {
+            let mut before: Vec<&str> = path.iter().copied().take_while(|s| *s != fatal).collect();
+            if plan.workflow == fixtures::DIAMOND && fatal != "Merge" {
+                before.retain(|s| *s == "Split");
+            }
+            before.push(fatal);
+            before
+        }
+        None => path.clone(),
+    };
+    for step in &reached {
+        if !by_step.contains_key(step) {
+            problem(format!("{step} never ran"));
+        }
+    }
+    if instance.status != InstanceStatus::Completed {
+        return;
+    }
+    // Completed: each path step completed once, and its applied output came
+    // from a recorded execution.
+    for step in &path {
+        if !results.contains_key(&((*step).to_owned(), 1, "completed".to_owned())) {
+            problem(format!("{step} has no completed result"));
+        }
+        let completions = instance
+            .history
+            .iter()
+            .filter(|h| {
+                h.step.as_ref().is_some_and(|s| s.as_str() == *step)
+                    && matches!(h.kind, HistoryKind::Completed { .. })
+            })
+            .count();
+        if completions != 1 {
+            problem(format!("{step} completed {completions} times in the history"));
+        }
+        let key = StepId::new(*step)
+            .expect("a valid step id")
+            .default_step_key();
+        let output = instance.context.step(&key);
+        let (attempt, pid) = (
+            output.and_then(|o| o["attempt"].as_u64()),
+            output.and_then(|o| o["pid"].as_u64()),
+        );
+        let from_a_run = by_step.get(step).is_some_and(|runs| {
+            runs.iter().any(|e| {
+                Some(u64::from(e.attempt)) == attempt
+                    && Some(u64::from(e.worker_pid)) == pid
+                    && e.outcome == "complete"
+            })
+        });
+        if !from_a_run {
+            problem(format!(
+                "{step}'s applied output {output:?} matches no recorded execution"
+            ));
+        }
+    }
+    let resumes: Vec<ResumeSource> = instance
+        .history
+        .iter()
+        .filter_map(|h| match h.kind {
+            HistoryKind::Resumed { source, .. } => Some(source),
+            _ => None,
+        })
+        .collect();
+    let expected = match plan.workflow {
+        fixtures::WAIT => vec![ResumeSource::External],
+        fixtures::TIMER => vec![ResumeSource::Timer],
+        _ => Vec::new(),
+    };
+    if resumes != expected {
+        problem(format!("resumed by {resumes:?}, expected {expected:?}"));
+    }
+}
+
+/// SplitMix64: a seeded generator, enough for test plans.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn pick(&mut self, len: usize) -> usize {
+        let n = u64::try_from(len).unwrap_or(u64::MAX);
+        usize::try_from(self.below(n)).unwrap_or(0)
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
