@@ -3,7 +3,8 @@
 //! what the suites cannot see: bad input, processes, migrations.
 
 mod bad_input;
+mod cli;
 mod conformance;
+mod crash;
 mod processes;
 mod schema;
-mod crash;

@@ -16,7 +16,7 @@ use crate::migrate::{connect, current, registry};
 /// `--database-url` and `--schema`.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
-    /// PostgreSQL URL.
+    /// PostgreSQL URL, or `sqlite://FILE` for a SQLite database file.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// The schema (prefix) holding Hephaestus's tables.
@@ -97,4 +97,34 @@ impl Database {
     pub fn schema(&self) -> &str {
         self.prefix.as_str()
     }
+}
+
+/// The database a command works on: PostgreSQL (a schema) or a SQLite file.
+#[derive(Debug)]
+pub enum Target {
+    /// PostgreSQL.
+    Postgres(Database),
+    /// A SQLite file (opened through `hephaestus-sqlite`, checked to be
+    /// migrated to this build's version).
+    Sqlite(hephaestus_sqlite::SqliteBackend),
+}
+
+impl Target {
+    /// Opens `args`' database: a `sqlite://` URL is a SQLite file, anything
+    /// else PostgreSQL ([`Database::open`]).
+    pub async fn open(args: &DatabaseArgs, needs: Needs) -> Result<Self> {
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&args.database_url) {
+            return Ok(Self::Sqlite(open_sqlite(&args.database_url).await?));
+        }
+        Ok(Self::Postgres(Database::open(args, needs).await?))
+    }
+}
+
+/// Opens the SQLite file of `url` and checks that it is migrated to this
+/// build's version (a missing or older schema says what to run).
+pub async fn open_sqlite(url: &str) -> Result<hephaestus_sqlite::SqliteBackend> {
+    let options = hephaestus_sqlite::SqliteOptions::from_url(url)?;
+    let backend = hephaestus_sqlite::SqliteBackend::open(options).await?;
+    backend.check_migrated().await?;
+    Ok(backend)
 }

@@ -43,6 +43,9 @@ struct QueueView {
 
 impl JobsCommand {
     pub async fn run(self) -> Result<()> {
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.db.database_url) {
+            return self.run_sqlite().await;
+        }
         let db = Database::open(&self.db, Needs::Queue).await?;
         let queue = db.queue();
         let now = queue.now();
@@ -82,6 +85,51 @@ impl JobsCommand {
             .recent_errors(self.errors)
             .await
             .context("reading jobs with errors")?;
+        if self.json {
+            println!("{}", json_report(&queues, &errors, now));
+        } else {
+            print!("{}", text_report(&queues, &errors, now));
+        }
+        Ok(())
+    }
+}
+
+impl JobsCommand {
+    /// `jobs` on a SQLite file.
+    async fn run_sqlite(self) -> Result<()> {
+        let backend = crate::database::open_sqlite(&self.db.database_url).await?;
+        let now = backend.now();
+        let mut queues: BTreeMap<String, QueueView> = BTreeMap::new();
+        for depth in backend.queue_depth().await.context("counting jobs")? {
+            queues
+                .entry(depth.queue)
+                .or_default()
+                .counts
+                .insert(depth.state.as_str(), depth.count);
+        }
+        for (name, view) in &mut queues {
+            view.oldest = backend
+                .oldest_available(name)
+                .await
+                .context("reading the oldest available job")?
+                .map(|job| (job.id.0, job.kind, job.scheduled_at));
+        }
+        let errors: Vec<RecentError> = backend
+            .recent_errors(self.errors)
+            .await
+            .context("reading jobs with errors")?
+            .into_iter()
+            .map(|e| RecentError {
+                job_id: e.job.id,
+                kind: e.job.kind,
+                queue: e.job.queue,
+                state: e.job.state,
+                attempt: e.error.attempt,
+                at: e.error.at,
+                message: e.error.error.message,
+            })
+            .collect();
+        backend.close().await;
         if self.json {
             println!("{}", json_report(&queues, &errors, now));
         } else {

@@ -73,6 +73,9 @@ impl PruneCommand {
             .ok()
             .filter(|age| *age < chrono::Duration::days(365 * 1_000))
             .with_context(|| format!("--older-than {:?} is too long", self.older_than))?;
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.db.database_url) {
+            return self.run_sqlite(age).await;
+        }
         let db = Database::open(&self.db, Needs::Both).await?;
         let before = Utc::now() - age;
         let retention = if self.instances {
@@ -96,20 +99,70 @@ impl PruneCommand {
             .prune_processed_in_batches(before, RESULTS_BATCH)
             .await
             .context("pruning processed step results")?;
+        self.report(
+            before,
+            jobs,
+            results,
+            retention.map(|r| (r.instances, r.jobs, r.step_results)),
+        );
+        Ok(())
+    }
+
+    /// `prune` on a SQLite file.
+    async fn run_sqlite(self, age: chrono::Duration) -> Result<()> {
+        use hephaestus_engine_core::ports::{JobQueue as _, StepResultStore as _};
+        let backend = crate::database::open_sqlite(&self.db.database_url).await?;
+        let before = backend.now() - age;
+        let retention = if self.instances {
+            Some(
+                backend
+                    .prune_instances(before, INSTANCES_BATCH)
+                    .await
+                    .context("pruning finished instances")?,
+            )
+        } else {
+            None
+        };
+        let jobs = backend
+            .prune_finished(before)
+            .await
+            .context("pruning finished jobs")?;
+        let results = backend
+            .prune_processed(before)
+            .await
+            .context("pruning processed step results")?;
+        backend.close().await;
+        self.report(
+            before,
+            jobs,
+            results,
+            retention.map(|r| (r.instances, r.jobs, r.step_results)),
+        );
+        Ok(())
+    }
+
+    /// Prints what was pruned; `retention` is (instances, their jobs, their
+    /// step results) with `--instances`.
+    fn report(
+        &self,
+        before: chrono::DateTime<Utc>,
+        jobs: u64,
+        results: u64,
+        retention: Option<(u64, u64, u64)>,
+    ) {
         let (jobs, results) = match &retention {
-            Some(r) => (jobs + r.jobs, results + r.step_results),
+            Some((_, r_jobs, r_results)) => (jobs + r_jobs, results + r_results),
             None => (jobs, results),
         };
         if self.json {
             let mut out = json!({"before": time(before), "jobs": jobs, "step_results": results});
-            if let Some(r) = &retention {
-                out["instances"] = json!(r.instances);
+            if let Some((instances, _, _)) = &retention {
+                out["instances"] = json!(instances);
             }
             println!("{out}");
-        } else if let Some(r) = &retention {
+        } else if let Some((instances, _, _)) = &retention {
             println!(
-                "pruned {} finished instances, {jobs} jobs and {results} step results (finished before {})",
-                r.instances,
+                "pruned {instances} finished instances, {jobs} jobs and {results} step results (finished before {})",
                 time(before)
             );
         } else {
@@ -118,7 +171,6 @@ impl PruneCommand {
                 time(before)
             );
         }
-        Ok(())
     }
 }
 

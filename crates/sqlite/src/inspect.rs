@@ -56,7 +56,10 @@ pub struct JobError {
     pub error: AttemptRecord,
 }
 
-fn time_of(row: &sqlx::sqlite::SqliteRow, column: &str) -> Result<Option<DateTime<Utc>>, PortError> {
+fn time_of(
+    row: &sqlx::sqlite::SqliteRow,
+    column: &str,
+) -> Result<Option<DateTime<Utc>>, PortError> {
     let value: Option<i64> = row.try_get(column).map_err(port_error)?;
     value
         .map(|v| from_micros(v).map_err(|e| PortError::Corrupt(format!("{column}: {e}"))))

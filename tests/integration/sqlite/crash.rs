@@ -178,7 +178,12 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
         problems.is_empty(),
         "seed {seed}: {} problems, first ones:\n{}",
         problems.len(),
-        problems.iter().take(30).cloned().collect::<Vec<_>>().join("\n")
+        problems
+            .iter()
+            .take(30)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     backend.close().await;
 }
@@ -522,7 +527,9 @@ fn check_instance(
             })
             .count();
         if completions != 1 {
-            problem(format!("{step} completed {completions} times in the history"));
+            problem(format!(
+                "{step} completed {completions} times in the history"
+            ));
         }
         let key = StepId::new(*step)
             .expect("a valid step id")

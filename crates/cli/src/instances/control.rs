@@ -13,12 +13,79 @@ use anyhow::{Context as _, Result};
 use clap::Args;
 use hephaestus_engine_core::Instance;
 use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::retry::Retried;
 use hephaestus_runner::{RunnerConfig, RunnerError, Runtime};
+use hephaestus_sqlite::SqliteBackend;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
-use super::{NeedsDefinition, definition, resolve};
+use super::{NeedsDefinition, definition, resolve, resolve_sqlite};
 use crate::App;
-use crate::database::{Database, DatabaseArgs, Needs};
+use crate::database::{DatabaseArgs, Needs, Target};
+
+/// A runtime with this binary's workflows, on PostgreSQL or on SQLite.
+enum Steering {
+    Postgres(Runtime<PgBackend>),
+    Sqlite(Runtime<SqliteBackend>),
+}
+
+impl Steering {
+    /// A runtime over `db`'s database that runs no steps.
+    async fn open(app: &App, db: &DatabaseArgs) -> Result<Self> {
+        Ok(match Target::open(db, Needs::Both).await? {
+            Target::Postgres(db) => Self::Postgres(
+                app.runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
+                    .await?,
+            ),
+            Target::Sqlite(backend) => Self::Sqlite(
+                app.sqlite_runtime(backend, RunnerConfig::default(), false)
+                    .await?,
+            ),
+        })
+    }
+
+    /// The instance `given` names.
+    async fn resolve(&self, given: &str) -> Result<Instance> {
+        match self {
+            Self::Postgres(rt) => resolve(rt.backend().store(), given).await,
+            Self::Sqlite(rt) => resolve_sqlite(rt.backend(), given).await,
+        }
+    }
+
+    fn check(&self, instance: &Instance, needs: NeedsDefinition) -> Result<()> {
+        match self {
+            Self::Postgres(rt) => definition(rt, instance, needs).map(drop),
+            Self::Sqlite(rt) => definition(rt, instance, needs).map(drop),
+        }
+    }
+
+    async fn resume(
+        &self,
+        id: Uuid,
+        step: &str,
+        event: &str,
+        payload: Value,
+    ) -> Result<(), RunnerError> {
+        match self {
+            Self::Postgres(rt) => rt.resume(id, step, event, payload).await,
+            Self::Sqlite(rt) => rt.resume(id, step, event, payload).await,
+        }
+    }
+
+    async fn cancel(&self, id: Uuid, reason: Option<String>) -> Result<(), RunnerError> {
+        match self {
+            Self::Postgres(rt) => rt.cancel(id, reason).await,
+            Self::Sqlite(rt) => rt.cancel(id, reason).await,
+        }
+    }
+
+    async fn retry(&self, id: Uuid) -> Result<Retried, RunnerError> {
+        match self {
+            Self::Postgres(rt) => rt.retry(id).await,
+            Self::Sqlite(rt) => rt.retry(id).await,
+        }
+    }
+}
 
 /// What every steering command starts with: the database (checked to be
 /// migrated), the instance (by id or business id), a runtime with this
@@ -28,13 +95,10 @@ async fn steer(
     db: &DatabaseArgs,
     given: &str,
     needs: NeedsDefinition,
-) -> Result<(Instance, Runtime<PgBackend>)> {
-    let db = Database::open(db, Needs::Both).await?;
-    let instance = resolve(&db.store(), given).await?;
-    let runtime = app
-        .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-        .await?;
-    definition(&runtime, &instance, needs)?;
+) -> Result<(Instance, Steering)> {
+    let runtime = Steering::open(app, db).await?;
+    let instance = runtime.resolve(given).await?;
+    runtime.check(&instance, needs)?;
     Ok((instance, runtime))
 }
 
@@ -141,10 +205,7 @@ impl CancelCommand {
                 let Some(id) = self.undecodable(&error) else {
                     return Err(error);
                 };
-                let db = Database::open(&self.db, Needs::Both).await?;
-                let runtime = app
-                    .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-                    .await?;
+                let runtime = Steering::open(app, &self.db).await?;
                 runtime
                     .cancel(id, self.reason.clone())
                     .await

@@ -103,6 +103,48 @@ impl ListCommand {
                 time(until)
             );
         }
+        let (instances, undecodable, next) =
+            if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.db.database_url) {
+                self.page_sqlite().await?
+            } else {
+                self.page_postgres().await?
+            };
+        for (id, error) in &undecodable {
+            eprintln!(
+                "hephaestus: warning: instance {id} cannot be decoded and is not listed: {error} (`hephaestus instances show {id}` shows what can be read; `hephaestus instances cancel {id}` cancels it)"
+            );
+        }
+        if self.json {
+            let instances: Vec<Value> = instances.iter().map(summary).collect();
+            let undecodable: Vec<Value> = undecodable
+                .iter()
+                .map(|(id, error)| json!({"id": id, "error": error}))
+                .collect();
+            println!(
+                "{}",
+                json!({"instances": instances, "undecodable": undecodable, "next": next})
+            );
+            return Ok(());
+        }
+        if instances.is_empty() {
+            println!("no instances match");
+            return Ok(());
+        }
+        print!("{}", table(&instances));
+        match next {
+            Some(next) => println!("{} shown; next page: --after {next}", instances.len()),
+            None => println!("{} shown; no more", instances.len()),
+        }
+        Ok(())
+    }
+}
+
+/// One page: the instances, the rows that cannot be decoded (id, error),
+/// and the cursor of the next page.
+type Listed = (Vec<Instance>, Vec<(String, String)>, Option<Uuid>);
+
+impl ListCommand {
+    async fn page_postgres(&self) -> Result<Listed> {
         let db = Database::open(&self.db, Needs::Both).await?;
         let store = db.store();
         let after = match self.after {
@@ -111,15 +153,15 @@ impl ListCommand {
                 // Read without decoding: a cursor may be an instance whose
                 // state cannot be decoded.
                 store
-                    .get_raw_using(store.pool(), id, 0)
-                    .await
-                    .context("reading the cursor's instance")?
-                    .ok_or_else(|| {
-                        anyhow!(
-                            "--after {id}: no such instance in schema {} (a cursor is the instance id printed as `next` by the previous page)",
-                            db.schema()
-                        )
-                    })?;
+                        .get_raw_using(store.pool(), id, 0)
+                        .await
+                        .context("reading the cursor's instance")?
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "--after {id}: no such instance in schema {} (a cursor is the instance id printed as `next` by the previous page)",
+                                db.schema()
+                            )
+                        })?;
                 Some(Cursor::after_id(id))
             }
         };
@@ -137,35 +179,39 @@ impl ListCommand {
         };
         let page = store.query(&query).await.context("listing instances")?;
         let next = page.next.as_ref().map(Cursor::id);
-        for bad in &page.undecodable {
-            eprintln!(
-                "hephaestus: warning: instance {} cannot be decoded and is not listed: {} (`hephaestus instances show {}` shows what can be read; `hephaestus instances cancel {}` cancels it)",
-                bad.id, bad.error, bad.id, bad.id
-            );
-        }
-        if self.json {
-            let instances: Vec<Value> = page.instances.iter().map(summary).collect();
-            let undecodable: Vec<Value> = page
-                .undecodable
-                .iter()
-                .map(|bad| json!({"id": bad.id, "error": bad.error}))
-                .collect();
-            println!(
-                "{}",
-                json!({"instances": instances, "undecodable": undecodable, "next": next})
-            );
-            return Ok(());
-        }
-        if page.instances.is_empty() {
-            println!("no instances match");
-            return Ok(());
-        }
-        print!("{}", table(&page.instances));
-        match next {
-            Some(next) => println!("{} shown; next page: --after {next}", page.instances.len()),
-            None => println!("{} shown; no more", page.instances.len()),
-        }
-        Ok(())
+        let undecodable = page
+            .undecodable
+            .into_iter()
+            .map(|bad| (bad.id.to_string(), bad.error))
+            .collect();
+        Ok((page.instances, undecodable, next))
+    }
+
+    /// A page of a SQLite file (one row more than asked tells whether a
+    /// next page exists).
+    async fn page_sqlite(&self) -> Result<Listed> {
+        let backend = crate::database::open_sqlite(&self.db.database_url).await?;
+        let filter = hephaestus_engine_core::ports::InstanceFilter {
+            business_id: self.business_id.clone(),
+            workflow_id: self.workflow.clone(),
+            statuses: self.status.clone(),
+            before_id: self.after,
+            limit: Some(self.limit.saturating_add(1)),
+            ..Default::default()
+        };
+        let (mut instances, undecodable) = backend
+            .instances(&filter, self.since, self.until)
+            .await
+            .context("listing instances")?;
+        let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
+        let next = if instances.len() > limit {
+            instances.truncate(limit);
+            instances.last().map(|i| i.id)
+        } else {
+            None
+        };
+        backend.close().await;
+        Ok((instances, undecodable, next))
     }
 }
 

@@ -14,8 +14,7 @@ use clap::Subcommand;
 use hephaestus_engine_core::business_id::BusinessId;
 use hephaestus_engine_core::ports::InstanceStore;
 use hephaestus_engine_core::{Instance, Workflow};
-use hephaestus_runner::Runtime;
-use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::{Backend, Runtime};
 use hephaestus_storage_pg::{InstanceQuery, PgStore};
 use uuid::Uuid;
 
@@ -96,6 +95,45 @@ async fn resolve(store: &PgStore, given: &str) -> Result<Instance> {
         .ok_or_else(|| anyhow!("no instance with business id {given} in schema {schema}"))
 }
 
+/// [`resolve`] on a SQLite file.
+async fn resolve_sqlite(
+    backend: &hephaestus_sqlite::SqliteBackend,
+    given: &str,
+) -> Result<Instance> {
+    let file = backend.path().display();
+    if let Ok(id) = Uuid::parse_str(given) {
+        return backend
+            .get(id)
+            .await
+            .context("reading the instance")?
+            .ok_or_else(|| anyhow!("no instance {id} in {file}"));
+    }
+    let business_id = BusinessId::parse(given).map_err(|e| {
+        anyhow!("{given:?} is neither an instance id (a UUID) nor a business id (key::value): {e}")
+    })?;
+    let page = backend
+        .list(&hephaestus_engine_core::ports::InstanceFilter {
+            business_id: Some(business_id),
+            limit: Some(100),
+            ..Default::default()
+        })
+        .await
+        .context("looking the business id up")?;
+    let active: Vec<&Instance> = page.iter().filter(|i| i.status.is_active()).collect();
+    if let [one] = active.as_slice() {
+        return Ok((*one).clone());
+    }
+    if active.len() > 1 {
+        bail!(
+            "business id {given} names {} active instances; give the instance id",
+            active.len()
+        );
+    }
+    page.into_iter()
+        .next()
+        .ok_or_else(|| anyhow!("no instance with business id {given} in {file}"))
+}
+
 /// Why a command needs the definition of an instance's workflow.
 #[derive(Debug, Clone, Copy)]
 enum NeedsDefinition {
@@ -121,8 +159,8 @@ impl NeedsDefinition {
 
 /// The definition of `instance`'s workflow version in `runtime`, or an
 /// error that names the workflow and says what to do.
-fn definition<'r>(
-    runtime: &'r Runtime<PgBackend>,
+fn definition<'r, B: Backend>(
+    runtime: &'r Runtime<B>,
     instance: &Instance,
     why: NeedsDefinition,
 ) -> Result<&'r Workflow> {

@@ -43,6 +43,9 @@ pub struct ShowCommand {
 
 impl ShowCommand {
     pub async fn run(self, app: &App) -> Result<()> {
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.db.database_url) {
+            return self.run_sqlite(app).await;
+        }
         let db = Database::open(&self.db, Needs::Both).await?;
         let store = db.store();
         let instance = match resolve(&store, &self.instance).await {
@@ -85,6 +88,43 @@ impl ShowCommand {
         } else {
             print!("{}", view.text());
         }
+        Ok(())
+    }
+
+    /// `show` on a SQLite file.
+    async fn run_sqlite(self, app: &App) -> Result<()> {
+        let backend = crate::database::open_sqlite(&self.db.database_url).await?;
+        let instance = super::resolve_sqlite(&backend, &self.instance).await?;
+        let definition = match app
+            .sqlite_runtime(backend.clone(), RunnerConfig::default(), false)
+            .await
+        {
+            Ok(runtime) => runtime
+                .registry()
+                .get(instance.workflow_id.as_str(), instance.workflow_version)
+                .ok()
+                .cloned(),
+            Err(error) => {
+                eprintln!(
+                    "hephaestus: warning: {error:#}; drawing the DAG from the stored step states"
+                );
+                None
+            }
+        };
+        let jobs: Vec<Job> = backend
+            .jobs_of_group(&hephaestus_runner::jobs::group(instance.id))
+            .await
+            .context("reading the instance's jobs")?
+            .into_iter()
+            .map(job_of_record)
+            .collect();
+        let view = View::new(&instance, definition.as_ref(), &jobs);
+        if self.json {
+            println!("{}", view.json());
+        } else {
+            print!("{}", view.text());
+        }
+        backend.close().await;
         Ok(())
     }
 
@@ -163,6 +203,34 @@ async fn instance_jobs(db: &Database, id: Uuid) -> Result<Vec<Job>> {
         })
         .await
         .context("reading the instance's jobs")
+}
+
+/// A SQLite job as the views print jobs.
+fn job_of_record(record: hephaestus_sqlite::JobRecord) -> Job {
+    let info = record.info;
+    Job {
+        id: info.id,
+        state: info.state,
+        queue: info.queue,
+        kind: info.kind,
+        args: info.args,
+        meta: info.meta,
+        tags: info.tags,
+        priority: info.priority,
+        attempt: info.attempt,
+        max_attempts: info.max_attempts,
+        errors: info.errors,
+        inserted_at: record.inserted_at,
+        scheduled_at: info.scheduled_at,
+        attempted_at: record.attempted_at,
+        attempted_by: record.attempted_by,
+        heartbeat_at: record.heartbeat_at,
+        completed_at: record.completed_at,
+        discarded_at: record.discarded_at,
+        cancelled_at: record.cancelled_at,
+        unique_key: record.unique_key,
+        group: info.group,
+    }
 }
 
 /// A failed attempt as JSON.
