@@ -341,6 +341,14 @@ impl SqliteBackend {
         &self.shared.enqueued
     }
 
+    /// The version of the SQLite library (compiled in).
+    pub async fn sqlite_version(&self) -> Result<String, PortError> {
+        sqlx::query_scalar("select sqlite_version()")
+            .fetch_one(&self.shared.pool)
+            .await
+            .map_err(crate::error::port_error)
+    }
+
     /// The schema version recorded in the file (0: not migrated).
     pub async fn schema_version(&self) -> Result<u32, Error> {
         let path = &self.shared.path;

@@ -131,6 +131,17 @@ impl SqliteBackend {
         Ok((good, bad))
     }
 
+    /// How many instances are active (pending, running or waiting).
+    pub async fn active_instances(&self) -> Result<u64, PortError> {
+        let n: i64 = sqlx::query_scalar(
+            "select count(*) from hephaestus_instances where status in ('pending', 'running', 'waiting')",
+        )
+        .fetch_one(&self.shared.pool)
+        .await
+        .map_err(port_error)?;
+        Ok(u64::try_from(n).unwrap_or_default())
+    }
+
     /// Every job of `group` (an instance's: its id), finished ones
     /// included, oldest first.
     pub async fn jobs_of_group(&self, group: &str) -> Result<Vec<JobRecord>, PortError> {

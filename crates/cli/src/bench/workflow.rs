@@ -21,6 +21,13 @@
 //!    orchestration latency.
 //!
 //! Prints one JSON object with `--json`, a short table otherwise.
+//!
+//! With `--database-url sqlite://FILE` (a file that does not exist yet,
+//! deleted afterwards unless `--keep`) the same burn-down and latency run on
+//! a SQLite file, with ONE worker (one per file): the runner's own loop
+//! (`Runtime::run`) with `--concurrency` slots. Commits, WAL bytes and the
+//! server's CPU are PostgreSQL's counters and are not reported there; CPU
+//! per step is this process's, which then holds the whole database.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,6 +37,7 @@ use super::common::{
     BenchSchema, Components, CpuSnapshot, percentile, pool, ratio, ratio_i64, server_counters,
 };
 use anyhow::{Context, Result, bail, ensure};
+use hephaestus_engine_core::InstanceStatus;
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep};
 use hephaestus_migrations_gen::SchemaPrefix;
@@ -166,7 +174,7 @@ pub struct WorkflowBench {
     /// skip).
     #[arg(long, default_value_t = 50)]
     samples: usize,
-    /// The PostgreSQL server.
+    /// The PostgreSQL server, or `sqlite://FILE` (a new SQLite file).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: String,
     /// The schema to create and use (default: a fresh `hephaestus_bench_<hex>`).
@@ -228,6 +236,9 @@ impl WorkflowBench {
         ensure!(self.connections > 0, "--connections must be at least 1");
         ensure!(self.batch > 0, "--batch must be at least 1");
         ensure!(self.starters > 0, "--starters must be at least 1");
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.database_url) {
+            return self.run_sqlite().await;
+        }
         let schema = BenchSchema::open(
             &self.database_url,
             self.schema.as_deref(),
@@ -515,7 +526,7 @@ impl WorkflowBench {
         let sample_p99 = percentile(&report.samples, 990);
         let out = json!({
             "bench": "workflow",
-            "backend": "postgres",
+            "backend": if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.database_url) { "sqlite" } else { "postgres" },
             "method": "warm-up instances then analyze; burn-down: workers running, start all instances in batches, time until every one is completed; then latency one instance at a time on the idle system",
             "shape": self.shape.name(),
             "instances": self.instances,
@@ -548,6 +559,15 @@ impl WorkflowBench {
             "postgres": report.server,
             "cpus": std::thread::available_parallelism().map(std::num::NonZero::get).ok(),
         });
+        let mut out = out;
+        if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.database_url) {
+            // PostgreSQL's counters: not measured on SQLite.
+            for key in ["commits", "commits_per_step", "wal_bytes_per_step", "postgres"] {
+                out[key] = Value::Null;
+            }
+            out["sqlite"] = json!(report.server);
+            out["method"] = json!("warm-up instances; burn-down: one worker (the runner's loop) running, start all instances in batches, time until every one is completed; then latency one instance at a time on the idle system");
+        }
         if self.json {
             println!("{out}");
             return;
@@ -593,6 +613,168 @@ impl WorkflowBench {
             );
         }
     }
+}
+
+impl WorkflowBench {
+    /// The benchmark on a new SQLite file (see the module docs).
+    async fn run_sqlite(&self) -> Result<()> {
+        use hephaestus_engine_core::ports::UnitOfWork as _;
+        use hephaestus_sqlite::{SqliteBackend, SqliteOptions};
+        ensure!(
+            self.workers == 1,
+            "a SQLite file has one worker: --workers 1 (the default is 2, for PostgreSQL)"
+        );
+        let mut options = SqliteOptions::from_url(&self.database_url)?;
+        ensure!(
+            !options.path.exists(),
+            "{} exists: the benchmark writes a new file (and deletes it unless --keep)",
+            options.path.display()
+        );
+        options.max_connections = self.connections.max(2);
+        let path = options.path.clone();
+        let backend = SqliteBackend::open_migrated(options).await?;
+        let workflow = self.shape.workflow()?;
+        let build = || {
+            Runtime::builder(backend.clone())
+                .workflow(workflow.clone())
+                .config(self.config())
+                .build()
+                .context("building a runtime")
+        };
+        let worker = build()?;
+        let starter = build()?;
+        let lock = backend.lock_worker().await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn({
+            let worker = worker.clone();
+            async move {
+                worker
+                    .run(async {
+                        stopped.await.ok();
+                    })
+                    .await
+            }
+        });
+        let burn = async |count: usize, label: &str, quiet: bool| -> Result<Duration> {
+            let progress = if quiet {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(u64::try_from(count)?)
+            };
+            let began = Instant::now();
+            for chunk in (0..count).collect::<Vec<_>>().chunks(self.batch) {
+                let mut tx = backend.begin().await?;
+                for k in chunk {
+                    starter
+                        .start_in(
+                            &mut tx,
+                            WORKFLOW,
+                            &format!("{label}{k}"),
+                            json!({}),
+                            StartOptions::default(),
+                        )
+                        .await?;
+                }
+                backend.commit(tx).await?;
+            }
+            loop {
+                let open = backend.active_instances().await?;
+                progress.set_position(u64::try_from(count)?.saturating_sub(open));
+                if open == 0 {
+                    break;
+                }
+                ensure!(
+                    began.elapsed() < BURN_DOWN_LIMIT,
+                    "the burn-down did not finish within {BURN_DOWN_LIMIT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            progress.finish_and_clear();
+            Ok(began.elapsed())
+        };
+        let measured = async {
+            if self.warm_up > 0 {
+                burn(self.warm_up, "w", true).await.context("the warm-up")?;
+            }
+            let cpu_before = CpuSnapshot::now();
+            let burn_down = burn(self.instances, "b", self.json).await?;
+            let cpu =
+                CpuSnapshot::now().per_unit_since(&cpu_before, self.instances * self.shape.steps());
+            let (instances, _) = backend
+                .instances(
+                    &hephaestus_engine_core::ports::InstanceFilter::default(),
+                    None,
+                    None,
+                )
+                .await?;
+            let failed = instances
+                .iter()
+                .filter(|i| i.status != InstanceStatus::Completed)
+                .count();
+            ensure!(failed == 0, "{failed} instances did not complete");
+            let mut burn_times: Vec<Duration> = instances
+                .iter()
+                .filter(|i| i.business_id.as_str().starts_with("key::b"))
+                .filter_map(|i| (i.updated_at - i.created_at).to_std().ok())
+                .collect();
+            burn_times.sort_unstable();
+            let samples = if self.samples == 0 {
+                Vec::new()
+            } else {
+                let mut events = vec![worker.subscribe()];
+                let mut samples = Vec::with_capacity(self.samples);
+                for i in 0..self.samples + 5 {
+                    let began = Instant::now();
+                    let id = starter
+                        .start(
+                            WORKFLOW,
+                            &format!("sample{i}"),
+                            json!({}),
+                            StartOptions::default(),
+                        )
+                        .await?
+                        .id
+                        .to_string();
+                    wait_for_stop(&mut events, &id).await?;
+                    if i >= 5 {
+                        samples.push(began.elapsed());
+                    }
+                }
+                samples.sort_unstable();
+                samples
+            };
+            Ok::<_, anyhow::Error>(Report {
+                burn_down,
+                commits: 0,
+                wal_bytes: 0,
+                checkpoints: None,
+                p50: percentile(&burn_times, 500),
+                p99: percentile(&burn_times, 990),
+                samples,
+                server: format!("SQLite {}", sqlite_version(&backend).await),
+                cpu_us_per_step: (cpu.0, None),
+            })
+        }
+        .await;
+        stop.send(()).ok();
+        running.await.context("the worker panicked")??;
+        lock.release().await;
+        backend.close().await;
+        if !self.keep {
+            for suffix in ["", "-wal", "-shm", "-worker.lock"] {
+                let mut name = path.as_os_str().to_owned();
+                name.push(suffix);
+                let _ = std::fs::remove_file(std::path::PathBuf::from(name));
+            }
+        }
+        self.print(&measured?);
+        Ok(())
+    }
+}
+
+/// The SQLite library's version.
+async fn sqlite_version(backend: &hephaestus_sqlite::SqliteBackend) -> String {
+    backend.sqlite_version().await.unwrap_or_default()
 }
 
 /// Waits for the `workflow.stop` event of instance `id` on any worker.
