@@ -279,6 +279,9 @@ impl SqliteBackend {
         let pool = SqlitePoolOptions::new()
             .max_connections(options.max_connections.max(2))
             .min_connections(0)
+            // A local file has no connection to lose: no ping (a round trip
+            // to the connection's thread) before every statement's acquire.
+            .test_before_acquire(false)
             .connect_with(connect)
             .await
             .map_err(|e| open_error(&path, e))?;

@@ -284,49 +284,22 @@ returning id",
     }
 
     async fn lock(&self, tx: &mut SqliteTx, id: Uuid) -> Result<Option<Instance>, PortError> {
-        // A missing instance takes no lock: look first (its lock, once
-        // taken, is only released when the unit of work ends).
-        let exists = if let Some(conn) = tx.write.as_mut() {
-            sqlx::query_scalar::<_, bool>(
-                "select exists (select 1 from hephaestus_instances where id = ?1)",
-            )
-            .bind(id.to_string())
-            .fetch_one(&mut **conn)
-            .await
-            .map_err(port_error)?
-        } else {
-            sqlx::query_scalar::<_, bool>(
-                "select exists (select 1 from hephaestus_instances where id = ?1)",
-            )
-            .bind(id.to_string())
-            .fetch_one(&self.shared.pool)
-            .await
-            .map_err(port_error)?
-        };
-        if !exists {
-            return Ok(None);
-        }
+        let held_before = tx.held.contains_key(&id);
         tx.lock_instance(id).await?;
         // Read after the lock: the state the previous holder committed (or
         // this unit of work's own write).
-        let row = if let Some(conn) = tx.write.as_mut() {
-            sqlx::query(&format!(
-                "select {INSTANCE_COLUMNS} from hephaestus_instances where id = ?1"
-            ))
-            .bind(id.to_string())
-            .fetch_optional(&mut **conn)
-            .await
-            .map_err(port_error)?
-        } else {
-            sqlx::query(&format!(
-                "select {INSTANCE_COLUMNS} from hephaestus_instances where id = ?1"
-            ))
-            .bind(id.to_string())
-            .fetch_optional(&self.shared.pool)
-            .await
-            .map_err(port_error)?
-        };
+        let sql = format!("select {INSTANCE_COLUMNS} from hephaestus_instances where id = ?1");
+        let query = sqlx::query(&sql).bind(id.to_string());
+        let row = match tx.write.as_mut() {
+            Some(conn) => query.fetch_optional(&mut **conn).await,
+            None => query.fetch_optional(&self.shared.pool).await,
+        }
+        .map_err(port_error)?;
         let Some(row) = row else {
+            // A missing instance keeps no lock.
+            if !held_before {
+                tx.unlock_instance(id);
+            }
             return Ok(None);
         };
         match decode_instance(&row) {

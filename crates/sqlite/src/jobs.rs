@@ -298,23 +298,17 @@ impl JobQueue for SqliteBackend {
         let now = self.shared.now();
         let mut out = Vec::with_capacity(jobs.len());
         for job in jobs {
-            if let Some(unique) = &job.unique {
+            // A unit of work that writes already tries the insert first (a
+            // conflict looks the holder up); one that has not written yet
+            // looks first, so that a merge takes no write lock.
+            if let (Some(unique), None) = (&job.unique, tx.write.as_ref()) {
                 // A holder found before this unit of work writes: merged,
                 // and rechecked at commit (see `insert_merged_if_free`).
-                // Once it writes, it holds the write lock: no claim can move
-                // the holder before the commit.
-                let holder: Option<i64> = match tx.write.as_mut() {
-                    Some(conn) => sqlx::query_scalar(FIND_HOLDER)
-                        .bind(&unique.key)
-                        .fetch_optional(&mut **conn)
-                        .await
-                        .map_err(port_error)?,
-                    None => sqlx::query_scalar(FIND_HOLDER)
-                        .bind(&unique.key)
-                        .fetch_optional(&self.shared.pool)
-                        .await
-                        .map_err(port_error)?,
-                };
+                let holder: Option<i64> = sqlx::query_scalar(FIND_HOLDER)
+                    .bind(&unique.key)
+                    .fetch_optional(&self.shared.pool)
+                    .await
+                    .map_err(port_error)?;
                 if let Some(holder) = holder {
                     tx.merged.push(job.clone());
                     out.push(Enqueued::Existing(JobId(holder)));
@@ -327,7 +321,7 @@ impl JobQueue for SqliteBackend {
                 tx.changed();
                 out.push(Enqueued::Inserted(JobId(id)));
             } else {
-                // Taken between the look-up and the write lock.
+                // Its key is held: merged into the holder.
                 let key = job.unique.as_ref().map(|u| u.key.as_str());
                 let holder: Option<i64> = sqlx::query_scalar(FIND_HOLDER)
                     .bind(key)
@@ -340,7 +334,12 @@ impl JobQueue for SqliteBackend {
                         job.kind
                     ))
                 })?;
-                tx.merged.push(job.clone());
+                // A unit of work that changed something keeps the write
+                // lock to its commit: the holder cannot move meanwhile. One
+                // that did not may give the lock back: recheck at commit.
+                if !tx.dirty {
+                    tx.merged.push(job.clone());
+                }
                 out.push(Enqueued::Existing(JobId(holder)));
             }
         }

@@ -134,6 +134,14 @@ impl SqliteTx {
             .await
     }
 
+    /// Releases the lock of instance `id` (taken by this unit of work for an
+    /// instance that turned out not to exist).
+    pub(crate) fn unlock_instance(&mut self, id: Uuid) {
+        self.shared
+            .locks
+            .release(self.owner, Resource::Instance(id));
+    }
+
     /// Commits: inserts the merged unique jobs whose holder moved on, then
     /// commits the write transaction (if any) and releases every lock.
     pub(crate) async fn commit(mut self) -> Result<(), PortError> {
