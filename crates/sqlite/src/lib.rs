@@ -22,7 +22,7 @@
 //! WAL mode (readers never wait for the writer), `synchronous=FULL` by
 //! default (a commit is on disk when it returns; [`Durability::Normal`]
 //! trades the last commits in a power loss for speed), `busy_timeout` 5 s,
-//! foreign keys on. The tables mirror PostgreSQL's (see [`schema`]); they
+//! foreign keys on. The tables mirror PostgreSQL's (see the [`schema`](mod@schema) module); they
 //! are created by [`SqliteBackend::migrate`] from the same rendered SQL that
 //! `cargo xtask gen-migration` writes into `migrations/sqlite/`.
 //!
