@@ -562,11 +562,18 @@ impl WorkflowBench {
         let mut out = out;
         if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.database_url) {
             // PostgreSQL's counters: not measured on SQLite.
-            for key in ["commits", "commits_per_step", "wal_bytes_per_step", "postgres"] {
+            for key in [
+                "commits",
+                "commits_per_step",
+                "wal_bytes_per_step",
+                "postgres",
+            ] {
                 out[key] = Value::Null;
             }
             out["sqlite"] = json!(report.server);
-            out["method"] = json!("warm-up instances; burn-down: one worker (the runner's loop) running, start all instances in batches, time until every one is completed; then latency one instance at a time on the idle system");
+            out["method"] = json!(
+                "warm-up instances; burn-down: one worker (the runner's loop) running, start all instances in batches, time until every one is completed; then latency one instance at a time on the idle system"
+            );
         }
         if self.json {
             println!("{out}");
