@@ -1,10 +1,9 @@
 //! Step execution, timers and scheduled resumes: the jobs that never write the
 //! instance. Each records its result and enqueues an advance in one commit.
 
-use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
+use hephaestus_engine_core::instance::FailureReason;
 use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{JobLease, NewStepResult, ResultPayload};
-use hephaestus_engine_core::retry::RetryDecision;
 use hephaestus_engine_core::step::{
     CancellationSignal, StepError, StepInput, StepOutcome, panic_message,
 };
@@ -14,11 +13,11 @@ use std::sync::Arc;
 
 use hephaestus_engine_core::instance::Instance;
 
-use crate::batch::{ChainStart, Continuation, Settle, Settled};
+use crate::backend::Backend;
 use crate::error::RunnerError;
-use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
-use crate::runtime::{Backend, Runtime};
-use crate::worker::JobOutcome;
+use crate::handle::Runtime;
+use crate::jobs::{ExecuteArgs, ResumeArgs, TimerArgs, decode};
+use crate::outcome::{ChainStart, Continuation, JobOutcome, Settle, Settled};
 use tracing::Instrument as _;
 
 fn payload_of(outcome: StepOutcome) -> Result<ResultPayload, StepError> {
@@ -193,7 +192,7 @@ impl<B: Backend> Runtime<B> {
                 None => Some(self.keep_alive(&lease)),
             };
             let own_stop = adopted.as_ref().map(|a| a.stop.clone());
-            let args = match crate::worker::decode::<ExecuteArgs>(&lease) {
+            let args = match decode::<ExecuteArgs>(&lease) {
                 Ok(args) => args,
                 Err(e) => {
                     self.job_error(&lease, &e).await;
@@ -427,87 +426,6 @@ impl<B: Backend> Runtime<B> {
         }
     }
 
-    /// Completes `lease` and records its step's `result` with the advance, in
-    /// a unit of work of its own (what a batch does for many).
-    pub(crate) async fn record_and_finish(
-        &self,
-        lease: &JobLease,
-        wf: &Workflow,
-        result: NewStepResult,
-    ) -> Result<JobOutcome, RunnerError> {
-        let b = &self.inner.backend;
-        let mut tx = b.begin().await?;
-        if !b.complete(&mut tx, lease).await? {
-            // The job was cancelled or rescued meanwhile: this attempt's result
-            // must not land (a result after cancel is ignored).
-            return Ok(JobOutcome::Fenced);
-        }
-        let Some(step) = result.step else {
-            return Err(RunnerError::Corrupt(format!(
-                "a step result of instance {} without a step",
-                result.instance_id
-            )));
-        };
-        self.record_and_advance(
-            tx,
-            wf,
-            result.instance_id,
-            &step,
-            result.activation,
-            result.payload,
-            &lease.meta,
-        )
-        .await?;
-        Ok(JobOutcome::Succeeded)
-    }
-
-    /// A step error: retry per the resolved policy, or, when fatal or out of
-    /// attempts, record the failure and enqueue the advance that fails the
-    /// instance — in the same commit as the discard (G4).
-    pub(crate) async fn step_failed(
-        &self,
-        lease: &JobLease,
-        wf: &Workflow,
-        args: &ExecuteArgs,
-        error: StepError,
-    ) -> Result<JobOutcome, RunnerError> {
-        let b = &self.inner.backend;
-        let now = self.now();
-        let policy = wf.retry_policy_for(args.step.as_str());
-        let mut tx = b.begin().await?;
-        // The job's own limit (a snooze may have raised it) and the policy's.
-        let max_attempts = lease.max_attempts.min(policy.max_attempts);
-        let decision = policy.decide(lease.attempt, max_attempts, &error, Self::jitter_sample());
-        if let RetryDecision::RetryAfter(after) = decision {
-            let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
-            if !b.retry(&mut tx, lease, &error, at, now).await? {
-                return Ok(JobOutcome::Fenced);
-            }
-            b.commit(tx).await?;
-            return Ok(JobOutcome::Retried);
-        }
-        if !b.discard(&mut tx, lease, &error, now).await? {
-            return Ok(JobOutcome::Fenced);
-        }
-        let mut attempts = lease.errors.clone();
-        attempts.push(AttemptRecord {
-            attempt: lease.attempt,
-            at: now,
-            error: error.clone(),
-        });
-        self.record_and_advance(
-            tx,
-            wf,
-            args.instance_id,
-            &args.step,
-            args.activation,
-            ResultPayload::Failed { error, attempts },
-            &lease.meta,
-        )
-        .await?;
-        Ok(JobOutcome::Discarded)
-    }
-
     /// A durable timer fired: record it and enqueue the advance.
     pub(crate) async fn perform_timer(
         &self,
@@ -561,77 +479,6 @@ impl<B: Backend> Runtime<B> {
         )
         .await?;
         Ok(JobOutcome::Succeeded)
-    }
-
-    /// Records a result of `step`'s `activation`, enqueues the instance's
-    /// advance (carrying the trace context of `trace`, the meta of the job
-    /// producing the result) and commits `tx`: the one commit every
-    /// result-producing job ends with.
-    #[allow(clippy::too_many_arguments)]
-    async fn record_and_advance(
-        &self,
-        mut tx: B::Tx,
-        wf: &Workflow,
-        instance_id: uuid::Uuid,
-        step: &hephaestus_engine_core::StepId,
-        activation: u32,
-        payload: ResultPayload,
-        trace: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), RunnerError> {
-        self.record_and_enqueue_advance(&mut tx, wf, instance_id, step, activation, payload, trace)
-            .await?;
-        self.inner.backend.commit(tx).await?;
-        self.inner.wake.notify_waiters();
-        Ok(())
-    }
-
-    /// [`Self::record_and_advance`] without the commit.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn record_and_enqueue_advance(
-        &self,
-        tx: &mut B::Tx,
-        wf: &Workflow,
-        instance_id: uuid::Uuid,
-        step: &hephaestus_engine_core::StepId,
-        activation: u32,
-        payload: ResultPayload,
-        trace: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), RunnerError> {
-        let b = &self.inner.backend;
-        b.record(
-            tx,
-            &NewStepResult {
-                instance_id,
-                step: Some(step.clone()),
-                activation,
-                payload,
-            },
-        )
-        .await?;
-        b.enqueue(
-            tx,
-            &[crate::observe::carried(
-                jobs::advance(&self.inner.config, wf, instance_id, Some(step)),
-                trace,
-            )],
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Completes a job that had nothing (more) to do.
-    pub(crate) async fn finish(
-        &self,
-        lease: &JobLease,
-        outcome: JobOutcome,
-    ) -> Result<JobOutcome, RunnerError> {
-        let b = &self.inner.backend;
-        let mut tx = b.begin().await?;
-        if !b.complete(&mut tx, lease).await? {
-            return Ok(JobOutcome::Fenced);
-        }
-        b.commit(tx).await?;
-        Ok(outcome)
     }
 }
 

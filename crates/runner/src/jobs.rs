@@ -7,7 +7,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use hephaestus_engine_core::ports::JobLease;
+
 use crate::config::RunnerConfig;
+use crate::error::RunnerError;
 
 /// Kind of the orchestrator job: applies results to one instance.
 pub const ADVANCE: &str = "hephaestus.advance";
@@ -237,4 +240,15 @@ pub fn of_instance(instance_id: Uuid) -> JobMatch {
 pub fn timer_of(instance_id: Uuid, step: &StepId, activation: u32) -> JobMatch {
     of_instance(instance_id)
         .with_args(json!({ "step": step, "activation": activation, "timer": true }))
+}
+
+/// The arguments of a leased job, decoded; undecodable ones are
+/// [`RunnerError::InvalidInput`] (they never get better).
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(lease: &JobLease) -> Result<T, RunnerError> {
+    serde_json::from_value(lease.args.clone()).map_err(|e| {
+        RunnerError::InvalidInput(format!(
+            "job {} ({}) has undecodable args: {e}",
+            lease.id, lease.kind
+        ))
+    })
 }

@@ -23,8 +23,8 @@ use hephaestus_storage_pg::PgStore;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::handle::Runtime;
 use crate::jobs;
-use crate::runtime::Runtime;
 
 /// `options` with the session settings the runner's statements are tuned
 /// for; connect the workers' pool with them:
@@ -252,7 +252,7 @@ impl PgBackend {
 const CONTINUATION_WORKER: &str = "hephaestus-runner (continuation)";
 
 #[async_trait::async_trait]
-impl crate::runtime::Backend for PgBackend {
+impl crate::backend::Backend for PgBackend {
     /// One statement, each instance read once.
     async fn load_for_execution_many(
         &self,
@@ -529,7 +529,7 @@ impl DynWorker for RunnerJob {
     }
 
     fn retry_policy(&self) -> RetryPolicy {
-        crate::worker::job_retry_policy(None)
+        crate::failures::job_retry_policy(None)
     }
 
     async fn perform(&self, job: &JobContext) -> Result<(), JobError> {
@@ -573,7 +573,7 @@ impl Runtime<PgBackend> {
                     kind,
                 }))
             })
-            .fallback_retry_policy(crate::worker::job_retry_policy(None))
+            .fallback_retry_policy(crate::failures::job_retry_policy(None))
     }
 
     /// A queue-pg worker runtime for this runtime's jobs: every queue of

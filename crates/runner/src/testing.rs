@@ -55,10 +55,11 @@ use hephaestus_engine_core::{Event, StepId};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::backend::Backend;
 use crate::error::RunnerError;
+use crate::handle::Runtime;
 use crate::jobs;
-use crate::runtime::{Backend, Runtime};
-use crate::worker::{DrainReport, JobOutcome};
+use crate::outcome::{DrainReport, JobOutcome};
 pub use hephaestus_engine_core::clock::ManualClock;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
