@@ -389,3 +389,228 @@ fn the_layer_check_finds_an_upward_edge() {
         ]
     );
 }
+
+/// The modules of one crate's `src` each non-test source refers to through
+/// `crate::<module>` (in `use` lines and in paths), by module name.
+fn module_references(src: &std::path::Path) -> BTreeMap<String, Vec<String>> {
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let modules: Vec<String> = files
+        .iter()
+        .filter_map(|p| {
+            p.file_stem()
+                .and_then(|s| s.to_str())
+                .map(ToOwned::to_owned)
+        })
+        .collect();
+    let mut graph = BTreeMap::new();
+    for path in &files {
+        let name = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        let code = non_test_code(&std::fs::read_to_string(path).expect("read a source file"));
+        graph.insert(name.clone(), references_in(&code, &name, &modules));
+    }
+    graph
+}
+
+/// The modules of `modules` that `code` (module `own`) names as
+/// `crate::<module>`, each once.
+fn references_in(code: &str, own: &str, modules: &[String]) -> Vec<String> {
+    let mut found: Vec<String> = code
+        .split("crate::")
+        .skip(1)
+        .map(|rest| {
+            rest.chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect::<String>()
+        })
+        .filter(|m| m != own && modules.contains(m))
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// A cycle in `graph`, as the modules along it, if there is one.
+fn find_cycle(graph: &BTreeMap<String, Vec<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, Vec<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(at) = path.iter().position(|n| n == node) {
+            let mut cycle = path[at..].to_vec();
+            cycle.push(node.to_owned());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_owned());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_owned());
+        None
+    }
+    let mut done = std::collections::BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_runners_modules_import_each_other_one_way() {
+    let graph = module_references(&repo_root().join("crates/runner/src"));
+    assert!(graph.len() > 15, "the runner's modules were not found");
+    assert_eq!(
+        find_cycle(&graph),
+        None,
+        "imports among crates/runner's modules must flow one way"
+    );
+    // The handle and the seam sit at the bottom: no component is below
+    // them, and the public facade is imported by nothing but the
+    // per-workflow handle.
+    for low in ["handle", "backend", "outcome", "batcher", "round"] {
+        for (module, uses) in &graph {
+            assert!(
+                !(graph[low].contains(module) && uses.contains(&low.to_owned())),
+                "{low} and {module} import each other"
+            );
+        }
+    }
+    let facade_users: Vec<&String> = graph
+        .iter()
+        .filter(|(_, uses)| uses.iter().any(|u| u == "runtime"))
+        .map(|(m, _)| m)
+        .collect();
+    assert_eq!(
+        facade_users,
+        vec!["facade"],
+        "only the facade builds on `runtime`"
+    );
+}
+
+#[test]
+fn the_cycle_check_finds_a_cycle_and_reads_paths() {
+    let modules: Vec<String> = ["a", "b", "c"].map(ToOwned::to_owned).to_vec();
+    assert_eq!(
+        references_in(
+            "use crate::b::X; fn f() { crate::c::g(); crate::a::h() }",
+            "a",
+            &modules
+        ),
+        vec!["b".to_owned(), "c".to_owned()]
+    );
+    let mut graph = BTreeMap::new();
+    graph.insert("a".to_owned(), vec!["b".to_owned()]);
+    graph.insert("b".to_owned(), vec!["c".to_owned()]);
+    graph.insert("c".to_owned(), vec![]);
+    assert_eq!(find_cycle(&graph), None);
+    graph.insert("c".to_owned(), vec!["a".to_owned()]);
+    assert_eq!(
+        find_cycle(&graph),
+        Some(["a", "b", "c", "a"].map(ToOwned::to_owned).to_vec())
+    );
+}
+
+/// Functions of the runner's non-test code longer than `limit` lines, as
+/// `file:line name (n lines)`; a function may be longer when the line
+/// before it says why, in a comment starting `// Long:`.
+fn long_functions(file: &str, source: &str, limit: usize) -> Vec<String> {
+    let code: Vec<&str> = source
+        .lines()
+        .take_while(|line| line.trim() != "#[cfg(test)]")
+        .collect();
+    let mut found = Vec::new();
+    for (at, line) in code.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let signature = [
+            "fn ",
+            "pub fn ",
+            "pub(crate) fn ",
+            "async fn ",
+            "pub async fn ",
+            "pub(crate) async fn ",
+        ]
+        .iter()
+        .find_map(|prefix| trimmed.strip_prefix(prefix));
+        let Some(rest) = signature else { continue };
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let (mut depth, mut opened, mut end) = (0_i64, false, None);
+        for (offset, body_line) in code[at..].iter().enumerate() {
+            if !opened && body_line.trim_end().ends_with(';') {
+                break; // a declaration without a body
+            }
+            for c in body_line.chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if opened && depth == 0 {
+                end = Some(offset + 1);
+                break;
+            }
+        }
+        let excused = at > 0 && code[at - 1].trim_start().starts_with("// Long:");
+        if let Some(lines) = end
+            && lines > limit
+            && !excused
+        {
+            found.push(format!("{file}:{} {name} ({lines} lines)", at + 1));
+        }
+    }
+    found
+}
+
+#[test]
+fn no_runner_function_is_over_80_lines_without_a_reason() {
+    let src = repo_root().join("crates/runner/src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    let mut found = Vec::new();
+    for path in files {
+        if path.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).expect("read a source file");
+        let shown = path
+            .strip_prefix(repo_root())
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        found.extend(long_functions(&shown, &source, 80));
+    }
+    assert!(
+        found.is_empty(),
+        "split these, or say why above them:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_length_check_counts_bodies_and_honours_a_reason() {
+    let body = "    x();\n".repeat(3);
+    let source = format!(
+        "fn short() {{\n{body}}}\n\n// Long: one table.\nfn excused() {{\n{body}{body}}}\nfn long() {{\n{body}{body}}}\nfn declared();\n"
+    );
+    assert_eq!(
+        long_functions("f.rs", &source, 5),
+        vec!["f.rs:16 long (8 lines)".to_owned()]
+    );
+}

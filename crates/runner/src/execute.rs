@@ -272,26 +272,8 @@ impl<B: Backend> Runtime<B> {
             )));
         };
         let step_impl = def.step.clone();
-        let step_meta = crate::telemetry::instance_metadata(
-            &instance,
-            serde_json::Map::from_iter([
-                ("step".to_owned(), serde_json::json!(args.step)),
-                ("step_key".to_owned(), serde_json::json!(def.key)),
-                ("activation".to_owned(), serde_json::json!(args.activation)),
-                ("attempt".to_owned(), serde_json::json!(lease.attempt)),
-                (
-                    "active_steps_count".to_owned(),
-                    serde_json::json!(instance.open_steps().count()),
-                ),
-                // Other steps of the instance are open beside this one.
-                (
-                    "concurrent".to_owned(),
-                    serde_json::json!(instance.open_steps().count() > 1),
-                ),
-            ]),
-        );
-        let telemetry = &self.inner.telemetry;
-        telemetry.emit(
+        let step_meta = step_metadata(&instance, &args, &def.key, lease.attempt);
+        self.inner.telemetry.emit(
             crate::telemetry::names::STEP_START,
             serde_json::json!({"system_time": self.now()}),
             step_meta.clone(),
@@ -299,10 +281,50 @@ impl<B: Backend> Runtime<B> {
         // Durations read the runtime's clock, like every other time: a
         // virtual clock in tests makes them deterministic.
         let step_started = self.now();
+        let outcome = self
+            .call_step(step_impl, instance, &args, lease.attempt, stop, span)
+            .await;
+        let outcome = storable_outcome(&args.step, outcome);
+        let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
+        crate::observe::record_step(span, &outcome);
+        self.emit_step_outcome(step_meta, &outcome, duration);
+        match payload_of(outcome) {
+            Ok(payload) => {
+                self.settle(Settle::Result {
+                    lease: lease.clone(),
+                    wf,
+                    result: NewStepResult {
+                        instance_id: args.instance_id,
+                        step: Some(args.step),
+                        activation: args.activation,
+                        payload,
+                    },
+                    chain: chain && self.inner.config.continuations,
+                    origin: span.clone(),
+                })
+                .await
+            }
+            Err(error) => self
+                .step_failed(lease, &wf, &args, error)
+                .await
+                .map(Settled::from),
+        }
+    }
+
+    /// Runs user code in a task of its own (a panic becomes a retryable
+    /// error), registered as running here so a cancel in this process stops
+    /// it, and linked to `stop` (a cancel from another process).
+    async fn call_step(
+        &self,
+        step_impl: Arc<dyn hephaestus_engine_core::step::Step>,
+        instance: Arc<Instance>,
+        args: &ExecuteArgs,
+        attempt: u32,
+        stop: Option<&CancellationSignal>,
+        span: &tracing::Span,
+    ) -> StepOutcome {
         let signal = CancellationSignal::new();
         self.register_running(args.instance_id, &signal);
-        // A stop request from the queue (another process cancelled the
-        // instance) reaches the step through its own signal.
         let link = stop.cloned().map(|stop| {
             let signal = signal.clone();
             tokio::spawn(async move {
@@ -310,7 +332,6 @@ impl<B: Backend> Runtime<B> {
                 signal.cancel();
             })
         });
-        let attempt = lease.attempt;
         let task_signal = signal.clone();
         let step_id = args.step.clone();
         let activation = args.activation;
@@ -339,7 +360,7 @@ impl<B: Backend> Runtime<B> {
             link.abort();
         }
         self.unregister_running(args.instance_id, &signal);
-        let outcome = match joined {
+        match joined {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => {
                 let text = panic_message(e.into_panic().as_ref());
@@ -349,13 +370,20 @@ impl<B: Backend> Runtime<B> {
                 )
             }
             Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
-        };
-        let outcome = storable_outcome(&args.step, outcome);
-        let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
-        crate::observe::record_step(span, &outcome);
-        match &outcome {
+        }
+    }
+
+    /// `step.stop`, `step.exception` or `step.async` for an attempt's
+    /// outcome.
+    fn emit_step_outcome(
+        &self,
+        mut meta: serde_json::Map<String, serde_json::Value>,
+        outcome: &StepOutcome,
+        duration: u64,
+    ) {
+        use crate::telemetry::names;
+        let name = match outcome {
             StepOutcome::Complete(c) => {
-                let mut meta = step_meta;
                 meta.insert("event".into(), serde_json::json!(c.event.as_str()));
                 meta.insert(
                     "has_context_updates".into(),
@@ -365,65 +393,31 @@ impl<B: Backend> Runtime<B> {
                     "has_metadata_updates".into(),
                     serde_json::json!(!c.metadata.is_empty()),
                 );
-                telemetry.emit(
-                    crate::telemetry::names::STEP_STOP,
-                    serde_json::json!({"duration": duration}),
-                    meta,
-                );
+                names::STEP_STOP
             }
             StepOutcome::Error(e) => {
-                let mut meta = step_meta;
-                meta.insert(
-                    "kind".into(),
-                    serde_json::json!(if e.is_retryable() {
-                        "retryable"
-                    } else {
-                        "fatal"
-                    }),
-                );
+                let kind = if e.is_retryable() {
+                    "retryable"
+                } else {
+                    "fatal"
+                };
+                meta.insert("kind".into(), serde_json::json!(kind));
                 meta.insert("reason".into(), serde_json::json!(e.message));
-                telemetry.emit(
-                    crate::telemetry::names::STEP_EXCEPTION,
-                    serde_json::json!({"duration": duration}),
-                    meta,
-                );
+                names::STEP_EXCEPTION
             }
             StepOutcome::Async(_) => {
                 // As the original: the attempt's duration, and the status an
                 // instance whose only open step went async takes.
-                let mut meta = step_meta;
                 meta.insert(
                     "instance_status".into(),
                     serde_json::json!(hephaestus_engine_core::InstanceStatus::Waiting),
                 );
-                telemetry.emit(
-                    crate::telemetry::names::STEP_ASYNC,
-                    serde_json::json!({"duration": duration}),
-                    meta,
-                );
+                names::STEP_ASYNC
             }
-        }
-        match payload_of(outcome) {
-            Ok(payload) => {
-                self.settle(Settle::Result {
-                    lease: lease.clone(),
-                    wf,
-                    result: NewStepResult {
-                        instance_id: args.instance_id,
-                        step: Some(args.step),
-                        activation: args.activation,
-                        payload,
-                    },
-                    chain: chain && self.inner.config.continuations,
-                    origin: span.clone(),
-                })
-                .await
-            }
-            Err(error) => self
-                .step_failed(lease, &wf, &args, error)
-                .await
-                .map(Settled::from),
-        }
+        };
+        self.inner
+            .telemetry
+            .emit(name, serde_json::json!({"duration": duration}), meta);
     }
 
     /// A durable timer fired: record it and enqueue the advance.
@@ -507,4 +501,26 @@ impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
     }
+}
+
+/// The metadata of a step attempt's telemetry events.
+fn step_metadata(
+    instance: &Instance,
+    args: &ExecuteArgs,
+    key: &impl serde::Serialize,
+    attempt: u32,
+) -> serde_json::Map<String, serde_json::Value> {
+    let open = instance.open_steps().count();
+    crate::telemetry::instance_metadata(
+        instance,
+        serde_json::Map::from_iter([
+            ("step".to_owned(), serde_json::json!(args.step)),
+            ("step_key".to_owned(), serde_json::json!(key)),
+            ("activation".to_owned(), serde_json::json!(args.activation)),
+            ("attempt".to_owned(), serde_json::json!(attempt)),
+            ("active_steps_count".to_owned(), serde_json::json!(open)),
+            // Other steps of the instance are open beside this one.
+            ("concurrent".to_owned(), serde_json::json!(open > 1)),
+        ]),
+    )
 }

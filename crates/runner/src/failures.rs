@@ -237,46 +237,7 @@ impl<B: Backend> Runtime<B> {
             });
         let (instance_id, message) = match lease.kind.as_str() {
             jobs::EXECUTE => {
-                // Discarded by the queue itself: its workers kept dying.
-                let error = match &error.cause {
-                    Some(_) => error.clone(),
-                    None => error.clone().with_cause(FailureReason::WorkerLost),
-                };
-                let args: ExecuteArgs = decode(lease)?;
-                let Some(instance) = self.get(args.instance_id).await? else {
-                    return Ok(());
-                };
-                if instance.status.is_terminal() {
-                    return Ok(());
-                }
-                let Ok(wf) = self.workflow_of(&instance).cloned() else {
-                    // No definition here to apply the failure with.
-                    let message = format!("step {} failed: {discarded}", args.step);
-                    let reason = error.cause.clone().unwrap_or(FailureReason::WorkerLost);
-                    self.fail_instance_in(tx, args.instance_id, &message, reason)
-                        .await?;
-                    return Ok(());
-                };
-                let mut attempts = lease.errors.clone();
-                attempts.push(AttemptRecord {
-                    attempt: lease.attempt,
-                    at: self.now(),
-                    error: error.clone(),
-                });
-                self.record_and_enqueue_advance(
-                    tx,
-                    &wf,
-                    args.instance_id,
-                    &args.step,
-                    args.activation,
-                    ResultPayload::Failed {
-                        error: error.clone(),
-                        attempts,
-                    },
-                    &lease.meta,
-                )
-                .await?;
-                return Ok(());
+                return self.discarded_execution(tx, lease, error, &discarded).await;
             }
             jobs::ADVANCE => (
                 decode::<AdvanceArgs>(lease)?.instance_id,
@@ -307,6 +268,59 @@ impl<B: Backend> Runtime<B> {
         tracing::error!(instance_id = %instance_id, job_id = %lease.id, kind = %lease.kind, error = %error.message, "failing the instance of a discarded job");
         self.fail_instance_in(tx, instance_id, &message, reason)
             .await?;
+        Ok(())
+    }
+
+    /// An execute job the queue discarded: the step's failure (the error
+    /// and every attempt's error) is recorded with the instance's advance,
+    /// which fails the instance; without the workflow's definition here,
+    /// the instance is failed directly.
+    async fn discarded_execution(
+        &self,
+        tx: &mut B::Tx,
+        lease: &JobLease,
+        error: &StepError,
+        discarded: &str,
+    ) -> Result<(), RunnerError> {
+        // Discarded by the queue itself: its workers kept dying.
+        let error = match &error.cause {
+            Some(_) => error.clone(),
+            None => error.clone().with_cause(FailureReason::WorkerLost),
+        };
+        let args: ExecuteArgs = decode(lease)?;
+        let Some(instance) = self.get(args.instance_id).await? else {
+            return Ok(());
+        };
+        if instance.status.is_terminal() {
+            return Ok(());
+        }
+        let Ok(wf) = self.workflow_of(&instance).cloned() else {
+            // No definition here to apply the failure with.
+            let message = format!("step {} failed: {discarded}", args.step);
+            let reason = error.cause.clone().unwrap_or(FailureReason::WorkerLost);
+            self.fail_instance_in(tx, args.instance_id, &message, reason)
+                .await?;
+            return Ok(());
+        };
+        let mut attempts = lease.errors.clone();
+        attempts.push(AttemptRecord {
+            attempt: lease.attempt,
+            at: self.now(),
+            error: error.clone(),
+        });
+        self.record_and_enqueue_advance(
+            tx,
+            &wf,
+            args.instance_id,
+            &args.step,
+            args.activation,
+            ResultPayload::Failed {
+                error: error.clone(),
+                attempts,
+            },
+            &lease.meta,
+        )
+        .await?;
         Ok(())
     }
 
