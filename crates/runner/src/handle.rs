@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use hephaestus_engine_core::StepId;
 use hephaestus_engine_core::Workflow;
 use hephaestus_engine_core::clock::SharedClock;
 use hephaestus_engine_core::instance::Instance;
@@ -16,7 +15,7 @@ use hephaestus_engine_core::workflow::WorkflowRegistry;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ExecutionRequest};
 use crate::batcher::Batcher;
 use crate::config::RunnerConfig;
 use crate::error::RunnerError;
@@ -62,7 +61,7 @@ impl<B> fmt::Debug for Runtime<B> {
 #[derive(Debug)]
 pub(crate) struct Batches {
     pub(crate) settle: Batcher<Settle, Answer>,
-    pub(crate) preflight: Batcher<(Uuid, StepId, u32), Result<Preflight, RunnerError>>,
+    pub(crate) preflight: Batcher<ExecutionRequest, Result<Preflight, RunnerError>>,
     /// Slots for continuations beyond the first of a settled job (fan-out
     /// branches run at once by the worker that activated them).
     pub(crate) extra_slots: Arc<Semaphore>,

@@ -80,7 +80,10 @@ mod worker;
 mod writes;
 
 pub use advance::AdvanceReport;
-pub use backend::{Backend, ReconcileRow};
+pub use backend::{
+    Backend, ExecutionCheck, ExecutionRequest, InboxRows, Locked, ReconcileRow, RoundWrites,
+    Settlement, SettlementDone,
+};
 pub use config::{QueueNames, RunnerConfig};
 pub use error::RunnerError;
 pub use facade::WorkflowHandle;

@@ -7,8 +7,8 @@ use hephaestus_engine_core::StepId;
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
     Consumed, Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch,
-    JobQueue, NewJob, NewStepResult, PortError, Recorded, Refused, RoundResult, StepResult,
-    StepResultStore, UnitOfWork,
+    JobQueue, NewJob, NewStepResult, PortError, Recorded, Refused, StepResult, StepResultStore,
+    UnitOfWork,
 };
 use hephaestus_engine_core::step::StepError;
 use std::collections::HashMap;
@@ -256,11 +256,22 @@ impl crate::backend::Backend for PgBackend {
     /// One statement, each instance read once.
     async fn load_for_execution_many(
         &self,
-        requests: &[(Uuid, StepId, u32)],
-    ) -> Result<Vec<Option<(Arc<Instance>, bool)>>, PortError> {
-        self.store
-            .get_for_execution_many_using(self.store.pool(), requests)
-            .await
+        requests: &[crate::ExecutionRequest],
+    ) -> Result<Vec<Option<crate::ExecutionCheck>>, PortError> {
+        let keys: Vec<(Uuid, &StepId, u32)> = requests
+            .iter()
+            .map(|r| (r.instance_id, &r.step, r.activation))
+            .collect();
+        let checks = self
+            .store
+            .get_for_execution_many_using(self.store.pool(), &keys)
+            .await?;
+        Ok(checks
+            .into_iter()
+            .map(|check| {
+                check.map(|(instance, recorded)| crate::ExecutionCheck { instance, recorded })
+            })
+            .collect())
     }
 
     /// One statement; instances held by another writer are skipped at once.
@@ -268,8 +279,14 @@ impl crate::backend::Backend for PgBackend {
         &self,
         tx: &mut Tx,
         ids: &[Uuid],
-    ) -> Result<Vec<(Instance, bool)>, PortError> {
-        self.store.try_lock_many_using(tx, ids).await
+    ) -> Result<Vec<crate::Locked>, PortError> {
+        Ok(self
+            .store
+            .try_lock_many_using(tx, ids)
+            .await?
+            .into_iter()
+            .map(|(instance, inbox)| crate::Locked { instance, inbox })
+            .collect())
     }
 
     async fn pending_many(
@@ -284,16 +301,15 @@ impl crate::backend::Backend for PgBackend {
     async fn write_rounds(
         &self,
         tx: &mut Tx,
-        results: &[RoundResult],
-        consumed: &[(Uuid, Vec<Consumed>)],
-        instances: &[&Instance],
+        writes: crate::RoundWrites<'_>,
     ) -> Result<(), PortError> {
-        let rows: Vec<Consumed> = consumed
+        let rows: Vec<Consumed> = writes
+            .consumed
             .iter()
-            .flat_map(|(_, rows)| rows.iter().cloned())
+            .flat_map(|inbox| inbox.rows.iter().cloned())
             .collect();
         self.store
-            .write_rounds_using(tx, results, &rows, instances)
+            .write_rounds_using(tx, writes.results, &rows, writes.instances)
             .await
     }
 
@@ -334,20 +350,28 @@ impl crate::backend::Backend for PgBackend {
     async fn enqueue_and_complete(
         &self,
         tx: &mut Tx,
-        jobs: &[NewJob],
-        claim: &[bool],
-        leases: &[&JobLease],
-    ) -> Result<(Vec<(Enqueued, Option<JobLease>)>, Vec<bool>), PortError> {
-        let pairs: Vec<(JobId, u32)> = leases.iter().map(|l| (l.id, l.attempt)).collect();
+        settlement: crate::Settlement<'_>,
+    ) -> Result<crate::SettlementDone, PortError> {
+        let pairs: Vec<(JobId, u32)> = settlement
+            .leases
+            .iter()
+            .map(|l| (l.id, l.attempt))
+            .collect();
         let (enqueued, settled) = self
             .queue
-            .insert_claiming_and_complete_using(tx, jobs, claim, CONTINUATION_WORKER, &pairs)
+            .insert_claiming_and_complete_using(
+                tx,
+                settlement.jobs,
+                settlement.claim,
+                CONTINUATION_WORKER,
+                &pairs,
+            )
             .await?;
         let held = pairs
             .iter()
             .map(|(id, _)| settled.completed.contains(id))
             .collect();
-        Ok((enqueued, held))
+        Ok(crate::SettlementDone { enqueued, held })
     }
 }
 

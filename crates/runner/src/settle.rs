@@ -42,7 +42,7 @@ use hephaestus_engine_core::ports::{
 };
 use uuid::Uuid;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, ExecutionRequest, InboxRows, Locked, RoundWrites, Settlement};
 use crate::continuations::{self, Offer};
 use crate::error::RunnerError;
 use crate::handle::{Answer, Runtime};
@@ -96,17 +96,28 @@ impl<B: Backend> Runtime<B> {
         self.inner
             .batches
             .preflight
-            .submit((instance_id, step, activation), None, move |batch| {
-                let rt = rt.clone();
-                async move {
-                    match rt.inner.backend.load_for_execution_many(&batch).await {
-                        Ok(checks) => checks.into_iter().map(Ok).collect(),
-                        // Every caller gets the error's own kind (a
-                        // NotFound stays NotFound).
-                        Err(e) => batch.iter().map(|_| Err(e.same_kind().into())).collect(),
+            .submit(
+                ExecutionRequest {
+                    instance_id,
+                    step,
+                    activation,
+                },
+                None,
+                move |batch| {
+                    let rt = rt.clone();
+                    async move {
+                        match rt.inner.backend.load_for_execution_many(&batch).await {
+                            Ok(checks) => checks
+                                .into_iter()
+                                .map(|check| Ok(check.map(|c| (c.instance, c.recorded))))
+                                .collect(),
+                            // Every caller gets the error's own kind (a
+                            // NotFound stays NotFound).
+                            Err(e) => batch.iter().map(|_| Err(e.same_kind().into())).collect(),
+                        }
                     }
-                }
-            })
+                },
+            )
             .await
             .unwrap_or_else(|| Err(abandoned()))
     }
@@ -234,7 +245,7 @@ impl<B: Backend> Runtime<B> {
         // Locked instances whose inbox may hold results (usually none: a
         // result is applied as it is recorded when its instance is free).
         let mut with_inbox: Vec<Uuid> = Vec::new();
-        for (instance, inbox) in b.try_lock_many(tx, &ids).await? {
+        for Locked { instance, inbox } in b.try_lock_many(tx, &ids).await? {
             if let Ok(wf) = self.workflow_of(&instance) {
                 let wf = wf.clone();
                 if inbox {
@@ -326,8 +337,15 @@ impl<B: Backend> Runtime<B> {
             .filter(|p| p.round.changed)
             .map(|p| &p.instance)
             .collect();
-        b.write_rounds(tx, &unit.records(), &unit.consumed(), &changed)
-            .await?;
+        b.write_rounds(
+            tx,
+            RoundWrites {
+                results: &unit.records(),
+                consumed: &unit.consumed(),
+                instances: &changed,
+            },
+        )
+        .await?;
         for (id, plan) in &unit.plans {
             let own_job = unit
                 .advances
@@ -379,15 +397,23 @@ impl<B: Backend> Runtime<B> {
             .chain(&unit.advanced())
             .map(|&i| unit.items[i].lease())
             .collect();
-        let (enqueued, mut held) = self
+        let mut done = self
             .inner
             .backend
-            .enqueue_and_complete(tx, &jobs, claim, &leases)
+            .enqueue_and_complete(
+                tx,
+                Settlement {
+                    jobs: &jobs,
+                    claim,
+                    leases: &leases,
+                },
+            )
             .await?;
-        if held[..unit.results.len()].iter().any(|held| !held) {
+        if done.held[..unit.results.len()].iter().any(|held| !held) {
             return Err(BatchFailed::Fenced);
         }
-        Ok((enqueued, held.split_off(unit.results.len())))
+        let held = done.held.split_off(unit.results.len());
+        Ok((done.enqueued, held))
     }
 }
 
@@ -483,7 +509,7 @@ impl Unit<'_> {
     }
 
     /// The inbox rows each round consumed, refused ones with their reason.
-    fn consumed(&self) -> Vec<(Uuid, Vec<Consumed>)> {
+    fn consumed(&self) -> Vec<InboxRows> {
         self.plans
             .iter()
             .filter(|(_, p)| !p.round.seqs.is_empty())
@@ -497,7 +523,10 @@ impl Unit<'_> {
                         refusal: refusal_of(&p.round, seq),
                     })
                     .collect();
-                (*id, rows)
+                InboxRows {
+                    instance_id: *id,
+                    rows,
+                }
             })
             .collect()
     }
