@@ -2,6 +2,7 @@
 //! (storage-pg + queue-pg in a fresh schema), with one virtual clock.
 
 use hephaestus_engine_core::Workflow;
+use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::workflow::WorkflowFamily;
 use hephaestus_memory::MemoryBackend;
 use hephaestus_runner::postgres::PgBackend;
@@ -9,6 +10,7 @@ use hephaestus_runner::testing::{ManualClock, ScriptedStep};
 use hephaestus_runner::{Backend, RunnerConfig, Runtime};
 
 use crate::support::db::TestSchema;
+use crate::support::wait;
 
 /// A backend and the clock every component reads.
 pub struct Harness<B> {
@@ -118,6 +120,23 @@ impl<B: Backend> Harness<B> {
             schema.teardown().await;
         }
     }
+}
+
+/// Waits until instance `id` has `status`, looking again each time one of
+/// `runtimes` (those that run its jobs) reports telemetry: every committed
+/// round ends with an event, so no change goes unseen.
+pub async fn until_status<B: Backend>(
+    runtimes: &[&Runtime<B>],
+    id: uuid::Uuid,
+    status: InstanceStatus,
+) {
+    let mut events: Vec<_> = runtimes.iter().map(|rt| rt.subscribe()).collect();
+    let rt = runtimes[0];
+    let what = format!("instance {id} to be {status:?}");
+    wait::until_notified(&mut events, what, || async move {
+        rt.get(id).await.unwrap().unwrap().status == status
+    })
+    .await;
 }
 
 /// Workflow "fan": Begin, then `width` branches `Branch0..`, then Join.
