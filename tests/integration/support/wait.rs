@@ -105,7 +105,9 @@ pub async fn for_event<T: Clone>(
             Ok(Err(RecvError::Closed)) => {
                 panic!("waiting for {what}: the subscription closed")
             }
-            Err(_) => panic!("waiting for {what}: no such event within {SAFETY_NET:?}"),
+            Err(tokio::time::error::Elapsed { .. }) => {
+                panic!("waiting for {what}: no such event within {SAFETY_NET:?}")
+            }
         }
     }
 }
@@ -143,7 +145,9 @@ pub async fn until_notified<T, F, Fut>(
             Ok(Err(RecvError::Closed)) => {
                 panic!("waiting for {what}: a subscription closed")
             }
-            Err(_) => panic!("waiting for {what}: not announced within {SAFETY_NET:?}"),
+            Err(tokio::time::error::Elapsed { .. }) => {
+                panic!("waiting for {what}: not announced within {SAFETY_NET:?}")
+            }
         }
     }
 }
