@@ -191,30 +191,27 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
         report.restart.as_deref().unwrap_or("not done")
     );
 
-    // Every instance finishes, in bounded time.
+    // Every instance finishes, in bounded time. The workers are other
+    // processes: the database is all that tells.
     let settle_began = Instant::now();
-    let mut last_report = Instant::now();
-    loop {
+    let last_report = std::cell::Cell::new(Instant::now());
+    let settled = support::wait::holds_within(SETTLE_LIMIT, || async {
         let counts = env.status_counts().await;
-        let active: i64 = ["pending", "running", "waiting"]
-            .iter()
-            .filter_map(|s| counts.get(*s))
-            .sum();
-        if active == 0 {
-            break;
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
+        if last_report.get().elapsed() > Duration::from_secs(5) {
             eprintln!("chaos: settling, {counts:?}");
-            last_report = Instant::now();
+            last_report.set(Instant::now());
         }
-        if settle_began.elapsed() > SETTLE_LIMIT {
-            let stuck = env.describe_active(20).await;
-            panic!(
-                "{active} instances still active {SETTLE_LIMIT:?} after the load (seed {seed}): {counts:?}\n{}",
-                stuck.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        active(&counts) == 0
+    })
+    .await;
+    if !settled {
+        let counts = env.status_counts().await;
+        let stuck = env.describe_active(20).await;
+        panic!(
+            "{} instances still active {SETTLE_LIMIT:?} after the load (seed {seed}): {counts:?}\n{}",
+            active(&counts),
+            stuck.join("\n")
+        );
     }
     let settle = settle_began.elapsed();
     stop_resumer.store(true, Ordering::SeqCst);
@@ -257,6 +254,14 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
         began.elapsed()
     );
     env.teardown().await;
+}
+
+/// How many instances `counts` (instances by status) has not ended.
+fn active(counts: &BTreeMap<String, i64>) -> i64 {
+    ["pending", "running", "waiting"]
+        .iter()
+        .filter_map(|s| counts.get(*s))
+        .sum()
 }
 
 /// What the test expects of one instance.
@@ -395,6 +400,8 @@ async fn resume_waiting(rt: Runtime<PgBackend>, stop: Arc<AtomicBool>) -> Resume
             }
             Err(_) => resumes.transient += 1,
         }
+        // not a wait: the resumer stands in for an outside system, which
+        // looks for waiting instances at its own pace
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     resumes
@@ -520,6 +527,7 @@ impl Chaos {
     fn run(mut self, mut workers: Vec<WorkerProc>) -> (Vec<WorkerProc>, ChaosReport) {
         let mut report = ChaosReport::default();
         while !self.stop.load(Ordering::SeqCst) {
+            // not a wait: the fault schedule, a kill every 200 to 600 ms
             std::thread::sleep(Duration::from_millis(200 + self.rng.below(400)));
             let victim = self.rng.pick(workers.len());
             workers[victim].kill();
@@ -550,6 +558,8 @@ impl Chaos {
                 Ok(worker) => return worker,
                 Err(e) => last = e,
             }
+            // not a wait: the pace of retrying a worker that could not start
+            // (the server restarting); each try waits for its ready line
             std::thread::sleep(Duration::from_millis(500));
         }
         panic!("a worker could not be restarted: {last}");
@@ -805,6 +815,7 @@ impl Env {
             attempts += 1;
             eprintln!("chaos: dropping the schema failed ({e}), retrying");
             assert!(attempts < 10, "cannot drop the test schema: {e}");
+            // not a wait: the pace of retrying the drop (bounded to 10 tries)
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         self.pool.close().await;

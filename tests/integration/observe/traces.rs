@@ -456,6 +456,8 @@ impl Step for Sleepy {
     }
 
     async fn execute(&self, _input: hephaestus_engine_core::step::StepInput<'_>) -> StepOutcome {
+        // not a wait: user code at work, so that the picture has bars of
+        // different lengths
         tokio::time::sleep(Duration::from_millis(self.ms)).await;
         StepOutcome::complete("done")
     }

@@ -7,12 +7,15 @@
 //! - [`until_notified`]: a condition re-checked each time a component
 //!   announces that it did something (subscribe first, then wait), for
 //!   state that an event tells about but does not carry.
-//! - [`until`]: a condition re-checked on a short pace, for state that
-//!   nothing announces to the test (a row another process wrote, an HTTP
-//!   endpoint of a child process, a leadership flag, a metrics snapshot).
+//! - [`until`] (and [`until_some`], [`until_within`], [`holds_within`]):
+//!   a condition re-checked on a short pace, for state that nothing
+//!   announces to the test (a row another process wrote, an HTTP endpoint
+//!   of a child process, a leadership flag, a metrics snapshot).
 //!
-//! Each fails after [`SAFETY_NET`] with a message naming what it waited
-//! for: a bound on a hang, not the pace of a test.
+//! Each fails after [`SAFETY_NET`] (or its own bound) with a message naming
+//! what it waited for: a bound on a hang, not the pace of a test. This is
+//! the one place a test pauses (`RECHECK`); the tidy test
+//! `tests_wait_for_what_they_name` keeps it so.
 
 use std::fmt::Display;
 use std::future::Future;
@@ -46,16 +49,15 @@ pub async fn until_holds(what: impl Display, mut check: impl FnMut() -> bool) {
 
 /// [`until`] with its own bound (a browser or a child process may need
 /// longer than [`SAFETY_NET`]).
-pub async fn until_within<F, Fut>(within: Duration, what: impl Display, mut check: F)
+pub async fn until_within<F, Fut>(within: Duration, what: impl Display, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    until_some_within(within, what, || {
-        let holds = check();
-        async move { holds.await.then_some(()) }
-    })
-    .await;
+    assert!(
+        holds_within(within, check).await,
+        "waited {within:?} for {what}: it did not happen"
+    );
 }
 
 /// Waits until `check` returns a value, and returns it; fails naming
@@ -68,7 +70,33 @@ where
     until_some_within(SAFETY_NET, what, check).await
 }
 
-async fn until_some_within<T, F, Fut>(within: Duration, what: impl Display, mut check: F) -> T
+async fn until_some_within<T, F, Fut>(within: Duration, what: impl Display, check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    found_within(within, check)
+        .await
+        .unwrap_or_else(|| panic!("waited {within:?} for {what}: it did not happen"))
+}
+
+/// [`until_within`] that returns whether `check` came to hold instead of
+/// failing, for a caller that describes the failure itself.
+pub async fn holds_within<F, Fut>(within: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    found_within(within, || {
+        let holds = check();
+        async move { holds.await.then_some(()) }
+    })
+    .await
+    .is_some()
+}
+
+/// The one loop that re-checks a condition nothing announces.
+async fn found_within<T, F, Fut>(within: Duration, mut check: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
@@ -76,12 +104,12 @@ where
     let deadline = Instant::now() + within;
     loop {
         if let Some(found) = check().await {
-            return found;
+            return Some(found);
         }
-        assert!(
-            Instant::now() < deadline,
-            "waited {within:?} for {what}: it did not happen"
-        );
+        if Instant::now() >= deadline {
+            return None;
+        }
+        // not a wait: the pace of looking again; the condition decides
         tokio::time::sleep(RECHECK).await;
     }
 }
