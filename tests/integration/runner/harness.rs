@@ -130,11 +130,31 @@ pub async fn until_status<B: Backend>(
     id: uuid::Uuid,
     status: InstanceStatus,
 ) {
+    /// What the wait is for, with the status last seen (read when it fails).
+    struct Becoming<'a> {
+        id: uuid::Uuid,
+        status: InstanceStatus,
+        seen: &'a std::cell::Cell<Option<InstanceStatus>>,
+    }
+    impl std::fmt::Display for Becoming<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let (id, status, seen) = (self.id, self.status, self.seen.get());
+            write!(f, "instance {id} to be {status:?} (last seen {seen:?})")
+        }
+    }
     let mut events: Vec<_> = runtimes.iter().map(|rt| rt.subscribe()).collect();
     let rt = runtimes[0];
-    let what = format!("instance {id} to be {status:?}");
+    let seen = std::cell::Cell::new(None);
+    let what = Becoming {
+        id,
+        status,
+        seen: &seen,
+    };
+    let seen = &seen;
     wait::until_notified(&mut events, what, || async move {
-        rt.get(id).await.unwrap().unwrap().status == status
+        let now = rt.get(id).await.unwrap().unwrap().status;
+        seen.set(Some(now));
+        now == status
     })
     .await;
 }
