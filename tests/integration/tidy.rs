@@ -614,3 +614,79 @@ fn the_length_check_counts_bodies_and_honours_a_reason() {
         vec!["f.rs:16 long (8 lines)".to_owned()]
     );
 }
+
+/// Where a PostgreSQL-tier test pauses without saying why: a line calling
+/// `sleep`/`sleep_until` that the comment right above it does not explain
+/// with `// not a wait: ...`. Tests wait for what they name
+/// (`support::wait`), never for time to pass; the few pauses that are no
+/// wait (user code at work, the pace of a fault schedule, a retry) say so
+/// where they are.
+fn unexplained_pauses(file: &str, source: &str) -> Vec<String> {
+    // Whether the comment block just above the current line gives a reason.
+    let mut explained = false;
+    let mut found = Vec::new();
+    for (n, line) in source.lines().enumerate() {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with("//") {
+            explained |= trimmed.starts_with("// not a wait:");
+            continue;
+        }
+        let code = line.split("//").next().unwrap_or_default();
+        if (code.contains("sleep(") || code.contains("sleep_until(")) && !explained {
+            found.push(format!("{file}:{}: {}", n + 1, line.trim()));
+        }
+        explained = false;
+    }
+    found
+}
+
+#[test]
+fn tests_wait_for_what_they_name() {
+    let mut files = Vec::new();
+    for dir in ["tests/integration", "tests/chaos"] {
+        rust_files(&repo_root().join(dir), &mut files);
+    }
+    assert!(files.len() > 20, "the test sources were not found");
+    let mut found = Vec::new();
+    for path in files {
+        // This file names the words it looks for.
+        if path.ends_with("integration/tidy.rs") {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).expect("read a source file");
+        let shown = path
+            .strip_prefix(repo_root())
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        found.extend(unexplained_pauses(&shown, &source));
+    }
+    assert!(
+        found.is_empty(),
+        "wait for an event, a signal or a condition (tests/integration/support/wait.rs), \
+         or say on the line before why a pause is no wait (`// not a wait: ...`):\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_pause_check_wants_a_reason_right_above() {
+    let source = "\
+tokio::time::sleep(Duration::from_millis(300)).await;
+// not a wait: the step's work, which
+// takes this long
+tokio::time::sleep(self.work).await;
+// not a wait: explains the next line only
+let x = 1;
+std::thread::sleep(pause);
+// the sleep_ms of a script, and sleep( in a comment, are fine
+let script = Script { sleep_ms: 20 };
+";
+    assert_eq!(
+        unexplained_pauses("f.rs", source),
+        vec![
+            "f.rs:1: tokio::time::sleep(Duration::from_millis(300)).await;".to_owned(),
+            "f.rs:7: std::thread::sleep(pause);".to_owned(),
+        ]
+    );
+}
