@@ -142,8 +142,7 @@ impl WorkerCommand {
             ..RunnerConfig::default()
         };
         let runtime = app.runtime(&pool, &prefix, config, true).await?;
-        let queue = runtime
-            .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+        let queue = hephaestus_failure_handler::queue_runtime(&runtime)
             .election(self.elect_interval(), self.leader_ttl())
             .poll_only(self.poll_only)
             .depth_interval(Some(Duration::from_millis(self.observe.depth_ms.max(1))))

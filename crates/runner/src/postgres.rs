@@ -585,10 +585,13 @@ impl DynWorker for RunnerJob {
 
 impl Runtime<PgBackend> {
     /// The runner's job kinds (advance, execute, timer, resume) as queue-pg
-    /// workers. Add the failure handler's discard hook
-    /// (`hephaestus-failure-handler`), then run them with
+    /// workers, with `on_discard`, the hook that writes what a job the queue
+    /// discards on its own means for its step and instance. There is no way
+    /// to get the runner's workers without one: use the failure handler's
+    /// (`hephaestus_failure_handler::queue_runtime(&runtime)` builds the
+    /// whole worker runtime with it), then run them with
     /// [`Runtime::queue_runtime`].
-    pub fn queue_workers(&self) -> Workers {
+    pub fn queue_workers(&self, on_discard: impl hephaestus_queue_pg::DiscardHook) -> Workers {
         [jobs::ADVANCE, jobs::EXECUTE, jobs::TIMER, jobs::RESUME]
             .into_iter()
             .fold(Workers::new(), |workers, kind| {
@@ -598,6 +601,7 @@ impl Runtime<PgBackend> {
                 }))
             })
             .fallback_retry_policy(crate::failures::job_retry_policy(None))
+            .discard_hook(on_discard)
     }
 
     /// A queue-pg worker runtime for this runtime's jobs: every queue of

@@ -99,7 +99,7 @@ async fn root_of(rt: &Runtime<PgBackend>, id: Uuid) -> SpanContext {
 }
 
 async fn start_worker(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    rt.queue_runtime(hephaestus_failure_handler::workers(rt))
+    hephaestus_failure_handler::queue_runtime(&rt)
         .start()
         .await
         .expect("the queue runtime starts")

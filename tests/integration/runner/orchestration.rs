@@ -33,7 +33,7 @@ fn config(continuations: bool) -> RunnerConfig {
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    rt.queue_runtime(hephaestus_failure_handler::workers(rt))
+    hephaestus_failure_handler::queue_runtime(&rt)
         .start()
         .await
         .expect("the queue runtime starts")

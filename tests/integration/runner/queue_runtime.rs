@@ -30,7 +30,7 @@ fn notify_only() -> RunnerConfig {
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    rt.queue_runtime(hephaestus_failure_handler::workers(rt))
+    hephaestus_failure_handler::queue_runtime(&rt)
         .start()
         .await
         .expect("the queue runtime starts")

@@ -351,8 +351,7 @@ impl WorkflowBench {
         for i in 0..self.workers {
             let pool = pool(options, self.connections).await?;
             let runtime = runtime(&pool, prefix, workflow, self.config())?;
-            let queue = runtime
-                .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+            let queue = hephaestus_failure_handler::queue_runtime(&runtime)
                 .retention(None)
                 .maintenance(i == 0)
                 .start()
