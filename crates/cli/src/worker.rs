@@ -133,14 +133,12 @@ impl WorkerCommand {
         hephaestus_queue_pg::migrate(&pool, &prefix)
             .await
             .context("migrating the queue tables")?;
-        let config = RunnerConfig {
-            concurrency: self.concurrency.max(1),
-            poll_interval: Duration::from_millis(self.poll_ms),
-            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
-            stale_after: Duration::from_millis(self.stale_after_ms),
-            rescue_interval: Duration::from_millis(self.rescue_interval_ms),
-            ..RunnerConfig::default()
-        };
+        let config = RunnerConfig::default()
+            .with_concurrency(self.concurrency.max(1))
+            .with_poll_interval(Duration::from_millis(self.poll_ms))
+            .with_heartbeat_interval(Duration::from_millis(self.heartbeat_ms))
+            .with_stale_after(Duration::from_millis(self.stale_after_ms))
+            .with_rescue_interval(Duration::from_millis(self.rescue_interval_ms));
         let runtime = app.runtime(&pool, &prefix, config, true).await?;
         let queue = hephaestus_failure_handler::queue_runtime(&runtime)
             .election(self.elect_interval(), self.leader_ttl())

@@ -99,18 +99,16 @@ async fn root_of(rt: &Runtime<PgBackend>, id: Uuid) -> SpanContext {
 }
 
 async fn start_worker(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    hephaestus_failure_handler::queue_runtime(&rt)
+    hephaestus_failure_handler::queue_runtime(rt)
         .start()
         .await
         .expect("the queue runtime starts")
 }
 
 fn config() -> RunnerConfig {
-    RunnerConfig {
-        poll_interval: Duration::from_millis(20),
-        concurrency: 4,
-        ..RunnerConfig::default()
-    }
+    RunnerConfig::default()
+        .with_poll_interval(Duration::from_millis(20))
+        .with_concurrency(4)
 }
 
 /// Diamond "traced": Begin, then Left and Right, then Join.

@@ -23,17 +23,15 @@ use crate::support::wait;
 const CONTINUATION: &str = "hephaestus-runner (continuation)";
 
 fn config(continuations: bool) -> RunnerConfig {
-    RunnerConfig {
-        // Only NOTIFY (and continuations) deliver work within a test.
-        poll_interval: Duration::from_secs(3600),
-        concurrency: 16,
-        continuations,
-        ..RunnerConfig::default()
-    }
+    // Only NOTIFY (and continuations) deliver work within a test.
+    RunnerConfig::default()
+        .with_poll_interval(Duration::from_secs(3600))
+        .with_concurrency(16)
+        .with_continuations(continuations)
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    hephaestus_failure_handler::queue_runtime(&rt)
+    hephaestus_failure_handler::queue_runtime(rt)
         .start()
         .await
         .expect("the queue runtime starts")
@@ -180,10 +178,7 @@ async fn a_fan_out_runs_its_branches_in_the_worker_that_activated_them() {
 async fn a_result_whose_instance_another_writer_holds_waits_in_the_inbox_without_blocking() {
     let h = Harness::postgres().await;
     let (wf, steps) = chain(1);
-    let split = RunnerConfig {
-        queues: super::split_queues().queues,
-        ..config(true)
-    };
+    let split = config(true).with_queues(super::split_queues().queues);
     let rt = h.runtime_with(split, vec![wf], Vec::new());
     let s = rt
         .start("chain", "1", json!({}), StartOptions::default())
@@ -256,12 +251,10 @@ async fn a_continuation_is_heartbeated_and_not_rescued_while_it_runs() {
         .build()
         .unwrap();
     let rt = h.runtime_with(
-        RunnerConfig {
-            heartbeat_interval: Duration::from_millis(50),
-            stale_after: Duration::from_secs(30),
-            rescue_interval: Duration::from_millis(50),
-            ..config(true)
-        },
+        config(true)
+            .with_heartbeat_interval(Duration::from_millis(50))
+            .with_stale_after(Duration::from_secs(30))
+            .with_rescue_interval(Duration::from_millis(50)),
         vec![wf],
         Vec::new(),
     );

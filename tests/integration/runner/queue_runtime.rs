@@ -22,15 +22,13 @@ use crate::support::wait;
 
 /// A config whose poll never fires within a test: only NOTIFY delivers.
 fn notify_only() -> RunnerConfig {
-    RunnerConfig {
-        poll_interval: Duration::from_secs(3600),
-        concurrency: 16,
-        ..RunnerConfig::default()
-    }
+    RunnerConfig::default()
+        .with_poll_interval(Duration::from_secs(3600))
+        .with_concurrency(16)
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    hephaestus_failure_handler::queue_runtime(&rt)
+    hephaestus_failure_handler::queue_runtime(rt)
         .start()
         .await
         .expect("the queue runtime starts")
@@ -102,16 +100,14 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
         .on(charge.clone(), "charged", Done)
         .build()
         .unwrap();
-    let config = RunnerConfig {
-        queues: hephaestus_runner::QueueNames {
+    let config = notify_only()
+        .with_queues(hephaestus_runner::QueueNames {
             advance: "advance".to_owned(),
             execute: "execute".to_owned(),
             timer: "timer".to_owned(),
-        },
-        stale_after: Duration::from_secs(30),
-        rescue_interval: Duration::from_millis(50),
-        ..notify_only()
-    };
+        })
+        .with_stale_after(Duration::from_secs(30))
+        .with_rescue_interval(Duration::from_millis(50));
     let rt = h.runtime_with(config.clone(), vec![wf], Vec::new());
     let s = rt
         .start("pay", "1", json!({}), StartOptions::default())

@@ -328,13 +328,11 @@ impl WorkflowBench {
     }
 
     fn config(&self) -> RunnerConfig {
-        RunnerConfig {
-            concurrency: self.concurrency,
-            max_batch: self.max_batch,
-            batch_flushers: self.flushers,
-            continuations: !self.no_continuations,
-            ..RunnerConfig::default()
-        }
+        RunnerConfig::default()
+            .with_concurrency(self.concurrency)
+            .with_max_batch(self.max_batch)
+            .with_batch_flushers(self.flushers)
+            .with_continuations(!self.no_continuations)
     }
 
     async fn start_workers(
