@@ -1,4 +1,6 @@
-//! The runner's job kinds, their arguments and how they are enqueued.
+//! The runner's job kinds and how they are enqueued. The arguments each
+//! kind carries (the wire format) are private to the runner: other crates
+//! build jobs through these functions and match them by kind and group.
 
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ports::{JobMatch, JobState, NewJob, UniqueJob};
@@ -23,14 +25,14 @@ pub const RESUME: &str = "hephaestus.resume";
 
 /// Arguments of an advance job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdvanceArgs {
+pub(crate) struct AdvanceArgs {
     /// The instance.
     pub instance_id: Uuid,
 }
 
 /// Arguments of an execute job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecuteArgs {
+pub(crate) struct ExecuteArgs {
     /// The instance.
     pub instance_id: Uuid,
     /// The step.
@@ -41,7 +43,7 @@ pub struct ExecuteArgs {
 
 /// Arguments of a timer job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TimerArgs {
+pub(crate) struct TimerArgs {
     /// The instance.
     pub instance_id: Uuid,
     /// The waiting step.
@@ -56,7 +58,7 @@ pub struct TimerArgs {
 
 /// Arguments of a scheduled resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResumeArgs {
+pub(crate) struct ResumeArgs {
     /// The instance.
     pub instance_id: Uuid,
     /// The step.
@@ -211,7 +213,7 @@ pub fn timer(
 }
 
 /// A resume scheduled by `schedule_resume`.
-pub fn resume(
+pub(crate) fn resume(
     config: &RunnerConfig,
     workflow: &Workflow,
     args: &ResumeArgs,
