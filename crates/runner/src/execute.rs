@@ -272,12 +272,26 @@ impl<B: Backend> Runtime<B> {
             )));
         };
         let step_impl = def.step.clone();
-        let step_meta = step_metadata(&instance, &args, &def.key, lease.attempt);
-        self.inner.telemetry.emit(
+        let telemetry = &self.inner.telemetry;
+        // Built only when something takes the step's events (the metrics
+        // are recorded either way).
+        let step_meta = [
             crate::telemetry::names::STEP_START,
-            serde_json::json!({"system_time": self.now()}),
-            step_meta.clone(),
-        );
+            crate::telemetry::names::STEP_STOP,
+            crate::telemetry::names::STEP_EXCEPTION,
+            crate::telemetry::names::STEP_ASYNC,
+        ]
+        .into_iter()
+        .any(|name| telemetry.observed(name))
+        .then(|| step_metadata(&instance, &args, &def.key, lease.attempt));
+        if let Some(meta) = &step_meta {
+            telemetry.emit_lazy(
+                crate::telemetry::names::STEP_START,
+                || (serde_json::json!({"system_time": self.now()}), meta.clone()),
+                || {},
+            );
+        }
+        let workflow_id = instance.workflow_id.clone();
         // Durations read the runtime's clock, like every other time: a
         // virtual clock in tests makes them deterministic.
         let step_started = self.now();
@@ -287,7 +301,10 @@ impl<B: Backend> Runtime<B> {
         let outcome = storable_outcome(&args.step, outcome);
         let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
         crate::observe::record_step(span, &outcome);
-        self.emit_step_outcome(step_meta, &outcome, duration);
+        match step_meta {
+            Some(meta) => self.emit_step_outcome(meta, &outcome, duration),
+            None => record_step_metrics(&workflow_id, &args.step, &outcome, duration),
+        }
         match payload_of(outcome) {
             Ok(payload) => {
                 self.settle(Settle::Result {
@@ -523,4 +540,29 @@ fn step_metadata(
             ("concurrent".to_owned(), serde_json::json!(open > 1)),
         ]),
     )
+}
+
+/// The metrics of an attempt's outcome when nothing takes its event
+/// (the same definitions the events record).
+#[allow(clippy::cast_precision_loss)]
+fn record_step_metrics(
+    workflow: &hephaestus_engine_core::ids::WorkflowId,
+    step: &hephaestus_engine_core::StepId,
+    outcome: &StepOutcome,
+    duration: u64,
+) {
+    use crate::telemetry::metric;
+    let (workflow, step) = (workflow.to_string(), step.to_string());
+    match outcome {
+        StepOutcome::Complete(_) => metric::step_stop(workflow, step, duration as f64),
+        StepOutcome::Error(e) => {
+            let kind = if e.is_retryable() {
+                "retryable"
+            } else {
+                "fatal"
+            };
+            metric::step_exception(workflow, step, kind.to_owned());
+        }
+        StepOutcome::Async(_) => metric::step_async(workflow, step),
+    }
 }

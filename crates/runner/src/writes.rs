@@ -191,28 +191,41 @@ impl<B: Backend> Runtime<B> {
             self.emit_inline_done(instance, step, *activation);
         }
         telemetry.engine_events(instance, &round.events, self.now());
-        telemetry.emit(
+        let duration = u64::try_from((self.now() - round_started).num_milliseconds()).unwrap_or(0);
+        let active = instance.open_steps().count();
+        telemetry.emit_lazy(
             crate::telemetry::names::ENGINE_ADVANCE,
-            serde_json::json!({
-                "duration": u64::try_from((self.now() - round_started).num_milliseconds()).unwrap_or(0),
-                "active_steps_count": instance.open_steps().count(),
-                // Steps the round itself completed (`Done`, applied inline).
-                "completed_in_advance": round.done.len(),
-            }),
-            crate::telemetry::instance_metadata(
-                instance,
-                serde_json::Map::from_iter([
-                    (
-                        "status_before".to_owned(),
-                        serde_json::json!(round.status_before),
-                    ),
-                    (
-                        "status_after".to_owned(),
-                        serde_json::json!(instance.status),
-                    ),
-                    ("iteration".to_owned(), serde_json::json!(iteration)),
-                ]),
-            ),
+            || {
+                let measurements = serde_json::json!({
+                    "duration": duration,
+                    "active_steps_count": active,
+                    // Steps the round itself completed (`Done`, applied inline).
+                    "completed_in_advance": round.done.len(),
+                });
+                let metadata = crate::telemetry::instance_metadata(
+                    instance,
+                    serde_json::Map::from_iter([
+                        (
+                            "status_before".to_owned(),
+                            serde_json::json!(round.status_before),
+                        ),
+                        (
+                            "status_after".to_owned(),
+                            serde_json::json!(instance.status),
+                        ),
+                        ("iteration".to_owned(), serde_json::json!(iteration)),
+                    ]),
+                );
+                (measurements, metadata)
+            },
+            || {
+                #[allow(clippy::cast_precision_loss)]
+                crate::telemetry::metric::engine_advance(
+                    instance.workflow_id.to_string(),
+                    duration as f64,
+                    active as f64,
+                );
+            },
         );
     }
 
@@ -224,22 +237,8 @@ impl<B: Backend> Runtime<B> {
         step: &hephaestus_engine_core::StepId,
         activation: u32,
     ) {
-        let key = self
-            .workflow_of(instance)
-            .ok()
-            .and_then(|wf| wf.step(step.as_str()).map(|d| d.key.clone()))
-            .unwrap_or_else(|| step.default_step_key());
-        let meta = crate::telemetry::instance_metadata(
-            instance,
-            serde_json::Map::from_iter([
-                ("step".to_owned(), serde_json::json!(step)),
-                ("step_key".to_owned(), serde_json::json!(key)),
-                ("activation".to_owned(), serde_json::json!(activation)),
-                ("attempt".to_owned(), serde_json::json!(1)),
-                ("active_steps_count".to_owned(), serde_json::json!(1)),
-                ("concurrent".to_owned(), serde_json::json!(false)),
-            ]),
-        );
+        use crate::telemetry::names;
+        let telemetry = &self.inner.telemetry;
         let span = crate::observe::inline_done_span(
             instance,
             step,
@@ -247,20 +246,45 @@ impl<B: Backend> Runtime<B> {
             &self.inner.config.queues.execute,
         );
         let _in_span = span.enter();
-        let telemetry = &self.inner.telemetry;
-        telemetry.emit(
-            crate::telemetry::names::STEP_START,
-            serde_json::json!({"system_time": self.now()}),
-            meta.clone(),
+        let meta = || {
+            let key = self
+                .workflow_of(instance)
+                .ok()
+                .and_then(|wf| wf.step(step.as_str()).map(|d| d.key.clone()))
+                .unwrap_or_else(|| step.default_step_key());
+            crate::telemetry::instance_metadata(
+                instance,
+                serde_json::Map::from_iter([
+                    ("step".to_owned(), serde_json::json!(step)),
+                    ("step_key".to_owned(), serde_json::json!(key)),
+                    ("activation".to_owned(), serde_json::json!(activation)),
+                    ("attempt".to_owned(), serde_json::json!(1)),
+                    ("active_steps_count".to_owned(), serde_json::json!(1)),
+                    ("concurrent".to_owned(), serde_json::json!(false)),
+                ]),
+            )
+        };
+        telemetry.emit_lazy(
+            names::STEP_START,
+            || (serde_json::json!({"system_time": self.now()}), meta()),
+            || {},
         );
-        let mut meta = meta;
-        meta.insert("event".into(), serde_json::json!("done"));
-        meta.insert("has_context_updates".into(), serde_json::json!(false));
-        meta.insert("has_metadata_updates".into(), serde_json::json!(false));
-        telemetry.emit(
-            crate::telemetry::names::STEP_STOP,
-            serde_json::json!({"duration": 0}),
-            meta,
+        telemetry.emit_lazy(
+            names::STEP_STOP,
+            || {
+                let mut meta = meta();
+                meta.insert("event".into(), serde_json::json!("done"));
+                meta.insert("has_context_updates".into(), serde_json::json!(false));
+                meta.insert("has_metadata_updates".into(), serde_json::json!(false));
+                (serde_json::json!({"duration": 0}), meta)
+            },
+            || {
+                crate::telemetry::metric::step_stop(
+                    instance.workflow_id.to_string(),
+                    step.to_string(),
+                    0.0,
+                );
+            },
         );
     }
 }
