@@ -328,10 +328,7 @@ async fn start(rt: &Runtime<PgBackend>, plan: &Plan) {
     let deadline = Instant::now() + Duration::from_secs(60);
     let pool = rt.backend().store().pool();
     loop {
-        let options = StartOptions {
-            id: Some(plan.id),
-            ..StartOptions::default()
-        };
+        let options = StartOptions::default().with_id(plan.id);
         let outcome = rt
             .start(
                 plan.workflow,

@@ -27,8 +27,10 @@ use crate::handle::{Batches, Inner, Runtime, random_u32};
 use crate::jobs;
 use crate::round::{self, Round};
 
-/// Options of a start.
+/// Options of a start: [`StartOptions::default`], then the `with_*`
+/// methods (new options may be added without breaking you).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct StartOptions {
     /// A version of the family (default: the selector's pick, else current).
     pub version: Option<u32>,
@@ -36,6 +38,31 @@ pub struct StartOptions {
     pub telemetry_metadata: Map<String, Value>,
     /// The instance id (default: a new UUID v7).
     pub id: Option<Uuid>,
+}
+
+impl StartOptions {
+    /// Runs `version` of the family (instead of the selector's pick;
+    /// `None` goes back to it).
+    #[must_use]
+    pub fn with_version(mut self, version: impl Into<Option<u32>>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// Sets the caller metadata added to every telemetry event.
+    #[must_use]
+    pub fn with_telemetry_metadata(mut self, metadata: Map<String, Value>) -> Self {
+        self.telemetry_metadata = metadata;
+        self
+    }
+
+    /// Gives the instance this id (instead of a new UUID v7; `None` goes
+    /// back to that).
+    #[must_use]
+    pub fn with_id(mut self, id: impl Into<Option<Uuid>>) -> Self {
+        self.id = id.into();
+        self
+    }
 }
 
 /// A started instance.

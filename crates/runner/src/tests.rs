@@ -352,10 +352,7 @@ fn telemetry_emits_the_original_events_with_protected_fields_and_metrics() {
                     "linear",
                     "1",
                     json!({"a": 1}),
-                    StartOptions {
-                        telemetry_metadata: meta,
-                        ..StartOptions::default()
-                    },
+                    StartOptions::default().with_telemetry_metadata(meta),
                 )
                 .await
                 .unwrap();

@@ -500,15 +500,7 @@ async fn versioned_instances_keep_their_version<B: Backend>(h: &Harness<B>) {
     let rt = h.runtime_with(RunnerConfig::default(), vec![], vec![family]);
     let old = rt.start("signup", "a", json!({}), opts()).await.unwrap();
     let new = rt
-        .start(
-            "signup",
-            "a",
-            json!({}),
-            StartOptions {
-                version: Some(2),
-                ..opts()
-            },
-        )
+        .start("signup", "a", json!({}), opts().with_version(2))
         .await
         .unwrap();
     assert_eq!((old.version, new.version), (1, 2));
@@ -1027,10 +1019,7 @@ async fn uniqueness_scopes_through_the_api<B: Backend>(h: &Harness<B>) {
     rt.start("by_version", "1", json!({}), opts())
         .await
         .unwrap();
-    let v2 = StartOptions {
-        version: Some(2),
-        ..opts()
-    };
+    let v2 = opts().with_version(2);
     rt.start("by_version", "1", json!({}), v2.clone())
         .await
         .unwrap();
