@@ -79,27 +79,32 @@
 //! ```
 
 mod batch;
+mod census;
 mod error;
 mod instances;
 mod json;
 mod lock;
 mod migrate;
 mod query;
+mod reconcile;
 mod results;
 mod retention;
 mod schema;
 mod store;
+mod upkeep;
 
 #[cfg(doc)]
 use hephaestus_engine_core::ports::{InstanceStore, PortError, StepResultStore, UnitOfWork};
 
 pub use batch::ExecutionCheck;
+pub use census::StorageCensus;
 pub use instances::RawInstance;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
-pub use migrate::{Migrated, migrate};
+pub use migrate::{Migrated, migrate, migrate_to, schema_version};
 pub use query::{
     Cursor, Direction, InstanceCount, InstanceQuery, Order, Page, SortKey, TimeRange, Undecodable,
 };
+pub use reconcile::{ReconcileCandidate, ReconcilePage};
 pub use retention::PrunedInstances;
 pub use schema::{COMPONENT, schema};
 pub use store::{PRUNE_BATCH, PgStore, Tx};
