@@ -9,7 +9,12 @@
 //! `*_using` form that runs on a connection or transaction of the caller's, so an
 //! application can start a workflow inside its own transaction. The tables and their
 //! versioned DDL ([`schema()`], registered with `hephaestus-migrations-gen`) are owned by
-//! this crate: no other crate has SQL for them.
+//! this crate: no other crate has SQL for them. One read here reaches beyond them:
+//! [`PgStore::reconcile_page`] also reads the queue's jobs table in the same schema (the
+//! reconciler's page, one statement instead of three round trips per instance).
+//! Operators and benchmarks read and upkeep the tables through documented functions
+//! ([`PgStore::census`], [`PgStore::analyze`], [`migrate_to`], [`schema_version`], ...),
+//! never through SQL of their own.
 //!
 //! # Invariants
 //!
