@@ -690,3 +690,271 @@ let script = Script { sleep_ms: 20 };
         ]
     );
 }
+
+/// The crates that own SQL: the two PostgreSQL crates (storage and queue),
+/// the renderer of their migrations, and the SQLite backend. Everything
+/// else reaches a database through their APIs.
+const SQL_CRATES: &[&str] = &["storage-pg", "queue-pg", "migrations-gen", "sqlite"];
+
+/// Files outside those crates that may hold SQL, and why.
+const SQL_EXEMPT: &[(&str, &str)] = &[
+    (
+        "crates/cli/src/fixtures.rs",
+        "the demo's own application table (`fixture_executions`), written by its steps as a \
+         user's step writes its own tables; not Hephaestus's schema, so no crate of ours owns it",
+    ),
+    (
+        "xtask/src/run_tests.rs",
+        "provisions the local server and the test database with psql before any crate can connect",
+    ),
+];
+
+/// Calls that build or run a statement with sqlx.
+const SQL_CALLS: &[&str] = &[
+    "sqlx::query",
+    "query_as(",
+    "query_scalar(",
+    "raw_sql(",
+    "QueryBuilder",
+];
+
+/// The objects a `create`, `drop` or `alter` statement acts on.
+const SQL_OBJECTS: &[&str] = &[
+    "table ",
+    "schema ",
+    "index ",
+    "unique index ",
+    "database ",
+    "function ",
+    "or replace ",
+    "extension ",
+    "view ",
+    "type ",
+];
+/// The string literals of `code` (plain, raw and byte strings), in order;
+/// comments and character literals are skipped.
+fn string_literals(code: &str) -> Vec<String> {
+    let chars: Vec<char> = code.chars().collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '/' if chars.get(i + 1) == Some(&'/') => {
+                while i < chars.len() && chars[i] != '\n' {
+                    i += 1;
+                }
+            }
+            '/' if chars.get(i + 1) == Some(&'*') => {
+                i += 2;
+                while i < chars.len() && !(chars[i] == '*' && chars.get(i + 1) == Some(&'/')) {
+                    i += 1;
+                }
+                i += 2;
+            }
+            // A character literal ('"', '\'', '\n'); a lifetime has no closing quote.
+            '\'' if chars.get(i + 1) == Some(&'\\') => {
+                i += 3;
+                while i < chars.len() && chars[i] != '\'' {
+                    i += 1;
+                }
+                i += 1;
+            }
+            '\'' if chars.get(i + 2) == Some(&'\'') => i += 3,
+            'r' if (chars.get(i + 1) == Some(&'"') || chars.get(i + 1) == Some(&'#'))
+                && !(i > 0 && (chars[i - 1].is_alphanumeric() || chars[i - 1] == '_')) =>
+            {
+                let mut j = i + 1;
+                while chars.get(j) == Some(&'#') {
+                    j += 1;
+                }
+                if chars.get(j) != Some(&'"') {
+                    i += 1;
+                    continue;
+                }
+                let hashes = j - i - 1;
+                let start = j + 1;
+                let mut end = start;
+                while end < chars.len()
+                    && !(chars[end] == '"'
+                        && (1..=hashes).all(|k| chars.get(end + k) == Some(&'#')))
+                {
+                    end += 1;
+                }
+                found.push(chars[start..end.min(chars.len())].iter().collect());
+                i = end + 1 + hashes;
+            }
+            '"' => {
+                let mut text = String::new();
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    if chars[i] == '\\' {
+                        i += 1;
+                    }
+                    if let Some(c) = chars.get(i) {
+                        text.push(*c);
+                    }
+                    i += 1;
+                }
+                found.push(text);
+                i += 1;
+            }
+            _ => i += 1,
+        }
+    }
+    found
+}
+
+/// Whether a string literal's text is a SQL statement: it begins (case and
+/// white space aside) with a statement keyword and, where the word alone is
+/// common in prose, its partner: `select .. from`, `insert into`,
+/// `update .. set`, `delete from`, `with .. as (`, `create`/`drop`/`alter`
+/// followed by an object kind (`table`, `schema`, ...), `truncate`,
+/// `vacuum`/`analyze` of one table, `show` of one setting (`server_version`).
+fn is_sql(literal: &str) -> bool {
+    let text = literal
+        .to_lowercase()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        + " ";
+    let after = |opening: &str| text.strip_prefix(opening);
+    let pair = |opening: &str, partner: &str| after(opening).is_some_and(|r| r.contains(partner));
+    let object = |opening: &str| {
+        after(opening).is_some_and(|r| SQL_OBJECTS.iter().any(|o| r.starts_with(o)))
+    };
+    let one_word = |rest: &str| rest.trim().split(' ').count() == 1;
+    pair("select ", " from ")
+        || pair("update ", " set ")
+        || pair("with ", " as (")
+        || after("insert into ").is_some()
+        || after("delete from ").is_some()
+        || after("truncate ").is_some()
+        || object("create ")
+        || object("drop ")
+        || object("alter ")
+        || after("vacuum analyze ")
+            .or_else(|| after("vacuum "))
+            .or_else(|| after("analyze "))
+            .is_some_and(one_word)
+        || after("show ").is_some_and(|r| one_word(r) && r.contains('_'))
+}
+
+/// What in `source` (a non-test source file shown as `file`) is SQL: sqlx
+/// query calls, and string literals that begin a SQL statement.
+fn sql_in(file: &str, source: &str) -> Vec<String> {
+    let code = non_test_code(source);
+    let mut found: Vec<String> = SQL_CALLS
+        .iter()
+        .filter(|call| code.contains(*call))
+        .map(|call| format!("{file}: `{call}` runs SQL"))
+        .collect();
+    // Literals are read from the source itself: `non_test_code` cuts lines at
+    // `//`, which also appears inside strings (URLs).
+    let before_tests: Vec<&str> = source
+        .lines()
+        .take_while(|line| line.trim() != "#[cfg(test)]")
+        .collect();
+    for literal in string_literals(&before_tests.join("\n")) {
+        if is_sql(&literal) {
+            let first: String = literal.trim().chars().take(50).collect();
+            found.push(format!("{file}: SQL in a string literal: {first:?}"));
+        }
+    }
+    found
+}
+
+#[test]
+fn sql_lives_only_in_the_database_crates() {
+    let root = repo_root();
+    let mut dirs = vec![root.join("xtask/src")];
+    for entry in std::fs::read_dir(root.join("crates")).expect("read crates/") {
+        let dir = entry.expect("a directory entry").path();
+        let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if SQL_CRATES.contains(&name) {
+            continue;
+        }
+        // Library and binary sources, and examples; a crate's `tests/` are tests.
+        for sub in ["src", "examples"] {
+            if dir.join(sub).is_dir() {
+                dirs.push(dir.join(sub));
+            }
+        }
+    }
+    let mut files = Vec::new();
+    for dir in &dirs {
+        rust_files(dir, &mut files);
+    }
+    assert!(files.len() > 50, "the sources were not found: {dirs:?}");
+    let mut found = Vec::new();
+    for path in files {
+        let shown = path
+            .strip_prefix(&root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        // Test-only modules (declared under `#[cfg(test)]`).
+        if matches!(name, "tests.rs" | "proptests.rs" | "test_support.rs")
+            || SQL_EXEMPT.iter().any(|(file, _)| *file == shown)
+        {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).expect("read a source file");
+        found.extend(sql_in(&shown, &source));
+    }
+    assert!(
+        found.is_empty(),
+        "SQL belongs in crates/storage-pg or crates/queue-pg (behind a documented function), \
+         not here:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn the_sql_check_sees_queries_and_sql_literals_and_skips_prose_comments_and_tests() {
+    let with_sql = r##"
+fn counts(pool: &PgPool) {
+    let n: i64 = sqlx::query_scalar("select count(*) from jobs").fetch_one(pool);
+    let drop = format!(r#"drop schema if exists {} cascade"#, prefix);
+    let url = "postgres://localhost/app"; let quote = '"';
+    let update = "
+        update {p}.jobs
+        set state = 'available'";
+    let version = query("SHOW server_version");
+}
+"##;
+    assert_eq!(
+        sql_in("f.rs", with_sql),
+        vec![
+            "f.rs: `sqlx::query` runs SQL".to_owned(),
+            "f.rs: `query_scalar(` runs SQL".to_owned(),
+            "f.rs: SQL in a string literal: \"select count(*) from jobs\"".to_owned(),
+            "f.rs: SQL in a string literal: \"drop schema if exists {} cascade\"".to_owned(),
+            "f.rs: SQL in a string literal: \"update {p}.jobs\\n        set state = 'available'\""
+                .to_owned(),
+            "f.rs: SQL in a string literal: \"SHOW server_version\"".to_owned(),
+        ]
+    );
+    let without_sql = r#"
+// select count(*) from jobs, in a comment
+/// ```
+/// sqlx::query("delete from jobs")
+/// ```
+fn messages(step: &str) {
+    let a = "a rolled-back update must leave nothing";
+    let b = format!("update of an instance {step}");
+    let c = "select a workflow";
+    let d = "create the test schema";
+    let e = 'x';
+    let f: &'static str = "drop the step";
+    let g = "show details";
+    let h = format!("{}.hephaestus_jobs", prefix.quoted());
+}
+#[cfg(test)]
+mod tests { fn t() { sqlx::query("select 1"); } }
+"#;
+    assert_eq!(sql_in("g.rs", without_sql), Vec::<String>::new());
+}

@@ -75,6 +75,6 @@ pub use error::{Error, PrefixRule};
 pub use prefix::SchemaPrefix;
 pub use registry::Registry;
 pub use render::{
-    Direction, Script, VERSIONS_TABLE, current_version_sql, down_versions, render_down, render_up,
-    up_versions, versions_table_exists_sql,
+    Direction, Migrated, Script, VERSIONS_TABLE, current_version_sql, down_versions, render_down,
+    render_up, up_versions, versions_table_exists_sql,
 };

@@ -136,75 +136,6 @@ impl PgBackend {
 
 type Tx = Transaction<'static, Postgres>;
 
-/// The reconciler's page: `$1` ids below (nullable), `$2` page size, `$3`
-/// to `$5` the advance, execute and timer job kinds, `$6` the `Done` step.
-///
-/// The one statement that reads both components' tables (storage's
-/// instances and step results, the queue's jobs), the same database in the
-/// PostgreSQL backend: it finds the instances that may need a repair by the
-/// rules of the reconciler's check (a pending instance without any live
-/// job; unprocessed results without a live advance; an active step without
-/// a live execution or an unprocessed result of its activation; a waiting
-/// step with a timer but no live timer job), without decoding any state.
-/// Malformed JSON is treated as "nothing to check" there: a row that cannot
-/// be decoded is reported by the check that reads it, never fails the page.
-const RECONCILE_PAGE: &str = r"with page as (
-    select i.id, i.status, i.workflow_id, i.workflow_version,
-           case when jsonb_typeof(i.state -> 'steps') = 'object'
-                then i.state -> 'steps' else '{}'::jsonb end as steps
-    from {prefix}.hephaestus_instances as i
-    where i.status in ('pending', 'running', 'waiting')
-      and ($1::uuid is null or i.id < $1::uuid)
-    order by i.id desc
-    limit $2
-),
-live as (
-    select j.group_key, j.kind, j.args
-    from {prefix}.hephaestus_jobs as j
-    where j.group_key in (select p.id::text from page as p)
-      and j.state in ('available', 'scheduled', 'retryable')
-    union all
-    select j.group_key, j.kind, j.args
-    from {prefix}.hephaestus_jobs as j
-    where j.heartbeat_at is not null and j.state = 'executing'
-      and j.group_key in (select p.id::text from page as p)
-),
-live_by_instance as (
-    select group_key,
-           bool_or(kind = $3) as has_advance,
-           array_agg(kind || ':' || coalesce(args #>> '{step}', '') || ':'
-                     || coalesce(args #>> '{activation}', '')) as keys
-    from live
-    group by group_key
-),
-inbox as (
-    select r.instance_id, array_agg(r.step_id || ':' || r.activation) as keys
-    from {prefix}.hephaestus_step_results as r
-    where r.instance_id in (select p.id from page as p) and r.processed_at is null
-    group by r.instance_id
-)
-select p.id, p.workflow_id, p.workflow_version,
-    case when p.status = 'pending' then l.group_key is null
-    else
-        (b.instance_id is not null and not coalesce(l.has_advance, false))
-        or exists (
-            select 1 from jsonb_each(p.steps) as s(step, st)
-            where jsonb_typeof(s.st) = 'object' and s.step <> $6
-              and ((s.st ->> 'status' = 'active'
-                    and not coalesce(l.keys, '{}')
-                        @> array[$4 || ':' || s.step || ':' || coalesce(s.st ->> 'activation', '')]
-                    and not coalesce(b.keys, '{}')
-                        @> array[s.step || ':' || coalesce(s.st ->> 'activation', '')])
-                or (s.st ->> 'status' = 'waiting'
-                    and jsonb_typeof(s.st -> 'timer') = 'object'
-                    and not coalesce(l.keys, '{}')
-                        @> array[$5 || ':' || s.step || ':' || coalesce(s.st ->> 'activation', '')])))
-    end
-from page as p
-left join live_by_instance as l on l.group_key = p.id::text
-left join inbox as b on b.instance_id = p.id
-order by p.id desc";
-
 /// What one [`PgBackend::prune_instances`] call deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InstanceRetention {
@@ -320,28 +251,25 @@ impl crate::backend::Backend for PgBackend {
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<crate::ReconcileRow>, PortError> {
-        let sql = RECONCILE_PAGE.replace("{prefix}", &self.store.prefix().quoted());
-        let rows: Vec<(Uuid, String, i32, bool)> = sqlx::query_as(&sql)
-            .bind(before)
-            .bind(i64::from(limit.max(1)))
-            .bind(jobs::ADVANCE)
-            .bind(jobs::EXECUTE)
-            .bind(jobs::TIMER)
-            .bind(hephaestus_engine_core::steps::DONE_ID)
-            .fetch_all(self.store.pool())
-            .await
-            .map_err(|e| PortError::from(hephaestus_queue_pg::Error::from(e)))?;
-        Ok(rows
+        let page = hephaestus_storage_pg::ReconcilePage {
+            before,
+            limit,
+            advance_kind: jobs::ADVANCE,
+            execute_kind: jobs::EXECUTE,
+            timer_kind: jobs::TIMER,
+            done_step: hephaestus_engine_core::steps::DONE_ID,
+        };
+        Ok(self
+            .store
+            .reconcile_page(&page)
+            .await?
             .into_iter()
-            .map(
-                |(id, workflow_id, version, candidate)| crate::ReconcileRow {
-                    id,
-                    workflow_id,
-                    // The column's check keeps it positive.
-                    workflow_version: u32::try_from(version).unwrap_or(0),
-                    candidate,
-                },
-            )
+            .map(|row| crate::ReconcileRow {
+                id: row.id,
+                workflow_id: row.workflow_id,
+                workflow_version: row.workflow_version,
+                candidate: row.candidate,
+            })
             .collect())
     }
 
