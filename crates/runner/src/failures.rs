@@ -328,6 +328,11 @@ impl<B: Backend> Runtime<B> {
     /// work: retried per their policy, or, out of attempts, failed like a
     /// last failed attempt (an execute job then fails its instance). Fenced
     /// by the attempt, so any number of workers may rescue at once.
+    ///
+    /// This is the rescue of the runner's own worker loop ([`Runtime::run`],
+    /// for backends without a worker runtime of their own, like the
+    /// in-memory one). PostgreSQL workers run queue-pg's worker runtime,
+    /// whose leader-elected rescuer is the one rescue path there.
     pub async fn rescue_stale(&self) -> Result<usize, RunnerError> {
         let stale_after = chrono::Duration::from_std(self.inner.config.stale_after)
             .unwrap_or(chrono::Duration::MAX);
