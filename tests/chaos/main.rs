@@ -74,8 +74,9 @@ const STARTS_PER_SECOND: usize = 50;
 const WORKERS: usize = 3;
 /// How long every instance may take to finish once the load stopped.
 const SETTLE_LIMIT: Duration = Duration::from_secs(180);
-/// Faults go on this long after the last start.
-const CHAOS_AFTER_LOAD: Duration = Duration::from_secs(3);
+/// Faults go on after the last start until workers were killed and
+/// restarted this many more times (a kill every 200 to 600 ms: about 2 s).
+const KILLS_AFTER_LOAD: usize = 5;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twice() {
@@ -133,6 +134,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
 
     let stop_chaos = Arc::new(AtomicBool::new(false));
     let started = Arc::new(AtomicUsize::new(0));
+    let (kills, mut killed) = tokio::sync::watch::channel(0_usize);
     let chaos = std::thread::spawn({
         let chaos = Chaos {
             bin: bin.clone(),
@@ -140,6 +142,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
             rng: Rng(chaos_seed),
             stop: Arc::clone(&stop_chaos),
             started: Arc::clone(&started),
+            kills,
             restart_at: total / 2,
             restart,
         };
@@ -165,7 +168,18 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
     }
     let load = load_began.elapsed();
     eprintln!("chaos: {total} instances started in {load:?}");
-    tokio::time::sleep(CHAOS_AFTER_LOAD).await;
+    // The last instances run under faults too: the chaos thread reports
+    // each kill and restart; stop it a few kills after the load.
+    let kills_at_load = *killed.borrow_and_update();
+    let enough = kills_at_load + KILLS_AFTER_LOAD;
+    match tokio::time::timeout(SETTLE_LIMIT, killed.wait_for(|kills| *kills >= enough)).await {
+        // Enough kills; or the chaos thread ended early (it panicked), which
+        // joining it below reports.
+        Ok(_) => {}
+        Err(tokio::time::error::Elapsed { .. }) => panic!(
+            "the chaos thread did not kill {KILLS_AFTER_LOAD} workers within {SETTLE_LIMIT:?} of the load's end"
+        ),
+    }
     stop_chaos.store(true, Ordering::SeqCst);
     let (workers, report) = tokio::task::spawn_blocking(move || chaos.join())
         .await
@@ -177,30 +191,27 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
         report.restart.as_deref().unwrap_or("not done")
     );
 
-    // Every instance finishes, in bounded time.
+    // Every instance finishes, in bounded time. The workers are other
+    // processes: the database is all that tells.
     let settle_began = Instant::now();
-    let mut last_report = Instant::now();
-    loop {
+    let last_report = std::cell::Cell::new(Instant::now());
+    let settled = support::wait::holds_within(SETTLE_LIMIT, || async {
         let counts = env.status_counts().await;
-        let active: i64 = ["pending", "running", "waiting"]
-            .iter()
-            .filter_map(|s| counts.get(*s))
-            .sum();
-        if active == 0 {
-            break;
-        }
-        if last_report.elapsed() > Duration::from_secs(5) {
+        if last_report.get().elapsed() > Duration::from_secs(5) {
             eprintln!("chaos: settling, {counts:?}");
-            last_report = Instant::now();
+            last_report.set(Instant::now());
         }
-        if settle_began.elapsed() > SETTLE_LIMIT {
-            let stuck = env.describe_active(20).await;
-            panic!(
-                "{active} instances still active {SETTLE_LIMIT:?} after the load (seed {seed}): {counts:?}\n{}",
-                stuck.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        active(&counts) == 0
+    })
+    .await;
+    if !settled {
+        let counts = env.status_counts().await;
+        let stuck = env.describe_active(20).await;
+        panic!(
+            "{} instances still active {SETTLE_LIMIT:?} after the load (seed {seed}): {counts:?}\n{}",
+            active(&counts),
+            stuck.join("\n")
+        );
     }
     let settle = settle_began.elapsed();
     stop_resumer.store(true, Ordering::SeqCst);
@@ -243,6 +254,14 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
         began.elapsed()
     );
     env.teardown().await;
+}
+
+/// How many instances `counts` (instances by status) has not ended.
+fn active(counts: &BTreeMap<String, i64>) -> i64 {
+    ["pending", "running", "waiting"]
+        .iter()
+        .filter_map(|s| counts.get(*s))
+        .sum()
 }
 
 /// What the test expects of one instance.
@@ -302,15 +321,14 @@ impl Plan {
     }
 }
 
-/// Starts `plan`'s instance, retrying through a server restart; a start
-/// whose commit was lost in the restart is found by its id.
+/// Starts `plan`'s instance, retrying through a server restart once the
+/// server answers again; a start whose commit was lost in the restart is
+/// found by its id.
 async fn start(rt: &Runtime<PgBackend>, plan: &Plan) {
     let deadline = Instant::now() + Duration::from_secs(60);
+    let pool = rt.backend().store().pool();
     loop {
-        let options = StartOptions {
-            id: Some(plan.id),
-            ..StartOptions::default()
-        };
+        let options = StartOptions::default().with_id(plan.id);
         let outcome = rt
             .start(
                 plan.workflow,
@@ -323,12 +341,17 @@ async fn start(rt: &Runtime<PgBackend>, plan: &Plan) {
         if let Ok(Some(_)) = rt.get(plan.id).await {
             return;
         }
+        let left = deadline.saturating_duration_since(Instant::now());
         assert!(
-            Instant::now() < deadline,
+            !left.is_zero(),
             "cannot start instance {}: {error}",
             plan.id
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let what = format!("the server to answer again (starting {}: {error})", plan.id);
+        support::wait::until_within(left, what, || async {
+            sqlx::query("select 1").execute(pool).await.is_ok()
+        })
+        .await;
     }
 }
 
@@ -374,6 +397,8 @@ async fn resume_waiting(rt: Runtime<PgBackend>, stop: Arc<AtomicBool>) -> Resume
             }
             Err(_) => resumes.transient += 1,
         }
+        // not a wait: the resumer stands in for an outside system, which
+        // looks for waiting instances at its own pace
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     resumes
@@ -448,20 +473,22 @@ impl WorkerProc {
     /// after 20 s.
     fn stop(mut self) -> Result<std::process::ExitStatus, String> {
         drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Ok(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Ok(None) => {
-                    self.kill();
-                    return Err("did not exit within 20 s of its stdin closing".to_owned());
-                }
-                Err(e) => return Err(e.to_string()),
+        // Not reaped before `wait` returns, so the pid stays this child's.
+        let pid = self.child.id().to_string();
+        let child = &mut self.child;
+        std::thread::scope(|scope| {
+            let (exited, on_exit) = mpsc::channel();
+            scope.spawn(move || {
+                let _ = exited.send(child.wait());
+            });
+            if let Ok(status) = on_exit.recv_timeout(Duration::from_secs(20)) {
+                return status.map_err(|e| e.to_string());
             }
-        }
+            // The waiting thread holds the child: SIGKILL it by its pid,
+            // which ends that wait.
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            Err("did not exit within 20 s of its stdin closing".to_owned())
+        })
     }
 }
 
@@ -481,6 +508,8 @@ struct Chaos {
     rng: Rng,
     stop: Arc<AtomicBool>,
     started: Arc<AtomicUsize>,
+    /// Workers killed and restarted so far, for the test to wait on.
+    kills: tokio::sync::watch::Sender<usize>,
     restart_at: usize,
     restart: Option<Cluster>,
 }
@@ -495,11 +524,13 @@ impl Chaos {
     fn run(mut self, mut workers: Vec<WorkerProc>) -> (Vec<WorkerProc>, ChaosReport) {
         let mut report = ChaosReport::default();
         while !self.stop.load(Ordering::SeqCst) {
+            // not a wait: the fault schedule, a kill every 200 to 600 ms
             std::thread::sleep(Duration::from_millis(200 + self.rng.below(400)));
             let victim = self.rng.pick(workers.len());
             workers[victim].kill();
             report.kills += 1;
             workers[victim] = self.respawn();
+            self.kills.send_replace(report.kills);
             if self.started.load(Ordering::SeqCst) >= self.restart_at
                 && let Some(cluster) = self.restart.take()
             {
@@ -524,6 +555,8 @@ impl Chaos {
                 Ok(worker) => return worker,
                 Err(e) => last = e,
             }
+            // not a wait: the pace of retrying a worker that could not start
+            // (the server restarting); each try waits for its ready line
             std::thread::sleep(Duration::from_millis(500));
         }
         panic!("a worker could not be restarted: {last}");
@@ -779,6 +812,7 @@ impl Env {
             attempts += 1;
             eprintln!("chaos: dropping the schema failed ({e}), retrying");
             assert!(attempts < 10, "cannot drop the test schema: {e}");
+            // not a wait: the pace of retrying the drop (bounded to 10 tries)
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         self.pool.close().await;

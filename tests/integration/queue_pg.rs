@@ -66,28 +66,13 @@ impl QueueDb {
     }
 }
 
-/// Waits for the first event matching `matches`, skipping others; a bounded
-/// safety net, never a way to wait for work.
+/// Waits for the first job event matching `matches`, skipping others.
 pub async fn wait_for_event(
     events: &mut tokio::sync::broadcast::Receiver<hephaestus_queue_pg::JobEvent>,
     what: &str,
-    mut matches: impl FnMut(&hephaestus_queue_pg::JobEvent) -> bool,
+    matches: impl FnMut(&hephaestus_queue_pg::JobEvent) -> bool,
 ) -> hephaestus_queue_pg::JobEvent {
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    loop {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Ok(event)) if matches(&event) => return event,
-            Ok(Ok(_)) => {}
-            Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(n))) => {
-                panic!("waiting for {what}: the subscriber lagged by {n} events")
-            }
-            Ok(Err(e)) => panic!("waiting for {what}: {e}"),
-            Err(tokio::time::error::Elapsed { .. }) => {
-                panic!("waiting for {what}: no such event within {SAFETY_NET:?}")
-            }
-        }
-    }
+    crate::support::wait::for_event(events, what, matches).await
 }
 
-/// The longest any test waits for something that should happen at once.
-pub const SAFETY_NET: Duration = Duration::from_secs(20);
+pub use crate::support::wait::SAFETY_NET;

@@ -111,17 +111,14 @@ impl Env {
     }
 }
 
-/// Polls `check` until it holds; fails after [`SAFETY_NET`].
-async fn eventually<F, Fut>(what: &str, mut check: F)
+/// Waits until `check` holds (the worker is another process: the database
+/// and its output are all it tells); fails after [`SAFETY_NET`].
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + SAFETY_NET;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::wait::until_within(SAFETY_NET, what, check).await;
 }
 
 /// A `hephaestus worker` process: its stdout lines are read up to "ready";

@@ -11,10 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use hephaestus_migrations_gen::files::{check_dir, render_files, write_dir};
-use hephaestus_migrations_gen::{
-    Component, Registry, SchemaPrefix, current_version_sql, render_down, render_up,
-    versions_table_exists_sql,
-};
+use hephaestus_migrations_gen::{Component, Direction, Registry, SchemaPrefix};
 use serde_json::json;
 use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
@@ -245,45 +242,38 @@ impl AtStake {
     /// versions above 0 exist (the lease table from queue version 3).
     async fn read(
         tx: &mut Transaction<'_, Postgres>,
+        pool: &PgPool,
         prefix: &SchemaPrefix,
         storage: u32,
         queue: u32,
     ) -> Result<Self> {
-        let p = prefix.quoted();
         let mut stake = Self::default();
+        let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         if storage > 0 {
-            (stake.instances, stake.active_instances) = sqlx::query_as(&format!(
-                "select count(*), count(*) filter (where status in ('pending', 'running', 'waiting'))
-                 from {p}.hephaestus_instances"
-            ))
-            .fetch_one(&mut **tx)
-            .await
-            .context("counting instances")?;
-            stake.step_results =
-                sqlx::query_scalar(&format!("select count(*) from {p}.hephaestus_step_results"))
-                    .fetch_one(&mut **tx)
-                    .await
-                    .context("counting step results")?;
+            let census = hephaestus_storage_pg::PgStore::new(pool.clone(), prefix.clone())
+                .census_using(&mut **tx)
+                .await
+                .context("counting instances and step results")?;
+            stake.instances = count(census.instances);
+            stake.active_instances = count(census.active_instances);
+            stake.step_results = count(census.step_results);
         }
+        let jobs = hephaestus_queue_pg::PgQueue::new(pool.clone(), prefix.clone());
         if queue > 0 {
-            (stake.jobs, stake.unfinished_jobs, stake.executing_jobs) = sqlx::query_as(&format!(
-                "select count(*),
-                        count(*) filter (where state in ('available', 'scheduled', 'executing', 'retryable')),
-                        count(*) filter (where state = 'executing')
-                 from {p}.hephaestus_jobs"
-            ))
-            .fetch_one(&mut **tx)
-            .await
-            .context("counting jobs")?;
+            let census = jobs
+                .census_using(&mut **tx)
+                .await
+                .context("counting jobs")?;
+            stake.jobs = count(census.jobs);
+            stake.unfinished_jobs = count(census.unfinished_jobs);
+            stake.executing_jobs = count(census.executing_jobs);
         }
         if queue >= 3 {
-            stake.leader = sqlx::query_scalar(&format!(
-                "select holder from {p}.hephaestus_leases
-                 where name = 'maintenance' and expires_at >= clock_timestamp()"
-            ))
-            .fetch_optional(&mut **tx)
-            .await
-            .context("reading the maintenance lease")?;
+            stake.leader = jobs
+                .maintenance_leader()
+                .await
+                .context("reading the maintenance lease")?
+                .map(|(holder, _)| holder);
         }
         Ok(stake)
     }
@@ -323,17 +313,35 @@ pub(crate) async fn current(
     prefix: &SchemaPrefix,
     component: &Component,
 ) -> Result<u32> {
-    let exists: bool = sqlx::query_scalar(&versions_table_exists_sql(prefix))
-        .fetch_one(&mut **tx)
-        .await?;
-    if !exists {
-        return Ok(0);
-    }
-    let version: i32 = sqlx::query_scalar(&current_version_sql(prefix))
-        .bind(component.name())
-        .fetch_one(&mut **tx)
-        .await?;
-    u32::try_from(version).with_context(|| format!("negative recorded version {version}"))
+    Ok(match component.name() {
+        hephaestus_storage_pg::COMPONENT => {
+            hephaestus_storage_pg::schema_version(tx, prefix).await?
+        }
+        hephaestus_queue_pg::schema::COMPONENT => {
+            hephaestus_queue_pg::schema_version(tx, prefix).await?
+        }
+        other => bail!("unknown component {other:?}"),
+    })
+}
+
+/// Moves a component `direction` to `target` through the crate that owns
+/// it (one transaction).
+async fn migrate_component(
+    pool: &PgPool,
+    prefix: &SchemaPrefix,
+    component: &Component,
+    direction: Direction,
+    target: u32,
+) -> Result<hephaestus_migrations_gen::Migrated> {
+    Ok(match component.name() {
+        hephaestus_storage_pg::COMPONENT => {
+            hephaestus_storage_pg::migrate_to(pool, prefix, direction, target).await?
+        }
+        hephaestus_queue_pg::schema::COMPONENT => {
+            hephaestus_queue_pg::migrate_to(pool, prefix, direction, target).await?
+        }
+        other => bail!("unknown component {other:?}"),
+    })
 }
 
 impl MigrateCommand {
@@ -393,7 +401,8 @@ impl MigrateCommand {
                     }
                 }
                 if moves && !force {
-                    let stake = AtStake::read(&mut tx, &prefix, versions.0, versions.1).await?;
+                    let stake =
+                        AtStake::read(&mut tx, &pool, &prefix, versions.0, versions.1).await?;
                     if let Some(objection) = stake.objection() {
                         bail!(
                             "refusing to migrate schema {} down: {objection}. A down migration drops tables or columns and what they hold. Stop the workers and let the instances finish (or cancel them) first, or pass --force to lose it",
@@ -425,8 +434,11 @@ impl MigrateCommand {
         target: u32,
         up: bool,
     ) -> Result<(String, u32, u32)> {
+        // Checked here for this command's advice; `migrate_component`
+        // checks again in its own transaction.
         let mut tx = pool.begin().await?;
         let from = current(&mut tx, prefix, component).await?;
+        tx.rollback().await?;
         if from > component.latest() {
             bail!(ahead_message(
                 prefix.as_str(),
@@ -435,14 +447,14 @@ impl MigrateCommand {
                 component.latest()
             ));
         }
-        let script = if up {
+        let direction = if up {
             if target < from {
                 bail!(
                     "{} is at version {from}, above {target}: use `hephaestus migrate down --to {target}`",
                     component.name()
                 );
             }
-            render_up(component, prefix, from, target)?
+            Direction::Up
         } else {
             if target > from {
                 bail!(
@@ -450,18 +462,12 @@ impl MigrateCommand {
                     component.name()
                 );
             }
-            render_down(component, prefix, from, target)?
+            Direction::Down
         };
-        if !script.is_empty() {
-            sqlx::raw_sql(&script.to_sql())
-                .execute(&mut *tx)
-                .await
-                .with_context(|| {
-                    format!("migrating {} from {from} to {target}", component.name())
-                })?;
-        }
-        tx.commit().await?;
-        Ok((component.name().to_owned(), from, target))
+        let migrated = migrate_component(pool, prefix, component, direction, target)
+            .await
+            .with_context(|| format!("migrating {} from {from} to {target}", component.name()))?;
+        Ok((component.name().to_owned(), migrated.from, migrated.to))
     }
 
     fn print_moves(&self, moves: &[(String, u32, u32)]) {

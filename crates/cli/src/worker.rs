@@ -144,8 +144,7 @@ impl WorkerCommand {
             .await
             .context("migrating the queue tables")?;
         let runtime = app.runtime(&pool, &prefix, self.config(), true).await?;
-        let queue = runtime
-            .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+        let queue = hephaestus_failure_handler::queue_runtime(&runtime)
             .election(self.elect_interval(), self.leader_ttl())
             .poll_only(self.poll_only)
             .depth_interval(Some(Duration::from_millis(self.observe.depth_ms.max(1))))
@@ -216,14 +215,12 @@ impl WorkerCommand {
 
 impl WorkerCommand {
     fn config(&self) -> RunnerConfig {
-        RunnerConfig {
-            concurrency: self.concurrency.max(1),
-            poll_interval: Duration::from_millis(self.poll_ms),
-            heartbeat_interval: Duration::from_millis(self.heartbeat_ms),
-            stale_after: Duration::from_millis(self.stale_after_ms),
-            rescue_interval: Duration::from_millis(self.rescue_interval_ms),
-            ..RunnerConfig::default()
-        }
+        RunnerConfig::default()
+            .with_concurrency(self.concurrency.max(1))
+            .with_poll_interval(Duration::from_millis(self.poll_ms))
+            .with_heartbeat_interval(Duration::from_millis(self.heartbeat_ms))
+            .with_stale_after(Duration::from_millis(self.stale_after_ms))
+            .with_rescue_interval(Duration::from_millis(self.rescue_interval_ms))
     }
 
     /// The worker on a SQLite file (see the module docs).

@@ -43,7 +43,9 @@ use hephaestus_engine_core::{Scope, StepId};
 use serde_json::{Map, json};
 use uuid::Uuid;
 
-use hephaestus_runner::Backend;
+use hephaestus_runner::{
+    Backend, ExecutionRequest, InboxRows, RoundWrites, Settlement, SettlementDone,
+};
 
 /// The cases, listed once: hands `[case, ...]` to the macro `$then`.
 #[doc(hidden)]
@@ -116,6 +118,14 @@ fn ensure(condition: bool, message: impl FnOnce() -> String) -> Result<(), Strin
 fn sid(s: &str) -> StepId {
     // Every step id here is a valid literal.
     StepId::new(s).unwrap_or_else(|e| panic!("test step id {s:?}: {e}"))
+}
+
+fn request(instance_id: Uuid, step: &str, activation: u32) -> ExecutionRequest {
+    ExecutionRequest {
+        instance_id,
+        step: sid(step),
+        activation,
+    }
 }
 
 /// Whole microseconds (what `timestamptz` keeps).
@@ -197,10 +207,10 @@ pub async fn load_for_execution_reads_each_instance_and_whether_a_result_is_reco
     let missing = Uuid::now_v7();
     let answers = b
         .load_for_execution_many(&[
-            (fresh.id, sid("A"), 1),
-            (done.id, sid("A"), 1),
-            (missing, sid("A"), 1),
-            (fresh.id, sid("A"), 2),
+            request(fresh.id, "A", 1),
+            request(done.id, "A", 1),
+            request(missing, "A", 1),
+            request(fresh.id, "A", 2),
         ])
         .await
         .check("load_for_execution_many")?;
@@ -209,7 +219,7 @@ pub async fn load_for_execution_reads_each_instance_and_whether_a_result_is_reco
     })?;
     let flags: Vec<Option<(Uuid, bool)>> = answers
         .iter()
-        .map(|a| a.as_ref().map(|(i, recorded)| (i.id, *recorded)))
+        .map(|a| a.as_ref().map(|c| (c.instance.id, c.recorded)))
         .collect();
     ensure(
         flags
@@ -221,7 +231,7 @@ pub async fn load_for_execution_reads_each_instance_and_whether_a_result_is_reco
             ],
         || format!("instances and recorded flags in request order: {flags:?}"),
     )?;
-    let loaded = answers[0].as_ref().map(|(i, _)| (**i).clone());
+    let loaded = answers[0].as_ref().map(|c| (*c.instance).clone());
     ensure(loaded.as_ref() == Some(&fresh), || {
         format!("the instance as stored: {loaded:?}")
     })
@@ -242,7 +252,7 @@ pub async fn try_lock_many_locks_existing_instances_and_reports_their_inbox<B: B
         .try_lock_many(&mut tx, &[busy.id, Uuid::now_v7(), quiet.id, busy.id])
         .await
         .check("try_lock_many")?;
-    let mut ids: Vec<Uuid> = locked.iter().map(|(i, _)| i.id).collect();
+    let mut ids: Vec<Uuid> = locked.iter().map(|l| l.instance.id).collect();
     ids.sort_unstable();
     let mut expected = vec![quiet.id, busy.id];
     expected.sort_unstable();
@@ -251,8 +261,8 @@ pub async fn try_lock_many_locks_existing_instances_and_reports_their_inbox<B: B
     })?;
     let busy_flag = locked
         .iter()
-        .find(|(i, _)| i.id == busy.id)
-        .map(|(_, f)| *f);
+        .find(|l| l.instance.id == busy.id)
+        .map(|l| l.inbox);
     ensure(busy_flag == Some(true), || {
         "an instance with an unprocessed result must say its inbox may hold results".to_owned()
     })?;
@@ -351,9 +361,9 @@ pub async fn write_rounds_records_marks_refuses_and_writes_at_commit<B: Backend>
             refusal: None,
         },
     ];
-    let consumed = [(
-        inst.id,
-        vec![
+    let consumed = [InboxRows {
+        instance_id: inst.id,
+        rows: vec![
             Consumed {
                 seq: applied_row,
                 refusal: None,
@@ -363,10 +373,17 @@ pub async fn write_rounds_records_marks_refuses_and_writes_at_commit<B: Backend>
                 refusal: Some("undeclared event".to_owned()),
             },
         ],
-    )];
-    b.write_rounds(&mut tx, &results, &consumed, &[&written])
-        .await
-        .check("write_rounds")?;
+    }];
+    b.write_rounds(
+        &mut tx,
+        RoundWrites {
+            results: &results,
+            consumed: &consumed,
+            instances: &[&written],
+        },
+    )
+    .await
+    .check("write_rounds")?;
     let before = b.get(inst.id).await.check("get before commit")?;
     ensure(before.as_ref() == Some(&inst), || {
         "nothing is visible before the commit".to_owned()
@@ -436,7 +453,16 @@ pub async fn write_rounds_refuses_an_instance_it_does_not_hold<B: Backend>(
     let mut changed = inst.clone();
     changed.revision += 1;
     let mut tx = b.begin().await.check("begin")?;
-    let outcome = b.write_rounds(&mut tx, &[], &[], &[&changed]).await;
+    let outcome = b
+        .write_rounds(
+            &mut tx,
+            RoundWrites {
+                results: &[],
+                consumed: &[],
+                instances: &[&changed],
+            },
+        )
+        .await;
     drop(tx);
     ensure(matches!(outcome, Err(PortError::Conflict(_))), || {
         format!("expected Conflict, got {outcome:?}")
@@ -483,8 +509,18 @@ pub async fn enqueue_and_complete_enqueues_and_fences_each_lease<B: Backend>(
         NewJob::new("next", queue, json!({"n": 4})),
     ];
     let mut tx = b.begin().await.check("begin")?;
-    let (enqueued, completed) = b
-        .enqueue_and_complete(&mut tx, &next, &[true, false], &[held, gone])
+    let SettlementDone {
+        enqueued,
+        held: completed,
+    } = b
+        .enqueue_and_complete(
+            &mut tx,
+            Settlement {
+                jobs: &next,
+                claim: &[true, false],
+                leases: &[held, gone],
+            },
+        )
         .await
         .check("enqueue_and_complete")?;
     b.commit(tx).await.check("commit")?;

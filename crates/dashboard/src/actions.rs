@@ -133,10 +133,7 @@ pub(crate) async fn start(
             &workflow,
             &value,
             input,
-            StartOptions {
-                version,
-                ..StartOptions::default()
-            },
+            StartOptions::default().with_version(version),
         )
         .await
         .map_err(|e| PageError::runner(&format!("cannot start {workflow} for {value:?}"), &e))?;

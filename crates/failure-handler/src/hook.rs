@@ -2,7 +2,7 @@
 //! its own (a job whose worker kept dying until its attempts ran out), the
 //! failure handler writes the consequences in the discarding transaction.
 
-use hephaestus_queue_pg::{BoxError, DiscardHook, DiscardedJob, Workers};
+use hephaestus_queue_pg::{BoxError, DiscardHook, DiscardedJob, RuntimeBuilder, Workers};
 use hephaestus_runner::Runtime;
 use hephaestus_runner::postgres::PgBackend;
 use sqlx::{Postgres, Transaction};
@@ -38,9 +38,17 @@ impl DiscardHook for FailureHook {
 
 /// The runner's workers for `runtime` with the failure handler's discard
 /// hook: what a PostgreSQL worker process runs, through
-/// [`Runtime::queue_runtime`].
+/// [`Runtime::queue_runtime`] (or use [`queue_runtime`], which does both).
 pub fn workers(runtime: &Runtime<PgBackend>) -> Workers {
-    runtime
-        .queue_workers()
-        .discard_hook(FailureHook::new(runtime.clone()))
+    runtime.queue_workers(FailureHook::new(runtime.clone()))
+}
+
+/// The worker runtime of a PostgreSQL worker process: every runner job
+/// kind, with the failure handler's discard hook, on the runtime's queues,
+/// concurrency, heartbeats and rescue. Adjust it, then `.start().await`.
+///
+/// This is the one way to start PostgreSQL workers: the runner's workers
+/// cannot be had without a discard hook.
+pub fn queue_runtime(runtime: &Runtime<PgBackend>) -> RuntimeBuilder {
+    runtime.queue_runtime(workers(runtime))
 }

@@ -9,8 +9,9 @@
 //!   queue itself discards a runner job — its worker kept dying until the
 //!   attempts ran out, so the rescuer gave up — the hook records the step's
 //!   failure (or fails the instance, for advance, timer and resume jobs) in
-//!   the discarding transaction. [`workers`] gives a worker process the
-//!   runner's jobs with the hook attached.
+//!   the discarding transaction. [`queue_runtime`] builds a worker
+//!   process's runtime with the hook attached (the runner's workers cannot
+//!   be had without a hook).
 //! - [`Reconciler`]: a periodic safety net (leader-only with
 //!   [`Reconciler::leader_only`]) that finds
 //!   active instances with no live job — pending or running instances whose
@@ -36,7 +37,7 @@ mod hook;
 mod reconciler;
 
 #[cfg(feature = "postgres")]
-pub use hook::{FailureHook, workers};
+pub use hook::{FailureHook, queue_runtime, workers};
 pub use reconciler::{LeaderCheck, Reconciler, Repair, RepairReport};
 
 /// The getting-started guide (`docs/getting-started.md`), compiled as doc

@@ -79,7 +79,7 @@ pub use error::{Error, PrefixRule};
 pub use prefix::SchemaPrefix;
 pub use registry::Registry;
 pub use render::{
-    Direction, Script, VERSIONS_TABLE, current_version_sql, down_versions, render_down, render_up,
-    sqlite_current_version_sql, sqlite_versions_table_exists_sql, up_versions,
+    Direction, Migrated, Script, VERSIONS_TABLE, current_version_sql, down_versions, render_down,
+    render_up, sqlite_current_version_sql, sqlite_versions_table_exists_sql, up_versions,
     versions_table_exists_sql,
 };

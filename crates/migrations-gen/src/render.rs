@@ -27,6 +27,26 @@ impl Direction {
     }
 }
 
+/// What a migration run did: the component's recorded version before and
+/// after. Returned by the runtime migrators of the crates that own
+/// components (`hephaestus_storage_pg::migrate_to`,
+/// `hephaestus_queue_pg::migrate_to`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    /// The version recorded before (0: none).
+    pub from: u32,
+    /// The version recorded now. Equal to `from` when there was nothing to do, including
+    /// a database that a newer release already migrated further (it is left alone).
+    pub to: u32,
+}
+
+impl Migrated {
+    /// Whether any DDL ran.
+    pub fn changed(&self) -> bool {
+        self.from != self.to
+    }
+}
+
 /// A rendered migration: the statements that take a component from one version to another.
 ///
 /// An empty script (see [`Script::is_empty`]) is a valid no-op plan.

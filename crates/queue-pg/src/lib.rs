@@ -102,6 +102,7 @@
 //! [`JobQueue`]: hephaestus_engine_core::ports::JobQueue
 //! [`RetryPolicy`]: hephaestus_engine_core::retry::RetryPolicy
 
+mod database;
 mod drain;
 mod error;
 mod events;
@@ -114,6 +115,7 @@ mod runtime;
 pub mod schema;
 mod worker;
 
+pub use database::{ServerCounters, drop_schema, server_counters, server_version};
 pub use drain::{DrainOptions, DrainReport, drain, drain_with_events};
 pub use error::{BoxError, Error};
 pub use events::{EventCounts, Events, JobEvent, JobEventKind};
@@ -121,10 +123,11 @@ pub use hephaestus_engine_core::clock::{Clock, ManualClock, SystemClock};
 pub use hook::{DiscardHook, DiscardedJob};
 pub use job::Job;
 pub use queue::{
-    CancelFilter, FinishedCount, JobFilter, PgQueue, QueueDepth, RecentError, Settled, StaleJob,
+    CancelFilter, FinishedCount, JobFilter, PgQueue, QueueCensus, QueueDepth, RecentError, Settled,
+    StaleJob,
 };
 pub use runtime::{
     QueueRuntime, RescueReport, RuntimeBuilder, RuntimeConfig, ShutdownReport, connections_held,
 };
-pub use schema::{migrate, schema};
+pub use schema::{migrate, migrate_to, schema, schema_version};
 pub use worker::{AdoptedJob, Adopter, DynWorker, JobContext, JobError, Worker, Workers};

@@ -1,5 +1,6 @@
 //! The `queue` migrations-gen component: the jobs table, its indexes and the
-//! immutable function behind unique jobs, plus [`migrate`] for runtime users.
+//! immutable function behind unique jobs, plus [`migrate`], [`migrate_to`] and
+//! [`schema_version`] for runtime users.
 //!
 //! `hephaestus_jobs` holds one row per job. States: `available` and
 //! `scheduled` (waiting to run; `scheduled` is due at `scheduled_at`),
@@ -18,10 +19,10 @@
 //! job. A job leaving the listed states frees its key.
 
 use hephaestus_migrations_gen::{
-    Component, Down, SchemaPrefix, SchemaVersion, current_version_sql, render_up,
-    versions_table_exists_sql,
+    Component, Direction, Down, Migrated, SchemaPrefix, SchemaVersion, current_version_sql,
+    render_down, render_up, versions_table_exists_sql,
 };
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use crate::error::Error;
 
@@ -189,6 +190,25 @@ pub fn schema() -> Component {
     Component::new(COMPONENT, &VERSIONS).expect("the queue component is valid")
 }
 
+/// The queue component's version recorded in schema `prefix`
+/// (`<prefix>.hephaestus_schema_versions`), 0 when it was never migrated (no
+/// versions table, or no row for it). Two statements on `conn`; pass a
+/// transaction (`&mut *tx`) to read it together with other components'.
+pub async fn schema_version(conn: &mut PgConnection, prefix: &SchemaPrefix) -> Result<u32, Error> {
+    let exists: bool = sqlx::query_scalar(&versions_table_exists_sql(prefix))
+        .fetch_one(&mut *conn)
+        .await?;
+    if !exists {
+        return Ok(0);
+    }
+    let current: i32 = sqlx::query_scalar(&current_version_sql(prefix))
+        .bind(COMPONENT)
+        .fetch_one(&mut *conn)
+        .await?;
+    u32::try_from(current)
+        .map_err(|_| Error::Corrupt(format!("negative recorded queue version {current}")))
+}
+
 /// Brings the queue's tables in `prefix` to the latest version, in one
 /// transaction (the script takes an advisory lock, so concurrent migrators
 /// of one schema serialize). A database ahead of this library is left alone.
@@ -196,19 +216,7 @@ pub fn schema() -> Component {
 pub async fn migrate(pool: &PgPool, prefix: &SchemaPrefix) -> Result<Vec<u32>, Error> {
     let component = schema();
     let mut tx = pool.begin().await?;
-    let exists: bool = sqlx::query_scalar(&versions_table_exists_sql(prefix))
-        .fetch_one(&mut *tx)
-        .await?;
-    let current: i32 = if exists {
-        sqlx::query_scalar(&current_version_sql(prefix))
-            .bind(COMPONENT)
-            .fetch_one(&mut *tx)
-            .await?
-    } else {
-        0
-    };
-    let current = u32::try_from(current)
-        .map_err(|_| Error::Corrupt(format!("negative recorded queue version {current}")))?;
+    let current = schema_version(&mut tx, prefix).await?;
     let script = render_up(&component, prefix, current, component.latest())?;
     if script.is_empty() {
         return Ok(Vec::new());
@@ -216,6 +224,47 @@ pub async fn migrate(pool: &PgPool, prefix: &SchemaPrefix) -> Result<Vec<u32>, E
     sqlx::raw_sql(&script.to_sql()).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(script.versions().to_vec())
+}
+
+/// Moves the queue's tables in `prefix` `direction` to version `target`, in
+/// one transaction that reads the recorded version and runs the rendered
+/// script (down to 0 drops the jobs, leases and everything they hold).
+/// Already at `target`: nothing runs.
+///
+/// # Errors
+///
+/// [`Error::Conflict`] when the recorded version is beyond this build's
+/// latest (a newer release migrated it; this build does not know its down
+/// scripts) or on the other side of `target` than `direction` goes;
+/// [`Error::Migration`] for a `target` this build does not know.
+pub async fn migrate_to(
+    pool: &PgPool,
+    prefix: &SchemaPrefix,
+    direction: Direction,
+    target: u32,
+) -> Result<Migrated, Error> {
+    let component = schema();
+    let mut tx = pool.begin().await?;
+    let from = schema_version(&mut tx, prefix).await?;
+    if from > component.latest() {
+        return Err(Error::Conflict(format!(
+            "{COMPONENT} is at version {from}, beyond this build's {}",
+            component.latest()
+        )));
+    }
+    let script = match direction {
+        Direction::Up if target < from => Err(format!("above {target}: migrate down instead")),
+        Direction::Down if target > from => Err(format!("below {target}: migrate up instead")),
+        Direction::Up => Ok(render_up(&component, prefix, from, target)?),
+        Direction::Down => Ok(render_down(&component, prefix, from, target)?),
+    }
+    .map_err(|side| Error::Conflict(format!("{COMPONENT} is at version {from}, {side}")))?;
+    if script.is_empty() {
+        return Ok(Migrated { from, to: from });
+    }
+    sqlx::raw_sql(&script.to_sql()).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(Migrated { from, to: target })
 }
 
 #[cfg(test)]

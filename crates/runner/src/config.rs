@@ -41,8 +41,11 @@ impl Default for QueueNames {
     }
 }
 
-/// How the runner behaves.
+/// How the runner behaves. Start from [`RunnerConfig::default`] and change
+/// what you need with the `with_*` methods (new settings may be added
+/// without breaking you).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct RunnerConfig {
     /// Queue names per job kind.
     pub queues: QueueNames,
@@ -98,5 +101,91 @@ impl Default for RunnerConfig {
             continuations: true,
             name: "hephaestus".to_owned(),
         }
+    }
+}
+
+impl RunnerConfig {
+    /// Sets the queue names per job kind (see [`RunnerConfig::queues`]).
+    #[must_use]
+    pub fn with_queues(mut self, value: QueueNames) -> Self {
+        self.queues = value;
+        self
+    }
+
+    /// Sets the attempts of advance, timer and resume jobs (see [`RunnerConfig::advance_max_attempts`]).
+    #[must_use]
+    pub fn with_advance_max_attempts(mut self, value: u32) -> Self {
+        self.advance_max_attempts = value;
+        self
+    }
+
+    /// Sets how many jobs a worker runs at once (see [`RunnerConfig::concurrency`]).
+    #[must_use]
+    pub fn with_concurrency(mut self, value: usize) -> Self {
+        self.concurrency = value;
+        self
+    }
+
+    /// Sets how often an idle worker polls (see [`RunnerConfig::poll_interval`]).
+    #[must_use]
+    pub fn with_poll_interval(mut self, value: Duration) -> Self {
+        self.poll_interval = value;
+        self
+    }
+
+    /// Sets how many times an advance loops (see [`RunnerConfig::advance_loop_limit`]).
+    #[must_use]
+    pub fn with_advance_loop_limit(mut self, value: u32) -> Self {
+        self.advance_loop_limit = value;
+        self
+    }
+
+    /// Sets how often a worker refreshes heartbeats (see [`RunnerConfig::heartbeat_interval`]).
+    #[must_use]
+    pub fn with_heartbeat_interval(mut self, value: Duration) -> Self {
+        self.heartbeat_interval = value;
+        self
+    }
+
+    /// Sets the heartbeat age after which a job is rescued (see [`RunnerConfig::stale_after`]).
+    #[must_use]
+    pub fn with_stale_after(mut self, value: Duration) -> Self {
+        self.stale_after = value;
+        self
+    }
+
+    /// Sets how often a worker looks for stale jobs (see [`RunnerConfig::rescue_interval`]).
+    #[must_use]
+    pub fn with_rescue_interval(mut self, value: Duration) -> Self {
+        self.rescue_interval = value;
+        self
+    }
+
+    /// Sets the most items settled in one unit of work (see [`RunnerConfig::max_batch`]).
+    #[must_use]
+    pub fn with_max_batch(mut self, value: usize) -> Self {
+        self.max_batch = value;
+        self
+    }
+
+    /// Sets the settling units of work in flight at once (see [`RunnerConfig::batch_flushers`]).
+    #[must_use]
+    pub fn with_batch_flushers(mut self, value: usize) -> Self {
+        self.batch_flushers = value;
+        self
+    }
+
+    /// Sets whether workers run the steps their results activate right away (see [`RunnerConfig::continuations`]).
+    #[must_use]
+    pub fn with_continuations(mut self, value: bool) -> Self {
+        self.continuations = value;
+        self
+    }
+
+    /// Sets this runtime's name (see [`RunnerConfig::name`]).
+    #[must_use]
+    pub fn with_name(mut self, value: impl Into<String>) -> Self {
+        self.name = value.into();
+        self
     }
 }

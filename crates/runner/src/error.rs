@@ -63,6 +63,19 @@ pub enum RunnerError {
     /// A resume for this step activation was already recorded.
     #[error("step {0} was already resumed")]
     AlreadyResumed(StepId),
+    /// A resume addressed an activation of the step that is no longer its
+    /// current one.
+    #[error(
+        "resume of step {step} addresses activation {requested}, but the current one is {current}"
+    )]
+    StaleResume {
+        /// The step.
+        step: StepId,
+        /// The activation addressed.
+        requested: u32,
+        /// The current activation.
+        current: u32,
+    },
     /// The instance already ended.
     #[error("instance is {0}")]
     Finished(InstanceStatus),
@@ -91,6 +104,10 @@ pub enum RunnerError {
     /// The backend failed.
     #[error(transparent)]
     Backend(PortError),
+    /// The engine refused an input for a reason the runner has no variant
+    /// of its own for; the engine's error is kept as it is.
+    #[error(transparent)]
+    Engine(EngineError),
 }
 
 impl From<PortError> for RunnerError {
@@ -121,7 +138,53 @@ impl From<EngineError> for RunnerError {
             EngineError::InstanceFinished(status) => Self::Finished(status),
             EngineError::InvalidInput(msg) => Self::InvalidInput(msg),
             EngineError::InvalidJson(invalid) => Self::InvalidJson(invalid),
-            other => Self::Corrupt(other.to_string()),
+            EngineError::StaleResume {
+                step,
+                requested,
+                current,
+            } => Self::StaleResume {
+                step,
+                requested,
+                current,
+            },
+            // Both say the stored instance does not match its definition.
+            EngineError::CorruptState(message) => Self::Corrupt(message),
+            e @ EngineError::WorkflowMismatch { .. } => Self::Corrupt(e.to_string()),
+            other => Self::Engine(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_keep_their_kind() {
+        let step = StepId::new("Hold").unwrap();
+        assert!(matches!(
+            RunnerError::from(EngineError::StaleResume {
+                step: step.clone(),
+                requested: 1,
+                current: 2,
+            }),
+            RunnerError::StaleResume {
+                requested: 1,
+                current: 2,
+                ..
+            }
+        ));
+        assert!(matches!(
+            RunnerError::from(EngineError::NotFailed(InstanceStatus::Running)),
+            RunnerError::Engine(EngineError::NotFailed(InstanceStatus::Running))
+        ));
+        assert!(matches!(
+            RunnerError::from(EngineError::CorruptState("ghost step".to_owned())),
+            RunnerError::Corrupt(message) if message == "ghost step"
+        ));
+        assert!(matches!(
+            RunnerError::from(EngineError::UnknownStep(step)),
+            RunnerError::UnknownStep(_)
+        ));
     }
 }

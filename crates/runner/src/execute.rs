@@ -1,10 +1,9 @@
 //! Step execution, timers and scheduled resumes: the jobs that never write the
 //! instance. Each records its result and enqueues an advance in one commit.
 
-use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
+use hephaestus_engine_core::instance::FailureReason;
 use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{JobLease, NewStepResult, ResultPayload};
-use hephaestus_engine_core::retry::RetryDecision;
 use hephaestus_engine_core::step::{
     CancellationSignal, StepError, StepInput, StepOutcome, panic_message,
 };
@@ -14,11 +13,11 @@ use std::sync::Arc;
 
 use hephaestus_engine_core::instance::Instance;
 
-use crate::batch::{ChainStart, Continuation, Settle, Settled};
+use crate::backend::Backend;
 use crate::error::RunnerError;
-use crate::jobs::{self, ExecuteArgs, ResumeArgs, TimerArgs};
-use crate::runtime::{Backend, Runtime};
-use crate::worker::JobOutcome;
+use crate::handle::Runtime;
+use crate::jobs::{ExecuteArgs, ResumeArgs, TimerArgs, decode};
+use crate::outcome::{ChainStart, Continuation, JobOutcome, Settle, Settled};
 use tracing::Instrument as _;
 
 fn payload_of(outcome: StepOutcome) -> Result<ResultPayload, StepError> {
@@ -193,7 +192,7 @@ impl<B: Backend> Runtime<B> {
                 None => Some(self.keep_alive(&lease)),
             };
             let own_stop = adopted.as_ref().map(|a| a.stop.clone());
-            let args = match crate::worker::decode::<ExecuteArgs>(&lease) {
+            let args = match decode::<ExecuteArgs>(&lease) {
                 Ok(args) => args,
                 Err(e) => {
                     self.job_error(&lease, &e).await;
@@ -273,37 +272,76 @@ impl<B: Backend> Runtime<B> {
             )));
         };
         let step_impl = def.step.clone();
-        let step_meta = crate::telemetry::instance_metadata(
-            &instance,
-            serde_json::Map::from_iter([
-                ("step".to_owned(), serde_json::json!(args.step)),
-                ("step_key".to_owned(), serde_json::json!(def.key)),
-                ("activation".to_owned(), serde_json::json!(args.activation)),
-                ("attempt".to_owned(), serde_json::json!(lease.attempt)),
-                (
-                    "active_steps_count".to_owned(),
-                    serde_json::json!(instance.open_steps().count()),
-                ),
-                // Other steps of the instance are open beside this one.
-                (
-                    "concurrent".to_owned(),
-                    serde_json::json!(instance.open_steps().count() > 1),
-                ),
-            ]),
-        );
         let telemetry = &self.inner.telemetry;
-        telemetry.emit(
+        // Built only when something takes the step's events (the metrics
+        // are recorded either way).
+        let step_meta = [
             crate::telemetry::names::STEP_START,
-            serde_json::json!({"system_time": self.now()}),
-            step_meta.clone(),
-        );
+            crate::telemetry::names::STEP_STOP,
+            crate::telemetry::names::STEP_EXCEPTION,
+            crate::telemetry::names::STEP_ASYNC,
+        ]
+        .into_iter()
+        .any(|name| telemetry.observed(name))
+        .then(|| step_metadata(&instance, &args, &def.key, lease.attempt));
+        if let Some(meta) = &step_meta {
+            telemetry.emit_lazy(
+                crate::telemetry::names::STEP_START,
+                || (serde_json::json!({"system_time": self.now()}), meta.clone()),
+                || {},
+            );
+        }
+        let workflow_id = instance.workflow_id.clone();
         // Durations read the runtime's clock, like every other time: a
         // virtual clock in tests makes them deterministic.
         let step_started = self.now();
+        let outcome = self
+            .call_step(step_impl, instance, &args, lease.attempt, stop, span)
+            .await;
+        let outcome = storable_outcome(&args.step, outcome);
+        let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
+        crate::observe::record_step(span, &outcome);
+        match step_meta {
+            Some(meta) => self.emit_step_outcome(meta, &outcome, duration),
+            None => record_step_metrics(&workflow_id, &args.step, &outcome, duration),
+        }
+        match payload_of(outcome) {
+            Ok(payload) => {
+                self.settle(Settle::Result {
+                    lease: lease.clone(),
+                    wf,
+                    result: NewStepResult {
+                        instance_id: args.instance_id,
+                        step: Some(args.step),
+                        activation: args.activation,
+                        payload,
+                    },
+                    chain: chain && self.inner.config.continuations,
+                    origin: span.clone(),
+                })
+                .await
+            }
+            Err(error) => self
+                .step_failed(lease, &wf, &args, error)
+                .await
+                .map(Settled::from),
+        }
+    }
+
+    /// Runs user code in a task of its own (a panic becomes a retryable
+    /// error), registered as running here so a cancel in this process stops
+    /// it, and linked to `stop` (a cancel from another process).
+    async fn call_step(
+        &self,
+        step_impl: Arc<dyn hephaestus_engine_core::step::Step>,
+        instance: Arc<Instance>,
+        args: &ExecuteArgs,
+        attempt: u32,
+        stop: Option<&CancellationSignal>,
+        span: &tracing::Span,
+    ) -> StepOutcome {
         let signal = CancellationSignal::new();
         self.register_running(args.instance_id, &signal);
-        // A stop request from the queue (another process cancelled the
-        // instance) reaches the step through its own signal.
         let link = stop.cloned().map(|stop| {
             let signal = signal.clone();
             tokio::spawn(async move {
@@ -311,7 +349,6 @@ impl<B: Backend> Runtime<B> {
                 signal.cancel();
             })
         });
-        let attempt = lease.attempt;
         let task_signal = signal.clone();
         let step_id = args.step.clone();
         let activation = args.activation;
@@ -340,7 +377,7 @@ impl<B: Backend> Runtime<B> {
             link.abort();
         }
         self.unregister_running(args.instance_id, &signal);
-        let outcome = match joined {
+        match joined {
             Ok(outcome) => outcome,
             Err(e) if e.is_panic() => {
                 let text = panic_message(e.into_panic().as_ref());
@@ -350,13 +387,20 @@ impl<B: Backend> Runtime<B> {
                 )
             }
             Err(e) => StepOutcome::Error(StepError::retryable(format!("step task failed: {e}"))),
-        };
-        let outcome = storable_outcome(&args.step, outcome);
-        let duration = u64::try_from((self.now() - step_started).num_milliseconds()).unwrap_or(0);
-        crate::observe::record_step(span, &outcome);
-        match &outcome {
+        }
+    }
+
+    /// `step.stop`, `step.exception` or `step.async` for an attempt's
+    /// outcome.
+    fn emit_step_outcome(
+        &self,
+        mut meta: serde_json::Map<String, serde_json::Value>,
+        outcome: &StepOutcome,
+        duration: u64,
+    ) {
+        use crate::telemetry::names;
+        let name = match outcome {
             StepOutcome::Complete(c) => {
-                let mut meta = step_meta;
                 meta.insert("event".into(), serde_json::json!(c.event.as_str()));
                 meta.insert(
                     "has_context_updates".into(),
@@ -366,146 +410,31 @@ impl<B: Backend> Runtime<B> {
                     "has_metadata_updates".into(),
                     serde_json::json!(!c.metadata.is_empty()),
                 );
-                telemetry.emit(
-                    crate::telemetry::names::STEP_STOP,
-                    serde_json::json!({"duration": duration}),
-                    meta,
-                );
+                names::STEP_STOP
             }
             StepOutcome::Error(e) => {
-                let mut meta = step_meta;
-                meta.insert(
-                    "kind".into(),
-                    serde_json::json!(if e.is_retryable() {
-                        "retryable"
-                    } else {
-                        "fatal"
-                    }),
-                );
+                let kind = if e.is_retryable() {
+                    "retryable"
+                } else {
+                    "fatal"
+                };
+                meta.insert("kind".into(), serde_json::json!(kind));
                 meta.insert("reason".into(), serde_json::json!(e.message));
-                telemetry.emit(
-                    crate::telemetry::names::STEP_EXCEPTION,
-                    serde_json::json!({"duration": duration}),
-                    meta,
-                );
+                names::STEP_EXCEPTION
             }
             StepOutcome::Async(_) => {
                 // As the original: the attempt's duration, and the status an
                 // instance whose only open step went async takes.
-                let mut meta = step_meta;
                 meta.insert(
                     "instance_status".into(),
                     serde_json::json!(hephaestus_engine_core::InstanceStatus::Waiting),
                 );
-                telemetry.emit(
-                    crate::telemetry::names::STEP_ASYNC,
-                    serde_json::json!({"duration": duration}),
-                    meta,
-                );
+                names::STEP_ASYNC
             }
-        }
-        match payload_of(outcome) {
-            Ok(payload) => {
-                self.settle(Settle::Result {
-                    lease: lease.clone(),
-                    wf,
-                    result: NewStepResult {
-                        instance_id: args.instance_id,
-                        step: Some(args.step),
-                        activation: args.activation,
-                        payload,
-                    },
-                    chain: chain && self.inner.config.continuations,
-                    origin: span.clone(),
-                })
-                .await
-            }
-            Err(error) => self
-                .step_failed(lease, &wf, &args, error)
-                .await
-                .map(Settled::from),
-        }
-    }
-
-    /// Completes `lease` and records its step's `result` with the advance, in
-    /// a unit of work of its own (what a batch does for many).
-    pub(crate) async fn record_and_finish(
-        &self,
-        lease: &JobLease,
-        wf: &Workflow,
-        result: NewStepResult,
-    ) -> Result<JobOutcome, RunnerError> {
-        let b = &self.inner.backend;
-        let mut tx = b.begin().await?;
-        if !b.complete(&mut tx, lease).await? {
-            // The job was cancelled or rescued meanwhile: this attempt's result
-            // must not land (a result after cancel is ignored).
-            return Ok(JobOutcome::Fenced);
-        }
-        let Some(step) = result.step else {
-            return Err(RunnerError::Corrupt(format!(
-                "a step result of instance {} without a step",
-                result.instance_id
-            )));
         };
-        self.record_and_advance(
-            tx,
-            wf,
-            result.instance_id,
-            &step,
-            result.activation,
-            result.payload,
-            &lease.meta,
-        )
-        .await?;
-        Ok(JobOutcome::Succeeded)
-    }
-
-    /// A step error: retry per the resolved policy, or, when fatal or out of
-    /// attempts, record the failure and enqueue the advance that fails the
-    /// instance — in the same commit as the discard (G4).
-    pub(crate) async fn step_failed(
-        &self,
-        lease: &JobLease,
-        wf: &Workflow,
-        args: &ExecuteArgs,
-        error: StepError,
-    ) -> Result<JobOutcome, RunnerError> {
-        let b = &self.inner.backend;
-        let now = self.now();
-        let policy = wf.retry_policy_for(args.step.as_str());
-        let mut tx = b.begin().await?;
-        // The job's own limit (a snooze may have raised it) and the policy's.
-        let max_attempts = lease.max_attempts.min(policy.max_attempts);
-        let decision = policy.decide(lease.attempt, max_attempts, &error, Self::jitter_sample());
-        if let RetryDecision::RetryAfter(after) = decision {
-            let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
-            if !b.retry(&mut tx, lease, &error, at, now).await? {
-                return Ok(JobOutcome::Fenced);
-            }
-            b.commit(tx).await?;
-            return Ok(JobOutcome::Retried);
-        }
-        if !b.discard(&mut tx, lease, &error, now).await? {
-            return Ok(JobOutcome::Fenced);
-        }
-        let mut attempts = lease.errors.clone();
-        attempts.push(AttemptRecord {
-            attempt: lease.attempt,
-            at: now,
-            error: error.clone(),
-        });
-        self.record_and_advance(
-            tx,
-            wf,
-            args.instance_id,
-            &args.step,
-            args.activation,
-            ResultPayload::Failed { error, attempts },
-            &lease.meta,
-        )
-        .await?;
-        Ok(JobOutcome::Discarded)
+        self.inner
+            .telemetry
+            .emit(name, serde_json::json!({"duration": duration}), meta);
     }
 
     /// A durable timer fired: record it and enqueue the advance.
@@ -562,77 +491,6 @@ impl<B: Backend> Runtime<B> {
         .await?;
         Ok(JobOutcome::Succeeded)
     }
-
-    /// Records a result of `step`'s `activation`, enqueues the instance's
-    /// advance (carrying the trace context of `trace`, the meta of the job
-    /// producing the result) and commits `tx`: the one commit every
-    /// result-producing job ends with.
-    #[allow(clippy::too_many_arguments)]
-    async fn record_and_advance(
-        &self,
-        mut tx: B::Tx,
-        wf: &Workflow,
-        instance_id: uuid::Uuid,
-        step: &hephaestus_engine_core::StepId,
-        activation: u32,
-        payload: ResultPayload,
-        trace: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), RunnerError> {
-        self.record_and_enqueue_advance(&mut tx, wf, instance_id, step, activation, payload, trace)
-            .await?;
-        self.inner.backend.commit(tx).await?;
-        self.inner.wake.notify_waiters();
-        Ok(())
-    }
-
-    /// [`Self::record_and_advance`] without the commit.
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn record_and_enqueue_advance(
-        &self,
-        tx: &mut B::Tx,
-        wf: &Workflow,
-        instance_id: uuid::Uuid,
-        step: &hephaestus_engine_core::StepId,
-        activation: u32,
-        payload: ResultPayload,
-        trace: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<(), RunnerError> {
-        let b = &self.inner.backend;
-        b.record(
-            tx,
-            &NewStepResult {
-                instance_id,
-                step: Some(step.clone()),
-                activation,
-                payload,
-            },
-        )
-        .await?;
-        b.enqueue(
-            tx,
-            &[crate::observe::carried(
-                jobs::advance(&self.inner.config, wf, instance_id, Some(step)),
-                trace,
-            )],
-        )
-        .await?;
-        Ok(())
-    }
-
-    /// Completes a job that had nothing (more) to do.
-    pub(crate) async fn finish(
-        &self,
-        lease: &JobLease,
-        outcome: JobOutcome,
-    ) -> Result<JobOutcome, RunnerError> {
-        let b = &self.inner.backend;
-        let mut tx = b.begin().await?;
-        if !b.complete(&mut tx, lease).await? {
-            return Ok(JobOutcome::Fenced);
-        }
-        b.commit(tx).await?;
-        Ok(outcome)
-    }
 }
 
 /// A continuation adopted by the queue runtime running its worker: its
@@ -659,5 +517,52 @@ pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// The metadata of a step attempt's telemetry events.
+fn step_metadata(
+    instance: &Instance,
+    args: &ExecuteArgs,
+    key: &impl serde::Serialize,
+    attempt: u32,
+) -> serde_json::Map<String, serde_json::Value> {
+    let open = instance.open_steps().count();
+    crate::telemetry::instance_metadata(
+        instance,
+        serde_json::Map::from_iter([
+            ("step".to_owned(), serde_json::json!(args.step)),
+            ("step_key".to_owned(), serde_json::json!(key)),
+            ("activation".to_owned(), serde_json::json!(args.activation)),
+            ("attempt".to_owned(), serde_json::json!(attempt)),
+            ("active_steps_count".to_owned(), serde_json::json!(open)),
+            // Other steps of the instance are open beside this one.
+            ("concurrent".to_owned(), serde_json::json!(open > 1)),
+        ]),
+    )
+}
+
+/// The metrics of an attempt's outcome when nothing takes its event
+/// (the same definitions the events record).
+#[allow(clippy::cast_precision_loss)]
+fn record_step_metrics(
+    workflow: &hephaestus_engine_core::ids::WorkflowId,
+    step: &hephaestus_engine_core::StepId,
+    outcome: &StepOutcome,
+    duration: u64,
+) {
+    use crate::telemetry::metric;
+    let (workflow, step) = (workflow.to_string(), step.to_string());
+    match outcome {
+        StepOutcome::Complete(_) => metric::step_stop(workflow, step, duration as f64),
+        StepOutcome::Error(e) => {
+            let kind = if e.is_retryable() {
+                "retryable"
+            } else {
+                "fatal"
+            };
+            metric::step_exception(workflow, step, kind.to_owned());
+        }
+        StepOutcome::Async(_) => metric::step_async(workflow, step),
     }
 }

@@ -6,8 +6,10 @@ use hephaestus_engine_core::ports::InstanceFilter;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::backend::Backend;
 use crate::error::RunnerError;
-use crate::runtime::{Backend, Runtime, StartOptions, Started};
+use crate::handle::Runtime;
+use crate::runtime::{StartOptions, Started};
 
 /// Calls on one registered workflow (or family) by business value.
 #[derive(Debug)]

@@ -1,4 +1,6 @@
-//! The runner's job kinds, their arguments and how they are enqueued.
+//! The runner's job kinds and how they are enqueued. The arguments each
+//! kind carries (the wire format) are private to the runner: other crates
+//! build jobs through these functions and match them by kind and group.
 
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ports::{JobMatch, JobState, NewJob, UniqueJob};
@@ -7,7 +9,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use uuid::Uuid;
 
+use hephaestus_engine_core::ports::JobLease;
+
 use crate::config::RunnerConfig;
+use crate::error::RunnerError;
 
 /// Kind of the orchestrator job: applies results to one instance.
 pub const ADVANCE: &str = "hephaestus.advance";
@@ -20,14 +25,14 @@ pub const RESUME: &str = "hephaestus.resume";
 
 /// Arguments of an advance job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AdvanceArgs {
+pub(crate) struct AdvanceArgs {
     /// The instance.
     pub instance_id: Uuid,
 }
 
 /// Arguments of an execute job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ExecuteArgs {
+pub(crate) struct ExecuteArgs {
     /// The instance.
     pub instance_id: Uuid,
     /// The step.
@@ -38,7 +43,7 @@ pub struct ExecuteArgs {
 
 /// Arguments of a timer job.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TimerArgs {
+pub(crate) struct TimerArgs {
     /// The instance.
     pub instance_id: Uuid,
     /// The waiting step.
@@ -53,7 +58,7 @@ pub struct TimerArgs {
 
 /// Arguments of a scheduled resume.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ResumeArgs {
+pub(crate) struct ResumeArgs {
     /// The instance.
     pub instance_id: Uuid,
     /// The step.
@@ -208,7 +213,7 @@ pub fn timer(
 }
 
 /// A resume scheduled by `schedule_resume`.
-pub fn resume(
+pub(crate) fn resume(
     config: &RunnerConfig,
     workflow: &Workflow,
     args: &ResumeArgs,
@@ -237,4 +242,15 @@ pub fn of_instance(instance_id: Uuid) -> JobMatch {
 pub fn timer_of(instance_id: Uuid, step: &StepId, activation: u32) -> JobMatch {
     of_instance(instance_id)
         .with_args(json!({ "step": step, "activation": activation, "timer": true }))
+}
+
+/// The arguments of a leased job, decoded; undecodable ones are
+/// [`RunnerError::InvalidInput`] (they never get better).
+pub(crate) fn decode<T: serde::de::DeserializeOwned>(lease: &JobLease) -> Result<T, RunnerError> {
+    serde_json::from_value(lease.args.clone()).map_err(|e| {
+        RunnerError::InvalidInput(format!(
+            "job {} ({}) has undecodable args: {e}",
+            lease.id, lease.kind
+        ))
+    })
 }

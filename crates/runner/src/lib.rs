@@ -50,17 +50,24 @@
 //! ```
 
 mod advance;
-mod batch;
+mod backend;
+mod batcher;
 pub mod config;
+mod continuations;
 mod error;
 mod execute;
 mod facade;
+mod failures;
+mod handle;
 pub mod jobs;
 pub mod observe;
+mod outcome;
 #[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod retry;
+mod round;
 mod runtime;
+mod settle;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 pub mod telemetry;
@@ -72,15 +79,21 @@ pub mod testing;
 #[doc = include_str!("../../../docs/testing.md")]
 pub struct TestingGuide;
 mod worker;
+mod writes;
 
 pub use advance::AdvanceReport;
+pub use backend::{
+    Backend, ExecutionCheck, ExecutionRequest, InboxRows, Locked, ReconcileRow, RoundWrites,
+    Settlement, SettlementDone,
+};
 pub use config::{QueueNames, RunnerConfig};
 pub use error::RunnerError;
 pub use facade::WorkflowHandle;
+pub use handle::Runtime;
 pub use hephaestus_engine_core::clock::{Clock, ManualClock, SharedClock, SystemClock};
-pub use runtime::{Backend, ReconcileRow, Runtime, RuntimeBuilder, StartOptions, Started};
+pub use outcome::{DrainReport, JobOutcome};
+pub use runtime::{RuntimeBuilder, StartOptions, Started};
 pub use telemetry::TelemetryEvent;
-pub use worker::{DrainReport, JobOutcome};
 
 #[cfg(test)]
 mod tests;

@@ -7,8 +7,8 @@ use hephaestus_engine_core::StepId;
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
     Consumed, Enqueued, InstanceFilter, InstanceStore, JobId, JobInfo, JobLease, JobMatch,
-    JobQueue, NewJob, NewStepResult, PortError, Recorded, Refused, RoundResult, StepResult,
-    StepResultStore, UnitOfWork,
+    JobQueue, NewJob, NewStepResult, PortError, Recorded, Refused, StepResult, StepResultStore,
+    UnitOfWork,
 };
 use hephaestus_engine_core::step::StepError;
 use std::collections::HashMap;
@@ -23,8 +23,8 @@ use hephaestus_storage_pg::PgStore;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::handle::Runtime;
 use crate::jobs;
-use crate::runtime::Runtime;
 
 /// `options` with the session settings the runner's statements are tuned
 /// for; connect the workers' pool with them:
@@ -136,75 +136,6 @@ impl PgBackend {
 
 type Tx = Transaction<'static, Postgres>;
 
-/// The reconciler's page: `$1` ids below (nullable), `$2` page size, `$3`
-/// to `$5` the advance, execute and timer job kinds, `$6` the `Done` step.
-///
-/// The one statement that reads both components' tables (storage's
-/// instances and step results, the queue's jobs), the same database in the
-/// PostgreSQL backend: it finds the instances that may need a repair by the
-/// rules of the reconciler's check (a pending instance without any live
-/// job; unprocessed results without a live advance; an active step without
-/// a live execution or an unprocessed result of its activation; a waiting
-/// step with a timer but no live timer job), without decoding any state.
-/// Malformed JSON is treated as "nothing to check" there: a row that cannot
-/// be decoded is reported by the check that reads it, never fails the page.
-const RECONCILE_PAGE: &str = r"with page as (
-    select i.id, i.status, i.workflow_id, i.workflow_version,
-           case when jsonb_typeof(i.state -> 'steps') = 'object'
-                then i.state -> 'steps' else '{}'::jsonb end as steps
-    from {prefix}.hephaestus_instances as i
-    where i.status in ('pending', 'running', 'waiting')
-      and ($1::uuid is null or i.id < $1::uuid)
-    order by i.id desc
-    limit $2
-),
-live as (
-    select j.group_key, j.kind, j.args
-    from {prefix}.hephaestus_jobs as j
-    where j.group_key in (select p.id::text from page as p)
-      and j.state in ('available', 'scheduled', 'retryable')
-    union all
-    select j.group_key, j.kind, j.args
-    from {prefix}.hephaestus_jobs as j
-    where j.heartbeat_at is not null and j.state = 'executing'
-      and j.group_key in (select p.id::text from page as p)
-),
-live_by_instance as (
-    select group_key,
-           bool_or(kind = $3) as has_advance,
-           array_agg(kind || ':' || coalesce(args #>> '{step}', '') || ':'
-                     || coalesce(args #>> '{activation}', '')) as keys
-    from live
-    group by group_key
-),
-inbox as (
-    select r.instance_id, array_agg(r.step_id || ':' || r.activation) as keys
-    from {prefix}.hephaestus_step_results as r
-    where r.instance_id in (select p.id from page as p) and r.processed_at is null
-    group by r.instance_id
-)
-select p.id, p.workflow_id, p.workflow_version,
-    case when p.status = 'pending' then l.group_key is null
-    else
-        (b.instance_id is not null and not coalesce(l.has_advance, false))
-        or exists (
-            select 1 from jsonb_each(p.steps) as s(step, st)
-            where jsonb_typeof(s.st) = 'object' and s.step <> $6
-              and ((s.st ->> 'status' = 'active'
-                    and not coalesce(l.keys, '{}')
-                        @> array[$4 || ':' || s.step || ':' || coalesce(s.st ->> 'activation', '')]
-                    and not coalesce(b.keys, '{}')
-                        @> array[s.step || ':' || coalesce(s.st ->> 'activation', '')])
-                or (s.st ->> 'status' = 'waiting'
-                    and jsonb_typeof(s.st -> 'timer') = 'object'
-                    and not coalesce(l.keys, '{}')
-                        @> array[$5 || ':' || s.step || ':' || coalesce(s.st ->> 'activation', '')])))
-    end
-from page as p
-left join live_by_instance as l on l.group_key = p.id::text
-left join inbox as b on b.instance_id = p.id
-order by p.id desc";
-
 /// What one [`PgBackend::prune_instances`] call deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InstanceRetention {
@@ -252,15 +183,26 @@ impl PgBackend {
 const CONTINUATION_WORKER: &str = "hephaestus-runner (continuation)";
 
 #[async_trait::async_trait]
-impl crate::runtime::Backend for PgBackend {
+impl crate::backend::Backend for PgBackend {
     /// One statement, each instance read once.
     async fn load_for_execution_many(
         &self,
-        requests: &[(Uuid, StepId, u32)],
-    ) -> Result<Vec<Option<(Arc<Instance>, bool)>>, PortError> {
-        self.store
-            .get_for_execution_many_using(self.store.pool(), requests)
-            .await
+        requests: &[crate::ExecutionRequest],
+    ) -> Result<Vec<Option<crate::ExecutionCheck>>, PortError> {
+        let keys: Vec<(Uuid, &StepId, u32)> = requests
+            .iter()
+            .map(|r| (r.instance_id, &r.step, r.activation))
+            .collect();
+        let checks = self
+            .store
+            .get_for_execution_many_using(self.store.pool(), &keys)
+            .await?;
+        Ok(checks
+            .into_iter()
+            .map(|check| {
+                check.map(|(instance, recorded)| crate::ExecutionCheck { instance, recorded })
+            })
+            .collect())
     }
 
     /// One statement; instances held by another writer are skipped at once.
@@ -268,8 +210,14 @@ impl crate::runtime::Backend for PgBackend {
         &self,
         tx: &mut Tx,
         ids: &[Uuid],
-    ) -> Result<Vec<(Instance, bool)>, PortError> {
-        self.store.try_lock_many_using(tx, ids).await
+    ) -> Result<Vec<crate::Locked>, PortError> {
+        Ok(self
+            .store
+            .try_lock_many_using(tx, ids)
+            .await?
+            .into_iter()
+            .map(|(instance, inbox)| crate::Locked { instance, inbox })
+            .collect())
     }
 
     async fn pending_many(
@@ -284,16 +232,15 @@ impl crate::runtime::Backend for PgBackend {
     async fn write_rounds(
         &self,
         tx: &mut Tx,
-        results: &[RoundResult],
-        consumed: &[(Uuid, Vec<Consumed>)],
-        instances: &[&Instance],
+        writes: crate::RoundWrites<'_>,
     ) -> Result<(), PortError> {
-        let rows: Vec<Consumed> = consumed
+        let rows: Vec<Consumed> = writes
+            .consumed
             .iter()
-            .flat_map(|(_, rows)| rows.iter().cloned())
+            .flat_map(|inbox| inbox.rows.iter().cloned())
             .collect();
         self.store
-            .write_rounds_using(tx, results, &rows, instances)
+            .write_rounds_using(tx, writes.results, &rows, writes.instances)
             .await
     }
 
@@ -304,28 +251,25 @@ impl crate::runtime::Backend for PgBackend {
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<crate::ReconcileRow>, PortError> {
-        let sql = RECONCILE_PAGE.replace("{prefix}", &self.store.prefix().quoted());
-        let rows: Vec<(Uuid, String, i32, bool)> = sqlx::query_as(&sql)
-            .bind(before)
-            .bind(i64::from(limit.max(1)))
-            .bind(jobs::ADVANCE)
-            .bind(jobs::EXECUTE)
-            .bind(jobs::TIMER)
-            .bind(hephaestus_engine_core::steps::DONE_ID)
-            .fetch_all(self.store.pool())
-            .await
-            .map_err(|e| PortError::from(hephaestus_queue_pg::Error::from(e)))?;
-        Ok(rows
+        let page = hephaestus_storage_pg::ReconcilePage {
+            before,
+            limit,
+            advance_kind: jobs::ADVANCE,
+            execute_kind: jobs::EXECUTE,
+            timer_kind: jobs::TIMER,
+            done_step: hephaestus_engine_core::steps::DONE_ID,
+        };
+        Ok(self
+            .store
+            .reconcile_page(&page)
+            .await?
             .into_iter()
-            .map(
-                |(id, workflow_id, version, candidate)| crate::ReconcileRow {
-                    id,
-                    workflow_id,
-                    // The column's check keeps it positive.
-                    workflow_version: u32::try_from(version).unwrap_or(0),
-                    candidate,
-                },
-            )
+            .map(|row| crate::ReconcileRow {
+                id: row.id,
+                workflow_id: row.workflow_id,
+                workflow_version: row.workflow_version,
+                candidate: row.candidate,
+            })
             .collect())
     }
 
@@ -334,20 +278,28 @@ impl crate::runtime::Backend for PgBackend {
     async fn enqueue_and_complete(
         &self,
         tx: &mut Tx,
-        jobs: &[NewJob],
-        claim: &[bool],
-        leases: &[&JobLease],
-    ) -> Result<(Vec<(Enqueued, Option<JobLease>)>, Vec<bool>), PortError> {
-        let pairs: Vec<(JobId, u32)> = leases.iter().map(|l| (l.id, l.attempt)).collect();
+        settlement: crate::Settlement<'_>,
+    ) -> Result<crate::SettlementDone, PortError> {
+        let pairs: Vec<(JobId, u32)> = settlement
+            .leases
+            .iter()
+            .map(|l| (l.id, l.attempt))
+            .collect();
         let (enqueued, settled) = self
             .queue
-            .insert_claiming_and_complete_using(tx, jobs, claim, CONTINUATION_WORKER, &pairs)
+            .insert_claiming_and_complete_using(
+                tx,
+                settlement.jobs,
+                settlement.claim,
+                CONTINUATION_WORKER,
+                &pairs,
+            )
             .await?;
         let held = pairs
             .iter()
             .map(|(id, _)| settled.completed.contains(id))
             .collect();
-        Ok((enqueued, held))
+        Ok(crate::SettlementDone { enqueued, held })
     }
 }
 
@@ -529,7 +481,7 @@ impl DynWorker for RunnerJob {
     }
 
     fn retry_policy(&self) -> RetryPolicy {
-        crate::worker::job_retry_policy(None)
+        crate::failures::job_retry_policy(None)
     }
 
     async fn perform(&self, job: &JobContext) -> Result<(), JobError> {
@@ -561,10 +513,13 @@ impl DynWorker for RunnerJob {
 
 impl Runtime<PgBackend> {
     /// The runner's job kinds (advance, execute, timer, resume) as queue-pg
-    /// workers. Add the failure handler's discard hook
-    /// (`hephaestus-failure-handler`), then run them with
+    /// workers, with `on_discard`, the hook that writes what a job the queue
+    /// discards on its own means for its step and instance. There is no way
+    /// to get the runner's workers without one: use the failure handler's
+    /// (`hephaestus_failure_handler::queue_runtime(&runtime)` builds the
+    /// whole worker runtime with it), then run them with
     /// [`Runtime::queue_runtime`].
-    pub fn queue_workers(&self) -> Workers {
+    pub fn queue_workers(&self, on_discard: impl hephaestus_queue_pg::DiscardHook) -> Workers {
         [jobs::ADVANCE, jobs::EXECUTE, jobs::TIMER, jobs::RESUME]
             .into_iter()
             .fold(Workers::new(), |workers, kind| {
@@ -573,7 +528,8 @@ impl Runtime<PgBackend> {
                     kind,
                 }))
             })
-            .fallback_retry_policy(crate::worker::job_retry_policy(None))
+            .fallback_retry_policy(crate::failures::job_retry_policy(None))
+            .discard_hook(on_discard)
     }
 
     /// A queue-pg worker runtime for this runtime's jobs: every queue of

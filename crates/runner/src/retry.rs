@@ -14,9 +14,10 @@ use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::{StepId, Workflow};
 use uuid::Uuid;
 
+use crate::backend::Backend;
 use crate::error::RunnerError;
+use crate::handle::Runtime;
 use crate::jobs;
-use crate::runtime::{Backend, Runtime};
 
 /// What a retry did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hephaestus_engine_core::business_id::{BusinessId, Scope};
@@ -10,218 +10,27 @@ use hephaestus_engine_core::engine::{Effect, Engine, Input, NewInstance};
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::limits::{self, JsonRole};
 use hephaestus_engine_core::ports::{
-    Consumed, Enqueued, InstanceFilter, InstanceStore, JobId, JobLease, JobQueue, NewJob,
-    NewStepResult, PortError, Recorded, ResultPayload, RoundResult, StepResult, StepResultStore,
+    InstanceFilter, JobId, NewStepResult, PortError, Recorded, ResultPayload,
 };
-use hephaestus_engine_core::step::CancellationSignal;
 use hephaestus_engine_core::workflow::{StartSelection, WorkflowFamily, WorkflowRegistry};
 use hephaestus_engine_core::{Event, StepId, Workflow};
 use serde_json::{Map, Value};
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::config::RunnerConfig;
-use crate::error::RunnerError;
-use crate::jobs;
 use hephaestus_engine_core::clock::{self, Clock, SharedClock};
 
-/// What a runtime needs from a backend: the three ports over one unit of
-/// work, plus reads the runner makes often enough that a backend may answer
-/// them in one round trip (each has a default built from the ports).
-///
-/// A backend of your own implements the ports, then `impl Backend for
-/// MyBackend {}`.
-#[async_trait::async_trait]
-pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static {
-    /// What step executions check before running user code, for many step
-    /// activations at once (in order): the instance (requests of one
-    /// instance may share it), and whether a result is recorded for the
-    /// step's activation (only looked up while that activation is active;
-    /// `false` otherwise); `None` for a missing instance.
-    async fn load_for_execution_many(
-        &self,
-        requests: &[(Uuid, StepId, u32)],
-    ) -> Result<Vec<Option<(Arc<Instance>, bool)>>, PortError> {
-        let mut out = Vec::with_capacity(requests.len());
-        for (id, step, activation) in requests {
-            let Some(instance) = self.get(*id).await? else {
-                out.push(None);
-                continue;
-            };
-            let recorded = instance.is_step_active(step.as_str(), *activation)
-                && self.is_recorded(*id, step, *activation).await?;
-            out.push(Some((Arc::new(instance), recorded)));
-        }
-        Ok(out)
-    }
+use crate::backend::Backend;
+use crate::config::RunnerConfig;
+use crate::error::RunnerError;
+use crate::handle::{Batches, Inner, Runtime, random_u32};
+use crate::jobs;
+use crate::round::{self, Round};
 
-    /// Takes the single-writer lock of each instance in `ids` that can be had
-    /// without waiting for another writer, and returns those (a backend may
-    /// also wait and lock them all, in id order). Missing ones are skipped.
-    /// With each, whether its inbox may hold unprocessed results: `false`
-    /// only when none was committed before the lock was taken (a result
-    /// committed later has its own advance job), so the caller can skip
-    /// reading it; the default says `true`.
-    async fn try_lock_many(
-        &self,
-        tx: &mut Self::Tx,
-        ids: &[Uuid],
-    ) -> Result<Vec<(Instance, bool)>, PortError> {
-        let mut ids = ids.to_vec();
-        ids.sort_unstable();
-        ids.dedup();
-        let mut out = Vec::with_capacity(ids.len());
-        for id in ids {
-            if let Some(instance) = self.lock(tx, id).await? {
-                out.push((instance, true));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The unprocessed results of many locked instances, each in `seq` order.
-    async fn pending_many(
-        &self,
-        tx: &mut Self::Tx,
-        ids: &[Uuid],
-    ) -> Result<HashMap<Uuid, Vec<StepResult>>, PortError> {
-        let mut out = HashMap::with_capacity(ids.len());
-        for id in ids {
-            let pending = self.pending(tx, *id).await?;
-            if !pending.is_empty() {
-                out.insert(*id, pending);
-            }
-        }
-        Ok(out)
-    }
-
-    /// What a batch of advance rounds writes, in `tx`: the new `results`
-    /// in order, idempotently (duplicates and results of missing instances
-    /// are skipped; those flagged `processed` are recorded as already
-    /// processed: their instance is locked and applies, or refuses, them in
-    /// this unit of work), the inbox rows the rounds `consumed` (refused
-    /// ones with their reason), and the locked `instances`.
-    async fn write_rounds(
-        &self,
-        tx: &mut Self::Tx,
-        results: &[RoundResult],
-        consumed: &[(Uuid, Vec<Consumed>)],
-        instances: &[&Instance],
-    ) -> Result<(), PortError> {
-        for round_result in results {
-            let result = &round_result.result;
-            match self.record(tx, result).await {
-                Ok(Recorded::Inserted(seq)) if round_result.processed => {
-                    if let Some(reason) = &round_result.refusal {
-                        self.refuse(tx, result.instance_id, &[(seq, reason.clone())])
-                            .await?;
-                    } else {
-                        self.mark_processed(tx, result.instance_id, &[seq]).await?;
-                    }
-                }
-                Ok(_) | Err(PortError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
-        for (id, rows) in consumed {
-            let applied: Vec<i64> = rows
-                .iter()
-                .filter(|c| c.refusal.is_none())
-                .map(|c| c.seq)
-                .collect();
-            self.mark_processed(tx, *id, &applied).await?;
-            let refused: Vec<(i64, String)> = rows
-                .iter()
-                .filter_map(|c| c.refusal.clone().map(|reason| (c.seq, reason)))
-                .collect();
-            self.refuse(tx, *id, &refused).await?;
-        }
-        for instance in instances {
-            self.update(tx, instance).await?;
-        }
-        Ok(())
-    }
-
-    /// One page of the reconciler's scan: the active instances (pending,
-    /// running, waiting) with ids below `before` (from the newest when
-    /// `None`), newest first, at most `limit`, each with its workflow and
-    /// whether it may need a repair (no live job for work it has). Only the
-    /// flagged ones are read and checked one by one, so a pass over many
-    /// healthy instances costs a statement per page. The default flags
-    /// every one; PostgreSQL decides in the statement, without decoding any
-    /// instance.
-    async fn reconcile_page(
-        &self,
-        before: Option<Uuid>,
-        limit: u32,
-    ) -> Result<Vec<ReconcileRow>, PortError> {
-        let page = self
-            .list(&InstanceFilter {
-                statuses: hephaestus_engine_core::instance::InstanceStatus::ACTIVE.to_vec(),
-                before_id: before,
-                limit: Some(limit),
-                ..InstanceFilter::default()
-            })
-            .await?;
-        Ok(page
-            .into_iter()
-            .map(|i| ReconcileRow {
-                id: i.id,
-                workflow_id: i.workflow_id.as_str().to_owned(),
-                workflow_version: i.workflow_version,
-                candidate: true,
-            })
-            .collect())
-    }
-
-    /// What settling a batch ends with, in `tx`: enqueues `jobs` (those
-    /// flagged in `claim` may come back claimed by this worker, already
-    /// executing at attempt 1, to run right after the commit), then
-    /// completes `leases`, each fenced by its attempt, telling whether each
-    /// held. The default claims none (they wait for a fetch) and completes
-    /// one lease at a time; PostgreSQL claims and does it all in one
-    /// statement.
-    async fn enqueue_and_complete(
-        &self,
-        tx: &mut Self::Tx,
-        jobs: &[NewJob],
-        _claim: &[bool],
-        leases: &[&JobLease],
-    ) -> Result<(Vec<(Enqueued, Option<JobLease>)>, Vec<bool>), PortError> {
-        let enqueued = if jobs.is_empty() {
-            Vec::new()
-        } else {
-            self.enqueue(tx, jobs)
-                .await?
-                .into_iter()
-                .map(|enqueued| (enqueued, None))
-                .collect()
-        };
-        let mut held = Vec::with_capacity(leases.len());
-        for lease in leases {
-            held.push(self.complete(tx, lease).await?);
-        }
-        Ok((enqueued, held))
-    }
-}
-
-impl Backend for hephaestus_memory::MemoryBackend {}
-
-/// An active instance as the reconciler's page query sees it.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ReconcileRow {
-    /// The instance.
-    pub id: Uuid,
-    /// Its workflow.
-    pub workflow_id: String,
-    /// Its workflow version.
-    pub workflow_version: u32,
-    /// Whether it may need a repair (it is then read and checked).
-    pub candidate: bool,
-}
-
-/// Options of a start.
+/// Options of a start: [`StartOptions::default`], then the `with_*`
+/// methods (new options may be added without breaking you).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct StartOptions {
     /// A version of the family (default: the selector's pick, else current).
     pub version: Option<u32>,
@@ -229,6 +38,31 @@ pub struct StartOptions {
     pub telemetry_metadata: Map<String, Value>,
     /// The instance id (default: a new UUID v7).
     pub id: Option<Uuid>,
+}
+
+impl StartOptions {
+    /// Runs `version` of the family (instead of the selector's pick;
+    /// `None` goes back to it).
+    #[must_use]
+    pub fn with_version(mut self, version: impl Into<Option<u32>>) -> Self {
+        self.version = version.into();
+        self
+    }
+
+    /// Sets the caller metadata added to every telemetry event.
+    #[must_use]
+    pub fn with_telemetry_metadata(mut self, metadata: Map<String, Value>) -> Self {
+        self.telemetry_metadata = metadata;
+        self
+    }
+
+    /// Gives the instance this id (instead of a new UUID v7; `None` goes
+    /// back to that).
+    #[must_use]
+    pub fn with_id(mut self, id: impl Into<Option<Uuid>>) -> Self {
+        self.id = id.into();
+        self
+    }
 }
 
 /// A started instance.
@@ -240,41 +74,6 @@ pub struct Started {
     pub business_id: BusinessId,
     /// The version it runs.
     pub version: u32,
-}
-
-pub(crate) struct Inner<B> {
-    pub(crate) backend: B,
-    pub(crate) registry: WorkflowRegistry,
-    pub(crate) config: RunnerConfig,
-    pub(crate) clock: SharedClock,
-    /// Cancellation signals of step executions running in this process.
-    running: Mutex<HashMap<Uuid, Vec<CancellationSignal>>>,
-    pub(crate) wake: tokio::sync::Notify,
-    pub(crate) telemetry: crate::telemetry::Telemetry,
-    pub(crate) batches: crate::batch::Batches,
-}
-
-/// A runtime: registered workflows over a backend. Cheap to clone; build one
-/// explicitly per backend (no global state).
-pub struct Runtime<B> {
-    pub(crate) inner: Arc<Inner<B>>,
-}
-
-impl<B> Clone for Runtime<B> {
-    fn clone(&self) -> Self {
-        Self {
-            inner: Arc::clone(&self.inner),
-        }
-    }
-}
-
-impl<B> fmt::Debug for Runtime<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Runtime")
-            .field("registry", &self.inner.registry)
-            .field("config", &self.inner.config)
-            .finish_non_exhaustive()
-    }
 }
 
 /// Builds a [`Runtime`].
@@ -337,7 +136,7 @@ impl<B: Backend> RuntimeBuilder<B> {
         if !self.errors.is_empty() {
             return Err(self.errors.remove(0));
         }
-        let batches = crate::batch::Batches::new(&self.config);
+        let batches = Batches::new(&self.config);
         let runtime = Runtime {
             inner: Arc::new(Inner {
                 backend: self.backend,
@@ -373,11 +172,6 @@ impl<B: Backend> RuntimeBuilder<B> {
     }
 }
 
-fn random_u32() -> u32 {
-    let bytes = Uuid::new_v4().into_bytes();
-    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
-}
-
 impl<B: Backend> Runtime<B> {
     /// Starts building a runtime over `backend`.
     pub fn builder(backend: B) -> RuntimeBuilder<B> {
@@ -389,36 +183,6 @@ impl<B: Backend> Runtime<B> {
             errors: Vec::new(),
             telemetry: crate::telemetry::Telemetry::default(),
         }
-    }
-
-    /// The backend.
-    pub fn backend(&self) -> &B {
-        &self.inner.backend
-    }
-
-    /// The registered workflows.
-    pub fn registry(&self) -> &WorkflowRegistry {
-        &self.inner.registry
-    }
-
-    /// The configuration.
-    pub fn config(&self) -> &RunnerConfig {
-        &self.inner.config
-    }
-
-    pub(crate) fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        self.inner.clock.now()
-    }
-
-    pub(crate) fn jitter_sample() -> u32 {
-        random_u32()
-    }
-
-    pub(crate) fn workflow_of(&self, instance: &Instance) -> Result<&Workflow, RunnerError> {
-        Ok(self
-            .inner
-            .registry
-            .get(instance.workflow_id.as_str(), instance.workflow_version)?)
     }
 
     /// Starts an instance of `workflow` for `business_value` with `input`.
@@ -523,7 +287,7 @@ impl<B: Backend> Runtime<B> {
         business_value: &str,
         input: Value,
         options: StartOptions,
-    ) -> Result<(Started, Instance, crate::advance::Round), RunnerError> {
+    ) -> Result<(Started, Instance, Round), RunnerError> {
         let family = self.inner.registry.family(workflow)?;
         let selection = StartSelection {
             business_value,
@@ -545,7 +309,7 @@ impl<B: Backend> Runtime<B> {
         // The first round is applied here: nobody else can see the instance
         // before this commit, so this unit of work is its single writer. It
         // is inserted running, with the execute job of its start step.
-        let round = self.plan_round(wf, &mut instance, &[])?;
+        let round = round::plan(wf, &mut instance, &[], self.now(), &self.inner.config)?;
         let b = &self.inner.backend;
         b.insert(tx, &instance).await?;
         if !round.new_jobs.is_empty() {
@@ -748,20 +512,6 @@ impl<B: Backend> Runtime<B> {
         Ok(())
     }
 
-    /// Takes the single-writer lock of instance `id` in `tx` and loads it;
-    /// [`RunnerError::NotFound`] when it does not exist.
-    pub(crate) async fn lock_existing(
-        &self,
-        tx: &mut B::Tx,
-        id: Uuid,
-    ) -> Result<Instance, RunnerError> {
-        self.inner
-            .backend
-            .lock(tx, id)
-            .await?
-            .ok_or_else(|| RunnerError::NotFound(id.to_string()))
-    }
-
     /// Cancels an instance now: status cancelled, its jobs cancelled, running
     /// steps signalled; nothing runs after (G14). Serialized with advances by
     /// the instance lock.
@@ -819,34 +569,5 @@ impl<B: Backend> Runtime<B> {
             .active_by_business_value(workflow, business_value)
             .await?;
         self.cancel(instance.id, reason).await
-    }
-
-    fn running(&self) -> MutexGuard<'_, HashMap<Uuid, Vec<CancellationSignal>>> {
-        self.inner
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    pub(crate) fn register_running(&self, id: Uuid, signal: &CancellationSignal) {
-        self.running().entry(id).or_default().push(signal.clone());
-    }
-
-    pub(crate) fn unregister_running(&self, id: Uuid, signal: &CancellationSignal) {
-        let mut running = self.running();
-        if let Some(list) = running.get_mut(&id) {
-            list.retain(|s| !s.same_as(signal));
-            if list.is_empty() {
-                running.remove(&id);
-            }
-        }
-    }
-
-    pub(crate) fn signal_cancelled(&self, id: Uuid) {
-        if let Some(list) = self.running().remove(&id) {
-            for s in list {
-                s.cancel();
-            }
-        }
     }
 }

@@ -119,6 +119,44 @@ impl Telemetry {
         self.sender.subscribe()
     }
 
+    /// Whether anything takes event `name` beyond its metrics: a subscriber
+    /// of [`Telemetry::subscribe`], or a `tracing` subscriber at the event's
+    /// level. When nothing does, the hot path records the metrics alone
+    /// ([`Telemetry::emit_lazy`]) and builds no event.
+    pub(crate) fn observed(&self, name: &'static str) -> bool {
+        if self.sender.receiver_count() > 0 {
+            return true;
+        }
+        match name {
+            names::WORKFLOW_EXCEPTION | names::STEP_EXCEPTION => {
+                tracing::enabled!(tracing::Level::ERROR)
+            }
+            names::STEP_ASYNC => tracing::enabled!(tracing::Level::WARN),
+            names::WORKFLOW_TRANSITION | names::ENGINE_ADVANCE => {
+                tracing::enabled!(tracing::Level::DEBUG)
+            }
+            _ => tracing::enabled!(tracing::Level::INFO),
+        }
+    }
+
+    /// Emits event `name` built by `build` when something takes it
+    /// ([`Telemetry::observed`]); otherwise runs `metrics_only`, which
+    /// records the event's metrics (the same definitions, see
+    /// [`metric`]) without building it.
+    pub(crate) fn emit_lazy(
+        &self,
+        name: &'static str,
+        build: impl FnOnce() -> (Value, Map<String, Value>),
+        metrics_only: impl FnOnce(),
+    ) {
+        if self.observed(name) {
+            let (measurements, metadata) = build();
+            self.emit(name, measurements, metadata);
+        } else {
+            metrics_only();
+        }
+    }
+
     /// Emits one event everywhere.
     pub(crate) fn emit(
         &self,
@@ -163,6 +201,8 @@ impl Telemetry {
     ) {
         for event in events {
             match event {
+                // No metric: built only when something takes it.
+                EngineEvent::Transition { .. } if !self.observed(names::WORKFLOW_TRANSITION) => {}
                 EngineEvent::Transition { from, event, targets } => self.emit(
                     names::WORKFLOW_TRANSITION,
                     json!({"targets_count": targets.len()}),
@@ -270,19 +310,13 @@ fn record_metrics(event: &TelemetryEvent) {
         .increment(1),
         names::STEP_STOP => {
             if let Some(ms) = number(event, "duration") {
-                metrics::histogram!("hephaestus.step.stop.duration", "workflow" => workflow, "step" => label(event, "step")).record(ms);
+                metric::step_stop(workflow, label(event, "step"), ms);
             }
         }
-        names::STEP_EXCEPTION => metrics::counter!(
-            "hephaestus.step.exception.count",
-            "workflow" => workflow,
-            "step" => label(event, "step"),
-            "kind" => label(event, "kind")
-        )
-        .increment(1),
-        names::STEP_ASYNC => {
-            metrics::counter!("hephaestus.step.async.count", "workflow" => workflow, "step" => label(event, "step")).increment(1);
+        names::STEP_EXCEPTION => {
+            metric::step_exception(workflow, label(event, "step"), label(event, "kind"));
         }
+        names::STEP_ASYNC => metric::step_async(workflow, label(event, "step")),
         names::STEP_RESUME => {
             if let Some(ms) = number(event, "wait_duration") {
                 metrics::histogram!(
@@ -295,14 +329,49 @@ fn record_metrics(event: &TelemetryEvent) {
             }
         }
         names::ENGINE_ADVANCE => {
-            if let Some(ms) = number(event, "duration") {
-                metrics::histogram!("hephaestus.engine.advance.duration", "workflow" => workflow.clone())
-                    .record(ms);
-            }
-            if let Some(n) = number(event, "active_steps_count") {
-                metrics::gauge!("hephaestus.engine.advance.active_steps_count", "workflow" => workflow).set(n);
+            if let (Some(ms), Some(n)) = (
+                number(event, "duration"),
+                number(event, "active_steps_count"),
+            ) {
+                metric::engine_advance(workflow, ms, n);
             }
         }
         _ => {}
+    }
+}
+
+/// The metrics of the events the hot path emits lazily, written once: used
+/// from a built event and, when nothing takes the event, directly.
+pub(crate) mod metric {
+    /// `hephaestus.step.stop.duration`.
+    pub(crate) fn step_stop(workflow: String, step: String, ms: f64) {
+        metrics::histogram!("hephaestus.step.stop.duration", "workflow" => workflow, "step" => step)
+            .record(ms);
+    }
+
+    /// `hephaestus.step.exception.count`.
+    pub(crate) fn step_exception(workflow: String, step: String, kind: String) {
+        metrics::counter!(
+            "hephaestus.step.exception.count",
+            "workflow" => workflow,
+            "step" => step,
+            "kind" => kind
+        )
+        .increment(1);
+    }
+
+    /// `hephaestus.step.async.count`.
+    pub(crate) fn step_async(workflow: String, step: String) {
+        metrics::counter!("hephaestus.step.async.count", "workflow" => workflow, "step" => step)
+            .increment(1);
+    }
+
+    /// `hephaestus.engine.advance.duration` and
+    /// `hephaestus.engine.advance.active_steps_count`.
+    pub(crate) fn engine_advance(workflow: String, ms: f64, active_steps: f64) {
+        metrics::histogram!("hephaestus.engine.advance.duration", "workflow" => workflow.clone())
+            .record(ms);
+        metrics::gauge!("hephaestus.engine.advance.active_steps_count", "workflow" => workflow)
+            .set(active_steps);
     }
 }

@@ -55,10 +55,11 @@ use hephaestus_engine_core::{Event, StepId};
 use serde_json::Value;
 use uuid::Uuid;
 
+use crate::backend::Backend;
 use crate::error::RunnerError;
+use crate::handle::Runtime;
 use crate::jobs;
-use crate::runtime::{Backend, Runtime};
-use crate::worker::{DrainReport, JobOutcome};
+use crate::outcome::{DrainReport, JobOutcome};
 pub use hephaestus_engine_core::clock::ManualClock;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -639,17 +640,9 @@ impl PgTestSchema {
 
     /// Drops the schema and everything in it, and closes the pool.
     pub async fn drop(self) -> Result<(), RunnerError> {
-        sqlx::raw_sql(&format!(
-            "drop schema if exists {} cascade",
-            self.prefix.quoted()
-        ))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| {
-            RunnerError::Backend(hephaestus_engine_core::ports::PortError::Unavailable(
-                e.to_string().into(),
-            ))
-        })?;
+        hephaestus_queue_pg::drop_schema(&self.pool, &self.prefix)
+            .await
+            .map_err(|e| RunnerError::Backend(e.into()))?;
         self.pool.close().await;
         Ok(())
     }

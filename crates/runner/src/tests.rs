@@ -85,11 +85,9 @@ fn fan_out(counter: &Counter, width: usize) -> Workflow {
 async fn parallel_workers_run_a_wide_fan_out_once_per_step() {
     let clock = test_clock();
     let counter = Counter::default();
-    let config = RunnerConfig {
-        concurrency: 8,
-        poll_interval: Duration::from_millis(5),
-        ..RunnerConfig::default()
-    };
+    let config = RunnerConfig::default()
+        .with_concurrency(8)
+        .with_poll_interval(Duration::from_millis(5));
     let backend = MemoryBackend::with_clock(clock.clone());
     let rt = Runtime::builder(backend)
         .clock(clock.clone())
@@ -354,10 +352,7 @@ fn telemetry_emits_the_original_events_with_protected_fields_and_metrics() {
                     "linear",
                     "1",
                     json!({"a": 1}),
-                    StartOptions {
-                        telemetry_metadata: meta,
-                        ..StartOptions::default()
-                    },
+                    StartOptions::default().with_telemetry_metadata(meta),
                 )
                 .await
                 .unwrap();
@@ -498,10 +493,7 @@ mod testing_tools {
     fn rt_with(wf: Workflow, clock: &ManualClock, queues: QueueNames) -> Runtime<MemoryBackend> {
         Runtime::builder(MemoryBackend::with_clock(clock.clone()))
             .clock(clock.clone())
-            .config(RunnerConfig {
-                queues,
-                ..RunnerConfig::default()
-            })
+            .config(RunnerConfig::default().with_queues(queues))
             .workflow(wf)
             .build()
             .unwrap()

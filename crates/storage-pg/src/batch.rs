@@ -332,7 +332,7 @@ impl PgStore {
     pub async fn get_for_execution_many_using<'e, E: PgExecutor<'e>>(
         &self,
         executor: E,
-        requests: &[(Uuid, StepId, u32)],
+        requests: &[(Uuid, &StepId, u32)],
     ) -> Result<Vec<ExecutionCheck>, PortError> {
         if requests.is_empty() {
             return Ok(Vec::new());

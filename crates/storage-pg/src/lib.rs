@@ -9,7 +9,12 @@
 //! `*_using` form that runs on a connection or transaction of the caller's, so an
 //! application can start a workflow inside its own transaction. The tables and their
 //! versioned DDL ([`schema()`], registered with `hephaestus-migrations-gen`) are owned by
-//! this crate: no other crate has SQL for them.
+//! this crate: no other crate has SQL for them. One read here reaches beyond them:
+//! [`PgStore::reconcile_page`] also reads the queue's jobs table in the same schema (the
+//! reconciler's page, one statement instead of three round trips per instance).
+//! Operators and benchmarks read and upkeep the tables through documented functions
+//! ([`PgStore::census`], [`PgStore::analyze`], [`migrate_to`], [`schema_version`], ...),
+//! never through SQL of their own.
 //!
 //! # Invariants
 //!
@@ -79,27 +84,32 @@
 //! ```
 
 mod batch;
+mod census;
 mod error;
 mod instances;
 mod json;
 mod lock;
 mod migrate;
 mod query;
+mod reconcile;
 mod results;
 mod retention;
 mod schema;
 mod store;
+mod upkeep;
 
 #[cfg(doc)]
 use hephaestus_engine_core::ports::{InstanceStore, PortError, StepResultStore, UnitOfWork};
 
 pub use batch::ExecutionCheck;
+pub use census::StorageCensus;
 pub use instances::RawInstance;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
-pub use migrate::{Migrated, migrate};
+pub use migrate::{Migrated, migrate, migrate_to, schema_version};
 pub use query::{
     Cursor, Direction, InstanceCount, InstanceQuery, Order, Page, SortKey, TimeRange, Undecodable,
 };
+pub use reconcile::{ReconcileCandidate, ReconcilePage};
 pub use retention::PrunedInstances;
 pub use schema::{COMPONENT, schema};
 pub use store::{PRUNE_BATCH, PgStore, Tx};

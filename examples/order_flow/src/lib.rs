@@ -105,10 +105,7 @@ pub fn checkout() -> Result<Workflow> {
 /// The runner configuration of the demo: a short poll interval, so the
 /// in-memory worker loop picks due timers up quickly.
 pub fn config() -> RunnerConfig {
-    RunnerConfig {
-        poll_interval: Duration::from_millis(20),
-        ..RunnerConfig::default()
-    }
+    RunnerConfig::default().with_poll_interval(Duration::from_millis(20))
 }
 
 /// Runs the demo on the in-memory backend (no database): the runtime's own

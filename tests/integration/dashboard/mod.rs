@@ -370,22 +370,12 @@ pub fn csrf_of(body: &str) -> Option<String> {
     Some(rest[..rest.find('"')?].to_owned())
 }
 
-/// Waits for `check` to hold, up to `within`.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+/// Waits for `check` to hold, up to `within` (a browser and a server
+/// tell nothing but what they show).
+pub async fn eventually<F, Fut>(within: Duration, what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    crate::support::wait::until_within(within, what, check).await;
 }

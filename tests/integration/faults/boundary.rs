@@ -118,10 +118,7 @@ async fn json_too_deep_or_too_large_is_refused_where_it_enters<B: Backend>(backe
             "approval",
             "1",
             json!({}),
-            StartOptions {
-                telemetry_metadata: metadata,
-                ..StartOptions::default()
-            },
+            StartOptions::default().with_telemetry_metadata(metadata),
         )
         .await
         .unwrap_err();
@@ -215,10 +212,7 @@ async fn every_value_at_the_limits_reads_back_identically<B: Backend>(backend: B
             "approval",
             "1",
             input.clone(),
-            StartOptions {
-                telemetry_metadata: metadata.clone(),
-                ..StartOptions::default()
-            },
+            StartOptions::default().with_telemetry_metadata(metadata.clone()),
         )
         .await
         .unwrap();

@@ -6,7 +6,7 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hephaestus_engine_core::instance::InstanceStatus;
@@ -17,16 +17,16 @@ use hephaestus_storage_pg::PgStore;
 use tokio::net::TcpListener;
 
 use crate::faults::{fixtures, hephaestus_bin};
-use crate::queue_pg::SAFETY_NET;
 use crate::support::db::{TestSchema, database_url};
+use crate::support::wait;
 
 /// A TCP proxy to PostgreSQL that can be cut (open connections dropped, new
 /// ones refused) and restored.
 struct Proxy {
     addr: SocketAddr,
     up: Arc<AtomicBool>,
-    /// Bumped on every cut: forwarding tasks of an older generation stop.
-    generation: Arc<AtomicU64>,
+    /// Bumped on every cut: the forwarding tasks open then stop.
+    cuts: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -35,9 +35,9 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let up = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(AtomicU64::new(0));
+        let cuts = tokio::sync::watch::Sender::new(0);
         let task = tokio::spawn({
-            let (up, generation) = (Arc::clone(&up), Arc::clone(&generation));
+            let (up, cuts) = (Arc::clone(&up), cuts.clone());
             async move {
                 loop {
                     let Ok((client, _)) = listener.accept().await else {
@@ -47,22 +47,19 @@ impl Proxy {
                         drop(client);
                         continue;
                     }
-                    let born = generation.load(Ordering::SeqCst);
-                    let (target, generation) = (target.clone(), Arc::clone(&generation));
+                    // Sees the cuts from now on only.
+                    let mut cut = cuts.subscribe();
+                    let target = target.clone();
                     tokio::spawn(async move {
                         let Ok(server) = tokio::net::TcpStream::connect(target).await else {
                             return;
                         };
                         let (mut client, mut server) = (client, server);
                         let pump = tokio::io::copy_bidirectional(&mut client, &mut server);
-                        let cut = async {
-                            while generation.load(Ordering::SeqCst) == born {
-                                tokio::time::sleep(Duration::from_millis(20)).await;
-                            }
-                        };
                         tokio::select! {
                             _ = pump => {}
-                            () = cut => {}
+                            // A cut, or the proxy dropped.
+                            _ = cut.changed() => {}
                         }
                     });
                 }
@@ -71,14 +68,14 @@ impl Proxy {
         Self {
             addr,
             up,
-            generation,
+            cuts,
             task,
         }
     }
 
     fn cut(&self) {
         self.up.store(false, Ordering::SeqCst);
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
     }
 
     fn restore(&self) {
@@ -130,25 +127,22 @@ fn get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Polls `path` until it answers `status` (a safety net bounds the wait).
-async fn until_status(addr: SocketAddr, path: &str, status: u16) -> String {
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    loop {
-        let (got, body) = tokio::task::spawn_blocking({
-            let path = path.to_owned();
-            move || get(addr, &path)
-        })
+/// One GET off the async threads.
+async fn scrape(addr: SocketAddr, path: &str) -> (u16, String) {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || get(addr, &path))
         .await
-        .unwrap();
-        if got == status {
-            return body;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{path} answered {got} ({body}), not {status}, after {SAFETY_NET:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        .unwrap()
+}
+
+/// Asks `path` again until it answers `status` (the worker is another
+/// process: its endpoints are all it tells); returns that body.
+async fn until_status(addr: SocketAddr, path: &str, status: u16) -> String {
+    wait::until_some(format!("{path} to answer {status}"), || async move {
+        let (got, body) = scrape(addr, path).await;
+        (got == status).then_some(body)
+    })
+    .await
 }
 
 /// The series of `metric` (its lines, without comments).
@@ -296,14 +290,12 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
         ids.push(started.id);
     }
     // During the run: steps have finished, instances have not all ended.
-    let during = loop {
-        let (status, text) = get(addr, "/metrics");
+    let during = wait::until_some("a scrape showing a finished step", || async move {
+        let (status, text) = scrape(addr, "/metrics").await;
         assert_eq!(status, 200);
-        if !series(&text, "hephaestus_step_stop_duration_count").is_empty() {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        (!series(&text, "hephaestus_step_stop_duration_count").is_empty()).then_some(text)
+    })
+    .await;
     let done_during = series(&during, "hephaestus_workflow_stop_count")
         .iter()
         .map(|l| value(l))
@@ -312,15 +304,13 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
         done_during < 20.0,
         "scraped during the run: {done_during} done"
     );
-    for id in &ids {
-        let deadline = tokio::time::Instant::now() + SAFETY_NET;
-        while api.get(*id).await.unwrap().unwrap().status != InstanceStatus::Completed {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{id} did not complete"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    // The worker process completes them; only the database tells.
+    for &id in &ids {
+        let api = &api;
+        wait::until(format!("instance {id} to complete"), || async move {
+            api.get(id).await.unwrap().unwrap().status == InstanceStatus::Completed
+        })
+        .await;
     }
 
     // After the run: every worker-side metric, with bounded labels.
@@ -381,13 +371,11 @@ async fn metrics_are_scraped_during_and_after_a_run_and_readyz_follows_the_datab
             .any(|l| l.contains("outcome=\"") && l.contains("queue=\"") && l.contains("kind=\"")),
         "{finished:?}"
     );
-    let depth_text = loop {
+    let depth_text = wait::until_some("a scrape showing the queue depth", || async move {
         let text = until_status(addr, "/metrics", 200).await;
-        if !series(&text, "hephaestus_queue_jobs").is_empty() {
-            break text;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+        (!series(&text, "hephaestus_queue_jobs").is_empty()).then_some(text)
+    })
+    .await;
     let depth = series(&depth_text, "hephaestus_queue_jobs");
     assert!(
         depth

@@ -24,8 +24,8 @@ use tracing_subscriber::layer::SubscriberExt as _;
 use tracing_subscriber::util::SubscriberInitExt as _;
 use uuid::Uuid;
 
-use crate::queue_pg::SAFETY_NET;
-use crate::runner::harness::Harness;
+use crate::runner::harness::{Harness, until_status};
+use crate::support::wait::until;
 
 /// The exporter every span of the test binary goes to.
 fn exporter() -> &'static InMemorySpanExporter {
@@ -98,35 +98,17 @@ async fn root_of(rt: &Runtime<PgBackend>, id: Uuid) -> SpanContext {
     parse_traceparent(stored).expect("a valid W3C traceparent")
 }
 
-/// Waits until `check` holds (a safety net bounds the wait).
-async fn until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: not after {SAFETY_NET:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn start_worker(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    rt.queue_runtime(hephaestus_failure_handler::workers(rt))
+    hephaestus_failure_handler::queue_runtime(rt)
         .start()
         .await
         .expect("the queue runtime starts")
 }
 
 fn config() -> RunnerConfig {
-    RunnerConfig {
-        poll_interval: Duration::from_millis(20),
-        concurrency: 4,
-        ..RunnerConfig::default()
-    }
+    RunnerConfig::default()
+        .with_poll_interval(Duration::from_millis(20))
+        .with_concurrency(4)
 }
 
 /// Diamond "traced": Begin, then Left and Right, then Join.
@@ -212,10 +194,7 @@ async fn a_diamond_across_two_worker_runtimes_and_a_restart_is_one_trace() {
     qa.shutdown(Duration::from_secs(5)).await;
     let qb = start_worker(&b).await;
     h.clock.advance(Duration::from_secs(10));
-    until("the instance completes", || async {
-        b.get(id).await.unwrap().unwrap().status == InstanceStatus::Completed
-    })
-    .await;
+    until_status(&[&b], id, InstanceStatus::Completed).await;
     qb.shutdown(Duration::from_secs(5)).await;
     assert_eq!(right.attempts(), vec![1, 2]);
 
@@ -370,10 +349,7 @@ async fn a_failed_instance_has_an_error_root_span() {
         .unwrap();
     let root = root_of(&rt, started.id).await;
     let worker = start_worker(&rt).await;
-    until("the instance fails", || async {
-        rt.get(started.id).await.unwrap().unwrap().status == InstanceStatus::Failed
-    })
-    .await;
+    until_status(&[&rt], started.id, InstanceStatus::Failed).await;
     worker.shutdown(Duration::from_secs(5)).await;
     let spans = spans_of(root.trace_id());
     let root_span = spans
@@ -478,6 +454,8 @@ impl Step for Sleepy {
     }
 
     async fn execute(&self, _input: hephaestus_engine_core::step::StepInput<'_>) -> StepOutcome {
+        // not a wait: user code at work, so that the picture has bars of
+        // different lengths
         tokio::time::sleep(Duration::from_millis(self.ms)).await;
         StepOutcome::complete("done")
     }
@@ -621,10 +599,7 @@ async fn a_diamond_trace_renders_as_a_waterfall() {
     };
     drop(caller);
     let root = root_of(&rt, started.id).await;
-    until("the diamond completes", || async {
-        rt.get(started.id).await.unwrap().unwrap().status == InstanceStatus::Completed
-    })
-    .await;
+    until_status(&[&rt], started.id, InstanceStatus::Completed).await;
     worker.shutdown(Duration::from_secs(5)).await;
     let spans = spans_of(root.trace_id());
     let svg = waterfall(&spans);

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, broadcast};
 
 use super::{QueueDb, SAFETY_NET, wait_for_event};
+use crate::support::wait;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -433,11 +434,11 @@ async fn after_the_grace_period_jobs_are_told_to_stop_then_aborted() {
     );
     // Another runtime runs it right away.
     let next = runtime(&db, &probe).start().await.unwrap();
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while db.queue.job(stubborn).await.unwrap().unwrap().attempt < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "not run again");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let queue = &db.queue;
+    wait::until("the handed-back job to run again", || async move {
+        queue.job(stubborn).await.unwrap().unwrap().attempt >= 2
+    })
+    .await;
     next.abort().await;
     db.teardown().await;
 }
@@ -486,22 +487,18 @@ async fn a_lapsed_lease_is_taken_over_and_its_old_holder_stops_leading() {
     .execute(&db.pool)
     .await
     .unwrap();
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while !second.is_leader() || first.is_leader() {
-        assert!(tokio::time::Instant::now() < deadline, "no takeover");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait::until_holds("the follower to take the lapsed lease over", || {
+        second.is_leader() && !first.is_leader()
+    })
+    .await;
     let (holder, _) = db.queue.maintenance_leader().await.unwrap().unwrap();
     assert_eq!(holder, second.worker_id());
     // A graceful stop gives the lease up at once.
     second.shutdown(Duration::from_secs(5)).await;
-    while !first.is_leader() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the lease was not given up"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait::until_holds("the old leader to take the given-up lease", || {
+        first.is_leader()
+    })
+    .await;
     first.shutdown(Duration::from_secs(5)).await;
     assert_eq!(db.queue.maintenance_leader().await.unwrap(), None);
     db.teardown().await;
@@ -627,11 +624,7 @@ async fn one_leader_at_a_time_and_a_follower_takes_over() {
     assert!(!second.is_leader());
     first.shutdown(Duration::from_secs(5)).await;
     // The follower campaigns every 50 ms; the lock was released on shutdown.
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while !second.is_leader() {
-        assert!(tokio::time::Instant::now() < deadline, "no new leader");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait::until_holds("the follower to lead", || second.is_leader()).await;
     second.shutdown(Duration::from_secs(5)).await;
     db.teardown().await;
 }
@@ -702,25 +695,19 @@ fn metrics_report_wait_run_time_outcomes_and_depth() {
             let id = db.queue.insert(&probe_job(Mode::Ok)).await.unwrap().id();
             wait_for(&mut events, id, &JobEventKind::Completed).await;
             // The depth gauge is refreshed every 20 ms by the leader.
-            let deadline = tokio::time::Instant::now() + SAFETY_NET;
-            loop {
-                let completed_gauge =
-                    snapshotter
-                        .snapshot()
-                        .into_vec()
-                        .into_iter()
-                        .any(|(key, _, _, value)| {
-                            key.kind() == MetricKind::Gauge
-                                && key.key().name() == "hephaestus_queue_jobs"
-                                && key.key().labels().any(|l| l.value() == "completed")
-                                && value == DebugValue::Gauge(1.0.into())
-                        });
-                if completed_gauge {
-                    break;
-                }
-                assert!(tokio::time::Instant::now() < deadline, "no depth gauge");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            wait::until_holds("a depth gauge counting the completed job", || {
+                snapshotter
+                    .snapshot()
+                    .into_vec()
+                    .into_iter()
+                    .any(|(key, _, _, value)| {
+                        key.kind() == MetricKind::Gauge
+                            && key.key().name() == "hephaestus_queue_jobs"
+                            && key.key().labels().any(|l| l.value() == "completed")
+                            && value == DebugValue::Gauge(1.0.into())
+                    })
+            })
+            .await;
             rt.shutdown(Duration::from_secs(5)).await;
             db.teardown().await;
         });

@@ -592,3 +592,34 @@ async fn finished_jobs_are_counted_per_minute_and_state() {
     );
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn the_census_counts_jobs_by_state_and_latency_reads_completed_ones() {
+    let db = QueueDb::with_connections(2).await;
+    let clock = ManualClock::new(t0());
+    let q = db.queue.with_clock(clock.clone());
+    q.insert_many(&[job(1), job(2), job(3)]).await.unwrap();
+    assert_eq!(q.latency_seconds("work", &[0.5, 0.99]).await.unwrap(), None);
+    let leases = q.fetch("q", 2, t0(), "w").await.unwrap();
+    clock.advance(Duration::from_secs(10));
+    q.complete_many(&[(leases[0].id, leases[0].attempt)])
+        .await
+        .unwrap();
+    assert_eq!(
+        q.census().await.unwrap(),
+        hephaestus_queue_pg::QueueCensus {
+            jobs: 3,
+            unfinished_jobs: 2,
+            executing_jobs: 1,
+        }
+    );
+    // Due at t0, completed 10 s later.
+    assert_eq!(
+        q.latency_seconds("work", &[0.5, 0.99]).await.unwrap(),
+        Some(vec![10.0, 10.0])
+    );
+    assert_eq!(q.latency_seconds("other", &[0.5]).await.unwrap(), None);
+    q.analyze().await.unwrap();
+    q.vacuum_analyze().await.unwrap();
+    db.teardown().await;
+}

@@ -3,6 +3,7 @@
 //! one virtual clock.
 
 use hephaestus_engine_core::Workflow;
+use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::workflow::WorkflowFamily;
 use hephaestus_memory::MemoryBackend;
 use hephaestus_runner::postgres::PgBackend;
@@ -12,6 +13,7 @@ use hephaestus_sqlite::SqliteBackend;
 
 use crate::support::db::TestSchema;
 use crate::support::sqlite::TempDir;
+use crate::support::wait;
 
 /// A backend and the clock every component reads.
 pub struct Harness<B> {
@@ -143,6 +145,43 @@ impl<B: Backend> Harness<B> {
         drop(self.backend);
         drop(self.dir);
     }
+}
+
+/// Waits until instance `id` has `status`, looking again each time one of
+/// `runtimes` (those that run its jobs) reports telemetry: every committed
+/// round ends with an event, so no change goes unseen.
+pub async fn until_status<B: Backend>(
+    runtimes: &[&Runtime<B>],
+    id: uuid::Uuid,
+    status: InstanceStatus,
+) {
+    /// What the wait is for, with the status last seen (read when it fails).
+    struct Becoming<'a> {
+        id: uuid::Uuid,
+        status: InstanceStatus,
+        seen: &'a std::cell::Cell<Option<InstanceStatus>>,
+    }
+    impl std::fmt::Display for Becoming<'_> {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            let (id, status, seen) = (self.id, self.status, self.seen.get());
+            write!(f, "instance {id} to be {status:?} (last seen {seen:?})")
+        }
+    }
+    let mut events: Vec<_> = runtimes.iter().map(|rt| rt.subscribe()).collect();
+    let rt = runtimes[0];
+    let seen = std::cell::Cell::new(None);
+    let what = Becoming {
+        id,
+        status,
+        seen: &seen,
+    };
+    let seen = &seen;
+    wait::until_notified(&mut events, what, || async move {
+        let now = rt.get(id).await.unwrap().unwrap().status;
+        seen.set(Some(now));
+        now == status
+    })
+    .await;
 }
 
 /// Workflow "fan": Begin, then `width` branches `Branch0..`, then Join.

@@ -266,14 +266,11 @@ async fn async_step_resumes_with_validation<B: Backend>(h: &Harness<B>) {
 
 async fn resume_before_the_async_marker_is_kept<B: Backend>(h: &Harness<B>) {
     let (wf, _hold) = approval();
-    let config = RunnerConfig {
-        queues: hephaestus_runner::QueueNames {
-            advance: "advance".into(),
-            execute: "execute".into(),
-            timer: "timer".into(),
-        },
-        ..RunnerConfig::default()
-    };
+    let config = RunnerConfig::default().with_queues(hephaestus_runner::QueueNames {
+        advance: "advance".into(),
+        execute: "execute".into(),
+        timer: "timer".into(),
+    });
     let rt = h.runtime_with(config, vec![wf], vec![]);
     let s = rt.start("approval", "1", json!({}), opts()).await.unwrap();
     // Only the advance: the step is active, its execution not yet run.
@@ -503,15 +500,7 @@ async fn versioned_instances_keep_their_version<B: Backend>(h: &Harness<B>) {
     let rt = h.runtime_with(RunnerConfig::default(), vec![], vec![family]);
     let old = rt.start("signup", "a", json!({}), opts()).await.unwrap();
     let new = rt
-        .start(
-            "signup",
-            "a",
-            json!({}),
-            StartOptions {
-                version: Some(2),
-                ..opts()
-            },
-        )
+        .start("signup", "a", json!({}), opts().with_version(2))
         .await
         .unwrap();
     assert_eq!((old.version, new.version), (1, 2));
@@ -634,11 +623,9 @@ async fn wide_fan_out_with_a_slow_branch_runs_each_step_once<B: Backend>(h: &Har
         b = b.on(br.clone(), "done", join.clone());
     }
     let wf = b.on(join.clone(), "done", Done).build().unwrap();
-    let config = RunnerConfig {
-        concurrency: 8,
-        poll_interval: Duration::from_millis(10),
-        ..RunnerConfig::default()
-    };
+    let config = RunnerConfig::default()
+        .with_concurrency(8)
+        .with_poll_interval(Duration::from_millis(10));
     let rt = h.runtime_with(config, vec![wf], vec![]);
     let mut events = rt.subscribe();
     let s = rt.start("wide", "1", json!({}), opts()).await.unwrap();
@@ -728,11 +715,9 @@ async fn several_workers_apply_every_result_exactly_once<B: Backend>(h: &Harness
         .on(l2.clone(), "done", Done)
         .build()
         .unwrap();
-    let config = RunnerConfig {
-        concurrency: 6,
-        poll_interval: Duration::from_millis(20),
-        ..RunnerConfig::default()
-    };
+    let config = RunnerConfig::default()
+        .with_concurrency(6)
+        .with_poll_interval(Duration::from_millis(20));
     let runtimes: Vec<_> = (0..3)
         .map(|_| h.runtime_with(config.clone(), vec![diamond.clone(), chain.clone()], vec![]))
         .collect();
@@ -836,14 +821,11 @@ on_both_backends!(
 );
 
 fn split_queues() -> RunnerConfig {
-    RunnerConfig {
-        queues: hephaestus_runner::QueueNames {
-            advance: "advance".into(),
-            execute: "execute".into(),
-            timer: "timer".into(),
-        },
-        ..RunnerConfig::default()
-    }
+    RunnerConfig::default().with_queues(hephaestus_runner::QueueNames {
+        advance: "advance".into(),
+        execute: "execute".into(),
+        timer: "timer".into(),
+    })
 }
 
 /// Takes the next execute job as a worker would, then "dies" with it.
@@ -925,10 +907,7 @@ async fn a_corrupt_instance_fails_after_retries_with_the_reason<B: Backend>(h: &
     use hephaestus_engine_core::instance::StepState;
     use hephaestus_engine_core::ports::{NewStepResult, ResultPayload};
     let (wf, _) = approval();
-    let config = RunnerConfig {
-        advance_max_attempts: 2,
-        ..RunnerConfig::default()
-    };
+    let config = RunnerConfig::default().with_advance_max_attempts(2);
     let rt = h.runtime_with(config, vec![wf], vec![]);
     let s = rt.start("approval", "1", json!({}), opts()).await.unwrap();
     rt.drain().await.unwrap();
@@ -1040,10 +1019,7 @@ async fn uniqueness_scopes_through_the_api<B: Backend>(h: &Harness<B>) {
     rt.start("by_version", "1", json!({}), opts())
         .await
         .unwrap();
-    let v2 = StartOptions {
-        version: Some(2),
-        ..opts()
-    };
+    let v2 = opts().with_version(2);
     rt.start("by_version", "1", json!({}), v2.clone())
         .await
         .unwrap();

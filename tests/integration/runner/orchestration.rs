@@ -6,53 +6,39 @@
 use std::time::Duration;
 
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::JobQueue;
+use hephaestus_engine_core::ports::{JobQueue, NewJob};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::Done;
-use hephaestus_queue_pg::QueueRuntime;
+use hephaestus_queue_pg::{JobEvent, JobEventKind, QueueRuntime};
 use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::testing::{DrainOptions, Gate, ScriptedStep};
 use hephaestus_runner::{RunnerConfig, Runtime, StartOptions, jobs};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::harness::{FanOut, Harness};
-use crate::queue_pg::SAFETY_NET;
+use super::harness::{FanOut, Harness, until_status};
+use crate::support::wait;
 
 /// `attempted_by` of the jobs a runner claims in its settling commit.
 const CONTINUATION: &str = "hephaestus-runner (continuation)";
 
 fn config(continuations: bool) -> RunnerConfig {
-    RunnerConfig {
-        // Only NOTIFY (and continuations) deliver work within a test.
-        poll_interval: Duration::from_secs(3600),
-        concurrency: 16,
-        continuations,
-        ..RunnerConfig::default()
-    }
+    // Only NOTIFY (and continuations) deliver work within a test.
+    RunnerConfig::default()
+        .with_poll_interval(Duration::from_secs(3600))
+        .with_concurrency(16)
+        .with_continuations(continuations)
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    rt.queue_runtime(hephaestus_failure_handler::workers(rt))
+    hephaestus_failure_handler::queue_runtime(rt)
         .start()
         .await
         .expect("the queue runtime starts")
 }
 
 async fn wait_completed(rt: &Runtime<PgBackend>, id: Uuid) {
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    loop {
-        let now = rt.get(id).await.unwrap().unwrap();
-        if now.status == InstanceStatus::Completed {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "instance {id} is {:?} after {SAFETY_NET:?}",
-            now.status
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_status(&[rt], id, InstanceStatus::Completed).await;
 }
 
 /// (kind, step, state, attempt, attempted_by) of an instance's jobs, oldest
@@ -192,10 +178,7 @@ async fn a_fan_out_runs_its_branches_in_the_worker_that_activated_them() {
 async fn a_result_whose_instance_another_writer_holds_waits_in_the_inbox_without_blocking() {
     let h = Harness::postgres().await;
     let (wf, steps) = chain(1);
-    let split = RunnerConfig {
-        queues: super::split_queues().queues,
-        ..config(true)
-    };
+    let split = config(true).with_queues(super::split_queues().queues);
     let rt = h.runtime_with(split, vec![wf], Vec::new());
     let s = rt
         .start("chain", "1", json!({}), StartOptions::default())
@@ -268,68 +251,91 @@ async fn a_continuation_is_heartbeated_and_not_rescued_while_it_runs() {
         .build()
         .unwrap();
     let rt = h.runtime_with(
-        RunnerConfig {
-            heartbeat_interval: Duration::from_millis(50),
-            stale_after: Duration::from_secs(30),
-            rescue_interval: Duration::from_millis(50),
-            ..config(true)
-        },
+        config(true)
+            .with_heartbeat_interval(Duration::from_millis(50))
+            .with_stale_after(Duration::from_secs(30))
+            .with_rescue_interval(Duration::from_millis(50)),
         vec![wf],
         Vec::new(),
     );
     let q = start_queue_runtime(&rt).await;
+    let mut job_events = q.subscribe();
     let s = rt
         .start("slow", "1", json!({}), StartOptions::default())
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while gate.waiting() == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "Slow never started");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait::until_holds("Slow to start", || gate.waiting() > 0).await;
+    // A canary: a job that a worker took as Slow started, then went silent
+    // with. Once time has moved past `stale_after` the rescuer must rescue
+    // it; the pass that does looks at Slow too, which has run as long.
+    let canary = {
+        let mut job = NewJob::new("canary", "canary", json!({}));
+        job.max_attempts = 2;
+        h.backend.queue().insert(&job).await.unwrap().id()
+    };
+    let taken = h.backend.fetch("canary", 1, h.clock.now()).await.unwrap();
+    assert_eq!(taken.iter().map(|l| l.id).collect::<Vec<_>>(), [canary]);
     // Slow runs as First's continuation: the queue never fetched it. Time
-    // passes well beyond `stale_after`, a few seconds at a time; the runtime
-    // keeps its heartbeat fresh, so the rescuer leaves it alone.
+    // passes well beyond `stale_after`, a few seconds at a time; after each
+    // step the runtime heartbeats Slow at the new time.
+    let (harness, id) = (&h, s.id);
     for _ in 0..12 {
         h.clock.advance(Duration::from_secs(5));
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = h.clock.now();
+        wait::until(format!("a heartbeat of Slow at {now}"), || async move {
+            slow_heartbeat(harness, id)
+                .await
+                .is_some_and(|at| at >= now)
+        })
+        .await;
     }
-    let moved = h.clock.now() - chrono::Duration::seconds(5);
-    loop {
-        let table = jobs_table(&h, s.id).await;
-        let queue = h.backend.queue();
-        let beat: Option<chrono::DateTime<chrono::Utc>> = sqlx::query_scalar(&format!(
-            "select heartbeat_at from {}.hephaestus_jobs
-             where group_key = $1 and args->>'step' = 'Slow'",
-            queue.prefix().quoted()
-        ))
-        .bind(s.id.to_string())
-        .fetch_one(queue.pool())
-        .await
-        .unwrap();
-        if beat.is_some_and(|at| at >= moved) {
-            let slow_job = table
-                .iter()
-                .find(|job| job.1.as_deref() == Some("Slow"))
-                .unwrap();
-            assert_eq!(slow_job.4.as_deref(), Some(CONTINUATION), "{table:?}");
-            assert_eq!((slow_job.2.as_str(), slow_job.3), ("executing", 1));
-            break;
-        }
+    // The rescuer ran a pass with Slow as old as the canary: it rescued the
+    // canary and left Slow alone...
+    let is_rescue = |e: &JobEvent| matches!(e.kind, JobEventKind::Rescued);
+    let rescued =
+        wait::for_event(&mut job_events, "a rescue pass (of the canary)", is_rescue).await;
+    assert_eq!(
+        rescued.job, canary,
+        "the rescuer took a running job: {rescued:?}"
+    );
+    while let Ok(later) = job_events.try_recv() {
         assert!(
-            tokio::time::Instant::now() < deadline,
-            "the continuation was not heartbeated: {table:?}"
+            !is_rescue(&later),
+            "the rescuer took a running job: {later:?}"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Past a few rescue passes it still runs its first attempt.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // ...and Slow still runs its first attempt, as a continuation.
+    let table = jobs_table(&h, s.id).await;
+    let slow_job = table
+        .iter()
+        .find(|job| job.1.as_deref() == Some("Slow"))
+        .unwrap();
+    assert_eq!(slow_job.4.as_deref(), Some(CONTINUATION), "{table:?}");
+    assert_eq!(
+        (slow_job.2.as_str(), slow_job.3),
+        ("executing", 1),
+        "{table:?}"
+    );
     gate.release();
     wait_completed(&rt, s.id).await;
     assert_eq!(slow.runs(), 1);
     assert_eq!(slow.attempts(), vec![1]);
     q.shutdown(Duration::from_secs(5)).await;
     h.teardown().await;
+}
+
+/// When Slow's job last heartbeated.
+async fn slow_heartbeat(h: &Harness<PgBackend>, id: Uuid) -> Option<chrono::DateTime<chrono::Utc>> {
+    let queue = h.backend.queue();
+    sqlx::query_scalar(&format!(
+        "select heartbeat_at from {}.hephaestus_jobs
+         where group_key = $1 and args->>'step' = 'Slow'",
+        queue.prefix().quoted()
+    ))
+    .bind(id.to_string())
+    .fetch_one(queue.pool())
+    .await
+    .unwrap()
 }
 
 /// `postgres::tuned` connections plan the hot-path statements once

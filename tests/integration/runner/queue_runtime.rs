@@ -16,39 +16,19 @@ use hephaestus_runner::postgres::PgBackend;
 use hephaestus_runner::testing::{DrainOptions, ScriptedStep};
 use hephaestus_runner::{RunnerConfig, Runtime, StartOptions, jobs};
 use serde_json::json;
-use uuid::Uuid;
 
-use super::harness::{FanOut, Harness};
-use crate::queue_pg::SAFETY_NET;
-
-/// Polls until `id` has `status` (a safety net bounds the wait).
-async fn wait_for_status(rt: &Runtime<PgBackend>, id: Uuid, status: InstanceStatus) {
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    loop {
-        let now = rt.get(id).await.unwrap().unwrap();
-        if now.status == status {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "instance {id} is {:?}, not {status:?}, after {SAFETY_NET:?}",
-            now.status
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+use super::harness::{FanOut, Harness, until_status};
+use crate::support::wait;
 
 /// A config whose poll never fires within a test: only NOTIFY delivers.
 fn notify_only() -> RunnerConfig {
-    RunnerConfig {
-        poll_interval: Duration::from_secs(3600),
-        concurrency: 16,
-        ..RunnerConfig::default()
-    }
+    RunnerConfig::default()
+        .with_poll_interval(Duration::from_secs(3600))
+        .with_concurrency(16)
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    rt.queue_runtime(hephaestus_failure_handler::workers(rt))
+    hephaestus_failure_handler::queue_runtime(rt)
         .start()
         .await
         .expect("the queue runtime starts")
@@ -76,7 +56,7 @@ async fn two_queue_runtimes_complete_fan_outs_woken_only_by_notifications() {
         ids.push(started.id);
     }
     for id in &ids {
-        wait_for_status(&a, *id, InstanceStatus::Completed).await;
+        until_status(&[&a, &b], *id, InstanceStatus::Completed).await;
     }
     // Every step ran exactly once per instance, across both runtimes.
     assert_eq!(begin.runs(), 20);
@@ -120,16 +100,14 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
         .on(charge.clone(), "charged", Done)
         .build()
         .unwrap();
-    let config = RunnerConfig {
-        queues: hephaestus_runner::QueueNames {
+    let config = notify_only()
+        .with_queues(hephaestus_runner::QueueNames {
             advance: "advance".to_owned(),
             execute: "execute".to_owned(),
             timer: "timer".to_owned(),
-        },
-        stale_after: Duration::from_secs(30),
-        rescue_interval: Duration::from_millis(50),
-        ..notify_only()
-    };
+        })
+        .with_stale_after(Duration::from_secs(30))
+        .with_rescue_interval(Duration::from_millis(50));
     let rt = h.runtime_with(config.clone(), vec![wf], Vec::new());
     let s = rt
         .start("pay", "1", json!({}), StartOptions::default())
@@ -158,7 +136,7 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
     // no attempt left and discards it; the hook records the step's failure
     // in that transaction, and the advance it enqueued fails the instance.
     let q = start_queue_runtime(&rt).await;
-    wait_for_status(&rt, s.id, InstanceStatus::Failed).await;
+    until_status(&[&rt], s.id, InstanceStatus::Failed).await;
     let inst = rt.get(s.id).await.unwrap().unwrap();
     let failure = inst.failure.clone().expect("a failure record");
     assert_eq!(
@@ -187,11 +165,12 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
     h.teardown().await;
 }
 
-/// A step that runs until told to stop, and records that it was.
+/// A step that runs until told to stop, and signals when it starts and
+/// when it was told to stop.
 #[derive(Debug, Clone, Default)]
 struct UntilStopped {
-    started: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stopped: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    started: std::sync::Arc<tokio::sync::Notify>,
+    stopped: std::sync::Arc<tokio::sync::Notify>,
 }
 
 #[async_trait::async_trait]
@@ -205,25 +184,15 @@ impl Step for UntilStopped {
     }
 
     async fn execute(&self, input: StepInput<'_>) -> StepOutcome {
-        use std::sync::atomic::Ordering;
-        self.started.store(true, Ordering::SeqCst);
+        self.started.notify_one();
         input.cancellation.cancelled().await;
-        self.stopped.store(true, Ordering::SeqCst);
+        self.stopped.notify_one();
         StepOutcome::retry("stopped")
-    }
-}
-
-async fn until(what: &str, done: impl Fn() -> bool) {
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while !done() {
-        assert!(tokio::time::Instant::now() < deadline, "{what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 #[tokio::test]
 async fn a_cancel_reaches_a_step_running_in_another_runtime() {
-    use std::sync::atomic::Ordering;
     let h = Harness::postgres().await;
     let step = UntilStopped::default();
     let wf = Workflow::builder("slow")
@@ -239,19 +208,13 @@ async fn a_cancel_reaches_a_step_running_in_another_runtime() {
         .start("slow", "1", json!({}), StartOptions::default())
         .await
         .unwrap();
-    until("the step never started", || {
-        step.started.load(Ordering::SeqCst)
-    })
-    .await;
+    wait::for_signal(&step.started, "the step to start").await;
     // Another runtime (an API process) cancels: its cancel of the executing
     // job is notified, and the worker's step sees its cancellation signal.
     api.cancel(s.id, Some("the customer called".to_owned()))
         .await
         .unwrap();
-    until("the running step was never told to stop", || {
-        step.stopped.load(Ordering::SeqCst)
-    })
-    .await;
+    wait::for_signal(&step.stopped, "the running step to be told to stop").await;
     let inst = api.get(s.id).await.unwrap().unwrap();
     assert_eq!(inst.status, InstanceStatus::Cancelled);
     assert!(
@@ -275,11 +238,7 @@ async fn only_the_leader_reconciles() {
     let rt = h.runtime_with(notify_only(), vec![wf], Vec::new());
     let leader = start_queue_runtime(&rt).await;
     let follower = start_queue_runtime(&rt).await;
-    let deadline = tokio::time::Instant::now() + SAFETY_NET;
-    while !leader.is_leader() {
-        assert!(tokio::time::Instant::now() < deadline, "no leader elected");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait::until_holds("a leader to be elected", || leader.is_leader()).await;
     assert!(!follower.is_leader());
     let (leader, follower) = (std::sync::Arc::new(leader), std::sync::Arc::new(follower));
     let on_leader = {

@@ -139,10 +139,7 @@ async fn every_event_carries_every_field_of_the_original<B: Backend>(h: &Harness
         .unwrap();
     let builder = Runtime::builder(h.backend.clone())
         .clock(h.clock.clone())
-        .config(RunnerConfig {
-            name: "worker-7".to_owned(),
-            ..RunnerConfig::default()
-        })
+        .config(RunnerConfig::default().with_name("worker-7".to_owned()))
         .workflow(linear)
         .workflow(waits)
         .workflow(fails);

@@ -79,6 +79,7 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
             let mut worker = WorkerProc::spawn(&bin, &file);
             let mut kills = 0_usize;
             while !stop.load(Ordering::SeqCst) {
+                // not a wait: the fault schedule, a kill every 150 to 600 ms
                 std::thread::sleep(Duration::from_millis(150 + rng.below(450)));
                 worker.kill();
                 kills += 1;
@@ -97,6 +98,7 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
             start(&runtime, plan).await;
         }
     }
+    // not a wait: the kills go on for a while after the last start
     tokio::time::sleep(KILLS_AFTER_LOAD).await;
     stop_kills.store(true, Ordering::SeqCst);
     let (worker, kills) = tokio::task::spawn_blocking(move || killer.join())
@@ -107,28 +109,29 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
     assert!(kills >= 5, "the worker was killed {kills} times only");
 
     let settle_began = Instant::now();
-    loop {
-        let active = runtime
+    let active = || async {
+        runtime
             .list(&InstanceFilter {
                 statuses: InstanceStatus::ACTIVE.to_vec(),
                 ..InstanceFilter::default()
             })
             .await
-            .expect("list the active instances");
-        if active.is_empty() {
-            break;
-        }
-        assert!(
-            settle_began.elapsed() < SETTLE_LIMIT,
+            .expect("list the active instances")
+    };
+    let settled =
+        crate::support::wait::holds_within(SETTLE_LIMIT, || async { active().await.is_empty() })
+            .await;
+    if !settled {
+        let stuck = active().await;
+        panic!(
             "{} instances still active {SETTLE_LIMIT:?} after the load (seed {seed}), e.g. {:?}",
-            active.len(),
-            active
+            stuck.len(),
+            stuck
                 .iter()
                 .take(5)
                 .map(|i| (i.id, i.workflow_id.as_str(), i.status, &i.steps))
                 .collect::<Vec<_>>()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     eprintln!(
         "sqlite crash: every instance finished {:?} after the load",
@@ -193,10 +196,7 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
 async fn start(rt: &Runtime<SqliteBackend>, plan: &Plan) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let options = StartOptions {
-            id: Some(plan.id),
-            ..StartOptions::default()
-        };
+        let options = StartOptions::default().with_id(plan.id);
         let outcome = rt
             .start(
                 plan.workflow,
@@ -214,6 +214,7 @@ async fn start(rt: &Runtime<SqliteBackend>, plan: &Plan) {
             "cannot start instance {}: {error}",
             plan.id
         );
+        // not a wait: the pace of retrying a start the busy file refused
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -250,6 +251,8 @@ async fn resume_waiting(rt: Runtime<SqliteBackend>, stop: Arc<AtomicBool>) {
                 }
             }
         }
+        // not a wait: the resumer stands in for an outside system, which
+        // looks for waiting instances at its own pace
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -343,20 +346,22 @@ impl WorkerProc {
     /// Closes stdin (a graceful stop) and waits for the exit.
     fn stop(mut self) -> Result<std::process::ExitStatus, String> {
         drop(self.stdin.take());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => return Ok(status),
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Ok(None) => {
-                    self.kill();
-                    return Err("no exit within 30 s of closing stdin".to_owned());
-                }
-                Err(e) => return Err(e.to_string()),
+        // Not reaped before `wait` returns, so the pid stays this child's.
+        let pid = self.child.id().to_string();
+        let child = &mut self.child;
+        std::thread::scope(|scope| {
+            let (exited, on_exit) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                let _ = exited.send(child.wait());
+            });
+            if let Ok(status) = on_exit.recv_timeout(Duration::from_secs(30)) {
+                return status.map_err(|e| e.to_string());
             }
-        }
+            // The waiting thread holds the child: SIGKILL it by its pid,
+            // which ends that wait.
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            Err("no exit within 30 s of closing stdin".to_owned())
+        })
     }
 }
 

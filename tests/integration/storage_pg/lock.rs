@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::ports::{InstanceStore, PortError, StepResultStore, UnitOfWork};
@@ -41,16 +41,14 @@ async fn advisory_lock_pids(pool: &PgPool, key: i64, granted: bool) -> Vec<i32> 
     .unwrap()
 }
 
-/// Waits (polling the catalog, no fixed sleep) until backend `pid` waits for `key`.
+/// Waits until backend `pid` waits for `key` (the catalog is the only
+/// place that tells).
 async fn until_waiting(pool: &PgPool, key: i64, pid: i32) {
-    let deadline = Instant::now() + PATIENCE;
-    while !advisory_lock_pids(pool, key, false).await.contains(&pid) {
-        assert!(
-            Instant::now() < deadline,
-            "backend {pid} never waited for the lock"
-        );
-        tokio::task::yield_now().await;
-    }
+    let what = format!("backend {pid} to wait for the lock");
+    crate::support::wait::until_within(PATIENCE, what, || async move {
+        advisory_lock_pids(pool, key, false).await.contains(&pid)
+    })
+    .await;
 }
 
 async fn backend_pid(conn: &mut sqlx::PgConnection) -> i32 {

@@ -223,3 +223,69 @@ async fn a_custom_prefix_works_end_to_end_and_tenants_are_isolated() {
     }
     db.teardown().await;
 }
+
+#[tokio::test]
+async fn migrate_to_goes_down_and_up_again_and_refuses_the_wrong_direction() {
+    use hephaestus_engine_core::ports::PortError;
+    use hephaestus_migrations_gen::Direction;
+    use hephaestus_storage_pg::{StorageCensus, migrate_to, schema_version};
+
+    let db = TestSchema::new().await;
+    let latest = schema().latest();
+    let mut conn = db.pool.acquire().await.unwrap();
+    assert_eq!(schema_version(&mut conn, &db.prefix).await.unwrap(), 0);
+    assert_eq!(
+        migrate_to(&db.pool, &db.prefix, Direction::Up, latest)
+            .await
+            .unwrap(),
+        Migrated {
+            from: 0,
+            to: latest
+        }
+    );
+    assert_eq!(schema_version(&mut conn, &db.prefix).await.unwrap(), latest);
+    let store = PgStore::new(db.pool.clone(), db.prefix.clone());
+    let mut tx = store.begin().await.unwrap();
+    for status in [InstanceStatus::Running, InstanceStatus::Completed] {
+        let one = instance("census::1", "orders", 1, Scope::None, status);
+        store.insert(&mut tx, &one).await.unwrap();
+    }
+    store.commit(tx).await.unwrap();
+    assert_eq!(
+        store.census().await.unwrap(),
+        StorageCensus {
+            instances: 2,
+            active_instances: 1,
+            step_results: 0
+        }
+    );
+
+    // Up to a lower version is refused, and nothing changes.
+    let refused = migrate_to(&db.pool, &db.prefix, Direction::Up, 0)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, PortError::Conflict(m) if m.contains("migrate down instead")),
+        "{refused}"
+    );
+    assert_eq!(schema_version(&mut conn, &db.prefix).await.unwrap(), latest);
+
+    // Down to 0 drops the tables; up again recreates them empty.
+    assert_eq!(
+        migrate_to(&db.pool, &db.prefix, Direction::Down, 0)
+            .await
+            .unwrap(),
+        Migrated {
+            from: latest,
+            to: 0
+        }
+    );
+    assert_eq!(schema_version(&mut conn, &db.prefix).await.unwrap(), 0);
+    assert!(store.census().await.is_err(), "the tables are gone");
+    migrate_to(&db.pool, &db.prefix, Direction::Up, latest)
+        .await
+        .unwrap();
+    assert_eq!(store.census().await.unwrap(), StorageCensus::default());
+    drop(conn);
+    db.teardown().await;
+}

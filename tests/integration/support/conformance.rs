@@ -16,8 +16,7 @@ pub fn run<F: std::future::Future>(case: F) -> F::Output {
 
 /// Drops a case's schema and closes its pool.
 pub async fn drop_schema(pool: &PgPool, prefix: &SchemaPrefix) {
-    sqlx::raw_sql(&format!("drop schema {} cascade", prefix.quoted()))
-        .execute(pool)
+    hephaestus_queue_pg::drop_schema(pool, prefix)
         .await
         .expect("drop the case's schema");
     pool.close().await;

@@ -109,8 +109,7 @@ impl TestSchema {
     }
 
     pub async fn teardown(self) {
-        sqlx::raw_sql(&format!("drop schema {} cascade", self.prefix.quoted()))
-            .execute(&self.pool)
+        hephaestus_queue_pg::drop_schema(&self.pool, &self.prefix)
             .await
             .expect("drop the test schema");
         self.pool.close().await;

@@ -5,6 +5,7 @@ pub mod catalog;
 pub mod conformance;
 pub mod db;
 pub mod sqlite;
+pub mod wait;
 
 use std::path::PathBuf;
 

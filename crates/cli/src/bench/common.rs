@@ -54,14 +54,22 @@ impl BenchSchema {
         hephaestus_queue_pg::migrate(&admin, &prefix)
             .await
             .context("migrating the benchmark schema (queue)")?;
-        let table = match components {
-            Components::Queue => "hephaestus_jobs",
-            Components::StorageAndQueue => "hephaestus_instances",
+        let (table, existing) = match components {
+            Components::Queue => (
+                "hephaestus_jobs",
+                hephaestus_queue_pg::PgQueue::new(admin.clone(), prefix.clone())
+                    .census()
+                    .await?
+                    .jobs,
+            ),
+            Components::StorageAndQueue => (
+                "hephaestus_instances",
+                hephaestus_storage_pg::PgStore::new(admin.clone(), prefix.clone())
+                    .census()
+                    .await?
+                    .instances,
+            ),
         };
-        let existing: i64 =
-            sqlx::query_scalar(&format!("select count(*) from {}.{table}", prefix.quoted()))
-                .fetch_one(&admin)
-                .await?;
         admin.close().await;
         if existing > 0 {
             bail!(
@@ -82,13 +90,9 @@ impl BenchSchema {
             return Ok(());
         }
         let admin = pool(&self.options, 1).await?;
-        sqlx::raw_sql(&format!(
-            "drop schema if exists {} cascade",
-            self.prefix.quoted()
-        ))
-        .execute(&admin)
-        .await
-        .context("dropping the benchmark schema")?;
+        hephaestus_queue_pg::drop_schema(&admin, &self.prefix)
+            .await
+            .context("dropping the benchmark schema")?;
         admin.close().await;
         Ok(())
     }
@@ -116,43 +120,13 @@ pub async fn pool(options: &PgConnectOptions, max: u32) -> Result<PgPool> {
 pub async fn server_counters(options: &PgConnectOptions) -> Result<ServerCounters> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let reader = pool(options, 1).await?;
-    let (commits, wal_bytes): (i64, i64) = sqlx::query_as(
-        "select xact_commit, (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint
-         from pg_stat_database where datname = current_database()",
-    )
-    .fetch_one(&reader)
-    .await?;
-    // pg_stat_bgwriter up to PostgreSQL 16, pg_stat_checkpointer from 17.
-    let checkpoints: Option<i64> = match sqlx::query_scalar(
-        "select checkpoints_timed + checkpoints_req from pg_stat_bgwriter",
-    )
-    .fetch_one(&reader)
-    .await
-    {
-        Ok(n) => Some(n),
-        Err(_) => sqlx::query_scalar("select num_timed + num_requested from pg_stat_checkpointer")
-            .fetch_one(&reader)
-            .await
-            .ok(),
-    };
+    let counters = hephaestus_queue_pg::server_counters(&reader).await?;
     reader.close().await;
-    Ok(ServerCounters {
-        commits,
-        wal_bytes,
-        checkpoints,
-    })
+    Ok(counters)
 }
 
 /// Server-wide counters read before and after the drain.
-#[derive(Debug, Clone, Copy)]
-pub struct ServerCounters {
-    /// Committed transactions (`pg_stat_database.xact_commit`).
-    pub commits: i64,
-    /// The WAL position in bytes.
-    pub wal_bytes: i64,
-    /// Checkpoints so far (`None` when unreadable).
-    pub checkpoints: Option<i64>,
-}
+pub use hephaestus_queue_pg::ServerCounters;
 
 pub fn ratio(n: usize, d: f64) -> f64 {
     let n = u32::try_from(n).map_or(f64::from(u32::MAX), f64::from);

@@ -121,12 +121,10 @@ impl QueueBench {
         // 1. Insert, timed.
         let insert = self.insert_all(options, prefix).await?;
         let admin = pool(options, 1).await?;
-        sqlx::raw_sql(&format!("analyze {}.hephaestus_jobs", prefix.quoted()))
-            .execute(&admin)
+        hephaestus_queue_pg::PgQueue::new(admin.clone(), prefix.clone())
+            .analyze()
             .await?;
-        let server: String = sqlx::query_scalar("show server_version")
-            .fetch_one(&admin)
-            .await?;
+        let server = hephaestus_queue_pg::server_version(&admin).await?;
         admin.close().await;
 
         // 2. Drain, timed, between two readings of the commit counter.
@@ -136,27 +134,22 @@ impl QueueBench {
 
         // 3. Latency of every job, from the table.
         let admin = pool(options, 1).await?;
-        let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(&format!(
-            "select percentile_cont(0.5) within group (order by extract(epoch from completed_at - scheduled_at)),
-                    percentile_cont(0.99) within group (order by extract(epoch from completed_at - scheduled_at))
-             from {}.hephaestus_jobs where kind = $1 and state = 'completed'",
-            prefix.quoted()
-        ))
-        .bind(NOOP)
-        .fetch_one(&admin)
-        .await?;
+        let quantiles = hephaestus_queue_pg::PgQueue::new(admin.clone(), prefix.clone())
+            .latency_seconds(NOOP, &[0.5, 0.99])
+            .await?;
+        let (p50, p99) = match quantiles.as_deref() {
+            Some(&[p50, p99]) => (Some(p50), Some(p99)),
+            _ => (None, None),
+        };
         admin.close().await;
 
         // 4. Pickup latency on the idle queue, vacuumed first as autovacuum
         //    would have done after the burst (its dead index entries
         //    otherwise slow every fetch down until then).
         let admin = pool(options, 1).await?;
-        sqlx::raw_sql(&format!(
-            "vacuum analyze {}.hephaestus_jobs",
-            prefix.quoted()
-        ))
-        .execute(&admin)
-        .await?;
+        hephaestus_queue_pg::PgQueue::new(admin.clone(), prefix.clone())
+            .vacuum_analyze()
+            .await?;
         admin.close().await;
         let pickups = self.pickups(options, prefix).await?;
         Ok(Report {

@@ -55,12 +55,6 @@ use sqlx::postgres::PgConnectOptions;
 const WORKFLOW: &str = "bench";
 /// Longest the burn-down may take before the benchmark gives up.
 const BURN_DOWN_LIMIT: Duration = Duration::from_secs(900);
-/// The tables a run writes.
-const TABLES: [&str; 3] = [
-    "hephaestus_jobs",
-    "hephaestus_instances",
-    "hephaestus_step_results",
-];
 /// Longest one latency sample may take.
 const SAMPLE_LIMIT: Duration = Duration::from_secs(30);
 
@@ -256,9 +250,7 @@ impl WorkflowBench {
     async fn measure(&self, options: &PgConnectOptions, prefix: &SchemaPrefix) -> Result<Report> {
         let workflow = self.shape.workflow()?;
         let admin = pool(options, 1).await?;
-        let server: String = sqlx::query_scalar("show server_version")
-            .fetch_one(&admin)
-            .await?;
+        let server = hephaestus_queue_pg::server_version(&admin).await?;
         admin.close().await;
 
         // 0. Warm-up: a live system's tables have planner statistics, and
@@ -275,11 +267,12 @@ impl WorkflowBench {
             workers.stop().await;
             warmed.context("the warm-up")?;
             let admin = pool(options, 1).await?;
-            for table in TABLES {
-                sqlx::raw_sql(&format!("analyze {}.{table}", prefix.quoted()))
-                    .execute(&admin)
-                    .await?;
-            }
+            PgQueue::new(admin.clone(), prefix.clone())
+                .analyze()
+                .await?;
+            PgStore::new(admin.clone(), prefix.clone())
+                .analyze()
+                .await?;
             admin.close().await;
         }
 
@@ -298,21 +291,21 @@ impl WorkflowBench {
 
         // 2. Start to completed of every instance, from the table.
         let admin = pool(options, 1).await?;
-        let (p50, p99): (Option<f64>, Option<f64>) = sqlx::query_as(&format!(
-            "select percentile_cont(0.5) within group (order by extract(epoch from updated_at - inserted_at)),
-                    percentile_cont(0.99) within group (order by extract(epoch from updated_at - inserted_at))
-             from {}.hephaestus_instances where status = 'completed' and business_id like 'key::b%'",
-            prefix.quoted()
-        ))
-        .fetch_one(&admin)
-        .await?;
+        let store = PgStore::new(admin.clone(), prefix.clone());
+        let (p50, p99) = match store
+            .completion_seconds("key::b", &[0.5, 0.99])
+            .await?
+            .as_deref()
+        {
+            Some(&[p50, p99]) => (Some(p50), Some(p99)),
+            _ => (None, None),
+        };
         // 3. One at a time on the idle system, vacuumed first as autovacuum
         //    would have done after the burst.
-        for table in TABLES {
-            sqlx::raw_sql(&format!("vacuum analyze {}.{table}", prefix.quoted()))
-                .execute(&admin)
-                .await?;
-        }
+        PgQueue::new(admin.clone(), prefix.clone())
+            .vacuum_analyze()
+            .await?;
+        store.vacuum_analyze().await?;
         admin.close().await;
         let samples = if self.samples == 0 {
             Vec::new()
@@ -339,13 +332,11 @@ impl WorkflowBench {
     }
 
     fn config(&self) -> RunnerConfig {
-        RunnerConfig {
-            concurrency: self.concurrency,
-            max_batch: self.max_batch,
-            batch_flushers: self.flushers,
-            continuations: !self.no_continuations,
-            ..RunnerConfig::default()
-        }
+        RunnerConfig::default()
+            .with_concurrency(self.concurrency)
+            .with_max_batch(self.max_batch)
+            .with_batch_flushers(self.flushers)
+            .with_continuations(!self.no_continuations)
     }
 
     async fn start_workers(
@@ -362,8 +353,7 @@ impl WorkflowBench {
         for i in 0..self.workers {
             let pool = pool(options, self.connections).await?;
             let runtime = runtime(&pool, prefix, workflow, self.config())?;
-            let queue = runtime
-                .queue_runtime(hephaestus_failure_handler::workers(&runtime))
+            let queue = hephaestus_failure_handler::queue_runtime(&runtime)
                 .retention(None)
                 .maintenance(i == 0)
                 .start()
@@ -445,10 +435,7 @@ impl WorkflowBench {
         // Polls the active instances through their partial index (cheap,
         // and shrinking): a count over the whole table every few
         // milliseconds would itself cost the server a good share of a core.
-        let active = format!(
-            "select count(*) from {}.hephaestus_instances where status in ('pending', 'running', 'waiting')",
-            prefix.quoted()
-        );
+        let active = PgStore::new(watch.clone(), prefix.clone());
         let mut starting = tasks;
         let elapsed = loop {
             if !starting.is_empty() && starting.iter().all(tokio::task::JoinHandle::is_finished) {
@@ -456,7 +443,7 @@ impl WorkflowBench {
                     task.await.context("a start task panicked")??;
                 }
             }
-            let open: i64 = sqlx::query_scalar(&active).fetch_one(&watch).await?;
+            let open = i64::try_from(active.active_count().await?)?;
             let launched = launched.load(Ordering::Relaxed);
             let finished = i64::try_from(launched)?.saturating_sub(open);
             progress.set_position(u64::try_from(finished).unwrap_or(0));
@@ -469,14 +456,10 @@ impl WorkflowBench {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
-        let (completed, failed): (i64, i64) = sqlx::query_as(&format!(
-            "select count(*) filter (where status = 'completed'),
-                    count(*) filter (where status in ('failed', 'cancelled'))
-             from {}.hephaestus_instances where business_id like 'key::{label}%'",
-            prefix.quoted()
-        ))
-        .fetch_one(&watch)
-        .await?;
+        let statuses = active.status_counts(&format!("key::{label}")).await?;
+        let of = |status| i64::try_from(statuses.get(&status).copied().unwrap_or(0));
+        let completed = of(InstanceStatus::Completed)?;
+        let failed = of(InstanceStatus::Failed)? + of(InstanceStatus::Cancelled)?;
         ensure!(failed == 0, "{failed} instances failed or were cancelled");
         ensure!(
             completed == i64::try_from(count)?,

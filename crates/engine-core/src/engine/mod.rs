@@ -277,6 +277,15 @@ impl Applied {
     }
 }
 
+/// What [`Engine::complete_inline`] did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Inline {
+    /// The effects left for the runner, in order.
+    pub effects: Vec<Effect>,
+    /// The activations the engine completed itself (`Done`), in order.
+    pub completed: Vec<(StepId, u32)>,
+}
+
 /// A rejected input; the instance is unchanged.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
@@ -411,6 +420,47 @@ impl<'a> Engine<'a> {
     ) -> Result<Applied, EngineError> {
         self.check_instance(instance)?;
         apply::Run::new(self.workflow, instance, now).apply(input)
+    }
+
+    /// Carries out, in order, the effects that need no runner: each
+    /// execution of [`Done`](crate::steps::Done), whose outcome is fixed (it
+    /// completes with `done`), is applied at once, and what that applies
+    /// (the workflow's completion, a join it unblocks) joins the effects.
+    /// Returns the remaining effects, in order, and the activations it
+    /// completed, so a runner can report them as if a job had run them.
+    /// The end of a workflow then costs no job.
+    pub fn complete_inline(
+        &self,
+        instance: &mut Instance,
+        effects: impl IntoIterator<Item = Effect>,
+        now: DateTime<Utc>,
+    ) -> Result<Inline, EngineError> {
+        let mut queue: std::collections::VecDeque<Effect> = effects.into_iter().collect();
+        let mut inline = Inline::default();
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Execute { step, activation } if step.as_str() == crate::steps::DONE_ID => {
+                    inline.completed.push((step.clone(), activation));
+                    let applied = self.apply(
+                        instance,
+                        Input::Completed {
+                            step,
+                            activation,
+                            completion: Completion::new("done"),
+                        },
+                        now,
+                    )?;
+                    if matches!(
+                        applied.disposition,
+                        Disposition::Applied | Disposition::Deferred
+                    ) {
+                        queue.extend(applied.effects);
+                    }
+                }
+                other => inline.effects.push(other),
+            }
+        }
+        Ok(inline)
     }
 
     /// Checks that `step` of `instance` can be resumed with `event` now,

@@ -1352,3 +1352,75 @@ fn failure_reasons_are_stored_typed_and_old_records_still_read() {
         FailureReason::AttemptsExhausted { attempts: 3 }
     );
 }
+
+#[test]
+fn done_is_completed_inline_and_the_rest_of_the_effects_keep_their_order() {
+    let a = step("StepA", "done", json!({}));
+    let b = step("StepB", "done", json!({}));
+    // A fans out to B and Done's join; B's completion leaves only Done.
+    let workflow = wf()
+        .start(a.clone())
+        .on(a, "done", b.clone())
+        .on(b, "done", Done)
+        .build()
+        .unwrap();
+    let mut d = Driver::new(workflow, json!({}));
+    let engine = Engine::new(&d.wf);
+    let a_done = engine
+        .apply(
+            &mut d.inst,
+            Input::Completed {
+                step: sid("StepA"),
+                activation: 1,
+                completion: Completion::new("done"),
+            },
+            d.now,
+        )
+        .unwrap();
+    // Nothing to do inline: B's execution stays, in place.
+    let inline = engine
+        .complete_inline(&mut d.inst, a_done.effects.clone(), d.now)
+        .unwrap();
+    assert!(inline.completed.is_empty());
+    assert_eq!(inline.effects, a_done.effects);
+
+    let b_done = engine
+        .apply(
+            &mut d.inst,
+            Input::Completed {
+                step: sid("StepB"),
+                activation: 1,
+                completion: Completion::new("done"),
+            },
+            d.now,
+        )
+        .unwrap();
+    assert!(
+        b_done.executions().any(|(s, _)| s.as_str() == DONE_ID),
+        "B activates Done"
+    );
+    let inline = engine
+        .complete_inline(&mut d.inst, b_done.effects, d.now)
+        .unwrap();
+    assert_eq!(inline.completed, vec![(sid(DONE_ID), 1)]);
+    assert!(
+        inline
+            .effects
+            .iter()
+            .all(|e| !matches!(e, Effect::Execute { .. })),
+        "no job runs Done: {:?}",
+        inline.effects
+    );
+    assert!(
+        inline
+            .effects
+            .contains(&Effect::Emit(EngineEvent::WorkflowCompleted)),
+        "the completion Done applied is reported: {:?}",
+        inline.effects
+    );
+    assert_eq!(d.inst.status, InstanceStatus::Completed);
+    assert_eq!(
+        d.inst.step(DONE_ID).map(|s| s.status),
+        Some(StepStatus::Completed)
+    );
+}

@@ -4,6 +4,7 @@
 //! atomically with the caller's own writes.
 
 mod cancel;
+mod census;
 mod fetch;
 mod insert;
 mod inspect;
@@ -18,6 +19,7 @@ use sqlx::PgPool;
 use hephaestus_engine_core::clock::{Clock, SystemClock};
 
 pub use cancel::CancelFilter;
+pub use census::QueueCensus;
 pub use inspect::{FinishedCount, JobFilter, QueueDepth, RecentError};
 pub use maintenance::StaleJob;
 pub(crate) use maintenance::rescue_error;
