@@ -8,3 +8,4 @@ mod conformance;
 mod crash;
 mod processes;
 mod schema;
+mod workers;
