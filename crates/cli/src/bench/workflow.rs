@@ -132,9 +132,10 @@ pub struct WorkflowBench {
     /// The workflow's shape.
     #[arg(long, value_enum, default_value_t = Shape::Diamond)]
     shape: Shape,
-    /// Worker "processes", each a runtime with its own connection pool.
-    #[arg(long, default_value_t = 2)]
-    workers: usize,
+    /// Worker "processes", each a runtime with its own connection pool
+    /// (default: 2 on PostgreSQL; a SQLite file has exactly one).
+    #[arg(long)]
+    workers: Option<usize>,
     /// Jobs in flight per worker (no-op steps: the more in flight, the
     /// larger each settling batch).
     #[arg(long, default_value_t = 400)]
@@ -223,7 +224,7 @@ impl Workers {
 impl WorkflowBench {
     pub async fn run(self) -> Result<()> {
         ensure!(self.instances > 0, "--instances must be at least 1");
-        ensure!(self.workers > 0, "--workers must be at least 1");
+        ensure!(self.workers() > 0, "--workers must be at least 1");
         ensure!(self.concurrency > 0, "--concurrency must be at least 1");
         ensure!(self.max_batch > 0, "--max-batch must be at least 1");
         ensure!(self.flushers > 0, "--flushers must be at least 1");
@@ -350,7 +351,7 @@ impl WorkflowBench {
             runtimes: Vec::new(),
             queues: Vec::new(),
         };
-        for i in 0..self.workers {
+        for i in 0..self.workers() {
             let pool = pool(options, self.connections).await?;
             let runtime = runtime(&pool, prefix, workflow, self.config())?;
             let queue = hephaestus_failure_handler::queue_runtime(&runtime)
@@ -516,7 +517,7 @@ impl WorkflowBench {
             "warm_up_instances": self.warm_up,
             "steps_per_instance": self.shape.steps(),
             "steps": steps,
-            "workers": self.workers,
+            "workers": self.workers(),
             "concurrency_per_worker": self.concurrency,
             "max_batch": self.max_batch,
             "flushers": self.flushers,
@@ -568,7 +569,7 @@ impl WorkflowBench {
             self.instances,
             self.shape.name(),
             steps,
-            self.workers,
+            self.workers(),
             self.concurrency,
             report.server
         );
@@ -606,13 +607,25 @@ impl WorkflowBench {
 }
 
 impl WorkflowBench {
+    /// The worker "processes": as asked, else 2 on PostgreSQL and 1 on a
+    /// SQLite file (which has exactly one worker).
+    fn workers(&self) -> usize {
+        self.workers.unwrap_or(
+            if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.database_url) {
+                1
+            } else {
+                2
+            },
+        )
+    }
+
     /// The benchmark on a new SQLite file (see the module docs).
     async fn run_sqlite(&self) -> Result<()> {
         use hephaestus_engine_core::ports::UnitOfWork as _;
         use hephaestus_sqlite::{SqliteBackend, SqliteOptions};
         ensure!(
-            self.workers == 1,
-            "a SQLite file has one worker: --workers 1 (the default is 2, for PostgreSQL)"
+            self.workers() == 1,
+            "a SQLite file has exactly one worker: --workers 1 (or leave it out)"
         );
         let mut options = SqliteOptions::from_url(&self.database_url)?;
         ensure!(
