@@ -12,6 +12,7 @@ use crate::worker::{JobContext, Workers};
 
 /// What to drain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DrainOptions {
     /// Only this queue (`None`: every queue).
     pub queue: Option<String>,
@@ -20,6 +21,29 @@ pub struct DrainOptions {
     /// Also run jobs scheduled in the future (and retries as soon as they
     /// are scheduled), like Oban's `with_scheduled`.
     pub with_scheduled: bool,
+}
+
+impl DrainOptions {
+    /// Only this queue.
+    #[must_use]
+    pub fn with_queue(mut self, value: impl Into<String>) -> Self {
+        self.queue = Some(value.into());
+        self
+    }
+
+    /// Stop after this many attempts.
+    #[must_use]
+    pub fn with_max_jobs(mut self, value: usize) -> Self {
+        self.max_jobs = Some(value);
+        self
+    }
+
+    /// Also run jobs scheduled in the future.
+    #[must_use]
+    pub fn with_scheduled(mut self, value: bool) -> Self {
+        self.with_scheduled = value;
+        self
+    }
 }
 
 impl DrainOptions {

@@ -272,6 +272,7 @@ impl Step for ScriptedStep {
 
 /// What a drain may run.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct DrainOptions {
     /// Only jobs of this kind (`jobs::ADVANCE`, ...).
     pub kind: Option<String>,
@@ -282,6 +283,36 @@ pub struct DrainOptions {
     /// A job still running after this long is reported in flight and left
     /// running (blocked on a gate, say) — the drain goes on without it.
     pub settle: Duration,
+}
+
+impl DrainOptions {
+    /// Only jobs of this kind.
+    #[must_use]
+    pub fn with_kind(mut self, value: impl Into<String>) -> Self {
+        self.kind = Some(value.into());
+        self
+    }
+
+    /// Only this queue.
+    #[must_use]
+    pub fn with_queue(mut self, value: impl Into<String>) -> Self {
+        self.queue = Some(value.into());
+        self
+    }
+
+    /// At most this many jobs.
+    #[must_use]
+    pub fn with_max_jobs(mut self, value: usize) -> Self {
+        self.max_jobs = Some(value);
+        self
+    }
+
+    /// How long a running job may take before it is reported in flight.
+    #[must_use]
+    pub fn with_settle(mut self, value: Duration) -> Self {
+        self.settle = value;
+        self
+    }
 }
 
 impl Default for DrainOptions {

@@ -565,10 +565,7 @@ mod testing_tools {
             .start("slow", "1", json!({}), StartOptions::default())
             .await
             .unwrap();
-        let only_advance = DrainOptions {
-            kind: Some(crate::jobs::ADVANCE.into()),
-            ..DrainOptions::default()
-        };
+        let only_advance = DrainOptions::default().with_kind(crate::jobs::ADVANCE);
         // The start enqueued its step's execute job only: an advance-only
         // drain leaves it.
         let first = rt.drain_with(&only_advance).await.unwrap();
@@ -581,10 +578,7 @@ mod testing_tools {
             hephaestus_engine_core::ports::JobState::Available
         );
         let blocked = rt
-            .drain_with(&DrainOptions {
-                settle: Duration::from_millis(50),
-                ..DrainOptions::default()
-            })
+            .drain_with(&DrainOptions::default().with_settle(Duration::from_millis(50)))
             .await
             .unwrap();
         assert_eq!(blocked.in_flight.len(), 1, "the gated step is in flight");
@@ -605,10 +599,7 @@ mod testing_tools {
             Err(RunnerError::InvalidInput(_))
         ));
         let limited = shared
-            .drain_with(&DrainOptions {
-                max_jobs: Some(0),
-                ..DrainOptions::default()
-            })
+            .drain_with(&DrainOptions::default().with_max_jobs(0))
             .await
             .unwrap();
         assert_eq!(limited.report.total(), 0);

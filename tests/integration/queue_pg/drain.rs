@@ -88,16 +88,9 @@ async fn drain_runs_due_jobs_and_reports_counts() {
             ..DrainReport::default()
         }
     );
-    let limited = drain(
-        &db.queue,
-        &workers,
-        &DrainOptions {
-            max_jobs: Some(0),
-            ..DrainOptions::all()
-        },
-    )
-    .await
-    .unwrap();
+    let limited = drain(&db.queue, &workers, &DrainOptions::all().with_max_jobs(0))
+        .await
+        .unwrap();
     assert_eq!(limited.total(), 0, "max_jobs 0 runs nothing");
     let rest = drain(&db.queue, &workers, &DrainOptions::all())
         .await
@@ -451,11 +444,7 @@ async fn snooze_and_cancel_outcomes() {
     let report = drain(
         &queue,
         &workers,
-        &DrainOptions {
-            with_scheduled: true,
-            max_jobs: Some(1),
-            ..DrainOptions::all()
-        },
+        &DrainOptions::all().with_scheduled(true).with_max_jobs(1),
     )
     .await
     .unwrap();

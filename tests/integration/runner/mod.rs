@@ -274,10 +274,7 @@ async fn resume_before_the_async_marker_is_kept<B: Backend>(h: &Harness<B>) {
     let rt = h.runtime_with(config, vec![wf], vec![]);
     let s = rt.start("approval", "1", json!({}), opts()).await.unwrap();
     // Only the advance: the step is active, its execution not yet run.
-    let only = hephaestus_runner::testing::DrainOptions {
-        kind: Some(jobs::ADVANCE.into()),
-        ..Default::default()
-    };
+    let only = hephaestus_runner::testing::DrainOptions::default().with_kind(jobs::ADVANCE);
     rt.drain_with(&only).await.unwrap();
     rt.resume(s.id, "Hold", "approved", json!({"early": true}))
         .await
@@ -449,10 +446,10 @@ async fn cancel_mid_run_stops_everything<B: Backend>(h: &Harness<B>) {
     let rt = h.runtime(vec![wf]);
     let s = rt.start("cancel", "1", json!({}), opts()).await.unwrap();
     let running = rt
-        .drain_with(&hephaestus_runner::testing::DrainOptions {
-            settle: Duration::from_millis(200),
-            ..Default::default()
-        })
+        .drain_with(
+            &hephaestus_runner::testing::DrainOptions::default()
+                .with_settle(Duration::from_millis(200)),
+        )
         .await
         .unwrap();
     assert_eq!(running.in_flight.len(), 1, "the slow step is running");
@@ -830,10 +827,7 @@ fn split_queues() -> RunnerConfig {
 
 /// Takes the next execute job as a worker would, then "dies" with it.
 async fn take_and_die<B: Backend>(h: &Harness<B>, rt: &hephaestus_runner::Runtime<B>) {
-    let only = hephaestus_runner::testing::DrainOptions {
-        kind: Some(jobs::ADVANCE.into()),
-        ..Default::default()
-    };
+    let only = hephaestus_runner::testing::DrainOptions::default().with_kind(jobs::ADVANCE);
     rt.drain_with(&only).await.unwrap();
     let leases = rt
         .backend()

@@ -184,12 +184,9 @@ async fn a_result_whose_instance_another_writer_holds_waits_in_the_inbox_without
         .start("chain", "1", json!({}), StartOptions::default())
         .await
         .unwrap();
-    rt.drain_with(&DrainOptions {
-        kind: Some(jobs::ADVANCE.to_owned()),
-        ..DrainOptions::default()
-    })
-    .await
-    .unwrap();
+    rt.drain_with(&DrainOptions::default().with_kind(jobs::ADVANCE))
+        .await
+        .unwrap();
     let queue = &rt.config().queues.execute;
     let mut leases = h.backend.fetch(queue, 10, h.clock.now()).await.unwrap();
     assert_eq!(leases.len(), 1);

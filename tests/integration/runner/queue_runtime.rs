@@ -114,12 +114,9 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
         .await
         .unwrap();
     // The first advance enqueues the execute job...
-    rt.drain_with(&DrainOptions {
-        kind: Some(jobs::ADVANCE.to_owned()),
-        ..DrainOptions::default()
-    })
-    .await
-    .unwrap();
+    rt.drain_with(&DrainOptions::default().with_kind(jobs::ADVANCE))
+        .await
+        .unwrap();
     // ...which a worker claims and then dies with: no heartbeat ever again.
     let claimed = h
         .backend
