@@ -4,14 +4,12 @@
 //! instance-level rows.
 
 use chrono::{DateTime, Utc};
-use hephaestus_engine_core::ids::{Event, StepId};
-use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::ports::{
     NewStepResult, PortError, Recorded, Refused, ResultKind, ResultPayload, StepResult,
     StepResultStore,
 };
-use hephaestus_engine_core::step::{EventName, StepError};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
@@ -25,29 +23,6 @@ use crate::tx::SqliteTx;
 
 /// How many processed results one `delete` of the pruning removes at most.
 const PRUNE_BATCH: i64 = 5_000;
-
-#[derive(Serialize, Deserialize)]
-struct AsyncDetail {
-    timer_after_ms: u64,
-}
-
-#[derive(Serialize)]
-struct FailedDetailOut<'a> {
-    error: &'a StepError,
-    attempts: &'a [AttemptRecord],
-}
-
-#[derive(Deserialize)]
-struct FailedDetailIn {
-    error: StepError,
-    #[serde(default)]
-    attempts: Vec<AttemptRecord>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct CancelDetail {
-    reason: String,
-}
 
 /// A payload as bound to the `event`, `output`, `metadata` and `detail`
 /// columns.
@@ -64,51 +39,13 @@ impl<'a> Columns<'a> {
         fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, PortError> {
             json_text("step result", value)
         }
-        let columns = match payload {
-            ResultPayload::Completed {
-                event,
-                output,
-                metadata,
-            } => Self {
-                event: Some(event.as_str()),
-                output: Some(json(output)?),
-                metadata: Some(json(metadata)?),
-                detail: None,
-            },
-            ResultPayload::Async {
-                timer_after_ms,
-                timer_event,
-            } => Self {
-                event: timer_event.as_ref().map(EventName::as_str),
-                detail: timer_after_ms
-                    .map(|ms| json(&AsyncDetail { timer_after_ms: ms }))
-                    .transpose()?,
-                ..Self::default()
-            },
-            ResultPayload::Resume { event, payload } => Self {
-                event: Some(event.as_str()),
-                output: Some(json(payload)?),
-                ..Self::default()
-            },
-            ResultPayload::Timer { event } => Self {
-                event: Some(event.as_str()),
-                ..Self::default()
-            },
-            ResultPayload::Failed { error, attempts } => Self {
-                detail: Some(json(&FailedDetailOut { error, attempts })?),
-                ..Self::default()
-            },
-            ResultPayload::Cancel { reason } => Self {
-                detail: reason
-                    .as_ref()
-                    .map(|reason| {
-                        json(&CancelDetail {
-                            reason: reason.clone(),
-                        })
-                    })
-                    .transpose()?,
-                ..Self::default()
-            },
+        let shared = hephaestus_engine_core::ports::columns::columns(payload)
+            .map_err(|e| PortError::InvalidInput(format!("step result: {e}")))?;
+        let columns = Self {
+            event: shared.event,
+            output: shared.output.map(json).transpose()?,
+            metadata: shared.metadata.map(json).transpose()?,
+            detail: shared.detail.as_ref().map(json).transpose()?,
         };
         if let Some(event) = columns.event {
             check_text("step result event", event)?;
@@ -141,55 +78,16 @@ fn decode_result(row: &SqliteRow) -> Result<StepResult, PortError> {
             .transpose()
             .map_err(|e| corrupt(format!("{column}: {e}")))
     };
-    let output = parse("output", output)?.unwrap_or(Value::Null);
+    let output = parse("output", output)?;
     let metadata: Option<Map<String, Value>> = match parse("metadata", metadata)? {
         None => None,
         Some(Value::Object(m)) => Some(m),
         Some(other) => return Err(corrupt(format!("metadata is not an object: {other}"))),
     };
     let detail = parse("detail", detail)?;
-    let need_event = || {
-        event
-            .clone()
-            .ok_or_else(|| corrupt(format!("a {kind} row without an event")))
-    };
-    let valid_event = |name: String| Event::new(&name).map_err(|e| corrupt(format!("event: {e}")));
-    let payload = match kind.as_str() {
-        "completed" => ResultPayload::Completed {
-            event: EventName(need_event()?),
-            output,
-            metadata: metadata.unwrap_or_default(),
-        },
-        "async" => ResultPayload::Async {
-            timer_after_ms: detail
-                .map(serde_json::from_value::<AsyncDetail>)
-                .transpose()
-                .map_err(|e| corrupt(format!("detail: {e}")))?
-                .map(|d| d.timer_after_ms),
-            timer_event: event.clone().map(EventName),
-        },
-        "resume" => ResultPayload::Resume {
-            event: valid_event(need_event()?)?,
-            payload: output,
-        },
-        "timer" => ResultPayload::Timer {
-            event: valid_event(need_event()?)?,
-        },
-        "failed" => {
-            let detail = detail.ok_or_else(|| corrupt("a failed row without detail".to_owned()))?;
-            let FailedDetailIn { error, attempts } =
-                serde_json::from_value(detail).map_err(|e| corrupt(format!("detail: {e}")))?;
-            ResultPayload::Failed { error, attempts }
-        }
-        "cancel" => ResultPayload::Cancel {
-            reason: detail
-                .map(serde_json::from_value::<CancelDetail>)
-                .transpose()
-                .map_err(|e| corrupt(format!("detail: {e}")))?
-                .map(|d| d.reason),
-        },
-        other => return Err(corrupt(format!("unknown kind {other:?}"))),
-    };
+    let payload =
+        hephaestus_engine_core::ports::columns::payload(&kind, event, output, metadata, detail)
+            .map_err(corrupt)?;
     Ok(StepResult {
         seq,
         result: NewStepResult {

@@ -1,26 +1,17 @@
 //! Step results: the idempotent inbox of each instance.
 //!
-//! A [`ResultPayload`] maps to columns so operators can read the table directly:
-//!
-//! | kind | `event` | `output` | `metadata` | `detail` |
-//! | --- | --- | --- | --- | --- |
-//! | `completed` | the event | the output | the metadata | null |
-//! | `async` | the timer's event, if any | null | null | `{"timer_after_ms": n}` or null |
-//! | `resume` | the event | the payload | null | null |
-//! | `timer` | the event | null | null | null |
-//! | `failed` | null | null | null | `{"error": .., "attempts": [..]}` |
-//! | `cancel` | null | null | null | `{"reason": ".."}` or null |
+//! A [`ResultPayload`] maps to columns so operators can read the table
+//! directly, as every SQL backend lays them out
+//! ([`hephaestus_engine_core::ports::columns`]); here they are `jsonb`.
 //!
 //! `step_id` is `''` for instance-level rows (a step id is never empty).
 
 use chrono::{DateTime, Utc};
-use hephaestus_engine_core::ids::{Event, StepId};
-use hephaestus_engine_core::instance::AttemptRecord;
+use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::ports::{
     NewStepResult, PortError, Recorded, Refused, ResultKind, ResultPayload, StepResult,
 };
-use hephaestus_engine_core::step::{EventName, StepError};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
@@ -30,29 +21,6 @@ use uuid::Uuid;
 use crate::error::{out_of_range, port_error};
 use crate::json::{check_text, to_jsonb_text};
 use crate::store::PgStore;
-
-#[derive(Serialize, Deserialize)]
-struct AsyncDetail {
-    timer_after_ms: u64,
-}
-
-#[derive(Serialize)]
-struct FailedDetailOut<'a> {
-    error: &'a StepError,
-    attempts: &'a [AttemptRecord],
-}
-
-#[derive(Deserialize)]
-struct FailedDetailIn {
-    error: StepError,
-    #[serde(default)]
-    attempts: Vec<AttemptRecord>,
-}
-
-#[derive(Serialize, Deserialize)]
-struct CancelDetail {
-    reason: String,
-}
 
 /// A payload as bound to the `event`, `output`, `metadata` and `detail` columns.
 #[derive(Default)]
@@ -70,51 +38,13 @@ pub(crate) fn columns_of(payload: &ResultPayload) -> Result<Columns<'_>, PortErr
 
 impl<'a> Columns<'a> {
     fn of(payload: &'a ResultPayload) -> Result<Self, PortError> {
-        let columns = match payload {
-            ResultPayload::Completed {
-                event,
-                output,
-                metadata,
-            } => Self {
-                event: Some(event.as_str()),
-                output: Some(json(output)?),
-                metadata: Some(json(metadata)?),
-                detail: None,
-            },
-            ResultPayload::Async {
-                timer_after_ms,
-                timer_event,
-            } => Self {
-                event: timer_event.as_ref().map(EventName::as_str),
-                detail: timer_after_ms
-                    .map(|ms| json(&AsyncDetail { timer_after_ms: ms }))
-                    .transpose()?,
-                ..Self::default()
-            },
-            ResultPayload::Resume { event, payload } => Self {
-                event: Some(event.as_str()),
-                output: Some(json(payload)?),
-                ..Self::default()
-            },
-            ResultPayload::Timer { event } => Self {
-                event: Some(event.as_str()),
-                ..Self::default()
-            },
-            ResultPayload::Failed { error, attempts } => Self {
-                detail: Some(json(&FailedDetailOut { error, attempts })?),
-                ..Self::default()
-            },
-            ResultPayload::Cancel { reason } => Self {
-                detail: reason
-                    .as_ref()
-                    .map(|reason| {
-                        json(&CancelDetail {
-                            reason: reason.clone(),
-                        })
-                    })
-                    .transpose()?,
-                ..Self::default()
-            },
+        let shared = hephaestus_engine_core::ports::columns::columns(payload)
+            .map_err(|e| PortError::InvalidInput(format!("step result: {e}")))?;
+        let columns = Self {
+            event: shared.event,
+            output: shared.output.map(json).transpose()?,
+            metadata: shared.metadata.map(json).transpose()?,
+            detail: shared.detail.as_ref().map(json).transpose()?,
         };
         if let Some(event) = columns.event {
             check_text("step result event", event)?;
@@ -144,50 +74,14 @@ pub(crate) fn decode_result(row: &PgRow) -> Result<StepResult, PortError> {
     let detail: Option<Json<Value>> = row.try_get("detail").map_err(get("detail"))?;
     let inserted_at: DateTime<Utc> = row.try_get("inserted_at").map_err(get("inserted_at"))?;
 
-    let output = output.map_or(Value::Null, |Json(v)| v);
-    let need_event = || {
-        event
-            .clone()
-            .ok_or_else(|| corrupt(format!("a {kind} row without an event")))
-    };
-    let valid_event = |name: String| Event::new(&name).map_err(|e| corrupt(format!("event: {e}")));
-    let detail = detail.map(|Json(v)| v);
-    let payload = match kind.as_str() {
-        "completed" => ResultPayload::Completed {
-            event: EventName(need_event()?),
-            output,
-            metadata: metadata.map(|Json(m)| m).unwrap_or_default(),
-        },
-        "async" => ResultPayload::Async {
-            timer_after_ms: detail
-                .map(serde_json::from_value::<AsyncDetail>)
-                .transpose()
-                .map_err(|e| corrupt(format!("detail: {e}")))?
-                .map(|d| d.timer_after_ms),
-            timer_event: event.map(EventName),
-        },
-        "resume" => ResultPayload::Resume {
-            event: valid_event(need_event()?)?,
-            payload: output,
-        },
-        "timer" => ResultPayload::Timer {
-            event: valid_event(need_event()?)?,
-        },
-        "failed" => {
-            let detail = detail.ok_or_else(|| corrupt("a failed row without detail".to_owned()))?;
-            let FailedDetailIn { error, attempts } =
-                serde_json::from_value(detail).map_err(|e| corrupt(format!("detail: {e}")))?;
-            ResultPayload::Failed { error, attempts }
-        }
-        "cancel" => ResultPayload::Cancel {
-            reason: detail
-                .map(serde_json::from_value::<CancelDetail>)
-                .transpose()
-                .map_err(|e| corrupt(format!("detail: {e}")))?
-                .map(|d| d.reason),
-        },
-        other => return Err(corrupt(format!("unknown kind {other:?}"))),
-    };
+    let payload = hephaestus_engine_core::ports::columns::payload(
+        &kind,
+        event,
+        output.map(|Json(v)| v),
+        metadata.map(|Json(m)| m),
+        detail.map(|Json(v)| v),
+    )
+    .map_err(corrupt)?;
     Ok(StepResult {
         seq,
         result: NewStepResult {
@@ -407,6 +301,7 @@ impl PgStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hephaestus_engine_core::step::EventName;
 
     #[test]
     fn payloads_map_to_columns() {

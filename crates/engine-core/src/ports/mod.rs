@@ -11,6 +11,7 @@
 //! Every backend must pass the conformance suites of crate
 //! `hephaestus-conformance`, written once and generic over these traits.
 
+pub mod columns;
 mod containment;
 
 pub use containment::json_contains;
