@@ -28,6 +28,7 @@ use uuid::Uuid;
 
 use crate::faults::fixtures::{self, Execution, Recorder, Script};
 use crate::support::bin::hephaestus_bin;
+use crate::support::rng::Rng;
 use crate::support::sqlite::TempDir;
 
 /// Workflows started.
@@ -572,31 +573,5 @@ fn check_instance(
     };
     if resumes != expected {
         problem(format!("resumed by {resumes:?}, expected {expected:?}"));
-    }
-}
-
-/// SplitMix64: a seeded generator, enough for test plans.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-
-    fn pick(&mut self, len: usize) -> usize {
-        let n = u64::try_from(len).unwrap_or(u64::MAX);
-        usize::try_from(self.below(n)).unwrap_or(0)
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
     }
 }
