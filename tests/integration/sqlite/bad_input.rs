@@ -99,6 +99,14 @@ async fn a_read_only_file_is_a_typed_error_and_is_left_alone() {
         .await
         .unwrap();
     backend.close().await;
+    // The last connection's close checkpoints the WAL into the file and
+    // removes the WAL; that can finish after `close` returns.
+    let wal = dir.join("frozen.db-wal");
+    crate::support::wait::until_holds(
+        "the closed file's last checkpoint (its WAL removed)",
+        || !wal.exists(),
+    )
+    .await;
     let before = std::fs::read(&path).unwrap();
     let mut permissions = std::fs::metadata(&path).unwrap().permissions();
     permissions.set_readonly(true);
