@@ -260,10 +260,18 @@ impl<B: Backend> Runtime<B> {
             b.pending_many(tx, &with_inbox).await?
         };
         let plans = self.plan_locked(items, &results, locked, pending);
+        // The advance jobs whose instance was planned (the others are
+        // settled on their own, waiting for the lock).
+        let planned_advances = advances
+            .iter()
+            .copied()
+            .filter(|&i| plans.contains_key(&items[i].instance_id()))
+            .collect();
         Ok(Unit {
             items,
             results,
             advances,
+            advanced: planned_advances,
             plans,
         })
     }
@@ -394,7 +402,7 @@ impl<B: Backend> Runtime<B> {
         let leases: Vec<&JobLease> = unit
             .results
             .iter()
-            .chain(&unit.advanced())
+            .chain(&unit.advanced)
             .map(|&i| unit.items[i].lease())
             .collect();
         let mut done = self
@@ -452,20 +460,12 @@ struct Unit<'a> {
     results: Vec<usize>,
     /// Indexes of the advance jobs.
     advances: Vec<usize>,
+    /// Indexes of the advance jobs whose instance was planned.
+    advanced: Vec<usize>,
     plans: BTreeMap<Uuid, Plan>,
 }
 
 impl Unit<'_> {
-    /// The advance jobs whose instance was planned (the others are settled
-    /// on their own, waiting for the lock).
-    fn advanced(&self) -> Vec<usize> {
-        self.advances
-            .iter()
-            .copied()
-            .filter(|&i| self.plans.contains_key(&self.items[i].instance_id()))
-            .collect()
-    }
-
     /// The items that can run a continuation, in the order they are served
     /// (results first, then advances), with their instance.
     fn candidates(&self) -> Vec<(usize, Uuid)> {
@@ -564,7 +564,7 @@ impl Unit<'_> {
         for &i in &self.results {
             decided[i] = Some(Ok(JobOutcome::Succeeded.into()));
         }
-        for (i, held) in self.advanced().into_iter().zip(held) {
+        for (&i, held) in self.advanced.iter().zip(held) {
             let outcome = if held {
                 JobOutcome::Succeeded
             } else {

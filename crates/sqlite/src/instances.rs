@@ -1,17 +1,13 @@
 //! Instances: insert with atomic uniqueness (the partial unique index of
 //! active claims), the single-writer lock, update fenced by the lock, reads.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::business_id::{BusinessId, UniqueClaim};
-use hephaestus_engine_core::context::{Context, contains_nul};
-use hephaestus_engine_core::ids::{StepId, WorkflowId};
-use hephaestus_engine_core::instance::{
-    FailureRecord, HistoryEntry, Instance, InstanceStatus, StepState,
-};
-use hephaestus_engine_core::ports::{InstanceFilter, InstanceStore, PortError};
-use serde::{Deserialize, Serialize};
+use hephaestus_engine_core::context::contains_nul;
+use hephaestus_engine_core::ids::WorkflowId;
+use hephaestus_engine_core::instance::{FailureRecord, Instance, InstanceStatus};
+use hephaestus_engine_core::ports::{InstanceFilter, InstanceStore, PortError, columns};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
@@ -28,29 +24,6 @@ pub(crate) const INSTANCE_COLUMNS: &str = "id, business_id, workflow_id, workflo
      state, failure, telemetry_metadata, revision, inserted_at, updated_at, lock_version";
 
 const ACTIVE: &str = "('pending', 'running', 'waiting')";
-
-/// The `state` document: everything of an instance that is not a column.
-#[derive(Serialize)]
-struct StateOut<'a> {
-    context: &'a Context,
-    step_configs: &'a BTreeMap<StepId, Value>,
-    runtime_metadata: &'a Map<String, Value>,
-    steps: &'a BTreeMap<StepId, StepState>,
-    history: &'a [HistoryEntry],
-}
-
-#[derive(Deserialize)]
-struct StateIn {
-    context: Context,
-    #[serde(default)]
-    step_configs: BTreeMap<StepId, Value>,
-    #[serde(default)]
-    runtime_metadata: Map<String, Value>,
-    #[serde(default)]
-    steps: BTreeMap<StepId, StepState>,
-    #[serde(default)]
-    history: Vec<HistoryEntry>,
-}
 
 /// JSON text of `value`, refusing U+0000 (PostgreSQL cannot store it, and
 /// the backends agree on what they accept).
@@ -91,13 +64,7 @@ impl Encoded {
     fn of(instance: &Instance) -> Result<Self, PortError> {
         let what = |part: &str| format!("instance {} {part}", instance.id);
         check_text("business id", instance.business_id.as_str())?;
-        let state = StateOut {
-            context: &instance.context,
-            step_configs: &instance.step_configs,
-            runtime_metadata: &instance.runtime_metadata,
-            steps: &instance.steps,
-            history: &instance.history,
-        };
+        let state = columns::state_of(instance);
         if i32::try_from(instance.workflow_version).is_err() {
             return Err(out_of_range("workflow version", instance.workflow_version));
         }
@@ -142,7 +109,8 @@ pub(crate) fn decode_instance(row: &SqliteRow) -> Result<(Instance, i64), PortEr
     let status: String = row.try_get("status").map_err(get("status"))?;
     let claim: Option<String> = row.try_get("unique_claim").map_err(get("unique_claim"))?;
     let state: String = row.try_get("state").map_err(get("state"))?;
-    let state: StateIn = serde_json::from_str(&state).map_err(|e| corrupt("state", &e))?;
+    let state: columns::InstanceState =
+        serde_json::from_str(&state).map_err(|e| corrupt("state", &e))?;
     let failure: Option<String> = row.try_get("failure").map_err(get("failure"))?;
     let failure: Option<FailureRecord> = failure
         .map(|f| serde_json::from_str(&f))

@@ -6,8 +6,8 @@
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::ports::{
-    NewStepResult, PortError, Recorded, Refused, ResultKind, ResultPayload, StepResult,
-    StepResultStore,
+    NewStepResult, PortError, Recorded, Refused, ResultPayload, StepResult, StepResultStore,
+    columns,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -85,21 +85,14 @@ fn decode_result(row: &SqliteRow) -> Result<StepResult, PortError> {
         Some(other) => return Err(corrupt(format!("metadata is not an object: {other}"))),
     };
     let detail = parse("detail", detail)?;
-    let payload =
-        hephaestus_engine_core::ports::columns::payload(&kind, event, output, metadata, detail)
-            .map_err(corrupt)?;
+    let payload = columns::payload(&kind, event, output, metadata, detail).map_err(corrupt)?;
     Ok(StepResult {
         seq,
         result: NewStepResult {
             instance_id: Uuid::parse_str(&instance_id)
                 .map_err(|e| corrupt(format!("instance_id: {e}")))?,
-            step: if step.is_empty() {
-                None
-            } else {
-                Some(StepId::new(&step).map_err(|e| corrupt(format!("step_id: {e}")))?)
-            },
-            activation: u32::try_from(activation)
-                .map_err(|_| corrupt(format!("activation {activation}")))?,
+            step: columns::step_of(&step).map_err(corrupt)?,
+            activation: columns::activation_of(activation).map_err(corrupt)?,
             payload,
         },
         inserted_at: from_micros(inserted_at).map_err(|e| corrupt(format!("inserted_at: {e}")))?,
@@ -255,24 +248,12 @@ order by seq",
         rows.iter()
             .map(|row| {
                 let seq: i64 = row.try_get("seq").map_err(port_error)?;
-                let corrupt =
-                    |problem: String| PortError::Corrupt(format!("step result {seq}: {problem}"));
                 let step: String = row.try_get("step_id").map_err(port_error)?;
                 let activation: i64 = row.try_get("activation").map_err(port_error)?;
                 let kind: String = row.try_get("kind").map_err(port_error)?;
-                Ok(Refused {
-                    seq,
-                    step: if step.is_empty() {
-                        None
-                    } else {
-                        Some(StepId::new(&step).map_err(|e| corrupt(format!("step_id: {e}")))?)
-                    },
-                    activation: u32::try_from(activation)
-                        .map_err(|_| corrupt(format!("activation {activation}")))?,
-                    kind: ResultKind::parse(&kind)
-                        .ok_or_else(|| corrupt(format!("unknown kind {kind:?}")))?,
-                    reason: row.try_get("refusal").map_err(port_error)?,
-                })
+                let reason: String = row.try_get("refusal").map_err(port_error)?;
+                columns::refused(seq, &step, activation, &kind, reason)
+                    .map_err(|problem| PortError::Corrupt(format!("step result {seq}: {problem}")))
             })
             .collect()
     }

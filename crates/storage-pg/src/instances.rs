@@ -1,16 +1,10 @@
 //! Instances: insert with atomic uniqueness, the single-writer lock, update, reads.
 
-use std::collections::BTreeMap;
-
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::business_id::{BusinessId, UniqueClaim};
-use hephaestus_engine_core::context::Context;
-use hephaestus_engine_core::ids::{StepId, WorkflowId};
-use hephaestus_engine_core::instance::{
-    FailureRecord, HistoryEntry, Instance, InstanceStatus, StepState,
-};
-use hephaestus_engine_core::ports::{InstanceFilter, PortError};
-use serde::{Deserialize, Serialize};
+use hephaestus_engine_core::ids::WorkflowId;
+use hephaestus_engine_core::instance::{FailureRecord, Instance, InstanceStatus};
+use hephaestus_engine_core::ports::{InstanceFilter, PortError, columns};
 use serde_json::{Map, Value};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::query::Query;
@@ -28,29 +22,6 @@ use crate::store::PgStore;
 /// conflict and the lookup of the holder.
 const INSERT_ATTEMPTS: usize = 5;
 
-/// The `state` document: everything of an instance that is not a column.
-#[derive(Serialize)]
-struct StateOut<'a> {
-    context: &'a Context,
-    step_configs: &'a BTreeMap<StepId, Value>,
-    runtime_metadata: &'a Map<String, Value>,
-    steps: &'a BTreeMap<StepId, StepState>,
-    history: &'a [HistoryEntry],
-}
-
-#[derive(Deserialize)]
-struct StateIn {
-    context: Context,
-    #[serde(default)]
-    step_configs: BTreeMap<StepId, Value>,
-    #[serde(default)]
-    runtime_metadata: Map<String, Value>,
-    #[serde(default)]
-    steps: BTreeMap<StepId, StepState>,
-    #[serde(default)]
-    history: Vec<HistoryEntry>,
-}
-
 /// An instance's values as bound to `$1..$12` of the insert and update statements.
 struct Encoded {
     version: i32,
@@ -63,13 +34,7 @@ struct Encoded {
 impl Encoded {
     fn of(instance: &Instance) -> Result<Self, PortError> {
         let what = |part: &str| format!("instance {} {part}", instance.id);
-        let state = StateOut {
-            context: &instance.context,
-            step_configs: &instance.step_configs,
-            runtime_metadata: &instance.runtime_metadata,
-            steps: &instance.steps,
-            history: &instance.history,
-        };
+        let state = columns::state_of(instance);
         Ok(Self {
             version: i32::try_from(instance.workflow_version)
                 .map_err(|_| out_of_range("workflow version", instance.workflow_version))?,
@@ -131,7 +96,7 @@ pub(crate) fn decode_instance(row: &PgRow) -> Result<Instance, PortError> {
         .map_err(get("workflow_version"))?;
     let status: String = row.try_get("status").map_err(get("status"))?;
     let claim: Option<String> = row.try_get("unique_claim").map_err(get("unique_claim"))?;
-    let Json(state): Json<StateIn> = row.try_get("state").map_err(get("state"))?;
+    let Json(state): Json<columns::InstanceState> = row.try_get("state").map_err(get("state"))?;
     let failure: Option<Json<FailureRecord>> = row.try_get("failure").map_err(get("failure"))?;
     let Json(telemetry): Json<Map<String, Value>> = row
         .try_get("telemetry_metadata")

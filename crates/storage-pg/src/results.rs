@@ -9,7 +9,7 @@
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::ports::{
-    NewStepResult, PortError, Recorded, Refused, ResultKind, ResultPayload, StepResult,
+    NewStepResult, PortError, Recorded, Refused, ResultPayload, StepResult, columns,
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -74,7 +74,7 @@ pub(crate) fn decode_result(row: &PgRow) -> Result<StepResult, PortError> {
     let detail: Option<Json<Value>> = row.try_get("detail").map_err(get("detail"))?;
     let inserted_at: DateTime<Utc> = row.try_get("inserted_at").map_err(get("inserted_at"))?;
 
-    let payload = hephaestus_engine_core::ports::columns::payload(
+    let payload = columns::payload(
         &kind,
         event,
         output.map(|Json(v)| v),
@@ -86,13 +86,8 @@ pub(crate) fn decode_result(row: &PgRow) -> Result<StepResult, PortError> {
         seq,
         result: NewStepResult {
             instance_id,
-            step: if step.is_empty() {
-                None
-            } else {
-                Some(StepId::new(&step).map_err(|e| corrupt(format!("step_id: {e}")))?)
-            },
-            activation: u32::try_from(activation)
-                .map_err(|_| corrupt(format!("activation {activation}")))?,
+            step: columns::step_of(&step).map_err(corrupt)?,
+            activation: columns::activation_of(i64::from(activation)).map_err(corrupt)?,
             payload,
         },
         inserted_at,
@@ -228,24 +223,12 @@ impl PgStore {
         rows.iter()
             .map(|row| {
                 let seq: i64 = row.try_get("seq").map_err(port_error)?;
-                let corrupt =
-                    |problem: String| PortError::Corrupt(format!("step result {seq}: {problem}"));
                 let step: String = row.try_get("step_id").map_err(port_error)?;
                 let activation: i32 = row.try_get("activation").map_err(port_error)?;
                 let kind: String = row.try_get("kind").map_err(port_error)?;
-                Ok(Refused {
-                    seq,
-                    step: if step.is_empty() {
-                        None
-                    } else {
-                        Some(StepId::new(&step).map_err(|e| corrupt(format!("step_id: {e}")))?)
-                    },
-                    activation: u32::try_from(activation)
-                        .map_err(|_| corrupt(format!("activation {activation}")))?,
-                    kind: ResultKind::parse(&kind)
-                        .ok_or_else(|| corrupt(format!("unknown kind {kind:?}")))?,
-                    reason: row.try_get("refusal").map_err(port_error)?,
-                })
+                let reason: String = row.try_get("refusal").map_err(port_error)?;
+                columns::refused(seq, &step, i64::from(activation), &kind, reason)
+                    .map_err(|problem| PortError::Corrupt(format!("step result {seq}: {problem}")))
             })
             .collect()
     }

@@ -1,6 +1,9 @@
-//! How a [`ResultPayload`] is laid out in a SQL backend's step-results
-//! table, written once for every such backend: four nullable columns an
-//! operator can read directly.
+//! How a SQL backend lays out what it stores, written once for every such
+//! backend: an instance's `state` document ([`InstanceState`],
+//! [`state_of`]), and a [`ResultPayload`] in a step-results row, four
+//! nullable columns an operator can read directly ([`columns`],
+//! [`payload`]), with the row's step and activation ([`step_of`],
+//! [`activation_of`], [`refused`]).
 //!
 //! | kind | `event` | `output` | `metadata` | `detail` |
 //! | --- | --- | --- | --- | --- |
@@ -15,13 +18,91 @@
 //! what it cannot store); reading back, it hands the columns to
 //! [`payload`].
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::ResultPayload;
-use crate::ids::Event;
-use crate::instance::AttemptRecord;
+use super::{Refused, ResultKind, ResultPayload};
+use crate::context::Context;
+use crate::ids::{Event, StepId};
+use crate::instance::{AttemptRecord, HistoryEntry, Instance, StepState};
 use crate::step::{EventName, StepError};
+
+/// An instance's `state` document as written: everything of it that is not
+/// a column of its own, borrowed from the instance.
+#[derive(Debug, Serialize)]
+pub struct StateOf<'a> {
+    context: &'a Context,
+    step_configs: &'a BTreeMap<StepId, Value>,
+    runtime_metadata: &'a Map<String, Value>,
+    steps: &'a BTreeMap<StepId, StepState>,
+    history: &'a [HistoryEntry],
+}
+
+/// The `state` document of `instance`, to serialize into its column.
+pub fn state_of(instance: &Instance) -> StateOf<'_> {
+    StateOf {
+        context: &instance.context,
+        step_configs: &instance.step_configs,
+        runtime_metadata: &instance.runtime_metadata,
+        steps: &instance.steps,
+        history: &instance.history,
+    }
+}
+
+/// An instance's `state` document as read back (parts missing from older
+/// documents are empty).
+#[derive(Debug, Deserialize)]
+pub struct InstanceState {
+    /// [`Instance::context`].
+    pub context: Context,
+    /// [`Instance::step_configs`].
+    #[serde(default)]
+    pub step_configs: BTreeMap<StepId, Value>,
+    /// [`Instance::runtime_metadata`].
+    #[serde(default)]
+    pub runtime_metadata: Map<String, Value>,
+    /// [`Instance::steps`].
+    #[serde(default)]
+    pub steps: BTreeMap<StepId, StepState>,
+    /// [`Instance::history`].
+    #[serde(default)]
+    pub history: Vec<HistoryEntry>,
+}
+
+/// The step of a stored row: `''` for instance-level rows (a step id is
+/// never empty).
+pub fn step_of(stored: &str) -> Result<Option<StepId>, String> {
+    if stored.is_empty() {
+        return Ok(None);
+    }
+    StepId::new(stored)
+        .map(Some)
+        .map_err(|e| format!("step_id: {e}"))
+}
+
+/// The activation of a stored row.
+pub fn activation_of(stored: i64) -> Result<u32, String> {
+    u32::try_from(stored).map_err(|_| format!("activation {stored}"))
+}
+
+/// A refused row, from its columns.
+pub fn refused(
+    seq: i64,
+    step: &str,
+    activation: i64,
+    kind: &str,
+    reason: String,
+) -> Result<Refused, String> {
+    Ok(Refused {
+        seq,
+        step: step_of(step)?,
+        activation: activation_of(activation)?,
+        kind: ResultKind::parse(kind).ok_or_else(|| format!("unknown kind {kind:?}"))?,
+        reason,
+    })
+}
 
 #[derive(Serialize, Deserialize)]
 struct AsyncDetail {
@@ -227,6 +308,56 @@ mod tests {
         let failed = columns(&payloads[5]).unwrap();
         assert_eq!(failed.event, None);
         assert!(failed.detail.is_some_and(|d| d.get("error").is_some()));
+    }
+
+    #[test]
+    fn steps_activations_and_refused_rows_read_back_or_say_why() {
+        assert_eq!(step_of("").unwrap(), None);
+        assert_eq!(
+            step_of("Charge").unwrap(),
+            Some(StepId::new("Charge").unwrap())
+        );
+        assert!(step_of("not a step!").unwrap_err().starts_with("step_id:"));
+        assert_eq!(activation_of(3).unwrap(), 3);
+        assert_eq!(activation_of(-1).unwrap_err(), "activation -1");
+        let row = refused(7, "Charge", 2, "completed", "stale".to_owned()).unwrap();
+        assert_eq!(
+            (row.seq, row.activation, row.kind, row.reason.as_str()),
+            (7, 2, ResultKind::Completed, "stale")
+        );
+        assert_eq!(
+            refused(7, "", 1, "exotic", String::new()).unwrap_err(),
+            "unknown kind \"exotic\""
+        );
+    }
+
+    #[test]
+    fn an_instance_state_reads_back_as_written() {
+        let wf = crate::workflow::Workflow::builder("w")
+            .unique("k", crate::business_id::Scope::Workflow)
+            .start(crate::steps::Done)
+            .build()
+            .unwrap();
+        let instance = crate::engine::Engine::new(&wf)
+            .new_instance(crate::engine::NewInstance {
+                id: uuid::Uuid::from_u128(1),
+                business_id: crate::business_id::BusinessId::parse("w::1").unwrap(),
+                input: json!({"a": 1}),
+                telemetry_metadata: Map::new(),
+                now: chrono::DateTime::UNIX_EPOCH,
+            })
+            .unwrap();
+        let text = serde_json::to_string(&state_of(&instance)).unwrap();
+        let back: InstanceState = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.context, instance.context);
+        assert_eq!(back.steps, instance.steps);
+        assert_eq!(back.history, instance.history);
+        let old: InstanceState =
+            serde_json::from_value(json!({"context": instance.context})).unwrap();
+        assert!(
+            old.steps.is_empty() && old.history.is_empty(),
+            "missing parts are empty"
+        );
     }
 
     #[test]
