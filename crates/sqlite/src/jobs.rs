@@ -504,23 +504,7 @@ where id = ?1 and attempt = ?2 and state = 'executing'",
         retry_at: DateTime<Utc>,
         now: DateTime<Utc>,
     ) -> Result<bool, PortError> {
-        let record = attempt_record(lease, error, now)?;
-        let conn = tx.writer().await?;
-        let done = sqlx::query(
-            r"update hephaestus_jobs
-set state = 'retryable', scheduled_at = ?4, errors = json_insert(errors, '$[#]', json(?3)),
-    heartbeat_at = null
-where id = ?1 and attempt = ?2 and state = 'executing'",
-        )
-        .bind(lease.id.0)
-        .bind(i64::from(lease.attempt))
-        .bind(&record)
-        .bind(micros(retry_at))
-        .execute(conn)
-        .await
-        .map_err(port_error)?
-        .rows_affected();
-        settle(tx, done == 1).await
+        end_attempt(tx, lease, error, now, FailedAttempt::RetryAt(retry_at)).await
     }
 
     async fn discard(
@@ -530,23 +514,7 @@ where id = ?1 and attempt = ?2 and state = 'executing'",
         error: &StepError,
         now: DateTime<Utc>,
     ) -> Result<bool, PortError> {
-        let record = attempt_record(lease, error, now)?;
-        let conn = tx.writer().await?;
-        let done = sqlx::query(
-            r"update hephaestus_jobs
-set state = 'discarded', discarded_at = ?4, errors = json_insert(errors, '$[#]', json(?3)),
-    heartbeat_at = null
-where id = ?1 and attempt = ?2 and state = 'executing'",
-        )
-        .bind(lease.id.0)
-        .bind(i64::from(lease.attempt))
-        .bind(&record)
-        .bind(micros(now))
-        .execute(conn)
-        .await
-        .map_err(port_error)?
-        .rows_affected();
-        settle(tx, done == 1).await
+        end_attempt(tx, lease, error, now, FailedAttempt::Discard).await
     }
 
     async fn prune_finished(&self, before: DateTime<Utc>) -> Result<u64, PortError> {
@@ -668,4 +636,51 @@ impl UnitOfWork for SqliteBackend {
     async fn commit(&self, tx: SqliteTx) -> Result<(), PortError> {
         tx.commit().await
     }
+}
+
+/// What a failed attempt ends as.
+enum FailedAttempt {
+    /// Retried at the time given.
+    RetryAt(DateTime<Utc>),
+    /// Discarded now.
+    Discard,
+}
+
+/// Ends `lease`'s attempt as `ending`, its error appended to the job's
+/// errors, fenced by the attempt; whether it held.
+async fn end_attempt(
+    tx: &mut SqliteTx,
+    lease: &JobLease,
+    error: &StepError,
+    now: DateTime<Utc>,
+    ending: FailedAttempt,
+) -> Result<bool, PortError> {
+    let record = attempt_record(lease, error, now)?;
+    let (statement, at) = match ending {
+        FailedAttempt::RetryAt(at) => (
+            r"update hephaestus_jobs
+set state = 'retryable', scheduled_at = ?4, errors = json_insert(errors, '$[#]', json(?3)),
+    heartbeat_at = null
+where id = ?1 and attempt = ?2 and state = 'executing'",
+            at,
+        ),
+        FailedAttempt::Discard => (
+            r"update hephaestus_jobs
+set state = 'discarded', discarded_at = ?4, errors = json_insert(errors, '$[#]', json(?3)),
+    heartbeat_at = null
+where id = ?1 and attempt = ?2 and state = 'executing'",
+            now,
+        ),
+    };
+    let conn = tx.writer().await?;
+    let done = sqlx::query(statement)
+        .bind(lease.id.0)
+        .bind(i64::from(lease.attempt))
+        .bind(&record)
+        .bind(micros(at))
+        .execute(conn)
+        .await
+        .map_err(port_error)?
+        .rows_affected();
+    settle(tx, done == 1).await
 }
