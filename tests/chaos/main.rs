@@ -40,7 +40,7 @@ mod support;
 #[path = "../../crates/cli/src/fixtures.rs"]
 mod fixtures;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -49,9 +49,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use hephaestus_engine_core::instance::{HistoryKind, Instance, InstanceStatus, ResumeSource};
+use hephaestus_engine_core::WorkflowId;
+use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::ports::InstanceFilter;
-use hephaestus_engine_core::{StepId, WorkflowId};
 use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_queue_pg::PgQueue;
 use hephaestus_runner::postgres::PgBackend;
@@ -62,9 +62,10 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use uuid::Uuid;
 
-use crate::fixtures::Script;
+use crate::fixtures::Execution;
 use crate::support::bin::hephaestus_bin;
 use crate::support::db::{database_url, unique_suffix};
+use crate::support::plans::{Plan, check_instance};
 use crate::support::rng::Rng;
 
 /// Instances of a normal run.
@@ -263,63 +264,6 @@ fn active(counts: &BTreeMap<String, i64>) -> i64 {
         .iter()
         .filter_map(|s| counts.get(*s))
         .sum()
-}
-
-/// What the test expects of one instance.
-#[derive(Debug, Clone)]
-struct Plan {
-    id: Uuid,
-    business_value: String,
-    workflow: &'static str,
-    script: Script,
-}
-
-impl Plan {
-    fn random(rng: &mut Rng, index: usize) -> Self {
-        let workflow = fixtures::SHAPES[rng.pick(fixtures::SHAPES.len())];
-        let mut script = Script {
-            sleep_ms: rng.below(15),
-            ..Script::default()
-        };
-        if workflow == fixtures::BRANCH {
-            script.branch = Some(if rng.chance(50) { "right" } else { "left" }.to_owned());
-        }
-        let path = fixtures::path(workflow, &script);
-        for step in &path {
-            if rng.chance(20) {
-                script
-                    .fail
-                    .insert((*step).to_owned(), 1 + u32::from(rng.chance(50)));
-            }
-        }
-        if rng.chance(8) {
-            script.fatal = Some(path[rng.pick(path.len())].to_owned());
-        } else if workflow == fixtures::BRANCH && rng.chance(10) {
-            // On the branch not taken: never runs, so the instance completes.
-            let other = if script.branch() == "right" {
-                "Left"
-            } else {
-                "Right"
-            };
-            script.fatal = Some(other.to_owned());
-        }
-        Self {
-            id: Uuid::now_v7(),
-            business_value: index.to_string(),
-            workflow,
-            script,
-        }
-    }
-
-    fn path(&self) -> Vec<&'static str> {
-        fixtures::path(self.workflow, &self.script)
-    }
-
-    /// The step the instance fails at, if it does.
-    fn fails_at(&self) -> Option<&str> {
-        let fatal = self.script.fatal.as_deref()?;
-        self.path().contains(&fatal).then_some(fatal)
-    }
 }
 
 /// Starts `plan`'s instance, retrying through a server restart once the
@@ -771,12 +715,16 @@ impl Env {
             .await
             .expect("read the executions");
         let mut out: HashMap<Uuid, Vec<Execution>> = HashMap::new();
+        let small = |what: &str, n: i64| {
+            u32::try_from(n).unwrap_or_else(|_| panic!("a recorded {what} out of range: {n}"))
+        };
         for (instance, step, activation, attempt, pid, outcome) in rows {
             out.entry(instance).or_default().push(Execution {
+                instance_id: instance,
                 step,
-                activation,
-                attempt,
-                pid,
+                activation: small("activation", activation),
+                attempt: small("attempt", attempt),
+                worker_pid: small("worker pid", pid),
                 outcome,
             });
         }
@@ -817,177 +765,5 @@ impl Env {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
         self.pool.close().await;
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Execution {
-    step: String,
-    activation: i64,
-    attempt: i64,
-    pid: i64,
-    outcome: String,
-}
-
-fn check_instance(
-    plan: &Plan,
-    instance: &Instance,
-    execs: &[Execution],
-    results: &BTreeMap<(String, i64, String), (i64, i64)>,
-    problems: &mut Vec<String>,
-) {
-    let id = plan.id;
-    let mut problem = |text: String| problems.push(format!("{id} ({}): {text}", plan.workflow));
-    let path = plan.path();
-
-    // The end the script says.
-    match plan.fails_at() {
-        Some(step) => {
-            let failed_at = instance
-                .failure
-                .as_ref()
-                .and_then(|f| f.step.as_ref())
-                .map(|s| s.as_str().to_owned());
-            if instance.status != InstanceStatus::Failed || failed_at.as_deref() != Some(step) {
-                problem(format!(
-                    "expected failed at {step}, got {:?} {:?}",
-                    instance.status, instance.failure
-                ));
-            }
-        }
-        None if instance.status != InstanceStatus::Completed => problem(format!(
-            "expected completed, got {:?} {:?}",
-            instance.status, instance.failure
-        )),
-        None => {}
-    }
-
-    // Every result applied (processed) and recorded once.
-    for ((step, activation, kind), (n, processed)) in results {
-        if *n != 1 || processed != n {
-            problem(format!(
-                "result {step}#{activation} {kind}: {n} rows, {processed} processed"
-            ));
-        }
-        if *activation > 1 {
-            problem(format!("{step} was activated {activation} times"));
-        }
-    }
-
-    // User code: at least once per reached step, at most max_attempts per
-    // activation, each attempt once, each outcome as scripted, never off
-    // the path.
-    let mut by_step: BTreeMap<&str, Vec<&Execution>> = BTreeMap::new();
-    for exec in execs {
-        by_step.entry(exec.step.as_str()).or_default().push(exec);
-        if !path.contains(&exec.step.as_str()) {
-            problem(format!("{} ran but is not on the path {path:?}", exec.step));
-        }
-        if exec.activation != 1 {
-            problem(format!("{} ran activation {}", exec.step, exec.activation));
-        }
-        let attempt = u32::try_from(exec.attempt).unwrap_or(0);
-        let scripted = plan.script.outcome(&exec.step, attempt).as_str();
-        if exec.outcome != scripted {
-            problem(format!(
-                "{} attempt {attempt} did {}, the script says {scripted}",
-                exec.step, exec.outcome
-            ));
-        }
-    }
-    for (step, runs) in &by_step {
-        let attempts: BTreeSet<i64> = runs.iter().map(|e| e.attempt).collect();
-        if attempts.len() != runs.len() {
-            problem(format!("{step}: an attempt ran twice: {runs:?}"));
-        }
-        if runs.len() > usize::try_from(fixtures::MAX_ATTEMPTS).unwrap_or(usize::MAX) {
-            problem(format!("{step} ran {} times", runs.len()));
-        }
-    }
-    // The steps that must have run: all of a completed path; before a
-    // fatal step, its predecessors (in the diamond, a failing branch may
-    // cancel its sibling before that one starts).
-    let reached: Vec<&str> = match plan.fails_at() {
-        Some(fatal) => {
-            let mut before: Vec<&str> = path.iter().copied().take_while(|s| *s != fatal).collect();
-            if plan.workflow == fixtures::DIAMOND && fatal != "Merge" {
-                before.retain(|s| *s == "Split");
-            }
-            before.push(fatal);
-            before
-        }
-        None => path.clone(),
-    };
-    for step in &reached {
-        if !by_step.contains_key(step) {
-            problem(format!("{step} never ran"));
-        }
-    }
-
-    if instance.status != InstanceStatus::Completed {
-        return;
-    }
-    // Completed: each path step completed once (result, history), and its
-    // applied output came from a recorded execution.
-    for step in &path {
-        let key = ((*step).to_owned(), 1, "completed".to_owned());
-        if !results.contains_key(&key) {
-            problem(format!("{step} has no completed result"));
-        }
-        let completions = instance
-            .history
-            .iter()
-            .filter(|h| {
-                h.step.as_ref().is_some_and(|s| s.as_str() == *step)
-                    && matches!(h.kind, HistoryKind::Completed { .. })
-            })
-            .count();
-        if completions != 1 {
-            problem(format!(
-                "{step} completed {completions} times in the history"
-            ));
-        }
-        let key = StepId::new(*step)
-            .expect("a valid step id")
-            .default_step_key();
-        let output = instance.context.step(&key);
-        let (attempt, pid) = (
-            output.and_then(|o| o["attempt"].as_i64()),
-            output.and_then(|o| o["pid"].as_i64()),
-        );
-        let from_a_run = by_step.get(step).is_some_and(|runs| {
-            runs.iter().any(|e| {
-                Some(e.attempt) == attempt && Some(e.pid) == pid && e.outcome == "complete"
-            })
-        });
-        if !from_a_run {
-            problem(format!(
-                "{step}'s applied output {output:?} matches no recorded execution"
-            ));
-        }
-    }
-    let finished = instance
-        .history
-        .iter()
-        .filter(|h| matches!(h.kind, HistoryKind::Finished))
-        .count();
-    if finished != 1 {
-        problem(format!("finished {finished} times in the history"));
-    }
-    let resumes: Vec<ResumeSource> = instance
-        .history
-        .iter()
-        .filter_map(|h| match h.kind {
-            HistoryKind::Resumed { source, .. } => Some(source),
-            _ => None,
-        })
-        .collect();
-    let expected = match plan.workflow {
-        fixtures::WAIT => vec![ResumeSource::External],
-        fixtures::TIMER => vec![ResumeSource::Timer],
-        _ => Vec::new(),
-    };
-    if resumes != expected {
-        problem(format!("resumed by {resumes:?}, expected {expected:?}"));
     }
 }

@@ -16,3 +16,7 @@ mod storage_pg;
 mod support;
 mod tidy;
 mod worker_ops;
+
+// The fixtures at the crate root, where the chaos target (which shares
+// `support`) mounts them too.
+use faults::fixtures;

@@ -10,7 +10,7 @@
 //! The seed is printed; `HEPHAESTUS_FAULTS_SEED=<n>` replays the scripts and
 //! the kill schedule (timing still varies).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -18,16 +18,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hephaestus_engine_core::instance::{HistoryKind, Instance, InstanceStatus, ResumeSource};
+use hephaestus_engine_core::WorkflowId;
+use hephaestus_engine_core::instance::InstanceStatus;
 use hephaestus_engine_core::ports::InstanceFilter;
-use hephaestus_engine_core::{StepId, WorkflowId};
 use hephaestus_runner::{RunnerError, Runtime, StartOptions};
 use hephaestus_sqlite::{SqliteBackend, SqliteOptions};
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::faults::fixtures::{self, Execution, Recorder, Script};
+use crate::faults::fixtures::{self, Execution, Recorder};
 use crate::support::bin::hephaestus_bin;
+use crate::support::plans::{Plan, check_instance};
 use crate::support::rng::Rng;
 use crate::support::sqlite::TempDir;
 
@@ -371,207 +372,5 @@ impl Drop for WorkerProc {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.kill();
         }
-    }
-}
-
-/// What the test expects of one instance.
-#[derive(Debug, Clone)]
-struct Plan {
-    id: Uuid,
-    business_value: String,
-    workflow: &'static str,
-    script: Script,
-}
-
-impl Plan {
-    fn random(rng: &mut Rng, index: usize) -> Self {
-        let workflow = fixtures::SHAPES[rng.pick(fixtures::SHAPES.len())];
-        let mut script = Script {
-            sleep_ms: rng.below(15),
-            ..Script::default()
-        };
-        if workflow == fixtures::BRANCH {
-            script.branch = Some(if rng.chance(50) { "right" } else { "left" }.to_owned());
-        }
-        let path = fixtures::path(workflow, &script);
-        for step in &path {
-            if rng.chance(20) {
-                script
-                    .fail
-                    .insert((*step).to_owned(), 1 + u32::from(rng.chance(50)));
-            }
-        }
-        if rng.chance(8) {
-            script.fatal = Some(path[rng.pick(path.len())].to_owned());
-        }
-        Self {
-            id: Uuid::now_v7(),
-            business_value: index.to_string(),
-            workflow,
-            script,
-        }
-    }
-
-    fn path(&self) -> Vec<&'static str> {
-        fixtures::path(self.workflow, &self.script)
-    }
-
-    /// The step the instance fails at, if it does.
-    fn fails_at(&self) -> Option<&str> {
-        let fatal = self.script.fatal.as_deref()?;
-        self.path().contains(&fatal).then_some(fatal)
-    }
-}
-
-fn check_instance(
-    plan: &Plan,
-    instance: &Instance,
-    execs: &[Execution],
-    results: &BTreeMap<(String, i64, String), (i64, i64)>,
-    problems: &mut Vec<String>,
-) {
-    let id = plan.id;
-    let mut problem = |text: String| problems.push(format!("{id} ({}): {text}", plan.workflow));
-    let path = plan.path();
-
-    // The end the script says.
-    match plan.fails_at() {
-        Some(step) => {
-            let failed_at = instance
-                .failure
-                .as_ref()
-                .and_then(|f| f.step.as_ref())
-                .map(|s| s.as_str().to_owned());
-            if instance.status != InstanceStatus::Failed || failed_at.as_deref() != Some(step) {
-                problem(format!(
-                    "expected failed at {step}, got {:?} {:?}",
-                    instance.status, instance.failure
-                ));
-            }
-        }
-        None if instance.status != InstanceStatus::Completed => problem(format!(
-            "expected completed, got {:?} {:?}",
-            instance.status, instance.failure
-        )),
-        None => {}
-    }
-
-    // Every result recorded once and applied.
-    for ((step, activation, kind), (n, processed)) in results {
-        if *n != 1 || processed != n {
-            problem(format!(
-                "result {step}#{activation} {kind}: {n} rows, {processed} processed"
-            ));
-        }
-        if *activation > 1 {
-            problem(format!("{step} was activated {activation} times"));
-        }
-    }
-
-    // User code: at most max_attempts per activation, each attempt once,
-    // each doing what the script says, never off the path.
-    let mut by_step: BTreeMap<&str, Vec<&Execution>> = BTreeMap::new();
-    for exec in execs {
-        by_step.entry(exec.step.as_str()).or_default().push(exec);
-        if !path.contains(&exec.step.as_str()) {
-            problem(format!("{} ran but is not on the path {path:?}", exec.step));
-        }
-        if exec.activation != 1 {
-            problem(format!("{} ran activation {}", exec.step, exec.activation));
-        }
-        let scripted = plan.script.outcome(&exec.step, exec.attempt).as_str();
-        if exec.outcome != scripted {
-            problem(format!(
-                "{} attempt {} did {}, the script says {scripted}",
-                exec.step, exec.attempt, exec.outcome
-            ));
-        }
-    }
-    for (step, runs) in &by_step {
-        let attempts: BTreeSet<u32> = runs.iter().map(|e| e.attempt).collect();
-        if attempts.len() != runs.len() {
-            problem(format!("{step}: an attempt ran twice: {runs:?}"));
-        }
-        if runs.len() > usize::try_from(fixtures::MAX_ATTEMPTS).unwrap_or(usize::MAX) {
-            problem(format!("{step} ran {} times", runs.len()));
-        }
-    }
-    // The steps that must have run: all of a completed path; before a fatal
-    // step, its predecessors (in the diamond, a failing branch may cancel
-    // its sibling before that one starts).
-    let reached: Vec<&str> = match plan.fails_at() {
-        Some(fatal) => {
-            let mut before: Vec<&str> = path.iter().copied().take_while(|s| *s != fatal).collect();
-            if plan.workflow == fixtures::DIAMOND && fatal != "Merge" {
-                before.retain(|s| *s == "Split");
-            }
-            before.push(fatal);
-            before
-        }
-        None => path.clone(),
-    };
-    for step in &reached {
-        if !by_step.contains_key(step) {
-            problem(format!("{step} never ran"));
-        }
-    }
-    if instance.status != InstanceStatus::Completed {
-        return;
-    }
-    // Completed: each path step completed once, and its applied output came
-    // from a recorded execution.
-    for step in &path {
-        if !results.contains_key(&((*step).to_owned(), 1, "completed".to_owned())) {
-            problem(format!("{step} has no completed result"));
-        }
-        let completions = instance
-            .history
-            .iter()
-            .filter(|h| {
-                h.step.as_ref().is_some_and(|s| s.as_str() == *step)
-                    && matches!(h.kind, HistoryKind::Completed { .. })
-            })
-            .count();
-        if completions != 1 {
-            problem(format!(
-                "{step} completed {completions} times in the history"
-            ));
-        }
-        let key = StepId::new(*step)
-            .expect("a valid step id")
-            .default_step_key();
-        let output = instance.context.step(&key);
-        let (attempt, pid) = (
-            output.and_then(|o| o["attempt"].as_u64()),
-            output.and_then(|o| o["pid"].as_u64()),
-        );
-        let from_a_run = by_step.get(step).is_some_and(|runs| {
-            runs.iter().any(|e| {
-                Some(u64::from(e.attempt)) == attempt
-                    && Some(u64::from(e.worker_pid)) == pid
-                    && e.outcome == "complete"
-            })
-        });
-        if !from_a_run {
-            problem(format!(
-                "{step}'s applied output {output:?} matches no recorded execution"
-            ));
-        }
-    }
-    let resumes: Vec<ResumeSource> = instance
-        .history
-        .iter()
-        .filter_map(|h| match h.kind {
-            HistoryKind::Resumed { source, .. } => Some(source),
-            _ => None,
-        })
-        .collect();
-    let expected = match plan.workflow {
-        fixtures::WAIT => vec![ResumeSource::External],
-        fixtures::TIMER => vec![ResumeSource::Timer],
-        _ => Vec::new(),
-    };
-    if resumes != expected {
-        problem(format!("resumed by {resumes:?}, expected {expected:?}"));
     }
 }

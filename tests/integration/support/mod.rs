@@ -4,6 +4,7 @@ pub mod bin;
 pub mod catalog;
 pub mod conformance;
 pub mod db;
+pub mod plans;
 pub mod rng;
 pub mod sqlite;
 pub mod wait;
