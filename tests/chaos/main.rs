@@ -614,7 +614,8 @@ impl Env {
             PgStore::new(pool.clone(), prefix.clone()),
             PgQueue::new(pool.clone(), prefix.clone()),
         );
-        let mut builder = Runtime::builder(backend);
+        let mut builder = Runtime::builder(backend)
+            .discard_handler(hephaestus_failure_handler::FailureHandler::new());
         for workflow in fixtures::workflows(&recorder).expect("valid fixture workflows") {
             builder = builder.workflow(workflow);
         }

@@ -84,7 +84,8 @@ impl Env {
         if let Some(clock) = &clock {
             backend = backend.with_clock(clock.clone());
         }
-        let mut builder = Runtime::builder(backend);
+        let mut builder = Runtime::builder(backend)
+            .discard_handler(hephaestus_failure_handler::FailureHandler::new());
         if let Some(clock) = &clock {
             builder = builder.clock(clock.clone());
         }

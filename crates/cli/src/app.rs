@@ -144,7 +144,9 @@ impl App {
             runs_steps,
             sqlite: None,
         };
-        let builder = Runtime::builder(backend).config(config);
+        let builder = Runtime::builder(backend)
+            .discard_handler(hephaestus_failure_handler::FailureHandler::new())
+            .config(config);
         let builder = self
             .workflows
             .register(builder, &setup)
@@ -170,7 +172,9 @@ impl App {
             sqlite: Some(backend.path().to_owned()),
         };
         let registry = self.registered(&setup).await?;
-        let mut builder = Runtime::builder(backend).config(config);
+        let mut builder = Runtime::builder(backend)
+            .discard_handler(hephaestus_failure_handler::FailureHandler::new())
+            .config(config);
         for family in registry.families() {
             builder = builder.family(family.clone());
         }
@@ -185,7 +189,11 @@ impl App {
         );
         let builder = self
             .workflows
-            .register(Runtime::builder(backend), setup)
+            .register(
+                Runtime::builder(backend)
+                    .discard_handler(hephaestus_failure_handler::FailureHandler::new()),
+                setup,
+            )
             .await
             .context("registering the workflows")?;
         Ok(builder

@@ -40,6 +40,7 @@ impl DemoCommand {
             path.display()
         );
         let runtime = hephaestus_runner::Runtime::builder(backend.clone())
+            .discard_handler(hephaestus_failure_handler::FailureHandler::new())
             .config(order_flow::config())
             .workflow(order_flow::checkout()?)
             .build()?;

@@ -1,8 +1,8 @@
 //! `hephaestus worker`: a worker process for the registered workflows (the
 //! stock binary's are the fixture workflows, [`crate::fixtures`]) on
 //! PostgreSQL, run the production way: the runner's jobs on queue-pg's
-//! `QueueRuntime` with the failure handler's discard hook, and a leader-only
-//! reconciler.
+//! `QueueRuntime`, with the failure handler attached to the runtime, and a
+//! leader-only reconciler.
 //!
 //! It installs its SIGTERM and Ctrl-C handlers first, connects (failing
 //! within 5 s with the cause when the server cannot be reached), refuses a
@@ -144,7 +144,8 @@ impl WorkerCommand {
             .await
             .context("migrating the queue tables")?;
         let runtime = app.runtime(&pool, &prefix, self.config(), true).await?;
-        let queue = hephaestus_failure_handler::queue_runtime(&runtime)
+        let queue = runtime
+            .queue_runtime()?
             .election(self.elect_interval(), self.leader_ttl())
             .poll_only(self.poll_only)
             .depth_interval(Some(Duration::from_millis(self.observe.depth_ms.max(1))))

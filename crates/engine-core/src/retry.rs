@@ -200,8 +200,63 @@ fn duration_ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The jitter sample of attempt `attempt` of job `job`, for
+/// [`RetryPolicy::decide`] and [`RetryPolicy::delay`]: the one source of
+/// jitter for the queue and the runner. A well-mixed hash of the two
+/// (SplitMix64's finalizer), not a random draw: the engine reads no
+/// randomness, a failed attempt always gets the same delay (runs and tests
+/// reproduce), and jobs that fail together still spread out, since their
+/// ids differ.
+pub fn jitter_sample(job: i64, attempt: u32) -> u32 {
+    let mut x = u64::from_le_bytes(job.to_le_bytes())
+        ^ u64::from(attempt).rotate_left(32)
+        ^ 0x9e37_79b9_7f4a_7c15;
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    // The high half: the best-mixed bits.
+    u32::try_from(x >> 32).unwrap_or(u32::MAX)
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn jitter_samples_spread_jobs_that_fail_together() {
+        let policy = RetryPolicy::default().with_jitter_per_mille(100).unwrap();
+        let base = policy.base_delay(1);
+        // A thousand consecutive jobs failing their first attempt at once.
+        let delays: Vec<Duration> = (1..=1000)
+            .map(|job| policy.delay(1, jitter_sample(job, 1)))
+            .collect();
+        let below = delays.iter().filter(|d| **d < base).count();
+        let above = delays.iter().filter(|d| **d > base).count();
+        assert!(
+            (400..=600).contains(&below),
+            "{below} of 1000 below the base delay"
+        );
+        assert!(
+            (400..=600).contains(&above),
+            "{above} of 1000 above the base delay"
+        );
+        let distinct: std::collections::BTreeSet<_> = delays.iter().collect();
+        assert!(
+            distinct.len() > 150,
+            "only {} distinct delays",
+            distinct.len()
+        );
+        // Every delay stays within the jitter band.
+        let band = base.mul_f64(0.1);
+        assert!(
+            delays
+                .iter()
+                .all(|d| Some(*d) >= base.checked_sub(band) && *d <= base + band)
+        );
+        // The same attempt gets the same sample; the next attempt another.
+        assert_eq!(jitter_sample(42, 3), jitter_sample(42, 3));
+        assert_ne!(jitter_sample(42, 3), jitter_sample(42, 4));
+        assert_ne!(jitter_sample(42, 3), jitter_sample(43, 3));
+    }
 
     #[test]
     fn decide_discards_fatal_and_last_attempts_and_prefers_explicit_delays() {

@@ -2,16 +2,18 @@
 //!
 //! What keeps instances from getting stuck.
 //!
-//! - Step failures: the runner fails an instance in the same commit that
-//!   discards the step's last attempt (fixing the original's G4, where the
-//!   telemetry-based handler never fired). See `hephaestus-runner`.
-//! - [`FailureHook`] (feature `postgres`): queue-pg's discard hook. When the
-//!   queue itself discards a runner job — its worker kept dying until the
-//!   attempts ran out, so the rescuer gave up — the hook records the step's
-//!   failure (or fails the instance, for advance, timer and resume jobs) in
-//!   the discarding transaction. [`queue_runtime`] builds a worker
-//!   process's runtime with the hook attached (the runner's workers cannot
-//!   be had without a hook).
+//! - Step failures: a step's last failed attempt is recorded as its result
+//!   in the same commit that discards it, and the engine fails the instance
+//!   (fixing the original's G4, where the telemetry-based handler never
+//!   fired). See `hephaestus-runner`.
+//! - [`FailureHandler`]: what a runner job discarded for good means for its
+//!   step and instance — a job whose attempts went on errors outside user
+//!   code, or whose workers kept dying until the queue gave up on it. It
+//!   records the step's failure, or fails the instance, cancelling the rest,
+//!   in the discarding transaction. Every runtime that runs workers has it
+//!   attached
+//!   ([`RuntimeBuilder::discard_handler`](hephaestus_runner::RuntimeBuilder::discard_handler)); workers refuse to start
+//!   without one.
 //! - [`Reconciler`]: a periodic safety net (leader-only with
 //!   [`Reconciler::leader_only`]) that finds
 //!   active instances with no live job — pending or running instances whose
@@ -22,22 +24,23 @@
 //!
 //! ```
 //! use hephaestus_memory::MemoryBackend;
-//! use hephaestus_failure_handler::Reconciler;
+//! use hephaestus_failure_handler::{FailureHandler, Reconciler};
 //! use hephaestus_runner::Runtime;
 //!
-//! let runtime = Runtime::builder(MemoryBackend::new()).build().unwrap();
+//! let runtime = Runtime::builder(MemoryBackend::new())
+//!     .discard_handler(FailureHandler::new())
+//!     .build()
+//!     .unwrap();
 //! let reconciler = Reconciler::new(runtime);
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 //! let report = rt.block_on(reconciler.run_once()).unwrap();
 //! assert!(report.repaired.is_empty());
 //! ```
 
-#[cfg(feature = "postgres")]
-mod hook;
+mod handler;
 mod reconciler;
 
-#[cfg(feature = "postgres")]
-pub use hook::{FailureHook, queue_runtime, workers};
+pub use handler::FailureHandler;
 pub use reconciler::{LeaderCheck, Reconciler, Repair, RepairReport};
 
 /// The getting-started guide (`docs/getting-started.md`), compiled as doc

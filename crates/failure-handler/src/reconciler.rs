@@ -391,6 +391,7 @@ mod tests {
         let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
+            .discard_handler(crate::FailureHandler::new())
             .clock(clock.clone())
             .workflow(linear())
             .build()
@@ -498,6 +499,7 @@ mod tests {
             .build()
             .unwrap();
         let rt = Runtime::builder(backend.clone())
+            .discard_handler(crate::FailureHandler::new())
             .clock(clock.clone())
             .workflow(wf.clone())
             .build()
@@ -537,6 +539,7 @@ mod tests {
         let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
+            .discard_handler(crate::FailureHandler::new())
             .clock(clock.clone())
             .workflow(linear())
             .build()
@@ -606,6 +609,7 @@ mod tests {
         let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
+            .discard_handler(crate::FailureHandler::new())
             .clock(clock.clone())
             .workflow(linear())
             .build()
@@ -642,6 +646,7 @@ mod tests {
         let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend)
+            .discard_handler(crate::FailureHandler::new())
             .clock(clock.clone())
             .workflow(linear())
             .workflow(pause())
@@ -667,6 +672,7 @@ mod tests {
         let clock = clock();
         let backend = MemoryBackend::with_clock(clock.clone());
         let rt = Runtime::builder(backend.clone())
+            .discard_handler(crate::FailureHandler::new())
             .clock(clock.clone())
             .workflow(pause())
             .build()
@@ -697,6 +703,7 @@ mod tests {
     async fn instances_of_unregistered_workflows_are_reported_not_touched() {
         let (backend, _rt, clock, id) = lost_linear().await;
         let bare = Runtime::builder(backend.clone())
+            .discard_handler(crate::FailureHandler::new())
             .clock(clock.clone())
             .build()
             .unwrap();

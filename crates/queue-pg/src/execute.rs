@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::error::Error;
 use crate::events::{Events, JobEventKind, record_attempt};
-use crate::hook::DiscardedJob;
+use crate::hook::{AfterCommit, DiscardedJob};
 use crate::queue::PgQueue;
 use crate::worker::{JobContext, JobError, Workers};
 
@@ -134,7 +134,7 @@ impl Settler<'_> {
                     lease.attempt,
                     lease.max_attempts,
                     error,
-                    jitter_sample(),
+                    lease.jitter_sample(),
                 ) =>
             {
                 outcome_name = "retried";
@@ -244,19 +244,21 @@ impl Settler<'_> {
         if !queue.discard_using(&mut tx, lease, error, now).await? {
             return Ok(Settlement::Fenced);
         }
+        let after_commit = AfterCommit::default();
         if let Some(hook) = workers.hook() {
             let job = DiscardedJob {
                 lease,
                 error,
                 at: now,
                 queue,
+                after_commit: &after_commit,
             };
             if let Err(hook_error) = hook.on_discard(&mut tx, job).await {
                 // Roll back the discard and whatever the hook wrote.
                 tx.rollback().await?;
                 let recorded = StepError::retryable(format!("discard hook failed: {hook_error}"))
                     .with_details(json!({ "error": error }));
-                let retry_at = now + retry_delay(policy, lease.attempt, &recorded);
+                let retry_at = now + retry_delay(policy, lease, &recorded);
                 let mut conn = queue.pool().acquire().await?;
                 if !queue
                     .retry_using(&mut conn, lease, &recorded, retry_at, now)
@@ -281,6 +283,7 @@ impl Settler<'_> {
             }
         }
         tx.commit().await?;
+        after_commit.run();
         events.emit(lease, JobEventKind::Discarded, Some(error), run_time);
         Ok(Settlement::Discarded)
     }
@@ -296,22 +299,17 @@ pub(crate) fn fenced(events: &Events, lease: &JobLease, run_time: Duration) {
 /// the attempts left (a discard hook that failed is retried even on the
 /// last attempt): [`RetryPolicy::decide`] with no limit, so the error's
 /// explicit delay wins, else the policy's backoff with jitter.
-pub(crate) fn retry_delay(policy: &RetryPolicy, attempt: u32, error: &StepError) -> TimeDelta {
-    match policy.decide(attempt, u32::MAX, error, jitter_sample()) {
+pub(crate) fn retry_delay(policy: &RetryPolicy, lease: &JobLease, error: &StepError) -> TimeDelta {
+    let (attempt, sample) = (lease.attempt, lease.jitter_sample());
+    match policy.decide(attempt, u32::MAX, error, sample) {
         RetryDecision::RetryAfter(delay) => to_delta(delay),
         // A fatal error has no delay of its own: the policy's backoff.
-        RetryDecision::Discard => to_delta(policy.delay(attempt, jitter_sample())),
+        RetryDecision::Discard => to_delta(policy.delay(attempt, sample)),
     }
 }
 
 fn to_delta(delay: Duration) -> TimeDelta {
     TimeDelta::from_std(delay).unwrap_or(TimeDelta::MAX)
-}
-
-/// A uniformly random sample for the jitter (from the OS RNG via UUID v4).
-fn jitter_sample() -> u32 {
-    let bytes = uuid::Uuid::new_v4().into_bytes();
-    u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
 }
 
 /// Polls a future, turning a panic into an error.
@@ -343,14 +341,25 @@ mod tests {
             Duration::from_secs(60),
         )
         .unwrap();
+        let lease = JobLease {
+            id: hephaestus_engine_core::ports::JobId(7),
+            kind: "k".into(),
+            queue: "default".into(),
+            args: serde_json::Value::Null,
+            meta: serde_json::Map::new(),
+            attempt: 3,
+            max_attempts: 5,
+            scheduled_at: chrono::DateTime::UNIX_EPOCH,
+            errors: Vec::new(),
+        };
         assert_eq!(
-            retry_delay(&policy, 3, &StepError::retryable("x")),
+            retry_delay(&policy, &lease, &StepError::retryable("x")),
             TimeDelta::seconds(6)
         );
         assert_eq!(
             retry_delay(
                 &policy,
-                3,
+                &lease,
                 &StepError::retry_after("x", Duration::from_millis(1500))
             ),
             TimeDelta::milliseconds(1500)

@@ -104,6 +104,14 @@ pub enum RunnerError {
     /// The backend failed.
     #[error(transparent)]
     Backend(PortError),
+    /// Workers were asked of a runtime without a failure handler: a job
+    /// discarded for good would leave its instance stuck. Attach one with
+    /// [`RuntimeBuilder::discard_handler`](crate::RuntimeBuilder::discard_handler).
+    #[error(
+        "this runtime has no discard handler, so it cannot run workers: attach \
+         hephaestus_failure_handler::FailureHandler with RuntimeBuilder::discard_handler"
+    )]
+    NoDiscardHandler,
     /// The engine refused an input for a reason the runner has no variant
     /// of its own for; the engine's error is kept as it is.
     #[error(transparent)]

@@ -1,19 +1,43 @@
 //! What the runner does when a job fails: a step error retried or
-//! discarded per its policy (and the discard's consequences committed with
-//! it, G4), a job that failed outside user code, a job the queue discarded
-//! on its own, and the rescue of jobs whose worker went silent.
+//! discarded per its policy (its last failed attempt recorded as the step's
+//! result in the same commit, G4), a job that failed outside user code
+//! (retried, or discarded with what the discard handler writes), the
+//! primitives a discard handler composes (failing an instance, recording a
+//! step's failure), and the rescue of jobs whose worker went silent.
 
-use hephaestus_engine_core::Workflow;
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 use hephaestus_engine_core::instance::{AttemptRecord, FailureReason};
 use hephaestus_engine_core::ports::{JobLease, ResultPayload};
 use hephaestus_engine_core::retry::{Backoff, RetryDecision, RetryPolicy};
 use hephaestus_engine_core::step::StepError;
+use hephaestus_engine_core::{Engine, Workflow};
+use uuid::Uuid;
 
 use crate::backend::Backend;
+use crate::discard::{AfterCommit, DiscardedJob, JobSubject, StepFailure};
 use crate::error::RunnerError;
-use crate::handle::Runtime;
-use crate::jobs::{self, AdvanceArgs, ExecuteArgs, ResumeArgs, TimerArgs, decode};
+use crate::handle::{DiscardHandler, Runtime};
+use crate::jobs::{self, ExecuteArgs, decode};
 use crate::outcome::JobOutcome;
+
+/// The error a runner job that failed outside user code is retried or
+/// discarded with. Undecodable arguments never get better: fatal. Anything
+/// else (a corrupt instance included, which fails the instance once its
+/// advance is out of attempts) is retried. The cause tells the discard
+/// handler why.
+fn job_failure(error: &RunnerError) -> StepError {
+    let step_error = match error {
+        RunnerError::InvalidInput(_) => StepError::fatal(error.to_string()),
+        _ => StepError::retryable(error.to_string()),
+    };
+    match error {
+        RunnerError::Corrupt(_) => step_error.with_cause(FailureReason::CorruptState),
+        RunnerError::Registry(_) => step_error.with_cause(FailureReason::UnknownWorkflow),
+        _ => step_error,
+    }
+}
 
 /// The retry policy of a runner job that failed outside user code (a
 /// backend error, bad args, a worker that died): exponential from 1 s to
@@ -46,7 +70,7 @@ impl<B: Backend> Runtime<B> {
         let mut tx = b.begin().await?;
         // The job's own limit (a snooze may have raised it) and the policy's.
         let max_attempts = lease.max_attempts.min(policy.max_attempts);
-        let decision = policy.decide(lease.attempt, max_attempts, &error, Self::jitter_sample());
+        let decision = policy.decide(lease.attempt, max_attempts, &error, lease.jitter_sample());
         if let RetryDecision::RetryAfter(after) = decision {
             let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
             if !b.retry(&mut tx, lease, &error, at, now).await? {
@@ -78,59 +102,12 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// A job failed outside user code (backend down, unregistered workflow,
-    /// bad args): retry with backoff, discard when out of attempts.
+    /// bad args): retry with backoff; out of attempts, discard it with what
+    /// the discard handler writes, in one commit.
     pub(crate) async fn job_error(&self, lease: &JobLease, error: &RunnerError) -> JobOutcome {
         tracing::warn!(job_id = %lease.id, kind = %lease.kind, attempt = lease.attempt, error = %error, "job failed");
-        let policy = job_retry_policy(Some(lease.max_attempts));
-        // Undecodable arguments never get better: fatal. Anything else —
-        // including a corrupt instance, which fails the instance once its
-        // advance is out of attempts — is retried.
-        let step_error = match error {
-            RunnerError::InvalidInput(_) => StepError::fatal(error.to_string()),
-            _ => StepError::retryable(error.to_string()),
-        };
-        // What the failure handler records if this discards the job.
-        let step_error = match error {
-            RunnerError::Corrupt(_) => step_error.with_cause(FailureReason::CorruptState),
-            RunnerError::Registry(_) => step_error.with_cause(FailureReason::UnknownWorkflow),
-            _ => step_error,
-        };
-        let now = self.now();
-        let b = &self.inner.backend;
-        let attempt = async {
-            let mut tx = b.begin().await?;
-            let decision = policy.decide(
-                lease.attempt,
-                policy.max_attempts,
-                &step_error,
-                Self::jitter_sample(),
-            );
-            let outcome = if let RetryDecision::RetryAfter(after) = decision {
-                let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
-                if b.retry(&mut tx, lease, &step_error, at, now).await? {
-                    JobOutcome::Retried
-                } else {
-                    JobOutcome::Fenced
-                }
-            } else if b.discard(&mut tx, lease, &step_error, now).await? {
-                tracing::error!(job_id = %lease.id, kind = %lease.kind, error = %error, "job discarded");
-                // The failure handler's consequences commit with the discard.
-                // A workflow missing from this process's registry is left
-                // alone: another deployment may still run it (the reconciler
-                // reports such instances).
-                if !matches!(error, RunnerError::Registry(_))
-                    && let Err(e) = self.handle_discarded(&mut tx, lease, &step_error).await
-                {
-                    tracing::error!(job_id = %lease.id, kind = %lease.kind, error = %e, "the failure handler could not act on a discarded job");
-                }
-                JobOutcome::Discarded
-            } else {
-                JobOutcome::Fenced
-            };
-            b.commit(tx).await?;
-            Ok::<_, hephaestus_engine_core::ports::PortError>(outcome)
-        };
-        match attempt.await {
+        let step_error = job_failure(error);
+        match self.retry_or_discard(lease, &step_error).await {
             Ok(outcome) => outcome,
             Err(e) => {
                 // The backend itself is failing: the job stays executing and
@@ -141,187 +118,57 @@ impl<B: Backend> Runtime<B> {
         }
     }
 
-    /// In `tx`: marks an unfinished instance failed with `message` (no step
-    /// to blame), closes its open steps and cancels its jobs. Returns
-    /// whether it did (`false` for a missing or finished instance).
-    async fn fail_instance_in(
+    async fn retry_or_discard(
         &self,
-        tx: &mut B::Tx,
-        instance_id: uuid::Uuid,
-        message: &str,
-        reason: FailureReason,
-    ) -> Result<bool, RunnerError> {
-        use hephaestus_engine_core::instance::{
-            FailureRecord, HistoryEntry, HistoryKind, InstanceStatus, StepStatus,
-        };
-        let b = &self.inner.backend;
+        lease: &JobLease,
+        error: &StepError,
+    ) -> Result<JobOutcome, RunnerError> {
+        let policy = job_retry_policy(Some(lease.max_attempts));
         let now = self.now();
-        let Some(mut instance) = b.lock(tx, instance_id).await? else {
-            return Ok(false);
-        };
-        if instance.status.is_terminal() {
-            return Ok(false);
-        }
-        for state in instance.steps.values_mut() {
-            if matches!(state.status, StepStatus::Active | StepStatus::Waiting) {
-                state.status = StepStatus::Cancelled;
-                state.timer = None;
-            }
-        }
-        let error = StepError::fatal(message);
-        instance.status = InstanceStatus::Failed;
-        instance.history.push(HistoryEntry {
-            at: now,
-            step: None,
-            activation: 0,
-            kind: HistoryKind::Failed {
-                message: error.message.clone(),
-            },
-        });
-        instance.failure = Some(FailureRecord {
-            reason,
-            step: None,
-            activation: 0,
+        let b = &self.inner.backend;
+        let mut tx = b.begin().await?;
+        let decision = policy.decide(
+            lease.attempt,
+            policy.max_attempts,
             error,
-            attempts: Vec::new(),
-            at: now,
-        });
-        instance.revision += 1;
-        instance.updated_at = now;
-        b.update(tx, &instance).await?;
-        self.close_ended(tx, instance_id, None).await?;
-        // The same telemetry as a failure the engine applies: the
-        // exception event, and the instance's root span ended with error
-        // status (written in the discarding transaction, which the queue
-        // commits next).
-        self.inner.telemetry.engine_events(
-            &instance,
-            &[hephaestus_engine_core::EngineEvent::WorkflowFailed {
-                step: None,
-                message: message.to_owned(),
-            }],
-            now,
+            lease.jitter_sample(),
         );
-        crate::observe::instance_ended(&instance, now);
-        Ok(true)
-    }
-
-    /// The failure handler's work for a job the queue discarded on its own
-    /// (its attempts ran out while its worker kept dying, so the rescuer
-    /// discarded it), written in `tx`, the discarding transaction, so the
-    /// discard and its consequences commit together (G4, G5):
-    ///
-    /// - an execute job records the step's failure (the error and every
-    ///   attempt's error) and enqueues the instance's advance, which fails
-    ///   the instance, closes its steps and cancels its other jobs;
-    /// - an advance, timer or resume job fails its instance directly: the
-    ///   orchestration or the event it carried cannot be delivered, and an
-    ///   instance left waiting for it would be stuck for good.
-    ///
-    /// A job of a finished or missing instance needs nothing.
-    pub async fn handle_discarded(
-        &self,
-        tx: &mut B::Tx,
-        lease: &JobLease,
-        error: &StepError,
-    ) -> Result<(), RunnerError> {
-        let discarded = format!(
-            "{} job {} was discarded after {} attempts: {}",
-            lease.kind, lease.id, lease.attempt, error.message
-        );
-        let reason = error
-            .cause
-            .clone()
-            .unwrap_or_else(|| FailureReason::JobDiscarded {
-                job: lease.kind.clone(),
-            });
-        let (instance_id, message) = match lease.kind.as_str() {
-            jobs::EXECUTE => {
-                return self.discarded_execution(tx, lease, error, &discarded).await;
+        if let RetryDecision::RetryAfter(after) = decision {
+            let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+            if !b.retry(&mut tx, lease, error, at, now).await? {
+                return Ok(JobOutcome::Fenced);
             }
-            jobs::ADVANCE => (
-                decode::<AdvanceArgs>(lease)?.instance_id,
-                format!("the instance cannot be advanced: {discarded}"),
-            ),
-            jobs::TIMER => {
-                let args = decode::<TimerArgs>(lease)?;
-                (
-                    args.instance_id,
-                    format!(
-                        "the timer of step {} could not fire: {discarded}",
-                        args.step
-                    ),
-                )
-            }
-            jobs::RESUME => {
-                let args = decode::<ResumeArgs>(lease)?;
-                (
-                    args.instance_id,
-                    format!(
-                        "the scheduled resume of step {} could not be delivered: {discarded}",
-                        args.step
-                    ),
-                )
-            }
-            _ => return Ok(()),
-        };
-        tracing::error!(instance_id = %instance_id, job_id = %lease.id, kind = %lease.kind, error = %error.message, "failing the instance of a discarded job");
-        self.fail_instance_in(tx, instance_id, &message, reason)
-            .await?;
-        Ok(())
-    }
-
-    /// An execute job the queue discarded: the step's failure (the error
-    /// and every attempt's error) is recorded with the instance's advance,
-    /// which fails the instance; without the workflow's definition here,
-    /// the instance is failed directly.
-    async fn discarded_execution(
-        &self,
-        tx: &mut B::Tx,
-        lease: &JobLease,
-        error: &StepError,
-        discarded: &str,
-    ) -> Result<(), RunnerError> {
-        // Discarded by the queue itself: its workers kept dying.
-        let error = match &error.cause {
-            Some(_) => error.clone(),
-            None => error.clone().with_cause(FailureReason::WorkerLost),
-        };
-        let args: ExecuteArgs = decode(lease)?;
-        let Some(instance) = self.get(args.instance_id).await? else {
-            return Ok(());
-        };
-        if instance.status.is_terminal() {
-            return Ok(());
+            b.commit(tx).await?;
+            return Ok(JobOutcome::Retried);
         }
-        let Ok(wf) = self.workflow_of(&instance).cloned() else {
-            // No definition here to apply the failure with.
-            let message = format!("step {} failed: {discarded}", args.step);
-            let reason = error.cause.clone().unwrap_or(FailureReason::WorkerLost);
-            self.fail_instance_in(tx, args.instance_id, &message, reason)
-                .await?;
-            return Ok(());
-        };
-        let mut attempts = lease.errors.clone();
-        attempts.push(AttemptRecord {
-            attempt: lease.attempt,
-            at: self.now(),
-            error: error.clone(),
-        });
-        self.record_and_enqueue_advance(
-            tx,
-            &wf,
-            args.instance_id,
-            &args.step,
-            args.activation,
-            ResultPayload::Failed {
-                error: error.clone(),
-                attempts,
-            },
-            &lease.meta,
-        )
-        .await?;
-        Ok(())
+        if !b.discard(&mut tx, lease, error, now).await? {
+            return Ok(JobOutcome::Fenced);
+        }
+        tracing::error!(job_id = %lease.id, kind = %lease.kind, error = %error.message, "job discarded");
+        match self.on_discarded(&mut tx, lease, error, now).await {
+            Ok(after) => {
+                b.commit(tx).await?;
+                after.run();
+                Ok(JobOutcome::Discarded)
+            }
+            Err(handler_error) => {
+                // Neither the discard nor a partial consequence lands: the
+                // job is retried, and the handler asked again then.
+                drop(tx);
+                tracing::error!(job_id = %lease.id, kind = %lease.kind, error = %handler_error, "the discard handler failed; the discard was rolled back");
+                let recorded =
+                    StepError::retryable(format!("the discard handler failed: {handler_error}"))
+                        .with_details(serde_json::json!({ "error": error }));
+                let after = policy.delay(lease.attempt, lease.jitter_sample());
+                let at = now + chrono::Duration::from_std(after).unwrap_or(chrono::Duration::MAX);
+                let mut tx = b.begin().await?;
+                if !b.retry(&mut tx, lease, &recorded, at, now).await? {
+                    return Ok(JobOutcome::Fenced);
+                }
+                b.commit(tx).await?;
+                Ok(JobOutcome::Retried)
+            }
+        }
     }
 
     /// Returns the jobs of dead workers (no heartbeat for `stale_after`) to
@@ -381,5 +228,125 @@ impl<B: Backend> Runtime<B> {
         };
         let wf = self.workflow_of(&instance)?.clone();
         self.step_failed(lease, &wf, &args, error).await
+    }
+}
+
+impl<B: Backend> Runtime<B> {
+    /// Asks the attached discard handler what the discard of `lease` (with
+    /// its final `error`, at `at`) means, writing it in `tx`, the
+    /// transaction that discards the job. Run the returned [`AfterCommit`]
+    /// once `tx` has committed. The runner does this for the jobs it
+    /// discards; a queue that discards runner jobs on its own (a rescuer
+    /// giving up on a job whose workers kept dying) calls it from its
+    /// discard path, as the PostgreSQL backend's discard hook does.
+    pub async fn on_discarded(
+        &self,
+        tx: &mut B::Tx,
+        lease: &JobLease,
+        error: &StepError,
+        at: DateTime<Utc>,
+    ) -> Result<AfterCommit, RunnerError> {
+        let handler = self.discard_handler()?;
+        // Arguments that do not decode name no instance to act on.
+        let subject = JobSubject::of(lease).unwrap_or(JobSubject::Other);
+        let job = DiscardedJob {
+            lease,
+            error,
+            subject: &subject,
+            at,
+        };
+        handler.discarded(self, tx, job).await
+    }
+
+    /// The attached discard handler: workers need one.
+    pub(crate) fn discard_handler(&self) -> Result<&Arc<dyn DiscardHandler<B>>, RunnerError> {
+        self.inner
+            .discards
+            .as_ref()
+            .ok_or(RunnerError::NoDiscardHandler)
+    }
+
+    /// In `tx`: fails the unfinished instance `instance_id` with `error`
+    /// (no step to blame; its cause, when set, is the failure's reason),
+    /// through the engine's [`Engine::fail_instance`]: every open step
+    /// cancelled, every other job of the instance cancelled, every result
+    /// still in its inbox closed. Needs no workflow definition. Returns
+    /// what announces the failure once `tx` has committed (the
+    /// `workflow.exception` event, the end of the instance's trace, the
+    /// stop signal to its steps running here), or `None` for a missing or
+    /// finished instance, which is left alone.
+    pub async fn fail_instance(
+        &self,
+        tx: &mut B::Tx,
+        instance_id: Uuid,
+        error: StepError,
+    ) -> Result<Option<AfterCommit>, RunnerError> {
+        let b = &self.inner.backend;
+        let now = self.now();
+        let Some(mut instance) = b.lock(tx, instance_id).await? else {
+            return Ok(None);
+        };
+        if instance.status.is_terminal() {
+            return Ok(None);
+        }
+        let applied = Engine::fail_instance(&mut instance, error, now)?;
+        b.update(tx, &instance).await?;
+        self.close_ended(tx, instance_id, None).await?;
+        let events: Vec<_> = applied
+            .effects
+            .into_iter()
+            .filter_map(|effect| match effect {
+                hephaestus_engine_core::Effect::Emit(event) => Some(event),
+                _ => None,
+            })
+            .collect();
+        let runtime = self.clone();
+        Ok(Some(AfterCommit::once(move || {
+            runtime.signal_cancelled(instance.id);
+            runtime
+                .inner
+                .telemetry
+                .engine_events(&instance, &events, now);
+            crate::observe::instance_ended(&instance, now);
+        })))
+    }
+
+    /// In `tx`: records that a step activation failed for good (its final
+    /// error joins the earlier attempts' errors), and
+    /// enqueues the instance's advance, which applies it (failing the
+    /// instance). `trace` is the trace context the advance carries (the
+    /// discarded job's meta).
+    pub async fn record_step_failure(
+        &self,
+        tx: &mut B::Tx,
+        workflow: &Workflow,
+        failure: StepFailure<'_>,
+    ) -> Result<(), RunnerError> {
+        let StepFailure {
+            instance_id,
+            step,
+            activation,
+            attempt,
+            error,
+            attempts,
+            trace,
+        } = failure;
+        let mut attempts = attempts.to_vec();
+        attempts.push(AttemptRecord {
+            attempt,
+            at: self.now(),
+            error: error.clone(),
+        });
+        let error = error.clone();
+        self.record_and_enqueue_advance(
+            tx,
+            workflow,
+            instance_id,
+            step,
+            activation,
+            ResultPayload::Failed { error, attempts },
+            trace,
+        )
+        .await
     }
 }

@@ -18,8 +18,29 @@ use uuid::Uuid;
 use crate::backend::{Backend, ExecutionRequest};
 use crate::batcher::Batcher;
 use crate::config::RunnerConfig;
+use crate::discard::{AfterCommit, DiscardedJob};
 use crate::error::RunnerError;
 use crate::outcome::{Preflight, Settle, Settled};
+
+/// Decides, and writes, what a job discarded for good means for its step
+/// and instance: the failure handler (see [`crate::discard`]). Attach one with
+/// [`RuntimeBuilder::discard_handler`](crate::RuntimeBuilder::discard_handler);
+/// a runtime without one refuses to run workers
+/// ([`RunnerError::NoDiscardHandler`]).
+#[async_trait::async_trait]
+pub trait DiscardHandler<B: Backend>: Send + Sync + fmt::Debug + 'static {
+    /// Writes, in `tx` (which already holds the discard of `job`), what the
+    /// discard means. Returns what to do once `tx` has committed (the
+    /// telemetry of what it wrote); nothing of it happens if `tx` rolls
+    /// back. An error rolls the discard back: the job is retried after its
+    /// backoff, and the handler is asked again then.
+    async fn discarded(
+        &self,
+        runtime: &Runtime<B>,
+        tx: &mut B::Tx,
+        job: DiscardedJob<'_>,
+    ) -> Result<AfterCommit, RunnerError>;
+}
 
 /// What the clones of one [`Runtime`] share.
 pub(crate) struct Inner<B> {
@@ -32,6 +53,9 @@ pub(crate) struct Inner<B> {
     pub(crate) wake: tokio::sync::Notify,
     pub(crate) telemetry: crate::telemetry::Telemetry,
     pub(crate) batches: Batches,
+    /// What a discarded job means for its step and instance (workers need
+    /// one).
+    pub(crate) discards: Option<Arc<dyn DiscardHandler<B>>>,
 }
 
 /// A runtime: registered workflows over a backend. Cheap to clone; build one
@@ -80,7 +104,7 @@ impl Batches {
 /// What a settle request is answered with.
 pub(crate) type Answer = Result<Settled, RunnerError>;
 
-/// A random `u32` (jitter samples, business-id salts).
+/// A random `u32` (business-id salts).
 pub(crate) fn random_u32() -> u32 {
     let bytes = Uuid::new_v4().into_bytes();
     u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
@@ -106,11 +130,8 @@ impl<B: Backend> Runtime<B> {
         self.inner.clock.now()
     }
 
-    pub(crate) fn jitter_sample() -> u32 {
-        random_u32()
-    }
-
-    pub(crate) fn workflow_of(&self, instance: &Instance) -> Result<&Workflow, RunnerError> {
+    /// The registered definition of `instance`'s workflow version.
+    pub fn workflow_of(&self, instance: &Instance) -> Result<&Workflow, RunnerError> {
         Ok(self
             .inner
             .registry

@@ -28,6 +28,7 @@
 //! use hephaestus_memory::MemoryBackend;
 //! use hephaestus_engine_core::prelude::*;
 //! use hephaestus_engine_core::steps::{Done, FnStep};
+//! use hephaestus_failure_handler::FailureHandler;
 //! use hephaestus_runner::{Runtime, StartOptions};
 //! use serde_json::json;
 //!
@@ -40,7 +41,11 @@
 //!     .unwrap();
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 //! rt.block_on(async {
-//!     let runtime = Runtime::builder(MemoryBackend::new()).workflow(hello).build().unwrap();
+//!     let runtime = Runtime::builder(MemoryBackend::new())
+//!         .discard_handler(FailureHandler::new())
+//!         .workflow(hello)
+//!         .build()
+//!         .unwrap();
 //!     let started = runtime.start("hello", "42", json!({}), StartOptions::default()).await.unwrap();
 //!     runtime.drain().await.unwrap();
 //!     let instance = runtime.get(started.id).await.unwrap().unwrap();
@@ -54,6 +59,7 @@ mod backend;
 mod batcher;
 pub mod config;
 mod continuations;
+pub mod discard;
 mod error;
 mod execute;
 mod facade;
@@ -87,9 +93,10 @@ pub use backend::{
     Settlement, SettlementDone,
 };
 pub use config::{QueueNames, RunnerConfig};
+pub use discard::{AfterCommit, DiscardedJob, JobSubject, StepFailure};
 pub use error::RunnerError;
 pub use facade::WorkflowHandle;
-pub use handle::Runtime;
+pub use handle::{DiscardHandler, Runtime};
 pub use hephaestus_engine_core::clock::{Clock, ManualClock, SharedClock, SystemClock};
 pub use outcome::{DrainReport, JobOutcome};
 pub use runtime::{RuntimeBuilder, StartOptions, Started};

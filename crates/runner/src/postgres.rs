@@ -23,6 +23,7 @@ use hephaestus_storage_pg::PgStore;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use crate::error::RunnerError;
 use crate::handle::Runtime;
 use crate::jobs;
 
@@ -511,16 +512,42 @@ impl DynWorker for RunnerJob {
     }
 }
 
+/// queue-pg's discard hook for the runner's jobs: a job the queue discards
+/// on its own (its workers kept dying until its attempts ran out) gets what
+/// the runtime's discard handler writes, in the discarding transaction; its
+/// telemetry follows the commit.
+#[derive(Debug)]
+struct QueueDiscards {
+    runtime: Runtime<PgBackend>,
+}
+
+#[async_trait::async_trait]
+impl hephaestus_queue_pg::DiscardHook for QueueDiscards {
+    async fn on_discard(
+        &self,
+        tx: &mut Tx,
+        job: hephaestus_queue_pg::DiscardedJob<'_>,
+    ) -> Result<(), hephaestus_queue_pg::BoxError> {
+        let after = self
+            .runtime
+            .on_discarded(tx, job.lease, job.error, job.at)
+            .await
+            .map_err(|e| Box::new(e) as hephaestus_queue_pg::BoxError)?;
+        job.after_commit(move || after.run());
+        Ok(())
+    }
+}
+
 impl Runtime<PgBackend> {
     /// The runner's job kinds (advance, execute, timer, resume) as queue-pg
-    /// workers, with `on_discard`, the hook that writes what a job the queue
-    /// discards on its own means for its step and instance. There is no way
-    /// to get the runner's workers without one: use the failure handler's
-    /// (`hephaestus_failure_handler::queue_runtime(&runtime)` builds the
-    /// whole worker runtime with it), then run them with
-    /// [`Runtime::queue_runtime`].
-    pub fn queue_workers(&self, on_discard: impl hephaestus_queue_pg::DiscardHook) -> Workers {
-        [jobs::ADVANCE, jobs::EXECUTE, jobs::TIMER, jobs::RESUME]
+    /// workers, with the runtime's discard handler as the queue's discard
+    /// hook. Refused without a discard handler
+    /// ([`RunnerError::NoDiscardHandler`]): without one, a job the queue
+    /// discards would leave its instance stuck. Add workers of your own to
+    /// them, then run them with [`Runtime::queue_runtime_with`].
+    pub fn queue_workers(&self) -> Result<Workers, RunnerError> {
+        self.discard_handler()?;
+        Ok([jobs::ADVANCE, jobs::EXECUTE, jobs::TIMER, jobs::RESUME]
             .into_iter()
             .fold(Workers::new(), |workers, kind| {
                 workers.register_dyn(Arc::new(RunnerJob {
@@ -529,17 +556,26 @@ impl Runtime<PgBackend> {
                 }))
             })
             .fallback_retry_policy(crate::failures::job_retry_policy(None))
-            .discard_hook(on_discard)
+            .discard_hook(QueueDiscards {
+                runtime: self.clone(),
+            }))
     }
 
-    /// A queue-pg worker runtime for this runtime's jobs: every queue of
+    /// The worker runtime of a PostgreSQL worker process: the runner's
+    /// workers ([`Runtime::queue_workers`]) on every queue of
     /// [`RunnerConfig::queues`](crate::RunnerConfig) with
     /// [`RunnerConfig::concurrency`](crate::RunnerConfig) slots, the
-    /// configured poll interval, heartbeats and rescue. On PostgreSQL this
-    /// is how workers run in production: LISTEN/NOTIFY wake-ups across
-    /// processes, batched fetches, heartbeats, and leader-elected rescue and
-    /// pruning. Start it with `.start().await`; adjust it before that.
-    pub fn queue_runtime(&self, workers: Workers) -> RuntimeBuilder {
+    /// configured poll interval, heartbeats and rescue: LISTEN/NOTIFY
+    /// wake-ups across processes, batched fetches, and leader-elected
+    /// rescue and pruning. Adjust it, then `.start().await`. Refused without
+    /// a discard handler ([`RunnerError::NoDiscardHandler`]).
+    pub fn queue_runtime(&self) -> Result<RuntimeBuilder, RunnerError> {
+        Ok(self.queue_runtime_with(self.queue_workers()?))
+    }
+
+    /// [`Runtime::queue_runtime`] running `workers`: the runner's
+    /// ([`Runtime::queue_workers`]) with workers of your own added.
+    pub fn queue_runtime_with(&self, workers: Workers) -> RuntimeBuilder {
         let config = &self.inner.config;
         let mut builder = QueueRuntime::builder(self.inner.backend.queue().clone(), workers);
         for queue in config.queues.distinct() {

@@ -137,6 +137,7 @@ mod tests {
         let broken = Arc::new(AtomicBool::new(true));
         let backend = MemoryBackend::new();
         let rt = Runtime::builder(backend.clone())
+            .discard_handler(crate::tests::Discards::default())
             .workflow(shop(&broken))
             .build()
             .unwrap();
@@ -204,6 +205,7 @@ mod tests {
             .build()
             .unwrap();
         let rt = Runtime::builder(MemoryBackend::new())
+            .discard_handler(crate::tests::Discards::default())
             .workflow(waits)
             .build()
             .unwrap();
@@ -234,7 +236,10 @@ mod tests {
     #[tokio::test]
     async fn a_retry_needs_the_workflow_registered() {
         let Failed { backend, id, .. } = failed_shop().await;
-        let other = Runtime::builder(backend).build().unwrap();
+        let other = Runtime::builder(backend)
+            .discard_handler(crate::tests::Discards::default())
+            .build()
+            .unwrap();
         let err = other.retry(id).await.unwrap_err();
         assert!(matches!(err, RunnerError::Registry(_)), "{err:?}");
         let still = other.get(id).await.unwrap().unwrap();

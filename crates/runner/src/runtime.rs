@@ -84,6 +84,7 @@ pub struct RuntimeBuilder<B> {
     clock: SharedClock,
     errors: Vec<RunnerError>,
     telemetry: crate::telemetry::Telemetry,
+    discards: Option<Arc<dyn crate::handle::DiscardHandler<B>>>,
 }
 
 impl<B> fmt::Debug for RuntimeBuilder<B> {
@@ -93,6 +94,18 @@ impl<B> fmt::Debug for RuntimeBuilder<B> {
 }
 
 impl<B: Backend> RuntimeBuilder<B> {
+    /// Attaches the failure handler: what a job discarded for good (its
+    /// attempts spent on errors outside user code, or its workers dying)
+    /// means for its step and instance, written in the discarding
+    /// transaction. Workers refuse to start without one
+    /// ([`RunnerError::NoDiscardHandler`]); use
+    /// `hephaestus_failure_handler::FailureHandler`.
+    #[must_use]
+    pub fn discard_handler(mut self, handler: impl crate::handle::DiscardHandler<B>) -> Self {
+        self.discards = Some(Arc::new(handler));
+        self
+    }
+
     /// Registers a standalone workflow.
     #[must_use]
     pub fn workflow(mut self, workflow: Workflow) -> Self {
@@ -147,6 +160,7 @@ impl<B: Backend> RuntimeBuilder<B> {
                 wake: tokio::sync::Notify::new(),
                 batches,
                 telemetry: self.telemetry,
+                discards: self.discards,
             }),
         };
         let workflows: Vec<String> = runtime
@@ -182,6 +196,7 @@ impl<B: Backend> Runtime<B> {
             clock: clock::system(),
             errors: Vec::new(),
             telemetry: crate::telemetry::Telemetry::default(),
+            discards: None,
         }
     }
 

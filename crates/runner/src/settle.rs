@@ -630,6 +630,7 @@ mod tests {
             .unwrap();
         let backend = MemoryBackend::new();
         let rt = Runtime::builder(backend.clone())
+            .discard_handler(crate::tests::Discards::default())
             .workflow(wf.clone())
             .build()
             .unwrap();

@@ -19,6 +19,7 @@
 //! use hephaestus_engine_core::prelude::*;
 //! use hephaestus_engine_core::steps::Done;
 //! use hephaestus_runner::testing::{ScriptedStep, ManualClock};
+//! use hephaestus_failure_handler::FailureHandler;
 //! use hephaestus_runner::{Runtime, StartOptions};
 //! use serde_json::json;
 //!
@@ -32,7 +33,8 @@
 //! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
 //! rt.block_on(async {
 //!     let runtime = Runtime::builder(MemoryBackend::with_clock(clock.clone()))
-//!         .clock(clock.clone()).workflow(wf).build().unwrap();
+//!         .clock(clock.clone()).discard_handler(FailureHandler::new())
+//!         .workflow(wf).build().unwrap();
 //!     let s = runtime.start("pay", "1", json!({}), StartOptions::default()).await.unwrap();
 //!     assert_eq!(runtime.drain().await.unwrap().retried, 1);
 //!     clock.advance(Duration::from_secs(30));
@@ -337,7 +339,9 @@ pub struct DrainResult {
 
 impl<B: Backend> Runtime<B> {
     /// Runs due jobs until none is due (or `max_jobs` ran), per `options`.
+    /// Refused without a discard handler ([`RunnerError::NoDiscardHandler`]).
     pub async fn drain_with(&self, options: &DrainOptions) -> Result<DrainResult, RunnerError> {
+        self.discard_handler()?;
         let mut result = DrainResult::default();
         let queues = self.drain_queues(options)?;
         let mut ran = 0usize;

@@ -5,13 +5,60 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use hephaestus_engine_core::instance::InstanceStatus;
-use hephaestus_engine_core::ports::{JobQueue, JobState};
+use hephaestus_engine_core::ports::{JobQueue, JobState, NewJob};
 use hephaestus_engine_core::prelude::*;
 use hephaestus_engine_core::steps::{Done, FnStep};
 use hephaestus_memory::MemoryBackend;
 use serde_json::{Value, json};
 
-use crate::{ManualClock, RunnerConfig, RunnerError, Runtime, StartOptions};
+use crate::{
+    AfterCommit, Backend, DiscardHandler, DiscardedJob, JobSubject, ManualClock, RunnerConfig,
+    RunnerError, Runtime, StartOptions,
+};
+
+/// The discard handler of the runner's own tests (the failure handler's
+/// crate sits above the runner): records what it is handed, fails the
+/// job's instance through [`Runtime::fail_instance`], and refuses on
+/// demand, after writing, to show that a refusal rolls everything back.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Discards {
+    seen: Arc<Mutex<Vec<JobSubject>>>,
+    refuse: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Discards {
+    fn seen(&self) -> Vec<JobSubject> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    fn refuse(&self, refuse: bool) {
+        self.refuse
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> DiscardHandler<B> for Discards {
+    async fn discarded(
+        &self,
+        runtime: &Runtime<B>,
+        tx: &mut B::Tx,
+        job: DiscardedJob<'_>,
+    ) -> Result<AfterCommit, RunnerError> {
+        self.seen.lock().unwrap().push(job.subject.clone());
+        let after = match job.subject.instance_id() {
+            Some(id) => runtime
+                .fail_instance(tx, id, job.error.clone())
+                .await?
+                .unwrap_or_else(AfterCommit::nothing),
+            None => AfterCommit::nothing(),
+        };
+        if self.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(RunnerError::InvalidInput("refused by the test".into()));
+        }
+        Ok(after)
+    }
+}
 
 /// A virtual clock tests move by hand, stopped at 2026-01-01.
 fn test_clock() -> ManualClock {
@@ -41,7 +88,9 @@ fn counting(counter: &Counter, id: &'static str, event: &'static str, output: Va
 
 fn runtime_with(workflows: Vec<Workflow>, clock: &ManualClock) -> Runtime<MemoryBackend> {
     let backend = MemoryBackend::with_clock(clock.clone());
-    let mut b = Runtime::builder(backend).clock(clock.clone());
+    let mut b = Runtime::builder(backend)
+        .clock(clock.clone())
+        .discard_handler(Discards::default());
     for wf in workflows {
         b = b.workflow(wf);
     }
@@ -90,6 +139,7 @@ async fn parallel_workers_run_a_wide_fan_out_once_per_step() {
         .with_poll_interval(Duration::from_millis(5));
     let backend = MemoryBackend::with_clock(clock.clone());
     let rt = Runtime::builder(backend)
+        .discard_handler(crate::tests::Discards::default())
         .clock(clock.clone())
         .config(config)
         .workflow(fan_out(&counter, 50))
@@ -257,6 +307,7 @@ async fn an_unregistered_workflow_leaves_the_instance_untouched() {
     let backend = MemoryBackend::with_clock(clock.clone());
     let rt = Runtime::builder(backend.clone())
         .clock(clock.clone())
+        .discard_handler(Discards::default())
         .workflow(approval())
         .build()
         .unwrap();
@@ -266,6 +317,7 @@ async fn an_unregistered_workflow_leaves_the_instance_untouched() {
         .unwrap();
     let other = Runtime::builder(backend.clone())
         .clock(clock.clone())
+        .discard_handler(Discards::default())
         .build()
         .unwrap();
     let report = other.drain().await.unwrap();
@@ -339,6 +391,7 @@ fn telemetry_emits_the_original_events_with_protected_fields_and_metrics() {
             let clock = test_clock();
             let counter = Counter::default();
             let builder = Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+                .discard_handler(crate::tests::Discards::default())
                 .clock(clock.clone())
                 .workflow(linear(&counter))
                 .workflow(approval());
@@ -493,6 +546,7 @@ mod testing_tools {
     fn rt_with(wf: Workflow, clock: &ManualClock, queues: QueueNames) -> Runtime<MemoryBackend> {
         Runtime::builder(MemoryBackend::with_clock(clock.clone()))
             .clock(clock.clone())
+            .discard_handler(Discards::default())
             .config(RunnerConfig::default().with_queues(queues))
             .workflow(wf)
             .build()
@@ -659,6 +713,7 @@ async fn telemetry_durations_read_the_runtime_clock() {
         .build()
         .unwrap();
     let rt = Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+        .discard_handler(crate::tests::Discards::default())
         .clock(clock.clone())
         .workflow(wf)
         .build()
@@ -739,4 +794,164 @@ async fn closing_an_ended_instance_leaves_no_result_in_its_inbox() {
         jobs.iter().all(|j| j.state == JobState::Cancelled),
         "{jobs:?}"
     );
+}
+
+/// An advance job of `instance_id` allowed one attempt.
+fn advance_once(rt: &Runtime<MemoryBackend>, instance_id: uuid::Uuid) -> NewJob {
+    let mut job = NewJob::new(
+        crate::jobs::ADVANCE,
+        rt.config().queues.advance.clone(),
+        json!({ "instance_id": instance_id }),
+    );
+    job.max_attempts = 1;
+    job
+}
+
+fn exceptions(events: &mut tokio::sync::broadcast::Receiver<crate::TelemetryEvent>) -> usize {
+    let mut n = 0;
+    while let Ok(e) = events.try_recv() {
+        n += usize::from(e.name == crate::telemetry::names::WORKFLOW_EXCEPTION);
+    }
+    n
+}
+
+#[tokio::test]
+async fn a_discarded_job_goes_to_the_discard_handler_in_the_discarding_commit() {
+    let clock = test_clock();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let rt = runtime_on(&backend, &clock, Some(approval()), Discards::default());
+    let s = rt
+        .start("approval", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    rt.drain().await.unwrap();
+    // A runtime without the workflow: an advance of the instance can only
+    // fail, and with one attempt it is discarded at once.
+    let handler = Discards::default();
+    let other = runtime_on(&backend, &clock, None, handler.clone());
+    let job = other.enqueue_raw(advance_once(&other, s.id)).await.unwrap();
+    let mut events = other.subscribe();
+
+    let report = other.drain().await.unwrap();
+
+    assert_eq!(report.discarded, 1, "{report:?}");
+    assert_eq!(
+        handler.seen(),
+        vec![JobSubject::Advance { instance_id: s.id }]
+    );
+    assert_eq!(
+        other.backend().job(job).await.unwrap().unwrap().state,
+        JobState::Discarded
+    );
+    let failed = rt.get(s.id).await.unwrap().unwrap();
+    assert_eq!(failed.status, InstanceStatus::Failed);
+    assert_eq!(
+        failed.failure.unwrap().reason,
+        hephaestus_engine_core::instance::FailureReason::UnknownWorkflow
+    );
+    assert_eq!(
+        exceptions(&mut events),
+        1,
+        "announced once, after the commit"
+    );
+}
+
+#[tokio::test]
+async fn a_refusing_discard_handler_rolls_the_discard_back_and_announces_nothing() {
+    let clock = test_clock();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let rt = runtime_on(&backend, &clock, Some(approval()), Discards::default());
+    let s = rt
+        .start("approval", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    rt.drain().await.unwrap();
+    let handler = Discards::default();
+    handler.refuse(true);
+    let other = runtime_on(&backend, &clock, None, handler.clone());
+    let job = other.enqueue_raw(advance_once(&other, s.id)).await.unwrap();
+    let mut events = other.subscribe();
+
+    let report = other.drain().await.unwrap();
+
+    // The handler failed the instance, then refused: none of it landed.
+    assert_eq!(report.retried, 1, "{report:?}");
+    let info = other.backend().job(job).await.unwrap().unwrap();
+    assert_eq!(info.state, JobState::Retryable);
+    let last = &info.errors.last().unwrap().error;
+    assert!(
+        last.message.contains("the discard handler failed"),
+        "{last:?}"
+    );
+    assert_eq!(
+        rt.get(s.id).await.unwrap().unwrap().status,
+        InstanceStatus::Waiting
+    );
+    assert_eq!(
+        exceptions(&mut events),
+        0,
+        "nothing announced of a rollback"
+    );
+
+    // Asked again after the backoff, it acts.
+    handler.refuse(false);
+    clock.advance(Duration::from_secs(120));
+    let report = other.drain().await.unwrap();
+    assert_eq!(report.discarded, 1, "{report:?}");
+    assert_eq!(handler.seen().len(), 2);
+    assert_eq!(
+        rt.get(s.id).await.unwrap().unwrap().status,
+        InstanceStatus::Failed
+    );
+    assert_eq!(exceptions(&mut events), 1);
+}
+
+#[tokio::test]
+async fn workers_refuse_to_start_without_a_discard_handler() {
+    let clock = test_clock();
+    let rt = Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+        .clock(clock.clone())
+        .workflow(approval())
+        .build()
+        .unwrap();
+    // Starting instances needs no handler; running their jobs does.
+    let s = rt
+        .start("approval", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap();
+    assert!(matches!(
+        rt.drain().await,
+        Err(RunnerError::NoDiscardHandler)
+    ));
+    assert!(matches!(
+        rt.run(std::future::ready(())).await,
+        Err(RunnerError::NoDiscardHandler)
+    ));
+    assert!(matches!(
+        rt.drain_with(&crate::testing::DrainOptions::default())
+            .await,
+        Err(RunnerError::NoDiscardHandler)
+    ));
+    // Nothing ran: the start's job is still there.
+    let live = rt
+        .backend()
+        .live_jobs(&crate::jobs::of_instance(s.id))
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1, "{live:?}");
+}
+
+fn runtime_on(
+    backend: &MemoryBackend,
+    clock: &ManualClock,
+    workflow: Option<Workflow>,
+    handler: Discards,
+) -> Runtime<MemoryBackend> {
+    let mut builder = Runtime::builder(backend.clone())
+        .clock(clock.clone())
+        .discard_handler(handler);
+    if let Some(wf) = workflow {
+        builder = builder.workflow(wf);
+    }
+    builder.build().unwrap()
 }

@@ -100,7 +100,9 @@ impl<B: Backend> Runtime<B> {
 
     /// Runs due jobs one at a time, in every queue of this runtime, until none
     /// is due at the runtime's clock. Deterministic: for tests and demos.
+    /// Refused without a discard handler ([`RunnerError::NoDiscardHandler`]).
     pub async fn drain(&self) -> Result<DrainReport, RunnerError> {
+        self.discard_handler()?;
         let mut report = DrainReport::default();
         let queues = self.inner.config.queues.distinct();
         loop {
@@ -124,6 +126,7 @@ impl<B: Backend> Runtime<B> {
         &self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<DrainReport, RunnerError> {
+        self.discard_handler()?;
         let mut report = DrainReport::default();
         let mut running: JoinSet<(JobId, JobOutcome)> = JoinSet::new();
         let mut leases_held: HashMap<JobId, u32> = HashMap::new();

@@ -112,6 +112,7 @@ pub fn config() -> RunnerConfig {
 /// worker loop runs the jobs while [`demo`] drives two orders to their end.
 pub async fn run_in_memory() -> Result<()> {
     let runtime = Runtime::builder(MemoryBackend::new())
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new())
         .config(config())
         .workflow(checkout()?)
         .build()?;

@@ -35,16 +35,14 @@ async fn main() -> Result<()> {
             );
             println!("on PostgreSQL, schema order_flow_demo");
             let runtime = Runtime::builder(backend)
+                .discard_handler(hephaestus_failure_handler::FailureHandler::new())
                 .config(config)
                 .workflow(order_flow::checkout()?)
                 .build()?;
             // Production workers on PostgreSQL: queue-pg's worker runtime
             // (LISTEN/NOTIFY, batched fetches, heartbeats, leader-elected
-            // rescue) with the failure handler's discard hook.
-            let workers = runtime
-                .queue_runtime(hephaestus_failure_handler::workers(&runtime))
-                .start()
-                .await?;
+            // rescue), with the failure handler attached above.
+            let workers = runtime.queue_runtime()?.start().await?;
             let outcome = order_flow::demo(&run_suffix(), &runtime).await;
             workers.shutdown(Duration::from_secs(10)).await;
             outcome

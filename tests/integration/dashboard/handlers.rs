@@ -1020,7 +1020,10 @@ async fn a_database_that_goes_away_is_a_503_page_and_the_dashboard_recovers() {
         PgStore::new(pool.clone(), env.schema.prefix.clone()),
         PgQueue::new(pool.clone(), env.schema.prefix.clone()),
     );
-    let runtime = Runtime::builder(backend).build().unwrap();
+    let runtime = Runtime::builder(backend)
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new())
+        .build()
+        .unwrap();
     let dashboard = Dashboard::new(
         runtime,
         DashboardConfig {

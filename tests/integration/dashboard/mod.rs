@@ -108,7 +108,8 @@ pub fn runtime(pool: &PgPool, schema: &TestSchema) -> Runtime<PgBackend> {
         PgStore::new(pool.clone(), schema.prefix.clone()),
         PgQueue::new(pool.clone(), schema.prefix.clone()),
     );
-    let mut builder = Runtime::builder(backend);
+    let mut builder = Runtime::builder(backend)
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new());
     for workflow in fixtures::workflows(&recorder)
         .unwrap()
         .into_iter()
@@ -143,7 +144,8 @@ impl Env {
             PgStore::new(schema.pool.clone(), schema.prefix.clone()),
             PgQueue::new(schema.pool.clone(), schema.prefix.clone()),
         );
-        let mut builder = Runtime::builder(backend);
+        let mut builder = Runtime::builder(backend)
+            .discard_handler(hephaestus_failure_handler::FailureHandler::new());
         for workflow in fixtures::workflows(&recorder)
             .unwrap()
             .into_iter()

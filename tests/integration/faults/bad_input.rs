@@ -79,7 +79,11 @@ fn plain(id: &str) -> Workflow {
 pub(super) fn runtime<B: Backend>(backend: &B, workflows: Vec<Workflow>) -> Runtime<B> {
     workflows
         .into_iter()
-        .fold(Runtime::builder(backend.clone()), RuntimeBuilder::workflow)
+        .fold(
+            Runtime::builder(backend.clone())
+                .discard_handler(hephaestus_failure_handler::FailureHandler::new()),
+            RuntimeBuilder::workflow,
+        )
         .build()
         .expect("a runtime")
 }

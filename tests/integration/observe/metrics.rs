@@ -170,7 +170,8 @@ pub(super) async fn api_runtime(schema: &TestSchema) -> Runtime<PgBackend> {
         PgStore::new(schema.pool.clone(), schema.prefix.clone()),
         PgQueue::new(schema.pool.clone(), schema.prefix.clone()),
     );
-    let mut builder = Runtime::builder(backend);
+    let mut builder = Runtime::builder(backend)
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new());
     for workflow in fixtures::workflows(&recorder).unwrap() {
         builder = builder.workflow(workflow);
     }

@@ -99,7 +99,8 @@ async fn root_of(rt: &Runtime<PgBackend>, id: Uuid) -> SpanContext {
 }
 
 async fn start_worker(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    hephaestus_failure_handler::queue_runtime(rt)
+    rt.queue_runtime()
+        .expect("the runtime has a discard handler")
         .start()
         .await
         .expect("the queue runtime starts")
@@ -584,6 +585,7 @@ async fn a_diamond_trace_renders_as_a_waterfall() {
         .expect("a valid diamond");
     // The system clock: the root span's times are the instance's.
     let rt = Runtime::builder(h.backend.clone())
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new())
         .config(config())
         .workflow(wf)
         .build()

@@ -205,11 +205,13 @@ async fn jitter_spreads_retries_within_its_bounds() {
 }
 
 /// Records discards by enqueueing a follow-up job in the discarding
-/// transaction; fails while `failures_left` > 0.
+/// transaction, and counts them again once it commits; fails while
+/// `failures_left` > 0.
 #[derive(Clone, Default)]
 struct RecordDiscard {
     failures_left: Arc<AtomicU32>,
     calls: Arc<AtomicUsize>,
+    committed: Arc<AtomicUsize>,
 }
 
 #[async_trait::async_trait]
@@ -227,6 +229,10 @@ impl DiscardHook for RecordDiscard {
             json!({"job": job.lease.id.0, "error": job.error.message}),
         );
         job.queue.insert_using(tx, &follow_up).await?;
+        let committed = Arc::clone(&self.committed);
+        job.after_commit(move || {
+            committed.fetch_add(1, Ordering::SeqCst);
+        });
         if self
             .failures_left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -309,6 +315,11 @@ async fn exhausted_jobs_are_discarded_with_the_hook_in_the_same_transaction() {
     );
     assert_eq!(hook.calls.load(Ordering::SeqCst), 1);
     assert_eq!(follow_ups(&queue).await, 1, "the hook's job committed");
+    assert_eq!(
+        hook.committed.load(Ordering::SeqCst),
+        1,
+        "what the hook asked for after the commit ran"
+    );
 
     // A fatal error discards at once, whatever attempts remain.
     let fatal = queue
@@ -358,6 +369,11 @@ async fn a_failing_discard_hook_rolls_the_discard_back() {
         0,
         "the hook's write was rolled back"
     );
+    assert_eq!(
+        hook.committed.load(Ordering::SeqCst),
+        0,
+        "nothing of a rolled-back discard runs after it"
+    );
     assert_eq!(job.errors.len(), 1);
     let recorded = &job.errors[0].error;
     assert!(
@@ -388,6 +404,7 @@ async fn a_failing_discard_hook_rolls_the_discard_back() {
     );
     assert_eq!(follow_ups(&queue).await, 1);
     assert_eq!(hook.calls.load(Ordering::SeqCst), 2);
+    assert_eq!(hook.committed.load(Ordering::SeqCst), 1);
     db.teardown().await;
 }
 

@@ -89,6 +89,7 @@ impl<B: Backend> Harness<B> {
         families: Vec<WorkflowFamily>,
     ) -> Runtime<B> {
         let mut b = Runtime::builder(self.backend.clone())
+            .discard_handler(hephaestus_failure_handler::FailureHandler::new())
             .clock(self.clock.clone())
             .config(config);
         for wf in workflows {
@@ -132,8 +133,12 @@ impl<B: Backend> Harness<B> {
                 .await
                 .unwrap()
         );
-        rt.handle_discarded(&mut tx, lease, &error).await.unwrap();
+        let after = rt
+            .on_discarded(&mut tx, lease, &error, self.clock.now())
+            .await
+            .unwrap();
         b.commit(tx).await.unwrap();
+        after.run();
     }
 
     pub async fn teardown(self) {

@@ -1060,6 +1060,7 @@ async fn a_postgres_backend_connects_migrates_and_runs_in_three_lines() {
         .build()
         .unwrap();
     let rt = hephaestus_runner::Runtime::builder(backend)
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new())
         .workflow(wf)
         .build()
         .unwrap();

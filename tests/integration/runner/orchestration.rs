@@ -31,7 +31,8 @@ fn config(continuations: bool) -> RunnerConfig {
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    hephaestus_failure_handler::queue_runtime(rt)
+    rt.queue_runtime()
+        .expect("the runtime has a discard handler")
         .start()
         .await
         .expect("the queue runtime starts")

@@ -28,7 +28,8 @@ fn notify_only() -> RunnerConfig {
 }
 
 async fn start_queue_runtime(rt: &Runtime<PgBackend>) -> QueueRuntime {
-    hephaestus_failure_handler::queue_runtime(rt)
+    rt.queue_runtime()
+        .expect("the runtime has a discard handler")
         .start()
         .await
         .expect("the queue runtime starts")

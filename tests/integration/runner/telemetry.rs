@@ -138,6 +138,7 @@ async fn every_event_carries_every_field_of_the_original<B: Backend>(h: &Harness
         .build()
         .unwrap();
     let builder = Runtime::builder(h.backend.clone())
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new())
         .clock(h.clock.clone())
         .config(RunnerConfig::default().with_name("worker-7".to_owned()))
         .workflow(linear)

@@ -64,7 +64,8 @@ async fn the_operators_commands_work_on_a_sqlite_file() {
         .await
         .unwrap();
     let recorder = Recorder::sqlite(&file).unwrap();
-    let mut builder = Runtime::builder(backend.clone());
+    let mut builder = Runtime::builder(backend.clone())
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new());
     for workflow in fixtures::workflows(&recorder).unwrap() {
         builder = builder.workflow(workflow);
     }

@@ -63,7 +63,8 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
     let backend = SqliteBackend::open_migrated(SqliteOptions::new(&file))
         .await
         .expect("a migrated file");
-    let mut builder = Runtime::builder(backend.clone());
+    let mut builder = Runtime::builder(backend.clone())
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new());
     for workflow in fixtures::workflows(&Recorder::detached()).expect("the fixture workflows") {
         builder = builder.workflow(workflow);
     }

@@ -354,7 +354,8 @@ impl WorkflowBench {
         for i in 0..self.workers() {
             let pool = pool(options, self.connections).await?;
             let runtime = runtime(&pool, prefix, workflow, self.config())?;
-            let queue = hephaestus_failure_handler::queue_runtime(&runtime)
+            let queue = runtime
+                .queue_runtime()?
                 .retention(None)
                 .maintenance(i == 0)
                 .start()
@@ -639,6 +640,7 @@ impl WorkflowBench {
         let workflow = self.shape.workflow()?;
         let build = || {
             Runtime::builder(backend.clone())
+                .discard_handler(hephaestus_failure_handler::FailureHandler::new())
                 .workflow(workflow.clone())
                 .config(self.config())
                 .build()
@@ -829,6 +831,7 @@ fn runtime(
         PgQueue::new(pool.clone(), prefix.clone()),
     );
     Runtime::builder(backend)
+        .discard_handler(hephaestus_failure_handler::FailureHandler::new())
         .workflow(workflow.clone())
         .config(config)
         .build()

@@ -647,39 +647,14 @@ impl<'a> Run<'a> {
         attempts: Vec<AttemptRecord>,
         reason: FailureReason,
     ) {
-        for (id, state) in &mut self.inst.steps {
-            if matches!(state.status, StepStatus::Active | StepStatus::Waiting) {
-                state.status = if Some(id) == step {
-                    StepStatus::Failed
-                } else {
-                    StepStatus::Cancelled
-                };
-                state.timer = None;
-                state.pending_resume = None;
-                state.updated_at = Some(self.now);
-            }
-        }
-        self.inst.status = InstanceStatus::Failed;
-        self.history(
+        let failure = Failure {
             step,
-            activation,
-            HistoryKind::Failed {
-                message: error.message.clone(),
-            },
-        );
-        self.emit(EngineEvent::WorkflowFailed {
-            step: step.cloned(),
-            message: error.message.clone(),
-        });
-        self.inst.failure = Some(FailureRecord {
-            reason,
-            step: step.cloned(),
             activation,
             error,
             attempts,
-            at: self.now,
-        });
-        self.effects.push(Effect::CancelJobs);
+            reason,
+        };
+        self.effects.extend(fail(self.inst, failure, self.now));
     }
 
     fn cancel(&mut self, reason: Option<String>) -> Result<Disposition, EngineError> {
@@ -734,4 +709,63 @@ impl<'a> Run<'a> {
             InstanceStatus::Completed
         };
     }
+}
+
+/// A failure the instance ends with.
+pub(super) struct Failure<'s> {
+    /// The failed step (`None`: the instance itself failed).
+    pub(super) step: Option<&'s StepId>,
+    pub(super) activation: u32,
+    pub(super) error: StepError,
+    pub(super) attempts: Vec<AttemptRecord>,
+    pub(super) reason: FailureReason,
+}
+
+/// Ends `inst` as failed: the failed step (if any) marked failed, every
+/// other open step cancelled, the history entry and the failure record
+/// written. Returns the effects: the `WorkflowFailed` event, then the
+/// cancellation of every job. Needs no workflow definition, so an instance
+/// whose definition is gone can still be failed.
+pub(super) fn fail(inst: &mut Instance, failure: Failure<'_>, now: DateTime<Utc>) -> [Effect; 2] {
+    let Failure {
+        step,
+        activation,
+        error,
+        attempts,
+        reason,
+    } = failure;
+    for (id, state) in &mut inst.steps {
+        if matches!(state.status, StepStatus::Active | StepStatus::Waiting) {
+            state.status = if Some(id) == step {
+                StepStatus::Failed
+            } else {
+                StepStatus::Cancelled
+            };
+            state.timer = None;
+            state.pending_resume = None;
+            state.updated_at = Some(now);
+        }
+    }
+    inst.status = InstanceStatus::Failed;
+    inst.history.push(HistoryEntry {
+        at: now,
+        step: step.cloned(),
+        activation,
+        kind: HistoryKind::Failed {
+            message: error.message.clone(),
+        },
+    });
+    let event = EngineEvent::WorkflowFailed {
+        step: step.cloned(),
+        message: error.message.clone(),
+    };
+    inst.failure = Some(FailureRecord {
+        reason,
+        step: step.cloned(),
+        activation,
+        error,
+        attempts,
+        at: now,
+    });
+    [Effect::Emit(event), Effect::CancelJobs]
 }

@@ -463,6 +463,42 @@ impl<'a> Engine<'a> {
         Ok(inline)
     }
 
+    /// Fails `instance` from outside its steps, with `error` (its cause, if
+    /// set, is the failure's reason; else the reason follows the error's
+    /// kind): what a failure handler does when a job the instance needs can
+    /// never run (an orchestration out of attempts, a timer or a resume
+    /// that cannot be delivered). Every open step is cancelled; the effects
+    /// are the `WorkflowFailed` event and [`Effect::CancelJobs`].
+    ///
+    /// Needs no workflow definition (an associated function, not a method),
+    /// so an instance whose definition this process lacks can still be
+    /// failed. A finished instance is refused with
+    /// [`EngineError::InstanceFinished`] and left unchanged.
+    pub fn fail_instance(
+        instance: &mut Instance,
+        error: StepError,
+        now: DateTime<Utc>,
+    ) -> Result<Applied, EngineError> {
+        if instance.status.is_terminal() {
+            return Err(EngineError::InstanceFinished(instance.status));
+        }
+        let reason = crate::instance::FailureReason::of_step_error(&error, 1);
+        let failure = apply::Failure {
+            step: None,
+            activation: 0,
+            error,
+            attempts: Vec::new(),
+            reason,
+        };
+        let effects = apply::fail(instance, failure, now).into();
+        instance.revision += 1;
+        instance.updated_at = now;
+        Ok(Applied {
+            disposition: Disposition::Applied,
+            effects,
+        })
+    }
+
     /// Checks that `step` of `instance` can be resumed with `event` now,
     /// without changing anything (runners call it before recording a resume).
     /// Returns the activation the resume addresses.

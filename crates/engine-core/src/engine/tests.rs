@@ -1424,3 +1424,95 @@ fn done_is_completed_inline_and_the_rest_of_the_effects_keep_their_order() {
         Some(StepStatus::Completed)
     );
 }
+
+#[test]
+fn fail_instance_cancels_every_open_step_and_records_the_cause() {
+    let start = step("Start", "done", json!({}));
+    let wait = async_step("Approval", &["approved"]);
+    let work = step("Work", "done", json!({}));
+    let join = step("Join", "done", json!({}));
+    let workflow = wf()
+        .start(start.clone())
+        .fan_out(start, "done", [target(wait.clone()), target(work.clone())])
+        .on(wait, "approved", join.clone())
+        .on(work, "done", join.clone())
+        .on(join, "done", Done)
+        .build()
+        .unwrap();
+    let mut d = Driver::new(workflow, json!({}));
+    let out = d.execute(&sid("Start"), 1);
+    d.queue.clear();
+    d.feed(Input::from_outcome(sid("Start"), 1, out).unwrap())
+        .unwrap();
+    d.feed(Input::Async {
+        step: sid("Approval"),
+        activation: 1,
+        wait: crate::step::AsyncWait::default(),
+    })
+    .unwrap();
+    assert_eq!(d.status("Approval"), Some(StepStatus::Waiting));
+    assert_eq!(d.status("Work"), Some(StepStatus::Active));
+    let revision = d.inst.revision;
+    let later = d.now + chrono::Duration::seconds(5);
+    let reason = crate::instance::FailureReason::JobDiscarded {
+        job: "advance".into(),
+    };
+    let error = StepError::fatal("the instance cannot be advanced").with_cause(reason.clone());
+
+    let applied = Engine::fail_instance(&mut d.inst, error, later).unwrap();
+
+    assert_eq!(applied.disposition, Disposition::Applied);
+    assert_eq!(
+        applied.effects,
+        vec![
+            Effect::Emit(EngineEvent::WorkflowFailed {
+                step: None,
+                message: "the instance cannot be advanced".into(),
+            }),
+            Effect::CancelJobs,
+        ]
+    );
+    assert_eq!(d.inst.status, InstanceStatus::Failed);
+    // Neither open step is blamed: both are cancelled, their timers gone.
+    assert_eq!(d.status("Approval"), Some(StepStatus::Cancelled));
+    assert_eq!(d.status("Work"), Some(StepStatus::Cancelled));
+    assert_eq!(d.status("Start"), Some(StepStatus::Completed));
+    assert!(d.inst.steps.values().all(|s| s.timer.is_none()));
+    let failure = d.inst.failure.clone().unwrap();
+    assert_eq!(failure.reason, reason);
+    assert_eq!(failure.step, None);
+    assert_eq!(failure.at, later);
+    assert_eq!(d.inst.revision, revision + 1);
+    assert_eq!(d.inst.updated_at, later);
+    let last = d.inst.history.last().unwrap();
+    assert_eq!(last.at, later);
+    assert!(
+        matches!(&last.kind, HistoryKind::Failed { message } if message == "the instance cannot be advanced")
+    );
+
+    // A finished instance is refused and left as it is.
+    let before = d.inst.clone();
+    let again = Engine::fail_instance(&mut d.inst, StepError::fatal("again"), later);
+    assert!(matches!(
+        again,
+        Err(EngineError::InstanceFinished(InstanceStatus::Failed))
+    ));
+    assert_eq!(d.inst, before);
+}
+
+#[test]
+fn fail_instance_without_a_cause_takes_the_reason_from_the_error_kind() {
+    let only = step("Only", "done", json!({}));
+    let workflow = wf()
+        .start(only.clone())
+        .on(only, "done", Done)
+        .build()
+        .unwrap();
+    let mut d = Driver::new(workflow, json!({}));
+    Engine::fail_instance(&mut d.inst, StepError::fatal("gone"), d.now).unwrap();
+    assert_eq!(
+        d.inst.failure.clone().unwrap().reason,
+        crate::instance::FailureReason::StepFatal
+    );
+    assert_eq!(d.status("Only"), Some(StepStatus::Cancelled));
+}

@@ -669,6 +669,14 @@ pub struct JobLease {
     pub errors: Vec<AttemptRecord>,
 }
 
+impl JobLease {
+    /// The jitter sample of this attempt's retry delay
+    /// ([`crate::retry::jitter_sample`] of the job and the attempt).
+    pub fn jitter_sample(&self) -> u32 {
+        crate::retry::jitter_sample(self.id.0, self.attempt)
+    }
+}
+
 /// A job's state as seen by inspection.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JobInfo {

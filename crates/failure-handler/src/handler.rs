@@ -1,0 +1,164 @@
+//! What a discarded job means for its step and instance: the failure
+//! handler every worker runs with.
+
+use hephaestus_engine_core::instance::FailureReason;
+use hephaestus_engine_core::step::StepError;
+use hephaestus_runner::{
+    AfterCommit, Backend, DiscardHandler, DiscardedJob, JobSubject, RunnerError, Runtime,
+    StepFailure,
+};
+use uuid::Uuid;
+
+/// The failure handler: attach it to every runtime that runs workers, with
+/// [`RuntimeBuilder::discard_handler`](hephaestus_runner::RuntimeBuilder::discard_handler).
+/// It writes what a runner job discarded for good means, in the
+/// transaction that discards it, so the two commit together (G4, G5):
+///
+/// - an execute job records its step's failure (the final error, with
+///   every attempt's error) and enqueues the instance's advance, which
+///   fails the instance, cancels its other steps and closes its jobs; if
+///   the workflow's definition is not registered here, the instance is
+///   failed directly;
+/// - an advance, timer or resume job fails its instance directly: the
+///   orchestration or the event it carried can never be delivered, and an
+///   instance left waiting for it would be stuck for good;
+/// - a job of a workflow this process does not know (its cause
+///   [`FailureReason::UnknownWorkflow`]) is left alone: another deployment
+///   may still run it, and the reconciler reports such instances;
+/// - a job of a finished or missing instance needs nothing.
+///
+/// Where the final error names no cause, the failure's reason says the job
+/// was discarded; an execute job the queue discarded on its own (its
+/// workers kept dying) says the worker was lost.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct FailureHandler;
+
+impl FailureHandler {
+    /// The failure handler.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+#[async_trait::async_trait]
+impl<B: Backend> DiscardHandler<B> for FailureHandler {
+    async fn discarded(
+        &self,
+        runtime: &Runtime<B>,
+        tx: &mut B::Tx,
+        job: DiscardedJob<'_>,
+    ) -> Result<AfterCommit, RunnerError> {
+        if job.error.cause == Some(FailureReason::UnknownWorkflow) {
+            return Ok(AfterCommit::nothing());
+        }
+        let lease = job.lease;
+        let discarded = format!(
+            "{} job {} was discarded after {} attempts: {}",
+            lease.kind, lease.id, lease.attempt, job.error.message
+        );
+        let (instance_id, message) = match job.subject {
+            JobSubject::Execute {
+                instance_id,
+                step,
+                activation,
+            } => {
+                let failed = Failed {
+                    instance_id: *instance_id,
+                    step,
+                    activation: *activation,
+                    discarded: &discarded,
+                };
+                return failed.record(runtime, tx, job).await;
+            }
+            JobSubject::Advance { instance_id } => (
+                *instance_id,
+                format!("the instance cannot be advanced: {discarded}"),
+            ),
+            JobSubject::Timer {
+                instance_id, step, ..
+            } => (
+                *instance_id,
+                format!("the timer of step {step} could not fire: {discarded}"),
+            ),
+            JobSubject::Resume { instance_id, step } => (
+                *instance_id,
+                format!("the scheduled resume of step {step} could not be delivered: {discarded}"),
+            ),
+            _ => return Ok(AfterCommit::nothing()),
+        };
+        let reason = job
+            .error
+            .cause
+            .clone()
+            .unwrap_or_else(|| FailureReason::JobDiscarded {
+                job: lease.kind.clone(),
+            });
+        tracing::error!(instance_id = %instance_id, job_id = %lease.id, kind = %lease.kind, error = %job.error.message, "failing the instance of a discarded job");
+        fail(runtime, tx, instance_id, message, reason).await
+    }
+}
+
+/// An execute job discarded for good.
+struct Failed<'a> {
+    instance_id: Uuid,
+    step: &'a hephaestus_engine_core::StepId,
+    activation: u32,
+    discarded: &'a str,
+}
+
+impl Failed<'_> {
+    /// Records the step's failure with the instance's advance; without the
+    /// workflow's definition here, fails the instance directly.
+    async fn record<B: Backend>(
+        self,
+        runtime: &Runtime<B>,
+        tx: &mut B::Tx,
+        job: DiscardedJob<'_>,
+    ) -> Result<AfterCommit, RunnerError> {
+        // No cause named: the queue discarded it because its workers kept
+        // dying.
+        let error = match &job.error.cause {
+            Some(_) => job.error.clone(),
+            None => job.error.clone().with_cause(FailureReason::WorkerLost),
+        };
+        let Some(instance) = runtime.get(self.instance_id).await? else {
+            return Ok(AfterCommit::nothing());
+        };
+        if instance.status.is_terminal() {
+            return Ok(AfterCommit::nothing());
+        }
+        let Ok(workflow) = runtime.workflow_of(&instance) else {
+            let message = format!("step {} failed: {}", self.step, self.discarded);
+            let reason = error.cause.clone().unwrap_or(FailureReason::WorkerLost);
+            return fail(runtime, tx, self.instance_id, message, reason).await;
+        };
+        let failure = StepFailure {
+            instance_id: self.instance_id,
+            step: self.step,
+            activation: self.activation,
+            attempt: job.lease.attempt,
+            error: &error,
+            attempts: &job.lease.errors,
+            trace: &job.lease.meta,
+        };
+        runtime.record_step_failure(tx, workflow, failure).await?;
+        // The advance applies the failure and announces it.
+        Ok(AfterCommit::nothing())
+    }
+}
+
+/// Fails the instance with `message` for `reason` (no step to blame).
+async fn fail<B: Backend>(
+    runtime: &Runtime<B>,
+    tx: &mut B::Tx,
+    instance_id: Uuid,
+    message: String,
+    reason: FailureReason,
+) -> Result<AfterCommit, RunnerError> {
+    let error = StepError::fatal(message).with_cause(reason);
+    Ok(runtime
+        .fail_instance(tx, instance_id, error)
+        .await?
+        .unwrap_or_else(AfterCommit::nothing))
+}
