@@ -196,10 +196,7 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
         .has("Recent errors")
         .has("hephaestus.execute");
     let job = queue
-        .jobs(&JobFilter {
-            group: Some(hephaestus_runner::jobs::group(failed)),
-            ..JobFilter::default()
-        })
+        .jobs(&JobFilter::default().with_group(hephaestus_runner::jobs::group(failed)))
         .await
         .unwrap()
         .into_iter()

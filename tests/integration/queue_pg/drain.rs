@@ -264,10 +264,7 @@ impl Worker for Fails {
 
 async fn follow_ups(queue: &PgQueue) -> usize {
     queue
-        .jobs(&JobFilter {
-            kind: Some("on_discard".into()),
-            ..JobFilter::default()
-        })
+        .jobs(&JobFilter::default().with_kind("on_discard"))
         .await
         .unwrap()
         .len()

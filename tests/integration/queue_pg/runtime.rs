@@ -303,10 +303,7 @@ async fn two_runtimes_share_a_queue_without_running_a_job_twice() {
     }
     let done = db
         .queue
-        .jobs(&hephaestus_queue_pg::JobFilter {
-            states: vec![JobState::Completed],
-            ..hephaestus_queue_pg::JobFilter::default()
-        })
+        .jobs(&hephaestus_queue_pg::JobFilter::default().with_states([JobState::Completed]))
         .await
         .unwrap();
     assert_eq!(done.len(), JOBS);

@@ -487,10 +487,7 @@ async fn cancel_by_predicate_over_args_and_meta() {
         .is_ok()
     {}
 
-    let filter = CancelFilter {
-        except: Some(ids[3]),
-        ..CancelFilter::meta(json!({"instance_id": "i1"}))
-    };
+    let filter = CancelFilter::meta(json!({"instance_id": "i1"})).with_except(ids[3]);
     let cancelled = q.cancel_where(&filter).await.unwrap();
     assert_eq!(
         cancelled.iter().copied().collect::<BTreeSet<_>>(),
@@ -503,11 +500,11 @@ async fn cancel_by_predicate_over_args_and_meta() {
     assert_eq!(note.payload(), format!("c:{}", ids[1].0));
 
     let by_args = q
-        .cancel_where(&CancelFilter {
-            queue: Some("a".into()),
-            kind: Some("step".into()),
-            ..CancelFilter::args(json!({"instance": "i2"}))
-        })
+        .cancel_where(
+            &CancelFilter::args(json!({"instance": "i2"}))
+                .with_queue("a")
+                .with_kind("step"),
+        )
         .await
         .unwrap();
     assert_eq!(by_args, [ids[2]]);
@@ -520,11 +517,11 @@ async fn cancel_by_predicate_over_args_and_meta() {
         .collect();
     assert_eq!(live, [ids[3]], "only the excepted job is live");
     let cancelled_jobs = q
-        .jobs(&JobFilter {
-            states: vec![JobState::Cancelled],
-            meta: Some(json!({"workflow": "orders@1"})),
-            ..JobFilter::default()
-        })
+        .jobs(
+            &JobFilter::default()
+                .with_states([JobState::Cancelled])
+                .with_meta(json!({"workflow": "orders@1"})),
+        )
         .await
         .unwrap();
     assert_eq!(cancelled_jobs.len(), 3);

@@ -55,12 +55,12 @@ pub(crate) async fn page(
             continue;
         }
         let jobs = queue
-            .jobs(&JobFilter {
-                states: vec![JobState::Available],
-                queue: Some(name.clone()),
-                limit: Some(1),
-                ..JobFilter::default()
-            })
+            .jobs(
+                &JobFilter::default()
+                    .with_states([JobState::Available])
+                    .with_queue(name.clone())
+                    .with_limit(1),
+            )
             .await
             .map_err(|e| PageError::queue("reading the oldest waiting job", &e))?;
         if let Some(job) = jobs.into_iter().next() {
