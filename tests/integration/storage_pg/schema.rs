@@ -182,10 +182,7 @@ async fn a_custom_prefix_works_end_to_end_and_tenants_are_isolated() {
         store.commit(tx).await.unwrap();
 
         assert!(store.is_recorded(inst.id, &sid("a"), 1).await.unwrap());
-        let family = InstanceQuery {
-            workflow_family: Some("shop.".to_owned()),
-            ..InstanceQuery::default()
-        };
+        let family = InstanceQuery::default().with_workflow_family("shop.");
         assert_eq!(
             store.query(&family).await.unwrap().instances,
             vec![inst.clone()]

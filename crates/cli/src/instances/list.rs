@@ -165,18 +165,17 @@ impl ListCommand {
                 Some(Cursor::after_id(id))
             }
         };
-        let query = InstanceQuery {
-            business_id: self.business_id.clone(),
-            statuses: self.status.clone(),
-            workflow_id: self.workflow.clone(),
-            inserted: TimeRange {
+        // The optional filters are set as given (`None`: not filtered).
+        let mut query = InstanceQuery::default()
+            .with_statuses(self.status.iter().copied())
+            .with_inserted(TimeRange {
                 from: self.since,
                 until: self.until,
-            },
-            after,
-            limit: Some(self.limit),
-            ..InstanceQuery::default()
-        };
+            })
+            .with_limit(self.limit);
+        query.business_id.clone_from(&self.business_id);
+        query.workflow_id.clone_from(&self.workflow);
+        query.after = after;
         let page = store.query(&query).await.context("listing instances")?;
         let next = page.next.as_ref().map(Cursor::id);
         let undecodable = page

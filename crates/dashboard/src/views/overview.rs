@@ -73,15 +73,15 @@ pub(crate) async fn page(
         .await
         .map_err(|e| PageError::queue("counting finished jobs", &e))?;
     let failures = store
-        .query(&InstanceQuery {
-            statuses: vec![InstanceStatus::Failed],
-            order: Order {
-                key: SortKey::UpdatedAt,
-                direction: Direction::Desc,
-            },
-            limit: Some(RECENT_FAILURES),
-            ..InstanceQuery::default()
-        })
+        .query(
+            &InstanceQuery::default()
+                .with_statuses([InstanceStatus::Failed])
+                .with_order(Order {
+                    key: SortKey::UpdatedAt,
+                    direction: Direction::Desc,
+                })
+                .with_limit(RECENT_FAILURES),
+        )
         .await
         .map_err(|e| PageError::port("reading recent failures", &e))?;
 
