@@ -348,11 +348,11 @@ impl<B: Backend> Runtime<B> {
             return Ok(None);
         };
         let all = self
-            .list(&InstanceFilter {
-                business_id: Some(business_id),
-                workflow_id: Some(family.id().clone()),
-                ..InstanceFilter::default()
-            })
+            .list(
+                &InstanceFilter::default()
+                    .with_business_id(business_id)
+                    .with_workflow_id(family.id().clone()),
+            )
             .await?;
         let active = all.iter().find(|i| i.status.is_active()).cloned();
         Ok(active.or_else(|| all.into_iter().next()))

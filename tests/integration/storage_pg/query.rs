@@ -104,7 +104,7 @@ async fn filters_are_pushed_into_sql() {
         ),
         (
             "a status set",
-            InstanceQuery::default().with_statuses(InstanceStatus::ACTIVE.to_vec()),
+            InstanceQuery::default().with_statuses(InstanceStatus::ACTIVE),
             pick(&[1, 3, 4, 5, 6, 8]),
         ),
         (
@@ -211,7 +211,7 @@ async fn count_counts_what_a_query_selects_and_counts_groups_by_workflow_and_sta
     };
     assert_eq!(count(InstanceQuery::default()).await, 12);
     assert_eq!(
-        count(InstanceQuery::default().with_statuses(InstanceStatus::ACTIVE.to_vec())).await,
+        count(InstanceQuery::default().with_statuses(InstanceStatus::ACTIVE)).await,
         6
     );
     assert_eq!(
@@ -336,7 +336,7 @@ async fn every_order_pages_through_everything_with_keysets() {
 
     // A filter and a page together: the cursor continues the filtered order.
     let active = InstanceQuery::default()
-        .with_statuses(InstanceStatus::ACTIVE.to_vec())
+        .with_statuses(InstanceStatus::ACTIVE)
         .with_order(Order {
             key: SortKey::UpdatedAt,
             direction: Direction::Asc,

@@ -190,14 +190,13 @@ impl ListCommand {
     /// next page exists).
     async fn page_sqlite(&self) -> Result<Listed> {
         let backend = crate::database::open_sqlite(&self.db.database_url).await?;
-        let filter = hephaestus_engine_core::ports::InstanceFilter {
-            business_id: self.business_id.clone(),
-            workflow_id: self.workflow.clone(),
-            statuses: self.status.clone(),
-            before_id: self.after,
-            limit: Some(self.limit.saturating_add(1)),
-            ..Default::default()
-        };
+        // The optional filters are set as given (`None`: not filtered).
+        let mut filter = hephaestus_engine_core::ports::InstanceFilter::default()
+            .with_statuses(self.status.iter().copied())
+            .with_limit(self.limit.saturating_add(1));
+        filter.business_id.clone_from(&self.business_id);
+        filter.workflow_id.clone_from(&self.workflow);
+        filter.before_id = self.after;
         let (mut instances, undecodable) = backend
             .instances(&filter, self.since, self.until)
             .await
