@@ -144,6 +144,7 @@ impl JobFilter {
 
 /// How many jobs of a queue are in a state.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueDepth {
     /// The queue.
     pub queue: String,
@@ -155,6 +156,7 @@ pub struct QueueDepth {
 
 /// How many jobs finished (completed, discarded or cancelled) in one minute.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FinishedCount {
     /// The start of the minute.
     pub minute: DateTime<Utc>,

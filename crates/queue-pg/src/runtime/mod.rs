@@ -577,6 +577,7 @@ impl Drop for Inner {
 
 /// What a graceful shutdown did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// Every job finished within the grace period.
     pub finished_in_grace: bool,
