@@ -227,6 +227,7 @@ impl Cursor {
 
 /// One page of a query.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Page {
     /// The instances, in the query's order.
     pub instances: Vec<Instance>,
@@ -239,6 +240,7 @@ pub struct Page {
 
 /// An instance row that cannot be decoded: its id and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Undecodable {
     /// The instance.
     pub id: Uuid,
@@ -248,6 +250,7 @@ pub struct Undecodable {
 
 /// How many instances of a workflow version are in a status ([`PgStore::counts`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InstanceCount {
     /// The workflow id.
     pub workflow_id: String,

@@ -4,9 +4,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use hephaestus_engine_core::business_id::Scope;
 use hephaestus_engine_core::instance::{Instance, InstanceStatus};
-use hephaestus_storage_pg::{
-    Cursor, Direction, InstanceCount, InstanceQuery, Order, PgStore, SortKey, TimeRange,
-};
+use hephaestus_storage_pg::{Cursor, Direction, InstanceQuery, Order, PgStore, SortKey, TimeRange};
 use uuid::Uuid;
 
 use super::{Db, bid, insert_committed, instance, t0, wid};
@@ -248,11 +246,12 @@ async fn count_counts_what_a_query_selects_and_counts_groups_by_workflow_and_sta
             b.status,
         ))
     });
-    let c = |workflow: &str, version: u32, status: InstanceStatus, count: u64| InstanceCount {
-        workflow_id: workflow.to_owned(),
-        workflow_version: version,
-        status,
-        count,
+    let counts: Vec<(String, u32, InstanceStatus, u64)> = counts
+        .into_iter()
+        .map(|c| (c.workflow_id, c.workflow_version, c.status, c.count))
+        .collect();
+    let c = |workflow: &str, version: u32, status: InstanceStatus, count: u64| {
+        (workflow.to_owned(), version, status, count)
     };
     assert_eq!(
         counts,
