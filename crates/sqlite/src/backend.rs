@@ -257,6 +257,7 @@ impl fmt::Debug for SqliteBackend {
 
 /// What [`SqliteBackend::migrate`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Migrated {
     /// The version recorded before (0: none).
     pub from: u32,
