@@ -67,6 +67,7 @@ impl StartOptions {
 
 /// A started instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Started {
     /// Its UUID.
     pub id: Uuid,

@@ -112,6 +112,7 @@ impl Gate {
 
 /// One recorded execution of a [`ScriptedStep`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Execution {
     /// The instance.
     pub instance_id: Uuid,
@@ -328,6 +329,7 @@ impl Default for DrainOptions {
 
 /// The counts of [`Runtime::drain_with`].
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct DrainResult {
     /// Finished jobs by outcome.
     pub report: DrainReport,
@@ -438,6 +440,7 @@ impl<B: Backend> Runtime<B> {
 /// assert_eq!(timer.to_string(), "a hephaestus.timer job of step approve");
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct JobExpectation {
     /// Of this kind (`jobs::ADVANCE`, `jobs::EXECUTE`, `jobs::TIMER`,
     /// `jobs::RESUME`).
