@@ -75,6 +75,7 @@ pub const CASE_LIMIT: Duration = Duration::from_secs(60);
 
 /// The outcome of one suite.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// The suite.
     pub suite: &'static str,
@@ -86,6 +87,7 @@ pub struct Report {
 
 /// A failed case.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Failure {
     /// The case.
     pub case: &'static str,
