@@ -310,12 +310,10 @@ struct Resumes {
 /// to stop.
 async fn resume_waiting(rt: Runtime<PgBackend>, stop: Arc<AtomicBool>) -> Resumes {
     let mut resumes = Resumes::default();
-    let filter = InstanceFilter {
-        workflow_id: Some(WorkflowId::new(fixtures::WAIT).expect("a valid workflow id")),
-        statuses: vec![InstanceStatus::Waiting],
-        limit: Some(500),
-        ..InstanceFilter::default()
-    };
+    let filter = InstanceFilter::default()
+        .with_workflow_id(WorkflowId::new(fixtures::WAIT).expect("a valid workflow id"))
+        .with_statuses([InstanceStatus::Waiting])
+        .with_limit(500);
     while !stop.load(Ordering::SeqCst) {
         match rt.list(&filter).await {
             Ok(waiting) => {

@@ -14,8 +14,10 @@ use sqlx::PgPool;
 
 use crate::fixtures;
 
-/// What a registration learns about the command it registers workflows for.
+/// What a registration learns about the command it registers workflows for
+/// (the command builds it: fields may be added without breaking you).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Setup {
     /// The connection pool of the command (for `graph`, a pool that never
     /// connects: it has no database).

@@ -58,15 +58,13 @@ impl DashboardCommand {
         let runtime = app
             .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
             .await?;
-        let dashboard = Dashboard::new(
-            runtime,
-            DashboardConfig {
-                mount_path: self.mount_path.clone(),
-                read_only: self.read_only,
-                token,
-                ..DashboardConfig::default()
-            },
-        )?;
+        let mut config = DashboardConfig::default()
+            .with_mount_path(self.mount_path.clone())
+            .with_read_only(self.read_only);
+        if let Some(token) = token {
+            config = config.with_token(token);
+        }
+        let dashboard = Dashboard::new(runtime, config)?;
         // Before the listener and the line that says it is up, so a
         // signal sent the moment it appears stops it gracefully.
         let signals = crate::worker::Signals::install();

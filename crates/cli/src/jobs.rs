@@ -68,12 +68,12 @@ impl JobsCommand {
                 continue;
             }
             let oldest = queue
-                .jobs(&JobFilter {
-                    states: vec![JobState::Available],
-                    queue: Some(name.clone()),
-                    limit: Some(1),
-                    ..JobFilter::default()
-                })
+                .jobs(
+                    &JobFilter::default()
+                        .with_states([JobState::Available])
+                        .with_queue(name.clone())
+                        .with_limit(1),
+                )
                 .await
                 .context("reading the oldest available job")?;
             view.oldest = oldest

@@ -17,8 +17,10 @@ pub const FILTER_ENV: &str = "RUST_LOG";
 /// worker (leadership changes, start and stop).
 pub const DEFAULT_FILTER: &str = "warn,hephaestus_queue=info";
 
-/// How to log.
+/// How to log: [`LogOptions::default`] or [`LogOptions::from_env`], then
+/// the `with_*` methods (new options may be added without breaking you).
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct LogOptions {
     /// Filter directives in `RUST_LOG` syntax; `None`: [`FILTER_ENV`], else
     /// [`DEFAULT_FILTER`].
@@ -33,6 +35,13 @@ impl LogOptions {
                 .ok()
                 .filter(|f| !f.trim().is_empty()),
         }
+    }
+
+    /// Sets the filter directives, in `RUST_LOG` syntax (see [`LogOptions::filter`]).
+    #[must_use]
+    pub fn with_filter(mut self, directives: impl Into<String>) -> Self {
+        self.filter = Some(directives.into());
+        self
     }
 
     /// The filter these options describe. Invalid directives are an error
@@ -78,16 +87,12 @@ mod tests {
 
     #[test]
     fn a_given_filter_is_used_and_a_bad_one_is_refused() {
-        let options = LogOptions {
-            filter: Some("debug,sqlx=error".to_owned()),
-        };
+        let options = LogOptions::default().with_filter("debug,sqlx=error");
         assert_eq!(
             directives(&options.env_filter().unwrap()),
             ["debug", "sqlx=error"]
         );
-        let bad = LogOptions {
-            filter: Some("hephaestus_queue=loud".to_owned()),
-        };
+        let bad = LogOptions::default().with_filter("hephaestus_queue=loud");
         let error = bad.env_filter().unwrap_err();
         assert!(error.contains("invalid RUST_LOG filter"), "{error}");
     }

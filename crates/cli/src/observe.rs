@@ -36,8 +36,10 @@ pub enum LogFormat {
     Json,
 }
 
-/// The worker's observability options.
+/// The worker's observability options, parsed from its command line (clap
+/// builds them: options may be added without breaking you).
 #[derive(Debug, Clone, Args)]
+#[non_exhaustive]
 pub struct ObserveArgs {
     /// Serve Prometheus metrics at `/metrics`, and `/healthz` and `/readyz`,
     /// on this address (for example 127.0.0.1:9464; port 0 picks a free one).

@@ -226,12 +226,12 @@ impl WorkerCommand {
 
     /// The worker on a SQLite file (see the module docs).
     async fn run_sqlite(self, app: &App, signals: Signals) -> Result<()> {
-        let mut options = hephaestus_sqlite::SqliteOptions::from_url(&self.database_url)?;
-        options.max_connections = self.max_connections.unwrap_or_else(|| {
-            u32::try_from(self.concurrency)
-                .unwrap_or(u32::MAX)
-                .saturating_add(8)
-        });
+        let options = hephaestus_sqlite::SqliteOptions::from_url(&self.database_url)?
+            .with_max_connections(self.max_connections.unwrap_or_else(|| {
+                u32::try_from(self.concurrency)
+                    .unwrap_or(u32::MAX)
+                    .saturating_add(8)
+            }));
         let path = options.path.clone();
         let backend = hephaestus_sqlite::SqliteBackend::open_migrated(options).await?;
         let lock = backend.lock_worker().await?;

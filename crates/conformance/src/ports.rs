@@ -75,6 +75,7 @@ pub const CASE_LIMIT: Duration = Duration::from_secs(60);
 
 /// The outcome of one suite.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Report {
     /// The suite.
     pub suite: &'static str,
@@ -86,6 +87,7 @@ pub struct Report {
 
 /// A failed case.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Failure {
     /// The case.
     pub case: &'static str,
@@ -1101,10 +1103,7 @@ pub async fn claim_is_freed_when_the_holder_ends<B: InstanceStore>(b: &B) -> Res
         Some(&first),
         "the finished instance is history and must be kept"
     );
-    let filter = InstanceFilter {
-        business_id: Some(bid("order::1")),
-        ..InstanceFilter::default()
-    };
+    let filter = InstanceFilter::default().with_business_id(bid("order::1"));
     let listed = b.list(&filter).await.check("list")?;
     ensure_eq!(
         listed_ids(&listed),
@@ -1204,10 +1203,7 @@ pub async fn concurrent_inserts_with_one_claim_commit_once<B: InstanceStore>(
             expect_already_running(outcome, &bid("order::1"), winner, &format!("loser {id}"))?;
         }
     }
-    let filter = InstanceFilter {
-        business_id: Some(bid("order::1")),
-        ..InstanceFilter::default()
-    };
+    let filter = InstanceFilter::default().with_business_id(bid("order::1"));
     let listed = b.list(&filter).await.check("list")?;
     ensure_eq!(
         listed_ids(&listed),
@@ -1517,95 +1513,60 @@ pub async fn list_filters_and_pages_newest_first<B: InstanceStore>(b: &B) -> Res
         ),
         (
             "business id",
-            InstanceFilter {
-                business_id: Some(bid("order::1")),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_business_id(bid("order::1")),
             vec![i[1], i[0]],
         ),
         (
             "unknown business id",
-            InstanceFilter {
-                business_id: Some(bid("order::9")),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_business_id(bid("order::9")),
             vec![],
         ),
         (
             "workflow",
-            InstanceFilter {
-                workflow_id: Some(wid("orders")),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_workflow_id(wid("orders")),
             vec![i[4], i[2], i[1], i[0]],
         ),
         (
             "version",
-            InstanceFilter {
-                workflow_version: Some(2),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_workflow_version(2),
             vec![i[4], i[1]],
         ),
         (
             "workflow and version",
-            InstanceFilter {
-                workflow_id: Some(wid("orders")),
-                workflow_version: Some(1),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default()
+                .with_workflow_id(wid("orders"))
+                .with_workflow_version(1),
             vec![i[2], i[0]],
         ),
         (
             "statuses",
-            InstanceFilter {
-                statuses: vec![Completed, Failed],
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_statuses([Completed, Failed]),
             vec![i[2], i[0]],
         ),
         (
             "active statuses",
-            InstanceFilter {
-                statuses: InstanceStatus::ACTIVE.to_vec(),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_statuses(InstanceStatus::ACTIVE),
             vec![i[4], i[3], i[1]],
         ),
         (
             "limit",
-            InstanceFilter {
-                limit: Some(2),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_limit(2),
             vec![i[5], i[4]],
         ),
-        (
-            "limit 0",
-            InstanceFilter {
-                limit: Some(0),
-                ..InstanceFilter::default()
-            },
-            vec![],
-        ),
+        ("limit 0", InstanceFilter::default().with_limit(0), vec![]),
         (
             "before id",
-            InstanceFilter {
-                before_id: Some(i[3]),
-                ..InstanceFilter::default()
-            },
+            InstanceFilter::default().with_before_id(i[3]),
             vec![i[2], i[1], i[0]],
         ),
         (
             "everything at once",
-            InstanceFilter {
-                business_id: Some(bid("order::2")),
-                workflow_id: Some(wid("orders")),
-                workflow_version: None,
-                statuses: vec![Failed, Pending],
-                before_id: Some(i[5]),
-                limit: Some(1),
-            },
+            InstanceFilter::default()
+                .with_business_id(bid("order::2"))
+                .with_workflow_id(wid("orders"))
+                .with_statuses([Failed, Pending])
+                .with_before_id(i[5])
+                .with_limit(1),
             vec![i[4]],
         ),
     ];
@@ -1619,10 +1580,10 @@ pub async fn list_filters_and_pages_newest_first<B: InstanceStore>(b: &B) -> Res
     let mut before_id = None;
     for _ in 0..5 {
         let page = b
-            .list(&InstanceFilter {
-                before_id,
-                limit: Some(2),
-                ..InstanceFilter::default()
+            .list(&{
+                let mut filter = InstanceFilter::default().with_limit(2);
+                filter.before_id = before_id;
+                filter
             })
             .await
             .check("page")?;
@@ -1641,10 +1602,7 @@ pub async fn list_filters_and_pages_newest_first<B: InstanceStore>(b: &B) -> Res
         "paging through everything"
     );
     let one = b
-        .list(&InstanceFilter {
-            business_id: Some(bid("user::1")),
-            ..InstanceFilter::default()
-        })
+        .list(&InstanceFilter::default().with_business_id(bid("user::1")))
         .await
         .check("list")?;
     ensure_eq!(

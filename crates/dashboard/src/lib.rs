@@ -36,11 +36,9 @@
 //!
 //! let dashboard = Dashboard::new(
 //!     runtime,
-//!     DashboardConfig {
-//!         mount_path: "/ops/workflows".to_owned(),
-//!         token: Some(std::fs::read_to_string("/run/secrets/dashboard-token")?.trim().to_owned()),
-//!         ..DashboardConfig::default()
-//!     },
+//!     DashboardConfig::default()
+//!         .with_mount_path("/ops/workflows")
+//!         .with_token(std::fs::read_to_string("/run/secrets/dashboard-token")?.trim()),
 //! )?;
 //! // Your own routes, with the dashboard under /ops/workflows.
 //! let app = axum::Router::new().merge(dashboard.router());
@@ -69,8 +67,11 @@ use hephaestus_runner::postgres::PgBackend;
 
 pub use error::Error;
 
-/// How a dashboard is served.
+/// How a dashboard is served. Start from [`DashboardConfig::default`] and
+/// change what you need with the `with_*` methods (new settings may be
+/// added without breaking you).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct DashboardConfig {
     /// Where the router's pages live: `""` for the root, or `/a/b` (no
     /// trailing slash). Links and cookies use it.
@@ -105,6 +106,36 @@ impl Default for DashboardConfig {
             token: None,
             refresh: Duration::from_secs(2),
         }
+    }
+}
+
+impl DashboardConfig {
+    /// Sets where the router's pages live (see [`DashboardConfig::mount_path`]).
+    #[must_use]
+    pub fn with_mount_path(mut self, value: impl Into<String>) -> Self {
+        self.mount_path = value.into();
+        self
+    }
+
+    /// Sets whether the dashboard serves views only (see [`DashboardConfig::read_only`]).
+    #[must_use]
+    pub fn with_read_only(mut self, value: bool) -> Self {
+        self.read_only = value;
+        self
+    }
+
+    /// Sets the token that signs operators in (see [`DashboardConfig::token`]).
+    #[must_use]
+    pub fn with_token(mut self, value: impl Into<String>) -> Self {
+        self.token = Some(value.into());
+        self
+    }
+
+    /// Sets how often an active instance's page refreshes itself (see [`DashboardConfig::refresh`]).
+    #[must_use]
+    pub fn with_refresh(mut self, value: Duration) -> Self {
+        self.refresh = value;
+        self
     }
 }
 
@@ -210,5 +241,32 @@ impl Dashboard {
         } else {
             Router::new().nest(&shared.base, routes)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_default_is_the_documented_one() {
+        let config = DashboardConfig::default();
+        assert_eq!(config.mount_path, "");
+        assert!(!config.read_only);
+        assert_eq!(config.token, None);
+        assert_eq!(config.refresh, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn config_setters_set_their_own_field() {
+        let config = DashboardConfig::default()
+            .with_mount_path("/ops")
+            .with_read_only(true)
+            .with_token("a-token-of-16-chars")
+            .with_refresh(Duration::from_millis(750));
+        assert_eq!(config.mount_path, "/ops");
+        assert!(config.read_only);
+        assert_eq!(config.token.as_deref(), Some("a-token-of-16-chars"));
+        assert_eq!(config.refresh, Duration::from_millis(750));
     }
 }

@@ -44,6 +44,7 @@ pub enum Repair {
 
 /// The outcome of one pass.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RepairReport {
     /// Active instances looked at.
     pub scanned: usize,

@@ -16,6 +16,7 @@ use crate::render::{irreversible_statement, render_down, render_up};
 
 /// One generated file: its name inside the migrations directory and its exact content.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct MigrationFile {
     /// e.g. `20261126000001_hephaestus_storage_v1.up.sql`.
     pub name: String,
@@ -77,6 +78,7 @@ pub fn render_files(
 
 /// How a migrations directory compares with the generated files.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DirStatus {
     /// Generated files that do not exist yet.
     pub missing: Vec<String>,
@@ -155,6 +157,7 @@ pub fn check_dir(dir: &Path, files: &[MigrationFile]) -> Result<DirStatus, Error
 
 /// What [`write_dir`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct WriteReport {
     /// Files created.
     pub written: Vec<String>,

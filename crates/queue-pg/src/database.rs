@@ -10,6 +10,7 @@ use crate::error::Error;
 /// Server-wide counters: read them before and after a timed phase and
 /// subtract.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerCounters {
     /// Committed transactions in the current database
     /// (`pg_stat_database.xact_commit`).

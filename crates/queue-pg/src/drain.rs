@@ -63,6 +63,7 @@ impl DrainOptions {
 
 /// How the drained attempts ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DrainReport {
     /// Completed.
     pub succeeded: usize,

@@ -87,6 +87,7 @@ impl JobEventKind {
 
 /// One job transition.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct JobEvent {
     /// What happened.
     pub kind: JobEventKind,
@@ -106,6 +107,7 @@ pub struct JobEvent {
 
 /// How many events of each kind were emitted (cheap counters, always on).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct EventCounts {
     /// Attempts started.
     pub started: u64,

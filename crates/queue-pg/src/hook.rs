@@ -16,6 +16,7 @@ use crate::queue::PgQueue;
 /// A job being discarded (attempts exhausted, a fatal error, or rescued
 /// with no attempt left).
 #[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
 pub struct DiscardedJob<'a> {
     /// The lease of the final attempt.
     pub lease: &'a JobLease,

@@ -25,6 +25,7 @@ use crate::round::{self, RoundInput};
 
 /// What one advance did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct AdvanceReport {
     /// Rounds run (each one commit).
     pub rounds: u32,

@@ -219,14 +219,11 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
         before: Option<Uuid>,
         limit: u32,
     ) -> Result<Vec<ReconcileRow>, PortError> {
-        let page = self
-            .list(&InstanceFilter {
-                statuses: hephaestus_engine_core::instance::InstanceStatus::ACTIVE.to_vec(),
-                before_id: before,
-                limit: Some(limit),
-                ..InstanceFilter::default()
-            })
-            .await?;
+        let mut filter = InstanceFilter::default()
+            .with_statuses(hephaestus_engine_core::instance::InstanceStatus::ACTIVE)
+            .with_limit(limit);
+        filter.before_id = before;
+        let page = self.list(&filter).await?;
         Ok(page
             .into_iter()
             .map(|i| ReconcileRow {

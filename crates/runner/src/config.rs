@@ -2,8 +2,20 @@
 
 use std::time::Duration;
 
-/// Queue names per job kind. One shared queue by default.
+/// Queue names per job kind. One shared queue by default; start from
+/// [`QueueNames::shared`] (or [`Default`]) and move job kinds to queues of
+/// their own with the `with_*` methods (a job kind added later gets a queue
+/// without breaking you).
+///
+/// ```
+/// use hephaestus_runner::QueueNames;
+///
+/// // Step executions get their own queue (and so their own concurrency).
+/// let queues = QueueNames::shared("hephaestus").with_execute("steps");
+/// assert_eq!(queues.distinct(), ["hephaestus", "steps"]);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueNames {
     /// Advance jobs.
     pub advance: String,
@@ -21,6 +33,27 @@ impl QueueNames {
             execute: name.to_owned(),
             timer: name.to_owned(),
         }
+    }
+
+    /// Sets the queue of advance jobs (see [`QueueNames::advance`]).
+    #[must_use]
+    pub fn with_advance(mut self, value: impl Into<String>) -> Self {
+        self.advance = value.into();
+        self
+    }
+
+    /// Sets the queue of step executions (see [`QueueNames::execute`]).
+    #[must_use]
+    pub fn with_execute(mut self, value: impl Into<String>) -> Self {
+        self.execute = value.into();
+        self
+    }
+
+    /// Sets the queue of timers and scheduled resumes (see [`QueueNames::timer`]).
+    #[must_use]
+    pub fn with_timer(mut self, value: impl Into<String>) -> Self {
+        self.timer = value.into();
+        self
     }
 
     /// The distinct queue names.
@@ -187,5 +220,41 @@ impl RunnerConfig {
     pub fn with_name(mut self, value: impl Into<String>) -> Self {
         self.name = value.into();
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_names_default_to_one_shared_queue() {
+        let queues = QueueNames::default();
+        assert_eq!(
+            (
+                queues.advance.as_str(),
+                queues.execute.as_str(),
+                queues.timer.as_str()
+            ),
+            ("hephaestus", "hephaestus", "hephaestus")
+        );
+    }
+
+    #[test]
+    fn queue_names_setters_set_their_own_kind() {
+        let queues = QueueNames::shared("q")
+            .with_advance("a")
+            .with_execute("e")
+            .with_timer("t");
+        assert_eq!(
+            queues,
+            QueueNames {
+                advance: "a".to_owned(),
+                execute: "e".to_owned(),
+                timer: "t".to_owned(),
+            }
+        );
+        let split = QueueNames::shared("q").with_execute("e");
+        assert_eq!(split.distinct(), ["q", "e"]);
     }
 }

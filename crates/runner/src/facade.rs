@@ -78,10 +78,7 @@ impl<B: Backend> WorkflowHandle<'_, B> {
     /// filter's workflow is this one whatever it said.
     pub async fn list(&self, filter: InstanceFilter) -> Result<Vec<Instance>, RunnerError> {
         let family = self.runtime.registry().family(&self.workflow)?;
-        let filter = InstanceFilter {
-            workflow_id: Some(family.id().clone()),
-            ..filter
-        };
+        let filter = filter.with_workflow_id(family.id().clone());
         self.runtime.list(&filter).await
     }
 

@@ -27,6 +27,7 @@ pub enum JobOutcome {
 
 /// Counts of a drain, by outcome.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DrainReport {
     /// Jobs that did their work.
     pub succeeded: usize,

@@ -139,6 +139,7 @@ type Tx = Transaction<'static, Postgres>;
 
 /// What one [`PgBackend::prune_instances`] call deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InstanceRetention {
     /// Finished instances deleted.
     pub instances: u64,

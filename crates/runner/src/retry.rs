@@ -21,6 +21,7 @@ use crate::jobs;
 
 /// What a retry did.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Retried {
     /// The steps activated again, each with its new activation; an execute
     /// job was enqueued for each.

@@ -67,6 +67,7 @@ impl StartOptions {
 
 /// A started instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Started {
     /// Its UUID.
     pub id: Uuid,
@@ -363,11 +364,11 @@ impl<B: Backend> Runtime<B> {
             return Ok(None);
         };
         let all = self
-            .list(&InstanceFilter {
-                business_id: Some(business_id),
-                workflow_id: Some(family.id().clone()),
-                ..InstanceFilter::default()
-            })
+            .list(
+                &InstanceFilter::default()
+                    .with_business_id(business_id)
+                    .with_workflow_id(family.id().clone()),
+            )
             .await?;
         let active = all.iter().find(|i| i.status.is_active()).cloned();
         Ok(active.or_else(|| all.into_iter().next()))

@@ -56,6 +56,7 @@ pub mod names {
 
 /// One telemetry event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct TelemetryEvent {
     /// One of [`names::ALL`].
     pub name: &'static str,

@@ -114,6 +114,7 @@ impl Gate {
 
 /// One recorded execution of a [`ScriptedStep`].
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Execution {
     /// The instance.
     pub instance_id: Uuid,
@@ -330,6 +331,7 @@ impl Default for DrainOptions {
 
 /// The counts of [`Runtime::drain_with`].
 #[derive(Debug, Default)]
+#[non_exhaustive]
 pub struct DrainResult {
     /// Finished jobs by outcome.
     pub report: DrainReport,
@@ -442,6 +444,7 @@ impl<B: Backend> Runtime<B> {
 /// assert_eq!(timer.to_string(), "a hephaestus.timer job of step approve");
 /// ```
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct JobExpectation {
     /// Of this kind (`jobs::ADVANCE`, `jobs::EXECUTE`, `jobs::TIMER`,
     /// `jobs::RESUME`).

@@ -609,11 +609,9 @@ mod testing_tools {
             .on(step.clone(), "done", Done)
             .build()
             .unwrap();
-        let queues = QueueNames {
-            advance: "advance".into(),
-            execute: "execute".into(),
-            timer: "timer".into(),
-        };
+        let queues = QueueNames::shared("advance")
+            .with_execute("execute")
+            .with_timer("timer");
         let rt = rt_with(wf, &clock, queues);
         let s = rt
             .start("slow", "1", json!({}), StartOptions::default())

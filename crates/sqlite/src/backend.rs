@@ -34,8 +34,11 @@ pub enum Durability {
     Normal,
 }
 
-/// How to open a SQLite database.
+/// How to open a SQLite database: [`SqliteOptions::new`] with the file,
+/// then the `with_*` methods for what you change (new settings may be added
+/// without breaking you).
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct SqliteOptions {
     /// The database file (created, with its tables' directory existing, if
     /// missing).
@@ -115,6 +118,21 @@ impl SqliteOptions {
     #[must_use]
     pub fn with_durability(mut self, durability: Durability) -> Self {
         self.durability = durability;
+        self
+    }
+
+    /// The same options with `busy_timeout` (see [`SqliteOptions::busy_timeout`]).
+    #[must_use]
+    pub fn with_busy_timeout(mut self, busy_timeout: Duration) -> Self {
+        self.busy_timeout = busy_timeout;
+        self
+    }
+
+    /// The same options with `max_connections` in the pool (see
+    /// [`SqliteOptions::max_connections`]).
+    #[must_use]
+    pub fn with_max_connections(mut self, max_connections: u32) -> Self {
+        self.max_connections = max_connections;
         self
     }
 }
@@ -239,6 +257,7 @@ impl fmt::Debug for SqliteBackend {
 
 /// What [`SqliteBackend::migrate`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Migrated {
     /// The version recorded before (0: none).
     pub from: u32,
@@ -550,5 +569,37 @@ pub(crate) fn open_error(path: &Path, error: sqlx::Error) -> Error {
             path,
             source: error,
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hephaestus_engine_core::clock::ManualClock;
+
+    #[test]
+    fn options_new_has_the_documented_defaults() {
+        let options = SqliteOptions::new("/tmp/x.db");
+        assert_eq!(options.path, PathBuf::from("/tmp/x.db"));
+        assert_eq!(options.durability, Durability::Full);
+        assert_eq!(options.busy_timeout, Duration::from_secs(5));
+        assert_eq!(options.max_connections, 16);
+    }
+
+    #[test]
+    fn options_setters_set_their_own_field() {
+        let at = DateTime::parse_from_rfc3339("2024-05-06T07:08:09Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let options = SqliteOptions::new("/tmp/x.db")
+            .with_durability(Durability::Normal)
+            .with_busy_timeout(Duration::from_millis(250))
+            .with_max_connections(3)
+            .with_clock(ManualClock::new(at));
+        assert_eq!(options.path, PathBuf::from("/tmp/x.db"));
+        assert_eq!(options.durability, Durability::Normal);
+        assert_eq!(options.busy_timeout, Duration::from_millis(250));
+        assert_eq!(options.max_connections, 3);
+        assert_eq!(options.clock.now(), at);
     }
 }

@@ -15,6 +15,7 @@ use crate::time::{from_micros, micros};
 
 /// Every column of a job: the port's view and the time of each transition.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct JobRecord {
     /// The port's view (state, attempts, errors, args, ...).
     pub info: JobInfo,
@@ -38,6 +39,7 @@ pub struct JobRecord {
 
 /// How many jobs of a queue are in a state.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueDepth {
     /// The queue.
     pub queue: String,
@@ -49,6 +51,7 @@ pub struct QueueDepth {
 
 /// A job's most recent error.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct JobError {
     /// The job.
     pub job: JobInfo,

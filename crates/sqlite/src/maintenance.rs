@@ -10,6 +10,7 @@ use crate::time::micros;
 
 /// What one [`SqliteBackend::prune_instances`] call deleted.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InstanceRetention {
     /// Finished instances deleted.
     pub instances: u64,

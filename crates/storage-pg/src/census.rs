@@ -38,6 +38,7 @@ where status = 'completed' and starts_with(business_id, $1)";
 /// What a schema's storage tables hold: what migrating the storage
 /// component down would destroy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct StorageCensus {
     /// Instances, in any status.
     pub instances: u64,

@@ -20,17 +20,20 @@ use crate::store::PgStore;
 /// use hephaestus_storage_pg::{Direction, InstanceQuery, Order, SortKey, TimeRange};
 /// use hephaestus_engine_core::InstanceStatus;
 ///
-/// let stuck = InstanceQuery {
-///     statuses: InstanceStatus::ACTIVE.to_vec(),
-///     workflow_family: Some("shop.orders".to_owned()),
-///     updated: TimeRange { until: Some(chrono::Utc::now() - chrono::TimeDelta::hours(1)), ..TimeRange::default() },
-///     order: Order { key: SortKey::UpdatedAt, direction: Direction::Asc },
-///     limit: Some(100),
-///     ..InstanceQuery::default()
-/// };
+/// let stuck = InstanceQuery::default()
+///     .with_statuses(InstanceStatus::ACTIVE)
+///     .with_workflow_family("shop.orders")
+///     .with_updated(TimeRange { until: Some(chrono::Utc::now() - chrono::TimeDelta::hours(1)), ..TimeRange::default() })
+///     .with_order(Order { key: SortKey::UpdatedAt, direction: Direction::Asc })
+///     .with_limit(100);
 /// # let _ = stuck;
 /// ```
+///
+/// Start from [`InstanceQuery::default`] (every instance, newest first) and
+/// add what you need with the `with_*` methods (new filters may be added
+/// without breaking you).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InstanceQuery {
     /// Instance ids among these (empty = any).
     pub ids: Vec<Uuid>,
@@ -55,6 +58,86 @@ pub struct InstanceQuery {
     pub after: Option<Cursor>,
     /// At most this many (`None` = no limit).
     pub limit: Option<u32>,
+}
+
+impl InstanceQuery {
+    /// Only the instances with one of `ids` (see [`InstanceQuery::ids`]).
+    #[must_use]
+    pub fn with_ids(mut self, ids: impl IntoIterator<Item = Uuid>) -> Self {
+        self.ids = ids.into_iter().collect();
+        self
+    }
+
+    /// Only the instance with `business_id` (see [`InstanceQuery::business_id`]).
+    #[must_use]
+    pub fn with_business_id(mut self, business_id: BusinessId) -> Self {
+        self.business_id = Some(business_id);
+        self
+    }
+
+    /// Only instances with one of `statuses` (see [`InstanceQuery::statuses`]).
+    #[must_use]
+    pub fn with_statuses(mut self, statuses: impl IntoIterator<Item = InstanceStatus>) -> Self {
+        self.statuses = statuses.into_iter().collect();
+        self
+    }
+
+    /// Only instances of `workflow_id` (see [`InstanceQuery::workflow_id`]).
+    #[must_use]
+    pub fn with_workflow_id(mut self, workflow_id: WorkflowId) -> Self {
+        self.workflow_id = Some(workflow_id);
+        self
+    }
+
+    /// Only instances of version `version` (see [`InstanceQuery::workflow_version`]).
+    #[must_use]
+    pub fn with_workflow_version(mut self, version: u32) -> Self {
+        self.workflow_version = Some(version);
+        self
+    }
+
+    /// Only instances whose workflow id starts with `prefix` (see
+    /// [`InstanceQuery::workflow_family`]).
+    #[must_use]
+    pub fn with_workflow_family(mut self, prefix: impl Into<String>) -> Self {
+        self.workflow_family = Some(prefix.into());
+        self
+    }
+
+    /// Only instances created within `range` (see [`InstanceQuery::inserted`]).
+    #[must_use]
+    pub fn with_inserted(mut self, range: TimeRange) -> Self {
+        self.inserted = range;
+        self
+    }
+
+    /// Only instances last changed within `range` (see [`InstanceQuery::updated`]).
+    #[must_use]
+    pub fn with_updated(mut self, range: TimeRange) -> Self {
+        self.updated = range;
+        self
+    }
+
+    /// Returns the instances in `order` (see [`InstanceQuery::order`]).
+    #[must_use]
+    pub fn with_order(mut self, order: Order) -> Self {
+        self.order = order;
+        self
+    }
+
+    /// Continues after `cursor` (see [`InstanceQuery::after`]).
+    #[must_use]
+    pub fn with_after(mut self, cursor: Cursor) -> Self {
+        self.after = Some(cursor);
+        self
+    }
+
+    /// Returns at most `limit` instances (see [`InstanceQuery::limit`]).
+    #[must_use]
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = Some(limit);
+        self
+    }
 }
 
 /// A half-open time range `[from, until)`; an absent bound does not limit.
@@ -144,6 +227,7 @@ impl Cursor {
 
 /// One page of a query.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct Page {
     /// The instances, in the query's order.
     pub instances: Vec<Instance>,
@@ -156,6 +240,7 @@ pub struct Page {
 
 /// An instance row that cannot be decoded: its id and what is wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Undecodable {
     /// The instance.
     pub id: Uuid,
@@ -165,6 +250,7 @@ pub struct Undecodable {
 
 /// How many instances of a workflow version are in a status ([`PgStore::counts`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InstanceCount {
     /// The workflow id.
     pub workflow_id: String,
@@ -422,6 +508,63 @@ mod tests {
 
     fn sql(query: &InstanceQuery) -> String {
         build(SELECT, query, Some(3)).unwrap().sql().to_owned()
+    }
+
+    #[test]
+    fn query_setters_set_their_own_filter() {
+        let at = |s: i64| DateTime::from_timestamp(s, 0).unwrap();
+        let inserted = TimeRange {
+            from: Some(at(1)),
+            until: Some(at(2)),
+        };
+        let updated = TimeRange {
+            from: Some(at(3)),
+            until: None,
+        };
+        let order = Order {
+            key: SortKey::InsertedAt,
+            direction: Direction::Asc,
+        };
+        let cursor = Cursor::after_id(Uuid::from_u128(7));
+        let query = InstanceQuery::default()
+            .with_ids([Uuid::from_u128(1)])
+            .with_business_id(BusinessId::parse("order::1").unwrap())
+            .with_statuses([InstanceStatus::Waiting])
+            .with_workflow_id(WorkflowId::new("orders").unwrap())
+            .with_workflow_version(2)
+            .with_workflow_family("shop.")
+            .with_inserted(inserted)
+            .with_updated(updated)
+            .with_order(order)
+            .with_after(cursor)
+            .with_limit(9);
+        assert_eq!(
+            query,
+            InstanceQuery {
+                ids: vec![Uuid::from_u128(1)],
+                business_id: Some(BusinessId::parse("order::1").unwrap()),
+                statuses: vec![InstanceStatus::Waiting],
+                workflow_id: Some(WorkflowId::new("orders").unwrap()),
+                workflow_version: Some(2),
+                workflow_family: Some("shop.".to_owned()),
+                inserted,
+                updated,
+                order,
+                after: Some(cursor),
+                limit: Some(9),
+            }
+        );
+        // The default filters nothing: newest first by id, no limit.
+        let everything = InstanceQuery::default();
+        assert!(everything.ids.is_empty() && everything.statuses.is_empty());
+        assert_eq!(
+            everything.order,
+            Order {
+                key: SortKey::Id,
+                direction: Direction::Desc
+            }
+        );
+        assert_eq!((everything.after, everything.limit), (None, None));
     }
 
     #[test]

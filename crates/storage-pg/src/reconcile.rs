@@ -101,6 +101,7 @@ pub struct ReconcilePage<'a> {
 
 /// One active instance of a [`PgStore::reconcile_page`] page.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReconcileCandidate {
     /// The instance.
     pub id: Uuid,

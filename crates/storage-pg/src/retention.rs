@@ -40,6 +40,7 @@ select (select array_agg(id) from deleted), (select count(*) from results)";
 
 /// One batch of instance retention.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct PrunedInstances {
     /// The instances deleted.
     pub instances: Vec<Uuid>,

@@ -137,11 +137,11 @@ async fn a_browser_filters_opens_a_fan_out_and_resumes_it_to_completion() {
     assert_eq!(env.instance(fan).await.status, InstanceStatus::Waiting);
 
     // The dashboard on a free port, refreshing quickly.
-    let dashboard = env.dashboard(hephaestus_dashboard::DashboardConfig {
-        token: Some(TOKEN.to_owned()),
-        refresh: Duration::from_millis(300),
-        ..hephaestus_dashboard::DashboardConfig::default()
-    });
+    let dashboard = env.dashboard(
+        hephaestus_dashboard::DashboardConfig::default()
+            .with_token(TOKEN)
+            .with_refresh(Duration::from_millis(300)),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     let server = tokio::spawn(async move { axum::serve(listener, dashboard.router()).await });

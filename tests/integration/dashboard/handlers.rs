@@ -196,10 +196,7 @@ async fn views_show_counts_instances_dags_jobs_and_workflows() {
         .has("Recent errors")
         .has("hephaestus.execute");
     let job = queue
-        .jobs(&JobFilter {
-            group: Some(hephaestus_runner::jobs::group(failed)),
-            ..JobFilter::default()
-        })
+        .jobs(&JobFilter::default().with_group(hephaestus_runner::jobs::group(failed)))
         .await
         .unwrap()
         .into_iter()
@@ -735,11 +732,8 @@ async fn a_read_only_dashboard_serves_no_action() {
     let id = env.start(FANOUT, "ro1", json!({})).await;
     env.drain().await;
     let client = Client::anonymous(
-        env.dashboard(DashboardConfig {
-            read_only: true,
-            ..DashboardConfig::default()
-        })
-        .router(),
+        env.dashboard(DashboardConfig::default().with_read_only(true))
+            .router(),
     );
     let overview = client.get("/").await;
     overview
@@ -777,11 +771,11 @@ async fn a_read_only_dashboard_serves_no_action() {
 
     // Read-only with a token: pages need it too.
     let guarded = env
-        .dashboard(DashboardConfig {
-            read_only: true,
-            token: Some(TOKEN.to_owned()),
-            ..DashboardConfig::default()
-        })
+        .dashboard(
+            DashboardConfig::default()
+                .with_read_only(true)
+                .with_token(TOKEN),
+        )
         .router();
     Client::anonymous(guarded.clone())
         .get("/")
@@ -798,20 +792,15 @@ async fn a_read_only_dashboard_serves_no_action() {
     assert!(matches!(error, Error::ActionsNeedToken), "{error}");
     let error = Dashboard::new(
         super::runtime(&env.schema.pool, &env.schema),
-        DashboardConfig {
-            token: Some("short".to_owned()),
-            ..DashboardConfig::default()
-        },
+        DashboardConfig::default().with_token("short"),
     )
     .unwrap_err();
     assert!(matches!(error, Error::BadToken), "{error}");
     let error = Dashboard::new(
         super::runtime(&env.schema.pool, &env.schema),
-        DashboardConfig {
-            read_only: true,
-            mount_path: "ops/".to_owned(),
-            ..DashboardConfig::default()
-        },
+        DashboardConfig::default()
+            .with_read_only(true)
+            .with_mount_path("ops/"),
     )
     .unwrap_err();
     assert!(matches!(error, Error::BadMountPath(_)), "{error}");
@@ -1024,14 +1013,7 @@ async fn a_database_that_goes_away_is_a_503_page_and_the_dashboard_recovers() {
         .discard_handler(hephaestus_failure_handler::FailureHandler::new())
         .build()
         .unwrap();
-    let dashboard = Dashboard::new(
-        runtime,
-        DashboardConfig {
-            token: Some(TOKEN.to_owned()),
-            ..DashboardConfig::default()
-        },
-    )
-    .unwrap();
+    let dashboard = Dashboard::new(runtime, DashboardConfig::default().with_token(TOKEN)).unwrap();
     let client = Client::new(dashboard.router());
     client
         .get(&format!("/instances/{id}"))
@@ -1171,11 +1153,11 @@ async fn mounted_under_a_path_every_link_and_cookie_carries_it() {
     let env = Env::new().await;
     let id = env.start(FANOUT, "mount1", json!({})).await;
     env.drain().await;
-    let dashboard = env.dashboard(DashboardConfig {
-        mount_path: "/ops/heph".to_owned(),
-        token: Some(TOKEN.to_owned()),
-        ..DashboardConfig::default()
-    });
+    let dashboard = env.dashboard(
+        DashboardConfig::default()
+            .with_mount_path("/ops/heph")
+            .with_token(TOKEN),
+    );
     let app = axum::Router::new()
         .route("/health", axum::routing::get(|| async { "ok" }))
         .merge(dashboard.router());

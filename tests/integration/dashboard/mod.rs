@@ -168,11 +168,8 @@ impl Env {
 
     /// A dashboard with actions behind [`TOKEN`].
     pub fn router(&self) -> Router {
-        self.dashboard(DashboardConfig {
-            token: Some(TOKEN.to_owned()),
-            ..DashboardConfig::default()
-        })
-        .router()
+        self.dashboard(DashboardConfig::default().with_token(TOKEN))
+            .router()
     }
 
     pub async fn start(&self, workflow: &str, value: &str, input: Value) -> Uuid {

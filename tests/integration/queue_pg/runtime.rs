@@ -303,10 +303,7 @@ async fn two_runtimes_share_a_queue_without_running_a_job_twice() {
     }
     let done = db
         .queue
-        .jobs(&hephaestus_queue_pg::JobFilter {
-            states: vec![JobState::Completed],
-            ..hephaestus_queue_pg::JobFilter::default()
-        })
+        .jobs(&hephaestus_queue_pg::JobFilter::default().with_states([JobState::Completed]))
         .await
         .unwrap();
     assert_eq!(done.len(), JOBS);
@@ -464,12 +461,10 @@ async fn a_lapsed_lease_is_taken_over_and_its_old_holder_stops_leading() {
     let db = QueueDb::new().await;
     let probe = Probe::default();
     let config = |b: RuntimeBuilder| {
-        let config = hephaestus_queue_pg::RuntimeConfig {
-            elect_interval: Duration::from_millis(50),
-            leader_ttl: Duration::from_secs(30),
-            depth_interval: None,
-            ..hephaestus_queue_pg::RuntimeConfig::default()
-        };
+        let config = hephaestus_queue_pg::RuntimeConfig::default()
+            .with_elect_interval(Duration::from_millis(50))
+            .with_leader_ttl(Duration::from_secs(30))
+            .with_depth_interval(None);
         b.config(config)
     };
     let first = config(runtime(&db, &probe)).start().await.unwrap();
@@ -611,11 +606,9 @@ async fn one_leader_at_a_time_and_a_follower_takes_over() {
     let db = QueueDb::new().await;
     let probe = Probe::default();
     let config = |b: RuntimeBuilder| {
-        let mut config = hephaestus_queue_pg::RuntimeConfig {
-            elect_interval: Duration::from_millis(50),
-            ..hephaestus_queue_pg::RuntimeConfig::default()
-        };
-        config.depth_interval = None;
+        let config = hephaestus_queue_pg::RuntimeConfig::default()
+            .with_elect_interval(Duration::from_millis(50))
+            .with_depth_interval(None);
         b.config(config)
     };
     let first = config(runtime(&db, &probe)).start().await.unwrap();
@@ -634,10 +627,7 @@ async fn delete_completed_mode_removes_rows_but_keeps_unique_holders() {
     let db = QueueDb::new().await;
     let probe = Probe::default();
     let rt = runtime(&db, &probe)
-        .config(hephaestus_queue_pg::RuntimeConfig {
-            delete_completed: true,
-            ..hephaestus_queue_pg::RuntimeConfig::default()
-        })
+        .config(hephaestus_queue_pg::RuntimeConfig::default().with_delete_completed(true))
         .start()
         .await
         .unwrap();
@@ -684,10 +674,10 @@ fn metrics_report_wait_run_time_outcomes_and_depth() {
             let db = QueueDb::new().await;
             let probe = Probe::default();
             let rt = runtime(&db, &probe)
-                .config(hephaestus_queue_pg::RuntimeConfig {
-                    depth_interval: Some(Duration::from_millis(20)),
-                    ..hephaestus_queue_pg::RuntimeConfig::default()
-                })
+                .config(
+                    hephaestus_queue_pg::RuntimeConfig::default()
+                        .with_depth_interval(Some(Duration::from_millis(20))),
+                )
                 .start()
                 .await
                 .unwrap();

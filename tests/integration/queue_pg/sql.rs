@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{TimeDelta, TimeZone, Utc};
 use hephaestus_engine_core::ports::{Enqueued, JobId, JobMatch, JobState, NewJob, UniqueJob};
 use hephaestus_engine_core::step::StepError;
-use hephaestus_queue_pg::{CancelFilter, JobFilter, ManualClock, QueueDepth};
+use hephaestus_queue_pg::{CancelFilter, JobFilter, ManualClock};
 use serde_json::json;
 use sqlx::postgres::PgListener;
 use tokio::sync::Barrier;
@@ -179,14 +179,15 @@ async fn batches_insert_in_one_statement_and_notify_at_commit() {
     let gone = db.queue.insert_using(&mut tx, &job(9)).await.unwrap().id();
     drop(tx);
     assert!(db.queue.job(gone).await.unwrap().is_none());
-    assert_eq!(
-        db.queue.depth().await.unwrap(),
-        [QueueDepth {
-            queue: "q".into(),
-            state: JobState::Available,
-            count: 5_000
-        }]
-    );
+    let depth: Vec<(String, JobState, u64)> = db
+        .queue
+        .depth()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| (d.queue, d.state, d.count))
+        .collect();
+    assert_eq!(depth, [("q".to_owned(), JobState::Available, 5_000)]);
     // The listener holds a pooled connection: closing the pool waits for it.
     drop(listener);
     db.teardown().await;
@@ -487,10 +488,7 @@ async fn cancel_by_predicate_over_args_and_meta() {
         .is_ok()
     {}
 
-    let filter = CancelFilter {
-        except: Some(ids[3]),
-        ..CancelFilter::meta(json!({"instance_id": "i1"}))
-    };
+    let filter = CancelFilter::meta(json!({"instance_id": "i1"})).with_except(ids[3]);
     let cancelled = q.cancel_where(&filter).await.unwrap();
     assert_eq!(
         cancelled.iter().copied().collect::<BTreeSet<_>>(),
@@ -503,11 +501,11 @@ async fn cancel_by_predicate_over_args_and_meta() {
     assert_eq!(note.payload(), format!("c:{}", ids[1].0));
 
     let by_args = q
-        .cancel_where(&CancelFilter {
-            queue: Some("a".into()),
-            kind: Some("step".into()),
-            ..CancelFilter::args(json!({"instance": "i2"}))
-        })
+        .cancel_where(
+            &CancelFilter::args(json!({"instance": "i2"}))
+                .with_queue("a")
+                .with_kind("step"),
+        )
         .await
         .unwrap();
     assert_eq!(by_args, [ids[2]]);
@@ -520,11 +518,11 @@ async fn cancel_by_predicate_over_args_and_meta() {
         .collect();
     assert_eq!(live, [ids[3]], "only the excepted job is live");
     let cancelled_jobs = q
-        .jobs(&JobFilter {
-            states: vec![JobState::Cancelled],
-            meta: Some(json!({"workflow": "orders@1"})),
-            ..JobFilter::default()
-        })
+        .jobs(
+            &JobFilter::default()
+                .with_states([JobState::Cancelled])
+                .with_meta(json!({"workflow": "orders@1"})),
+        )
         .await
         .unwrap();
     assert_eq!(cancelled_jobs.len(), 3);
@@ -540,8 +538,6 @@ async fn cancel_by_predicate_over_args_and_meta() {
 
 #[tokio::test]
 async fn finished_jobs_are_counted_per_minute_and_state() {
-    use hephaestus_queue_pg::FinishedCount;
-
     let db = QueueDb::with_connections(3).await;
     let clock = ManualClock::new(t0() + TimeDelta::seconds(5));
     let q = db.queue.with_clock(clock.clone());
@@ -565,15 +561,20 @@ async fn finished_jobs_are_counted_per_minute_and_state() {
     clock.advance(Duration::from_secs(2 * 60));
     q.complete_many(&[lease(ids[2])]).await.unwrap();
     assert!(q.cancel(ids[3]).await.unwrap());
-    let minute = |m: i64, state: JobState, count: u64| FinishedCount {
-        minute: t0() + TimeDelta::minutes(m),
-        state,
-        count,
+    let minute = |m: i64, state: JobState, count: u64| (t0() + TimeDelta::minutes(m), state, count);
+    let finished_since = |since| {
+        let q = q.clone();
+        async move {
+            q.finished_per_minute(since)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|f| (f.minute, f.state, f.count))
+                .collect::<Vec<_>>()
+        }
     };
     assert_eq!(
-        q.finished_per_minute(t0() - TimeDelta::hours(1))
-            .await
-            .unwrap(),
+        finished_since(t0() - TimeDelta::hours(1)).await,
         vec![
             minute(0, JobState::Completed, 2),
             minute(2, JobState::Cancelled, 1),
@@ -581,9 +582,7 @@ async fn finished_jobs_are_counted_per_minute_and_state() {
         ]
     );
     assert_eq!(
-        q.finished_per_minute(t0() + TimeDelta::minutes(1))
-            .await
-            .unwrap(),
+        finished_since(t0() + TimeDelta::minutes(1)).await,
         vec![
             minute(2, JobState::Cancelled, 1),
             minute(2, JobState::Completed, 1),
@@ -605,13 +604,11 @@ async fn the_census_counts_jobs_by_state_and_latency_reads_completed_ones() {
     q.complete_many(&[(leases[0].id, leases[0].attempt)])
         .await
         .unwrap();
+    let census = q.census().await.unwrap();
     assert_eq!(
-        q.census().await.unwrap(),
-        hephaestus_queue_pg::QueueCensus {
-            jobs: 3,
-            unfinished_jobs: 2,
-            executing_jobs: 1,
-        }
+        (census.jobs, census.unfinished_jobs, census.executing_jobs),
+        (3, 2, 1),
+        "jobs, unfinished, executing"
     );
     // Due at t0, completed 10 s later.
     assert_eq!(

@@ -266,11 +266,11 @@ async fn async_step_resumes_with_validation<B: Backend>(h: &Harness<B>) {
 
 async fn resume_before_the_async_marker_is_kept<B: Backend>(h: &Harness<B>) {
     let (wf, _hold) = approval();
-    let config = RunnerConfig::default().with_queues(hephaestus_runner::QueueNames {
-        advance: "advance".into(),
-        execute: "execute".into(),
-        timer: "timer".into(),
-    });
+    let config = RunnerConfig::default().with_queues(
+        hephaestus_runner::QueueNames::shared("advance")
+            .with_execute("execute")
+            .with_timer("timer"),
+    );
     let rt = h.runtime_with(config, vec![wf], vec![]);
     let s = rt.start("approval", "1", json!({}), opts()).await.unwrap();
     // Only the advance: the step is active, its execution not yet run.
@@ -818,11 +818,11 @@ on_both_backends!(
 );
 
 fn split_queues() -> RunnerConfig {
-    RunnerConfig::default().with_queues(hephaestus_runner::QueueNames {
-        advance: "advance".into(),
-        execute: "execute".into(),
-        timer: "timer".into(),
-    })
+    RunnerConfig::default().with_queues(
+        hephaestus_runner::QueueNames::shared("advance")
+            .with_execute("execute")
+            .with_timer("timer"),
+    )
 }
 
 /// Takes the next execute job as a worker would, then "dies" with it.

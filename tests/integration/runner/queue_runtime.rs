@@ -102,11 +102,11 @@ async fn an_execute_job_whose_worker_kept_dying_fails_its_instance_through_the_d
         .build()
         .unwrap();
     let config = notify_only()
-        .with_queues(hephaestus_runner::QueueNames {
-            advance: "advance".to_owned(),
-            execute: "execute".to_owned(),
-            timer: "timer".to_owned(),
-        })
+        .with_queues(
+            hephaestus_runner::QueueNames::shared("advance")
+                .with_execute("execute")
+                .with_timer("timer"),
+        )
         .with_stale_after(Duration::from_secs(30))
         .with_rescue_interval(Duration::from_millis(50));
     let rt = h.runtime_with(config.clone(), vec![wf], Vec::new());

@@ -114,10 +114,7 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
     let settle_began = Instant::now();
     let active = || async {
         runtime
-            .list(&InstanceFilter {
-                statuses: InstanceStatus::ACTIVE.to_vec(),
-                ..InstanceFilter::default()
-            })
+            .list(&InstanceFilter::default().with_statuses(InstanceStatus::ACTIVE))
             .await
             .expect("list the active instances")
     };
@@ -224,11 +221,9 @@ async fn start(rt: &Runtime<SqliteBackend>, plan: &Plan) {
 
 /// Resumes the waiting instances of `fixture_wait` until told to stop.
 async fn resume_waiting(rt: Runtime<SqliteBackend>, stop: Arc<AtomicBool>) {
-    let filter = InstanceFilter {
-        workflow_id: Some(WorkflowId::new(fixtures::WAIT).expect("a valid workflow id")),
-        statuses: vec![InstanceStatus::Waiting],
-        ..InstanceFilter::default()
-    };
+    let filter = InstanceFilter::default()
+        .with_workflow_id(WorkflowId::new(fixtures::WAIT).expect("a valid workflow id"))
+        .with_statuses([InstanceStatus::Waiting]);
     while !stop.load(Ordering::SeqCst) {
         if let Ok(waiting) = rt.list(&filter).await {
             for instance in waiting {

@@ -4,9 +4,7 @@
 use chrono::{DateTime, TimeDelta, Utc};
 use hephaestus_engine_core::business_id::Scope;
 use hephaestus_engine_core::instance::{Instance, InstanceStatus};
-use hephaestus_storage_pg::{
-    Cursor, Direction, InstanceCount, InstanceQuery, Order, PgStore, SortKey, TimeRange,
-};
+use hephaestus_storage_pg::{Cursor, Direction, InstanceQuery, Order, PgStore, SortKey, TimeRange};
 use uuid::Uuid;
 
 use super::{Db, bid, insert_committed, instance, t0, wid};
@@ -89,142 +87,99 @@ async fn filters_are_pushed_into_sql() {
         ),
         (
             "ids",
-            InstanceQuery {
-                ids: vec![fx[3].id, fx[8].id, Uuid::now_v7()],
-                ..Default::default()
-            },
+            InstanceQuery::default().with_ids(vec![fx[3].id, fx[8].id, Uuid::now_v7()]),
             pick(&[3, 8]),
         ),
         (
             "business id",
-            InstanceQuery {
-                business_id: Some(bid("order::1")),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_business_id(bid("order::1")),
             pick(&[0, 1]),
         ),
         (
             "one status",
-            InstanceQuery {
-                statuses: vec![InstanceStatus::Running],
-                ..Default::default()
-            },
+            InstanceQuery::default().with_statuses([InstanceStatus::Running]),
             pick(&[1, 5, 6]),
         ),
         (
             "a status set",
-            InstanceQuery {
-                statuses: InstanceStatus::ACTIVE.to_vec(),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_statuses(InstanceStatus::ACTIVE),
             pick(&[1, 3, 4, 5, 6, 8]),
         ),
         (
             "workflow",
-            InstanceQuery {
-                workflow_id: Some(wid("shop.orders")),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_workflow_id(wid("shop.orders")),
             pick(&[0, 1, 8, 9]),
         ),
         (
             "workflow and version",
-            InstanceQuery {
-                workflow_id: Some(wid("shop.orders")),
-                workflow_version: Some(1),
-                ..Default::default()
-            },
+            InstanceQuery::default()
+                .with_workflow_id(wid("shop.orders"))
+                .with_workflow_version(1),
             pick(&[0, 9]),
         ),
         (
             "version",
-            InstanceQuery {
-                workflow_version: Some(2),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_workflow_version(2),
             pick(&[1, 10, 11]),
         ),
         (
             "family",
-            InstanceQuery {
-                workflow_family: Some("shop.orders".to_owned()),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_workflow_family("shop.orders"),
             pick(&[0, 1, 2, 3, 8, 9]),
         ),
         (
             "family with a dot",
-            InstanceQuery {
-                workflow_family: Some("shop.orders.".to_owned()),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_workflow_family("shop.orders."),
             pick(&[2]),
         ),
         (
             "family with _ is literal",
-            InstanceQuery {
-                workflow_family: Some("Test_".to_owned()),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_workflow_family("Test_"),
             pick(&[5]),
         ),
         (
             "family with % is literal",
-            InstanceQuery {
-                workflow_family: Some("Test%".to_owned()),
-                ..Default::default()
-            },
+            InstanceQuery::default().with_workflow_family("Test%"),
             vec![],
         ),
         (
             "inserted range",
-            InstanceQuery {
-                inserted: TimeRange {
-                    from: Some(at(3)),
-                    until: Some(at(6)),
-                },
-                ..Default::default()
-            },
+            InstanceQuery::default().with_inserted(TimeRange {
+                from: Some(at(3)),
+                until: Some(at(6)),
+            }),
             pick(&[3, 4, 5]),
         ),
         (
             "updated since",
-            InstanceQuery {
-                updated: TimeRange {
-                    from: Some(at(20)),
-                    until: None,
-                },
-                ..Default::default()
-            },
+            InstanceQuery::default().with_updated(TimeRange {
+                from: Some(at(20)),
+                until: None,
+            }),
             pick(&[9, 10, 11]),
         ),
         (
             "updated before",
-            InstanceQuery {
-                updated: TimeRange {
-                    from: None,
-                    until: Some(at(11)),
-                },
-                ..Default::default()
-            },
+            InstanceQuery::default().with_updated(TimeRange {
+                from: None,
+                until: Some(at(11)),
+            }),
             pick(&[0, 8]),
         ),
         (
             "everything at once",
-            InstanceQuery {
-                statuses: vec![InstanceStatus::Completed, InstanceStatus::Running],
-                workflow_family: Some("shop.".to_owned()),
-                workflow_version: Some(1),
-                inserted: TimeRange {
+            InstanceQuery::default()
+                .with_statuses([InstanceStatus::Completed, InstanceStatus::Running])
+                .with_workflow_family("shop.")
+                .with_workflow_version(1)
+                .with_inserted(TimeRange {
                     from: Some(at(0)),
                     until: Some(at(10)),
-                },
-                updated: TimeRange {
+                })
+                .with_updated(TimeRange {
                     from: Some(at(10)),
                     until: Some(at(31)),
-                },
-                ..Default::default()
-            },
+                }),
             pick(&[0, 9]),
         ),
     ];
@@ -233,10 +188,7 @@ async fn filters_are_pushed_into_sql() {
     }
     let one = db
         .store
-        .query(&InstanceQuery {
-            ids: vec![fx[4].id],
-            ..Default::default()
-        })
+        .query(&InstanceQuery::default().with_ids(vec![fx[4].id]))
         .await
         .unwrap();
     assert_eq!(one.instances, vec![fx[4].clone()], "every field comes back");
@@ -257,48 +209,30 @@ async fn count_counts_what_a_query_selects_and_counts_groups_by_workflow_and_sta
     };
     assert_eq!(count(InstanceQuery::default()).await, 12);
     assert_eq!(
-        count(InstanceQuery {
-            statuses: InstanceStatus::ACTIVE.to_vec(),
-            ..Default::default()
-        })
-        .await,
+        count(InstanceQuery::default().with_statuses(InstanceStatus::ACTIVE)).await,
         6
     );
     assert_eq!(
-        count(InstanceQuery {
-            workflow_id: Some(wid("signup")),
-            statuses: vec![Failed, Completed],
-            ..Default::default()
-        })
+        count(
+            InstanceQuery::default()
+                .with_workflow_id(wid("signup"))
+                .with_statuses([Failed, Completed])
+        )
         .await,
         2
     );
     // The limit does not cut the count; a cursor does.
+    assert_eq!(count(InstanceQuery::default().with_limit(1)).await, 12);
     assert_eq!(
-        count(InstanceQuery {
-            limit: Some(1),
-            ..Default::default()
-        })
-        .await,
-        12
-    );
-    assert_eq!(
-        count(InstanceQuery {
-            after: Some(Cursor::after(&fx[3], SortKey::Id)),
-            ..Default::default()
-        })
-        .await,
+        count(InstanceQuery::default().with_after(Cursor::after(&fx[3], SortKey::Id))).await,
         3,
         "newest first: fx[0..3] come after fx[3]"
     );
     assert_eq!(
-        count(InstanceQuery {
-            inserted: TimeRange {
-                from: Some(at(3)),
-                until: Some(at(7)),
-            },
-            ..Default::default()
-        })
+        count(InstanceQuery::default().with_inserted(TimeRange {
+            from: Some(at(3)),
+            until: Some(at(7)),
+        }))
         .await,
         4
     );
@@ -312,11 +246,12 @@ async fn count_counts_what_a_query_selects_and_counts_groups_by_workflow_and_sta
             b.status,
         ))
     });
-    let c = |workflow: &str, version: u32, status: InstanceStatus, count: u64| InstanceCount {
-        workflow_id: workflow.to_owned(),
-        workflow_version: version,
-        status,
-        count,
+    let counts: Vec<(String, u32, InstanceStatus, u64)> = counts
+        .into_iter()
+        .map(|c| (c.workflow_id, c.workflow_version, c.status, c.count))
+        .collect();
+    let c = |workflow: &str, version: u32, status: InstanceStatus, count: u64| {
+        (workflow.to_owned(), version, status, count)
     };
     assert_eq!(
         counts,
@@ -351,10 +286,7 @@ async fn every_order_pages_through_everything_with_keysets() {
         for direction in [Direction::Asc, Direction::Desc] {
             let order = Order { key, direction };
             let expected = sorted(&fx, order);
-            let everything = InstanceQuery {
-                order,
-                ..Default::default()
-            };
+            let everything = InstanceQuery::default().with_order(order);
             assert_eq!(all(&db.store, &everything).await, expected, "{order:?}");
 
             let mut seen = Vec::new();
@@ -363,11 +295,10 @@ async fn every_order_pages_through_everything_with_keysets() {
             loop {
                 let page = db
                     .store
-                    .query(&InstanceQuery {
-                        order,
-                        after,
-                        limit: Some(5),
-                        ..Default::default()
+                    .query(&{
+                        let mut query = InstanceQuery::default().with_order(order).with_limit(5);
+                        query.after = after;
+                        query
                     })
                     .await
                     .unwrap();
@@ -388,18 +319,11 @@ async fn every_order_pages_through_everything_with_keysets() {
             // The cursor of a shorter page continues right after it.
             let first = db
                 .store
-                .query(&InstanceQuery {
-                    order,
-                    limit: Some(4),
-                    ..Default::default()
-                })
+                .query(&InstanceQuery::default().with_order(order).with_limit(4))
                 .await
                 .unwrap();
-            let rest = InstanceQuery {
-                order,
-                after: first.next,
-                ..Default::default()
-            };
+            let mut rest = InstanceQuery::default().with_order(order);
+            rest.after = first.next;
             let rest = all(&db.store, &rest).await;
             assert_eq!(
                 rest,
@@ -410,22 +334,17 @@ async fn every_order_pages_through_everything_with_keysets() {
     }
 
     // A filter and a page together: the cursor continues the filtered order.
-    let active = InstanceQuery {
-        statuses: InstanceStatus::ACTIVE.to_vec(),
-        order: Order {
+    let active = InstanceQuery::default()
+        .with_statuses(InstanceStatus::ACTIVE)
+        .with_order(Order {
             key: SortKey::UpdatedAt,
             direction: Direction::Asc,
-        },
-        limit: Some(2),
-        ..Default::default()
-    };
+        })
+        .with_limit(2);
     let first = db.store.query(&active).await.unwrap();
     let second = db
         .store
-        .query(&InstanceQuery {
-            after: first.next,
-            ..active.clone()
-        })
+        .query(&active.clone().with_after(first.next.unwrap()))
         .await
         .unwrap();
     let mut expected: Vec<&Instance> = fx.iter().filter(|i| i.status.is_active()).collect();
@@ -441,21 +360,16 @@ async fn every_order_pages_through_everything_with_keysets() {
     // Limit 0, and a cursor of another order.
     let none = db
         .store
-        .query(&InstanceQuery {
-            limit: Some(0),
-            ..Default::default()
-        })
+        .query(&InstanceQuery::default().with_limit(0))
         .await
         .unwrap();
     assert!(none.instances.is_empty() && none.next.is_none());
-    let wrong = InstanceQuery {
-        order: Order {
+    let wrong = InstanceQuery::default()
+        .with_order(Order {
             key: SortKey::UpdatedAt,
             direction: Direction::Desc,
-        },
-        after: Some(Cursor::after(&fx[0], SortKey::Id)),
-        ..Default::default()
-    };
+        })
+        .with_after(Cursor::after(&fx[0], SortKey::Id));
     assert!(matches!(
         db.store.query(&wrong).await,
         Err(hephaestus_engine_core::ports::PortError::InvalidInput(_))

@@ -182,10 +182,7 @@ async fn a_custom_prefix_works_end_to_end_and_tenants_are_isolated() {
         store.commit(tx).await.unwrap();
 
         assert!(store.is_recorded(inst.id, &sid("a"), 1).await.unwrap());
-        let family = InstanceQuery {
-            workflow_family: Some("shop.".to_owned()),
-            ..InstanceQuery::default()
-        };
+        let family = InstanceQuery::default().with_workflow_family("shop.");
         assert_eq!(
             store.query(&family).await.unwrap().instances,
             vec![inst.clone()]
@@ -251,13 +248,15 @@ async fn migrate_to_goes_down_and_up_again_and_refuses_the_wrong_direction() {
         store.insert(&mut tx, &one).await.unwrap();
     }
     store.commit(tx).await.unwrap();
+    let census = store.census().await.unwrap();
     assert_eq!(
-        store.census().await.unwrap(),
-        StorageCensus {
-            instances: 2,
-            active_instances: 1,
-            step_results: 0
-        }
+        (
+            census.instances,
+            census.active_instances,
+            census.step_results
+        ),
+        (2, 1, 0),
+        "instances, active instances, step results"
     );
 
     // Up to a lower version is refused, and nothing changes.

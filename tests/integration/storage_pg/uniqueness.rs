@@ -69,10 +69,7 @@ fn check_outcomes(instances: &[Instance], outcomes: &[Result<(), PortError>], wi
 }
 
 async fn stored(store: &PgStore, business: &str) -> Vec<Uuid> {
-    let filter = InstanceFilter {
-        business_id: Some(bid(business)),
-        ..InstanceFilter::default()
-    };
+    let filter = InstanceFilter::default().with_business_id(bid(business));
     let mut ids: Vec<Uuid> = store
         .list(&filter)
         .await

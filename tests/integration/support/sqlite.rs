@@ -38,8 +38,7 @@ impl Drop for TempDir {
 /// `clock` if given; enough connections for the conformance suites' eight
 /// concurrent units of work.
 pub async fn fresh(dir: &TempDir, clock: Option<impl Clock>) -> SqliteBackend {
-    let mut options = SqliteOptions::new(dir.join("test.db"));
-    options.max_connections = 20;
+    let mut options = SqliteOptions::new(dir.join("test.db")).with_max_connections(20);
     if let Some(clock) = clock {
         options = options.with_clock(clock);
     }

@@ -226,10 +226,7 @@ impl QueueBench {
             let queue = PgQueue::new(pool.clone(), prefix.clone());
             let runtime = QueueRuntime::builder(queue, workers.clone())
                 .queue(QUEUE, self.concurrency)
-                .config(RuntimeConfig {
-                    delete_completed: self.delete_completed,
-                    ..bench_config(i == 0)
-                })
+                .config(bench_config(i == 0).with_delete_completed(self.delete_completed))
                 .start()
                 .await?;
             pools.push(pool);
@@ -389,14 +386,12 @@ impl QueueBench {
 }
 
 fn bench_config(maintenance: bool) -> RuntimeConfig {
-    RuntimeConfig {
-        maintenance,
-        retention: None,
-        depth_interval: None,
-        completion_batch: 2_000,
-        events_capacity: 64,
-        ..RuntimeConfig::default()
-    }
+    RuntimeConfig::default()
+        .with_maintenance(maintenance)
+        .with_retention(None)
+        .with_depth_interval(None)
+        .with_completion_batch(2_000)
+        .with_events_capacity(64)
 }
 
 /// The no-op job.

@@ -628,13 +628,13 @@ impl WorkflowBench {
             self.workers() == 1,
             "a SQLite file has exactly one worker: --workers 1 (or leave it out)"
         );
-        let mut options = SqliteOptions::from_url(&self.database_url)?;
+        let options = SqliteOptions::from_url(&self.database_url)?
+            .with_max_connections(self.connections.max(2));
         ensure!(
             !options.path.exists(),
             "{} exists: the benchmark writes a new file (and deletes it unless --keep)",
             options.path.display()
         );
-        options.max_connections = self.connections.max(2);
         let path = options.path.clone();
         let backend = SqliteBackend::open_migrated(options).await?;
         let workflow = self.shape.workflow()?;

@@ -165,18 +165,17 @@ impl ListCommand {
                 Some(Cursor::after_id(id))
             }
         };
-        let query = InstanceQuery {
-            business_id: self.business_id.clone(),
-            statuses: self.status.clone(),
-            workflow_id: self.workflow.clone(),
-            inserted: TimeRange {
+        // The optional filters are set as given (`None`: not filtered).
+        let mut query = InstanceQuery::default()
+            .with_statuses(self.status.iter().copied())
+            .with_inserted(TimeRange {
                 from: self.since,
                 until: self.until,
-            },
-            after,
-            limit: Some(self.limit),
-            ..InstanceQuery::default()
-        };
+            })
+            .with_limit(self.limit);
+        query.business_id.clone_from(&self.business_id);
+        query.workflow_id.clone_from(&self.workflow);
+        query.after = after;
         let page = store.query(&query).await.context("listing instances")?;
         let next = page.next.as_ref().map(Cursor::id);
         let undecodable = page
@@ -191,14 +190,13 @@ impl ListCommand {
     /// next page exists).
     async fn page_sqlite(&self) -> Result<Listed> {
         let backend = crate::database::open_sqlite(&self.db.database_url).await?;
-        let filter = hephaestus_engine_core::ports::InstanceFilter {
-            business_id: self.business_id.clone(),
-            workflow_id: self.workflow.clone(),
-            statuses: self.status.clone(),
-            before_id: self.after,
-            limit: Some(self.limit.saturating_add(1)),
-            ..Default::default()
-        };
+        // The optional filters are set as given (`None`: not filtered).
+        let mut filter = hephaestus_engine_core::ports::InstanceFilter::default()
+            .with_statuses(self.status.iter().copied())
+            .with_limit(self.limit.saturating_add(1));
+        filter.business_id.clone_from(&self.business_id);
+        filter.workflow_id.clone_from(&self.workflow);
+        filter.before_id = self.after;
         let (mut instances, undecodable) = backend
             .instances(&filter, self.since, self.until)
             .await

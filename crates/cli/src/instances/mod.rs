@@ -63,11 +63,11 @@ async fn resolve(store: &PgStore, given: &str) -> Result<Instance> {
         anyhow!("{given:?} is neither an instance id (a UUID) nor a business id (key::value): {e}")
     })?;
     let page = store
-        .query(&InstanceQuery {
-            business_id: Some(business_id),
-            limit: Some(100),
-            ..InstanceQuery::default()
-        })
+        .query(
+            &InstanceQuery::default()
+                .with_business_id(business_id)
+                .with_limit(100),
+        )
         .await
         .context("looking the business id up")?;
     let active: Vec<&Instance> = page
@@ -112,11 +112,11 @@ async fn resolve_sqlite(
         anyhow!("{given:?} is neither an instance id (a UUID) nor a business id (key::value): {e}")
     })?;
     let page = backend
-        .list(&hephaestus_engine_core::ports::InstanceFilter {
-            business_id: Some(business_id),
-            limit: Some(100),
-            ..Default::default()
-        })
+        .list(
+            &hephaestus_engine_core::ports::InstanceFilter::default()
+                .with_business_id(business_id)
+                .with_limit(100),
+        )
         .await
         .context("looking the business id up")?;
     let active: Vec<&Instance> = page.iter().filter(|i| i.status.is_active()).collect();

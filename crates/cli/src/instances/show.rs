@@ -197,10 +197,7 @@ const RAW_STATE_CHARS: u32 = 2_000;
 /// The instance's jobs, live and finished.
 async fn instance_jobs(db: &Database, id: Uuid) -> Result<Vec<Job>> {
     db.queue()
-        .jobs(&JobFilter {
-            group: Some(hephaestus_runner::jobs::group(id)),
-            ..JobFilter::default()
-        })
+        .jobs(&JobFilter::default().with_group(hephaestus_runner::jobs::group(id)))
         .await
         .context("reading the instance's jobs")
 }

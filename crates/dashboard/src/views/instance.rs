@@ -65,10 +65,7 @@ pub(crate) async fn page(
         .get(instance.workflow_id.as_str(), instance.workflow_version)
         .ok();
     let jobs = queue(&shared)
-        .jobs(&JobFilter {
-            group: Some(hephaestus_runner::jobs::group(id)),
-            ..JobFilter::default()
-        })
+        .jobs(&JobFilter::default().with_group(hephaestus_runner::jobs::group(id)))
         .await
         .map_err(|e| PageError::queue("reading the instance's jobs", &e))?;
     let body = render(&ctx, &instance, definition, &jobs);

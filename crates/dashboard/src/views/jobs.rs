@@ -49,14 +49,17 @@ pub(crate) async fn list(
     for d in depth {
         queues.entry(d.queue).or_default().insert(d.state, d.count);
     }
+    let mut filter = JobFilter::default()
+        .with_states(state)
+        .with_limit(limit + 1);
+    if let Some(name) = &queue_name {
+        filter = filter.with_queue(name.clone());
+    }
+    if let Some(after) = after {
+        filter = filter.with_after(JobId(after));
+    }
     let jobs = queue
-        .jobs(&JobFilter {
-            states: state.into_iter().collect(),
-            queue: queue_name.clone(),
-            after: after.map(JobId),
-            limit: Some(limit + 1),
-            ..JobFilter::default()
-        })
+        .jobs(&filter)
         .await
         .map_err(|e| PageError::queue("listing jobs", &e))?;
     let more = jobs.len() > usize::try_from(limit).unwrap_or(usize::MAX);

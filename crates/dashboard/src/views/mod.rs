@@ -130,16 +130,16 @@ impl Filter {
 
     /// The storage query of these filters (newest first).
     pub(crate) fn query(&self) -> InstanceQuery {
-        InstanceQuery {
-            business_id: self.business_id.clone(),
-            statuses: self.statuses.clone(),
-            workflow_id: self.workflow.clone(),
-            inserted: TimeRange {
+        // The optional filters are set as given (`None`: not filtered).
+        let mut query = InstanceQuery::default()
+            .with_statuses(self.statuses.iter().copied())
+            .with_inserted(TimeRange {
                 from: self.since,
                 until: self.until,
-            },
-            ..InstanceQuery::default()
-        }
+            });
+        query.business_id.clone_from(&self.business_id);
+        query.workflow_id.clone_from(&self.workflow);
+        query
     }
 
     /// Whether any filter is set.

@@ -55,12 +55,12 @@ pub(crate) async fn page(
             continue;
         }
         let jobs = queue
-            .jobs(&JobFilter {
-                states: vec![JobState::Available],
-                queue: Some(name.clone()),
-                limit: Some(1),
-                ..JobFilter::default()
-            })
+            .jobs(
+                &JobFilter::default()
+                    .with_states([JobState::Available])
+                    .with_queue(name.clone())
+                    .with_limit(1),
+            )
             .await
             .map_err(|e| PageError::queue("reading the oldest waiting job", &e))?;
         if let Some(job) = jobs.into_iter().next() {
@@ -73,15 +73,15 @@ pub(crate) async fn page(
         .await
         .map_err(|e| PageError::queue("counting finished jobs", &e))?;
     let failures = store
-        .query(&InstanceQuery {
-            statuses: vec![InstanceStatus::Failed],
-            order: Order {
-                key: SortKey::UpdatedAt,
-                direction: Direction::Desc,
-            },
-            limit: Some(RECENT_FAILURES),
-            ..InstanceQuery::default()
-        })
+        .query(
+            &InstanceQuery::default()
+                .with_statuses([InstanceStatus::Failed])
+                .with_order(Order {
+                    key: SortKey::UpdatedAt,
+                    direction: Direction::Desc,
+                })
+                .with_limit(RECENT_FAILURES),
+        )
         .await
         .map_err(|e| PageError::port("reading recent failures", &e))?;
 

@@ -139,8 +139,11 @@ pub trait InstanceStore: UnitOfWork {
 }
 
 /// Filters for [`InstanceStore::list`], all ANDed. The type makes unknown
-/// filters impossible.
+/// filters impossible. Start from [`InstanceFilter::default`] (every
+/// instance) and add filters with the `with_*` methods (a filter may be
+/// added without breaking callers).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct InstanceFilter {
     /// Exact business id.
     pub business_id: Option<BusinessId>,
@@ -154,6 +157,50 @@ pub struct InstanceFilter {
     pub before_id: Option<Uuid>,
     /// At most this many (`None` = no limit).
     pub limit: Option<u32>,
+}
+
+impl InstanceFilter {
+    /// Only the instances with `business_id` (see [`InstanceFilter::business_id`]).
+    #[must_use]
+    pub fn with_business_id(mut self, business_id: BusinessId) -> Self {
+        self.business_id = Some(business_id);
+        self
+    }
+
+    /// Only instances of `workflow_id` (see [`InstanceFilter::workflow_id`]).
+    #[must_use]
+    pub fn with_workflow_id(mut self, workflow_id: WorkflowId) -> Self {
+        self.workflow_id = Some(workflow_id);
+        self
+    }
+
+    /// Only instances of version `version` (see [`InstanceFilter::workflow_version`]).
+    #[must_use]
+    pub fn with_workflow_version(mut self, version: u32) -> Self {
+        self.workflow_version = Some(version);
+        self
+    }
+
+    /// Only instances with one of `statuses` (see [`InstanceFilter::statuses`]).
+    #[must_use]
+    pub fn with_statuses(mut self, statuses: impl IntoIterator<Item = InstanceStatus>) -> Self {
+        self.statuses = statuses.into_iter().collect();
+        self
+    }
+
+    /// Only ids strictly below `id` (see [`InstanceFilter::before_id`]).
+    #[must_use]
+    pub fn with_before_id(mut self, id: Uuid) -> Self {
+        self.before_id = Some(id);
+        self
+    }
+
+    /// At most `limit` instances (see [`InstanceFilter::limit`]).
+    #[must_use]
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = Some(limit);
+        self
+    }
 }
 
 /// The kind of a step-result row.
@@ -530,8 +577,10 @@ pub struct UniqueJob {
     pub states: Vec<JobState>,
 }
 
-/// A job to enqueue.
+/// A job to enqueue: [`NewJob::new`] with what every job needs, then the
+/// `with_*` methods (an option may be added without breaking callers).
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct NewJob {
     /// The worker kind.
     pub kind: String,
@@ -574,21 +623,66 @@ impl NewJob {
         }
     }
 
-    /// The same job in `group`.
+    /// The same job in `group` (see [`NewJob::group`]).
     #[must_use]
     pub fn in_group(mut self, group: impl Into<String>) -> Self {
         self.group = Some(group.into());
+        self
+    }
+
+    /// The same job with `meta` (see [`NewJob::meta`]).
+    #[must_use]
+    pub fn with_meta(mut self, meta: Map<String, Value>) -> Self {
+        self.meta = meta;
+        self
+    }
+
+    /// The same job with `tags` (see [`NewJob::tags`]).
+    #[must_use]
+    pub fn with_tags(mut self, tags: impl IntoIterator<Item = String>) -> Self {
+        self.tags = tags.into_iter().collect();
+        self
+    }
+
+    /// The same job with `priority`, lower first (see [`NewJob::priority`]).
+    #[must_use]
+    pub fn with_priority(mut self, priority: i16) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// The same job with `max_attempts` in all (see [`NewJob::max_attempts`]).
+    #[must_use]
+    pub fn with_max_attempts(mut self, max_attempts: u32) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// The same job, not run before `at` (see [`NewJob::scheduled_at`]).
+    #[must_use]
+    pub fn with_scheduled_at(mut self, at: DateTime<Utc>) -> Self {
+        self.scheduled_at = Some(at);
+        self
+    }
+
+    /// The same job, unique as `unique` says (see [`NewJob::unique`]).
+    #[must_use]
+    pub fn with_unique(mut self, unique: UniqueJob) -> Self {
+        self.unique = Some(unique);
         self
     }
 }
 
 /// Which unfinished jobs [`JobQueue::cancel_matching`] and
 /// [`JobQueue::live_jobs`] apply to: every given condition must hold.
+/// Built with [`JobMatch::group`] or [`JobMatch::args`] (a condition may be
+/// added without breaking callers).
 ///
 /// Matching by group is the fast path (database backends index the group
 /// key of waiting jobs); args containment alone is meant for rare,
 /// operator-driven use and may scan every unfinished job.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct JobMatch {
     /// In this group ([`NewJob::group`]).
     pub group: Option<String>,
@@ -815,6 +909,79 @@ mod tests {
 
     fn sid(s: &str) -> StepId {
         StepId::new(s).unwrap()
+    }
+
+    #[test]
+    fn new_job_defaults_and_setters_set_their_own_field() {
+        let job = NewJob::new("k", "q", json!({"a": 1}));
+        assert_eq!(
+            job,
+            NewJob {
+                kind: "k".to_owned(),
+                queue: "q".to_owned(),
+                args: json!({"a": 1}),
+                meta: Map::new(),
+                tags: Vec::new(),
+                priority: 0,
+                max_attempts: 20,
+                scheduled_at: None,
+                unique: None,
+                group: None,
+            }
+        );
+        let at = DateTime::from_timestamp(1_700_000_000, 0).unwrap();
+        let unique = UniqueJob {
+            key: "u".to_owned(),
+            states: vec![JobState::Available],
+        };
+        let mut meta = Map::new();
+        meta.insert("m".to_owned(), json!(2));
+        let job = job
+            .with_meta(meta.clone())
+            .with_tags(["t".to_owned()])
+            .with_priority(-3)
+            .with_max_attempts(4)
+            .with_scheduled_at(at)
+            .with_unique(unique.clone())
+            .in_group("g");
+        assert_eq!(
+            job,
+            NewJob {
+                kind: "k".to_owned(),
+                queue: "q".to_owned(),
+                args: json!({"a": 1}),
+                meta,
+                tags: vec!["t".to_owned()],
+                priority: -3,
+                max_attempts: 4,
+                scheduled_at: Some(at),
+                unique: Some(unique),
+                group: Some("g".to_owned()),
+            }
+        );
+    }
+
+    #[test]
+    fn instance_filter_setters_set_their_own_filter() {
+        let before = Uuid::from_u128(9);
+        let filter = InstanceFilter::default()
+            .with_business_id(BusinessId::parse("order::1").unwrap())
+            .with_workflow_id(WorkflowId::new("orders").unwrap())
+            .with_workflow_version(2)
+            .with_statuses([InstanceStatus::Failed])
+            .with_before_id(before)
+            .with_limit(5);
+        assert_eq!(
+            filter,
+            InstanceFilter {
+                business_id: Some(BusinessId::parse("order::1").unwrap()),
+                workflow_id: Some(WorkflowId::new("orders").unwrap()),
+                workflow_version: Some(2),
+                statuses: vec![InstanceStatus::Failed],
+                before_id: Some(before),
+                limit: Some(5),
+            }
+        );
     }
 
     fn result(step: Option<&str>, payload: ResultPayload) -> NewStepResult {

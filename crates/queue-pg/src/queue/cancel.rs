@@ -69,7 +69,12 @@ pub(super) const NOTIFY_CANCELLED: &str =
 /// A filter with a group is answered through the group index; without one
 /// it scans the unfinished jobs (fine for an operator's occasional cancel,
 /// not for a hot path).
+///
+/// Start from [`CancelFilter::group`], [`CancelFilter::args`] or
+/// [`CancelFilter::meta`] and add conditions with the `with_*` methods (new
+/// conditions may be added without breaking you).
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct CancelFilter {
     /// In this group ([`NewJob::group`](hephaestus_engine_core::ports::NewJob::group)).
     pub group: Option<String>,
@@ -108,6 +113,48 @@ impl CancelFilter {
             meta: Some(meta),
             ..Self::default()
         }
+    }
+
+    /// Only jobs in `group` (see [`CancelFilter::group`](field@CancelFilter::group)).
+    #[must_use]
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Only jobs whose args contain `args` (see [`CancelFilter::args`](field@CancelFilter::args)).
+    #[must_use]
+    pub fn with_args(mut self, args: Value) -> Self {
+        self.args = Some(args);
+        self
+    }
+
+    /// Only jobs whose meta contains `meta` (see [`CancelFilter::meta`](field@CancelFilter::meta)).
+    #[must_use]
+    pub fn with_meta(mut self, meta: Value) -> Self {
+        self.meta = Some(meta);
+        self
+    }
+
+    /// Only jobs in `queue` (see [`CancelFilter::queue`]).
+    #[must_use]
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Only jobs of `kind` (see [`CancelFilter::kind`]).
+    #[must_use]
+    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+
+    /// Not the job `except` (see [`CancelFilter::except`]).
+    #[must_use]
+    pub fn with_except(mut self, except: JobId) -> Self {
+        self.except = Some(except);
+        self
     }
 }
 
@@ -234,5 +281,39 @@ impl PgQueue {
                 .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cancel_filter_setters_set_their_own_condition() {
+        let filter = CancelFilter::group("g")
+            .with_args(serde_json::json!({"a": 1}))
+            .with_meta(serde_json::json!({"m": 2}))
+            .with_queue("q")
+            .with_kind("k")
+            .with_except(JobId(3));
+        assert_eq!(
+            filter,
+            CancelFilter {
+                group: Some("g".to_owned()),
+                args: Some(serde_json::json!({"a": 1})),
+                meta: Some(serde_json::json!({"m": 2})),
+                queue: Some("q".to_owned()),
+                kind: Some("k".to_owned()),
+                except: Some(JobId(3)),
+            }
+        );
+        assert_eq!(
+            CancelFilter::meta(serde_json::json!({"m": 2})).with_group("g"),
+            CancelFilter {
+                group: Some("g".to_owned()),
+                meta: Some(serde_json::json!({"m": 2})),
+                ..CancelFilter::default()
+            }
+        );
     }
 }

@@ -21,6 +21,7 @@ where kind = $1 and state = 'completed'";
 /// What a schema's jobs table holds: what migrating the queue component
 /// down would destroy, and whether workers are busy in it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueCensus {
     /// Jobs, in any state.
     pub jobs: u64,

@@ -50,7 +50,21 @@ group by queue, state
 order by queue, state";
 
 /// Which jobs to list: every given condition must hold; ordered by id.
+/// Start from [`JobFilter::default`] (every job) and add conditions with the
+/// `with_*` methods (new conditions may be added without breaking you).
+///
+/// ```
+/// use hephaestus_engine_core::ports::JobState;
+/// use hephaestus_queue_pg::JobFilter;
+///
+/// let oldest_waiting = JobFilter::default()
+///     .with_states([JobState::Available])
+///     .with_queue("default")
+///     .with_limit(1);
+/// # let _ = oldest_waiting;
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
+#[non_exhaustive]
 pub struct JobFilter {
     /// In one of these states (empty = any).
     pub states: Vec<JobState>,
@@ -70,8 +84,67 @@ pub struct JobFilter {
     pub limit: Option<u32>,
 }
 
+impl JobFilter {
+    /// Only jobs in one of `states` (see [`JobFilter::states`]).
+    #[must_use]
+    pub fn with_states(mut self, states: impl IntoIterator<Item = JobState>) -> Self {
+        self.states = states.into_iter().collect();
+        self
+    }
+
+    /// Only jobs in `queue` (see [`JobFilter::queue`]).
+    #[must_use]
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = Some(queue.into());
+        self
+    }
+
+    /// Only jobs of `kind` (see [`JobFilter::kind`]).
+    #[must_use]
+    pub fn with_kind(mut self, kind: impl Into<String>) -> Self {
+        self.kind = Some(kind.into());
+        self
+    }
+
+    /// Only jobs in `group` (see [`JobFilter::group`]).
+    #[must_use]
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.group = Some(group.into());
+        self
+    }
+
+    /// Only jobs whose args contain `args` (see [`JobFilter::args`]).
+    #[must_use]
+    pub fn with_args(mut self, args: Value) -> Self {
+        self.args = Some(args);
+        self
+    }
+
+    /// Only jobs whose meta contains `meta` (see [`JobFilter::meta`]).
+    #[must_use]
+    pub fn with_meta(mut self, meta: Value) -> Self {
+        self.meta = Some(meta);
+        self
+    }
+
+    /// Only jobs with an id strictly above `after` (see [`JobFilter::after`]).
+    #[must_use]
+    pub fn with_after(mut self, after: JobId) -> Self {
+        self.after = Some(after);
+        self
+    }
+
+    /// At most `limit` jobs (see [`JobFilter::limit`]).
+    #[must_use]
+    pub fn with_limit(mut self, limit: u32) -> Self {
+        self.limit = Some(limit);
+        self
+    }
+}
+
 /// How many jobs of a queue are in a state.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct QueueDepth {
     /// The queue.
     pub queue: String,
@@ -83,6 +156,7 @@ pub struct QueueDepth {
 
 /// How many jobs finished (completed, discarded or cancelled) in one minute.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct FinishedCount {
     /// The start of the minute.
     pub minute: DateTime<Utc>,
@@ -238,14 +312,13 @@ impl PgQueue {
         if limit == 0 {
             return Ok(found);
         }
-        let mut filter = JobFilter {
-            states: JobState::ALL
-                .into_iter()
-                .filter(|s| *s != JobState::Completed)
-                .collect(),
-            limit: Some(ERROR_PAGE),
-            ..JobFilter::default()
-        };
+        let mut filter = JobFilter::default()
+            .with_states(
+                JobState::ALL
+                    .into_iter()
+                    .filter(|s| *s != JobState::Completed),
+            )
+            .with_limit(ERROR_PAGE);
         loop {
             let page = self.jobs(&filter).await?;
             let Some(last) = page.last() else { break };
@@ -290,5 +363,49 @@ impl PgQueue {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_filter_default_filters_nothing_and_setters_set_their_own_condition() {
+        assert_eq!(
+            JobFilter::default(),
+            JobFilter {
+                states: Vec::new(),
+                queue: None,
+                kind: None,
+                group: None,
+                args: None,
+                meta: None,
+                after: None,
+                limit: None,
+            }
+        );
+        let filter = JobFilter::default()
+            .with_states([JobState::Available, JobState::Retryable])
+            .with_queue("q")
+            .with_kind("k")
+            .with_group("g")
+            .with_args(serde_json::json!({"a": 1}))
+            .with_meta(serde_json::json!({"m": 2}))
+            .with_after(JobId(3))
+            .with_limit(4);
+        assert_eq!(
+            filter,
+            JobFilter {
+                states: vec![JobState::Available, JobState::Retryable],
+                queue: Some("q".to_owned()),
+                kind: Some("k".to_owned()),
+                group: Some("g".to_owned()),
+                args: Some(serde_json::json!({"a": 1})),
+                meta: Some(serde_json::json!({"m": 2})),
+                after: Some(JobId(3)),
+                limit: Some(4),
+            }
+        );
     }
 }

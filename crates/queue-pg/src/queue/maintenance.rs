@@ -85,6 +85,7 @@ const PRUNE_BATCH: i64 = 10_000;
 
 /// An executing job whose heartbeat is older than the rescue cut-off.
 #[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
 pub struct StaleJob {
     /// Its lease (the attempt that stopped heartbeating).
     pub lease: JobLease,

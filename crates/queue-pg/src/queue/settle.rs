@@ -92,6 +92,7 @@ where id = $1 and attempt = $2 and state = 'executing'";
 
 /// The result of a fenced batch completion.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Settled {
     /// Jobs completed.
     pub completed: Vec<JobId>,

@@ -42,7 +42,12 @@ pub(crate) fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// How a runtime behaves; every field has a default (see [`Default`]).
+/// Start from [`RuntimeConfig::default`] and change what you need with the
+/// `with_*` methods (new settings may be added without breaking you). The
+/// settings are checked together when the runtime starts
+/// ([`RuntimeBuilder::start`] fails with [`Error::Config`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RuntimeConfig {
     /// How often producers look for due jobs without a wake-up: the
     /// fallback for missed notifications, the pace of poll-only mode and
@@ -120,6 +125,119 @@ impl Default for RuntimeConfig {
 }
 
 impl RuntimeConfig {
+    /// Sets how often producers look for due jobs without a wake-up (see [`RuntimeConfig::poll_interval`]).
+    #[must_use]
+    pub fn with_poll_interval(mut self, value: Duration) -> Self {
+        self.poll_interval = value;
+        self
+    }
+
+    /// Sets whether producers only poll (no LISTEN connection) (see [`RuntimeConfig::poll_only`]).
+    #[must_use]
+    pub fn with_poll_only(mut self, value: bool) -> Self {
+        self.poll_only = value;
+        self
+    }
+
+    /// Sets how often running jobs heartbeat (see [`RuntimeConfig::heartbeat_interval`]).
+    #[must_use]
+    pub fn with_heartbeat_interval(mut self, value: Duration) -> Self {
+        self.heartbeat_interval = value;
+        self
+    }
+
+    /// Sets the heartbeat age after which an executing job is rescued (see [`RuntimeConfig::rescue_after`]).
+    #[must_use]
+    pub fn with_rescue_after(mut self, value: Duration) -> Self {
+        self.rescue_after = value;
+        self
+    }
+
+    /// Sets how often the leader looks for jobs to rescue (see [`RuntimeConfig::rescue_interval`]).
+    #[must_use]
+    pub fn with_rescue_interval(mut self, value: Duration) -> Self {
+        self.rescue_interval = value;
+        self
+    }
+
+    /// Sets how long finished jobs are kept (`None`: forever) (see [`RuntimeConfig::retention`]).
+    #[must_use]
+    pub fn with_retention(mut self, value: Option<Duration>) -> Self {
+        self.retention = value;
+        self
+    }
+
+    /// Sets how often the leader prunes (see [`RuntimeConfig::prune_interval`]).
+    #[must_use]
+    pub fn with_prune_interval(mut self, value: Duration) -> Self {
+        self.prune_interval = value;
+        self
+    }
+
+    /// Sets how often the queue-depth gauge is refreshed (`None`: never) (see [`RuntimeConfig::depth_interval`]).
+    #[must_use]
+    pub fn with_depth_interval(mut self, value: Option<Duration>) -> Self {
+        self.depth_interval = value;
+        self
+    }
+
+    /// Sets whether this runtime campaigns for leadership of the maintenance services (see [`RuntimeConfig::maintenance`]).
+    #[must_use]
+    pub fn with_maintenance(mut self, value: bool) -> Self {
+        self.maintenance = value;
+        self
+    }
+
+    /// Sets how often a follower tries to become leader (see [`RuntimeConfig::elect_interval`]).
+    #[must_use]
+    pub fn with_elect_interval(mut self, value: Duration) -> Self {
+        self.elect_interval = value;
+        self
+    }
+
+    /// Sets how long a leader's lease lasts without a renewal (see [`RuntimeConfig::leader_ttl`]).
+    #[must_use]
+    pub fn with_leader_ttl(mut self, value: Duration) -> Self {
+        self.leader_ttl = value;
+        self
+    }
+
+    /// Sets the most completions in one statement (see [`RuntimeConfig::completion_batch`]).
+    #[must_use]
+    pub fn with_completion_batch(mut self, value: usize) -> Self {
+        self.completion_batch = value;
+        self
+    }
+
+    /// Sets whether completed jobs are deleted as they complete (see [`RuntimeConfig::delete_completed`]).
+    #[must_use]
+    pub fn with_delete_completed(mut self, value: bool) -> Self {
+        self.delete_completed = value;
+        self
+    }
+
+    /// Sets how long cancelled jobs get to return after the grace period (see [`RuntimeConfig::cancel_wait`]).
+    #[must_use]
+    pub fn with_cancel_wait(mut self, value: Duration) -> Self {
+        self.cancel_wait = value;
+        self
+    }
+
+    /// Sets the events kept for a lagging subscriber (see [`RuntimeConfig::events_capacity`]).
+    #[must_use]
+    pub fn with_events_capacity(mut self, value: usize) -> Self {
+        self.events_capacity = value;
+        self
+    }
+
+    /// Sets this process's name in `attempted_by` and in the leadership
+    /// lease (see [`RuntimeConfig::worker_id`]).
+    #[must_use]
+    pub fn with_worker_id(mut self, value: impl Into<String>) -> Self {
+        self.worker_id = Some(value.into());
+        self
+    }
+
     fn validate(&self, queues: &[(String, usize)]) -> Result<(), Error> {
         let bad = |what: String| Err(Error::Config(what));
         for (queue, concurrency) in queues {
@@ -459,6 +577,7 @@ impl Drop for Inner {
 
 /// What a graceful shutdown did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ShutdownReport {
     /// Every job finished within the grace period.
     pub finished_in_grace: bool,
@@ -695,23 +814,85 @@ mod tests {
         assert!(ok.validate(&[("q".into(), 0)]).is_err());
         assert!(ok.validate(&[("q".into(), 1), ("q".into(), 2)]).is_err());
         assert!(ok.validate(&[(String::new(), 1)]).is_err());
-        let tight = RuntimeConfig {
-            rescue_after: Duration::from_secs(10),
-            ..RuntimeConfig::default()
-        };
+        let tight = RuntimeConfig::default().with_rescue_after(Duration::from_secs(10));
         assert!(tight.validate(&[]).is_err());
-        let zero = RuntimeConfig {
-            poll_interval: Duration::ZERO,
-            ..RuntimeConfig::default()
-        };
+        let zero = RuntimeConfig::default().with_poll_interval(Duration::ZERO);
         assert!(zero.validate(&[]).is_err());
-        let short_lease = RuntimeConfig {
-            leader_ttl: Duration::from_secs(10),
-            ..RuntimeConfig::default()
-        };
+        let short_lease = RuntimeConfig::default().with_leader_ttl(Duration::from_secs(10));
         assert!(
             short_lease.validate(&[]).is_err(),
             "a lease must outlast two renewal intervals"
+        );
+    }
+
+    #[test]
+    fn config_default_is_the_documented_one() {
+        let secs = Duration::from_secs;
+        assert_eq!(
+            RuntimeConfig::default(),
+            RuntimeConfig {
+                poll_interval: secs(1),
+                poll_only: false,
+                heartbeat_interval: secs(5),
+                rescue_after: secs(30),
+                rescue_interval: secs(5),
+                retention: Some(secs(24 * 3600)),
+                prune_interval: secs(60),
+                depth_interval: Some(secs(15)),
+                maintenance: true,
+                elect_interval: secs(5),
+                leader_ttl: secs(15),
+                completion_batch: 1000,
+                delete_completed: false,
+                cancel_wait: secs(1),
+                events_capacity: 1024,
+                worker_id: None,
+            }
+        );
+    }
+
+    #[test]
+    fn config_setters_set_their_own_field() {
+        // Every value differs from the default and from the other fields of
+        // its type, so a setter writing the wrong field fails the comparison.
+        let ms = Duration::from_millis;
+        let config = RuntimeConfig::default()
+            .with_poll_interval(ms(1))
+            .with_poll_only(true)
+            .with_heartbeat_interval(ms(2))
+            .with_rescue_after(ms(3))
+            .with_rescue_interval(ms(4))
+            .with_retention(None)
+            .with_prune_interval(ms(5))
+            .with_depth_interval(Some(ms(6)))
+            .with_maintenance(false)
+            .with_elect_interval(ms(7))
+            .with_leader_ttl(ms(8))
+            .with_completion_batch(9)
+            .with_delete_completed(true)
+            .with_cancel_wait(ms(10))
+            .with_events_capacity(11)
+            .with_worker_id("w-12");
+        assert_eq!(
+            config,
+            RuntimeConfig {
+                poll_interval: ms(1),
+                poll_only: true,
+                heartbeat_interval: ms(2),
+                rescue_after: ms(3),
+                rescue_interval: ms(4),
+                retention: None,
+                prune_interval: ms(5),
+                depth_interval: Some(ms(6)),
+                maintenance: false,
+                elect_interval: ms(7),
+                leader_ttl: ms(8),
+                completion_batch: 9,
+                delete_completed: true,
+                cancel_wait: ms(10),
+                events_capacity: 11,
+                worker_id: Some("w-12".to_owned()),
+            }
         );
     }
 

@@ -27,6 +27,7 @@ pub(crate) struct Rescuer {
 
 /// What one rescue pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RescueReport {
     /// Jobs made due again.
     pub rescued: usize,
