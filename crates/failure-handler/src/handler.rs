@@ -162,3 +162,193 @@ async fn fail<B: Backend>(
         .await?
         .unwrap_or_else(AfterCommit::nothing))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use hephaestus_engine_core::instance::{InstanceStatus, StepStatus};
+    use hephaestus_engine_core::ports::{JobLease, JobQueue, UnitOfWork};
+    use hephaestus_engine_core::prelude::*;
+    use hephaestus_engine_core::steps::{Done, FnStep, WaitForEvent};
+    use hephaestus_memory::MemoryBackend;
+    use hephaestus_runner::telemetry::names::WORKFLOW_EXCEPTION;
+    use hephaestus_runner::{ManualClock, StartOptions, jobs};
+    use serde_json::json;
+
+    use super::*;
+
+    fn ask() -> Workflow {
+        let ask = FnStep::new("Ask", ["asked"], |_| StepOutcome::complete("asked"));
+        Workflow::builder("ask")
+            .unique("q", Scope::Workflow)
+            .start(ask.clone())
+            .on_with(ask, "asked", WaitForEvent, json!({ "timeout_ms": 60_000 }))
+            .on(WaitForEvent, "received", Done)
+            .on(WaitForEvent, "timeout", Done)
+            .build()
+            .unwrap()
+    }
+
+    fn runtime(clock: &ManualClock) -> Runtime<MemoryBackend> {
+        Runtime::builder(MemoryBackend::with_clock(clock.clone()))
+            .clock(clock.clone())
+            .discard_handler(FailureHandler::new())
+            .workflow(ask())
+            .build()
+            .unwrap()
+    }
+
+    /// The one due job of `queue`, as a worker would fetch it.
+    async fn fetch(rt: &Runtime<MemoryBackend>, clock: &ManualClock, queue: &str) -> JobLease {
+        let leases = rt.backend().fetch(queue, 10, clock.now()).await.unwrap();
+        let [lease] = leases.as_slice() else {
+            panic!("one due job in {queue}: {leases:?}")
+        };
+        lease.clone()
+    }
+
+    /// Discards `lease` as a queue giving up on it does, with the handler's
+    /// consequences in the same commit; returns what runs after it.
+    async fn discard(
+        rt: &Runtime<MemoryBackend>,
+        clock: &ManualClock,
+        lease: &JobLease,
+        error: &StepError,
+    ) -> AfterCommit {
+        let b = rt.backend();
+        let mut tx = b.begin().await.unwrap();
+        assert!(b.discard(&mut tx, lease, error, clock.now()).await.unwrap());
+        let after = rt
+            .on_discarded(&mut tx, lease, error, clock.now())
+            .await
+            .unwrap();
+        b.commit(tx).await.unwrap();
+        after
+    }
+
+    fn exceptions(
+        events: &mut tokio::sync::broadcast::Receiver<hephaestus_runner::TelemetryEvent>,
+    ) -> usize {
+        std::iter::from_fn(|| events.try_recv().ok())
+            .filter(|e| e.name == WORKFLOW_EXCEPTION)
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_discarded_timer_fails_its_instance_and_announces_it_after_the_commit() {
+        let clock = ManualClock::default();
+        let rt = runtime(&clock);
+        let s = rt
+            .start("ask", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        clock.advance(Duration::from_secs(61));
+        let timer = fetch(&rt, &clock, &rt.config().queues.timer).await;
+        assert_eq!(timer.kind, jobs::TIMER);
+        let mut events = rt.subscribe();
+
+        let after = discard(
+            &rt,
+            &clock,
+            &timer,
+            &StepError::retryable("the worker died"),
+        )
+        .await;
+
+        let failed = rt.get(s.id).await.unwrap().unwrap();
+        assert_eq!(failed.status, InstanceStatus::Failed);
+        let failure = failed.failure.clone().unwrap();
+        assert_eq!(
+            failure.reason,
+            FailureReason::JobDiscarded {
+                job: jobs::TIMER.to_owned()
+            }
+        );
+        assert!(
+            failure
+                .error
+                .message
+                .starts_with("the timer of step hephaestus::WaitForEvent could not fire"),
+            "{failure:?}"
+        );
+        assert_eq!(
+            failed.step("hephaestus::WaitForEvent").unwrap().status,
+            StepStatus::Cancelled
+        );
+        let live = rt
+            .backend()
+            .live_jobs(&jobs::of_instance(s.id))
+            .await
+            .unwrap();
+        assert!(
+            live.is_empty(),
+            "the instance's jobs are cancelled: {live:?}"
+        );
+        assert_eq!(
+            exceptions(&mut events),
+            0,
+            "nothing announced before the commit is done"
+        );
+        after.run();
+        assert_eq!(exceptions(&mut events), 1);
+    }
+
+    #[tokio::test]
+    async fn a_job_of_a_workflow_unknown_here_is_left_alone() {
+        let clock = ManualClock::default();
+        let rt = runtime(&clock);
+        let s = rt
+            .start("ask", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        clock.advance(Duration::from_secs(61));
+        let timer = fetch(&rt, &clock, &rt.config().queues.timer).await;
+        let error = StepError::retryable("workflow ask is not registered")
+            .with_cause(FailureReason::UnknownWorkflow);
+
+        discard(&rt, &clock, &timer, &error).await.run();
+
+        let instance = rt.get(s.id).await.unwrap().unwrap();
+        assert_eq!(instance.status, InstanceStatus::Waiting);
+        assert!(instance.failure.is_none());
+    }
+
+    #[tokio::test]
+    async fn an_execute_job_given_up_on_fails_its_step_with_every_attempt() {
+        let clock = ManualClock::default();
+        let rt = runtime(&clock);
+        let s = rt
+            .start("ask", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        let execute = fetch(&rt, &clock, &rt.config().queues.execute).await;
+        assert_eq!(execute.kind, jobs::EXECUTE);
+
+        let after = discard(
+            &rt,
+            &clock,
+            &execute,
+            &StepError::retryable("heartbeat lost"),
+        )
+        .await;
+        after.run();
+        // The failure is recorded with the advance, which applies it.
+        assert_eq!(
+            rt.get(s.id).await.unwrap().unwrap().status,
+            InstanceStatus::Running
+        );
+        rt.drain().await.unwrap();
+
+        let failed = rt.get(s.id).await.unwrap().unwrap();
+        assert_eq!(failed.status, InstanceStatus::Failed);
+        let failure = failed.failure.unwrap();
+        assert_eq!(failure.reason, FailureReason::WorkerLost);
+        assert_eq!(failure.step.as_ref().map(|s| s.as_str()), Some("Ask"));
+        assert_eq!(failure.attempts.len(), 1);
+        assert_eq!(failure.attempts[0].attempt, execute.attempt);
+        assert_eq!(failure.attempts[0].error.message, "heartbeat lost");
+    }
+}
