@@ -12,10 +12,12 @@
 //! other stores keep), so a value read back equals the value written.
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, TimeZone as _, Utc};
+
+use crate::step::lock_ignoring_poison;
 
 /// A source of the current time.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
@@ -82,20 +84,20 @@ impl ManualClock {
 
     /// The current time (as [`Clock::now`], without importing the trait).
     pub fn now(&self) -> DateTime<Utc> {
-        *self.now.lock().unwrap_or_else(PoisonError::into_inner)
+        *lock_ignoring_poison(&self.now)
     }
 
     /// Moves the clock forward by `by`; a move past the last representable
     /// time leaves it where it is.
     pub fn advance(&self, by: Duration) {
         let delta = TimeDelta::from_std(by).unwrap_or(TimeDelta::MAX);
-        let mut now = self.now.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut now = lock_ignoring_poison(&self.now);
         *now = truncate_micros(now.checked_add_signed(delta).unwrap_or(*now));
     }
 
     /// Sets the time (forward or back).
     pub fn set(&self, to: DateTime<Utc>) {
-        *self.now.lock().unwrap_or_else(PoisonError::into_inner) = truncate_micros(to);
+        *lock_ignoring_poison(&self.now) = truncate_micros(to);
     }
 
     /// This clock as a [`SharedClock`] (it keeps sharing the time).

@@ -371,7 +371,8 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: for
 /// data that is always left consistent between statements (the one such
-/// helper of the workspace; the in-memory backend and the runner use it).
+/// helper of the workspace: the clocks, the in-memory backend, the runner
+/// and queue-pg use it).
 pub fn lock_ignoring_poison<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -346,7 +346,13 @@ mod tests {
         assert_eq!(failed.status, InstanceStatus::Failed);
         let failure = failed.failure.unwrap();
         assert_eq!(failure.reason, FailureReason::WorkerLost);
-        assert_eq!(failure.step.as_ref().map(|s| s.as_str()), Some("Ask"));
+        assert_eq!(
+            failure
+                .step
+                .as_ref()
+                .map(hephaestus_engine_core::StepId::as_str),
+            Some("Ask")
+        );
         assert_eq!(failure.attempts.len(), 1);
         assert_eq!(failure.attempts[0].attempt, execute.attempt);
         assert_eq!(failure.attempts[0].error.message, "heartbeat lost");

@@ -4,7 +4,9 @@
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::{Mutex, PoisonError};
+use std::sync::Mutex;
+
+use hephaestus_engine_core::step::lock_ignoring_poison;
 
 use tokio::sync::{Semaphore, oneshot};
 use uuid::Uuid;
@@ -157,7 +159,7 @@ impl<T, R> Batcher<T, R> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue<T, R>> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        lock_ignoring_poison(&self.state)
     }
 }
 

@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use hephaestus_engine_core::Workflow;
 use hephaestus_engine_core::clock::SharedClock;
 use hephaestus_engine_core::instance::Instance;
-use hephaestus_engine_core::step::CancellationSignal;
+use hephaestus_engine_core::step::{CancellationSignal, lock_ignoring_poison};
 use hephaestus_engine_core::workflow::WorkflowRegistry;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
@@ -153,10 +153,7 @@ impl<B: Backend> Runtime<B> {
     }
 
     fn running(&self) -> MutexGuard<'_, HashMap<Uuid, Vec<CancellationSignal>>> {
-        self.inner
-            .running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        lock_ignoring_poison(&self.inner.running)
     }
 
     pub(crate) fn register_running(&self, id: Uuid, signal: &CancellationSignal) {

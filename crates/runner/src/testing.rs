@@ -46,7 +46,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -64,9 +64,7 @@ use crate::jobs;
 use crate::outcome::{DrainReport, JobOutcome};
 pub use hephaestus_engine_core::clock::ManualClock;
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+use hephaestus_engine_core::step::lock_ignoring_poison as lock;
 
 /// A latch: steps wait on it until the test releases it.
 #[derive(Debug, Clone, Default)]

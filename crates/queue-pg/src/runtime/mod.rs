@@ -15,7 +15,7 @@ pub(crate) mod running;
 mod service;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use hephaestus_engine_core::ports::JobId;
@@ -37,9 +37,7 @@ pub use rescuer::RescueReport;
 use rescuer::Rescuer;
 use running::Running;
 
-pub(crate) fn lock_ignoring_poison<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+pub(crate) use hephaestus_engine_core::step::lock_ignoring_poison;
 
 /// How a runtime behaves; every field has a default (see [`Default`]).
 /// Start from [`RuntimeConfig::default`] and change what you need with the

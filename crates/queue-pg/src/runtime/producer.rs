@@ -9,12 +9,12 @@
 //! for at least an eighth of the slots so that fetches stay batched.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::ports::JobLease;
-use hephaestus_engine_core::step::CancellationSignal;
+use hephaestus_engine_core::step::{CancellationSignal, lock_ignoring_poison};
 use tokio::sync::{Notify, Semaphore};
 
 use super::Shared;
@@ -46,7 +46,7 @@ impl Wakes {
     /// A job becomes due at `at`: fetch then (the producer's own poll still
     /// runs if that is sooner).
     pub(crate) fn due_at(&self, at: DateTime<Utc>) {
-        let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut due = lock_ignoring_poison(&self.due);
         let earliest = due.first().is_none_or(|first| at < *first);
         due.insert(at);
         if due.len() > MAX_DUE_TIMES {
@@ -62,7 +62,7 @@ impl Wakes {
     /// when none is announced); forgets the due times that have arrived
     /// (zero when any had).
     fn until_due(&self, now: DateTime<Utc>) -> Option<Duration> {
-        let mut due = self.due.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut due = lock_ignoring_poison(&self.due);
         let mut arrived = false;
         while due.first().is_some_and(|first| *first <= now) {
             due.pop_first();
