@@ -208,6 +208,22 @@ mod tests {
         lease.clone()
     }
 
+    /// An instance waiting at `WaitForEvent`, and its timer, due and
+    /// fetched.
+    async fn waiting_with_a_due_timer(
+        rt: &Runtime<MemoryBackend>,
+        clock: &ManualClock,
+    ) -> (hephaestus_runner::Started, JobLease) {
+        let started = rt
+            .start("ask", "1", json!({}), StartOptions::default())
+            .await
+            .unwrap();
+        rt.drain().await.unwrap();
+        clock.advance(Duration::from_secs(61));
+        let timer = fetch(rt, clock, &rt.config().queues.timer).await;
+        (started, timer)
+    }
+
     /// Discards `lease` as a queue giving up on it does, with the handler's
     /// consequences in the same commit; returns what runs after it.
     async fn discard(
@@ -239,13 +255,7 @@ mod tests {
     async fn a_discarded_timer_fails_its_instance_and_announces_it_after_the_commit() {
         let clock = ManualClock::default();
         let rt = runtime(&clock);
-        let s = rt
-            .start("ask", "1", json!({}), StartOptions::default())
-            .await
-            .unwrap();
-        rt.drain().await.unwrap();
-        clock.advance(Duration::from_secs(61));
-        let timer = fetch(&rt, &clock, &rt.config().queues.timer).await;
+        let (s, timer) = waiting_with_a_due_timer(&rt, &clock).await;
         assert_eq!(timer.kind, jobs::TIMER);
         let mut events = rt.subscribe();
 
@@ -299,13 +309,7 @@ mod tests {
     async fn a_job_of_a_workflow_unknown_here_is_left_alone() {
         let clock = ManualClock::default();
         let rt = runtime(&clock);
-        let s = rt
-            .start("ask", "1", json!({}), StartOptions::default())
-            .await
-            .unwrap();
-        rt.drain().await.unwrap();
-        clock.advance(Duration::from_secs(61));
-        let timer = fetch(&rt, &clock, &rt.config().queues.timer).await;
+        let (s, timer) = waiting_with_a_due_timer(&rt, &clock).await;
         let error = StepError::retryable("workflow ask is not registered")
             .with_cause(FailureReason::UnknownWorkflow);
 

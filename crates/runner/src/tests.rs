@@ -794,6 +794,41 @@ async fn closing_an_ended_instance_leaves_no_result_in_its_inbox() {
     );
 }
 
+/// An approval instance, waiting, and an advance of it allowed one attempt,
+/// enqueued for `other`, a runtime on the same backend that does not know
+/// the workflow (so the advance can only fail) with `handler` attached.
+struct Doomed {
+    clock: ManualClock,
+    rt: Runtime<MemoryBackend>,
+    other: Runtime<MemoryBackend>,
+    id: uuid::Uuid,
+    job: hephaestus_engine_core::ports::JobId,
+    events: tokio::sync::broadcast::Receiver<crate::TelemetryEvent>,
+}
+
+async fn doomed_advance(handler: Discards) -> Doomed {
+    let clock = test_clock();
+    let backend = MemoryBackend::with_clock(clock.clone());
+    let rt = runtime_on(&backend, &clock, Some(approval()), Discards::default());
+    let id = rt
+        .start("approval", "1", json!({}), StartOptions::default())
+        .await
+        .unwrap()
+        .id;
+    rt.drain().await.unwrap();
+    let other = runtime_on(&backend, &clock, None, handler);
+    let job = other.enqueue_raw(advance_once(&other, id)).await.unwrap();
+    let events = other.subscribe();
+    Doomed {
+        clock,
+        rt,
+        other,
+        id,
+        job,
+        events,
+    }
+}
+
 /// An advance job of `instance_id` allowed one attempt.
 fn advance_once(rt: &Runtime<MemoryBackend>, instance_id: uuid::Uuid) -> NewJob {
     let mut job = NewJob::new(
@@ -815,33 +850,28 @@ fn exceptions(events: &mut tokio::sync::broadcast::Receiver<crate::TelemetryEven
 
 #[tokio::test]
 async fn a_discarded_job_goes_to_the_discard_handler_in_the_discarding_commit() {
-    let clock = test_clock();
-    let backend = MemoryBackend::with_clock(clock.clone());
-    let rt = runtime_on(&backend, &clock, Some(approval()), Discards::default());
-    let s = rt
-        .start("approval", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
-    // A runtime without the workflow: an advance of the instance can only
-    // fail, and with one attempt it is discarded at once.
     let handler = Discards::default();
-    let other = runtime_on(&backend, &clock, None, handler.clone());
-    let job = other.enqueue_raw(advance_once(&other, s.id)).await.unwrap();
-    let mut events = other.subscribe();
+    let Doomed {
+        rt,
+        other,
+        id,
+        job,
+        mut events,
+        ..
+    } = doomed_advance(handler.clone()).await;
 
     let report = other.drain().await.unwrap();
 
     assert_eq!(report.discarded, 1, "{report:?}");
     assert_eq!(
         handler.seen(),
-        vec![JobSubject::Advance { instance_id: s.id }]
+        vec![JobSubject::Advance { instance_id: id }]
     );
     assert_eq!(
         other.backend().job(job).await.unwrap().unwrap().state,
         JobState::Discarded
     );
-    let failed = rt.get(s.id).await.unwrap().unwrap();
+    let failed = rt.get(id).await.unwrap().unwrap();
     assert_eq!(failed.status, InstanceStatus::Failed);
     assert_eq!(
         failed.failure.unwrap().reason,
@@ -856,19 +886,16 @@ async fn a_discarded_job_goes_to_the_discard_handler_in_the_discarding_commit() 
 
 #[tokio::test]
 async fn a_refusing_discard_handler_rolls_the_discard_back_and_announces_nothing() {
-    let clock = test_clock();
-    let backend = MemoryBackend::with_clock(clock.clone());
-    let rt = runtime_on(&backend, &clock, Some(approval()), Discards::default());
-    let s = rt
-        .start("approval", "1", json!({}), StartOptions::default())
-        .await
-        .unwrap();
-    rt.drain().await.unwrap();
     let handler = Discards::default();
     handler.refuse(true);
-    let other = runtime_on(&backend, &clock, None, handler.clone());
-    let job = other.enqueue_raw(advance_once(&other, s.id)).await.unwrap();
-    let mut events = other.subscribe();
+    let Doomed {
+        clock,
+        rt,
+        other,
+        id,
+        job,
+        mut events,
+    } = doomed_advance(handler.clone()).await;
 
     let report = other.drain().await.unwrap();
 
@@ -882,7 +909,7 @@ async fn a_refusing_discard_handler_rolls_the_discard_back_and_announces_nothing
         "{last:?}"
     );
     assert_eq!(
-        rt.get(s.id).await.unwrap().unwrap().status,
+        rt.get(id).await.unwrap().unwrap().status,
         InstanceStatus::Waiting
     );
     assert_eq!(
@@ -898,7 +925,7 @@ async fn a_refusing_discard_handler_rolls_the_discard_back_and_announces_nothing
     assert_eq!(report.discarded, 1, "{report:?}");
     assert_eq!(handler.seen().len(), 2);
     assert_eq!(
-        rt.get(s.id).await.unwrap().unwrap().status,
+        rt.get(id).await.unwrap().unwrap().status,
         InstanceStatus::Failed
     );
     assert_eq!(exceptions(&mut events), 1);

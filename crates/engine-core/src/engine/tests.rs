@@ -502,8 +502,9 @@ fn output_with_nul_fails_the_step() {
     );
 }
 
-#[test]
-fn waiting_is_per_step_other_branches_keep_running_g6_g10() {
+/// Start fans out to Approval (async) and Work, which join; driven until
+/// Approval waits while Work is still to run.
+fn approval_waiting_beside_work() -> Driver {
     let start = step("Start", "done", json!({}));
     let wait = async_step("Approval", &["approved"]);
     let work = step("Work", "done", json!({"w": 1}));
@@ -517,18 +518,24 @@ fn waiting_is_per_step_other_branches_keep_running_g6_g10() {
         .build()
         .unwrap();
     let mut d = Driver::new(workflow, json!({}));
-    // Start, then apply the async marker before Work's result.
     let out = d.execute(&sid("Start"), 1);
     d.queue.clear();
     d.feed(Input::from_outcome(sid("Start"), 1, out).unwrap())
         .unwrap();
-    d.queue.clear();
     d.feed(Input::Async {
         step: sid("Approval"),
         activation: 1,
         wait: crate::step::AsyncWait::default(),
     })
     .unwrap();
+    d
+}
+
+#[test]
+fn waiting_is_per_step_other_branches_keep_running_g6_g10() {
+    // Start, then apply the async marker before Work's result.
+    let mut d = approval_waiting_beside_work();
+    d.queue.clear();
     assert_eq!(
         d.inst.status,
         InstanceStatus::Running,
@@ -1427,29 +1434,7 @@ fn done_is_completed_inline_and_the_rest_of_the_effects_keep_their_order() {
 
 #[test]
 fn fail_instance_cancels_every_open_step_and_records_the_cause() {
-    let start = step("Start", "done", json!({}));
-    let wait = async_step("Approval", &["approved"]);
-    let work = step("Work", "done", json!({}));
-    let join = step("Join", "done", json!({}));
-    let workflow = wf()
-        .start(start.clone())
-        .fan_out(start, "done", [target(wait.clone()), target(work.clone())])
-        .on(wait, "approved", join.clone())
-        .on(work, "done", join.clone())
-        .on(join, "done", Done)
-        .build()
-        .unwrap();
-    let mut d = Driver::new(workflow, json!({}));
-    let out = d.execute(&sid("Start"), 1);
-    d.queue.clear();
-    d.feed(Input::from_outcome(sid("Start"), 1, out).unwrap())
-        .unwrap();
-    d.feed(Input::Async {
-        step: sid("Approval"),
-        activation: 1,
-        wait: crate::step::AsyncWait::default(),
-    })
-    .unwrap();
+    let mut d = approval_waiting_beside_work();
     assert_eq!(d.status("Approval"), Some(StepStatus::Waiting));
     assert_eq!(d.status("Work"), Some(StepStatus::Active));
     let revision = d.inst.revision;
