@@ -48,7 +48,11 @@ pub enum RetryPolicyError {
 }
 
 /// A retry policy: how many attempts, and how long to wait between them.
+/// Build it with [`RetryPolicy::new`] (then
+/// [`RetryPolicy::with_jitter_per_mille`]) or take [`Default`]: both check
+/// the invariants, and a field can be added without breaking callers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct RetryPolicy {
     /// Attempts in all, the first included (1 = never retry).
     pub max_attempts: u32,

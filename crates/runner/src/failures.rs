@@ -44,13 +44,16 @@ fn job_failure(error: &RunnerError) -> StepError {
 /// 60 s with 10% jitter, over `max_attempts` (default 20). queue-pg's
 /// rescuer applies it to rescued runner jobs too.
 pub(crate) fn job_retry_policy(max_attempts: Option<u32>) -> RetryPolicy {
-    RetryPolicy {
-        max_attempts: max_attempts.unwrap_or(20).max(1),
-        backoff: Backoff::Exponential,
-        base_ms: 1_000,
-        max_backoff_ms: 60_000,
-        jitter_per_mille: 100,
-    }
+    RetryPolicy::new(
+        max_attempts.unwrap_or(20).max(1),
+        Backoff::Exponential,
+        std::time::Duration::from_secs(1),
+        std::time::Duration::from_secs(60),
+    )
+    .and_then(|policy| policy.with_jitter_per_mille(100))
+    // At least one attempt, a base below the clamp, jitter within 100 %:
+    // valid by construction.
+    .expect("the runner's job retry policy is valid")
 }
 
 impl<B: Backend> Runtime<B> {

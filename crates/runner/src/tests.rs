@@ -980,3 +980,25 @@ fn runtime_on(
     }
     builder.build().unwrap()
 }
+
+#[test]
+fn runner_jobs_retry_exponentially_from_one_second_to_a_minute() {
+    use hephaestus_engine_core::retry::Backoff;
+    let policy = crate::failures::job_retry_policy(None);
+    assert_eq!(
+        (
+            policy.max_attempts,
+            policy.backoff,
+            policy.base_ms,
+            policy.max_backoff_ms,
+            policy.jitter_per_mille
+        ),
+        (20, Backoff::Exponential, 1_000, 60_000, 100)
+    );
+    assert_eq!(crate::failures::job_retry_policy(Some(3)).max_attempts, 3);
+    assert_eq!(
+        crate::failures::job_retry_policy(Some(0)).max_attempts,
+        1,
+        "at least one attempt"
+    );
+}
