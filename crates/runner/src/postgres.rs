@@ -15,13 +15,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use hephaestus_engine_core::retry::RetryPolicy;
-use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_queue_pg::{
     DynWorker, JobContext, JobError, PgQueue, QueueRuntime, RuntimeBuilder, Workers,
 };
 use hephaestus_storage_pg::PgStore;
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
+
+pub use hephaestus_migrations_gen::SchemaPrefix;
 
 use crate::error::RunnerError;
 use crate::handle::Runtime;
