@@ -1,11 +1,12 @@
-//! A tour of the pure engine: an order workflow with branching, a fan-out and
-//! fan-in, an async step resumed by an external event, and a durable timer.
+//! A tour of the pure engine with the demo's `orders::Checkout` workflow:
+//! branching, a fan-out and fan-in, a dynamic route, an async step resumed
+//! by an external event, and a durable timer.
 //!
 //! The engine does no I/O: this program plays the runner. It executes the
 //! steps the engine asks for, feeds their outcomes back, and moves a virtual
-//! clock to fire timers. (The durable runner does the same with Postgres jobs.)
+//! clock to fire timers. (The durable runner does the same with jobs.)
 //!
-//! Run: `cargo run -p hephaestus-engine-core --example order_flow`
+//! Run: `cargo run -p order-flow --example engine_tour`
 
 use std::future::Future;
 use std::pin::pin;
@@ -15,93 +16,13 @@ use std::time::Duration;
 
 use chrono::{TimeZone, Utc};
 use hephaestus_engine_core::prelude::*;
-use hephaestus_engine_core::steps::{Done, FnStep, WAIT_FOR_EVENT_ID, Wait, WaitForEvent};
-use hephaestus_engine_core::{CancellationSignal, IdempotencyKey, Pick};
+use hephaestus_engine_core::steps::WAIT_FOR_EVENT_ID;
+use hephaestus_engine_core::{CancellationSignal, IdempotencyKey};
 use serde_json::json;
 use uuid::Uuid;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let validate = FnStep::new("orders::Validate", ["valid", "invalid"], |input| {
-        let total = input.context.initial["total"].as_u64().unwrap_or(0);
-        if total > 0 {
-            StepOutcome::complete_with("valid", json!({"total": total}))
-        } else {
-            StepOutcome::complete_with("invalid", json!({"reason": "empty order"}))
-        }
-    });
-    let charge = FnStep::new("orders::ChargeCard", ["charged"], |input| {
-        StepOutcome::complete_with(
-            "charged",
-            json!({"payment_id": format!("pay-{}", input.idempotency_key)}),
-        )
-    });
-    let reserve = FnStep::new("orders::ReserveStock", ["reserved"], |_| {
-        StepOutcome::complete_with("reserved", json!({"warehouse": "lisbon"}))
-    });
-    let pack = FnStep::new("orders::Pack", ["packed"], |input| {
-        let heavy = input.context.initial["weight_kg"].as_u64().unwrap_or(0) > 20;
-        StepOutcome::complete_with("packed", json!({"heavy": heavy}))
-    });
-    let freight = FnStep::new("orders::Freight", ["booked"], |_| {
-        StepOutcome::complete("booked")
-    });
-    let courier = FnStep::new("orders::Courier", ["booked"], |_| {
-        StepOutcome::complete("booked")
-    });
-    let reject = FnStep::new("orders::Reject", ["done"], |_| {
-        StepOutcome::complete("done")
-    });
-
-    let workflow = Workflow::builder("orders::Checkout")
-        .unique("order", Scope::Workflow)
-        .start(validate.clone())
-        .fan_out(
-            validate.clone(),
-            "valid",
-            [target(charge.clone()), target(reserve.clone())],
-        )
-        .on(validate, "invalid", reject.clone())
-        .on(reject, "done", Done)
-        .on(charge, "charged", pack.clone())
-        .on(reserve, "reserved", pack.clone())
-        .route(
-            pack,
-            "packed",
-            [target(freight.clone()), target(courier.clone())],
-            |ctx| {
-                let heavy = ctx
-                    .step("pack")
-                    .and_then(|o| o["heavy"].as_bool())
-                    .unwrap_or(false);
-                vec![Pick::step(if heavy {
-                    "orders::Freight"
-                } else {
-                    "orders::Courier"
-                })]
-            },
-        )
-        .on_with(
-            freight,
-            "booked",
-            WaitForEvent,
-            json!({"timeout_ms": 86_400_000}),
-        )
-        .on_with(
-            courier,
-            "booked",
-            WaitForEvent,
-            json!({"timeout_ms": 86_400_000}),
-        )
-        .on(WaitForEvent, "received", Done)
-        .on_with(
-            WaitForEvent,
-            "timeout",
-            Wait,
-            json!({"duration": 1, "unit": "hour"}),
-        )
-        .on(Wait, "timeout", Done)
-        .build()?;
-
+    let workflow = order_flow::checkout()?;
     let engine = Engine::new(&workflow);
     let mut now = Utc
         .with_ymd_and_hms(2026, 11, 26, 9, 0, 0)
@@ -200,7 +121,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         } else {
             resumed = true;
-            now += chrono::Duration::from_std(Duration::from_secs(7200))?;
+            now += chrono::Duration::from_std(Duration::from_secs(30))?;
             println!("clock -> {now}: the courier confirms delivery");
             apply(
                 &mut instance,
