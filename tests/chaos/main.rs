@@ -65,7 +65,7 @@ use uuid::Uuid;
 use crate::fixtures::Execution;
 use crate::support::bin::hephaestus_bin;
 use crate::support::db::{database_url, unique_suffix};
-use crate::support::plans::{Plan, check_instance};
+use crate::support::plans::{Plan, check_instance, recorded_executions, recorded_results};
 use crate::support::rng::Rng;
 
 /// Instances of a normal run.
@@ -705,50 +705,13 @@ impl Env {
 
     /// `fixture_executions` by instance.
     async fn executions(&self) -> HashMap<Uuid, Vec<Execution>> {
-        let sql = format!(
-            "select instance_id, step, activation, attempt, worker_pid, outcome from {}",
-            fixtures::Recorder::table(&self.prefix)
-        );
-        let rows: Vec<(Uuid, String, i64, i64, i64, String)> = sqlx::query_as(&sql)
-            .fetch_all(&self.pool)
-            .await
-            .expect("read the executions");
-        let mut out: HashMap<Uuid, Vec<Execution>> = HashMap::new();
-        let small = |what: &str, n: i64| {
-            u32::try_from(n).unwrap_or_else(|_| panic!("a recorded {what} out of range: {n}"))
-        };
-        for (instance, step, activation, attempt, pid, outcome) in rows {
-            out.entry(instance).or_default().push(Execution {
-                instance_id: instance,
-                step,
-                activation: small("activation", activation),
-                attempt: small("attempt", attempt),
-                worker_pid: small("worker pid", pid),
-                outcome,
-            });
-        }
-        out
+        recorded_executions(&self.pool, &self.prefix).await
     }
 
     /// `hephaestus_step_results` by instance: (step, activation, kind) →
     /// (rows, processed rows).
     async fn results(&self) -> HashMap<Uuid, BTreeMap<(String, i64, String), (i64, i64)>> {
-        let sql = format!(
-            "select instance_id, step_id, activation::bigint, kind, count(*), count(processed_at)
-             from {} group by 1, 2, 3, 4",
-            self.table("hephaestus_step_results")
-        );
-        let rows: Vec<(Uuid, String, i64, String, i64, i64)> = sqlx::query_as(&sql)
-            .fetch_all(&self.pool)
-            .await
-            .expect("read the step results");
-        let mut out: HashMap<Uuid, BTreeMap<_, _>> = HashMap::new();
-        for (instance, step, activation, kind, n, processed) in rows {
-            out.entry(instance)
-                .or_default()
-                .insert((step, activation, kind), (n, processed));
-        }
-        out
+        recorded_results(&self.pool, &self.prefix).await
     }
 
     /// Drops the schema; retried, as connections of killed workers may

@@ -9,6 +9,7 @@ mod dashboard;
 mod faults;
 mod migrations;
 mod observe;
+mod pgbouncer;
 mod queue_pg;
 mod runner;
 mod sqlite;

@@ -283,6 +283,7 @@ mod tests { fn t() { std::thread::spawn(|| ()); } }
 const LAYERS: &[(&str, u8)] = &[
     ("hephaestus-engine-core", 0),
     ("hephaestus-migrations-gen", 0),
+    ("hephaestus-pg-pooling", 0),
     ("hephaestus-memory", 1),
     ("hephaestus-storage-pg", 1),
     ("hephaestus-queue-pg", 1),

@@ -7,11 +7,12 @@ use anyhow::{Context as _, Result};
 use hephaestus_engine_core::workflow::WorkflowRegistry;
 use hephaestus_migrations_gen::SchemaPrefix;
 use hephaestus_queue_pg::PgQueue;
-use hephaestus_runner::postgres::PgBackend;
+use hephaestus_runner::postgres::{PgBackend, Pooling};
 use hephaestus_runner::{RunnerConfig, Runtime, RuntimeBuilder};
 use hephaestus_storage_pg::PgStore;
 use sqlx::PgPool;
 
+use crate::database::Database;
 use crate::fixtures;
 
 /// What a registration learns about the command it registers workflows for
@@ -32,6 +33,12 @@ pub struct Setup {
     /// The SQLite database file, when the command runs on one
     /// (`--database-url sqlite://FILE`): `pool` then never connects.
     pub sqlite: Option<std::path::PathBuf>,
+    /// How `pool`'s connections reach PostgreSQL (`--pgbouncer`: PgBouncer's
+    /// transaction pooling). Steps that run statements of their own on
+    /// `pool` must follow it: under [`Pooling::Transaction`], each statement
+    /// unnamed (`.persistent(pooling.persistent_statements())`) and inside
+    /// a transaction (`pooling.on(&pool)` for a statement of its own).
+    pub pooling: Pooling,
 }
 
 /// Registers workflows on the runtime a command builds. A function
@@ -89,6 +96,7 @@ impl Workflows for FixtureWorkflows {
             fixtures::Recorder::new(setup.pool.clone(), &setup.schema)
                 .await
                 .context("creating the fixture's execution table")?
+                .with_pooling(setup.pooling)
         } else {
             fixtures::Recorder::detached()
         };
@@ -128,23 +136,21 @@ impl App {
         }
     }
 
-    /// A runtime over `pool` and `schema` with the registered workflows.
+    /// A runtime over `db` (its pool, schema and pooling) with the
+    /// registered workflows.
     pub(crate) async fn runtime(
         &self,
-        pool: &PgPool,
-        schema: &SchemaPrefix,
+        db: &Database,
         config: RunnerConfig,
         runs_steps: bool,
     ) -> Result<Runtime<PgBackend>> {
-        let backend = PgBackend::new(
-            PgStore::new(pool.clone(), schema.clone()),
-            PgQueue::new(pool.clone(), schema.clone()),
-        );
+        let backend = PgBackend::new(db.store(), db.queue());
         let setup = Setup {
-            pool: pool.clone(),
-            schema: schema.clone(),
+            pool: db.pool.clone(),
+            schema: db.prefix.clone(),
             runs_steps,
             sqlite: None,
+            pooling: db.pooling,
         };
         let builder = Runtime::builder(backend)
             .discard_handler(hephaestus_failure_handler::FailureHandler::new())
@@ -172,6 +178,7 @@ impl App {
             schema: SchemaPrefix::new(SchemaPrefix::DEFAULT).context("the default schema")?,
             runs_steps,
             sqlite: Some(backend.path().to_owned()),
+            pooling: Pooling::Session,
         };
         let registry = self.registered(&setup).await?;
         let mut builder = Runtime::builder(backend)
@@ -188,7 +195,8 @@ impl App {
         let backend = PgBackend::new(
             PgStore::new(setup.pool.clone(), setup.schema.clone()),
             PgQueue::new(setup.pool.clone(), setup.schema.clone()),
-        );
+        )
+        .with_pooling(setup.pooling);
         let builder = self
             .workflows
             .register(
@@ -208,11 +216,12 @@ impl App {
     /// The registered workflows, for commands that only look at them
     /// (`graph`: no database is touched).
     pub(crate) async fn registry(&self) -> Result<WorkflowRegistry> {
-        let pool = detached_pool();
-        let schema = SchemaPrefix::new(SchemaPrefix::DEFAULT).context("the default schema")?;
-        let runtime = self
-            .runtime(&pool, &schema, RunnerConfig::default(), false)
-            .await?;
+        let db = Database {
+            pool: detached_pool(),
+            prefix: SchemaPrefix::new(SchemaPrefix::DEFAULT).context("the default schema")?,
+            pooling: Pooling::Session,
+        };
+        let runtime = self.runtime(&db, RunnerConfig::default(), false).await?;
         Ok(runtime.registry().clone())
     }
 }

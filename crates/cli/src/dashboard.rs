@@ -55,9 +55,7 @@ impl DashboardCommand {
             );
         }
         let db = Database::open(&self.db, Needs::Both).await?;
-        let runtime = app
-            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-            .await?;
+        let runtime = app.runtime(&db, RunnerConfig::default(), false).await?;
         let mut config = DashboardConfig::default()
             .with_mount_path(self.mount_path.clone())
             .with_read_only(self.read_only);

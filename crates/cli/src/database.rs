@@ -1,5 +1,5 @@
 //! The database options every command that reads or changes instances and
-//! jobs takes (`--database-url`, `--schema`), the connection, and the check
+//! jobs takes (`--database-url`, `--schema`, `--pgbouncer`), the connection, and the check
 //! that the schema is migrated to what this build expects: a missing or
 //! stale schema is an error that says what to run, not a SQL error about a
 //! missing table.
@@ -7,13 +7,13 @@
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 use hephaestus_migrations_gen::SchemaPrefix;
-use hephaestus_queue_pg::PgQueue;
+use hephaestus_queue_pg::{PgQueue, Pooling};
 use hephaestus_storage_pg::PgStore;
 use sqlx::PgPool;
 
 use crate::migrate::{connect, current, registry};
 
-/// `--database-url` and `--schema`.
+/// `--database-url`, `--schema` and `--pgbouncer`.
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, or `sqlite://FILE` for a SQLite database file.
@@ -22,6 +22,31 @@ pub struct DatabaseArgs {
     /// The schema (prefix) holding Hephaestus's tables.
     #[arg(long, default_value = SchemaPrefix::DEFAULT)]
     pub schema: String,
+    #[command(flatten)]
+    pub pooling: PoolingArgs,
+}
+
+/// `--pgbouncer`: how the connections reach PostgreSQL.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct PoolingArgs {
+    /// The URL is a PgBouncer in transaction pooling (`pool_mode =
+    /// transaction`) or another pooler that shares server sessions between
+    /// transactions: no prepared statement is kept, every statement runs
+    /// in a transaction, no startup parameter PgBouncer refuses is sent
+    /// (and a worker polls instead of listening).
+    #[arg(long)]
+    pub pgbouncer: bool,
+}
+
+impl PoolingArgs {
+    /// The pooling these arguments ask for.
+    pub fn pooling(self) -> Pooling {
+        if self.pgbouncer {
+            Pooling::Transaction
+        } else {
+            Pooling::Session
+        }
+    }
 }
 
 /// The components a command reads or writes.
@@ -40,6 +65,8 @@ pub struct Database {
     pub pool: PgPool,
     /// The validated schema.
     pub prefix: SchemaPrefix,
+    /// How the pool's connections reach PostgreSQL.
+    pub pooling: Pooling,
 }
 
 impl Database {
@@ -52,7 +79,8 @@ impl Database {
                 args.schema
             )
         })?;
-        let pool = connect(&args.database_url).await?;
+        let pooling = args.pooling.pooling();
+        let pool = connect(&args.database_url, pooling).await?;
         let registry = registry()?;
         let mut tx = pool.begin().await.context("starting a transaction")?;
         let schema = prefix.as_str();
@@ -80,17 +108,21 @@ impl Database {
             }
         }
         tx.rollback().await.context("ending the check")?;
-        Ok(Self { pool, prefix })
+        Ok(Self {
+            pool,
+            prefix,
+            pooling,
+        })
     }
 
     /// The instance store.
     pub fn store(&self) -> PgStore {
-        PgStore::new(self.pool.clone(), self.prefix.clone())
+        PgStore::new(self.pool.clone(), self.prefix.clone()).with_pooling(self.pooling)
     }
 
     /// The job queue.
     pub fn queue(&self) -> PgQueue {
-        PgQueue::new(self.pool.clone(), self.prefix.clone())
+        PgQueue::new(self.pool.clone(), self.prefix.clone()).with_pooling(self.pooling)
     }
 
     /// The schema's name.

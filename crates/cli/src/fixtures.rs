@@ -35,6 +35,7 @@ use hephaestus_engine_core::step::{Step, StepError, StepInput, StepOutcome};
 use hephaestus_engine_core::steps::{Done, WAIT_FOR_EVENT_ID, WaitForEvent};
 use hephaestus_engine_core::{Event, Scope, StepId, Workflow, WorkflowErrors, target};
 use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_runner::postgres::Pooling;
 use serde_json::{Map, Value, json};
 use sqlx::PgPool;
 
@@ -213,6 +214,10 @@ pub fn path(workflow: &str, script: &Script) -> Vec<&'static str> {
 #[derive(Debug, Clone)]
 pub struct Recorder {
     pool: PgPool,
+    /// How `pool`'s connections reach PostgreSQL: through PgBouncer's
+    /// transaction pooling, a recording is an unnamed statement in a
+    /// transaction of its own, as any statement a step runs must be there.
+    pooling: Pooling,
     insert: String,
     /// The JSON-lines file, for a worker on SQLite.
     file: Option<std::path::PathBuf>,
@@ -262,9 +267,18 @@ impl Recorder {
         );
         Ok(Self {
             pool,
+            pooling: Pooling::Session,
             insert,
             file: None,
         })
+    }
+
+    /// The same recorder for a pool whose connections reach PostgreSQL the
+    /// `pooling` way.
+    #[must_use]
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
     }
 
     /// A recorder appending to the executions file of the SQLite database
@@ -310,6 +324,7 @@ impl Recorder {
             pool: sqlx::postgres::PgPoolOptions::new()
                 .max_connections(1)
                 .connect_lazy_with(sqlx::postgres::PgConnectOptions::new()),
+            pooling: Pooling::Session,
             insert: String::new(),
             file: None,
         }
@@ -343,6 +358,7 @@ impl Recorder {
             return appended.map_err(sqlx::Error::Io);
         }
         sqlx::query(&self.insert)
+            .persistent(self.pooling.persistent_statements())
             .bind(input.instance_id)
             .bind(input.idempotency_key.step.as_str())
             .bind(i64::from(input.activation))
@@ -350,7 +366,7 @@ impl Recorder {
             .bind(input.idempotency_key.to_string())
             .bind(i64::from(std::process::id()))
             .bind(outcome.as_str())
-            .execute(&self.pool)
+            .execute(self.pooling.on(&self.pool))
             .await
             .map(drop)
     }

@@ -12,6 +12,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use hephaestus_migrations_gen::files::{check_dir, render_files, write_dir};
 use hephaestus_migrations_gen::{Component, Direction, Registry, SchemaPrefix};
+use hephaestus_queue_pg::Pooling;
 use serde_json::json;
 use sqlx::Connection as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPoolOptions};
@@ -35,6 +36,8 @@ pub struct MigrateCommand {
     /// The schema (prefix) holding Hephaestus's tables.
     #[arg(long, default_value = SchemaPrefix::DEFAULT)]
     schema: String,
+    #[command(flatten)]
+    pooling: crate::database::PoolingArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -159,6 +162,13 @@ pub(crate) async fn probe(options: &PgConnectOptions) -> Result<()> {
             let _ = conn.close().await;
             Ok(())
         }
+        // PgBouncer refuses startup parameters it does not know, such as
+        // sqlx's `extra_float_digits`, which `--pgbouncer` leaves out.
+        Ok(Err(error)) if error.to_string().contains("unsupported startup parameter") => {
+            Err(anyhow::anyhow!("{error}").context(format!(
+                "cannot connect to {target}: it refuses a startup parameter, as PgBouncer does: pass --pgbouncer to connect through PgBouncer (pool_mode = transaction)"
+            )))
+        }
         // The error's text already ends with its cause ("error
         // communicating with database: Connection refused"): kept as text,
         // so the chain does not repeat it.
@@ -172,12 +182,13 @@ pub(crate) async fn probe(options: &PgConnectOptions) -> Result<()> {
     }
 }
 
-/// Connects with a message that says what is wrong (the server's or the
-/// network's own words) and what to do.
-pub async fn connect(url: &str) -> Result<PgPool> {
+/// Connects, the `pooling` way, with a message that says what is wrong
+/// (the server's or the network's own words) and what to do.
+pub async fn connect(url: &str, pooling: Pooling) -> Result<PgPool> {
     let options = PgConnectOptions::from_str(url).with_context(|| {
         "the database URL is not a PostgreSQL URL (postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE)"
     })?;
+    let options = pooling.connect_options(options);
     probe(&options).await?;
     let (host, port, db) = (
         options.get_host().to_owned(),
@@ -242,15 +253,15 @@ impl AtStake {
     /// versions above 0 exist (the lease table from queue version 3).
     async fn read(
         tx: &mut Transaction<'_, Postgres>,
-        pool: &PgPool,
-        prefix: &SchemaPrefix,
+        db: &crate::database::Database,
         storage: u32,
         queue: u32,
     ) -> Result<Self> {
         let mut stake = Self::default();
         let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
         if storage > 0 {
-            let census = hephaestus_storage_pg::PgStore::new(pool.clone(), prefix.clone())
+            let census = db
+                .store()
                 .census_using(&mut **tx)
                 .await
                 .context("counting instances and step results")?;
@@ -258,7 +269,7 @@ impl AtStake {
             stake.active_instances = count(census.active_instances);
             stake.step_results = count(census.step_results);
         }
-        let jobs = hephaestus_queue_pg::PgQueue::new(pool.clone(), prefix.clone());
+        let jobs = db.queue();
         if queue > 0 {
             let census = jobs
                 .census_using(&mut **tx)
@@ -359,7 +370,8 @@ impl MigrateCommand {
                 })?]),
             }
         };
-        let pool = connect(&self.database_url).await?;
+        let pooling = self.pooling.pooling();
+        let pool = connect(&self.database_url, pooling).await?;
         let outcome = match &self.action {
             MigrateAction::Status => self.status(&pool, &prefix, &registry).await,
             MigrateAction::Up { component, to } => {
@@ -401,8 +413,12 @@ impl MigrateCommand {
                     }
                 }
                 if moves && !force {
-                    let stake =
-                        AtStake::read(&mut tx, &pool, &prefix, versions.0, versions.1).await?;
+                    let db = crate::database::Database {
+                        pool: pool.clone(),
+                        prefix: prefix.clone(),
+                        pooling,
+                    };
+                    let stake = AtStake::read(&mut tx, &db, versions.0, versions.1).await?;
                     if let Some(objection) = stake.objection() {
                         bail!(
                             "refusing to migrate schema {} down: {objection}. A down migration drops tables or columns and what they hold. Stop the workers and let the instances finish (or cancel them) first, or pass --force to lose it",

@@ -23,6 +23,13 @@
 //! Logs (failed claims, rescues, leadership changes, reconciler repairs) go
 //! to stderr, filtered by `RUST_LOG` (see [`crate::logging`]).
 //!
+//! With `--pgbouncer` the URL is a PgBouncer in transaction pooling
+//! (`pool_mode = transaction`): the pool keeps no prepared statement, runs
+//! every statement inside a transaction and sends no startup parameter
+//! PgBouncer refuses (no `plan_cache_mode` either), and the worker polls
+//! (`--poll-only`, at `--poll-ms`) instead of listening. Migrating at start
+//! works through it too (one transaction per component).
+//!
 //! On SQLite (`--database-url sqlite://FILE`) the worker runs the runner's
 //! own loop (`Runtime::run`: in-process wake-ups, polling for another
 //! process's jobs, heartbeats, rescue) and the reconciler, after taking the
@@ -90,10 +97,11 @@ pub struct WorkerCommand {
     #[arg(long, default_value_t = 5_000)]
     grace_ms: u64,
     /// Poll for jobs instead of listening for notifications (no LISTEN
-    /// connection): for PgBouncer in transaction mode. Leader election
-    /// needs no session state either way.
+    /// connection). Leader election needs no session state either way.
     #[arg(long)]
     poll_only: bool,
+    #[command(flatten)]
+    pooling: crate::database::PoolingArgs,
     /// Shut down gracefully when standard input is closed.
     #[arg(long)]
     exit_on_stdin_close: bool,
@@ -117,8 +125,10 @@ impl WorkerCommand {
         }
         let prefix = SchemaPrefix::new(&self.schema)
             .with_context(|| format!("invalid --schema {:?}", self.schema))?;
-        let options = hephaestus_runner::postgres::tuned(
+        let pooling = self.pooling.pooling();
+        let options = hephaestus_runner::postgres::connect_options(
             PgConnectOptions::from_str(&self.database_url).context("invalid --database-url")?,
+            pooling,
         );
         crate::migrate::probe(&options).await?;
         let max_connections = self.max_connections.unwrap_or_else(|| {
@@ -143,11 +153,18 @@ impl WorkerCommand {
         hephaestus_queue_pg::migrate(&pool, &prefix)
             .await
             .context("migrating the queue tables")?;
-        let runtime = app.runtime(&pool, &prefix, self.config(), true).await?;
+        let db = crate::database::Database {
+            pool: pool.clone(),
+            prefix: prefix.clone(),
+            pooling,
+        };
+        let runtime = app.runtime(&db, self.config(), true).await?;
         let queue = runtime
             .queue_runtime()?
             .election(self.elect_interval(), self.leader_ttl())
-            .poll_only(self.poll_only)
+            // LISTEN needs a session of its own, which PgBouncer's
+            // transaction pooling does not give.
+            .poll_only(self.poll_only || pooling.needs_transaction())
             .depth_interval(Some(Duration::from_millis(self.observe.depth_ms.max(1))))
             .start()
             .await

@@ -139,11 +139,12 @@ impl Settler<'_> {
             {
                 outcome_name = "retried";
                 let retry_at = now + to_delta(delay);
-                let mut conn = queue.pool().acquire().await?;
-                if queue
+                let mut conn = queue.acquire().await?;
+                let held = queue
                     .retry_using(&mut conn, lease, error, retry_at, now)
-                    .await?
-                {
+                    .await?;
+                conn.finish().await?;
+                if held {
                     events.emit(
                         lease,
                         JobEventKind::Retried { retry_at },
@@ -163,8 +164,10 @@ impl Settler<'_> {
             Attempt::Snoozed(delay) => {
                 outcome_name = "snoozed";
                 let until = now + to_delta(*delay);
-                let mut conn = queue.pool().acquire().await?;
-                if queue.snooze_using(&mut conn, lease, until).await? {
+                let mut conn = queue.acquire().await?;
+                let held = queue.snooze_using(&mut conn, lease, until).await?;
+                conn.finish().await?;
+                if held {
                     events.emit(
                         lease,
                         JobEventKind::Snoozed { until },
@@ -179,11 +182,12 @@ impl Settler<'_> {
             Attempt::Cancelled(reason) => {
                 outcome_name = "cancelled";
                 let error = StepError::fatal(format!("cancelled by its worker: {reason}"));
-                let mut conn = queue.pool().acquire().await?;
-                if queue
+                let mut conn = queue.acquire().await?;
+                let held = queue
                     .cancel_lease_using(&mut conn, lease, &error, now)
-                    .await?
-                {
+                    .await?;
+                conn.finish().await?;
+                if held {
                     events.emit(
                         lease,
                         JobEventKind::Cancelled,
@@ -212,8 +216,10 @@ impl Settler<'_> {
         ran: &Ran,
     ) -> Result<Settlement, Error> {
         let Self { queue, events, .. } = *self;
-        let mut conn = queue.pool().acquire().await?;
-        if queue.complete_using(&mut conn, lease).await? {
+        let mut conn = queue.acquire().await?;
+        let held = queue.complete_using(&mut conn, lease).await?;
+        conn.finish().await?;
+        if held {
             events.emit(lease, JobEventKind::Completed, None, Some(ran.run_time));
             record_attempt(lease, "completed", ran.run_time);
             Ok(Settlement::Completed)
@@ -259,11 +265,12 @@ impl Settler<'_> {
                 let recorded = StepError::retryable(format!("discard hook failed: {hook_error}"))
                     .with_details(json!({ "error": error }));
                 let retry_at = now + retry_delay(policy, lease, &recorded);
-                let mut conn = queue.pool().acquire().await?;
-                if !queue
+                let mut conn = queue.acquire().await?;
+                let held = queue
                     .retry_using(&mut conn, lease, &recorded, retry_at, now)
-                    .await?
-                {
+                    .await?;
+                conn.finish().await?;
+                if !held {
                     return Ok(Settlement::Fenced);
                 }
                 tracing::error!(

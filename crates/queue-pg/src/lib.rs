@@ -26,6 +26,10 @@
 //!   (seconds to a minute, configurable), pruning after a retention, leader
 //!   election for those, graceful shutdown with a grace period, [`JobEvent`]s
 //!   (tracing + a broadcast subscription) and metrics (see [`events`](crate::Events)).
+//! - **Connection pooling**: direct connections by default; through
+//!   PgBouncer's transaction pooling with [`PgQueue::with_pooling`] and
+//!   [`Pooling::Transaction`] (no prepared statement kept, every statement
+//!   in a transaction, producers polling).
 //! - **Tests**: [`drain`] runs due jobs synchronously and reports counts;
 //!   [`ManualClock`] moves time.
 //!
@@ -120,6 +124,7 @@ pub use drain::{DrainOptions, DrainReport, drain, drain_with_events};
 pub use error::{BoxError, Error};
 pub use events::{EventCounts, Events, JobEvent, JobEventKind};
 pub use hephaestus_engine_core::clock::{Clock, ManualClock, SystemClock};
+pub use hephaestus_pg_pooling::Pooling;
 pub use hook::{DiscardHook, DiscardedJob};
 pub use job::Job;
 pub use queue::{

@@ -194,14 +194,19 @@ pub fn schema() -> Component {
 /// (`<prefix>.hephaestus_schema_versions`), 0 when it was never migrated (no
 /// versions table, or no row for it). Two statements on `conn`; pass a
 /// transaction (`&mut *tx`) to read it together with other components'.
+/// They are never prepared under a name (a read at start or in a check, not
+/// on the hot path), so in a transaction they run through any pooler,
+/// PgBouncer's transaction pooling included.
 pub async fn schema_version(conn: &mut PgConnection, prefix: &SchemaPrefix) -> Result<u32, Error> {
     let exists: bool = sqlx::query_scalar(&versions_table_exists_sql(prefix))
+        .persistent(false)
         .fetch_one(&mut *conn)
         .await?;
     if !exists {
         return Ok(0);
     }
     let current: i32 = sqlx::query_scalar(&current_version_sql(prefix))
+        .persistent(false)
         .bind(COMPONENT)
         .fetch_one(&mut *conn)
         .await?;

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use hephaestus_engine_core::retry::RetryPolicy;
+pub use hephaestus_queue_pg::Pooling;
 use hephaestus_queue_pg::{
     DynWorker, JobContext, JobError, PgQueue, QueueRuntime, RuntimeBuilder, Workers,
 };
@@ -49,9 +50,60 @@ use crate::jobs;
 /// 0.2 to 0.6 ms of a 0.3 ms statement, about a third of a step's time in
 /// the database). Their generic plans are the ones they were written for
 /// (key lookups per array element). Set in the startup packet: no round
-/// trip. Leave it off pools used for ad-hoc reads with optional filters.
+/// trip. Leave it off pools used for ad-hoc reads with optional filters,
+/// and off connections through PgBouncer (which refuses the `options`
+/// startup parameter): see [`connect_options`].
 pub fn tuned(options: sqlx::postgres::PgConnectOptions) -> sqlx::postgres::PgConnectOptions {
     options.options([("plan_cache_mode", "force_generic_plan")])
+}
+
+/// The workers' connection options for `pooling`: [`tuned`] for
+/// [`Pooling::Session`] (direct connections); for
+/// [`Pooling::Transaction`] (PgBouncer's `pool_mode = transaction`),
+/// [`Pooling::connect_options`] and no `plan_cache_mode`: PgBouncer refuses
+/// the `options` startup parameter, and a generic plan would help nothing,
+/// since every statement is then prepared unnamed, and planned, at each
+/// execution (the price of transaction pooling: see
+/// `hephaestus_pg_pooling`).
+pub fn connect_options(
+    options: sqlx::postgres::PgConnectOptions,
+    pooling: Pooling,
+) -> sqlx::postgres::PgConnectOptions {
+    if pooling.needs_transaction() {
+        pooling.connect_options(options)
+    } else {
+        tuned(options)
+    }
+}
+
+/// The pool [`PgBackend::connect_with`] opens: its size and how its
+/// connections reach PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PoolSettings {
+    /// Connections at most (at least one is opened).
+    pub max_connections: u32,
+    /// Direct connections ([`Pooling::Session`], the default) or through
+    /// PgBouncer's transaction pooling ([`Pooling::Transaction`]).
+    pub pooling: Pooling,
+}
+
+impl PoolSettings {
+    /// At most `max_connections` direct connections.
+    pub fn new(max_connections: u32) -> Self {
+        Self {
+            max_connections,
+            pooling: Pooling::Session,
+        }
+    }
+
+    /// The same pool with connections that reach PostgreSQL the `pooling`
+    /// way.
+    #[must_use]
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
 }
 
 /// Instances, step results and jobs in one PostgreSQL schema.
@@ -76,21 +128,55 @@ impl PgBackend {
         )
     }
 
+    /// The same backend for a pool whose connections reach PostgreSQL the
+    /// `pooling` way, for both components (see
+    /// [`PgStore::with_pooling`] and [`PgQueue::with_pooling`]). Through
+    /// PgBouncer with `pool_mode = transaction`, give it
+    /// [`Pooling::Transaction`] and connect the pool with
+    /// [`connect_options`]; the worker runtime then polls instead of
+    /// listening ([`Runtime::queue_runtime`]).
+    #[must_use]
+    pub fn with_pooling(self, pooling: Pooling) -> Self {
+        Self {
+            store: self.store.with_pooling(pooling),
+            queue: self.queue.with_pooling(pooling),
+        }
+    }
+
+    /// How the pool's connections reach PostgreSQL.
+    pub fn pooling(&self) -> Pooling {
+        self.queue.pooling()
+    }
+
     /// Connects to the database at `url` with the hot path's connection
-    /// options ([`tuned`]) and a pool of at most `max_connections`, for
-    /// schema `prefix`. A URL that does not parse is
-    /// [`PortError::InvalidInput`]; a server that cannot be reached is
-    /// [`PortError::Unavailable`] with its cause.
+    /// options ([`tuned`]) and a pool of at most `max_connections` direct
+    /// connections, for schema `prefix`: [`PgBackend::connect_with`] with
+    /// [`PoolSettings::new`].
     pub async fn connect(
         url: &str,
         prefix: SchemaPrefix,
         max_connections: u32,
     ) -> Result<Self, PortError> {
+        Self::connect_with(url, prefix, PoolSettings::new(max_connections)).await
+    }
+
+    /// Connects to the database at `url` for schema `prefix` with the pool
+    /// `settings` describe, and the options of [`connect_options`] for its
+    /// pooling (through PgBouncer: [`Pooling::Transaction`], and the URL of
+    /// PgBouncer). A URL that does not parse is
+    /// [`PortError::InvalidInput`]; a server that cannot be reached is
+    /// [`PortError::Unavailable`] with its cause.
+    pub async fn connect_with(
+        url: &str,
+        prefix: SchemaPrefix,
+        settings: PoolSettings,
+    ) -> Result<Self, PortError> {
         use sqlx::Connection as _;
         let options: sqlx::postgres::PgConnectOptions = url
             .parse()
             .map_err(|e| PortError::InvalidInput(format!("not a PostgreSQL URL: {e}")))?;
-        let options = tuned(options);
+        let options = connect_options(options, settings.pooling);
+        let max_connections = settings.max_connections;
         // One direct attempt first: an unreachable server fails at once with
         // its cause ("connection refused"), not after a pool's wait.
         let probe = sqlx::PgConnection::connect_with(&options)
@@ -102,12 +188,14 @@ impl PgBackend {
             .connect_with(options)
             .await
             .map_err(|e| PortError::Unavailable(Box::new(e)))?;
-        Ok(Self::on_pool(pool, prefix))
+        Ok(Self::on_pool(pool, prefix).with_pooling(settings.pooling))
     }
 
     /// Migrates both components this backend uses (storage, then the
     /// queue) to this build's versions; idempotent, and serialized with
-    /// other migrators by an advisory lock.
+    /// other migrators by an advisory lock. Each component migrates in one
+    /// transaction with a transaction-scoped lock and unnamed statements,
+    /// so this works through PgBouncer's transaction pooling too.
     pub async fn migrate(&self) -> Result<(), PortError> {
         hephaestus_storage_pg::migrate(self.store.pool(), self.store.prefix()).await?;
         hephaestus_queue_pg::migrate(self.queue.pool(), self.queue.prefix()).await?;
@@ -198,7 +286,7 @@ impl crate::backend::Backend for PgBackend {
             .collect();
         let checks = self
             .store
-            .get_for_execution_many_using(self.store.pool(), &keys)
+            .get_for_execution_many_using(self.store.pooled(), &keys)
             .await?;
         Ok(checks
             .into_iter()
@@ -568,7 +656,8 @@ impl Runtime<PgBackend> {
     /// [`RunnerConfig::queues`](crate::RunnerConfig) with
     /// [`RunnerConfig::concurrency`](crate::RunnerConfig) slots, the
     /// configured poll interval, heartbeats and rescue: LISTEN/NOTIFY
-    /// wake-ups across processes, batched fetches, and leader-elected
+    /// wake-ups across processes (polling only under
+    /// [`Pooling::Transaction`]), batched fetches, and leader-elected
     /// rescue and pruning. Adjust it, then `.start().await`. Refused without
     /// a discard handler ([`RunnerError::NoDiscardHandler`]).
     pub fn queue_runtime(&self) -> Result<RuntimeBuilder, RunnerError> {

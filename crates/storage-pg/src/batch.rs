@@ -166,6 +166,7 @@ impl PgStore {
             .map(|id| instance_lock_key(&self.prefix, *id))
             .collect();
         let rows = sqlx::query(&self.sql.batch.try_lock)
+            .persistent(self.persistent())
             .bind(&ids)
             .bind(&keys)
             .fetch_all(conn)
@@ -191,6 +192,7 @@ impl PgStore {
             return Ok(by_instance);
         }
         let rows = sqlx::query(&self.sql.batch.pending)
+            .persistent(self.persistent())
             .bind(ids)
             .fetch_all(executor)
             .await
@@ -282,6 +284,7 @@ impl PgStore {
             updated.push(instance.updated_at);
         }
         let written: Vec<Uuid> = sqlx::query_scalar(&self.sql.batch.write)
+            .persistent(self.persistent())
             .bind(&instance_ids)
             .bind(&steps)
             .bind(&activations)
@@ -345,6 +348,7 @@ impl PgStore {
             .map(|(_, _, a)| i32::try_from(*a).unwrap_or(-1))
             .collect();
         let rows = sqlx::query(&self.sql.batch.for_execution)
+            .persistent(self.persistent())
             .bind(&ids)
             .bind(&steps)
             .bind(&activations)

@@ -51,7 +51,7 @@ pub struct StorageCensus {
 impl PgStore {
     /// What the storage tables hold (one statement).
     pub async fn census(&self) -> Result<StorageCensus, PortError> {
-        self.census_using(self.pool()).await
+        self.census_using(self.pooled()).await
     }
 
     /// [`PgStore::census`] through any executor (a transaction that also reads
@@ -61,6 +61,7 @@ impl PgStore {
         executor: E,
     ) -> Result<StorageCensus, PortError> {
         let (instances, active, results): (i64, i64, i64) = sqlx::query_as(&self.render(CENSUS))
+            .persistent(self.persistent())
             .fetch_one(executor)
             .await
             .map_err(port_error)?;
@@ -76,7 +77,8 @@ impl PgStore {
     /// while a burst of instances drains.
     pub async fn active_count(&self) -> Result<u64, PortError> {
         let active: i64 = sqlx::query_scalar(&self.render(ACTIVE_COUNT))
-            .fetch_one(self.pool())
+            .persistent(self.persistent())
+            .fetch_one(self.pooled())
             .await
             .map_err(port_error)?;
         count(active)
@@ -90,8 +92,9 @@ impl PgStore {
         business_id_prefix: &str,
     ) -> Result<BTreeMap<InstanceStatus, u64>, PortError> {
         let rows: Vec<(String, i64)> = sqlx::query_as(&self.render(STATUS_COUNTS))
+            .persistent(self.persistent())
             .bind(business_id_prefix)
-            .fetch_all(self.pool())
+            .fetch_all(self.pooled())
             .await
             .map_err(port_error)?;
         rows.into_iter()
@@ -114,9 +117,10 @@ impl PgStore {
         quantiles: &[f64],
     ) -> Result<Option<Vec<f64>>, PortError> {
         sqlx::query_scalar(&self.render(COMPLETION_QUANTILES))
+            .persistent(self.persistent())
             .bind(business_id_prefix)
             .bind(quantiles)
-            .fetch_one(self.pool())
+            .fetch_one(self.pooled())
             .await
             .map_err(port_error)
     }

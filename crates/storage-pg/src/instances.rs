@@ -147,7 +147,10 @@ impl PgStore {
         let claim = instance.unique_claim.as_ref().map(UniqueClaim::as_str);
         for _ in 0..INSERT_ATTEMPTS {
             let inserted = encoded
-                .bind(sqlx::query(&self.sql.insert_instance), instance)
+                .bind(
+                    sqlx::query(&self.sql.insert_instance).persistent(self.persistent()),
+                    instance,
+                )
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(port_error)?;
@@ -156,6 +159,7 @@ impl PgStore {
             }
             let (id_taken, holder): (bool, Option<Uuid>) =
                 sqlx::query_as(&self.sql.insert_conflict)
+                    .persistent(self.persistent())
                     .bind(instance.id)
                     .bind(claim)
                     .fetch_one(&mut *conn)
@@ -194,6 +198,7 @@ impl PgStore {
         id: Uuid,
     ) -> Result<Option<Instance>, PortError> {
         let row = sqlx::query(&self.sql.lock_instance)
+            .persistent(self.persistent())
             .bind(id)
             .bind(instance_lock_key(&self.prefix, id))
             .fetch_optional(conn)
@@ -216,7 +221,10 @@ impl PgStore {
     ) -> Result<(), PortError> {
         let encoded = Encoded::of(instance)?;
         let outcome = encoded
-            .bind(sqlx::query(&self.sql.update_instance), instance)
+            .bind(
+                sqlx::query(&self.sql.update_instance).persistent(self.persistent()),
+                instance,
+            )
             .fetch_one(conn)
             .await
             .and_then(|row| Ok((row.try_get("found")?, row.try_get("written")?)));
@@ -230,9 +238,10 @@ impl PgStore {
             Err(e) if unique_violation(&e) == Some(ACTIVE_CLAIM_INDEX) => {
                 // The transaction is aborted: look the holder up on another connection.
                 let holder: Option<Uuid> = sqlx::query_scalar(&self.sql.claim_holder)
+                    .persistent(self.persistent())
                     .bind(instance.unique_claim.as_ref().map(UniqueClaim::as_str))
                     .bind(instance.id)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(self.pooled())
                     .await
                     .map_err(port_error)?;
                 Err(match holder {
@@ -258,6 +267,7 @@ impl PgStore {
         id: Uuid,
     ) -> Result<Option<Instance>, PortError> {
         let row = sqlx::query(&self.sql.get_instance)
+            .persistent(self.persistent())
             .bind(id)
             .fetch_optional(executor)
             .await
@@ -298,6 +308,7 @@ impl PgStore {
         max_text: u32,
     ) -> Result<Option<RawInstance>, PortError> {
         let Some(row) = sqlx::query(&self.sql.get_raw)
+            .persistent(self.persistent())
             .bind(id)
             .bind(i32::try_from(max_text).unwrap_or(i32::MAX))
             .fetch_optional(executor)

@@ -56,6 +56,11 @@
 //! record. A unit of work adds `BEGIN` and `COMMIT`, and sqlx's pool pings a connection
 //! when it is acquired unless `PgPoolOptions::test_before_acquire(false)` is set.
 //!
+//! Through PgBouncer's transaction pooling ([`PgStore::with_pooling`] with
+//! [`Pooling::Transaction`]) no statement is kept prepared, so each one is parsed at
+//! every call (two round trips), and a statement outside a unit of work runs in a
+//! transaction of its own (four).
+//!
 //! # Example
 //!
 //! ```no_run
@@ -103,6 +108,7 @@ use hephaestus_engine_core::ports::{InstanceStore, PortError, StepResultStore, U
 
 pub use batch::ExecutionCheck;
 pub use census::StorageCensus;
+pub use hephaestus_pg_pooling::Pooling;
 pub use instances::RawInstance;
 pub use lock::{LOCK_NAMESPACE, instance_lock_key};
 pub use migrate::{Migrated, migrate, migrate_to, schema_version};

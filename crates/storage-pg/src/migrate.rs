@@ -15,12 +15,15 @@ use crate::schema::{COMPONENT, schema};
 /// The storage component's version recorded in schema `prefix`
 /// (`<prefix>.hephaestus_schema_versions`), 0 when it was never migrated (no versions
 /// table, or no row for it). Two statements on `conn`; pass a transaction (`&mut *tx`)
-/// to read it together with other components' versions.
+/// to read it together with other components' versions. They are never prepared under a
+/// name (a read at start or in a check, not on the hot path), so in a transaction they
+/// run through any pooler, PgBouncer's transaction pooling included.
 pub async fn schema_version(
     conn: &mut PgConnection,
     prefix: &SchemaPrefix,
 ) -> Result<u32, PortError> {
     let has_versions: bool = sqlx::query_scalar(&versions_table_exists_sql(prefix))
+        .persistent(false)
         .fetch_one(&mut *conn)
         .await
         .map_err(port_error)?;
@@ -28,6 +31,7 @@ pub async fn schema_version(
         return Ok(0);
     }
     let recorded: i32 = sqlx::query_scalar(&current_version_sql(prefix))
+        .persistent(false)
         .bind(COMPONENT)
         .fetch_one(&mut *conn)
         .await

@@ -380,7 +380,7 @@ impl PgStore {
     /// Instances matching `query`, one page at a time. The rows are fetched in one
     /// statement (one more than the limit, to know whether a next page exists).
     pub async fn query(&self, query: &InstanceQuery) -> Result<Page, PortError> {
-        self.query_using(&self.pool, query).await
+        self.query_using(self.pooled(), query).await
     }
 
     /// [`PgStore::query`] through any executor.
@@ -405,7 +405,8 @@ impl PgStore {
         sql.push(") counted");
         let count: i64 = sql
             .build_query_scalar()
-            .fetch_one(&self.pool)
+            .persistent(self.persistent())
+            .fetch_one(self.pooled())
             .await
             .map_err(port_error)?;
         u64::try_from(count).map_err(|_| PortError::Corrupt(format!("negative count {count}")))
@@ -415,7 +416,8 @@ impl PgStore {
     /// none left out), by workflow, version and status.
     pub async fn counts(&self) -> Result<Vec<InstanceCount>, PortError> {
         let rows: Vec<(String, i32, String, i64)> = sqlx::query_as(&self.sql.instance_counts)
-            .fetch_all(&self.pool)
+            .persistent(self.persistent())
+            .fetch_all(self.pooled())
             .await
             .map_err(port_error)?;
         rows.into_iter()
@@ -450,7 +452,12 @@ impl PgStore {
         let limit = query.limit.map(i64::from);
         let fetch = limit.map(|l| if peek { l + 1 } else { l });
         let mut sql = build(&self.sql.select_instances, query, fetch)?;
-        let mut rows = sql.build().fetch_all(executor).await.map_err(port_error)?;
+        let mut rows = sql
+            .build()
+            .persistent(self.persistent())
+            .fetch_all(executor)
+            .await
+            .map_err(port_error)?;
         if let Some(limit) = limit.and_then(|l| usize::try_from(l).ok())
             && rows.len() > limit
         {

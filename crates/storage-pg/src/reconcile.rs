@@ -128,13 +128,14 @@ impl PgStore {
     ) -> Result<Vec<ReconcileCandidate>, PortError> {
         let sql = RECONCILE_PAGE.replace("{prefix}", &self.prefix().quoted());
         let rows: Vec<(Uuid, String, i32, bool)> = sqlx::query_as(&sql)
+            .persistent(self.persistent())
             .bind(page.before)
             .bind(i64::from(page.limit.max(1)))
             .bind(page.advance_kind)
             .bind(page.execute_kind)
             .bind(page.timer_kind)
             .bind(page.done_step)
-            .fetch_all(self.pool())
+            .fetch_all(self.pooled())
             .await
             .map_err(port_error)?;
         rows.into_iter()

@@ -114,6 +114,7 @@ impl PgStore {
         let activation = i32::try_from(result.activation)
             .map_err(|_| out_of_range("activation", result.activation))?;
         let seq: Option<i64> = sqlx::query_scalar(&self.sql.record_result)
+            .persistent(self.persistent())
             .bind(result.instance_id)
             .bind(result.step.as_ref().map_or("", StepId::as_str))
             .bind(activation)
@@ -130,6 +131,7 @@ impl PgStore {
             return Ok(Recorded::Inserted(seq));
         }
         let exists: bool = sqlx::query_scalar(&self.sql.instance_exists)
+            .persistent(self.persistent())
             .bind(result.instance_id)
             .fetch_one(&mut *conn)
             .await
@@ -153,6 +155,7 @@ impl PgStore {
         instance_id: Uuid,
     ) -> Result<Vec<StepResult>, PortError> {
         let rows = sqlx::query(&self.sql.pending_results)
+            .persistent(self.persistent())
             .bind(instance_id)
             .fetch_all(executor)
             .await
@@ -172,6 +175,7 @@ impl PgStore {
             return Ok(());
         }
         sqlx::query(&self.sql.mark_processed)
+            .persistent(self.persistent())
             .bind(instance_id)
             .bind(seqs)
             .bind(self.clock.now())
@@ -199,6 +203,7 @@ impl PgStore {
             .map(|(_, reason)| reason.replace('\0', "\u{fffd}"))
             .collect();
         sqlx::query(&self.sql.refuse_results)
+            .persistent(self.persistent())
             .bind(instance_id)
             .bind(&seqs)
             .bind(&reasons)
@@ -216,6 +221,7 @@ impl PgStore {
         instance_id: Uuid,
     ) -> Result<Vec<Refused>, PortError> {
         let rows = sqlx::query(&self.sql.refused_results)
+            .persistent(self.persistent())
             .bind(instance_id)
             .fetch_all(executor)
             .await
@@ -247,6 +253,7 @@ impl PgStore {
             return Ok(false);
         };
         sqlx::query_scalar(&self.sql.is_recorded)
+            .persistent(self.persistent())
             .bind(instance_id)
             .bind(step.as_str())
             .bind(activation)
@@ -267,9 +274,10 @@ impl PgStore {
         let mut total = 0;
         loop {
             let deleted = sqlx::query(&self.sql.prune_processed)
+                .persistent(self.persistent())
                 .bind(before)
                 .bind(i64::from(batch))
-                .execute(&self.pool)
+                .execute(self.pooled())
                 .await
                 .map_err(port_error)?
                 .rows_affected();

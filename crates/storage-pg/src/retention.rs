@@ -60,6 +60,7 @@ impl PgStore {
     ) -> Result<PrunedInstances, PortError> {
         let sql = PRUNE_FINISHED.replace("{prefix}", &self.prefix().quoted());
         let (ids, results): (Option<Vec<Uuid>>, i64) = sqlx::query_as(&sql)
+            .persistent(self.persistent())
             .bind(before)
             .bind(i64::from(batch.max(1)))
             .fetch_one(executor)

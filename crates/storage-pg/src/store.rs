@@ -13,6 +13,7 @@ use hephaestus_engine_core::ports::{
     StepResultStore, UnitOfWork,
 };
 use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_pg_pooling::{Pooled, Pooling};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -39,6 +40,7 @@ pub struct PgStore {
     pub(crate) prefix: SchemaPrefix,
     pub(crate) sql: Arc<Sql>,
     pub(crate) clock: SharedClock,
+    pub(crate) pooling: Pooling,
 }
 
 impl fmt::Debug for PgStore {
@@ -46,6 +48,7 @@ impl fmt::Debug for PgStore {
         f.debug_struct("PgStore")
             .field("prefix", &self.prefix)
             .field("pool", &self.pool)
+            .field("pooling", &self.pooling)
             .finish_non_exhaustive()
     }
 }
@@ -60,7 +63,39 @@ impl PgStore {
             prefix,
             sql,
             clock: clock::system(),
+            pooling: Pooling::Session,
         }
+    }
+
+    /// The same store for a pool whose connections reach PostgreSQL the `pooling` way
+    /// (default [`Pooling::Session`]: direct connections). Under
+    /// [`Pooling::Transaction`] (PgBouncer's `pool_mode = transaction`; connect the pool
+    /// with [`Pooling::connect_options`]) every statement is unnamed and runs inside a
+    /// transaction: the caller's for the `*_using` forms (give them a transaction, not a
+    /// bare connection or the pool: see [`PgStore::pooled`]), else one of its own.
+    #[must_use]
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    /// How the pool's connections reach PostgreSQL (see [`PgStore::with_pooling`]).
+    pub fn pooling(&self) -> Pooling {
+        self.pooling
+    }
+
+    /// An executor for one statement that is no part of a transaction, as the pooling
+    /// allows it: the pool itself under session pooling, a transaction of the
+    /// statement's own under transaction pooling. Pass it to the `*_using` forms in
+    /// place of the pool.
+    pub fn pooled(&self) -> Pooled<'_> {
+        self.pooling.on(&self.pool)
+    }
+
+    /// sqlx's `persistent` for every statement with parameters: named and cached under
+    /// session pooling only.
+    pub(crate) fn persistent(&self) -> bool {
+        self.pooling.persistent_statements()
     }
 
     /// The same store with another clock: the times it writes (when a step
@@ -298,6 +333,7 @@ impl InstanceStore for PgStore {
         now: DateTime<Utc>,
     ) -> Result<bool, PortError> {
         let cancelled: Option<Uuid> = sqlx::query_scalar(&self.sql.cancel_status_only)
+            .persistent(self.persistent())
             .bind(id)
             .bind(now)
             .fetch_optional(&mut **tx)
@@ -307,11 +343,11 @@ impl InstanceStore for PgStore {
     }
 
     async fn get(&self, id: Uuid) -> Result<Option<Instance>, PortError> {
-        self.get_using(&self.pool, id).await
+        self.get_using(self.pooled(), id).await
     }
 
     async fn list(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, PortError> {
-        self.list_using(&self.pool, filter).await
+        self.list_using(self.pooled(), filter).await
     }
 }
 
@@ -345,7 +381,7 @@ impl StepResultStore for PgStore {
     }
 
     async fn refused(&self, instance_id: Uuid) -> Result<Vec<Refused>, PortError> {
-        self.refused_using(&self.pool, instance_id).await
+        self.refused_using(self.pooled(), instance_id).await
     }
 
     async fn is_recorded(
@@ -354,7 +390,7 @@ impl StepResultStore for PgStore {
         step: &StepId,
         activation: u32,
     ) -> Result<bool, PortError> {
-        self.is_recorded_using(&self.pool, instance_id, step, activation)
+        self.is_recorded_using(self.pooled(), instance_id, step, activation)
             .await
     }
 

@@ -8,6 +8,7 @@ pub mod plans;
 pub mod rng;
 pub mod sqlite;
 pub mod wait;
+pub mod worker;
 
 use std::path::PathBuf;
 

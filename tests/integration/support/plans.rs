@@ -1,12 +1,14 @@
 //! The crash tests' plans and checks, shared by the chaos test (PostgreSQL,
 //! `tests/chaos`) and the SQLite crash test: a random script per instance,
 //! and what the instance, its results and its recorded executions must look
-//! like once the run settles.
+//! like once the run settles, and on PostgreSQL what a run recorded.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use hephaestus_engine_core::StepId;
 use hephaestus_engine_core::instance::{HistoryKind, Instance, InstanceStatus, ResumeSource};
+use hephaestus_migrations_gen::SchemaPrefix;
+use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::rng::Rng;
@@ -237,4 +239,59 @@ pub fn check_instance(
     if resumes != expected {
         problem(format!("resumed by {resumes:?}, expected {expected:?}"));
     }
+}
+
+/// What the fixture steps recorded in `prefix`'s `fixture_executions`, by
+/// instance.
+pub async fn recorded_executions(
+    pool: &PgPool,
+    prefix: &SchemaPrefix,
+) -> HashMap<Uuid, Vec<Execution>> {
+    let sql = format!(
+        "select instance_id, step, activation, attempt, worker_pid, outcome from {}",
+        fixtures::Recorder::table(prefix)
+    );
+    let rows: Vec<(Uuid, String, i64, i64, i64, String)> = sqlx::query_as(&sql)
+        .fetch_all(pool)
+        .await
+        .expect("read the executions");
+    let mut out: HashMap<Uuid, Vec<Execution>> = HashMap::new();
+    let small = |what: &str, n: i64| {
+        u32::try_from(n).unwrap_or_else(|_| panic!("a recorded {what} out of range: {n}"))
+    };
+    for (instance, step, activation, attempt, pid, outcome) in rows {
+        out.entry(instance).or_default().push(Execution {
+            instance_id: instance,
+            step,
+            activation: small("activation", activation),
+            attempt: small("attempt", attempt),
+            worker_pid: small("worker pid", pid),
+            outcome,
+        });
+    }
+    out
+}
+
+/// `prefix`'s `hephaestus_step_results` by instance: (step, activation,
+/// kind) → (rows, processed rows).
+pub async fn recorded_results(
+    pool: &PgPool,
+    prefix: &SchemaPrefix,
+) -> HashMap<Uuid, BTreeMap<(String, i64, String), (i64, i64)>> {
+    let sql = format!(
+        "select instance_id, step_id, activation::bigint, kind, count(*), count(processed_at)
+         from {}.hephaestus_step_results group by 1, 2, 3, 4",
+        prefix.quoted()
+    );
+    let rows: Vec<(Uuid, String, i64, String, i64, i64)> = sqlx::query_as(&sql)
+        .fetch_all(pool)
+        .await
+        .expect("read the step results");
+    let mut out: HashMap<Uuid, BTreeMap<_, _>> = HashMap::new();
+    for (instance, step, activation, kind, n, processed) in rows {
+        out.entry(instance)
+            .or_default()
+            .insert((step, activation, kind), (n, processed));
+    }
+    out
 }

@@ -33,10 +33,9 @@ impl Steering {
     /// A runtime over `db`'s database that runs no steps.
     async fn open(app: &App, db: &DatabaseArgs) -> Result<Self> {
         Ok(match Target::open(db, Needs::Both).await? {
-            Target::Postgres(db) => Self::Postgres(
-                app.runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-                    .await?,
-            ),
+            Target::Postgres(db) => {
+                Self::Postgres(app.runtime(&db, RunnerConfig::default(), false).await?)
+            }
             Target::Sqlite(backend) => Self::Sqlite(
                 app.sqlite_runtime(backend, RunnerConfig::default(), false)
                     .await?,

@@ -65,10 +65,7 @@ impl ShowCommand {
                 return Err(error);
             }
         };
-        let definition = match app
-            .runtime(&db.pool, &db.prefix, RunnerConfig::default(), false)
-            .await
-        {
+        let definition = match app.runtime(&db, RunnerConfig::default(), false).await {
             Ok(runtime) => runtime
                 .registry()
                 .get(instance.workflow_id.as_str(), instance.workflow_version)

@@ -171,6 +171,7 @@ impl PgQueue {
     /// [`PgQueue::cancel`] on the caller's connection or transaction.
     pub async fn cancel_using(&self, conn: &mut PgConnection, id: JobId) -> Result<bool, Error> {
         let rows: Vec<(i64, String)> = sqlx::query_as(&self.sql().cancel_one)
+            .persistent(self.persistent())
             .bind(id.0)
             .bind(self.now())
             .fetch_all(&mut *conn)
@@ -206,6 +207,7 @@ impl PgQueue {
             (&filter.group, &filter.meta, &filter.queue, &filter.kind)
         {
             sqlx::query_as(&self.sql().cancel_group)
+                .persistent(self.persistent())
                 .bind(group)
                 .bind(&filter.args)
                 .bind(filter.except.map(|id| id.0))
@@ -237,7 +239,9 @@ impl PgQueue {
                 .cancel_where_base
                 .replace("{live}", LIVE)
                 .replace("{conditions}", &conditions.sql);
-            let mut query = sqlx::query_as(&sql).bind(self.now());
+            let mut query = sqlx::query_as(&sql)
+                .persistent(self.persistent())
+                .bind(self.now());
             if let Some(group) = &filter.group {
                 query = query.bind(group);
             }
@@ -275,6 +279,7 @@ impl PgQueue {
             .collect();
         if !executing.is_empty() {
             sqlx::query(&self.sql().notify_cancelled)
+                .persistent(self.persistent())
                 .bind(self.channel())
                 .bind(&executing)
                 .execute(&mut *conn)

@@ -34,7 +34,7 @@ pub struct QueueCensus {
 impl PgQueue {
     /// What the jobs table holds (one statement).
     pub async fn census(&self) -> Result<QueueCensus, Error> {
-        self.census_using(self.pool()).await
+        self.census_using(self.db()).await
     }
 
     /// [`PgQueue::census`] through any executor (a transaction that also
@@ -45,6 +45,7 @@ impl PgQueue {
     ) -> Result<QueueCensus, Error> {
         let (jobs, unfinished, executing): (i64, i64, i64) =
             sqlx::query_as(&render(CENSUS, self.prefix()))
+                .persistent(self.persistent())
                 .fetch_one(executor)
                 .await?;
         Ok(QueueCensus {
@@ -64,9 +65,10 @@ impl PgQueue {
     ) -> Result<Option<Vec<f64>>, Error> {
         Ok(
             sqlx::query_scalar(&render(LATENCY_QUANTILES, self.prefix()))
+                .persistent(self.persistent())
                 .bind(kind)
                 .bind(quantiles)
-                .fetch_one(self.pool())
+                .fetch_one(self.db())
                 .await?,
         )
     }

@@ -87,11 +87,12 @@ impl PgQueue {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(&self.sql().fetch)
+            .persistent(self.persistent())
             .bind(queue)
             .bind(now)
             .bind(i64::from(limit))
             .bind(worker)
-            .fetch_all(self.pool())
+            .fetch_all(self.db())
             .await?;
         rows.iter().map(decode_lease).collect()
     }
@@ -107,10 +108,11 @@ impl PgQueue {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(&self.sql().fetch_any_queue)
+            .persistent(self.persistent())
             .bind(now)
             .bind(i64::from(limit))
             .bind(worker)
-            .fetch_all(self.pool())
+            .fetch_all(self.db())
             .await?;
         rows.iter().map(decode_lease).collect()
     }

@@ -173,8 +173,10 @@ impl PgQueue {
             tx.commit().await?;
             Ok(out)
         } else {
-            let mut conn = self.pool().acquire().await?;
-            self.insert_many_using(&mut conn, jobs).await
+            let mut conn = self.acquire().await?;
+            let out = self.insert_many_using(&mut conn, jobs).await?;
+            conn.finish().await?;
+            Ok(out)
         }
     }
 
@@ -267,6 +269,7 @@ impl PgQueue {
                 .collect();
             let holders: HashMap<String, i64> =
                 sqlx::query_as::<_, (String, i64, bool)>(&self.sql().find_unique)
+                    .persistent(self.persistent())
                     .bind(&keys)
                     .bind(self.channel())
                     .fetch_all(&mut *conn)
@@ -381,6 +384,7 @@ impl PgQueue {
             (false, true) => &self.sql().insert_plain_complete,
         };
         let query = sqlx::query(sql)
+            .persistent(self.persistent())
             .bind(&kinds)
             .bind(&queues)
             .bind(&args)

@@ -192,8 +192,9 @@ impl PgQueue {
     /// One job with every column.
     pub async fn job(&self, id: JobId) -> Result<Option<Job>, Error> {
         let row = sqlx::query(&self.sql().job)
+            .persistent(self.persistent())
             .bind(id.0)
-            .fetch_optional(self.pool())
+            .fetch_optional(self.db())
             .await?;
         row.as_ref().map(decode_job).transpose()
     }
@@ -230,7 +231,7 @@ impl PgQueue {
             let _ = write!(sql, " limit ${}", conditions.next);
         }
         let states: Vec<&str> = filter.states.iter().map(|s| s.as_str()).collect();
-        let mut query = sqlx::query(&sql);
+        let mut query = sqlx::query(&sql).persistent(self.persistent());
         if !states.is_empty() {
             query = query.bind(&states);
         }
@@ -255,7 +256,7 @@ impl PgQueue {
         if let Some(limit) = filter.limit {
             query = query.bind(i64::from(limit));
         }
-        let rows = query.fetch_all(self.pool()).await?;
+        let rows = query.fetch_all(self.db()).await?;
         rows.iter().map(decode_job).collect()
     }
 
@@ -265,15 +266,17 @@ impl PgQueue {
         let rows = match (&matching.group, &matching.args) {
             (Some(group), args) => {
                 sqlx::query(&self.sql().live_by_group)
+                    .persistent(self.persistent())
                     .bind(group)
                     .bind(args)
-                    .fetch_all(self.pool())
+                    .fetch_all(self.db())
                     .await?
             }
             (None, args) => {
                 sqlx::query(&self.sql().live_by_args)
+                    .persistent(self.persistent())
                     .bind(args)
-                    .fetch_all(self.pool())
+                    .fetch_all(self.db())
                     .await?
             }
         };
@@ -289,8 +292,9 @@ impl PgQueue {
     ) -> Result<Vec<FinishedCount>, Error> {
         let rows: Vec<(DateTime<Utc>, String, i64)> =
             sqlx::query_as(&self.sql().finished_per_minute)
+                .persistent(self.persistent())
                 .bind(since)
-                .fetch_all(self.pool())
+                .fetch_all(self.db())
                 .await?;
         rows.into_iter()
             .map(|(minute, state, count)| {
@@ -351,7 +355,8 @@ impl PgQueue {
     /// left out).
     pub async fn depth(&self) -> Result<Vec<QueueDepth>, Error> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(&self.sql().depth)
-            .fetch_all(self.pool())
+            .persistent(self.persistent())
+            .fetch_all(self.db())
             .await?;
         rows.into_iter()
             .map(|(queue, state, count)| {

@@ -109,10 +109,11 @@ impl PgQueue {
             .map(|(_, a)| i32::try_from(*a).unwrap_or(i32::MAX))
             .collect();
         let held: Vec<i64> = sqlx::query_scalar(&self.sql().heartbeat)
+            .persistent(self.persistent())
             .bind(&ids)
             .bind(&attempts)
             .bind(self.now())
-            .fetch_all(self.pool())
+            .fetch_all(self.db())
             .await?;
         Ok(held.into_iter().map(JobId).collect())
     }
@@ -124,9 +125,10 @@ impl PgQueue {
         limit: u32,
     ) -> Result<Vec<StaleJob>, Error> {
         let rows = sqlx::query(&self.sql().stale)
+            .persistent(self.persistent())
             .bind(before)
             .bind(i64::from(limit))
-            .fetch_all(self.pool())
+            .fetch_all(self.db())
             .await?;
         rows.iter()
             .map(|row| {
@@ -162,6 +164,7 @@ impl PgQueue {
             .collect();
         let mut tx = self.pool().begin().await?;
         let rescued: Vec<(i64, String)> = sqlx::query_as(&self.sql().rescue)
+            .persistent(self.persistent())
             .bind(&ids)
             .bind(&attempts)
             .bind(&records)
@@ -184,6 +187,7 @@ impl PgQueue {
         queues.dedup();
         if !queues.is_empty() {
             sqlx::query(&self.sql().notify_queues)
+                .persistent(self.persistent())
                 .bind(self.channel())
                 .bind(&queues)
                 .execute(&mut *tx)
@@ -223,6 +227,7 @@ impl PgQueue {
             .collect();
         let mut tx = self.pool().begin().await?;
         let released: Vec<(i64, String)> = sqlx::query_as(&self.sql().release)
+            .persistent(self.persistent())
             .bind(&ids)
             .bind(&attempts)
             .bind(&records)
@@ -236,8 +241,9 @@ impl PgQueue {
     /// when, or `None` when no runtime leads (the lease is free or lapsed).
     pub async fn maintenance_leader(&self) -> Result<Option<(String, DateTime<Utc>)>, Error> {
         Ok(sqlx::query_as(&self.sql().lease_holder)
+            .persistent(self.persistent())
             .bind("maintenance")
-            .fetch_optional(self.pool())
+            .fetch_optional(self.db())
             .await?)
     }
 
@@ -247,9 +253,10 @@ impl PgQueue {
         let mut total = 0;
         loop {
             let deleted = sqlx::query(&self.sql().prune)
+                .persistent(self.persistent())
                 .bind(before)
                 .bind(PRUNE_BATCH)
-                .execute(self.pool())
+                .execute(self.db())
                 .await?
                 .rows_affected();
             total += deleted;
@@ -272,6 +279,7 @@ impl PgQueue {
             return Ok(0);
         }
         Ok(sqlx::query(&self.sql().delete_groups)
+            .persistent(self.persistent())
             .bind(groups)
             .execute(executor)
             .await?
@@ -282,9 +290,10 @@ impl PgQueue {
     /// transaction).
     pub async fn notify_queues(&self, queues: &[&str]) -> Result<(), Error> {
         sqlx::query(&self.sql().notify_queues)
+            .persistent(self.persistent())
             .bind(self.channel())
             .bind(queues)
-            .execute(self.pool())
+            .execute(self.db())
             .await?;
         Ok(())
     }

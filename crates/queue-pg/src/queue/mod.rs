@@ -14,6 +14,7 @@ mod settle;
 use std::sync::Arc;
 
 use hephaestus_migrations_gen::SchemaPrefix;
+use hephaestus_pg_pooling::{Acquired, Pooled, Pooling};
 use sqlx::PgPool;
 
 use hephaestus_engine_core::clock::{Clock, SystemClock};
@@ -25,8 +26,9 @@ pub use maintenance::StaleJob;
 pub(crate) use maintenance::rescue_error;
 pub use settle::Settled;
 
-/// The job queue on one schema: a pool, the validated schema prefix and the
-/// clock behind scheduling decisions. Cheap to clone (one `Arc`).
+/// The job queue on one schema: a pool, the validated schema prefix, the
+/// clock behind scheduling decisions and how the pool's connections reach
+/// PostgreSQL ([`Pooling`]). Cheap to clone (one `Arc`).
 #[derive(Debug, Clone)]
 pub struct PgQueue {
     inner: Arc<Inner>,
@@ -37,6 +39,7 @@ struct Inner {
     pool: PgPool,
     prefix: SchemaPrefix,
     clock: Arc<dyn Clock>,
+    pooling: Pooling,
     channel: String,
     sql: Statements,
 }
@@ -45,7 +48,7 @@ impl PgQueue {
     /// A queue on the jobs table in `prefix`, with the system clock. The
     /// table must exist ([`crate::migrate`]).
     pub fn new(pool: PgPool, prefix: SchemaPrefix) -> Self {
-        Self::build(pool, prefix, Arc::new(SystemClock))
+        Self::build(pool, prefix, Arc::new(SystemClock), Pooling::Session)
     }
 
     /// The same queue with another clock (tests move time with
@@ -56,10 +59,29 @@ impl PgQueue {
             self.inner.pool.clone(),
             self.inner.prefix.clone(),
             Arc::new(clock),
+            self.inner.pooling,
         )
     }
 
-    fn build(pool: PgPool, prefix: SchemaPrefix, clock: Arc<dyn Clock>) -> Self {
+    /// The same queue for a pool whose connections reach PostgreSQL the
+    /// `pooling` way (default [`Pooling::Session`]: direct connections).
+    /// Under [`Pooling::Transaction`] (PgBouncer's `pool_mode =
+    /// transaction`; connect the pool with [`Pooling::connect_options`])
+    /// every statement is unnamed and runs inside a transaction: the
+    /// caller's for the `*_using` forms (give them a transaction, not a
+    /// bare connection), else one of its own; and a [`crate::QueueRuntime`]
+    /// polls instead of listening.
+    #[must_use]
+    pub fn with_pooling(&self, pooling: Pooling) -> Self {
+        Self::build(
+            self.inner.pool.clone(),
+            self.inner.prefix.clone(),
+            Arc::clone(&self.inner.clock),
+            pooling,
+        )
+    }
+
+    fn build(pool: PgPool, prefix: SchemaPrefix, clock: Arc<dyn Clock>, pooling: Pooling) -> Self {
         let sql = Statements::render(&prefix);
         let channel = channel_name(&prefix);
         Self {
@@ -67,6 +89,7 @@ impl PgQueue {
                 pool,
                 prefix,
                 clock,
+                pooling,
                 channel,
                 sql,
             }),
@@ -76,6 +99,30 @@ impl PgQueue {
     /// The pool.
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// How the pool's connections reach PostgreSQL (see
+    /// [`PgQueue::with_pooling`]).
+    pub fn pooling(&self) -> Pooling {
+        self.inner.pooling
+    }
+
+    /// The executor for one statement that is no part of a caller's
+    /// transaction (the pool itself under session pooling).
+    pub(crate) fn db(&self) -> Pooled<'_> {
+        self.inner.pooling.on(&self.inner.pool)
+    }
+
+    /// A connection for statements that are no part of a caller's
+    /// transaction ([`Pooling::acquire`]: `finish` it).
+    pub(crate) async fn acquire(&self) -> Result<Acquired, sqlx::Error> {
+        self.inner.pooling.acquire(&self.inner.pool).await
+    }
+
+    /// sqlx's `persistent` for every statement with parameters: named and
+    /// cached under session pooling only.
+    pub(crate) fn persistent(&self) -> bool {
+        self.inner.pooling.persistent_statements()
     }
 
     /// The schema prefix.

@@ -139,8 +139,10 @@ fn attempt_i32(lease: &JobLease) -> Result<i32, Error> {
 impl PgQueue {
     /// Completes many leases in one statement, each fenced by its attempt.
     pub async fn complete_many(&self, leases: &[(JobId, u32)]) -> Result<Settled, Error> {
-        let mut conn = self.pool().acquire().await?;
-        self.complete_many_using(&mut conn, leases).await
+        let mut conn = self.acquire().await?;
+        let settled = self.complete_many_using(&mut conn, leases).await?;
+        conn.finish().await?;
+        Ok(settled)
     }
 
     /// [`PgQueue::complete_many`] on the caller's connection or transaction.
@@ -161,9 +163,12 @@ impl PgQueue {
         &self,
         leases: &[(JobId, u32)],
     ) -> Result<Settled, Error> {
-        let mut conn = self.pool().acquire().await?;
-        self.complete_leases(&mut conn, leases, &self.sql().complete_delete)
-            .await
+        let mut conn = self.acquire().await?;
+        let settled = self
+            .complete_leases(&mut conn, leases, &self.sql().complete_delete)
+            .await?;
+        conn.finish().await?;
+        Ok(settled)
     }
 
     async fn complete_leases(
@@ -177,6 +182,7 @@ impl PgQueue {
         }
         let (ids, attempts) = lease_columns(leases)?;
         let done: Vec<i64> = sqlx::query_scalar(sql)
+            .persistent(self.persistent())
             .bind(&ids)
             .bind(&attempts)
             .bind(self.now())
@@ -216,6 +222,7 @@ impl PgQueue {
         now: DateTime<Utc>,
     ) -> Result<bool, Error> {
         let settled: i64 = sqlx::query_scalar(&self.sql().retry)
+            .persistent(self.persistent())
             .bind(lease.id.0)
             .bind(attempt_i32(lease)?)
             .bind(record_json(lease, error, now)?)
@@ -237,6 +244,7 @@ impl PgQueue {
         now: DateTime<Utc>,
     ) -> Result<bool, Error> {
         let done = sqlx::query(&self.sql().discard)
+            .persistent(self.persistent())
             .bind(lease.id.0)
             .bind(attempt_i32(lease)?)
             .bind(record_json(lease, error, now)?)
@@ -255,6 +263,7 @@ impl PgQueue {
         until: DateTime<Utc>,
     ) -> Result<bool, Error> {
         let settled: i64 = sqlx::query_scalar(&self.sql().snooze)
+            .persistent(self.persistent())
             .bind(lease.id.0)
             .bind(attempt_i32(lease)?)
             .bind(until)
@@ -273,6 +282,7 @@ impl PgQueue {
         now: DateTime<Utc>,
     ) -> Result<bool, Error> {
         let done = sqlx::query(&self.sql().cancel_own)
+            .persistent(self.persistent())
             .bind(lease.id.0)
             .bind(attempt_i32(lease)?)
             .bind(record_json(lease, reason, now)?)

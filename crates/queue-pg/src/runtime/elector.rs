@@ -184,10 +184,11 @@ impl Campaign {
             &self.acquire
         };
         let result = sqlx::query_scalar::<_, String>(sql)
+            .persistent(self.queue.persistent())
             .bind(MAINTENANCE)
             .bind(&self.holder)
             .bind(self.ttl_ms())
-            .fetch_optional(self.queue.pool())
+            .fetch_optional(self.queue.db())
             .await;
         match result {
             Ok(Some(_)) => {
@@ -224,9 +225,10 @@ impl Campaign {
         }
         self.leadership.lose();
         if let Err(error) = sqlx::query(&self.resign)
+            .persistent(self.queue.persistent())
             .bind(MAINTENANCE)
             .bind(&self.holder)
-            .execute(self.queue.pool())
+            .execute(self.queue.db())
             .await
         {
             tracing::warn!(target: "hephaestus_queue", %error, "could not give up the maintenance lease");

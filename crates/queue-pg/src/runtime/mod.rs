@@ -53,7 +53,10 @@ pub struct RuntimeConfig {
     pub poll_interval: Duration,
     /// No LISTEN connection: producers only poll, and running jobs learn of
     /// a cancel at their next heartbeat (works behind transaction-pooling
-    /// PgBouncer). Default false.
+    /// PgBouncer). Default false, except for a queue under
+    /// [`Pooling::Transaction`](crate::Pooling::Transaction) (see
+    /// [`PgQueue::with_pooling`]): [`QueueRuntime::builder`] sets it, and
+    /// [`RuntimeBuilder::start`] refuses to LISTEN through such a proxy.
     pub poll_only: bool,
     /// How often running jobs heartbeat. Default 5 s.
     pub heartbeat_interval: Duration,
@@ -398,6 +401,7 @@ impl RuntimeBuilder {
         } = self;
         config.validate(&queues)?;
         check_pool(&queue, &config)?;
+        check_pooling(&queue, &config)?;
         let worker_id = config.worker_id.clone().unwrap_or_else(default_worker_id);
         let events = Events::new(config.events_capacity);
         let running = Running::new();
@@ -617,11 +621,15 @@ impl QueueRuntime {
     /// A runtime for `queue` running `workers`; add queues with
     /// [`RuntimeBuilder::queue`].
     pub fn builder(queue: PgQueue, workers: Workers) -> RuntimeBuilder {
+        // LISTEN needs a session of its own: a queue behind a
+        // transaction-pooling proxy polls unless told otherwise (and is
+        // refused at start if told so).
+        let config = RuntimeConfig::default().with_poll_only(queue.pooling().needs_transaction());
         RuntimeBuilder {
             queue,
             workers,
             queues: Vec::new(),
-            config: RuntimeConfig::default(),
+            config,
         }
     }
 
@@ -785,6 +793,19 @@ fn check_pool(queue: &PgQueue, config: &RuntimeConfig) -> Result<(), Error> {
             "the connection pool allows {max} connection(s); the queue runtime holds {} for itself (its LISTEN connection) and needs at least one more: use a pool of at least {needed} (concurrency + 4 recommended)",
             connections_held(config)
         )));
+    }
+    Ok(())
+}
+
+/// Refuses LISTEN through a transaction-pooling proxy: the server session
+/// that ran `LISTEN` goes back to the proxy's pool at once, and the
+/// notifications reach whichever client holds it next, or nobody.
+fn check_pooling(queue: &PgQueue, config: &RuntimeConfig) -> Result<(), Error> {
+    if queue.pooling().needs_transaction() && !config.poll_only {
+        return Err(Error::Config(
+            "the queue's connections go through a transaction-pooling proxy (Pooling::Transaction), where LISTEN cannot work: set poll_only"
+                .to_owned(),
+        ));
     }
     Ok(())
 }
