@@ -41,12 +41,11 @@ mod support;
 mod fixtures;
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use hephaestus_engine_core::WorkflowId;
@@ -67,6 +66,7 @@ use crate::support::bin::hephaestus_bin;
 use crate::support::db::{database_url, unique_suffix};
 use crate::support::plans::{Plan, check_instance, recorded_executions, recorded_results};
 use crate::support::rng::Rng;
+use crate::support::worker::KillableWorker;
 
 /// Instances of a normal run.
 const INSTANCES: usize = 500;
@@ -127,7 +127,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
         let (bin, schema) = (bin.clone(), env.prefix.as_str().to_owned());
         move || {
             (0..WORKERS)
-                .map(|_| WorkerProc::spawn(&bin, &schema).expect("a worker starts"))
+                .map(|_| spawn_worker(&bin, &schema).expect("a worker starts"))
                 .collect::<Vec<_>>()
         }
     })
@@ -226,7 +226,7 @@ async fn killed_workers_and_a_server_restart_lose_nothing_and_apply_nothing_twic
     let stopped = tokio::task::spawn_blocking(move || {
         workers
             .into_iter()
-            .map(WorkerProc::stop)
+            .map(|worker| worker.stop(Duration::from_secs(20)))
             .collect::<Vec<_>>()
     })
     .await
@@ -347,101 +347,29 @@ async fn resume_waiting(rt: Runtime<PgBackend>, stop: Arc<AtomicBool>) -> Resume
     resumes
 }
 
-/// A `hephaestus worker` process.
-#[derive(Debug)]
-struct WorkerProc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl WorkerProc {
-    /// Starts a worker on `schema` and waits for its ready line.
-    fn spawn(bin: &Path, schema: &str) -> Result<Self, String> {
-        let mut child = Command::new(bin)
-            .args([
-                "worker",
-                "--schema",
-                schema,
-                "--concurrency",
-                "6",
-                "--heartbeat-ms",
-                "100",
-                "--stale-after-ms",
-                "1000",
-                "--rescue-interval-ms",
-                "200",
-                "--poll-ms",
-                "100",
-                "--reconcile-ms",
-                "1000",
-                "--grace-ms",
-                "2000",
-                "--exit-on-stdin-close",
-            ])
-            .env("DATABASE_URL", database_url())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stdin = child.stdin.take();
-        let (ready, on_ready) = mpsc::channel();
-        // Reads every line, so the worker never blocks on a full pipe.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("hephaestus worker ready") {
-                    let _ = ready.send(());
-                }
-            }
-        });
-        let mut worker = Self { child, stdin };
-        match on_ready.recv_timeout(Duration::from_secs(30)) {
-            Ok(()) => Ok(worker),
-            Err(e) => {
-                worker.kill();
-                Err(format!("the worker did not get ready: {e:?}"))
-            }
-        }
-    }
-
-    /// SIGKILL.
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Closes stdin (a graceful shutdown) and waits for the exit; kills it
-    /// after 20 s.
-    fn stop(mut self) -> Result<std::process::ExitStatus, String> {
-        drop(self.stdin.take());
-        // Not reaped before `wait` returns, so the pid stays this child's.
-        let pid = self.child.id().to_string();
-        let child = &mut self.child;
-        std::thread::scope(|scope| {
-            let (exited, on_exit) = mpsc::channel();
-            scope.spawn(move || {
-                let _ = exited.send(child.wait());
-            });
-            if let Ok(status) = on_exit.recv_timeout(Duration::from_secs(20)) {
-                return status.map_err(|e| e.to_string());
-            }
-            // The waiting thread holds the child: SIGKILL it by its pid,
-            // which ends that wait.
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            Err("did not exit within 20 s of its stdin closing".to_owned())
-        })
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        // No orphan workers when the test fails.
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.kill();
-        }
-    }
+/// A `hephaestus worker` on `schema`, tuned to notice dead workers fast.
+fn spawn_worker(bin: &Path, schema: &str) -> Result<KillableWorker, String> {
+    let args = [
+        "worker",
+        "--schema",
+        schema,
+        "--concurrency",
+        "6",
+        "--heartbeat-ms",
+        "100",
+        "--stale-after-ms",
+        "1000",
+        "--rescue-interval-ms",
+        "200",
+        "--poll-ms",
+        "100",
+        "--reconcile-ms",
+        "1000",
+        "--grace-ms",
+        "2000",
+        "--exit-on-stdin-close",
+    ];
+    KillableWorker::spawn(bin, &args, &[("DATABASE_URL", database_url())])
 }
 
 /// The fault injector: runs on a thread of its own.
@@ -464,7 +392,7 @@ struct ChaosReport {
 }
 
 impl Chaos {
-    fn run(mut self, mut workers: Vec<WorkerProc>) -> (Vec<WorkerProc>, ChaosReport) {
+    fn run(mut self, mut workers: Vec<KillableWorker>) -> (Vec<KillableWorker>, ChaosReport) {
         let mut report = ChaosReport::default();
         while !self.stop.load(Ordering::SeqCst) {
             // not a wait: the fault schedule, a kill every 200 to 600 ms
@@ -491,10 +419,10 @@ impl Chaos {
     }
 
     /// A new worker; retried while the server restarts.
-    fn respawn(&self) -> WorkerProc {
+    fn respawn(&self) -> KillableWorker {
         let mut last = String::new();
         for _ in 0..60 {
-            match WorkerProc::spawn(&self.bin, &self.schema) {
+            match spawn_worker(&self.bin, &self.schema) {
                 Ok(worker) => return worker,
                 Err(e) => last = e,
             }

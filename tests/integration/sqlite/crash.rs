@@ -11,9 +11,7 @@
 //! the kill schedule (timing still varies).
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead as _, BufReader};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -31,6 +29,7 @@ use crate::support::bin::hephaestus_bin;
 use crate::support::plans::{Plan, check_instance};
 use crate::support::rng::Rng;
 use crate::support::sqlite::TempDir;
+use crate::support::worker::KillableWorker;
 
 /// Workflows started.
 const INSTANCES: usize = 200;
@@ -79,14 +78,14 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
         let (bin, file, stop) = (bin.clone(), file.clone(), Arc::clone(&stop_kills));
         move || {
             let mut rng = Rng(killer_seed);
-            let mut worker = WorkerProc::spawn(&bin, &file);
+            let mut worker = spawn_worker(&bin, &file);
             let mut kills = 0_usize;
             while !stop.load(Ordering::SeqCst) {
                 // not a wait: the fault schedule, a kill every 150 to 600 ms
                 std::thread::sleep(Duration::from_millis(150 + rng.below(450)));
                 worker.kill();
                 kills += 1;
-                worker = WorkerProc::spawn(&bin, &file);
+                worker = spawn_worker(&bin, &file);
             }
             (worker, kills)
         }
@@ -139,7 +138,7 @@ async fn a_worker_killed_again_and_again_loses_nothing_and_applies_nothing_twice
     );
     stop_resumer.store(true, Ordering::SeqCst);
     resumer.await.expect("the resumer");
-    let status = tokio::task::spawn_blocking(move || worker.stop())
+    let status = tokio::task::spawn_blocking(move || worker.stop(Duration::from_secs(30)))
         .await
         .expect("stopping the worker");
     assert!(
@@ -287,86 +286,29 @@ async fn results(
     out
 }
 
-/// A `hephaestus worker` process on the file.
-struct WorkerProc {
-    child: Child,
-    stdin: Option<ChildStdin>,
-}
-
-impl WorkerProc {
-    /// Starts a worker; it is either ready or refused (the killed one's
-    /// lock is free at once, so a refusal is a failure).
-    fn spawn(bin: &Path, file: &Path) -> Self {
-        let mut child = Command::new(bin)
-            .args([
-                "worker",
-                "--database-url",
-                &format!("sqlite://{}", file.display()),
-                "--concurrency",
-                "6",
-                "--heartbeat-ms",
-                "100",
-                "--stale-after-ms",
-                "1000",
-                "--rescue-interval-ms",
-                "200",
-                "--poll-ms",
-                "50",
-                "--reconcile-ms",
-                "1000",
-                "--exit-on-stdin-close",
-            ])
-            // The scripted failures would fill the output with their logs.
-            .env("RUST_LOG", "off")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start a worker");
-        let stdout = child.stdout.take().expect("a piped stdout");
-        let stdin = child.stdin.take();
-        let mut lines = BufReader::new(stdout).lines();
-        let ready = lines
-            .by_ref()
-            .map_while(Result::ok)
-            .any(|line| line.starts_with("hephaestus worker ready"));
-        assert!(ready, "the worker did not start");
-        // Keep draining its stdout so it never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-        Self { child, stdin }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-
-    /// Closes stdin (a graceful stop) and waits for the exit.
-    fn stop(mut self) -> Result<std::process::ExitStatus, String> {
-        drop(self.stdin.take());
-        // Not reaped before `wait` returns, so the pid stays this child's.
-        let pid = self.child.id().to_string();
-        let child = &mut self.child;
-        std::thread::scope(|scope| {
-            let (exited, on_exit) = std::sync::mpsc::channel();
-            scope.spawn(move || {
-                let _ = exited.send(child.wait());
-            });
-            if let Ok(status) = on_exit.recv_timeout(Duration::from_secs(30)) {
-                return status.map_err(|e| e.to_string());
-            }
-            // The waiting thread holds the child: SIGKILL it by its pid,
-            // which ends that wait.
-            let _ = Command::new("kill").args(["-KILL", &pid]).status();
-            Err("no exit within 30 s of closing stdin".to_owned())
-        })
-    }
-}
-
-impl Drop for WorkerProc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            self.kill();
-        }
-    }
+/// A `hephaestus worker` on the file, tuned to notice dead workers fast;
+/// it is either ready or refused (the killed one's lock is free at once, so
+/// a refusal is a failure).
+fn spawn_worker(bin: &Path, file: &Path) -> KillableWorker {
+    let url = format!("sqlite://{}", file.display());
+    let args = [
+        "worker",
+        "--database-url",
+        &url,
+        "--concurrency",
+        "6",
+        "--heartbeat-ms",
+        "100",
+        "--stale-after-ms",
+        "1000",
+        "--rescue-interval-ms",
+        "200",
+        "--poll-ms",
+        "50",
+        "--reconcile-ms",
+        "1000",
+        "--exit-on-stdin-close",
+    ];
+    // The scripted failures would fill the output with their logs.
+    KillableWorker::spawn(bin, &args, &[("RUST_LOG", "off")]).expect("a worker starts")
 }

@@ -1,5 +1,6 @@
-//! A `hephaestus worker` process for the tests that run real workers
-//! (`worker_ops`, `pgbouncer`).
+//! `hephaestus worker` processes for the tests that run real workers:
+//! [`Worker`] (`worker_ops`, `pgbouncer`) and [`KillableWorker`] (the chaos
+//! test and the SQLite crash test).
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, Stdio};
@@ -108,5 +109,94 @@ impl Drop for Worker {
         // A failed assertion must not leave a worker running (or stopped).
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A worker process the crash tests start, SIGKILL and start again, over
+/// and over: started with `--exit-on-stdin-close` among its arguments, it
+/// stops gracefully when its stdin closes ([`KillableWorker::stop`]). Its
+/// stdout is drained in the background so it never blocks on a full pipe;
+/// its stderr goes to the test's.
+#[derive(Debug)]
+pub struct KillableWorker {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl KillableWorker {
+    /// Starts `bin` with `args` and `envs` and waits (at most 30 s) for its
+    /// ready line.
+    pub fn spawn(
+        bin: &std::path::Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Self, String> {
+        let mut child = Command::new(bin)
+            .args(args)
+            .envs(envs.iter().copied())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let stdin = child.stdin.take();
+        let (ready, on_ready) = std::sync::mpsc::channel();
+        // Reads every line, so the worker never blocks on a full pipe.
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.starts_with("hephaestus worker ready") {
+                    let _ = ready.send(());
+                }
+            }
+        });
+        let mut worker = Self { child, stdin };
+        match on_ready.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(()) => Ok(worker),
+            Err(e) => {
+                worker.kill();
+                Err(format!("the worker did not get ready: {e:?}"))
+            }
+        }
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Closes stdin (a graceful stop) and waits for the exit; SIGKILLs it
+    /// after `within`.
+    pub fn stop(mut self, within: std::time::Duration) -> Result<std::process::ExitStatus, String> {
+        drop(self.stdin.take());
+        // Not reaped before `wait` returns, so the pid stays this child's.
+        let pid = self.child.id().to_string();
+        let child = &mut self.child;
+        std::thread::scope(|scope| {
+            let (exited, on_exit) = std::sync::mpsc::channel();
+            scope.spawn(move || {
+                let _ = exited.send(child.wait());
+            });
+            if let Ok(status) = on_exit.recv_timeout(within) {
+                return status.map_err(|e| e.to_string());
+            }
+            // The waiting thread holds the child: SIGKILL it by its pid,
+            // which ends that wait.
+            let _ = Command::new("kill").args(["-KILL", &pid]).status();
+            Err(format!(
+                "did not exit within {within:?} of its stdin closing"
+            ))
+        })
+    }
+}
+
+impl Drop for KillableWorker {
+    fn drop(&mut self) {
+        // No orphan workers when the test fails.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill();
+        }
     }
 }
