@@ -72,6 +72,7 @@
 //! side with PostgreSQL: `docs/sqlite.md`.
 
 mod backend;
+mod batch;
 pub mod error;
 mod inspect;
 mod instances;
@@ -85,6 +86,7 @@ mod tx;
 pub mod worker;
 
 pub use backend::{Durability, Migrated, SqliteBackend, SqliteOptions};
+pub use batch::EnqueuedAndCompleted;
 pub use error::Error;
 pub use inspect::{JobError, JobRecord, QueueDepth};
 pub use maintenance::InstanceRetention;
