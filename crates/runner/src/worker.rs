@@ -121,7 +121,10 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// Runs jobs with up to `concurrency` at once until `shutdown` resolves,
-    /// then waits for the running ones.
+    /// then waits for the running ones. A job may go on with the
+    /// continuations its settling commit claimed
+    /// ([`RunnerConfig::continuations`](crate::RunnerConfig::continuations)),
+    /// in its slot, before the slot is free again.
     pub async fn run(
         &self,
         shutdown: impl Future<Output = ()>,
@@ -157,7 +160,11 @@ impl<B: Backend> Runtime<B> {
                     let rt = self.clone();
                     running.spawn(async move {
                         let id = lease.id;
-                        (id, rt.perform(lease).await)
+                        // With continuations on, the steps its result
+                        // activates may follow in this slot (claimed in the
+                        // settling commit, heartbeated by the runner).
+                        let chain = rt.inner.config.continuations;
+                        (id, rt.perform_job(lease, None, None, chain).await)
                     });
                 }
             }
