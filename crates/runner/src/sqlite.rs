@@ -78,6 +78,15 @@ impl Backend for SqliteBackend {
             .await
     }
 
+    /// The backend's in-process wake-up ([`SqliteBackend::enqueued`]): a
+    /// worker loop wakes at once for jobs another runtime of this process
+    /// enqueued, instead of at its next poll.
+    fn enqueued_wake(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(self.enqueued().notified())
+    }
+
     /// At most three statements (unique holders, insert, completion);
     /// claimed jobs are inserted executing, with no wake-up for them.
     async fn enqueue_and_complete(

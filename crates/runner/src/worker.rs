@@ -140,6 +140,9 @@ impl<B: Backend> Runtime<B> {
         let mut rescue = tokio::time::interval(self.inner.config.rescue_interval);
         tokio::pin!(shutdown);
         loop {
+            // Taken before the fetch: a commit of another runtime that
+            // enqueues meanwhile still wakes this loop.
+            let enqueued = self.inner.backend.enqueued_wake();
             let mut fetched = 0;
             for queue in &queues {
                 let free = concurrency.saturating_sub(running.len());
@@ -192,6 +195,7 @@ impl<B: Backend> Runtime<B> {
                     }
                 }
                 () = notified => {}
+                () = enqueued => {}
                 () = tokio::time::sleep(poll) => {}
             }
         }
