@@ -34,7 +34,7 @@ use hephaestus_engine_core::engine::{Engine, Input, NewInstance};
 use hephaestus_engine_core::instance::{Instance, InstanceStatus};
 use hephaestus_engine_core::ports::{
     Consumed, Enqueued, JobState, NewJob, NewStepResult, PortError, Recorded, Refused, ResultKind,
-    ResultPayload, RoundResult,
+    ResultPayload, RoundResult, UniqueJob,
 };
 use hephaestus_engine_core::step::{EventName, StepOutcome};
 use hephaestus_engine_core::steps::{Done, FnStep};
@@ -59,6 +59,7 @@ macro_rules! __backend_conformance_cases {
             write_rounds_records_marks_refuses_and_writes_at_commit,
             write_rounds_refuses_an_instance_it_does_not_hold,
             enqueue_and_complete_enqueues_and_fences_each_lease,
+            enqueue_and_complete_merges_unique_jobs_and_never_claims_a_merged_one,
             reconcile_page_pages_active_instances_and_flags_lost_work,
         ] }
     };
@@ -565,6 +566,93 @@ pub async fn enqueue_and_complete_enqueues_and_fences_each_lease<B: Backend>(
     ensure(fetched.len() == fetchable, || {
         format!("every unclaimed job is fetched: {fetched:?}")
     })
+}
+
+/// Case: a unique job whose key is held, by a stored job or by an earlier
+/// job of the same batch, is merged into its holder and never comes back
+/// claimed, even when flagged; the holder is left as it was. A claimed job
+/// that was inserted executes at attempt 1 and holds its key.
+#[doc(hidden)]
+pub async fn enqueue_and_complete_merges_unique_jobs_and_never_claims_a_merged_one<B: Backend>(
+    b: &B,
+) -> Result<(), String> {
+    let queue = "conformance";
+    let unique = |key: &str, n: u32| {
+        NewJob::new("work", queue, json!({"n": n})).with_unique(UniqueJob {
+            key: key.to_owned(),
+            states: JobState::ALL.to_vec(),
+        })
+    };
+    let mut tx = b.begin().await.check("begin")?;
+    let stored = b
+        .enqueue(&mut tx, &[unique("held", 1)])
+        .await
+        .check("enqueue")?;
+    b.commit(tx).await.check("commit")?;
+    let holder = match stored.as_slice() {
+        [Enqueued::Inserted(id)] => *id,
+        other => return Err(format!("the holder is inserted: {other:?}")),
+    };
+    let jobs = [unique("held", 2), unique("fresh", 3), unique("fresh", 4)];
+    let mut tx = b.begin().await.check("begin")?;
+    let SettlementDone { enqueued, held } = b
+        .enqueue_and_complete(
+            &mut tx,
+            Settlement {
+                jobs: &jobs,
+                claim: &[true, true, true],
+                leases: &[],
+            },
+        )
+        .await
+        .check("enqueue_and_complete")?;
+    b.commit(tx).await.check("commit")?;
+    ensure(held.is_empty(), || {
+        format!("no lease to complete: {held:?}")
+    })?;
+    ensure(enqueued.len() == 3, || {
+        format!("one outcome per job: {enqueued:?}")
+    })?;
+    ensure(
+        matches!(enqueued[0], (Enqueued::Existing(id), None) if id == holder),
+        || {
+            format!(
+                "merged into the stored holder, unclaimed: {:?}",
+                enqueued[0]
+            )
+        },
+    )?;
+    let fresh = match &enqueued[1] {
+        (Enqueued::Inserted(id), _) => *id,
+        other => {
+            return Err(format!(
+                "the first job of a fresh key is inserted: {other:?}"
+            ));
+        }
+    };
+    ensure(
+        matches!(enqueued[2], (Enqueued::Existing(id), None) if id == fresh),
+        || {
+            format!(
+                "a repeated key merges into the batch's earlier job, unclaimed: {:?}",
+                enqueued[2]
+            )
+        },
+    )?;
+    let state = |id| async move { b.job(id).await.check("job").map(|j| j.map(|j| j.state)) };
+    ensure(state(holder).await? == Some(JobState::Available), || {
+        "the stored holder is left as it was".to_owned()
+    })?;
+    let fresh_state = state(fresh).await?;
+    match &enqueued[1].1 {
+        Some(lease) => ensure(
+            fresh_state == Some(JobState::Executing) && lease.attempt == 1 && lease.id == fresh,
+            || format!("a claimed job executes at attempt 1: {fresh_state:?} {lease:?}"),
+        ),
+        None => ensure(fresh_state == Some(JobState::Available), || {
+            format!("an unclaimed job is available: {fresh_state:?}")
+        }),
+    }
 }
 
 /// Case: the reconciler's pages list the active instances newest first

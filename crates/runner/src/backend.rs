@@ -235,6 +235,19 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
             .collect())
     }
 
+    /// A wake-up for the worker loop ([`Runtime::run`](crate::Runtime::run)):
+    /// resolves when a commit through this backend, from any runtime of
+    /// this process, enqueued jobs (the loop already wakes at its own
+    /// runtime's commits; this covers another runtime, an application's
+    /// starter say, on the same backend). It counts from its creation, so
+    /// the loop takes it before looking for work. The default never
+    /// resolves: the loop polls (`poll_interval`).
+    fn enqueued_wake(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
+        Box::pin(std::future::pending())
+    }
+
     /// What settling a batch ends with, in `tx`: enqueues the jobs (those
     /// flagged in [`Settlement::claim`] may come back claimed by this
     /// worker, already executing at attempt 1, to run right after the

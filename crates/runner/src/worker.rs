@@ -121,7 +121,10 @@ impl<B: Backend> Runtime<B> {
     }
 
     /// Runs jobs with up to `concurrency` at once until `shutdown` resolves,
-    /// then waits for the running ones.
+    /// then waits for the running ones. A job may go on with the
+    /// continuations its settling commit claimed
+    /// ([`RunnerConfig::continuations`](crate::RunnerConfig::continuations)),
+    /// in its slot, before the slot is free again.
     pub async fn run(
         &self,
         shutdown: impl Future<Output = ()>,
@@ -137,30 +140,12 @@ impl<B: Backend> Runtime<B> {
         let mut rescue = tokio::time::interval(self.inner.config.rescue_interval);
         tokio::pin!(shutdown);
         loop {
-            let mut fetched = 0;
-            for queue in &queues {
-                let free = concurrency.saturating_sub(running.len());
-                if free == 0 {
-                    break;
-                }
-                let limit = u32::try_from(free).unwrap_or(u32::MAX);
-                let leases = match self.inner.backend.fetch(queue, limit, self.now()).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        tracing::warn!(error = %e, queue, "fetch failed");
-                        Vec::new()
-                    }
-                };
-                for lease in leases {
-                    fetched += 1;
-                    leases_held.insert(lease.id, lease.attempt);
-                    let rt = self.clone();
-                    running.spawn(async move {
-                        let id = lease.id;
-                        (id, rt.perform(lease).await)
-                    });
-                }
-            }
+            // Taken before the fetch: a commit of another runtime that
+            // enqueues meanwhile still wakes this loop.
+            let enqueued = self.inner.backend.enqueued_wake();
+            let fetched = self
+                .fetch_and_spawn(&queues, concurrency, &mut running, &mut leases_held)
+                .await;
             if fetched > 0 {
                 continue;
             }
@@ -185,6 +170,7 @@ impl<B: Backend> Runtime<B> {
                     }
                 }
                 () = notified => {}
+                () = enqueued => {}
                 () = tokio::time::sleep(poll) => {}
             }
         }
@@ -194,5 +180,45 @@ impl<B: Backend> Runtime<B> {
             }
         }
         Ok(report)
+    }
+
+    /// One look for work in every queue, as many jobs as `concurrency`
+    /// leaves room for, each run in a task of `running`; how many started.
+    async fn fetch_and_spawn(
+        &self,
+        queues: &[String],
+        concurrency: usize,
+        running: &mut JoinSet<(JobId, JobOutcome)>,
+        leases_held: &mut HashMap<JobId, u32>,
+    ) -> usize {
+        let mut fetched = 0;
+        for queue in queues {
+            let free = concurrency.saturating_sub(running.len());
+            if free == 0 {
+                break;
+            }
+            let limit = u32::try_from(free).unwrap_or(u32::MAX);
+            let leases = match self.inner.backend.fetch(queue, limit, self.now()).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, queue, "fetch failed");
+                    Vec::new()
+                }
+            };
+            for lease in leases {
+                fetched += 1;
+                leases_held.insert(lease.id, lease.attempt);
+                let rt = self.clone();
+                running.spawn(async move {
+                    let id = lease.id;
+                    // With continuations on, the steps its result
+                    // activates may follow in this slot (claimed in the
+                    // settling commit, heartbeated by the runner).
+                    let chain = rt.inner.config.continuations;
+                    (id, rt.perform_job(lease, None, None, chain).await)
+                });
+            }
+        }
+        fetched
     }
 }

@@ -49,19 +49,19 @@ pub(crate) fn check_text(what: &str, text: &str) -> Result<(), PortError> {
 }
 
 /// An instance's values as bound by insert and update.
-struct Encoded {
-    id: String,
-    version: i64,
-    state: String,
-    failure: Option<String>,
-    telemetry: String,
-    revision: i64,
-    inserted_at: i64,
-    updated_at: i64,
+pub(crate) struct Encoded {
+    pub(crate) id: String,
+    pub(crate) version: i64,
+    pub(crate) state: String,
+    pub(crate) failure: Option<String>,
+    pub(crate) telemetry: String,
+    pub(crate) revision: i64,
+    pub(crate) inserted_at: i64,
+    pub(crate) updated_at: i64,
 }
 
 impl Encoded {
-    fn of(instance: &Instance) -> Result<Self, PortError> {
+    pub(crate) fn of(instance: &Instance) -> Result<Self, PortError> {
         let what = |part: &str| format!("instance {} {part}", instance.id);
         check_text("business id", instance.business_id.as_str())?;
         let state = columns::state_of(instance);
@@ -173,7 +173,7 @@ async fn claim_holder(
         .transpose()
 }
 
-fn is_unique_violation(error: &sqlx::Error) -> bool {
+pub(crate) fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.kind() == sqlx::error::ErrorKind::UniqueViolation)
 }
 

@@ -33,7 +33,7 @@ pub(crate) const JOB_COLUMNS: &str = "id, kind, queue, args, meta, tags, priorit
      max_attempts, scheduled_at, errors, group_key";
 
 /// The bit of `state` in a unique-states mask, as the unique index reads it.
-fn state_bit(state: JobState) -> i64 {
+pub(crate) fn state_bit(state: JobState) -> i64 {
     match state {
         JobState::Available => 1,
         JobState::Scheduled => 2,
@@ -53,7 +53,7 @@ where unique_key = ?1 and (unique_states & (case state
     when 'cancelled' then 64 else 0 end)) <> 0
 limit 1";
 
-fn check_new_job(job: &NewJob) -> Result<(), PortError> {
+pub(crate) fn check_new_job(job: &NewJob) -> Result<(), PortError> {
     let invalid = |what: String| Err(PortError::InvalidInput(what));
     if job.queue.is_empty() || job.queue.chars().count() > 128 {
         return invalid(format!(
@@ -164,14 +164,14 @@ pub(crate) fn decode_info(row: &SqliteRow) -> Result<JobInfo, PortError> {
 }
 
 /// A job's values as bound by the insert.
-struct EncodedJob {
-    args: String,
-    meta: String,
-    tags: String,
+pub(crate) struct EncodedJob {
+    pub(crate) args: String,
+    pub(crate) meta: String,
+    pub(crate) tags: String,
 }
 
 impl EncodedJob {
-    fn of(job: &NewJob) -> Result<Self, PortError> {
+    pub(crate) fn of(job: &NewJob) -> Result<Self, PortError> {
         let what = format!("the args or meta of a {} job", job.kind);
         Ok(Self {
             args: json_text(&what, &job.args)?,

@@ -5,7 +5,12 @@
 //! is compiled in: nothing to install). It implements the engine-core ports
 //! (`InstanceStore`, `StepResultStore`, `JobQueue` over one unit of work)
 //! and passes the same conformance suites as the in-memory and PostgreSQL
-//! backends; the runner takes it with its default batched operations.
+//! backends. The runner's hot path is answered by batched statements (a
+//! JSON array parameter read with `json_each`: one statement per batch
+//! where the ports take one per row), and its settling enqueue claims
+//! continuations as on PostgreSQL: see [`SqliteBackend::try_lock_many_in`],
+//! [`SqliteBackend::write_rounds_in`] and
+//! [`SqliteBackend::enqueue_claiming_and_complete`].
 //!
 //! ```no_run
 //! # async fn f() -> Result<(), hephaestus_sqlite::Error> {
@@ -72,6 +77,7 @@
 //! side with PostgreSQL: `docs/sqlite.md`.
 
 mod backend;
+mod batch;
 pub mod error;
 mod inspect;
 mod instances;
@@ -85,6 +91,7 @@ mod tx;
 pub mod worker;
 
 pub use backend::{Durability, Migrated, SqliteBackend, SqliteOptions};
+pub use batch::EnqueuedAndCompleted;
 pub use error::Error;
 pub use inspect::{JobError, JobRecord, QueueDepth};
 pub use maintenance::InstanceRetention;

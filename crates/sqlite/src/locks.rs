@@ -136,6 +136,19 @@ impl Locks {
         }
     }
 
+    /// Takes `resource` for `owner` if it is free (or already `owner`'s),
+    /// without waiting: whether `owner` holds it now.
+    pub(crate) fn try_acquire(&self, owner: u64, resource: Resource) -> bool {
+        let mut state = self.state();
+        match state.held.get(&resource) {
+            None => {
+                state.grant(owner, resource);
+                true
+            }
+            Some(held) => held.owner == owner,
+        }
+    }
+
     /// Releases one resource `owner` holds.
     pub(crate) fn release(&self, owner: u64, resource: Resource) {
         let waker = {
@@ -262,6 +275,24 @@ mod tests {
         locks.release_all(a);
         assert!(locks.state().held.is_empty());
         assert!(locks.state().waiting_for.is_empty());
+    }
+
+    #[test]
+    fn try_acquire_never_waits() {
+        let locks = Arc::new(Locks::default());
+        let (a, b) = (locks.owner(), locks.owner());
+        let x = Resource::Instance(Uuid::from_u128(1));
+        assert!(locks.try_acquire(a, x));
+        assert!(locks.try_acquire(a, x), "already held by the same owner");
+        assert!(!locks.try_acquire(b, x), "held by another owner");
+        assert!(
+            locks.state().waiting_for.is_empty(),
+            "a refused try does not wait"
+        );
+        locks.release_all(a);
+        assert!(locks.try_acquire(b, x));
+        locks.release_all(b);
+        assert!(locks.state().held.is_empty());
     }
 
     #[test]

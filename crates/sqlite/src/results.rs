@@ -27,15 +27,15 @@ const PRUNE_BATCH: i64 = 5_000;
 /// A payload as bound to the `event`, `output`, `metadata` and `detail`
 /// columns.
 #[derive(Default)]
-struct Columns<'a> {
-    event: Option<&'a str>,
-    output: Option<String>,
-    metadata: Option<String>,
-    detail: Option<String>,
+pub(crate) struct Columns<'a> {
+    pub(crate) event: Option<&'a str>,
+    pub(crate) output: Option<String>,
+    pub(crate) metadata: Option<String>,
+    pub(crate) detail: Option<String>,
 }
 
 impl<'a> Columns<'a> {
-    fn of(payload: &'a ResultPayload) -> Result<Self, PortError> {
+    pub(crate) fn of(payload: &'a ResultPayload) -> Result<Self, PortError> {
         fn json<T: Serialize + ?Sized>(value: &T) -> Result<String, PortError> {
             json_text("step result", value)
         }
@@ -54,10 +54,10 @@ impl<'a> Columns<'a> {
     }
 }
 
-const RESULT_COLUMNS: &str =
+pub(crate) const RESULT_COLUMNS: &str =
     "seq, instance_id, step_id, activation, kind, event, output, metadata, detail, inserted_at";
 
-fn decode_result(row: &SqliteRow) -> Result<StepResult, PortError> {
+pub(crate) fn decode_result(row: &SqliteRow) -> Result<StepResult, PortError> {
     let seq: i64 = row.try_get("seq").map_err(port_error)?;
     let corrupt = |problem: String| PortError::Corrupt(format!("step result {seq}: {problem}"));
     let get = |column: &'static str| {

@@ -269,6 +269,13 @@ pub async fn run_durable<B: hephaestus_runner::Backend>(runtime: &Runtime<B>) ->
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
+        // What ran so far is printed first: a step's events are sent before
+        // its result commits, so every step before a wait is printed before
+        // the wait is seen below (a chain of steps, run as continuations,
+        // reaches the wait faster than one event per look).
+        while let Ok(event) = events.try_recv() {
+            print_event(&event);
+        }
         let mut finished = 0;
         for id in &ids {
             let instance = runtime.get(*id).await?.context("instance exists")?;
