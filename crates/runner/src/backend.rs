@@ -7,7 +7,7 @@ use hephaestus_engine_core::StepId;
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
     Consumed, Enqueued, InstanceFilter, InstanceStore, JobLease, JobQueue, NewJob, PortError,
-    Recorded, RoundResult, StepResult, StepResultStore,
+    RoundResult, StepResult, StepResultStore,
 };
 use uuid::Uuid;
 
@@ -171,21 +171,7 @@ pub trait Backend: InstanceStore + StepResultStore + JobQueue + Clone + 'static 
         tx: &mut Self::Tx,
         writes: RoundWrites<'_>,
     ) -> Result<(), PortError> {
-        for round_result in writes.results {
-            let result = &round_result.result;
-            match self.record(tx, result).await {
-                Ok(Recorded::Inserted(seq)) if round_result.processed => {
-                    if let Some(reason) = &round_result.refusal {
-                        self.refuse(tx, result.instance_id, &[(seq, reason.clone())])
-                            .await?;
-                    } else {
-                        self.mark_processed(tx, result.instance_id, &[seq]).await?;
-                    }
-                }
-                Ok(_) | Err(PortError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
-        }
+        self.record_round_results(tx, writes.results).await?;
         for InboxRows { instance_id, rows } in writes.consumed {
             let id = instance_id;
             let applied: Vec<i64> = rows

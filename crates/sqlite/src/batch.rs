@@ -17,8 +17,8 @@ use hephaestus_engine_core::business_id::UniqueClaim;
 use hephaestus_engine_core::ids::StepId;
 use hephaestus_engine_core::instance::Instance;
 use hephaestus_engine_core::ports::{
-    Consumed, Enqueued, InstanceStore, JobId, JobLease, JobState, NewJob, PortError, Recorded,
-    RoundResult, StepResult, StepResultStore,
+    Consumed, Enqueued, InstanceStore, JobId, JobLease, JobState, NewJob, PortError, RoundResult,
+    StepResult, StepResultStore,
 };
 use serde_json::{Value, json};
 use sqlx::Row;
@@ -347,12 +347,12 @@ impl SqliteBackend {
         consumed: &[(Uuid, &[Consumed])],
         instances: &[&Instance],
     ) -> Result<(), PortError> {
-        self.record_round_results(tx, results).await?;
+        self.record_round_results_batched(tx, results).await?;
         self.consume(tx, consumed).await?;
         self.update_many(tx, instances).await
     }
 
-    async fn record_round_results(
+    async fn record_round_results_batched(
         &self,
         tx: &mut SqliteTx,
         results: &[RoundResult],
@@ -361,7 +361,7 @@ impl SqliteBackend {
             return Ok(());
         }
         if results.iter().any(|r| r.refusal.is_some()) {
-            return self.record_one_by_one(tx, results).await;
+            return StepResultStore::record_round_results(self, tx, results).await;
         }
         let mut rows = Vec::with_capacity(results.len());
         for RoundResult {
@@ -395,31 +395,6 @@ impl SqliteBackend {
             .rows_affected();
         if inserted > 0 {
             tx.changed();
-        }
-        Ok(())
-    }
-
-    /// The port operations, result by result (what the runner's default
-    /// does).
-    async fn record_one_by_one(
-        &self,
-        tx: &mut SqliteTx,
-        results: &[RoundResult],
-    ) -> Result<(), PortError> {
-        for round_result in results {
-            let result = &round_result.result;
-            match self.record(tx, result).await {
-                Ok(Recorded::Inserted(seq)) if round_result.processed => {
-                    if let Some(reason) = &round_result.refusal {
-                        self.refuse(tx, result.instance_id, &[(seq, reason.clone())])
-                            .await?;
-                    } else {
-                        self.mark_processed(tx, result.instance_id, &[seq]).await?;
-                    }
-                }
-                Ok(_) | Err(PortError::NotFound(_)) => {}
-                Err(e) => return Err(e),
-            }
         }
         Ok(())
     }

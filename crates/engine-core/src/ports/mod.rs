@@ -503,6 +503,34 @@ pub trait StepResultStore: UnitOfWork {
 
     /// Deletes processed results older than `before`; returns how many.
     async fn prune_processed(&self, before: DateTime<Utc>) -> Result<u64, PortError>;
+
+    /// Records the results of a batch of rounds one by one through
+    /// [`StepResultStore::record`]: each new one that its round applied is
+    /// marked processed, or refused with its round's reason; a duplicate or
+    /// a result of a missing instance is skipped. What a backend without a
+    /// batched write does (and one with it, for a batch it cannot batch).
+    async fn record_round_results(
+        &self,
+        tx: &mut Self::Tx,
+        results: &[RoundResult],
+    ) -> Result<(), PortError> {
+        for round_result in results {
+            let result = &round_result.result;
+            match self.record(tx, result).await {
+                Ok(Recorded::Inserted(seq)) if round_result.processed => {
+                    if let Some(reason) = &round_result.refusal {
+                        self.refuse(tx, result.instance_id, &[(seq, reason.clone())])
+                            .await?;
+                    } else {
+                        self.mark_processed(tx, result.instance_id, &[seq]).await?;
+                    }
+                }
+                Ok(_) | Err(PortError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A job id.
