@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::instance::AttemptRecord;
-use hephaestus_engine_core::ports::{JobId, JobInfo, JobLease, JobState, NewJob};
+use hephaestus_engine_core::ports::{JobId, JobInfo, JobLease, JobState, NewJob, PortError};
 use serde_json::{Map, Value};
 use sqlx::Row;
 use sqlx::postgres::PgRow;
@@ -163,42 +163,15 @@ pub(crate) fn decode_lease(row: &PgRow) -> Result<JobLease, Error> {
     })
 }
 
-/// Rejects what PostgreSQL cannot store or the schema forbids, with a clear
-/// message, before any SQL runs.
+/// Rejects what no backend stores ([`NewJob::check`]) and what PostgreSQL
+/// cannot store (U+0000 in the args or meta), with a clear message, before
+/// any SQL runs.
 pub(crate) fn check_new_job(job: &NewJob) -> Result<(), Error> {
+    job.check().map_err(|e| match e {
+        PortError::InvalidInput(what) => Error::InvalidInput(what),
+        other => Error::InvalidInput(other.to_string()),
+    })?;
     let invalid = |what: String| Err(Error::InvalidInput(what));
-    if job.queue.is_empty() || job.queue.chars().count() > 128 {
-        return invalid(format!(
-            "queue name must be 1 to 128 characters, got {:?}",
-            job.queue
-        ));
-    }
-    if job.kind.is_empty() || job.kind.chars().count() > 255 {
-        return invalid(format!(
-            "job kind must be 1 to 255 characters, got {:?}",
-            job.kind
-        ));
-    }
-    if job.max_attempts == 0 || i32::try_from(job.max_attempts).is_err() {
-        return invalid(format!(
-            "max_attempts must be between 1 and {}, got {}",
-            i32::MAX,
-            job.max_attempts
-        ));
-    }
-    let texts = [job.kind.as_str(), job.queue.as_str()]
-        .into_iter()
-        .chain(job.tags.iter().map(String::as_str))
-        .chain(job.unique.as_ref().map(|u| u.key.as_str()))
-        .chain(job.group.as_deref());
-    for text in texts {
-        if text.contains('\0') {
-            return invalid(format!("U+0000 in job text {text:?}"));
-        }
-    }
-    if job.group.as_deref().is_some_and(str::is_empty) {
-        return invalid(format!("the group of a {} job is empty", job.kind));
-    }
     if has_nul(&job.args) || job.meta.iter().any(|(k, v)| k.contains('\0') || has_nul(v)) {
         return invalid(format!(
             "U+0000 in the args or meta of a {} job (PostgreSQL cannot store it)",

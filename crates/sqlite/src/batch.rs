@@ -27,7 +27,7 @@ use uuid::Uuid;
 use crate::backend::SqliteBackend;
 use crate::error::{out_of_range, port_error};
 use crate::instances::{Encoded, INSTANCE_COLUMNS, check_text, decode_instance};
-use crate::jobs::{EncodedJob, check_new_job, state_bit};
+use crate::jobs::{EncodedJob, state_bit};
 use crate::locks::Resource;
 use crate::results::{Columns, RESULT_COLUMNS, decode_result};
 use crate::time::micros;
@@ -525,7 +525,7 @@ impl SqliteBackend {
     ) -> Result<EnqueuedAndCompleted, PortError> {
         let mut encoded = Vec::with_capacity(jobs.len());
         for job in jobs {
-            check_new_job(job)?;
+            job.check()?;
             encoded.push(EncodedJob::of(job)?);
         }
         check_text("worker", worker)?;

@@ -5,13 +5,13 @@
 use chrono::{DateTime, Utc};
 use hephaestus_engine_core::instance::{AttemptRecord, Instance};
 use hephaestus_engine_core::ports::{InstanceFilter, JobInfo, JobState, PortError};
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 
 use crate::backend::SqliteBackend;
 use crate::error::port_error;
-use crate::instances::{INSTANCE_COLUMNS, decode_instance};
+use crate::instances::decode_instance;
 use crate::jobs::{JOB_COLUMNS, decode_info};
-use crate::time::{from_micros, micros};
+use crate::time::from_micros;
 
 /// Every column of a job: the port's view and the time of each transition.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,42 +79,7 @@ impl SqliteBackend {
         since: Option<DateTime<Utc>>,
         until: Option<DateTime<Utc>>,
     ) -> Result<(Vec<Instance>, Vec<(String, String)>), PortError> {
-        let mut sql: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
-            "select {INSTANCE_COLUMNS} from hephaestus_instances where 1 = 1"
-        ));
-        if let Some(business_id) = &filter.business_id {
-            sql.push(" and business_id = ")
-                .push_bind(business_id.as_str().to_owned());
-        }
-        if let Some(workflow_id) = &filter.workflow_id {
-            sql.push(" and workflow_id = ")
-                .push_bind(workflow_id.as_str().to_owned());
-        }
-        if let Some(version) = filter.workflow_version {
-            sql.push(" and workflow_version = ")
-                .push_bind(i64::from(version));
-        }
-        if !filter.statuses.is_empty() {
-            sql.push(" and status in (");
-            let mut list = sql.separated(", ");
-            for status in &filter.statuses {
-                list.push_bind(status.as_str());
-            }
-            sql.push(")");
-        }
-        if let Some(before) = filter.before_id {
-            sql.push(" and id < ").push_bind(before.to_string());
-        }
-        if let Some(since) = since {
-            sql.push(" and inserted_at >= ").push_bind(micros(since));
-        }
-        if let Some(until) = until {
-            sql.push(" and inserted_at < ").push_bind(micros(until));
-        }
-        sql.push(" order by id desc");
-        if let Some(limit) = filter.limit {
-            sql.push(" limit ").push_bind(i64::from(limit));
-        }
+        let mut sql = crate::instances::instance_query(filter, since, until);
         let rows = sql
             .build()
             .fetch_all(&self.shared.pool)

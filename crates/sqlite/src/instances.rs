@@ -395,36 +395,7 @@ returning lock_version"
     }
 
     async fn list(&self, filter: &InstanceFilter) -> Result<Vec<Instance>, PortError> {
-        let mut sql: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
-            "select {INSTANCE_COLUMNS} from hephaestus_instances where 1 = 1"
-        ));
-        if let Some(business_id) = &filter.business_id {
-            sql.push(" and business_id = ")
-                .push_bind(business_id.as_str().to_owned());
-        }
-        if let Some(workflow_id) = &filter.workflow_id {
-            sql.push(" and workflow_id = ")
-                .push_bind(workflow_id.as_str().to_owned());
-        }
-        if let Some(version) = filter.workflow_version {
-            sql.push(" and workflow_version = ")
-                .push_bind(i64::from(version));
-        }
-        if !filter.statuses.is_empty() {
-            sql.push(" and status in (");
-            let mut list = sql.separated(", ");
-            for status in &filter.statuses {
-                list.push_bind(status.as_str());
-            }
-            sql.push(")");
-        }
-        if let Some(before) = filter.before_id {
-            sql.push(" and id < ").push_bind(before.to_string());
-        }
-        sql.push(" order by id desc");
-        if let Some(limit) = filter.limit {
-            sql.push(" limit ").push_bind(i64::from(limit));
-        }
+        let mut sql = instance_query(filter, None, None);
         let rows = sql
             .build()
             .fetch_all(&self.shared.pool)
@@ -440,4 +411,51 @@ returning lock_version"
         }
         Ok(out)
     }
+}
+
+/// The select of the instances matching `filter`, created in `[since,
+/// until)` when given, newest first (at most `filter.limit`): what listing
+/// and inspecting share.
+pub(crate) fn instance_query(
+    filter: &InstanceFilter,
+    since: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+) -> QueryBuilder<'_, Sqlite> {
+    let mut sql: QueryBuilder<'_, Sqlite> = QueryBuilder::new(format!(
+        "select {INSTANCE_COLUMNS} from hephaestus_instances where 1 = 1"
+    ));
+    if let Some(business_id) = &filter.business_id {
+        sql.push(" and business_id = ")
+            .push_bind(business_id.as_str().to_owned());
+    }
+    if let Some(workflow_id) = &filter.workflow_id {
+        sql.push(" and workflow_id = ")
+            .push_bind(workflow_id.as_str().to_owned());
+    }
+    if let Some(version) = filter.workflow_version {
+        sql.push(" and workflow_version = ")
+            .push_bind(i64::from(version));
+    }
+    if !filter.statuses.is_empty() {
+        sql.push(" and status in (");
+        let mut list = sql.separated(", ");
+        for status in &filter.statuses {
+            list.push_bind(status.as_str());
+        }
+        sql.push(")");
+    }
+    if let Some(before) = filter.before_id {
+        sql.push(" and id < ").push_bind(before.to_string());
+    }
+    if let Some(since) = since {
+        sql.push(" and inserted_at >= ").push_bind(micros(since));
+    }
+    if let Some(until) = until {
+        sql.push(" and inserted_at < ").push_bind(micros(until));
+    }
+    sql.push(" order by id desc");
+    if let Some(limit) = filter.limit {
+        sql.push(" limit ").push_bind(i64::from(limit));
+    }
+    sql
 }

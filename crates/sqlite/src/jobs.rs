@@ -15,7 +15,7 @@ use sqlx::{Row, SqliteConnection};
 
 use crate::backend::SqliteBackend;
 use crate::error::port_error;
-use crate::instances::{check_text, json_text};
+use crate::instances::json_text;
 use crate::time::{from_micros, micros};
 use crate::tx::SqliteTx;
 
@@ -52,41 +52,6 @@ where unique_key = ?1 and (unique_states & (case state
     when 'retryable' then 8 when 'completed' then 16 when 'discarded' then 32
     when 'cancelled' then 64 else 0 end)) <> 0
 limit 1";
-
-pub(crate) fn check_new_job(job: &NewJob) -> Result<(), PortError> {
-    let invalid = |what: String| Err(PortError::InvalidInput(what));
-    if job.queue.is_empty() || job.queue.chars().count() > 128 {
-        return invalid(format!(
-            "queue name must be 1 to 128 characters, got {:?}",
-            job.queue
-        ));
-    }
-    if job.kind.is_empty() || job.kind.chars().count() > 255 {
-        return invalid(format!(
-            "job kind must be 1 to 255 characters, got {:?}",
-            job.kind
-        ));
-    }
-    if job.max_attempts == 0 || i32::try_from(job.max_attempts).is_err() {
-        return invalid(format!(
-            "max_attempts must be between 1 and {}, got {}",
-            i32::MAX,
-            job.max_attempts
-        ));
-    }
-    let texts = [job.kind.as_str(), job.queue.as_str()]
-        .into_iter()
-        .chain(job.tags.iter().map(String::as_str))
-        .chain(job.unique.as_ref().map(|u| u.key.as_str()))
-        .chain(job.group.as_deref());
-    for text in texts {
-        check_text("job text", text)?;
-    }
-    if job.group.as_deref().is_some_and(str::is_empty) {
-        return invalid(format!("the group of a {} job is empty", job.kind));
-    }
-    Ok(())
-}
 
 fn decode_json<T: serde::de::DeserializeOwned>(
     id: i64,
@@ -292,7 +257,7 @@ impl JobQueue for SqliteBackend {
         jobs: &[NewJob],
     ) -> Result<Vec<Enqueued>, PortError> {
         for job in jobs {
-            check_new_job(job)?;
+            job.check()?;
             EncodedJob::of(job)?;
         }
         let now = self.shared.now();

@@ -635,6 +635,48 @@ pub struct NewJob {
 }
 
 impl NewJob {
+    /// Checks what no backend stores, before anything is written: a queue
+    /// name of 1 to 128 characters, a kind of 1 to 255, `max_attempts`
+    /// from 1 to `i32::MAX`, no U+0000 in the kind, queue, tags, unique key
+    /// or group, and no empty group. A backend adds what only it cannot
+    /// store.
+    pub fn check(&self) -> Result<(), PortError> {
+        let invalid = |what: String| Err(PortError::InvalidInput(what));
+        if self.queue.is_empty() || self.queue.chars().count() > 128 {
+            return invalid(format!(
+                "queue name must be 1 to 128 characters, got {:?}",
+                self.queue
+            ));
+        }
+        if self.kind.is_empty() || self.kind.chars().count() > 255 {
+            return invalid(format!(
+                "job kind must be 1 to 255 characters, got {:?}",
+                self.kind
+            ));
+        }
+        if self.max_attempts == 0 || i32::try_from(self.max_attempts).is_err() {
+            return invalid(format!(
+                "max_attempts must be between 1 and {}, got {}",
+                i32::MAX,
+                self.max_attempts
+            ));
+        }
+        let texts = [self.kind.as_str(), self.queue.as_str()]
+            .into_iter()
+            .chain(self.tags.iter().map(String::as_str))
+            .chain(self.unique.as_ref().map(|u| u.key.as_str()))
+            .chain(self.group.as_deref());
+        for text in texts {
+            if text.contains('\0') {
+                return invalid(format!("U+0000 in job text {text:?}"));
+            }
+        }
+        if self.group.as_deref().is_some_and(str::is_empty) {
+            return invalid(format!("the group of a {} job is empty", self.kind));
+        }
+        Ok(())
+    }
+
     /// A job of `kind` on `queue` with `args`, defaults elsewhere.
     pub fn new(kind: impl Into<String>, queue: impl Into<String>, args: Value) -> Self {
         Self {
@@ -937,6 +979,27 @@ mod tests {
 
     fn sid(s: &str) -> StepId {
         StepId::new(s).unwrap()
+    }
+
+    #[test]
+    fn jobs_no_backend_stores_are_refused_with_the_reason() {
+        let ok = NewJob::new("send", "mail", serde_json::json!({}));
+        assert!(ok.check().is_ok());
+        let refused = |job: NewJob, says: &str| match job.check() {
+            Err(PortError::InvalidInput(why)) => assert!(why.contains(says), "{why}"),
+            other => panic!("{says}: {other:?}"),
+        };
+        refused(NewJob::new("send", "", serde_json::json!({})), "queue name");
+        refused(
+            NewJob::new("send", "q".repeat(129), serde_json::json!({})),
+            "queue name",
+        );
+        refused(NewJob::new("", "mail", serde_json::json!({})), "job kind");
+        refused(ok.clone().with_max_attempts(0), "max_attempts");
+        refused(ok.clone().with_max_attempts(u32::MAX), "max_attempts");
+        refused(ok.clone().with_tags(vec!["a\0b".into()]), "U+0000");
+        refused(ok.clone().in_group(""), "group");
+        refused(ok.clone().in_group("g\0"), "U+0000");
     }
 
     #[test]
