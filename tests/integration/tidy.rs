@@ -233,11 +233,7 @@ fn engine_core_reads_no_clock_and_starts_no_thread_or_task() {
             continue;
         }
         let source = std::fs::read_to_string(&path).expect("read a source file");
-        let shown = path
-            .strip_prefix(repo_root())
-            .unwrap_or(&path)
-            .display()
-            .to_string();
+        let shown = relative(&path);
         // `clock.rs` holds `SystemClock`, the one sanctioned wall-clock
         // read: the crates above call it; the engine takes time as an
         // argument. It may read the wall clock once and do nothing else.
@@ -591,11 +587,7 @@ fn no_runner_function_is_over_80_lines_without_a_reason() {
             continue;
         }
         let source = std::fs::read_to_string(&path).expect("read a source file");
-        let shown = path
-            .strip_prefix(repo_root())
-            .unwrap_or(&path)
-            .display()
-            .to_string();
+        let shown = relative(&path);
         found.extend(long_functions(&shown, &source, 80));
     }
     assert!(
@@ -656,11 +648,7 @@ fn tests_wait_for_what_they_name() {
             continue;
         }
         let source = std::fs::read_to_string(&path).expect("read a source file");
-        let shown = path
-            .strip_prefix(repo_root())
-            .unwrap_or(&path)
-            .display()
-            .to_string();
+        let shown = relative(&path);
         found.extend(unexplained_pauses(&shown, &source));
     }
     assert!(
@@ -959,4 +947,12 @@ fn messages(step: &str) {
 mod tests { fn t() { sqlx::query("select 1"); } }
 "#;
     assert_eq!(sql_in("g.rs", without_sql), Vec::<String>::new());
+}
+
+/// `path` as shown in a finding: relative to the workspace root.
+fn relative(path: &std::path::Path) -> String {
+    path.strip_prefix(repo_root())
+        .unwrap_or(path)
+        .display()
+        .to_string()
 }

@@ -41,6 +41,21 @@ struct QueueView {
     oldest: Option<(i64, String, DateTime<Utc>)>,
 }
 
+/// Job counts by queue and state.
+fn by_queue(
+    depths: impl IntoIterator<Item = (String, JobState, u64)>,
+) -> BTreeMap<String, QueueView> {
+    let mut queues: BTreeMap<String, QueueView> = BTreeMap::new();
+    for (queue, state, count) in depths {
+        queues
+            .entry(queue)
+            .or_default()
+            .counts
+            .insert(state.as_str(), count);
+    }
+    queues
+}
+
 impl JobsCommand {
     pub async fn run(self) -> Result<()> {
         if hephaestus_sqlite::SqliteOptions::is_sqlite_url(&self.db.database_url) {
@@ -49,14 +64,14 @@ impl JobsCommand {
         let db = Database::open(&self.db, Needs::Queue).await?;
         let queue = db.queue();
         let now = queue.now();
-        let mut queues: BTreeMap<String, QueueView> = BTreeMap::new();
-        for depth in queue.depth().await.context("counting jobs")? {
-            queues
-                .entry(depth.queue)
-                .or_default()
-                .counts
-                .insert(depth.state.as_str(), depth.count);
-        }
+        let mut queues = by_queue(
+            queue
+                .depth()
+                .await
+                .context("counting jobs")?
+                .into_iter()
+                .map(|d| (d.queue, d.state, d.count)),
+        );
         for (name, view) in &mut queues {
             if view
                 .counts
@@ -85,28 +100,37 @@ impl JobsCommand {
             .recent_errors(self.errors)
             .await
             .context("reading jobs with errors")?;
-        if self.json {
-            println!("{}", json_report(&queues, &errors, now));
-        } else {
-            print!("{}", text_report(&queues, &errors, now));
-        }
+        self.print(&queues, &errors, now);
         Ok(())
     }
 }
 
 impl JobsCommand {
+    fn print(
+        &self,
+        queues: &BTreeMap<String, QueueView>,
+        errors: &[RecentError],
+        now: DateTime<Utc>,
+    ) {
+        if self.json {
+            println!("{}", json_report(queues, errors, now));
+        } else {
+            print!("{}", text_report(queues, errors, now));
+        }
+    }
+
     /// `jobs` on a SQLite file.
     async fn run_sqlite(self) -> Result<()> {
         let backend = crate::database::open_sqlite(&self.db.database_url).await?;
         let now = backend.now();
-        let mut queues: BTreeMap<String, QueueView> = BTreeMap::new();
-        for depth in backend.queue_depth().await.context("counting jobs")? {
-            queues
-                .entry(depth.queue)
-                .or_default()
-                .counts
-                .insert(depth.state.as_str(), depth.count);
-        }
+        let mut queues = by_queue(
+            backend
+                .queue_depth()
+                .await
+                .context("counting jobs")?
+                .into_iter()
+                .map(|d| (d.queue, d.state, d.count)),
+        );
         for (name, view) in &mut queues {
             view.oldest = backend
                 .oldest_available(name)
@@ -130,11 +154,7 @@ impl JobsCommand {
             })
             .collect();
         backend.close().await;
-        if self.json {
-            println!("{}", json_report(&queues, &errors, now));
-        } else {
-            print!("{}", text_report(&queues, &errors, now));
-        }
+        self.print(&queues, &errors, now);
         Ok(())
     }
 }

@@ -477,28 +477,7 @@ impl WorkflowBench {
     /// Runs instances one at a time; start to completed of each, sorted.
     async fn latency(&self, workers: &Workers) -> Result<Vec<Duration>> {
         let mut events: Vec<_> = workers.runtimes.iter().map(Runtime::subscribe).collect();
-        let starter = &workers.runtimes[0];
-        let warm_up = 5;
-        let mut samples = Vec::with_capacity(self.samples);
-        for i in 0..self.samples + warm_up {
-            let began = Instant::now();
-            let id = starter
-                .start(
-                    WORKFLOW,
-                    &format!("sample{i}"),
-                    json!({}),
-                    StartOptions::default(),
-                )
-                .await?
-                .id
-                .to_string();
-            wait_for_stop(&mut events, &id).await?;
-            if i >= warm_up {
-                samples.push(began.elapsed());
-            }
-        }
-        samples.sort_unstable();
-        Ok(samples)
+        sample_latencies(&workers.runtimes[0], &mut events, self.samples).await
     }
 
     fn print(&self, report: &Report) {
@@ -727,26 +706,7 @@ impl WorkflowBench {
                 Vec::new()
             } else {
                 let mut events = vec![worker.subscribe()];
-                let mut samples = Vec::with_capacity(self.samples);
-                for i in 0..self.samples + 5 {
-                    let began = Instant::now();
-                    let id = starter
-                        .start(
-                            WORKFLOW,
-                            &format!("sample{i}"),
-                            json!({}),
-                            StartOptions::default(),
-                        )
-                        .await?
-                        .id
-                        .to_string();
-                    wait_for_stop(&mut events, &id).await?;
-                    if i >= 5 {
-                        samples.push(began.elapsed());
-                    }
-                }
-                samples.sort_unstable();
-                samples
+                sample_latencies(&starter, &mut events, self.samples).await?
             };
             Ok::<_, anyhow::Error>(Report {
                 burn_down,
@@ -783,6 +743,37 @@ async fn sqlite_version(backend: &hephaestus_sqlite::SqliteBackend) -> String {
 }
 
 /// Waits for the `workflow.stop` event of instance `id` on any worker.
+/// Starts instances one at a time from `starter`, each once the one
+/// before it stopped (seen on `events`): start to stop of each of
+/// `samples`, after five to warm up, sorted.
+async fn sample_latencies<B: hephaestus_runner::Backend>(
+    starter: &Runtime<B>,
+    events: &mut [tokio::sync::broadcast::Receiver<hephaestus_runner::telemetry::TelemetryEvent>],
+    samples: usize,
+) -> Result<Vec<Duration>> {
+    let warm_up = 5;
+    let mut taken = Vec::with_capacity(samples);
+    for i in 0..samples + warm_up {
+        let began = Instant::now();
+        let id = starter
+            .start(
+                WORKFLOW,
+                &format!("sample{i}"),
+                json!({}),
+                StartOptions::default(),
+            )
+            .await?
+            .id
+            .to_string();
+        wait_for_stop(events, &id).await?;
+        if i >= warm_up {
+            taken.push(began.elapsed());
+        }
+    }
+    taken.sort_unstable();
+    Ok(taken)
+}
+
 async fn wait_for_stop(
     events: &mut [tokio::sync::broadcast::Receiver<hephaestus_runner::telemetry::TelemetryEvent>],
     id: &str,

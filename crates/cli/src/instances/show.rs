@@ -65,19 +65,10 @@ impl ShowCommand {
                 return Err(error);
             }
         };
-        let definition = match app.runtime(&db, RunnerConfig::default(), false).await {
-            Ok(runtime) => runtime
-                .registry()
-                .get(instance.workflow_id.as_str(), instance.workflow_version)
-                .ok()
-                .cloned(),
-            Err(error) => {
-                eprintln!(
-                    "hephaestus: warning: {error:#}; drawing the DAG from the stored step states"
-                );
-                None
-            }
-        };
+        let definition = definition_of(
+            app.runtime(&db, RunnerConfig::default(), false).await,
+            &instance,
+        );
         let jobs = instance_jobs(&db, instance.id).await?;
         let view = View::new(&instance, definition.as_ref(), &jobs);
         if self.json {
@@ -92,22 +83,11 @@ impl ShowCommand {
     async fn run_sqlite(self, app: &App) -> Result<()> {
         let backend = crate::database::open_sqlite(&self.db.database_url).await?;
         let instance = super::resolve_sqlite(&backend, &self.instance).await?;
-        let definition = match app
-            .sqlite_runtime(backend.clone(), RunnerConfig::default(), false)
-            .await
-        {
-            Ok(runtime) => runtime
-                .registry()
-                .get(instance.workflow_id.as_str(), instance.workflow_version)
-                .ok()
-                .cloned(),
-            Err(error) => {
-                eprintln!(
-                    "hephaestus: warning: {error:#}; drawing the DAG from the stored step states"
-                );
-                None
-            }
-        };
+        let definition = definition_of(
+            app.sqlite_runtime(backend.clone(), RunnerConfig::default(), false)
+                .await,
+            &instance,
+        );
         let jobs: Vec<Job> = backend
             .jobs_of_group(&hephaestus_runner::jobs::group(instance.id))
             .await
@@ -551,4 +531,26 @@ fn clip(text: &str) -> String {
     }
     let cut: String = text.chars().take(MAX).collect();
     format!("{cut}... (--json shows all)")
+}
+
+/// The registered definition of `instance`'s workflow version, if
+/// `runtime` could be built and knows it; without a runtime, a warning, and
+/// the DAG is drawn from the stored step states.
+fn definition_of<B: hephaestus_runner::Backend>(
+    runtime: Result<hephaestus_runner::Runtime<B>>,
+    instance: &Instance,
+) -> Option<Workflow> {
+    match runtime {
+        Ok(runtime) => runtime
+            .registry()
+            .get(instance.workflow_id.as_str(), instance.workflow_version)
+            .ok()
+            .cloned(),
+        Err(error) => {
+            eprintln!(
+                "hephaestus: warning: {error:#}; drawing the DAG from the stored step states"
+            );
+            None
+        }
+    }
 }
